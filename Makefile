@@ -1,0 +1,70 @@
+# tokenhub: `make help` lists the targets.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+export VIRTUAL_ENV := $(abspath $(VENV))
+export PATH := $(abspath $(BIN)):$(PATH)
+# Cargo's own output stays in target/; tests must not reach the network for vocabularies.
+export HF_HUB_OFFLINE := 1
+
+.PHONY: help
+help: ## show this help
+	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  make %-12s %s\n", $$1, $$2}'
+
+$(BIN)/.deps: requirements-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check --upgrade pip
+	$(BIN)/pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+	touch $@
+
+.PHONY: venv
+venv: $(BIN)/.deps ## create .venv with the test, lint and reference packages
+
+.PHONY: build
+build: $(BIN)/.deps ## build the Rust extension (release) and install tokenhub into .venv
+	$(BIN)/maturin develop --release --quiet
+
+.PHONY: build-dev
+build-dev: $(BIN)/.deps ## build the Rust extension in debug mode (faster to compile)
+	$(BIN)/maturin develop --quiet
+
+.PHONY: demo
+demo: build ## build, then count the sample texts with every installed vocabulary
+	$(BIN)/tokenhub vocabs
+	@echo
+	$(BIN)/tokenhub count --vocab all examples/texts/*
+	@echo
+	@echo "Try: echo 'Hello, tokenhub!' | $(BIN)/tokenhub count --vocab cl100k_base"
+
+.PHONY: test
+test: build ## build, then run the Rust and Python test suites
+	cargo test --quiet
+	$(BIN)/pytest -q
+
+.PHONY: bench
+bench: build ## run the benchmarks (installs the optional baselines)
+	-$(BIN)/pip install --quiet --disable-pip-version-check -r requirements-bench.txt
+	$(BIN)/python benches/bench_meter.py
+
+.PHONY: lint
+lint: $(BIN)/.deps ## ruff, mypy + stubtest, cargo fmt --check, cargo clippy
+	$(BIN)/ruff check python tests benches
+	$(BIN)/ruff format --check python tests benches
+	$(BIN)/mypy
+	$(BIN)/python -m mypy.stubtest tokenhub._core
+	cargo fmt --check
+	cargo clippy --all-targets -- -D warnings
+	cargo clippy --all-targets --features python -- -D warnings
+
+.PHONY: format
+format: $(BIN)/.deps ## apply ruff format and cargo fmt
+	$(BIN)/ruff format python tests benches
+	$(BIN)/ruff check --fix python tests benches
+	cargo fmt
+
+.PHONY: clean
+clean: ## remove build products and the virtual environment
+	rm -rf $(VENV) target .pytest_cache .mypy_cache .ruff_cache

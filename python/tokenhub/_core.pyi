@@ -1,0 +1,37 @@
+"""Type stubs for the Rust extension (checked by mypy.stubtest)."""
+
+from typing import final
+
+__version__: str
+
+class VocabError(ValueError):
+    """A vocabulary is missing, unreadable or malformed."""
+
+@final
+class CoreMeter:
+    @staticmethod
+    def from_tiktoken(
+        path: str, pattern: str, special_tokens: dict[str, int] | None = None, nfc: bool = False
+    ) -> CoreMeter: ...
+    @staticmethod
+    def from_tokenizer_json(path: str, force_fallback: bool = False) -> CoreMeter: ...
+    def count(self, text: str) -> int: ...
+    def encode(self, text: str) -> list[int]: ...
+    def decode_bytes(self, ids: list[int]) -> bytes: ...
+    def count_batch(self, texts: list[str]) -> list[int]: ...
+    def count_cached_many(self, texts: list[str]) -> list[int]: ...
+    def stream(self) -> StreamCounter: ...
+    @property
+    def vocab_size(self) -> int: ...
+    @property
+    def fallback_reason(self) -> str | None: ...
+    @property
+    def cache_len(self) -> int: ...
+
+@final
+class StreamCounter:
+    def feed(self, delta: str) -> int:
+        """Appends a delta and returns the running total."""
+    @property
+    def total(self) -> int:
+        """Tokens in everything fed so far."""

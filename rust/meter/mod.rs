@@ -1,0 +1,387 @@
+//! The meter: exact token counting for tiktoken and HuggingFace byte-level BPE vocabularies.
+//!
+//! Pipeline for one text: optional NFC normalization, then (HF only) the vocabulary's
+//! non-special added tokens are cut out whole, then the rest is pre-tokenized and each piece is
+//! counted with BPE. Special tokens (`<|endoftext|>`, `<|im_start|>`, ...) are never matched in
+//! text: text that looks like one is counted as the plain text it is.
+//!
+//! Performance notes:
+//! - Counting allocates nothing per piece: one reusable [`bpe::Scratch`] per call.
+//! - [`TextCache`] lets a conversation be recounted for the cost of its new messages: entries
+//!   are keyed by a 128-bit hash of the text (hashing runs at several GB/s, counting at tens of
+//!   MB/s), and only texts of at least [`CACHE_MIN_BYTES`] bytes are cached.
+
+pub mod bpe;
+pub mod error;
+pub mod load;
+pub mod pretok;
+
+use aho_corasick::{AhoCorasick, MatchKind};
+use bpe::{Bpe, BpeSpec, Scratch};
+pub use error::{MeterError, Result};
+use pretok::Pretokenizer;
+use rayon::prelude::*;
+use rustc_hash::FxHashMap;
+use std::borrow::Cow;
+use std::sync::Mutex;
+use unicode_normalization::{is_nfc_quick, IsNormalized, UnicodeNormalization};
+
+/// Texts shorter than this are counted directly; caching them would cost more than it saves.
+pub const CACHE_MIN_BYTES: usize = 64;
+/// Most entries the per-meter cache holds (two generations of half this each); an entry is a
+/// 16-byte key and a 4-byte count, so the cache stays under ~4 MB including table overhead.
+pub const CACHE_MAX_ENTRIES: usize = 1 << 16;
+
+/// A piece of pre-tokenized text, or an added token matched whole.
+#[derive(Clone, Copy)]
+pub enum Segment<'t> {
+    Piece(&'t str),
+    Added(&'t str, u32),
+}
+
+impl<'t> Segment<'t> {
+    fn text(&self) -> &'t str {
+        match self {
+            Segment::Piece(s) | Segment::Added(s, _) => s,
+        }
+    }
+}
+
+struct Fast {
+    pretok: Pretokenizer,
+    bpe: Bpe,
+    nfc: bool,
+    added: Option<(AhoCorasick, Vec<u32>)>,
+    /// ids of added and special tokens -> their text, for decoding.
+    extra: FxHashMap<u32, String>,
+}
+
+enum Engine {
+    Fast(Box<Fast>),
+    Fallback(Box<tokenizers::Tokenizer>),
+}
+
+pub struct Meter {
+    engine: Engine,
+    cache: TextCache,
+    /// Why the `tokenizers` fallback serves this vocabulary, when it does.
+    fallback_reason: Option<String>,
+}
+
+impl Meter {
+    /// A tiktoken vocabulary: rank file, pattern, special tokens (decoded, never matched).
+    pub fn from_tiktoken_file(
+        path: &str,
+        pattern: &str,
+        special_tokens: &[(String, u32)],
+        nfc: bool,
+    ) -> Result<Self> {
+        let data = load::read_file(path)?;
+        let vocab = load::parse_tiktoken(path, &data)?;
+        let bpe = Bpe::new(BpeSpec { vocab, merges: None, ignore_merges: false })
+            .map_err(|e| load::bpe_error(path, e))?;
+        let pretok = Pretokenizer::tiktoken(pattern)?;
+        let extra = special_tokens.iter().map(|(s, id)| (*id, s.clone())).collect();
+        Ok(Self::fast(Fast { pretok, bpe, nfc, added: None, extra }))
+    }
+
+    /// A HuggingFace `tokenizer.json`. `force_fallback` serves it with the `tokenizers` crate
+    /// even when the fast path could (for testing and comparison).
+    pub fn from_tokenizer_json_file(path: &str, force_fallback: bool) -> Result<Self> {
+        let data = load::read_file(path)?;
+        let (_, loaded) = load::parse_tokenizer_json(path, &data)?;
+        match loaded {
+            load::JsonLoad::Fast(v) if !force_fallback => {
+                let v = *v;
+                let added = if v.added.is_empty() {
+                    None
+                } else {
+                    let ac = AhoCorasick::builder()
+                        .match_kind(MatchKind::LeftmostLongest)
+                        .build(v.added.iter().map(|(s, _)| s.as_str()))
+                        .map_err(|e| MeterError::Tokenizer(e.to_string()))?;
+                    Some((ac, v.added.iter().map(|(_, id)| *id).collect()))
+                };
+                let extra =
+                    v.added.iter().chain(v.special.iter()).map(|(s, id)| (*id, s.clone())).collect();
+                Ok(Self::fast(Fast { pretok: v.pretokenizer, bpe: v.bpe, nfc: v.nfc, added, extra }))
+            }
+            other => {
+                let reason = match other {
+                    load::JsonLoad::Fallback(r) => r,
+                    load::JsonLoad::Fast(_) => "forced".to_owned(),
+                };
+                let mut tok = tokenizers::Tokenizer::from_bytes(&data).map_err(|e| {
+                    MeterError::Corrupt { path: path.to_owned(), line: None, message: e.to_string() }
+                })?;
+                // Special tokens in user text are plain text, as on the fast path.
+                tok.set_encode_special_tokens(true);
+                Ok(Meter {
+                    engine: Engine::Fallback(Box::new(tok)),
+                    cache: TextCache::new(),
+                    fallback_reason: Some(reason),
+                })
+            }
+        }
+    }
+
+    fn fast(f: Fast) -> Self {
+        Meter { engine: Engine::Fast(Box::new(f)), cache: TextCache::new(), fallback_reason: None }
+    }
+
+    /// Why this vocabulary is served by the `tokenizers` crate, or None on the fast path.
+    pub fn fallback_reason(&self) -> Option<&str> {
+        self.fallback_reason.as_deref()
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        match &self.engine {
+            Engine::Fast(f) => f.bpe.vocab_size() + f.extra.len(),
+            Engine::Fallback(t) => t.get_vocab_size(true),
+        }
+    }
+
+    /// Calls `f` with each segment of `text`, already normalized (the slices point into
+    /// `normalized`, which the caller provides so that no copy is made when none is needed).
+    fn segments<'t, F: FnMut(Segment<'t>)>(fast: &Fast, text: &'t str, f: &mut F) {
+        match &fast.added {
+            None => fast.pretok.for_each(text, &mut |p| f(Segment::Piece(p))),
+            Some((ac, ids)) => {
+                let mut at = 0;
+                for m in ac.find_iter(text) {
+                    fast.pretok.for_each(&text[at..m.start()], &mut |p| f(Segment::Piece(p)));
+                    f(Segment::Added(&text[m.start()..m.end()], ids[m.pattern().as_usize()]));
+                    at = m.end();
+                }
+                fast.pretok.for_each(&text[at..], &mut |p| f(Segment::Piece(p)));
+            }
+        }
+    }
+
+    fn normalize<'t>(fast: &Fast, text: &'t str) -> Cow<'t, str> {
+        if fast.nfc && is_nfc_quick(text.chars()) != IsNormalized::Yes {
+            Cow::Owned(text.nfc().collect())
+        } else {
+            Cow::Borrowed(text)
+        }
+    }
+
+    /// The exact number of tokens in `text`.
+    pub fn count(&self, text: &str) -> usize {
+        match &self.engine {
+            Engine::Fast(fast) => {
+                let text = Self::normalize(fast, text);
+                let mut scratch = Scratch::default();
+                let mut n = 0;
+                Self::segments(fast, &text, &mut |seg| {
+                    n += match seg {
+                        Segment::Piece(p) => fast.bpe.count_piece(p.as_bytes(), &mut scratch),
+                        Segment::Added(..) => 1,
+                    }
+                });
+                n
+            }
+            Engine::Fallback(tok) => tok.encode_fast(text, false).map(|e| e.len()).unwrap_or(0),
+        }
+    }
+
+    /// The token ids of `text`.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        match &self.engine {
+            Engine::Fast(fast) => {
+                let text = Self::normalize(fast, text);
+                let mut scratch = Scratch::default();
+                let mut out = Vec::with_capacity(text.len() / 3);
+                Self::segments(fast, &text, &mut |seg| match seg {
+                    Segment::Piece(p) => fast.bpe.encode_piece(p.as_bytes(), &mut scratch, &mut out),
+                    Segment::Added(_, id) => out.push(id),
+                });
+                Ok(out)
+            }
+            Engine::Fallback(tok) => tok
+                .encode(text, false)
+                .map(|e| e.get_ids().to_vec())
+                .map_err(|e| MeterError::Tokenizer(e.to_string())),
+        }
+    }
+
+    /// The bytes that `ids` stand for (for a fallback vocabulary: its decoder's text).
+    pub fn decode_bytes(&self, ids: &[u32]) -> Result<Vec<u8>> {
+        match &self.engine {
+            Engine::Fast(fast) => {
+                let mut out = Vec::with_capacity(ids.len() * 4);
+                for &id in ids {
+                    if let Some(b) = fast.bpe.token_bytes(id) {
+                        out.extend_from_slice(b);
+                    } else if let Some(s) = fast.extra.get(&id) {
+                        out.extend_from_slice(s.as_bytes());
+                    } else {
+                        return Err(MeterError::UnknownId(id));
+                    }
+                }
+                Ok(out)
+            }
+            Engine::Fallback(tok) => {
+                let size = tok.get_vocab_size(true) as u32;
+                if let Some(&bad) = ids.iter().find(|&&id| tok.id_to_token(id).is_none() || id >= size) {
+                    return Err(MeterError::UnknownId(bad));
+                }
+                tok.decode(ids, false)
+                    .map(String::into_bytes)
+                    .map_err(|e| MeterError::Tokenizer(e.to_string()))
+            }
+        }
+    }
+
+    /// Counts of many texts, spread over all cores.
+    pub fn count_batch<S: AsRef<str> + Sync>(&self, texts: &[S]) -> Vec<usize> {
+        texts.par_iter().map(|t| self.count(t.as_ref())).collect()
+    }
+
+    /// Like [`Meter::count`], but remembers counts of longer texts in a bounded cache keyed by
+    /// their content, so that recounting a growing conversation only counts what is new.
+    pub fn count_cached(&self, text: &str) -> usize {
+        if text.len() < CACHE_MIN_BYTES {
+            return self.count(text);
+        }
+        let key = xxhash_rust::xxh3::xxh3_128(text.as_bytes());
+        if let Some(n) = self.cache.get(key) {
+            return n as usize;
+        }
+        let n = self.count(text);
+        self.cache.put(key, n as u32);
+        n
+    }
+
+    pub fn cache_len(&self) -> usize {
+        self.cache.len()
+    }
+
+    /// A new incremental counter for streamed text.
+    pub fn stream(&self) -> StreamState {
+        StreamState { tail: String::new(), committed: 0 }
+    }
+}
+
+/// Incremental counting of streamed text: after any split of a text into deltas, the total
+/// equals the count of the whole text.
+///
+/// Only the last [`STREAM_KEEP`] segments can still change when text is appended (a piece such
+/// as `'l` becomes `'ll`, a whitespace run is re-split by what follows), so everything before
+/// them is counted once and dropped; each feed costs O(delta + the kept tail), never a recount.
+pub struct StreamState {
+    tail: String,
+    committed: usize,
+}
+
+/// Segments kept uncommitted at the end of a stream.
+pub const STREAM_KEEP: usize = 2;
+
+impl StreamState {
+    pub fn total(&self, meter: &Meter) -> usize {
+        self.committed + meter.count(&self.tail)
+    }
+
+    /// Appends `delta` and returns the running total.
+    pub fn feed(&mut self, meter: &Meter, delta: &str) -> usize {
+        self.tail.push_str(delta);
+        match &meter.engine {
+            Engine::Fast(fast) => {
+                if fast.nfc && is_nfc_quick(self.tail.chars()) != IsNormalized::Yes {
+                    // NFC(NFC(a) + b) == NFC(a + b): the tail may be normalized on its own.
+                    self.tail = self.tail.nfc().collect();
+                }
+                let base = self.tail.as_ptr() as usize;
+                let mut starts: Vec<usize> = Vec::new();
+                let mut cut_counts: Vec<usize> = Vec::new();
+                let mut scratch = Scratch::default();
+                let mut running = 0usize;
+                Meter::segments(fast, &self.tail, &mut |seg| {
+                    starts.push(seg.text().as_ptr() as usize - base);
+                    cut_counts.push(running);
+                    running += match seg {
+                        Segment::Piece(p) => fast.bpe.count_piece(p.as_bytes(), &mut scratch),
+                        Segment::Added(..) => 1,
+                    };
+                });
+                if starts.len() > STREAM_KEEP {
+                    let k = starts.len() - STREAM_KEEP;
+                    self.committed += cut_counts[k];
+                    self.tail.drain(..starts[k]);
+                    running -= cut_counts[k];
+                }
+                self.committed + running
+            }
+            Engine::Fallback(tok) => {
+                let Ok(enc) = tok.encode_fast(self.tail.as_str(), false) else {
+                    return self.committed;
+                };
+                let words = enc.get_word_ids();
+                let offsets = enc.get_offsets();
+                let n = enc.len();
+                // Distinct words from the end; commit tokens before the STREAM_KEEP-th last.
+                let mut seen = 0;
+                let mut last: Option<Option<u32>> = None;
+                let mut cut_token = None;
+                for i in (0..n).rev() {
+                    if last != Some(words[i]) {
+                        seen += 1;
+                        last = Some(words[i]);
+                        if seen > STREAM_KEEP {
+                            cut_token = Some(i + 1);
+                            break;
+                        }
+                    }
+                }
+                if let Some(t) = cut_token {
+                    let byte = offsets[t].0;
+                    if self.tail.is_char_boundary(byte) && byte > 0 {
+                        self.committed += t;
+                        self.tail.drain(..byte);
+                        return self.committed + (n - t);
+                    }
+                }
+                self.committed + n
+            }
+        }
+    }
+}
+
+/// A bounded content-keyed cache of counts: two generations, the older dropped when the newer
+/// fills, so recently used entries survive and memory never exceeds [`CACHE_MAX_ENTRIES`].
+struct TextCache {
+    inner: Mutex<(FxHashMap<u128, u32>, FxHashMap<u128, u32>)>,
+}
+
+impl TextCache {
+    fn new() -> Self {
+        TextCache { inner: Mutex::new((FxHashMap::default(), FxHashMap::default())) }
+    }
+
+    fn get(&self, key: u128) -> Option<u32> {
+        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(&v) = g.0.get(&key) {
+            return Some(v);
+        }
+        let v = g.1.get(&key).copied()?;
+        Self::insert(&mut g, key, v);
+        Some(v)
+    }
+
+    fn put(&self, key: u128, value: u32) {
+        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        Self::insert(&mut g, key, value);
+    }
+
+    fn insert(g: &mut (FxHashMap<u128, u32>, FxHashMap<u128, u32>), key: u128, value: u32) {
+        if g.0.len() >= CACHE_MAX_ENTRIES / 2 {
+            g.1 = std::mem::take(&mut g.0);
+        }
+        g.0.insert(key, value);
+    }
+
+    fn len(&self) -> usize {
+        let g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        g.0.len() + g.1.len()
+    }
+}
