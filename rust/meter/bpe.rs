@@ -23,6 +23,18 @@ use std::collections::BinaryHeap;
 /// Above this many bytes a piece is merged with the heap-based algorithm.
 const LONG_PIECE: usize = 96;
 
+/// Packs a piece of at most 7 bytes, with its length in the top byte, into one key.
+#[inline]
+fn short_key(bytes: &[u8]) -> Option<u64> {
+    if bytes.len() > 7 {
+        return None;
+    }
+    let mut buf = [0u8; 8];
+    buf[..bytes.len()].copy_from_slice(bytes);
+    buf[7] = bytes.len() as u8;
+    Some(u64::from_le_bytes(buf))
+}
+
 #[inline]
 fn pair_key(a: u32, b: u32) -> u64 {
     ((a as u64) << 32) | b as u64
@@ -33,7 +45,9 @@ pub struct Bpe {
     tokens: Vec<Box<[u8]>>,
     /// Which ids are defined (a vocabulary may be sparse).
     defined: Vec<bool>,
-    /// piece bytes -> id, for the whole-piece shortcut.
+    /// piece bytes -> id, for the whole-piece shortcut: pieces of up to 7 bytes (most of
+    /// them) are packed into one u64 key, longer ones are looked up by their bytes.
+    short: FxHashMap<u64, u32>,
     whole: FxHashMap<Box<[u8]>, u32>,
     /// The id of every single byte.
     byte_ids: [u32; 256],
@@ -118,7 +132,14 @@ impl Bpe {
             }
         }
 
-        let mut bpe = Bpe { tokens, defined, whole: FxHashMap::default(), byte_ids, merges };
+        let mut bpe = Bpe {
+            tokens,
+            defined,
+            short: FxHashMap::default(),
+            whole: FxHashMap::default(),
+            byte_ids,
+            merges,
+        };
         if tiktoken_style || spec.ignore_merges {
             bpe.whole = by_bytes;
         } else {
@@ -133,6 +154,10 @@ impl Bpe {
             }
             bpe.whole = whole;
         }
+        let whole = std::mem::take(&mut bpe.whole);
+        let (short, long): (Vec<_>, Vec<_>) = whole.into_iter().partition(|(b, _)| b.len() <= 7);
+        bpe.short = short.into_iter().filter_map(|(b, id)| short_key(&b).map(|k| (k, id))).collect();
+        bpe.whole = long.into_iter().collect();
         Ok(bpe)
     }
 
@@ -147,9 +172,13 @@ impl Bpe {
         }
     }
 
-    /// The id of a byte string that is exactly one token, if it is one.
+    /// The id of a byte string that is exactly one token (and that BPE reaches), if any.
+    #[inline]
     pub fn token_id(&self, bytes: &[u8]) -> Option<u32> {
-        self.whole.get(bytes).copied()
+        match short_key(bytes) {
+            Some(k) => self.short.get(&k).copied(),
+            None => self.whole.get(bytes).copied(),
+        }
     }
 
     #[inline]
@@ -166,7 +195,7 @@ impl Bpe {
         if piece.len() <= 1 {
             return piece.len();
         }
-        if self.whole.contains_key(piece) {
+        if self.token_id(piece).is_some() {
             return 1;
         }
         self.merge_count(piece, scratch)
@@ -177,7 +206,7 @@ impl Bpe {
         if piece.is_empty() {
             return;
         }
-        if let Some(&id) = self.whole.get(piece) {
+        if let Some(id) = self.token_id(piece) {
             out.push(id);
             return;
         }
@@ -194,7 +223,8 @@ impl Bpe {
         }
     }
 
-    fn merge_count(&self, piece: &[u8], scratch: &mut Scratch) -> usize {
+    /// Merges a piece that is not a whole token; returns its token count.
+    pub fn merge_count(&self, piece: &[u8], scratch: &mut Scratch) -> usize {
         if piece.len() > LONG_PIECE {
             self.merge_heap(piece, scratch)
         } else {

@@ -26,6 +26,8 @@ use std::borrow::Cow;
 use std::sync::Mutex;
 use unicode_normalization::{is_nfc_quick, IsNormalized, UnicodeNormalization};
 
+/// From this size on, `count` remembers the pieces it had to merge, for the rest of the call.
+const MISS_CACHE_MIN_BYTES: usize = 4096;
 /// Texts shorter than this are counted directly; caching them would cost more than it saves.
 pub const CACHE_MIN_BYTES: usize = 64;
 /// Most entries the per-meter cache holds (two generations of half this each); an entry is a
@@ -173,12 +175,35 @@ impl Meter {
                 let text = Self::normalize(fast, text);
                 let mut scratch = Scratch::default();
                 let mut n = 0;
-                Self::segments(fast, &text, &mut |seg| {
-                    n += match seg {
-                        Segment::Piece(p) => fast.bpe.count_piece(p.as_bytes(), &mut scratch),
-                        Segment::Added(..) => 1,
-                    }
-                });
+                if text.len() < MISS_CACHE_MIN_BYTES {
+                    Self::segments(fast, &text, &mut |seg| {
+                        n += match seg {
+                            Segment::Piece(p) => fast.bpe.count_piece(p.as_bytes(), &mut scratch),
+                            Segment::Added(..) => 1,
+                        }
+                    });
+                } else {
+                    // Pieces that are not one token repeat (identifiers, rare words): merge
+                    // each distinct one once per call.
+                    let mut misses: FxHashMap<&str, u32> = FxHashMap::default();
+                    Self::segments(fast, &text, &mut |seg| {
+                        n += match seg {
+                            Segment::Piece(p) if p.len() > 1 => {
+                                if fast.bpe.token_id(p.as_bytes()).is_some() {
+                                    1
+                                } else if let Some(&c) = misses.get(p) {
+                                    c as usize
+                                } else {
+                                    let c = fast.bpe.merge_count(p.as_bytes(), &mut scratch);
+                                    misses.insert(p, c as u32);
+                                    c
+                                }
+                            }
+                            Segment::Piece(p) => p.len(),
+                            Segment::Added(..) => 1,
+                        }
+                    });
+                }
                 n
             }
             Engine::Fallback(tok) => tok.encode_fast(text, false).map(|e| e.len()).unwrap_or(0),
