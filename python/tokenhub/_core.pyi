@@ -2,6 +2,8 @@
 
 from typing import final
 
+__all__ = ["CoreMeter", "StreamCounter", "VocabError", "__version__"]
+
 __version__: str
 
 class VocabError(ValueError):

