@@ -41,7 +41,7 @@ demo: build ## build, then count the sample texts with every installed vocabular
 
 .PHONY: test
 test: build ## build, then run the Rust and Python test suites
-	cargo test --quiet
+	cargo test --release --quiet
 	$(BIN)/pytest -q
 
 .PHONY: bench

@@ -86,7 +86,9 @@ impl Bpe {
         }
         let mut byte_ids = [0u32; 256];
         for (b, slot) in byte_ids.iter_mut().enumerate() {
-            *slot = *by_bytes.get(&[b as u8][..]).ok_or(BuildError::MissingByte(b as u8))?;
+            *slot = *by_bytes
+                .get(&[b as u8][..])
+                .ok_or(BuildError::MissingByte(b as u8))?;
         }
 
         let mut merges: FxHashMap<u64, u64> = FxHashMap::default();
@@ -111,13 +113,16 @@ impl Bpe {
                 let mut joined = Vec::new();
                 for (rank, (left, right)) in list.iter().enumerate() {
                     let lookup = |part: &[u8]| {
-                        by_bytes.get(part).copied().ok_or_else(|| BuildError::MergeUnknown {
-                            index: rank,
-                            message: format!(
-                                "merge {rank} names {:?}, which is not in the vocabulary",
-                                String::from_utf8_lossy(part)
-                            ),
-                        })
+                        by_bytes
+                            .get(part)
+                            .copied()
+                            .ok_or_else(|| BuildError::MergeUnknown {
+                                index: rank,
+                                message: format!(
+                                    "merge {rank} names {:?}, which is not in the vocabulary",
+                                    String::from_utf8_lossy(part)
+                                ),
+                            })
                     };
                     let a = lookup(left)?;
                     let b = lookup(right)?;
@@ -156,7 +161,10 @@ impl Bpe {
         }
         let whole = std::mem::take(&mut bpe.whole);
         let (short, long): (Vec<_>, Vec<_>) = whole.into_iter().partition(|(b, _)| b.len() <= 7);
-        bpe.short = short.into_iter().filter_map(|(b, id)| short_key(&b).map(|k| (k, id))).collect();
+        bpe.short = short
+            .into_iter()
+            .filter_map(|(b, id)| short_key(&b).map(|k| (k, id)))
+            .collect();
         bpe.whole = long.into_iter().collect();
         Ok(bpe)
     }
@@ -237,7 +245,8 @@ impl Bpe {
     fn merge_flat(&self, piece: &[u8], s: &mut Scratch) {
         s.ids.clear();
         s.ranks.clear();
-        s.ids.extend(piece.iter().map(|&b| self.byte_ids[b as usize]));
+        s.ids
+            .extend(piece.iter().map(|&b| self.byte_ids[b as usize]));
         for w in s.ids.windows(2) {
             s.ranks.push(self.rank(w[0], w[1]));
         }
@@ -283,7 +292,8 @@ impl Bpe {
         for i in 0..n - 1 {
             let r = self.rank(s.nodes[i].id, s.nodes[i + 1].id);
             if r != u64::MAX {
-                s.heap.push(Reverse((r >> 32, i, r as u32, s.nodes[i + 1].id)));
+                s.heap
+                    .push(Reverse((r >> 32, i, r as u32, s.nodes[i + 1].id)));
             }
         }
         let mut count = n;
@@ -319,7 +329,8 @@ impl Bpe {
             if after != NONE {
                 let r = self.rank(new_id, s.nodes[after].id);
                 if r != u64::MAX {
-                    s.heap.push(Reverse((r >> 32, left, r as u32, s.nodes[after].id)));
+                    s.heap
+                        .push(Reverse((r >> 32, left, r as u32, s.nodes[after].id)));
                 }
             }
         }
@@ -355,7 +366,11 @@ mod tests {
         vocab.push((b"ab".to_vec(), 256));
         vocab.push((b"abc".to_vec(), 257));
         vocab.push((b"aa".to_vec(), 258));
-        match Bpe::new(BpeSpec { vocab, merges: None, ignore_merges: false }) {
+        match Bpe::new(BpeSpec {
+            vocab,
+            merges: None,
+            ignore_merges: false,
+        }) {
             Ok(b) => b,
             Err(_) => panic!("toy vocabulary must build"),
         }

@@ -8,7 +8,11 @@ pub enum MeterError {
     /// A vocabulary file could not be read.
     Io { path: String, message: String },
     /// A vocabulary file is malformed; `line` is 1-based when known.
-    Corrupt { path: String, line: Option<usize>, message: String },
+    Corrupt {
+        path: String,
+        line: Option<usize>,
+        message: String,
+    },
     /// A pre-tokenizer pattern does not compile.
     Pattern { pattern: String, message: String },
     /// A token id that the vocabulary does not have.
@@ -20,11 +24,21 @@ pub enum MeterError {
 impl fmt::Display for MeterError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            MeterError::Io { path, message } => write!(f, "cannot read vocabulary file {path}: {message}"),
-            MeterError::Corrupt { path, line: Some(line), message } => {
+            MeterError::Io { path, message } => {
+                write!(f, "cannot read vocabulary file {path}: {message}")
+            }
+            MeterError::Corrupt {
+                path,
+                line: Some(line),
+                message,
+            } => {
                 write!(f, "corrupt vocabulary file {path}, line {line}: {message}")
             }
-            MeterError::Corrupt { path, line: None, message } => {
+            MeterError::Corrupt {
+                path,
+                line: None,
+                message,
+            } => {
                 write!(f, "corrupt vocabulary file {path}: {message}")
             }
             MeterError::Pattern { pattern, message } => {

@@ -11,11 +11,18 @@ use base64::Engine;
 use serde_json::Value;
 
 fn corrupt(path: &str, line: Option<usize>, message: impl Into<String>) -> MeterError {
-    MeterError::Corrupt { path: path.to_owned(), line, message: message.into() }
+    MeterError::Corrupt {
+        path: path.to_owned(),
+        line,
+        message: message.into(),
+    }
 }
 
 pub fn read_file(path: &str) -> Result<Vec<u8>> {
-    std::fs::read(path).map_err(|e| MeterError::Io { path: path.to_owned(), message: e.to_string() })
+    std::fs::read(path).map_err(|e| MeterError::Io {
+        path: path.to_owned(),
+        message: e.to_string(),
+    })
 }
 
 /// Parses a tiktoken rank file: one `base64(token) rank` pair per line.
@@ -30,11 +37,19 @@ pub fn parse_tiktoken(path: &str, data: &[u8]) -> Result<Vec<(Vec<u8>, u32)>> {
         }
         let mut fields = line.split(|&b| b == b' ').filter(|f| !f.is_empty());
         let (Some(token), Some(rank), None) = (fields.next(), fields.next(), fields.next()) else {
-            return Err(corrupt(path, Some(lineno), "expected `<base64 token> <rank>`"));
+            return Err(corrupt(
+                path,
+                Some(lineno),
+                "expected `<base64 token> <rank>`",
+            ));
         };
-        let token = engine
-            .decode(token)
-            .map_err(|e| corrupt(path, Some(lineno), format!("token is not valid base64: {e}")))?;
+        let token = engine.decode(token).map_err(|e| {
+            corrupt(
+                path,
+                Some(lineno),
+                format!("token is not valid base64: {e}"),
+            )
+        })?;
         let rank = std::str::from_utf8(rank)
             .ok()
             .and_then(|r| r.parse::<u32>().ok())
@@ -49,9 +64,11 @@ pub fn parse_tiktoken(path: &str, data: &[u8]) -> Result<Vec<(Vec<u8>, u32)>> {
 
 pub fn bpe_error(path: &str, e: BuildError) -> MeterError {
     match e {
-        BuildError::MissingByte(b) => {
-            corrupt(path, None, format!("the vocabulary has no token for the single byte 0x{b:02x}"))
-        }
+        BuildError::MissingByte(b) => corrupt(
+            path,
+            None,
+            format!("the vocabulary has no token for the single byte 0x{b:02x}"),
+        ),
         BuildError::MergeUnknown { message, .. } => corrupt(path, None, message),
     }
 }
@@ -110,7 +127,11 @@ fn is_falsy(v: Option<&Value>) -> bool {
 
 pub fn parse_tokenizer_json(path: &str, data: &[u8]) -> Result<(Value, JsonLoad)> {
     let root: Value = serde_json::from_slice(data).map_err(|e| {
-        corrupt(path, Some(e.line()), format!("invalid JSON at column {}: {e}", e.column()))
+        corrupt(
+            path,
+            Some(e.line()),
+            format!("invalid JSON at column {}: {e}", e.column()),
+        )
     })?;
     let model = root
         .get("model")
@@ -125,12 +146,20 @@ fn fast_path(path: &str, root: &Value, model: &Value) -> Result<JsonLoad> {
     if str_field(model, "type").unwrap_or("BPE") != "BPE" {
         return fallback("model type is not BPE");
     }
-    for key in ["dropout", "continuing_subword_prefix", "end_of_word_suffix", "byte_fallback"] {
+    for key in [
+        "dropout",
+        "continuing_subword_prefix",
+        "end_of_word_suffix",
+        "byte_fallback",
+    ] {
         if !is_falsy(model.get(key)) {
             return fallback(&format!("BPE option {key} is set"));
         }
     }
-    let ignore_merges = model.get("ignore_merges").and_then(Value::as_bool).unwrap_or(false);
+    let ignore_merges = model
+        .get("ignore_merges")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
 
     let nfc = match root.get("normalizer") {
         None | Some(Value::Null) => false,
@@ -149,7 +178,11 @@ fn fast_path(path: &str, root: &Value, model: &Value) -> Result<JsonLoad> {
     let added_ids: rustc_hash::FxHashSet<u64> = root
         .get("added_tokens")
         .and_then(Value::as_array)
-        .map(|l| l.iter().filter_map(|t| t.get("id").and_then(Value::as_u64)).collect())
+        .map(|l| {
+            l.iter()
+                .filter_map(|t| t.get("id").and_then(Value::as_u64))
+                .collect()
+        })
         .unwrap_or_default();
     let decode = byte_level_decoder();
     let vocab_obj = model
@@ -161,8 +194,17 @@ fn fast_path(path: &str, root: &Value, model: &Value) -> Result<JsonLoad> {
         let id = id
             .as_u64()
             .and_then(|i| u32::try_from(i).ok())
-            .ok_or_else(|| corrupt(path, None, format!("vocab id of {token:?} is not an integer")))?;
-        let Some(bytes) = token.chars().map(|c| decode.get(&c).copied()).collect::<Option<Vec<u8>>>()
+            .ok_or_else(|| {
+                corrupt(
+                    path,
+                    None,
+                    format!("vocab id of {token:?} is not an integer"),
+                )
+            })?;
+        let Some(bytes) = token
+            .chars()
+            .map(|c| decode.get(&c).copied())
+            .collect::<Option<Vec<u8>>>()
         else {
             if added_ids.contains(&(id as u64)) {
                 continue;
@@ -189,7 +231,11 @@ fn fast_path(path: &str, root: &Value, model: &Value) -> Result<JsonLoad> {
             },
             _ => return Err(corrupt(path, None, format!("merge {i} is malformed"))),
         };
-        let to_bytes = |s: &str| s.chars().map(|c| decode.get(&c).copied()).collect::<Option<Vec<u8>>>();
+        let to_bytes = |s: &str| {
+            s.chars()
+                .map(|c| decode.get(&c).copied())
+                .collect::<Option<Vec<u8>>>()
+        };
         match (to_bytes(&left), to_bytes(&right)) {
             (Some(a), Some(b)) => merges.push((a, b)),
             _ => return fallback("merges are not byte-level"),
@@ -198,12 +244,23 @@ fn fast_path(path: &str, root: &Value, model: &Value) -> Result<JsonLoad> {
 
     let mut added = Vec::new();
     let mut special = Vec::new();
-    for tok in root.get("added_tokens").and_then(Value::as_array).map(Vec::as_slice).unwrap_or(&[]) {
+    for tok in root
+        .get("added_tokens")
+        .and_then(Value::as_array)
+        .map(Vec::as_slice)
+        .unwrap_or(&[])
+    {
         let (Some(content), Some(id)) = (
             str_field(tok, "content"),
-            tok.get("id").and_then(Value::as_u64).and_then(|i| u32::try_from(i).ok()),
+            tok.get("id")
+                .and_then(Value::as_u64)
+                .and_then(|i| u32::try_from(i).ok()),
         ) else {
-            return Err(corrupt(path, None, "an added token lacks \"content\" or \"id\""));
+            return Err(corrupt(
+                path,
+                None,
+                "an added token lacks \"content\" or \"id\"",
+            ));
         };
         if tok.get("special").and_then(Value::as_bool).unwrap_or(false) {
             special.push((content.to_owned(), id));
@@ -220,8 +277,12 @@ fn fast_path(path: &str, root: &Value, model: &Value) -> Result<JsonLoad> {
         }
     }
 
-    let bpe = Bpe::new(BpeSpec { vocab, merges: Some(merges), ignore_merges })
-        .map_err(|e| bpe_error(path, e))?;
+    let bpe = Bpe::new(BpeSpec {
+        vocab,
+        merges: Some(merges),
+        ignore_merges,
+    })
+    .map_err(|e| bpe_error(path, e))?;
     Ok(JsonLoad::Fast(Box::new(JsonVocab {
         pretokenizer: Pretokenizer::new(stages),
         bpe,
@@ -248,7 +309,9 @@ fn normalizer_list(n: &Value) -> Option<Vec<String>> {
 
 /// Regex stages for a byte-level pre-tokenizer, or None for any other kind.
 fn pretokenizer_stages(p: Option<&Value>) -> Result<Option<Vec<Stage>>> {
-    let Some(p) = p.filter(|p| !p.is_null()) else { return Ok(None) };
+    let Some(p) = p.filter(|p| !p.is_null()) else {
+        return Ok(None);
+    };
     let list: Vec<&Value> = match str_field(p, "type") {
         Some("Sequence") => match p.get("pretokenizers").and_then(Value::as_array) {
             Some(l) => l.iter().collect(),
@@ -256,7 +319,9 @@ fn pretokenizer_stages(p: Option<&Value>) -> Result<Option<Vec<Stage>>> {
         },
         _ => vec![p],
     };
-    let Some((last, splits)) = list.split_last() else { return Ok(None) };
+    let Some((last, splits)) = list.split_last() else {
+        return Ok(None);
+    };
     if str_field(last, "type") != Some("ByteLevel") || !is_falsy(last.get("add_prefix_space")) {
         return Ok(None);
     }
@@ -277,7 +342,11 @@ fn pretokenizer_stages(p: Option<&Value>) -> Result<Option<Vec<Stage>>> {
             return Ok(None);
         }
     }
-    if last.get("use_regex").and_then(Value::as_bool).unwrap_or(true) {
+    if last
+        .get("use_regex")
+        .and_then(Value::as_bool)
+        .unwrap_or(true)
+    {
         stages.push(Stage::isolated(GPT2_PATTERN)?);
     }
     Ok(Some(stages))
@@ -298,7 +367,10 @@ mod tests {
             parse_tiktoken("v", b"IQ== x\n"),
             Err(MeterError::Corrupt { line: Some(1), .. })
         ));
-        assert!(matches!(parse_tiktoken("v", b"@@@ 1\n"), Err(MeterError::Corrupt { line: Some(1), .. })));
+        assert!(matches!(
+            parse_tiktoken("v", b"@@@ 1\n"),
+            Err(MeterError::Corrupt { line: Some(1), .. })
+        ));
     }
 
     #[test]

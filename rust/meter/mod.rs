@@ -80,11 +80,24 @@ impl Meter {
     ) -> Result<Self> {
         let data = load::read_file(path)?;
         let vocab = load::parse_tiktoken(path, &data)?;
-        let bpe = Bpe::new(BpeSpec { vocab, merges: None, ignore_merges: false })
-            .map_err(|e| load::bpe_error(path, e))?;
+        let bpe = Bpe::new(BpeSpec {
+            vocab,
+            merges: None,
+            ignore_merges: false,
+        })
+        .map_err(|e| load::bpe_error(path, e))?;
         let pretok = Pretokenizer::tiktoken(pattern)?;
-        let extra = special_tokens.iter().map(|(s, id)| (*id, s.clone())).collect();
-        Ok(Self::fast(Fast { pretok, bpe, nfc, added: None, extra }))
+        let extra = special_tokens
+            .iter()
+            .map(|(s, id)| (*id, s.clone()))
+            .collect();
+        Ok(Self::fast(Fast {
+            pretok,
+            bpe,
+            nfc,
+            added: None,
+            extra,
+        }))
     }
 
     /// A HuggingFace `tokenizer.json`. `force_fallback` serves it with the `tokenizers` crate
@@ -104,18 +117,31 @@ impl Meter {
                         .map_err(|e| MeterError::Tokenizer(e.to_string()))?;
                     Some((ac, v.added.iter().map(|(_, id)| *id).collect()))
                 };
-                let extra =
-                    v.added.iter().chain(v.special.iter()).map(|(s, id)| (*id, s.clone())).collect();
-                Ok(Self::fast(Fast { pretok: v.pretokenizer, bpe: v.bpe, nfc: v.nfc, added, extra }))
+                let extra = v
+                    .added
+                    .iter()
+                    .chain(v.special.iter())
+                    .map(|(s, id)| (*id, s.clone()))
+                    .collect();
+                Ok(Self::fast(Fast {
+                    pretok: v.pretokenizer,
+                    bpe: v.bpe,
+                    nfc: v.nfc,
+                    added,
+                    extra,
+                }))
             }
             other => {
                 let reason = match other {
                     load::JsonLoad::Fallback(r) => r,
                     load::JsonLoad::Fast(_) => "forced".to_owned(),
                 };
-                let mut tok = tokenizers::Tokenizer::from_bytes(&data).map_err(|e| {
-                    MeterError::Corrupt { path: path.to_owned(), line: None, message: e.to_string() }
-                })?;
+                let mut tok =
+                    tokenizers::Tokenizer::from_bytes(&data).map_err(|e| MeterError::Corrupt {
+                        path: path.to_owned(),
+                        line: None,
+                        message: e.to_string(),
+                    })?;
                 // Special tokens in user text are plain text, as on the fast path.
                 tok.set_encode_special_tokens(true);
                 Ok(Meter {
@@ -128,7 +154,11 @@ impl Meter {
     }
 
     fn fast(f: Fast) -> Self {
-        Meter { engine: Engine::Fast(Box::new(f)), cache: TextCache::new(), fallback_reason: None }
+        Meter {
+            engine: Engine::Fast(Box::new(f)),
+            cache: TextCache::new(),
+            fallback_reason: None,
+        }
     }
 
     /// Why this vocabulary is served by the `tokenizers` crate, or None on the fast path.
@@ -151,11 +181,16 @@ impl Meter {
             Some((ac, ids)) => {
                 let mut at = 0;
                 for m in ac.find_iter(text) {
-                    fast.pretok.for_each(&text[at..m.start()], &mut |p| f(Segment::Piece(p)));
-                    f(Segment::Added(&text[m.start()..m.end()], ids[m.pattern().as_usize()]));
+                    fast.pretok
+                        .for_each(&text[at..m.start()], &mut |p| f(Segment::Piece(p)));
+                    f(Segment::Added(
+                        &text[m.start()..m.end()],
+                        ids[m.pattern().as_usize()],
+                    ));
                     at = m.end();
                 }
-                fast.pretok.for_each(&text[at..], &mut |p| f(Segment::Piece(p)));
+                fast.pretok
+                    .for_each(&text[at..], &mut |p| f(Segment::Piece(p)));
             }
         }
     }
@@ -218,7 +253,9 @@ impl Meter {
                 let mut scratch = Scratch::default();
                 let mut out = Vec::with_capacity(text.len() / 3);
                 Self::segments(fast, &text, &mut |seg| match seg {
-                    Segment::Piece(p) => fast.bpe.encode_piece(p.as_bytes(), &mut scratch, &mut out),
+                    Segment::Piece(p) => {
+                        fast.bpe.encode_piece(p.as_bytes(), &mut scratch, &mut out)
+                    }
                     Segment::Added(_, id) => out.push(id),
                 });
                 Ok(out)
@@ -248,7 +285,10 @@ impl Meter {
             }
             Engine::Fallback(tok) => {
                 let size = tok.get_vocab_size(true) as u32;
-                if let Some(&bad) = ids.iter().find(|&&id| tok.id_to_token(id).is_none() || id >= size) {
+                if let Some(&bad) = ids
+                    .iter()
+                    .find(|&&id| tok.id_to_token(id).is_none() || id >= size)
+                {
                     return Err(MeterError::UnknownId(bad));
                 }
                 tok.decode(ids, false)
@@ -284,7 +324,10 @@ impl Meter {
 
     /// A new incremental counter for streamed text.
     pub fn stream(&self) -> StreamState {
-        StreamState { tail: String::new(), committed: 0 }
+        StreamState {
+            tail: String::new(),
+            committed: 0,
+        }
     }
 }
 
@@ -380,7 +423,9 @@ struct TextCache {
 
 impl TextCache {
     fn new() -> Self {
-        TextCache { inner: Mutex::new((FxHashMap::default(), FxHashMap::default())) }
+        TextCache {
+            inner: Mutex::new((FxHashMap::default(), FxHashMap::default())),
+        }
     }
 
     fn get(&self, key: u128) -> Option<u32> {
@@ -408,5 +453,95 @@ impl TextCache {
     fn len(&self) -> usize {
         let g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         g.0.len() + g.1.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use base64::Engine as _;
+
+    const CL100K: &str = r"'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s";
+
+    /// A small tiktoken vocabulary: every byte, plus a few merges, written to a temp file.
+    fn toy_meter() -> Meter {
+        let mut tokens: Vec<Vec<u8>> = (0..=255u8).map(|b| vec![b]).collect();
+        for t in [
+            "he", "ll", "llo", "hello", " w", " wor", " world", "  ", "'l", "'ll", "12", "123",
+        ] {
+            tokens.push(t.as_bytes().to_vec());
+        }
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let body: String = tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| format!("{} {i}\n", b64.encode(t)))
+            .collect();
+        let path =
+            std::env::temp_dir().join(format!("tokenhub-toy-{}.tiktoken", std::process::id()));
+        if std::fs::write(&path, body).is_err() {
+            panic!("cannot write the toy vocabulary");
+        }
+        let specials = vec![("<|endoftext|>".to_owned(), 9999)];
+        match Meter::from_tiktoken_file(&path.to_string_lossy(), CL100K, &specials, false) {
+            Ok(m) => m,
+            Err(e) => panic!("toy vocabulary: {e}"),
+        }
+    }
+
+    #[test]
+    fn counts_encodes_and_decodes() {
+        let m = toy_meter();
+        let ids = m.encode("hello world").unwrap_or_default();
+        assert_eq!(ids.len(), 2);
+        assert_eq!(m.count("hello world"), 2);
+        assert_eq!(m.decode_bytes(&ids).ok(), Some(b"hello world".to_vec()));
+        assert_eq!(
+            m.decode_bytes(&[9999]).ok(),
+            Some(b"<|endoftext|>".to_vec())
+        );
+        assert!(matches!(
+            m.decode_bytes(&[123_456]),
+            Err(MeterError::UnknownId(123_456))
+        ));
+        // Special-token text is plain text: 13 bytes, no merges among them.
+        assert_eq!(m.count("<|endoftext|>"), 13);
+    }
+
+    #[test]
+    fn stream_total_matches_count_for_every_split() {
+        let m = toy_meter();
+        for text in [
+            "hello world's 12345 'll  \n\n x",
+            "'l",
+            "a  b\t\t\n  c   ",
+            "1234567 hello",
+        ] {
+            let whole = m.count(text);
+            let chars: Vec<char> = text.chars().collect();
+            for step in 1..=4 {
+                let mut s = m.stream();
+                let mut last = 0;
+                for chunk in chars.chunks(step) {
+                    last = s.feed(&m, &chunk.iter().collect::<String>());
+                }
+                assert_eq!(last, whole, "text {text:?} fed {step} chars at a time");
+                assert_eq!(s.total(&m), whole);
+            }
+        }
+    }
+
+    #[test]
+    fn cache_is_bounded_and_content_keyed() {
+        let m = toy_meter();
+        let long = "hello world ".repeat(10);
+        assert_eq!(m.count_cached(&long), m.count(&long));
+        assert_eq!(m.cache_len(), 1);
+        assert_eq!(m.count_cached(&long), m.count(&long));
+        assert_eq!(m.cache_len(), 1);
+        for i in 0..(CACHE_MAX_ENTRIES + 100) {
+            m.count_cached(&format!("{long}{i}"));
+        }
+        assert!(m.cache_len() <= CACHE_MAX_ENTRIES);
     }
 }

@@ -30,8 +30,10 @@ impl Stage {
 }
 
 fn compile(pattern: &str) -> Result<Regex> {
-    Regex::new(pattern)
-        .map_err(|e| MeterError::Pattern { pattern: pattern.to_owned(), message: e.to_string() })
+    Regex::new(pattern).map_err(|e| MeterError::Pattern {
+        pattern: pattern.to_owned(),
+        message: e.to_string(),
+    })
 }
 
 /// GPT-2's byte-level regex, which HF's `ByteLevel { use_regex: true }` applies.
@@ -122,14 +124,21 @@ mod tests {
 
     #[test]
     fn findall_cuts_like_tiktoken() {
-        let Ok(p) = Pretokenizer::tiktoken(CL100K) else { panic!("pattern compiles") };
-        assert_eq!(pieces(&p, "Hello world's  12345"), ["Hello", " world", "'s", " ", " ", "123", "45"]);
+        let Ok(p) = Pretokenizer::tiktoken(CL100K) else {
+            panic!("pattern compiles")
+        };
+        assert_eq!(
+            pieces(&p, "Hello world's  12345"),
+            ["Hello", " world", "'s", " ", " ", "123", "45"]
+        );
     }
 
     #[test]
     fn isolated_stages_keep_gaps_and_nest() {
-        let (Ok(a), Ok(b)) = (Stage::isolated(r"\p{N}{1,3}"), Stage::isolated(r"\s+(?!\S)|\s+"))
-        else {
+        let (Ok(a), Ok(b)) = (
+            Stage::isolated(r"\p{N}{1,3}"),
+            Stage::isolated(r"\s+(?!\S)|\s+"),
+        ) else {
             panic!("patterns compile")
         };
         let p = Pretokenizer::new(vec![a, b]);

@@ -60,16 +60,21 @@ impl PyMeter {
         let meter = py
             .detach(|| Meter::from_tiktoken_file(&path, pattern, &specials, nfc))
             .map_err(to_py)?;
-        Ok(PyMeter { inner: Arc::new(meter) })
+        Ok(PyMeter {
+            inner: Arc::new(meter),
+        })
     }
 
     #[staticmethod]
     #[pyo3(signature = (path, force_fallback=false))]
     fn from_tokenizer_json(py: Python<'_>, path: PathBuf, force_fallback: bool) -> PyResult<Self> {
         let path = path_str(&path);
-        let meter =
-            py.detach(|| Meter::from_tokenizer_json_file(&path, force_fallback)).map_err(to_py)?;
-        Ok(PyMeter { inner: Arc::new(meter) })
+        let meter = py
+            .detach(|| Meter::from_tokenizer_json_file(&path, force_fallback))
+            .map_err(to_py)?;
+        Ok(PyMeter {
+            inner: Arc::new(meter),
+        })
     }
 
     fn count(&self, py: Python<'_>, text: &str) -> usize {
@@ -104,7 +109,10 @@ impl PyMeter {
     }
 
     fn stream(&self) -> PyStreamCounter {
-        PyStreamCounter { meter: Arc::clone(&self.inner), state: self.inner.stream() }
+        PyStreamCounter {
+            meter: Arc::clone(&self.inner),
+            state: self.inner.stream(),
+        }
     }
 
     #[getter]
