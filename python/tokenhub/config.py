@@ -1,0 +1,212 @@
+"""The gateway's static configuration: a TOML file of providers and models.
+
+Business data (tenants, API keys, usage) lives in the database, not here. Prices are exact
+decimals per 1M tokens (TOML floats are read as decimals, never as binary floats).
+
+Example::
+
+    [server]
+    port = 8080
+
+    [[providers]]
+    name = "deepseek"
+    base_url = "https://api.deepseek.com/v1"
+    api_key_env = "DEEPSEEK_API_KEY"
+
+    [[models]]
+    id = "deepseek-chat"
+
+      [[models.deployments]]
+      provider = "deepseek"
+      upstream_model = "deepseek-chat"
+      vocab = "deepseek-v4"
+      context_window = 131072
+      price = { currency = "CNY", input_per_1m = "2", cached_input_per_1m = "0.5",
+                output_per_1m = "8" }
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+__all__ = ["Config", "ConfigError", "Deployment", "Model", "Price", "Provider", "load_config"]
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the file and the offending field."""
+
+
+class Price(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Prices per 1M tokens, exact, in one ISO 4217 currency."""
+
+    currency: str
+    input_per_1m: Decimal
+    output_per_1m: Decimal
+    cached_input_per_1m: Decimal | None = None  # defaults to the input price
+
+
+class Provider(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    name: str
+    base_url: str  # up to and including the version, e.g. https://api.openai.com/v1
+    api_key_env: str = ""  # environment variable holding the upstream API key ("" = none)
+    connect_timeout_s: float = 5.0
+    read_timeout_s: float = 300.0  # longest silence between two bytes of an upstream reply
+    total_timeout_s: float = 600.0
+    max_connections: int = 512
+
+
+class Deployment(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    provider: str
+    upstream_model: str
+    name: str = ""  # defaults to "<provider>/<upstream_model>"
+    weight: int = 1
+    vocab: str = "cl100k_base"  # meter vocabulary for prompts and for streams without usage
+    context_window: int = 128_000
+    max_output_tokens: int = 8_192  # assumed output cap when a request sets no max_tokens
+    price: Price | None = None
+
+
+class Model(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    id: str  # the public model id clients send
+    deployments: list[Deployment]
+    owned_by: str = "tokenhub"
+
+
+class ServerSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    host: str = "127.0.0.1"
+    port: int = 8080
+    database: str = "tokenhub.db"  # path or sqlite:/// URL
+    journal_dir: str = ""  # default: "<database path>-journal"
+    max_body_bytes: int = 8 * 1024 * 1024
+    # After a client disconnects mid-stream, keep reading the upstream for at most this long so
+    # the usage event records what the upstream generated (and will bill).
+    drain_timeout_s: float = 60.0
+    key_refresh_s: float = 0.5
+
+
+class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    server: ServerSettings = msgspec.field(default_factory=ServerSettings)
+    providers: list[Provider] = msgspec.field(default_factory=list)
+    models: list[Model] = msgspec.field(default_factory=list)
+    source: str = ""  # where the config was read from, for messages
+
+    def provider(self, name: str) -> Provider:
+        for p in self.providers:
+            if p.name == name:
+                return p
+        raise KeyError(name)
+
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@-]{0,127}$")
+_CURRENCY = re.compile(r"^[A-Z]{3}$")
+
+
+def _fail(source: str, where: str, message: str) -> ConfigError:
+    return ConfigError(f"{source}: {where}: {message}")
+
+
+def validate(cfg: Config, *, environ: dict[str, str] | None = None) -> Config:
+    """Checks what the types cannot: references, uniqueness, ranges, environment variables."""
+    env = os.environ if environ is None else environ
+    src = cfg.source or "<config>"
+    s = cfg.server
+    if not 0 <= s.port <= 65535:
+        raise _fail(src, "server.port", f"{s.port} is not a TCP port")
+    if s.max_body_bytes < 1024:
+        raise _fail(src, "server.max_body_bytes", "must be at least 1024")
+    names: set[str] = set()
+    for i, p in enumerate(cfg.providers):
+        where = f"providers[{i}]"
+        if not _NAME.match(p.name):
+            raise _fail(src, f"{where}.name", f"{p.name!r} is not a valid name")
+        if p.name in names:
+            raise _fail(src, f"{where}.name", f"provider {p.name!r} is defined twice")
+        names.add(p.name)
+        if not p.base_url.startswith(("http://", "https://")):
+            raise _fail(src, f"{where}.base_url", f"{p.base_url!r} is not an http(s) URL")
+        if p.api_key_env and p.api_key_env not in env:
+            raise _fail(
+                src, f"{where}.api_key_env", f"environment variable {p.api_key_env} is not set"
+            )
+        for field in ("connect_timeout_s", "read_timeout_s", "total_timeout_s"):
+            if getattr(p, field) <= 0:
+                raise _fail(src, f"{where}.{field}", "must be positive")
+    from tokenhub import vocabs  # late: keeps `import tokenhub.config` light
+
+    ids: set[str] = set()
+    for i, m in enumerate(cfg.models):
+        where = f"models[{i}]"
+        if not _NAME.match(m.id):
+            raise _fail(src, f"{where}.id", f"{m.id!r} is not a valid model id")
+        if m.id in ids:
+            raise _fail(src, f"{where}.id", f"model {m.id!r} is defined twice")
+        ids.add(m.id)
+        if not m.deployments:
+            raise _fail(src, f"{where}.deployments", "a model needs at least one deployment")
+        dep_names: set[str] = set()
+        for j, d in enumerate(m.deployments):
+            dw = f"{where}.deployments[{j}]"
+            if d.provider not in names:
+                raise _fail(src, f"{dw}.provider", f"no provider named {d.provider!r}")
+            if not d.name:
+                d.name = f"{d.provider}/{d.upstream_model}"
+            if d.name in dep_names:
+                raise _fail(src, f"{dw}.name", f"deployment {d.name!r} appears twice")
+            dep_names.add(d.name)
+            if d.weight < 0:
+                raise _fail(src, f"{dw}.weight", "must be zero or more")
+            if d.vocab not in vocabs.VOCABS:
+                known = ", ".join(sorted(vocabs.VOCABS))
+                raise _fail(src, f"{dw}.vocab", f"unknown vocabulary {d.vocab!r}; known: {known}")
+            if d.context_window <= 0 or d.max_output_tokens <= 0:
+                raise _fail(src, dw, "context_window and max_output_tokens must be positive")
+            if d.price is not None:
+                pw = f"{dw}.price"
+                if not _CURRENCY.match(d.price.currency):
+                    raise _fail(src, f"{pw}.currency", f"{d.price.currency!r} is not ISO 4217")
+                for field in ("input_per_1m", "output_per_1m", "cached_input_per_1m"):
+                    v = getattr(d.price, field)
+                    if v is not None and (not v.is_finite() or v < 0):
+                        raise _fail(src, f"{pw}.{field}", "must be a non-negative decimal")
+        if sum(d.weight for d in m.deployments) == 0:
+            raise _fail(src, f"{where}.deployments", "all weights are zero")
+    return cfg
+
+
+def from_mapping(data: dict[str, Any], source: str = "<config>") -> Config:
+    """A validated Config from already-parsed TOML (floats should be Decimals)."""
+    try:
+        cfg = msgspec.convert(data, Config, strict=False)
+    except msgspec.ValidationError as e:
+        # msgspec says e.g. "Expected `int`, got `str` - at `$.models[0].deployments[0].weight`"
+        msg = str(e)
+        where = ""
+        m = re.search(r" - at `\$\.?(.*)`$", msg)
+        if m:
+            where, msg = m.group(1), msg[: m.start()]
+        raise _fail(source, where or "(top level)", msg) from None
+    cfg.source = source
+    return validate(cfg)
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """Reads and validates a TOML config file; raises ConfigError naming file and field."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot read: {e.strerror or e}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{p}: not UTF-8 text") from None
+    try:
+        data = tomllib.loads(text, parse_float=Decimal)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{p}: invalid TOML: {e}") from None
+    return from_mapping(data, str(p))

@@ -1,0 +1,40 @@
+"""The usage event: one per gateway request, the unit that metering, billing and audit share."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+
+# Where the token counts came from: the upstream's own `usage` block, or tokenhub's meter (an
+# upstream that omitted usage, or a request interrupted before usage arrived).
+Source = Literal["upstream", "metered"]
+
+
+class UsageEvent(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """One request's usage. `request_id` is unique: writing the same event twice is a no-op."""
+
+    request_id: str
+    ts_ms: int  # when the request arrived, Unix epoch milliseconds
+    tenant: str
+    key_id: str
+    endpoint: str  # "chat.completions", "completions", "embeddings"
+    model: str  # the public model id the client asked for
+    deployment: str = ""  # the deployment that served it ("" when none was reached)
+    provider: str = ""
+    upstream_model: str = ""
+    stream: bool = False
+    input_tokens: int = 0
+    cached_input_tokens: int = 0  # included in input_tokens, as OpenAI counts them
+    output_tokens: int = 0
+    source: Source = "upstream"
+    # HTTP status returned to the client; 499 when the client went away first, 0 when the
+    # gateway stopped before the request finished (replayed from the journal on restart).
+    status: int = 200
+    error: str = ""  # error code when status is not 2xx
+    latency_ms: float = 0.0
+    ttft_ms: float | None = None  # time to first token (streams)
+    attempts: int = 1  # deployments tried
+
+
+EVENT_FIELDS = tuple(UsageEvent.__struct_fields__)
