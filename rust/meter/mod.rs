@@ -15,6 +15,7 @@ pub mod bpe;
 pub mod error;
 pub mod load;
 pub mod pretok;
+pub mod scan;
 
 use aho_corasick::{AhoCorasick, MatchKind};
 use bpe::{Bpe, BpeSpec, Scratch};
