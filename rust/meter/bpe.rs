@@ -21,7 +21,7 @@ use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 
 /// Above this many bytes a piece is merged with the heap-based algorithm.
-const LONG_PIECE: usize = 96;
+const LONG_PIECE: usize = 128;
 
 /// Packs a piece of at most 7 bytes, with its length in the top byte, into one key.
 #[inline]
@@ -51,6 +51,9 @@ pub struct Bpe {
     whole: FxHashMap<Box<[u8]>, u32>,
     /// The id of every single byte.
     byte_ids: [u32; 256],
+    /// Merge value of every pair of single bytes (65,536 entries, 512 KB): the first round of
+    /// lookups in every piece hits this dense table instead of the hash map.
+    byte_pairs: Box<[u64]>,
     /// (left id, right id) -> (rank << 32 | merged id).
     merges: FxHashMap<u64, u64>,
 }
@@ -143,8 +146,13 @@ impl Bpe {
             short: FxHashMap::default(),
             whole: FxHashMap::default(),
             byte_ids,
+            byte_pairs: Box::default(),
             merges,
         };
+        let pairs: Vec<u64> = (0..65536usize)
+            .map(|i| bpe.rank(bpe.byte_ids[i >> 8], bpe.byte_ids[i & 0xff]))
+            .collect();
+        bpe.byte_pairs = pairs.into_boxed_slice();
         if tiktoken_style || spec.ignore_merges {
             bpe.whole = by_bytes;
         } else {
@@ -241,20 +249,28 @@ impl Bpe {
         }
     }
 
-    /// Flat merge: `ids[i]` is a symbol, `ranks[i]` the merge value of (ids[i], ids[i+1]).
+    #[inline]
+    fn byte_pair(&self, a: u8, b: u8) -> u64 {
+        self.byte_pairs[((a as usize) << 8) | b as usize]
+    }
+
+    /// Flat merge: `parts[i]` is (merge value of symbols i and i+1, symbol i); one array so a
+    /// merge moves memory once.
     fn merge_flat(&self, piece: &[u8], s: &mut Scratch) {
-        s.ids.clear();
-        s.ranks.clear();
-        s.ids
-            .extend(piece.iter().map(|&b| self.byte_ids[b as usize]));
-        for w in s.ids.windows(2) {
-            s.ranks.push(self.rank(w[0], w[1]));
+        s.parts.clear();
+        for w in piece.windows(2) {
+            s.parts
+                .push((self.byte_pair(w[0], w[1]), self.byte_ids[w[0] as usize]));
         }
+        if let Some(&last) = piece.last() {
+            s.parts.push((u64::MAX, self.byte_ids[last as usize]));
+        }
+        let parts = &mut s.parts;
         loop {
-            // Leftmost minimum.
+            // Leftmost minimum (the last entry's value is always MAX).
             let mut best = u64::MAX;
             let mut at = usize::MAX;
-            for (i, &r) in s.ranks.iter().enumerate() {
+            for (i, &(r, _)) in parts.iter().enumerate() {
                 if r < best {
                     best = r;
                     at = i;
@@ -263,16 +279,19 @@ impl Bpe {
             if at == usize::MAX {
                 break;
             }
-            s.ids[at] = best as u32;
-            s.ids.remove(at + 1);
-            s.ranks.remove(at);
-            if at < s.ranks.len() {
-                s.ranks[at] = self.rank(s.ids[at], s.ids[at + 1]);
+            parts[at].1 = best as u32;
+            parts.remove(at + 1);
+            if at + 1 < parts.len() {
+                parts[at].0 = self.rank(parts[at].1, parts[at + 1].1);
+            } else {
+                parts[at].0 = u64::MAX;
             }
             if at > 0 {
-                s.ranks[at - 1] = self.rank(s.ids[at - 1], s.ids[at]);
+                parts[at - 1].0 = self.rank(parts[at - 1].1, parts[at].1);
             }
         }
+        s.ids.clear();
+        s.ids.extend(parts.iter().map(|&(_, id)| id));
     }
 
     /// Heap merge over a doubly linked list; returns the number of symbols left. The survivors
@@ -290,7 +309,7 @@ impl Bpe {
             });
         }
         for i in 0..n - 1 {
-            let r = self.rank(s.nodes[i].id, s.nodes[i + 1].id);
+            let r = self.byte_pair(piece[i], piece[i + 1]);
             if r != u64::MAX {
                 s.heap
                     .push(Reverse((r >> 32, i, r as u32, s.nodes[i + 1].id)));
@@ -351,7 +370,7 @@ struct Node {
 #[derive(Default)]
 pub struct Scratch {
     ids: Vec<u32>,
-    ranks: Vec<u64>,
+    parts: Vec<(u64, u32)>,
     nodes: Vec<Node>,
     heap: BinaryHeap<Reverse<(u64, usize, u32, u32)>>,
 }
