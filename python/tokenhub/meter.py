@@ -106,11 +106,14 @@ class Meter:
 
     def decode(self, ids: Sequence[int]) -> str:
         """The text of ``ids`` (invalid UTF-8 is replaced with U+FFFD)."""
-        return self._core.decode_bytes(list(ids)).decode("utf-8", errors="replace")
+        return self.decode_bytes(ids).decode("utf-8", errors="replace")
 
     def decode_bytes(self, ids: Sequence[int]) -> bytes:
-        """The raw bytes of ``ids``."""
-        return self._core.decode_bytes(list(ids))
+        """The raw bytes of ``ids``; ValueError for an id the vocabulary does not have."""
+        try:
+            return self._core.decode_bytes(list(ids))
+        except OverflowError:
+            raise ValueError("token ids must be integers from 0 to 4294967295") from None
 
     def count_batch(self, texts: Iterable[str]) -> list[int]:
         """Counts of many texts, in order; runs on all cores with the GIL released."""

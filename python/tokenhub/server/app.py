@@ -1,0 +1,82 @@
+"""The aiohttp application factory and its middleware."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+from aiohttp import web
+from aiohttp.typedefs import Middleware
+
+from tokenhub.config import Config
+from tokenhub.server.auth import KeyCache
+from tokenhub.server.errors import ApiError, from_http_exception
+from tokenhub.server.gateway import Gateway, Sink, new_request_id
+from tokenhub.server.metrics import Registry
+from tokenhub.server.routes import setup_routes
+from tokenhub.server.state import GATEWAY, METRICS
+
+log = logging.getLogger("tokenhub.server")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _error_middleware(max_body: int) -> Middleware:
+    @web.middleware
+    async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+        """Request ids, and every error in OpenAI's shape (the only place errors are rendered)."""
+        t0 = time.perf_counter()
+        rid = new_request_id()
+        request["request_id"] = rid
+        try:
+            return await handler(request)
+        except ApiError as e:
+            err = e
+        except web.HTTPException as e:
+            if e.status < 400:
+                raise
+            err = from_http_exception(e, max_body)
+        except Exception:
+            # Never echo internals (or anything secret) to the client; the log has the trace.
+            log.exception("request %s failed", rid)
+            err = ApiError.internal()
+        resp = err.response()
+        resp.headers["x-request-id"] = rid
+        resp.headers.setdefault(
+            "x-tokenhub-overhead-ms", f"{(time.perf_counter() - t0) * 1000:.3f}"
+        )
+        return resp
+
+    return errors
+
+
+CleanupCtx = Callable[[web.Application], AsyncIterator[None]]
+
+
+def create_app(
+    config: Config, *, keys: KeyCache, sink: Sink, extra_cleanup: list[CleanupCtx] | None = None
+) -> web.Application:
+    """The gateway application. `keys` and `sink` are owned by the caller, which starts and
+    closes them (they outlive a single app in tests and in multi-worker set-ups)."""
+    metrics = Registry()
+    app = web.Application(
+        client_max_size=config.server.max_body_bytes,
+        middlewares=[_error_middleware(config.server.max_body_bytes)],
+    )
+    gateway = Gateway(config, keys, sink, metrics)
+    app[GATEWAY] = gateway
+    app[METRICS] = metrics
+    keys_gauge = metrics.gauge("tokenhub_api_keys", "Active API keys in the gateway's table.")
+    metrics.on_collect(lambda: keys_gauge.set(len(keys)))
+
+    async def upstreams(app: web.Application) -> AsyncIterator[None]:
+        await gateway.open()
+        yield
+        await gateway.close()
+
+    app.cleanup_ctx.append(upstreams)
+    for ctx in extra_cleanup or ():
+        app.cleanup_ctx.append(ctx)
+    setup_routes(app)
+    return app

@@ -1,0 +1,593 @@
+"""The gateway service: authenticate, choose a deployment, forward, meter, record.
+
+Handlers in `routes.py` only call `Gateway.proxy`. Everything a request touches lives here:
+
+1. The caller is authenticated from the in-memory key table (`auth.KeyCache`).
+2. The body is decoded once (msgspec) and checked; the prompt is metered with the Rust meter.
+3. A `begin` record goes to the usage journal, then the request goes to the first deployment;
+   a connect error, 5xx or timeout before any byte reached the client moves on to the next.
+4. Non-streamed replies are passed through as the upstream sent them. Streams are relayed event
+   by event; tokenhub always asks the upstream for a usage chunk and strips it when the client
+   did not ask for one. Without upstream usage the meter counts what was streamed (`metered`).
+5. Exactly one `UsageEvent` per request goes to the sink (journal + batched database writes,
+   off the response path).
+
+Client disconnects mid-stream: tokenhub keeps reading the upstream to its end (bounded by
+`server.drain_timeout_s`), so the event records what the upstream generated and will bill, with
+status 499. Cancelling instead would save upstream tokens but leave the count unknowable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+import uuid
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import aiohttp
+import msgspec
+from aiohttp import web
+
+from tokenhub.config import Config, Deployment, Model, Provider
+from tokenhub.meter import Meter
+from tokenhub.server.auth import KeyCache, Principal
+from tokenhub.server.errors import ApiError
+from tokenhub.server.metrics import Registry
+from tokenhub.usage import UsageEvent
+
+log = logging.getLogger("tokenhub.gateway")
+
+
+class Sink(Protocol):
+    """Where usage goes (tokenhub.sink.UsageSink); both calls are cheap and never raise."""
+
+    def begin(self, event: UsageEvent) -> None: ...
+    def end(self, event: UsageEvent) -> None: ...
+
+
+# -- upstream reply shapes (lenient: only what metering needs) ---------------------------------
+
+
+class PromptDetails(msgspec.Struct, kw_only=True):
+    cached_tokens: int | None = None
+
+
+class Usage(msgspec.Struct, kw_only=True):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+    prompt_tokens_details: PromptDetails | None = None
+    prompt_cache_hit_tokens: int | None = None  # DeepSeek's name for cached input
+
+
+class FunctionDelta(msgspec.Struct, kw_only=True):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class ToolCallDelta(msgspec.Struct, kw_only=True):
+    function: FunctionDelta | None = None
+
+
+class Message(msgspec.Struct, kw_only=True):
+    content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
+
+
+class Choice(msgspec.Struct, kw_only=True):
+    index: int = 0
+    message: Message | None = None  # chat, non-streamed
+    delta: Message | None = None  # chat, streamed
+    text: str | None = None  # legacy completions
+
+
+class Reply(msgspec.Struct, kw_only=True):
+    choices: list[Choice] = []
+    usage: Usage | None = None
+
+
+_decode_reply = msgspec.json.Decoder(Reply).decode
+_decode_any = msgspec.json.Decoder().decode
+_encode = msgspec.json.Encoder().encode
+
+
+def _cached(u: Usage) -> int:
+    if u.prompt_tokens_details and u.prompt_tokens_details.cached_tokens:
+        return u.prompt_tokens_details.cached_tokens
+    return u.prompt_cache_hit_tokens or 0
+
+
+def _choice_texts(choice: Choice, part: Message | None) -> Iterator[str]:
+    if choice.text:
+        yield choice.text
+    if part is not None:
+        if part.content:
+            yield part.content
+        for call in part.tool_calls or ():
+            if call.function:
+                if call.function.name:
+                    yield call.function.name
+                if call.function.arguments:
+                    yield call.function.arguments
+
+
+# -- endpoints ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    name: str  # as recorded on usage events
+    path: str  # appended to the provider's base_url
+    streams: bool
+
+
+CHAT = Endpoint("chat.completions", "/chat/completions", True)
+COMPLETIONS = Endpoint("completions", "/completions", True)
+EMBEDDINGS = Endpoint("embeddings", "/embeddings", False)
+
+
+class _Retry(Exception):
+    """This deployment failed before the client saw a byte: try the next one."""
+
+    def __init__(self, error: ApiError, kind: str) -> None:
+        super().__init__(error.message)
+        self.error = error
+        self.kind = kind
+
+
+class Upstream:
+    """One provider: its HTTP connection pool and credentials."""
+
+    def __init__(self, provider: Provider) -> None:
+        self.provider = provider
+        self.base = provider.base_url.rstrip("/")
+        key = os.environ.get(provider.api_key_env, "") if provider.api_key_env else ""
+        # Never logged: aiohttp does not log request headers, and neither do we.
+        self.headers = {"Content-Type": "application/json"}
+        if key:
+            self.headers["Authorization"] = f"Bearer {key}"
+        self.timeout = aiohttp.ClientTimeout(
+            total=provider.total_timeout_s,
+            sock_connect=provider.connect_timeout_s,
+            sock_read=provider.read_timeout_s,
+        )
+        self.session: aiohttp.ClientSession | None = None
+
+    async def open(self) -> None:
+        connector = aiohttp.TCPConnector(
+            limit=self.provider.max_connections, ttl_dns_cache=300, enable_cleanup_closed=True
+        )
+        self.session = aiohttp.ClientSession(
+            connector=connector, timeout=self.timeout, auto_decompress=True
+        )
+
+    async def close(self) -> None:
+        if self.session is not None:
+            await self.session.close()
+
+
+class Gateway:
+    def __init__(self, config: Config, keys: KeyCache, sink: Sink, metrics: Registry) -> None:
+        self.config = config
+        self.keys = keys
+        self.sink = sink
+        self.started_at = time.time()
+        self.models: dict[str, Model] = {m.id: m for m in config.models}
+        self.upstreams = {p.name: Upstream(p) for p in config.providers}
+        self._meters: dict[str, Meter] = {}
+        self._rr: dict[str, int] = {}
+        self._swrr: dict[str, list[int]] = {}
+        m = metrics
+        self.m_requests = m.counter("tokenhub_requests_total", "Requests by model and status.")
+        self.m_tokens = m.counter("tokenhub_tokens_total", "Tokens by model, kind and source.")
+        self.m_attempts = m.counter(
+            "tokenhub_upstream_failures_total", "Failed upstream attempts by deployment and kind."
+        )
+        self.m_latency = m.counter(
+            "tokenhub_request_seconds_total", "Summed request latency by model (with _count)."
+        )
+        self.m_overhead = m.counter(
+            "tokenhub_overhead_seconds_total", "Summed time spent in the gateway itself."
+        )
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        # Load every vocabulary a deployment names now, not on the first request.
+        for model in self.config.models:
+            for d in model.deployments:
+                self.meter(d.vocab)
+        for u in self.upstreams.values():
+            await u.open()
+
+    async def close(self) -> None:
+        for u in self.upstreams.values():
+            await u.close()
+
+    def meter(self, vocab: str) -> Meter:
+        m = self._meters.get(vocab)
+        if m is None:
+            m = self._meters[vocab] = Meter.load(vocab)
+        return m
+
+    # -- routing seam (the Rust router replaces this) ----------------------------------------
+
+    def candidates(self, model: Model) -> list[Deployment]:
+        """Deployments to try, in order: smooth weighted round robin picks the first, the rest
+        follow in configured order as fallbacks."""
+        deps = model.deployments
+        if len(deps) == 1:
+            return list(deps)
+        current = self._swrr.setdefault(model.id, [0] * len(deps))
+        total = 0
+        best = 0
+        for i, d in enumerate(deps):
+            current[i] += d.weight
+            total += d.weight
+            if current[i] > current[best]:
+                best = i
+        current[best] -= total
+        return [deps[best], *(d for i, d in enumerate(deps) if i != best and d.weight >= 0)]
+
+    def allowed_models(self, who: Principal) -> list[Model]:
+        """Models this key may use (every configured model until contracts restrict them)."""
+        return list(self.config.models)
+
+    # -- the request path ---------------------------------------------------------------------
+
+    async def proxy(self, request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
+        t0 = time.perf_counter()
+        rid: str = request["request_id"]
+        who = self.keys.authenticate(request.headers.get("Authorization"))
+        body = await request.read()
+        try:
+            payload = _decode_any(body)
+        except msgspec.DecodeError:
+            raise ApiError.bad_request(
+                "We could not parse the JSON body of your request. The body must be valid JSON."
+            ) from None
+        if not isinstance(payload, dict):
+            raise ApiError.bad_request("The request body must be a JSON object.")
+        model_id = payload.get("model")
+        if not isinstance(model_id, str) or not model_id:
+            raise ApiError.bad_request("You must provide a model parameter.", param="model")
+        model = self.models.get(model_id)
+        if model is None:
+            raise ApiError.model_not_found(model_id)
+        stream = payload.get("stream", False)
+        if not isinstance(stream, bool):
+            raise ApiError.bad_request("'stream' must be a boolean.", param="stream")
+        if stream and not endpoint.streams:
+            raise ApiError.bad_request("This endpoint does not stream.", param="stream")
+        options = payload.get("stream_options")
+        if options is not None and not isinstance(options, dict):
+            raise ApiError.bad_request(
+                "'stream_options' must be an object.", param="stream_options"
+            )
+        client_wants_usage = bool(stream and options and options.get("include_usage"))
+        candidates = self.candidates(model)
+        prompt_tokens = self._meter_prompt(endpoint, payload, candidates[0].vocab)
+
+        event = UsageEvent(
+            request_id=rid,
+            ts_ms=int(time.time() * 1000),
+            tenant=who.tenant,
+            key_id=who.key_id,
+            endpoint=endpoint.name,
+            model=model_id,
+            stream=stream,
+            input_tokens=prompt_tokens,
+        )
+        if stream:
+            payload["stream_options"] = {**(options or {}), "include_usage": True}
+        last: _Retry | None = None
+        try:
+            for attempt, dep in enumerate(candidates, start=1):
+                event.attempts = attempt
+                event.deployment = dep.name
+                event.provider = dep.provider
+                event.upstream_model = dep.upstream_model
+                self.sink.begin(event)
+                payload["model"] = dep.upstream_model
+                try:
+                    return await self._attempt(
+                        request, endpoint, dep, payload, event, t0, stream, client_wants_usage
+                    )
+                except _Retry as r:
+                    last = r
+                    self.m_attempts.inc(deployment=dep.name, kind=r.kind)
+                    log.warning("request %s: deployment %s failed (%s)", rid, dep.name, r.kind)
+            assert last is not None
+            event.status = last.error.status
+            event.error = last.error.code or "upstream_error"
+            event.output_tokens = 0
+            event.source = "metered"
+            raise last.error
+        finally:
+            elapsed = time.perf_counter() - t0
+            event.latency_ms = round(elapsed * 1000, 3)
+            self.sink.end(event)
+            self.m_requests.inc(model=model_id, status=str(event.status))
+            self.m_latency.inc(elapsed, model=model_id)
+            self.m_tokens.inc(event.input_tokens, model=model_id, kind="input", source=event.source)
+            self.m_tokens.inc(
+                event.output_tokens, model=model_id, kind="output", source=event.source
+            )
+
+    def _meter_prompt(self, endpoint: Endpoint, payload: dict[str, Any], vocab: str) -> int:
+        meter = self.meter(vocab)
+        try:
+            if endpoint is CHAT:
+                messages = payload.get("messages")
+                if not isinstance(messages, list) or not messages:
+                    raise ApiError.bad_request(
+                        "'messages' must be a non-empty array of message objects.", param="messages"
+                    )
+                return meter.count_messages(messages)
+            key = "prompt" if endpoint is COMPLETIONS else "input"
+            value = payload.get(key)
+            if isinstance(value, str):
+                return meter.count(value)
+            if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+                return sum(meter.count_batch(value))
+            if isinstance(value, list) and value and all(isinstance(v, int) for v in value):
+                return len(value)  # already token ids
+            raise ApiError.bad_request(
+                f"'{key}' must be a string or an array of strings.", param=key
+            )
+        except (TypeError, ValueError) as e:
+            if isinstance(e, ApiError):
+                raise
+            raise ApiError.bad_request(f"Invalid messages: {e}", param="messages") from None
+
+    async def _attempt(
+        self,
+        request: web.Request,
+        endpoint: Endpoint,
+        dep: Deployment,
+        payload: dict[str, Any],
+        event: UsageEvent,
+        t0: float,
+        stream: bool,
+        client_wants_usage: bool,
+    ) -> web.StreamResponse:
+        upstream = self.upstreams[dep.provider]
+        assert upstream.session is not None
+        url = upstream.base + endpoint.path
+        headers = {**upstream.headers, "x-request-id": event.request_id}
+        t_up = time.perf_counter()
+        try:
+            resp = await upstream.session.post(url, data=_encode(payload), headers=headers)
+        except TimeoutError:
+            raise _Retry(ApiError.upstream_timeout(), "timeout") from None
+        except aiohttp.ClientError as e:
+            raise _Retry(ApiError.upstream_failed(type(e).__name__), "connect") from None
+        try:
+            if resp.status >= 500:
+                await _read_quietly(resp)
+                raise _Retry(
+                    ApiError.upstream_failed(f"status {resp.status}"), f"status_{resp.status}"
+                )
+            if resp.status >= 400:
+                return await self._pass_error(resp, event, t0, t_up)
+            if stream:
+                return await self._relay_stream(
+                    request, resp, dep, event, t0, t_up, client_wants_usage
+                )
+            try:
+                data = await resp.read()
+            except TimeoutError:
+                raise _Retry(ApiError.upstream_timeout(), "timeout") from None
+            except aiohttp.ClientError as e:
+                raise _Retry(ApiError.upstream_failed(type(e).__name__), "read") from None
+        finally:
+            resp.release()
+        upstream_s = time.perf_counter() - t_up
+        self._record_reply(data, dep, event)
+        event.status = 200
+        overhead = (time.perf_counter() - t0) - upstream_s
+        self.m_overhead.inc(overhead)
+        return web.Response(
+            body=data,
+            content_type="application/json",
+            headers={
+                "x-request-id": event.request_id,
+                "x-tokenhub-overhead-ms": f"{overhead * 1000:.3f}",
+            },
+        )
+
+    def _record_reply(self, data: bytes, dep: Deployment, event: UsageEvent) -> None:
+        try:
+            reply = _decode_reply(data)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            reply = Reply()
+        if reply.usage is not None:
+            event.input_tokens = reply.usage.prompt_tokens
+            event.cached_input_tokens = _cached(reply.usage)
+            event.output_tokens = reply.usage.completion_tokens
+            event.source = "upstream"
+        else:
+            meter = self.meter(dep.vocab)
+            texts = [t for c in reply.choices for t in _choice_texts(c, c.message)]
+            event.output_tokens = sum(meter.count_batch(texts)) if texts else 0
+            event.source = "metered"
+
+    async def _pass_error(
+        self, resp: aiohttp.ClientResponse, event: UsageEvent, t0: float, t_up: float
+    ) -> web.Response:
+        """An upstream 4xx goes back to the client as the upstream said it (429 included)."""
+        data = await _read_quietly(resp)
+        try:
+            err = _decode_any(data).get("error", {})
+            code = err.get("code") or err.get("type") or ""
+        except Exception:
+            code = ""
+        if not data or code == "":
+            # Not OpenAI-shaped: wrap it so clients always get the same error shape.
+            kind = "rate_limit_exceeded" if resp.status == 429 else "upstream_error"
+            data = ApiError(
+                resp.status, f"The upstream provider returned {resp.status}.", code=kind
+            ).body()
+            code = kind
+        event.status = resp.status
+        event.error = str(code)
+        event.output_tokens = 0
+        headers = {"x-request-id": event.request_id}
+        overhead = (time.perf_counter() - t0) - (time.perf_counter() - t_up)
+        headers["x-tokenhub-overhead-ms"] = f"{overhead * 1000:.3f}"
+        for h in ("retry-after", "x-ratelimit-reset-requests", "x-ratelimit-reset-tokens"):
+            if h in resp.headers:
+                headers[h] = resp.headers[h]
+        return web.Response(
+            status=resp.status, body=data, content_type="application/json", headers=headers
+        )
+
+    async def _relay_stream(
+        self,
+        request: web.Request,
+        resp: aiohttp.ClientResponse,
+        dep: Deployment,
+        event: UsageEvent,
+        t0: float,
+        t_up: float,
+        client_wants_usage: bool,
+    ) -> web.StreamResponse:
+        out: web.StreamResponse | None = None
+        client_gone = False
+        texts: dict[int, list[str]] = {}
+        usage: Usage | None = None
+        done = False
+        pending: list[bytes] = []  # lines of the SSE event being assembled
+        drop_event = False
+        deadline: float | None = None
+        loop = asyncio.get_running_loop()
+
+        async def start() -> web.StreamResponse:
+            now = time.perf_counter()
+            overhead = (now - t0) - (now - t_up)
+            self.m_overhead.inc(overhead)
+            r = web.StreamResponse(
+                status=200,
+                headers={
+                    "Content-Type": "text/event-stream; charset=utf-8",
+                    "Cache-Control": "no-cache",
+                    "x-request-id": event.request_id,
+                    "x-tokenhub-overhead-ms": f"{overhead * 1000:.3f}",
+                },
+            )
+            await r.prepare(request)
+            return r
+
+        try:
+            while True:
+                if deadline is not None:
+                    remaining = deadline - loop.time()
+                    if remaining <= 0:
+                        break
+                    line = await asyncio.wait_for(resp.content.readline(), remaining)
+                else:
+                    line = await resp.content.readline()
+                if not line:
+                    break  # upstream closed
+                stripped = line.rstrip(b"\r\n")
+                if stripped.startswith(b"data:"):
+                    data = stripped[5:].strip()
+                    if data == b"[DONE]":
+                        done = True
+                    else:
+                        try:
+                            chunk = _decode_reply(data)
+                        except (msgspec.DecodeError, msgspec.ValidationError):
+                            chunk = Reply()
+                        if chunk.usage is not None:
+                            usage = chunk.usage
+                            if not chunk.choices and not client_wants_usage:
+                                drop_event = True
+                        for c in chunk.choices:
+                            for t in _choice_texts(c, c.delta):
+                                if event.ttft_ms is None:
+                                    event.ttft_ms = round((time.perf_counter() - t0) * 1000, 3)
+                                texts.setdefault(c.index, []).append(t)
+                pending.append(line)
+                if stripped:
+                    continue
+                # A blank line ends an SSE event: forward it whole (unless it is ours to drop).
+                if not drop_event and not client_gone:
+                    if out is None:
+                        out = await start()
+                    try:
+                        await out.write(b"".join(pending))
+                    except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+                        client_gone = True
+                        deadline = loop.time() + self.config.server.drain_timeout_s
+                pending.clear()
+                drop_event = False
+                if done:
+                    break
+        except TimeoutError:
+            if out is None and not client_gone:
+                raise _Retry(ApiError.upstream_timeout(), "timeout") from None
+            log.warning("request %s: upstream stream timed out", event.request_id)
+        except aiohttp.ClientError as e:
+            if out is None and not client_gone:
+                raise _Retry(ApiError.upstream_failed(type(e).__name__), "read") from None
+            log.warning("request %s: upstream stream broke: %s", event.request_id, type(e).__name__)
+
+        if pending and not drop_event and not client_gone and out is not None:
+            # The upstream closed without the blank line that ends its last event.
+            try:
+                await out.write(b"".join(pending) + b"\n")
+            except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+                client_gone = True
+        if out is None and not client_gone:
+            if not done:
+                raise _Retry(ApiError.upstream_failed("the stream ended before any data"), "empty")
+            out = await start()
+
+        if usage is not None:
+            event.input_tokens = usage.prompt_tokens
+            event.cached_input_tokens = _cached(usage)
+            event.output_tokens = usage.completion_tokens
+            event.source = "upstream"
+        else:
+            meter = self.meter(dep.vocab)
+            event.output_tokens = sum(meter.count_batch(["".join(v) for v in texts.values()]))
+            event.source = "metered"
+        if client_gone:
+            event.status = 499
+            event.error = "client_disconnected"
+        elif not done:
+            event.status = 502
+            event.error = "upstream_stream_broken"
+        else:
+            event.status = 200
+        if out is not None and not client_gone:
+            try:
+                if not done:
+                    err = ApiError.upstream_failed("the stream broke off")
+                    await out.write(b"data: " + err.body() + b"\n\n")
+                await out.write_eof()
+            except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+                pass
+        assert out is not None or client_gone
+        return out if out is not None else web.Response(status=499)
+
+
+async def _read_quietly(resp: aiohttp.ClientResponse) -> bytes:
+    try:
+        return await resp.read()
+    except (TimeoutError, aiohttp.ClientError):
+        return b""
+
+
+def new_request_id() -> str:
+    return "req_" + uuid.uuid4().hex
+
+
+def headers_without_secrets(headers: Mapping[str, str]) -> dict[str, str]:
+    """For debug logging: every header but credentials."""
+    return {k: v for k, v in headers.items() if k.lower() not in ("authorization", "api-key")}

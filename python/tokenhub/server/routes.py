@@ -1,0 +1,66 @@
+"""URL map: thin handlers that decode nothing themselves and call the gateway service."""
+
+from __future__ import annotations
+
+import time
+
+import msgspec
+from aiohttp import web
+
+from tokenhub.server.gateway import CHAT, COMPLETIONS, EMBEDDINGS
+from tokenhub.server.state import GATEWAY, METRICS
+
+_encode = msgspec.json.Encoder().encode
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    return await request.app[GATEWAY].proxy(request, CHAT)
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    return await request.app[GATEWAY].proxy(request, COMPLETIONS)
+
+
+async def embeddings(request: web.Request) -> web.StreamResponse:
+    return await request.app[GATEWAY].proxy(request, EMBEDDINGS)
+
+
+async def list_models(request: web.Request) -> web.Response:
+    gw = request.app[GATEWAY]
+    who = gw.keys.authenticate(request.headers.get("Authorization"))
+    created = int(request.app[GATEWAY].started_at)
+    data = [
+        {"id": m.id, "object": "model", "created": created, "owned_by": m.owned_by}
+        for m in gw.allowed_models(who)
+    ]
+    return web.Response(
+        body=_encode({"object": "list", "data": data}), content_type="application/json"
+    )
+
+
+async def healthz(request: web.Request) -> web.Response:
+    gw = request.app[GATEWAY]
+    body = {
+        "status": "ok",
+        "models": len(gw.models),
+        "uptime_s": round(time.time() - gw.started_at, 1),
+    }
+    return web.Response(body=_encode(body), content_type="application/json")
+
+
+async def metrics(request: web.Request) -> web.Response:
+    return web.Response(
+        text=request.app[METRICS].render(),
+        content_type="text/plain",
+        charset="utf-8",
+        headers={"X-Content-Type-Options": "nosniff"},
+    )
+
+
+def setup_routes(app: web.Application) -> None:
+    app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_post("/v1/completions", completions)
+    app.router.add_post("/v1/embeddings", embeddings)
+    app.router.add_get("/v1/models", list_models)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/metrics", metrics)

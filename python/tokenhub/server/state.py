@@ -1,0 +1,14 @@
+"""Typed application state keys."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+
+if TYPE_CHECKING:
+    from tokenhub.server.gateway import Gateway
+    from tokenhub.server.metrics import Registry
+
+GATEWAY: web.AppKey[Gateway] = web.AppKey("gateway")
+METRICS: web.AppKey[Registry] = web.AppKey("metrics")
