@@ -127,11 +127,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_count)
 
     # Gateway commands pull in aiohttp; imported here so `import tokenhub.cli` stays light.
-    from tokenhub import mock_upstream
+    from tokenhub import admin_cli, mock_upstream
     from tokenhub.server import run as serve_cmd
 
     serve_cmd.add_cli(sub)
     mock_upstream.add_cli(sub)
+    admin_cli.add_cli(sub)
 
     p = sub.add_parser("vocabs", help="list the named vocabularies and whether they are installed",
                        description="List the named vocabularies tokenhub can load and the "

@@ -23,7 +23,6 @@ import asyncio
 import logging
 import os
 import time
-import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -585,7 +584,9 @@ async def _read_quietly(resp: aiohttp.ClientResponse) -> bytes:
 
 
 def new_request_id() -> str:
-    return "req_" + uuid.uuid4().hex
+    """`req_` + milliseconds (hex) + 80 random bits: unique, and time-ordered so that ledger
+    inserts append to the primary-key index instead of scattering across it."""
+    return f"req_{time.time_ns() // 1_000_000:012x}{os.urandom(10).hex()}"
 
 
 def headers_without_secrets(headers: Mapping[str, str]) -> dict[str, str]:

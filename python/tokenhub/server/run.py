@@ -95,6 +95,7 @@ async def serve(cfg: Config, *, demo: bool = False, demo_key: str | None = None)
     from tokenhub.journal import Journal
     from tokenhub.server.app import create_app
     from tokenhub.server.auth import KeyCache
+    from tokenhub.server.state import METRICS
     from tokenhub.sink import UsageSink
     from tokenhub.store import open_store
 
@@ -103,11 +104,12 @@ async def serve(cfg: Config, *, demo: bool = False, demo_key: str | None = None)
         mock_app = mock_upstream.build_app(mock_upstream.MockOptions())
         mock_runner = web.AppRunner(mock_app, access_log=None)
         await mock_runner.setup()
-        mock_site = web.TCPSite(mock_runner, "127.0.0.1", 0)
-        await mock_site.start()
-        server = mock_site._server
-        assert server is not None and server.sockets
-        mock_port = server.sockets[0].getsockname()[1]
+        mock_sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        mock_sock.bind(("127.0.0.1", 0))
+        mock_sock.listen(1024)
+        mock_sock.setblocking(False)
+        await web.SockSite(mock_runner, mock_sock).start()
+        mock_port = mock_sock.getsockname()[1]
         demo_cfg = demo_config(mock_port, cfg.server.database)
         demo_cfg.server = cfg.server
         cfg = demo_cfg
@@ -125,9 +127,17 @@ async def serve(cfg: Config, *, demo: bool = False, demo_key: str | None = None)
         await keys.start()
         yield
         await keys.close()
-        await sink.close()
+        # Bounded: whatever the database cannot take now stays in the journal for next start.
+        await sink.close(timeout=30)
 
     app = create_app(cfg, keys=keys, sink=sink, extra_cleanup=[lifecycle])
+    stats = app[METRICS].gauge("tokenhub_usage_sink", "Usage sink counters by name.")
+
+    def collect_sink_stats() -> None:
+        for name, value in sink.stats().items():
+            stats.set(value, name=name)
+
+    app[METRICS].on_collect(collect_sink_stats)
     runner = web.AppRunner(app, access_log=None, handler_cancellation=False)
     await runner.setup()
     sock = _reuse_port_socket(cfg.server.host, cfg.server.port)
@@ -155,12 +165,13 @@ async def serve(cfg: Config, *, demo: bool = False, demo_key: str | None = None)
 
 
 def _ensure_demo_key(store: Any, demo_key: str | None) -> str:
-    from tokenhub.store import StoreError
+    from tokenhub.store import AlreadyExists
 
-    with contextlib.suppress(StoreError):
+    with contextlib.suppress(AlreadyExists):
         store.create_tenant(DEMO_TENANT)
     if demo_key:
-        with contextlib.suppress(StoreError):
+        # A malformed key raises StoreError here, before anything is printed.
+        with contextlib.suppress(AlreadyExists):
             store.create_key(DEMO_TENANT, secret=demo_key)
         return demo_key
     _, secret = store.create_key(DEMO_TENANT)
@@ -220,11 +231,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         import uvloop
 
-        runner = uvloop.run
+        loop_factory: Any = uvloop.new_event_loop
     except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
-        runner = asyncio.run
+        loop_factory = None
     try:
-        runner(serve(cfg, demo=args.demo, demo_key=args.demo_key))
+        with asyncio.Runner(loop_factory=loop_factory) as r:
+            r.run(serve(cfg, demo=args.demo, demo_key=args.demo_key))
     except OSError as e:
         where = f"{cfg.server.host}:{cfg.server.port}"
         raise CliError(f"cannot listen on {where}: {e.strerror or e}") from None

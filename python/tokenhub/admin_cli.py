@@ -1,0 +1,380 @@
+"""Admin commands: `tokenhub tenants ...`, `tokenhub keys ...`, `tokenhub events export`.
+
+`add_cli(sub)` adds them to the `tokenhub` argparse subparsers. Every command takes
+`--db URL_OR_PATH` (default: $TOKENHUB_DB, else ./tokenhub.db), returns an exit status, and
+reports errors as one line `tokenhub: error: ...` on stderr with status 1. Running gateways
+pick up new and revoked keys within about a second (they poll the store's change marker).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as dt
+import functools
+import os
+import re
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import IO, Any
+
+import msgspec
+
+from tokenhub.store import DEFAULT_DATABASE, ApiKey, Store, StoreError, open_store
+from tokenhub.usage import EVENT_FIELDS, UsageEvent
+
+PROG = "tokenhub"
+ENV_DB = "TOKENHUB_DB"
+
+Command = Callable[[argparse.Namespace], int]
+
+
+class AdminError(Exception):
+    """A user error (bad argument): one line, exit status 1."""
+
+
+def _command(fn: Command) -> Command:
+    """Turn the errors a user can cause into `tokenhub: error: ...` and exit status 1."""
+
+    @functools.wraps(fn)
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return fn(args)
+        except (AdminError, StoreError) as e:
+            msg = str(e)
+        except OSError as e:
+            msg = f"{e.filename}: {e.strerror}" if e.filename and e.strerror else str(e)
+        print(f"{PROG}: error: {msg}", file=sys.stderr)
+        return 1
+
+    return run
+
+
+def _db_url(args: argparse.Namespace) -> str:
+    return str(args.db or os.environ.get(ENV_DB) or DEFAULT_DATABASE)
+
+
+@contextmanager
+def _store(args: argparse.Namespace, *, create: bool = False) -> Iterator[Store]:
+    """The migrated store; only commands that create something may create the database."""
+    store = open_store(_db_url(args), create=create)
+    try:
+        store.migrate()
+        yield store
+    finally:
+        store.close()
+
+
+def _iso(ms: int | None) -> str:
+    if ms is None:
+        return "-"
+    t = dt.datetime.fromtimestamp(ms / 1000, tz=dt.UTC)
+    return t.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _print_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+    for line in (header, *rows):
+        print("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip())
+
+
+_MS = re.compile(r"-?\d+")
+
+
+def parse_time(value: str) -> int:
+    """Unix milliseconds from an ISO 8601 date or datetime (UTC unless it has an offset) or
+    a plain integer of Unix milliseconds."""
+    s = value.strip()
+    if _MS.fullmatch(s):
+        return int(s)
+    try:
+        t = dt.datetime.fromisoformat(s)
+    except ValueError:
+        raise AdminError(
+            f"bad time {value!r}: give an ISO 8601 date or datetime "
+            "(2025-01-31, 2025-01-31T12:00:00Z, 2025-01-31T12:00+08:00) or Unix milliseconds"
+        ) from None
+    if t.tzinfo is None:
+        t = t.replace(tzinfo=dt.UTC)
+    return (t - dt.datetime(1970, 1, 1, tzinfo=dt.UTC)) // dt.timedelta(milliseconds=1)
+
+
+# -- tenants -----------------------------------------------------------------------------
+
+
+@_command
+def cmd_tenants_create(args: argparse.Namespace) -> int:
+    with _store(args, create=True) as store:
+        t = store.create_tenant(args.name)
+    print(f"created tenant '{t.name}' ({t.id})")
+    return 0
+
+
+@_command
+def cmd_tenants_list(args: argparse.Namespace) -> int:
+    with _store(args) as store:
+        tenants = store.list_tenants()
+        active: dict[str, int] = {}
+        for k in store.list_keys():
+            if k.active:
+                active[k.tenant] = active.get(k.tenant, 0) + 1
+    if args.json:
+        out = [{**msgspec.structs.asdict(t), "active_keys": active.get(t.name, 0)} for t in tenants]
+        print(msgspec.json.encode(out).decode())
+        return 0
+    if not tenants:
+        print("no tenants (create one with: tokenhub tenants create NAME)", file=sys.stderr)
+        return 0
+    rows = [[t.name, t.id, _iso(t.created_ms), str(active.get(t.name, 0))] for t in tenants]
+    _print_table(["NAME", "ID", "CREATED", "ACTIVE KEYS"], rows)
+    return 0
+
+
+# -- keys --------------------------------------------------------------------------------
+
+
+def _key_json(k: ApiKey) -> dict[str, Any]:
+    return {
+        "id": k.id,
+        "tenant": k.tenant,
+        "prefix": k.prefix,
+        "created_ms": k.created_ms,
+        "revoked_ms": k.revoked_ms,
+    }
+
+
+@_command
+def cmd_keys_create(args: argparse.Namespace) -> int:
+    with _store(args) as store:
+        key, secret = store.create_key(args.tenant)
+    if args.json:
+        print(msgspec.json.encode({**_key_json(key), "secret": secret}).decode())
+    else:
+        print(f"created API key {key.id} for tenant '{key.tenant}'")
+        print(f"  prefix: {key.prefix}")
+        print(f"  secret: {secret}")
+    print(
+        "Save the secret now: tokenhub keeps only its SHA-256 hash and cannot show it again.",
+        file=sys.stderr,
+    )
+    return 0
+
+
+@_command
+def cmd_keys_list(args: argparse.Namespace) -> int:
+    with _store(args) as store:
+        keys = store.list_keys(args.tenant)
+    if args.json:
+        print(msgspec.json.encode([_key_json(k) for k in keys]).decode())
+        return 0
+    if not keys:
+        print("no API keys (create one with: tokenhub keys create --tenant NAME)", file=sys.stderr)
+        return 0
+    rows = [[k.id, k.tenant, k.prefix, _iso(k.created_ms), _iso(k.revoked_ms)] for k in keys]
+    _print_table(["ID", "TENANT", "PREFIX", "CREATED", "REVOKED"], rows)
+    return 0
+
+
+@_command
+def cmd_keys_revoke(args: argparse.Namespace) -> int:
+    with _store(args) as store:
+        key = store.revoke_key(args.key_id)
+    print(
+        f"revoked API key {key.id} (tenant '{key.tenant}', prefix {key.prefix}); "
+        "running gateways refuse it within about a second"
+    )
+    return 0
+
+
+# -- events ------------------------------------------------------------------------------
+
+
+def _csv_cell(v: object) -> object:
+    if v is None:
+        return ""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    return v
+
+
+def write_jsonl(events: Iterator[UsageEvent], out: IO[bytes]) -> int:
+    """One JSON object per line with every field (defaults included, unlike the wire form)."""
+    encode = msgspec.json.Encoder().encode
+    n = 0
+    for e in events:
+        out.write(encode(msgspec.structs.asdict(e)))
+        out.write(b"\n")
+        n += 1
+    return n
+
+
+def write_csv(events: Iterator[UsageEvent], out: IO[str]) -> int:
+    w = csv.writer(out, lineterminator="\n")
+    w.writerow(EVENT_FIELDS)
+    n = 0
+    for e in events:
+        w.writerow([_csv_cell(v) for v in msgspec.structs.astuple(e)])
+        n += 1
+    return n
+
+
+@_command
+def cmd_events_export(args: argparse.Namespace) -> int:
+    since = parse_time(args.since) if args.since is not None else None
+    until = parse_time(args.until) if args.until is not None else None
+    if since is not None and until is not None and until <= since:
+        raise AdminError("--until must be later than --since")
+    with _store(args) as store:
+        events = store.iter_events(since, until)
+        try:
+            if args.format == "jsonl":
+                if args.output:
+                    with open(args.output, "wb") as f:
+                        n = write_jsonl(events, f)
+                else:
+                    n = write_jsonl(events, sys.stdout.buffer)
+                    sys.stdout.buffer.flush()
+            elif args.output:
+                with open(args.output, "w", encoding="utf-8", newline="") as f:
+                    n = write_csv(events, f)
+            else:
+                n = write_csv(events, sys.stdout)
+                sys.stdout.flush()
+        except BrokenPipeError:  # `| head`: stop quietly, as other tools do
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            return 1
+    print(f"exported {n} usage events", file=sys.stderr)
+    return 0
+
+
+# -- wiring ------------------------------------------------------------------------------
+
+
+def _add_db(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--db",
+        metavar="URL_OR_PATH",
+        help=f"database: a path or sqlite:///ABSOLUTE/PATH (default: ${ENV_DB}, else "
+        f"./{DEFAULT_DATABASE})",
+    )
+
+
+def _group_help(p: argparse.ArgumentParser) -> Command:
+    def show(args: argparse.Namespace) -> int:
+        p.print_help(sys.stderr)
+        return 2
+
+    return show
+
+
+def add_cli(sub: Any) -> None:
+    """Add `tenants`, `keys` and `events` to `sub` (from `parser.add_subparsers()`)."""
+    # tenants
+    tenants = sub.add_parser(
+        "tenants",
+        help="create and list tenants",
+        description="Tenants own API keys; every usage event records its tenant.",
+    )
+    tenants.set_defaults(func=_group_help(tenants))
+    ts = tenants.add_subparsers(dest="action", metavar="ACTION")
+    p = ts.add_parser(
+        "create",
+        help="create a tenant",
+        description="Create a tenant (the database is created if it does not exist).",
+    )
+    p.add_argument("name", metavar="NAME", help="1-64 characters from A-Z a-z 0-9 . _ -")
+    _add_db(p)
+    p.set_defaults(func=cmd_tenants_create)
+    p = ts.add_parser(
+        "list",
+        help="list tenants",
+        description="List tenants with their creation time and number of active API keys.",
+    )
+    p.add_argument("--json", action="store_true", help="print a JSON array")
+    _add_db(p)
+    p.set_defaults(func=cmd_tenants_list)
+
+    # keys
+    keys = sub.add_parser(
+        "keys",
+        help="create, list and revoke API keys",
+        description="API keys authenticate clients of the gateway. tokenhub stores only a "
+        "SHA-256 hash of each key, so a key's secret is shown once, when it is created. "
+        "Running gateways see new and revoked keys within about a second.",
+    )
+    keys.set_defaults(func=_group_help(keys))
+    ks = keys.add_subparsers(dest="action", metavar="ACTION")
+    p = ks.add_parser(
+        "create",
+        help="create an API key and print its secret (once)",
+        description="Create an API key for a tenant and print its id, display prefix and "
+        "secret. The secret cannot be shown again: store it now.",
+    )
+    p.add_argument("--tenant", required=True, metavar="NAME", help="the tenant that owns it")
+    p.add_argument("--json", action="store_true", help="print id, tenant, prefix, secret as JSON")
+    _add_db(p)
+    p.set_defaults(func=cmd_keys_create)
+    p = ks.add_parser(
+        "list",
+        help="list API keys (never their secrets)",
+        description="List API keys: id, tenant, display prefix, created and revoked times.",
+    )
+    p.add_argument("--tenant", metavar="NAME", help="only this tenant's keys")
+    p.add_argument("--json", action="store_true", help="print a JSON array")
+    _add_db(p)
+    p.set_defaults(func=cmd_keys_list)
+    p = ks.add_parser(
+        "revoke",
+        help="revoke an API key",
+        description="Revoke an API key for good; running gateways refuse it within about a "
+        "second. Usage already recorded with the key is kept.",
+    )
+    p.add_argument("key_id", metavar="KEY_ID", help="the key's id (key_ and 12 hex digits)")
+    _add_db(p)
+    p.set_defaults(func=cmd_keys_revoke)
+
+    # events
+    events = sub.add_parser(
+        "events",
+        help="export usage events",
+        description="Usage events: one per gateway request, with its token counts.",
+    )
+    events.set_defaults(func=_group_help(events))
+    es = events.add_subparsers(dest="action", metavar="ACTION")
+    p = es.add_parser(
+        "export",
+        help="export usage events as JSON lines or CSV",
+        description="Write usage events ordered by time, streaming (any size). --since is "
+        "inclusive, --until exclusive. A time is an ISO 8601 date or datetime (UTC unless it "
+        "carries an offset) or Unix time in milliseconds.",
+        epilog="Examples: tokenhub events export --format csv --since 2025-01-01 "
+        "--until 2025-02-01 > jan.csv; tokenhub events export --format jsonl | jq .model",
+    )
+    p.add_argument("--since", metavar="T", help="first time to include")
+    p.add_argument("--until", metavar="T", help="first time to leave out")
+    p.add_argument(
+        "--format",
+        required=True,
+        choices=["jsonl", "csv"],
+        help="jsonl: one event object per line; csv: a header of all fields, then one row each",
+    )
+    p.add_argument("-o", "--output", metavar="FILE", help="write here instead of stdout")
+    _add_db(p)
+    p.set_defaults(func=cmd_events_export)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The admin commands on their own (`python -m tokenhub.admin_cli ...`)."""
+    parser = argparse.ArgumentParser(prog=PROG)
+    add_cli(parser.add_subparsers(dest="command", metavar="COMMAND"))
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help(sys.stderr)
+        return 2
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,431 @@
+"""The SQLite store: stdlib sqlite3, WAL, one connection per thread.
+
+Thread-safety: a `SQLiteStore` is shared freely between threads; each thread gets its own
+connection on first use (threading.local), so threads never share a cursor or a transaction.
+SQLite serialises writers itself: every write is `BEGIN IMMEDIATE` (take the write lock up
+front, so two writers never deadlock on a lock upgrade) and waits up to `busy_timeout_ms` for
+another writer (thread or process) to finish. `close()` closes every thread's connection.
+
+Pragmas: WAL (readers never block the writer, and the server's key polls never block usage
+writes), synchronous=NORMAL (a commit costs no fsync; on power loss the last commits can roll
+back, which is why `sync()` exists: the journal keeps events until a checkpoint made them
+durable), foreign_keys=ON, busy_timeout.
+
+Performance notes (2-core VM, ext4, 1000-event batches, 300k rows): insert_events runs
+~120-240k events/s when request ids grow with time (sequential or timestamp-prefixed) and
+~30k/s with uuid4 ids under default pragmas: random keys dirty pages all over the primary-key
+index and every checkpoint writes and fsyncs them. cache_size 64 MiB + wal_autocheckpoint
+10000 pages bring uuid4 ids to ~45-80k/s. Either is 10x what one gateway process serves.
+Duplicate/conflict detection costs nothing on the insert path: only when fewer rows than
+events were inserted (a replay) does a second pass fetch the stored rows by primary key and
+compare them field by field (~8 ms per 1000 duplicates).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import secrets
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import msgspec
+
+from tokenhub.store.base import (
+    DISPLAY_PREFIX_LEN,
+    SECRET_PREFIX,
+    ActiveKey,
+    AlreadyExists,
+    ApiKey,
+    InsertResult,
+    InvalidEvents,
+    NotFound,
+    StoreError,
+    Tenant,
+    _quote,
+    check_secret,
+    check_tenant_name,
+    event_problem,
+    iter_chunks,
+)
+from tokenhub.store.schema import CREATE_MIGRATIONS_TABLE, LATEST_VERSION, MIGRATIONS
+from tokenhub.usage import EVENT_FIELDS, UsageEvent
+
+_COLS = ", ".join(EVENT_FIELDS)
+_INSERT_EVENT = (
+    f"INSERT INTO usage_events ({_COLS}) VALUES ({', '.join('?' * len(EVENT_FIELDS))}) "
+    "ON CONFLICT (request_id) DO NOTHING"
+)
+_STREAM = EVENT_FIELDS.index("stream")
+_IN_CHUNK = 500  # ids per IN (...) list: well under every SQLite build's variable limit
+_KEY_SELECT = (
+    "SELECT k.id, k.tenant_id, t.name, k.prefix, k.created_ms, k.revoked_ms, k.updated_ms "
+    "FROM api_keys k JOIN tenants t ON t.id = k.tenant_id"
+)
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def _digest(secret: str) -> str:
+    return hashlib.sha256(secret.encode("utf-8")).hexdigest()
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+def _row_event(row: Sequence[Any]) -> UsageEvent:
+    fields = dict(zip(EVENT_FIELDS, row, strict=True))
+    fields["stream"] = bool(fields["stream"])
+    return UsageEvent(**fields)
+
+
+class SQLiteStore:
+    """`Store` on one SQLite file. See the module docstring for threads and pragmas."""
+
+    def __init__(self, path: str, *, create: bool = True, busy_timeout_ms: int = 5000) -> None:
+        self.path = path
+        self.busy_timeout_ms = busy_timeout_ms
+        if not create and not os.path.exists(path):
+            raise StoreError(f"no database at {_quote(path)}")
+        self._local = threading.local()
+        self._conns: list[sqlite3.Connection] = []
+        self._conns_lock = threading.Lock()
+        self._closed = False
+        self._conn()  # fail now (bad path, not a database), not on first use
+
+    # -- connections and transactions ------------------------------------------------------
+
+    def _connect(self) -> sqlite3.Connection:
+        try:
+            conn = sqlite3.connect(
+                self.path,
+                timeout=self.busy_timeout_ms / 1000,
+                isolation_level=None,  # we issue BEGIN/COMMIT ourselves
+                check_same_thread=False,  # only so close() may close it from another thread
+            )
+        except sqlite3.Error as e:
+            raise StoreError(f"cannot open database {_quote(self.path)}: {_one_line(e)}") from e
+        try:
+            conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_ms)}")
+            conn.execute("PRAGMA journal_mode = WAL").fetchall()
+            conn.execute("PRAGMA synchronous = NORMAL")
+            conn.execute("PRAGMA foreign_keys = ON")
+            # Random request ids scatter inserts over the primary-key index: a bigger page
+            # cache (allocated only as used) and fewer, larger checkpoints (~40 MiB of WAL)
+            # double insert throughput (see the performance notes).
+            conn.execute("PRAGMA cache_size = -65536")
+            conn.execute("PRAGMA wal_autocheckpoint = 10000")
+        except sqlite3.Error as e:
+            conn.close()
+            raise StoreError(f"cannot open database {_quote(self.path)}: {_one_line(e)}") from e
+        return conn
+
+    def _conn(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            if self._closed:
+                raise StoreError("the store is closed")
+            conn = self._connect()
+            with self._conns_lock:
+                self._conns.append(conn)
+            self._local.conn = conn
+        return conn
+
+    @contextlib.contextmanager
+    def _errors(self) -> Iterator[None]:
+        """sqlite3 errors become one-line StoreErrors."""
+        try:
+            yield
+        except sqlite3.Error as e:
+            msg = _one_line(e)
+            if msg.startswith("no such table"):
+                msg = f"{msg} (the database has no tokenhub schema: run migrate)"
+            raise StoreError(f"database {_quote(self.path)}: {msg}") from e
+
+    @contextlib.contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction: committed on success, rolled back on any exception."""
+        with self._errors():
+            conn = self._conn()
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+
+    @staticmethod
+    def _bump_marker(conn: sqlite3.Connection) -> None:
+        conn.execute("UPDATE change_marker SET value = value + 1 WHERE id = 1")
+
+    @staticmethod
+    def _new_id(conn: sqlite3.Connection, table: str, prefix: str) -> str:
+        # 48 random bits: collisions are rare, not impossible (1M keys: ~0.2%), so check.
+        while True:
+            new = prefix + secrets.token_hex(6)
+            if conn.execute(f"SELECT 1 FROM {table} WHERE id = ?", (new,)).fetchone() is None:
+                return new
+
+    # -- schema ----------------------------------------------------------------------------
+
+    def _applied(self, conn: sqlite3.Connection) -> set[int]:
+        return {v for (v,) in conn.execute("SELECT version FROM schema_migrations")}
+
+    def migrate(self) -> list[int]:
+        with self._errors():
+            conn = self._conn()
+            has_table = conn.execute(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_migrations'"
+            ).fetchone()
+            if has_table and self._applied(conn) >= {m.version for m in MIGRATIONS}:
+                self._check_not_newer(self._applied(conn))
+                return []
+        done: list[int] = []
+        with self._tx() as conn:
+            conn.execute(CREATE_MIGRATIONS_TABLE)
+            applied = self._applied(conn)  # again, under the write lock: another process
+            self._check_not_newer(applied)  # may have migrated in between
+            for m in MIGRATIONS:
+                if m.version in applied:
+                    continue
+                for statement in m.statements:
+                    conn.execute(statement)
+                conn.execute(
+                    "INSERT INTO schema_migrations (version, name, applied_ms) VALUES (?, ?, ?)",
+                    (m.version, m.name, now_ms()),
+                )
+                done.append(m.version)
+        return done
+
+    def _check_not_newer(self, applied: set[int]) -> None:
+        if applied and max(applied) > LATEST_VERSION:
+            raise StoreError(
+                f"database {_quote(self.path)} has schema version {max(applied)}, newer than "
+                f"this tokenhub knows ({LATEST_VERSION}): upgrade tokenhub"
+            )
+
+    # -- tenants ---------------------------------------------------------------------------
+
+    def create_tenant(self, name: str) -> Tenant:
+        check_tenant_name(name)
+        with self._tx() as conn:
+            if conn.execute("SELECT 1 FROM tenants WHERE name = ?", (name,)).fetchone():
+                raise AlreadyExists(f"tenant {_quote(name)} already exists")
+            tenant = Tenant(
+                id=self._new_id(conn, "tenants", "ten_"), name=name, created_ms=now_ms()
+            )
+            conn.execute(
+                "INSERT INTO tenants (id, name, created_ms) VALUES (?, ?, ?)",
+                (tenant.id, tenant.name, tenant.created_ms),
+            )
+            self._bump_marker(conn)
+        return tenant
+
+    def _tenant(self, conn: sqlite3.Connection, name: str) -> Tenant:
+        row = conn.execute(
+            "SELECT id, name, created_ms FROM tenants WHERE name = ?", (name,)
+        ).fetchone()
+        if row is None:
+            raise NotFound(f"no tenant {_quote(name)}")
+        return Tenant(id=row[0], name=row[1], created_ms=row[2])
+
+    def get_tenant(self, name: str) -> Tenant:
+        with self._errors():
+            return self._tenant(self._conn(), name)
+
+    def list_tenants(self) -> list[Tenant]:
+        with self._errors():
+            rows = self._conn().execute("SELECT id, name, created_ms FROM tenants ORDER BY name")
+            return [Tenant(id=r[0], name=r[1], created_ms=r[2]) for r in rows]
+
+    # -- API keys --------------------------------------------------------------------------
+
+    def create_key(self, tenant_name: str, *, secret: str | None = None) -> tuple[ApiKey, str]:
+        if secret is None:
+            secret = SECRET_PREFIX + secrets.token_urlsafe(32)
+        else:
+            check_secret(secret)
+        digest = _digest(secret)
+        with self._tx() as conn:
+            tenant = self._tenant(conn, tenant_name)
+            if conn.execute("SELECT 1 FROM api_keys WHERE sha256 = ?", (digest,)).fetchone():
+                raise AlreadyExists("this API key already exists")
+            now = now_ms()
+            key = ApiKey(
+                id=self._new_id(conn, "api_keys", "key_"),
+                tenant_id=tenant.id,
+                tenant=tenant.name,
+                prefix=secret[:DISPLAY_PREFIX_LEN],
+                created_ms=now,
+                updated_ms=now,
+            )
+            conn.execute(
+                "INSERT INTO api_keys (id, tenant_id, prefix, sha256, created_ms, updated_ms) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (key.id, key.tenant_id, key.prefix, digest, now, now),
+            )
+            self._bump_marker(conn)
+        return key, secret
+
+    @staticmethod
+    def _key(row: Sequence[Any]) -> ApiKey:
+        return ApiKey(
+            id=row[0],
+            tenant_id=row[1],
+            tenant=row[2],
+            prefix=row[3],
+            created_ms=row[4],
+            revoked_ms=row[5],
+            updated_ms=row[6],
+        )
+
+    def list_keys(self, tenant: str | None = None) -> list[ApiKey]:
+        with self._errors():
+            conn = self._conn()
+            if tenant is None:
+                rows = conn.execute(f"{_KEY_SELECT} ORDER BY t.name, k.created_ms, k.id")
+            else:
+                t = self._tenant(conn, tenant)
+                rows = conn.execute(
+                    f"{_KEY_SELECT} WHERE k.tenant_id = ? ORDER BY k.created_ms, k.id", (t.id,)
+                )
+            return [self._key(r) for r in rows]
+
+    def revoke_key(self, key_id: str) -> ApiKey:
+        with self._tx() as conn:
+            row = conn.execute(f"{_KEY_SELECT} WHERE k.id = ?", (key_id,)).fetchone()
+            if row is None:
+                raise NotFound(f"no API key {_quote(key_id)}")
+            if row[5] is not None:
+                raise StoreError(f"API key {_quote(key_id)} is already revoked")
+            now = now_ms()
+            conn.execute(
+                "UPDATE api_keys SET revoked_ms = ?, updated_ms = ? WHERE id = ?",
+                (now, now, key_id),
+            )
+            self._bump_marker(conn)
+        return msgspec.structs.replace(self._key(row), revoked_ms=now, updated_ms=now)
+
+    def active_keys(self) -> list[ActiveKey]:
+        with self._errors():
+            rows = self._conn().execute(
+                "SELECT k.sha256, k.id, t.name FROM api_keys k "
+                "JOIN tenants t ON t.id = k.tenant_id WHERE k.revoked_ms IS NULL"
+            )
+            return [ActiveKey(*r) for r in rows]
+
+    key_digests = active_keys
+
+    def change_marker(self) -> int:
+        with self._errors():
+            row = self._conn().execute("SELECT value FROM change_marker WHERE id = 1").fetchone()
+            return int(row[0]) if row else 0
+
+    # -- usage events ----------------------------------------------------------------------
+
+    def insert_events(self, events: Sequence[UsageEvent]) -> InsertResult:
+        if not events:
+            return InsertResult(0, 0, 0)
+        try:
+            rows = [msgspec.structs.astuple(e) for e in events]
+        except TypeError:
+            rows = []  # not all Structs: event_problem() names them below
+        try:
+            with self._tx() as conn:
+                if len(rows) != len(events):
+                    raise TypeError("not a UsageEvent")
+                inserted = conn.executemany(_INSERT_EVENT, rows).rowcount
+                conflict_ids: list[str] = []
+                if inserted < len(events):
+                    conflict_ids = self._conflicts(conn, events, rows)
+        except (StoreError, TypeError, OverflowError, ValueError) as e:
+            # Data that SQLite refuses (a NOT NULL column given None, an int beyond 64 bits)
+            # would fail every retry: name the offenders so the caller can set them aside.
+            # Anything else (locked, disk full) is transient and propagates as it is.
+            bad = [(ev, why) for ev in events if (why := event_problem(ev)) is not None]
+            if bad:
+                raise InvalidEvents(bad) from e
+            if isinstance(e, StoreError):
+                raise
+            raise StoreError(f"cannot insert usage events: {_one_line(e)}") from e
+        return InsertResult(
+            inserted=inserted,
+            duplicates=len(events) - inserted - len(conflict_ids),
+            conflicts=len(conflict_ids),
+            conflict_ids=tuple(conflict_ids),
+        )
+
+    @staticmethod
+    def _conflicts(
+        conn: sqlite3.Connection, events: Sequence[UsageEvent], rows: list[tuple[Any, ...]]
+    ) -> list[str]:
+        """Request ids whose stored row differs from the event (after the insert, every id
+        exists: an equal row was either just inserted or already there)."""
+        stored: dict[str, tuple[Any, ...]] = {}
+        for chunk in iter_chunks(dict.fromkeys(e.request_id for e in events), _IN_CHUNK):
+            marks = ", ".join("?" * len(chunk))
+            for r in conn.execute(
+                f"SELECT {_COLS} FROM usage_events WHERE request_id IN ({marks})", chunk
+            ):
+                stored[r[0]] = r
+        # Tuple equality treats the stored 0/1 as False/True and NULL as None.
+        return [
+            e.request_id for e, row in zip(events, rows, strict=True) if stored[e.request_id] != row
+        ]
+
+    def iter_events(
+        self, since_ms: int | None = None, until_ms: int | None = None
+    ) -> Iterator[UsageEvent]:
+        where, params = [], []
+        if since_ms is not None:
+            where.append("ts_ms >= ?")
+            params.append(since_ms)
+        if until_ms is not None:
+            where.append("ts_ms < ?")
+            params.append(until_ms)
+        sql = f"SELECT {_COLS} FROM usage_events"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY ts_ms, request_id"
+        with self._errors():
+            cur = self._conn().execute(sql, params)
+            try:
+                while rows := cur.fetchmany(1000):
+                    for row in rows:
+                        yield _row_event(row)
+            finally:
+                cur.close()
+
+    def count_events(self) -> int:
+        with self._errors():
+            return int(self._conn().execute("SELECT count(*) FROM usage_events").fetchone()[0])
+
+    def sync(self) -> bool:
+        with self._errors():
+            busy, log, done = self._conn().execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        # (0, n, n): every WAL frame is in the database file, and the file was fsynced.
+        return bool(busy == 0 and log == done)
+
+    def close(self) -> None:
+        self._closed = True
+        with self._conns_lock:
+            conns, self._conns = self._conns, []
+        for conn in conns:
+            with contextlib.suppress(sqlite3.Error):
+                conn.close()
+        self._local = threading.local()
+
+    def __enter__(self) -> SQLiteStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
