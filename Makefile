@@ -32,12 +32,10 @@ build-dev: $(BIN)/.deps ## build the Rust extension in debug mode (faster to com
 	$(BIN)/maturin develop --quiet
 
 .PHONY: demo
-demo: build ## build, then count the sample texts with every installed vocabulary
-	$(BIN)/tokenhub vocabs
+demo: build ## build, then run the gateway demo (SQLite, built-in mock upstream, demo key)
+	@$(BIN)/tokenhub count --vocab all examples/texts/* || true
 	@echo
-	$(BIN)/tokenhub count --vocab all examples/texts/*
-	@echo
-	@echo "Try: echo 'Hello, tokenhub!' | $(BIN)/tokenhub count --vocab cl100k_base"
+	$(BIN)/tokenhub serve --demo $(if $(PORT),--port $(PORT),)
 
 .PHONY: test
 test: build ## build, then run the Rust and Python test suites
@@ -48,6 +46,7 @@ test: build ## build, then run the Rust and Python test suites
 bench: build ## run the benchmarks (installs the optional baselines)
 	-$(BIN)/pip install --quiet --disable-pip-version-check -r requirements-bench.txt
 	$(BIN)/python benches/bench_meter.py
+	$(BIN)/python benches/bench_gateway.py
 
 .PHONY: lint
 lint: $(BIN)/.deps ## ruff, mypy + stubtest, cargo fmt --check, cargo clippy
