@@ -15,7 +15,7 @@ from tokenhub.server.errors import ApiError, from_http_exception
 from tokenhub.server.gateway import Gateway, Sink, new_request_id
 from tokenhub.server.metrics import Registry
 from tokenhub.server.routes import setup_routes
-from tokenhub.server.state import GATEWAY, METRICS
+from tokenhub.server.state import GATEWAY, METRICS, REQUEST_ID
 
 log = logging.getLogger("tokenhub.server")
 
@@ -28,7 +28,7 @@ def _error_middleware(max_body: int) -> Middleware:
         """Request ids, and every error in OpenAI's shape (the only place errors are rendered)."""
         t0 = time.perf_counter()
         rid = new_request_id()
-        request["request_id"] = rid
+        request[REQUEST_ID] = rid
         try:
             return await handler(request)
         except ApiError as e:

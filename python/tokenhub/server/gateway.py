@@ -20,6 +20,7 @@ status 499. Cancelling instead would save upstream tokens but leave the count un
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
@@ -36,6 +37,7 @@ from tokenhub.meter import Meter
 from tokenhub.server.auth import KeyCache, Principal
 from tokenhub.server.errors import ApiError
 from tokenhub.server.metrics import Registry
+from tokenhub.server.state import REQUEST_ID
 from tokenhub.usage import UsageEvent
 
 log = logging.getLogger("tokenhub.gateway")
@@ -240,7 +242,7 @@ class Gateway:
 
     async def proxy(self, request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
         t0 = time.perf_counter()
-        rid: str = request["request_id"]
+        rid = request[REQUEST_ID]
         who = self.keys.authenticate(request.headers.get("Authorization"))
         body = await request.read()
         try:
@@ -284,6 +286,7 @@ class Gateway:
         if stream:
             payload["stream_options"] = {**(options or {}), "include_usage": True}
         last: _Retry | None = None
+        finish = _Finish(self, event, t0)
         try:
             for attempt, dep in enumerate(candidates, start=1):
                 event.attempts = attempt
@@ -294,7 +297,7 @@ class Gateway:
                 payload["model"] = dep.upstream_model
                 try:
                     return await self._attempt(
-                        request, endpoint, dep, payload, event, t0, stream, client_wants_usage
+                        request, endpoint, dep, payload, event, finish, stream, client_wants_usage
                     )
                 except _Retry as r:
                     last = r
@@ -307,15 +310,7 @@ class Gateway:
             event.source = "metered"
             raise last.error
         finally:
-            elapsed = time.perf_counter() - t0
-            event.latency_ms = round(elapsed * 1000, 3)
-            self.sink.end(event)
-            self.m_requests.inc(model=model_id, status=str(event.status))
-            self.m_latency.inc(elapsed, model=model_id)
-            self.m_tokens.inc(event.input_tokens, model=model_id, kind="input", source=event.source)
-            self.m_tokens.inc(
-                event.output_tokens, model=model_id, kind="output", source=event.source
-            )
+            finish()
 
     def _meter_prompt(self, endpoint: Endpoint, payload: dict[str, Any], vocab: str) -> int:
         meter = self.meter(vocab)
@@ -335,6 +330,12 @@ class Gateway:
                 return sum(meter.count_batch(value))
             if isinstance(value, list) and value and all(isinstance(v, int) for v in value):
                 return len(value)  # already token ids
+            if (
+                isinstance(value, list)
+                and value
+                and all(isinstance(v, list) and all(isinstance(t, int) for t in v) for v in value)
+            ):
+                return sum(len(v) for v in value)  # a batch of token-id arrays
             raise ApiError.bad_request(
                 f"'{key}' must be a string or an array of strings.", param=key
             )
@@ -350,10 +351,11 @@ class Gateway:
         dep: Deployment,
         payload: dict[str, Any],
         event: UsageEvent,
-        t0: float,
+        finish: _Finish,
         stream: bool,
         client_wants_usage: bool,
     ) -> web.StreamResponse:
+        t0 = finish.t0
         upstream = self.upstreams[dep.provider]
         assert upstream.session is not None
         url = upstream.base + endpoint.path
@@ -375,7 +377,7 @@ class Gateway:
                 return await self._pass_error(resp, event, t0, t_up)
             if stream:
                 return await self._relay_stream(
-                    request, resp, dep, event, t0, t_up, client_wants_usage
+                    request, resp, dep, event, finish, t_up, client_wants_usage
                 )
             try:
                 data = await resp.read()
@@ -435,6 +437,7 @@ class Gateway:
         event.status = resp.status
         event.error = str(code)
         event.output_tokens = 0
+        event.source = "metered"  # the input count is the meter's estimate of the prompt
         headers = {"x-request-id": event.request_id}
         overhead = (time.perf_counter() - t0) - (time.perf_counter() - t_up)
         headers["x-tokenhub-overhead-ms"] = f"{overhead * 1000:.3f}"
@@ -451,10 +454,15 @@ class Gateway:
         resp: aiohttp.ClientResponse,
         dep: Deployment,
         event: UsageEvent,
-        t0: float,
+        finish: _Finish,
         t_up: float,
         client_wants_usage: bool,
     ) -> web.StreamResponse:
+        """Relays SSE events as the upstream sends them. Nothing is sent to the client before
+        the upstream's first event, so a failure until then can still go to another deployment.
+        The usage event is finished before the final `[DONE]` is written: once a client has the
+        whole stream, its usage is already in the journal."""
+        t0 = finish.t0
         out: web.StreamResponse | None = None
         client_gone = False
         texts: dict[int, list[str]] = {}
@@ -465,21 +473,48 @@ class Gateway:
         deadline: float | None = None
         loop = asyncio.get_running_loop()
 
-        async def start() -> web.StreamResponse:
-            now = time.perf_counter()
-            overhead = (now - t0) - (now - t_up)
-            self.m_overhead.inc(overhead)
-            r = web.StreamResponse(
-                status=200,
-                headers={
-                    "Content-Type": "text/event-stream; charset=utf-8",
-                    "Cache-Control": "no-cache",
-                    "x-request-id": event.request_id,
-                    "x-tokenhub-overhead-ms": f"{overhead * 1000:.3f}",
-                },
-            )
-            await r.prepare(request)
-            return r
+        def settle() -> None:
+            if usage is not None:
+                event.input_tokens = usage.prompt_tokens
+                event.cached_input_tokens = _cached(usage)
+                event.output_tokens = usage.completion_tokens
+                event.source = "upstream"
+            else:
+                meter = self.meter(dep.vocab)
+                event.output_tokens = sum(meter.count_batch(["".join(v) for v in texts.values()]))
+                event.source = "metered"
+            if client_gone:
+                event.status, event.error = 499, "client_disconnected"
+            elif not done:
+                event.status, event.error = 502, "upstream_stream_broken"
+            else:
+                event.status, event.error = 200, ""
+
+        async def send(data: bytes) -> None:
+            """Writes to the client, starting the response first; a client that went away
+            switches the relay to draining (bounded by drain_timeout_s)."""
+            nonlocal out, client_gone, deadline
+            if client_gone:
+                return
+            try:
+                if out is None:
+                    overhead = t_up - t0
+                    self.m_overhead.inc(overhead)
+                    out = web.StreamResponse(
+                        status=200,
+                        headers={
+                            "Content-Type": "text/event-stream; charset=utf-8",
+                            "Cache-Control": "no-cache",
+                            "x-request-id": event.request_id,
+                            "x-tokenhub-overhead-ms": f"{overhead * 1000:.3f}",
+                        },
+                    )
+                    await out.prepare(request)
+                if data:
+                    await out.write(data)
+            except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+                client_gone = True
+                deadline = loop.time() + self.config.server.drain_timeout_s
 
         try:
             while True:
@@ -515,14 +550,11 @@ class Gateway:
                 if stripped:
                     continue
                 # A blank line ends an SSE event: forward it whole (unless it is ours to drop).
-                if not drop_event and not client_gone:
-                    if out is None:
-                        out = await start()
-                    try:
-                        await out.write(b"".join(pending))
-                    except (ConnectionResetError, aiohttp.ClientConnectionResetError):
-                        client_gone = True
-                        deadline = loop.time() + self.config.server.drain_timeout_s
+                if done and not client_gone:
+                    settle()
+                    finish()
+                if not drop_event:
+                    await send(b"".join(pending))
                 pending.clear()
                 drop_event = False
                 if done:
@@ -536,44 +568,52 @@ class Gateway:
                 raise _Retry(ApiError.upstream_failed(type(e).__name__), "read") from None
             log.warning("request %s: upstream stream broke: %s", event.request_id, type(e).__name__)
 
-        if pending and not drop_event and not client_gone and out is not None:
+        if out is None and not client_gone and not done:
+            raise _Retry(ApiError.upstream_failed("the stream ended before any data"), "empty")
+        if pending and not drop_event:
             # The upstream closed without the blank line that ends its last event.
-            try:
-                await out.write(b"".join(pending) + b"\n")
-            except (ConnectionResetError, aiohttp.ClientConnectionResetError):
-                client_gone = True
-        if out is None and not client_gone:
-            if not done:
-                raise _Retry(ApiError.upstream_failed("the stream ended before any data"), "empty")
-            out = await start()
-
-        if usage is not None:
-            event.input_tokens = usage.prompt_tokens
-            event.cached_input_tokens = _cached(usage)
-            event.output_tokens = usage.completion_tokens
-            event.source = "upstream"
-        else:
-            meter = self.meter(dep.vocab)
-            event.output_tokens = sum(meter.count_batch(["".join(v) for v in texts.values()]))
-            event.source = "metered"
-        if client_gone:
-            event.status = 499
-            event.error = "client_disconnected"
-        elif not done:
-            event.status = 502
-            event.error = "upstream_stream_broken"
-        else:
-            event.status = 200
+            if done and not client_gone:
+                settle()
+                finish()
+            await send(b"".join(pending) + b"\n")
+        if not finish.done:
+            settle()
+            if not done and not client_gone:
+                await send(
+                    b"data: " + ApiError.upstream_failed("the stream broke off").body() + b"\n\n"
+                )
+            finish()
         if out is not None and not client_gone:
-            try:
-                if not done:
-                    err = ApiError.upstream_failed("the stream broke off")
-                    await out.write(b"data: " + err.body() + b"\n\n")
+            with contextlib.suppress(ConnectionResetError, aiohttp.ClientConnectionResetError):
                 await out.write_eof()
-            except (ConnectionResetError, aiohttp.ClientConnectionResetError):
-                pass
-        assert out is not None or client_gone
         return out if out is not None else web.Response(status=499)
+
+
+class _Finish:
+    """Records a request's usage event exactly once: at the end of the request, or earlier for
+    a stream (just before its last event is written)."""
+
+    __slots__ = ("done", "event", "gw", "t0")
+
+    def __init__(self, gw: Gateway, event: UsageEvent, t0: float) -> None:
+        self.gw = gw
+        self.event = event
+        self.t0 = t0
+        self.done = False
+
+    def __call__(self) -> None:
+        if self.done:
+            return
+        self.done = True
+        gw, event = self.gw, self.event
+        elapsed = time.perf_counter() - self.t0
+        event.latency_ms = round(elapsed * 1000, 3)
+        gw.sink.end(event)
+        model = event.model
+        gw.m_requests.inc(model=model, status=str(event.status))
+        gw.m_latency.inc(elapsed, model=model)
+        gw.m_tokens.inc(event.input_tokens, model=model, kind="input", source=event.source)
+        gw.m_tokens.inc(event.output_tokens, model=model, kind="output", source=event.source)
 
 
 async def _read_quietly(resp: aiohttp.ClientResponse) -> bytes:

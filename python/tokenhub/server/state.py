@@ -12,3 +12,4 @@ if TYPE_CHECKING:
 
 GATEWAY: web.AppKey[Gateway] = web.AppKey("gateway")
 METRICS: web.AppKey[Registry] = web.AppKey("metrics")
+REQUEST_ID: web.RequestKey[str] = web.RequestKey("request_id", str)

@@ -1,0 +1,41 @@
+"""Fixtures for the gateway's end-to-end tests: one hub of real servers for the session."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import openai
+import pytest
+from harness import Hub
+
+
+@pytest.fixture(scope="session")
+def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hub]:
+    h = Hub(tmp_path_factory.mktemp("hub"))
+    try:
+        yield h
+    finally:
+        h.close()
+
+
+@pytest.fixture
+def fresh_hub(tmp_path: Path) -> Iterator[Hub]:
+    """A hub of its own: empty database and ledgers, for tests that reconcile totals."""
+    h = Hub(tmp_path)
+    try:
+        yield h
+    finally:
+        h.close()
+
+
+@pytest.fixture
+def client(hub: Hub) -> Iterator[openai.OpenAI]:
+    with hub.client() as c:
+        yield c
+
+
+@pytest.fixture
+async def aclient(hub: Hub) -> AsyncIterator[openai.AsyncOpenAI]:
+    async with hub.aclient() as c:
+        yield c
