@@ -21,6 +21,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 from openai.types.chat import ChatCompletionMessageParam
+
 from tokenhub import Meter
 from tokenhub.mock_upstream import (
     DEFAULT_MODELS,

@@ -1537,7 +1537,7 @@ async def _serve(app: web.Application, host: str, port: int) -> None:
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
     await runner.setup()
     try:
-        site = web.TCPSite(runner, host, port, reuse_address=True)
+        site = web.TCPSite(runner, host, port, reuse_address=True, backlog=4096)
         await site.start()
         addrs = runner.addresses
         bound = addrs[0][1] if addrs else port

@@ -23,7 +23,8 @@ Content may be a string or a list of content parts; text parts are joined with n
 other parts (images, audio) count nothing here, since their cost is set by the provider. Tool
 calls on assistant messages are rendered as the family renders them: ``openai`` counts each
 call's name and arguments plus 3 framing tokens; ``chatml`` appends
-``<tool_call>\\n{"name": ..., "arguments": ...}\\n</tool_call>``; ``deepseek`` uses its
+``<tool_call>\\n{"name": ..., "arguments": ...}\\n</tool_call>`` (the tags are special tokens in
+Qwen3.5+ vocabularies and count one each there); ``deepseek`` uses its
 ``<｜tool▁call▁begin｜>`` markers.
 """
 
@@ -120,25 +121,31 @@ def render_openai(messages: Iterable[Message]) -> tuple[list[str], int]:
     return runs, overhead + 3
 
 
-def _chatml_call(name: str, args: str) -> str:
+def _chatml_call(name: str, args: str, specials: frozenset[str]) -> list[Part]:
     try:
         parsed: Any = json.loads(args) if args else {}
     except ValueError:
         parsed = args
-    return (
-        "<tool_call>\n"
-        + json.dumps({"name": name, "arguments": parsed}, ensure_ascii=False)
-        + "\n</tool_call>"
-    )
+    call = json.dumps({"name": name, "arguments": parsed}, ensure_ascii=False)
+    # Qwen3.5+ vocabularies have <tool_call> as a special token; older ones spell it as text.
+    open_tag: Part = Special("<tool_call>") if "<tool_call>" in specials else "<tool_call>"
+    close_tag: Part = Special("</tool_call>") if "</tool_call>" in specials else "</tool_call>"
+    return [open_tag, f"\n{call}\n", close_tag]
 
 
-def render_chatml(messages: Iterable[Message]) -> list[Part]:
+def render_chatml(
+    messages: Iterable[Message], specials: frozenset[str] = frozenset()
+) -> list[Part]:
+    """ChatML; `specials` are the vocabulary's special-token texts (they count one each)."""
     parts: list[Part] = []
     for m in _check(messages):
         body = content_text(m.get("content"))
+        parts += [Special("<|im_start|>"), f"{m['role']}\n{body}"]
         for i, (name, args) in enumerate(_tool_calls(m)):
-            body += ("\n" if body or i else "") + _chatml_call(name, args)
-        parts += [Special("<|im_start|>"), f"{m['role']}\n{body}", Special("<|im_end|>"), "\n"]
+            if body or i:
+                parts.append("\n")
+            parts += _chatml_call(name, args, specials)
+        parts += [Special("<|im_end|>"), "\n"]
     parts += [Special("<|im_start|>"), "assistant\n"]
     return parts
 
@@ -204,13 +211,16 @@ def runs_and_specials(parts: Sequence[Part]) -> tuple[list[str], int]:
     return [r for r in runs if r], specials
 
 
-def plan(family: str, messages: Iterable[Message]) -> tuple[list[str], int]:
-    """(text runs to count, tokens of fixed overhead) for a messages list."""
+def plan(
+    family: str, messages: Iterable[Message], specials: frozenset[str] = frozenset()
+) -> tuple[list[str], int]:
+    """(text runs to count, tokens of fixed overhead) for a messages list. `specials` are the
+    vocabulary's special-token texts, for templates that use some of them when present."""
     if family == "openai":
         runs, overhead = render_openai(messages)
         return [r for r in runs if r], overhead
     if family == "chatml":
-        return runs_and_specials(render_chatml(messages))
+        return runs_and_specials(render_chatml(messages, specials))
     if family == "deepseek":
         return runs_and_specials(render_deepseek(messages))
     raise ValueError(f"unknown chat template family {family!r}; known: {', '.join(FAMILIES)}")

@@ -55,6 +55,8 @@ struct Fast {
     bpe: Bpe,
     nfc: bool,
     added: Option<(AhoCorasick, Vec<u32>)>,
+    /// Longest added token in bytes (0 without added tokens).
+    added_max_len: usize,
     /// ids of added and special tokens -> their text, for decoding.
     extra: FxHashMap<u32, String>,
 }
@@ -69,6 +71,10 @@ pub struct Meter {
     cache: TextCache,
     /// Why the `tokenizers` fallback serves this vocabulary, when it does.
     fallback_reason: Option<String>,
+    /// `get_vocab_size` builds a map on every call: computed once.
+    fallback_vocab_size: usize,
+    /// Longest non-special added token of a fallback vocabulary, in bytes.
+    fallback_added_max_len: usize,
 }
 
 impl Meter {
@@ -97,6 +103,7 @@ impl Meter {
             bpe,
             nfc,
             added: None,
+            added_max_len: 0,
             extra,
         }))
     }
@@ -124,11 +131,13 @@ impl Meter {
                     .chain(v.special.iter())
                     .map(|(s, id)| (*id, s.clone()))
                     .collect();
+                let added_max_len = v.added.iter().map(|(t, _)| t.len()).max().unwrap_or(0);
                 Ok(Self::fast(Fast {
                     pretok: v.pretokenizer,
                     bpe: v.bpe,
                     nfc: v.nfc,
                     added,
+                    added_max_len,
                     extra,
                 }))
             }
@@ -145,10 +154,20 @@ impl Meter {
                     })?;
                 // Special tokens in user text are plain text, as on the fast path.
                 tok.set_encode_special_tokens(true);
+                let fallback_vocab_size = tok.get_vocab_size(true);
+                let fallback_added_max_len = tok
+                    .get_added_tokens_decoder()
+                    .values()
+                    .filter(|t| !t.special)
+                    .map(|t| t.content.len())
+                    .max()
+                    .unwrap_or(0);
                 Ok(Meter {
                     engine: Engine::Fallback(Box::new(tok)),
                     cache: TextCache::new(),
                     fallback_reason: Some(reason),
+                    fallback_vocab_size,
+                    fallback_added_max_len,
                 })
             }
         }
@@ -159,6 +178,8 @@ impl Meter {
             engine: Engine::Fast(Box::new(f)),
             cache: TextCache::new(),
             fallback_reason: None,
+            fallback_vocab_size: 0,
+            fallback_added_max_len: 0,
         }
     }
 
@@ -170,7 +191,7 @@ impl Meter {
     pub fn vocab_size(&self) -> usize {
         match &self.engine {
             Engine::Fast(f) => f.bpe.vocab_size() + f.extra.len(),
-            Engine::Fallback(t) => t.get_vocab_size(true),
+            Engine::Fallback(_) => self.fallback_vocab_size,
         }
     }
 
@@ -285,7 +306,7 @@ impl Meter {
                 Ok(out)
             }
             Engine::Fallback(tok) => {
-                let size = tok.get_vocab_size(true) as u32;
+                let size = self.fallback_vocab_size as u32;
                 if let Some(&bad) = ids
                     .iter()
                     .find(|&&id| tok.id_to_token(id).is_none() || id >= size)
@@ -374,7 +395,16 @@ impl StreamState {
                     };
                 });
                 if starts.len() > STREAM_KEEP {
-                    let k = starts.len() - STREAM_KEEP;
+                    let mut k = starts.len() - STREAM_KEEP;
+                    // The end of the tail may be the start of an added token still arriving
+                    // ("<｜Us" before "er｜>"): keep its bytes uncommitted until it is whole.
+                    let limit = self
+                        .tail
+                        .len()
+                        .saturating_sub(fast.added_max_len.saturating_sub(1));
+                    while k > 0 && starts[k] > limit {
+                        k -= 1;
+                    }
                     self.committed += cut_counts[k];
                     self.tail.drain(..starts[k]);
                     running -= cut_counts[k];
@@ -382,29 +412,35 @@ impl StreamState {
                 self.committed + running
             }
             Engine::Fallback(tok) => {
-                let Ok(enc) = tok.encode_fast(self.tail.as_str(), false) else {
+                // `encode` (not `encode_fast`): the commit point needs the tokens' offsets.
+                let Ok(enc) = tok.encode(self.tail.as_str(), false) else {
                     return self.committed;
                 };
                 let words = enc.get_word_ids();
                 let offsets = enc.get_offsets();
                 let n = enc.len();
-                // Distinct words from the end; commit tokens before the STREAM_KEEP-th last.
+                // Commit the tokens before a word start that has at least STREAM_KEEP words
+                // after it and lies before anything that may begin an added token (as on the
+                // fast path); the latest such start.
+                let limit = self
+                    .tail
+                    .len()
+                    .saturating_sub(meter.fallback_added_max_len.saturating_sub(1));
                 let mut seen = 0;
                 let mut last: Option<Option<u32>> = None;
-                let mut cut_token = None;
                 for i in (0..n).rev() {
-                    if last != Some(words[i]) {
-                        seen += 1;
-                        last = Some(words[i]);
-                        if seen > STREAM_KEEP {
-                            cut_token = Some(i + 1);
-                            break;
-                        }
+                    if last == Some(words[i]) {
+                        continue;
                     }
-                }
-                if let Some(t) = cut_token {
+                    seen += 1;
+                    last = Some(words[i]);
+                    // Token i + 1 starts the word after this one.
+                    if seen <= STREAM_KEEP || i + 1 >= n {
+                        continue;
+                    }
+                    let t = i + 1;
                     let byte = offsets[t].0;
-                    if self.tail.is_char_boundary(byte) && byte > 0 {
+                    if byte > 0 && byte <= limit && self.tail.is_char_boundary(byte) {
                         self.committed += t;
                         self.tail.drain(..byte);
                         return self.committed + (n - t);

@@ -1,4 +1,4 @@
-"""Config loading: good files load exactly; every broken file names its field and changes nothing."""
+"""Config loading: good files load exactly; a broken file names its field and changes nothing."""
 
 from __future__ import annotations
 

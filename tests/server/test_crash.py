@@ -249,7 +249,11 @@ id = "gpt-4o-mini"
                 ), e
                 assert e.input_tokens == entry["prompt_tokens"]
                 interrupted += 1
-        assert interrupted >= 1, "no request was in flight at the kill"
+        # Whether the upstream had finished any of the requests in flight at the kill is down
+        # to timing; that some were in flight (begun, never ended) is not.
+        in_flight = sum(1 for e in events if (e.status, e.error) == (0, "interrupted"))
+        assert in_flight >= interrupted
+        assert in_flight >= 1, "no request was in flight at the kill"
         # Events the upstream never saw can only be requests that began just before the kill.
         for e in events:
             if e.request_id not in served:

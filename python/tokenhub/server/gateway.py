@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -465,13 +466,43 @@ class Gateway:
         t0 = finish.t0
         out: web.StreamResponse | None = None
         client_gone = False
-        texts: dict[int, list[str]] = {}
         usage: Usage | None = None
         done = False
-        pending: list[bytes] = []  # lines of the SSE event being assembled
-        drop_event = False
+        payloads: list[bytes] = []  # every chunk's JSON, for the meter if usage never comes
+        buf = b""  # upstream bytes not yet forming a whole SSE event
         deadline: float | None = None
         loop = asyncio.get_running_loop()
+
+        def inspect(ev: bytes) -> bool:
+            """Notes what one SSE event says; False when it is ours to drop (the usage chunk
+            the client did not ask for). Chunks are decoded only until the first token and
+            when they carry usage; the rest are kept raw for the meter in case usage never
+            comes."""
+            nonlocal usage, done
+            keep = True
+            for line in ev.splitlines():
+                if not line.startswith(b"data:"):
+                    continue
+                data = line[5:].strip()
+                if data == b"[DONE]":
+                    done = True
+                    continue
+                has_usage = _USAGE.search(data) is not None
+                if event.ttft_ms is None or has_usage:
+                    try:
+                        chunk = _decode_reply(data)
+                    except (msgspec.DecodeError, msgspec.ValidationError):
+                        chunk = Reply()
+                    if event.ttft_ms is None and any(
+                        True for c in chunk.choices for _ in _choice_texts(c, c.delta)
+                    ):
+                        event.ttft_ms = round((time.perf_counter() - t0) * 1000, 3)
+                    if chunk.usage is not None:
+                        usage = chunk.usage
+                        if not chunk.choices and not client_wants_usage:
+                            keep = False
+                payloads.append(data)
+            return keep
 
         def settle() -> None:
             if usage is not None:
@@ -480,6 +511,14 @@ class Gateway:
                 event.output_tokens = usage.completion_tokens
                 event.source = "upstream"
             else:
+                texts: dict[int, list[str]] = {}
+                for data in payloads:
+                    try:
+                        chunk = _decode_reply(data)
+                    except (msgspec.DecodeError, msgspec.ValidationError):
+                        continue
+                    for c in chunk.choices:
+                        texts.setdefault(c.index, []).extend(_choice_texts(c, c.delta))
                 meter = self.meter(dep.vocab)
                 event.output_tokens = sum(meter.count_batch(["".join(v) for v in texts.values()]))
                 event.source = "metered"
@@ -517,48 +556,32 @@ class Gateway:
                 deadline = loop.time() + self.config.server.drain_timeout_s
 
         try:
-            while True:
+            while not done:
                 if deadline is not None:
                     remaining = deadline - loop.time()
                     if remaining <= 0:
                         break
-                    line = await asyncio.wait_for(resp.content.readline(), remaining)
+                    data = await asyncio.wait_for(resp.content.readany(), remaining)
                 else:
-                    line = await resp.content.readline()
-                if not line:
+                    data = await resp.content.readany()
+                if not data:
                     break  # upstream closed
-                stripped = line.rstrip(b"\r\n")
-                if stripped.startswith(b"data:"):
-                    data = stripped[5:].strip()
-                    if data == b"[DONE]":
-                        done = True
-                    else:
-                        try:
-                            chunk = _decode_reply(data)
-                        except (msgspec.DecodeError, msgspec.ValidationError):
-                            chunk = Reply()
-                        if chunk.usage is not None:
-                            usage = chunk.usage
-                            if not chunk.choices and not client_wants_usage:
-                                drop_event = True
-                        for c in chunk.choices:
-                            for t in _choice_texts(c, c.delta):
-                                if event.ttft_ms is None:
-                                    event.ttft_ms = round((time.perf_counter() - t0) * 1000, 3)
-                                texts.setdefault(c.index, []).append(t)
-                pending.append(line)
-                if stripped:
+                buf += data
+                events, buf = _split_events(buf)
+                if not events:
                     continue
-                # A blank line ends an SSE event: forward it whole (unless it is ours to drop).
+                # Everything one upstream read completed goes out in one write.
+                batch = [ev for ev in events if inspect(ev)]
+                if done and not client_gone:
+                    # Write all but the last event first, so a client that has gone away is
+                    # noticed before the usage event is finished as delivered.
+                    await send(b"".join(batch[:-1]))
+                    batch = batch[-1:]
                 if done and not client_gone:
                     settle()
                     finish()
-                if not drop_event:
-                    await send(b"".join(pending))
-                pending.clear()
-                drop_event = False
-                if done:
-                    break
+                if batch:
+                    await send(b"".join(batch))
         except TimeoutError:
             if out is None and not client_gone:
                 raise _Retry(ApiError.upstream_timeout(), "timeout") from None
@@ -570,12 +593,14 @@ class Gateway:
 
         if out is None and not client_gone and not done:
             raise _Retry(ApiError.upstream_failed("the stream ended before any data"), "empty")
-        if pending and not drop_event:
+        if buf.strip():
             # The upstream closed without the blank line that ends its last event.
+            keep = inspect(buf)
             if done and not client_gone:
                 settle()
                 finish()
-            await send(b"".join(pending) + b"\n")
+            if keep:
+                await send(buf + (b"\n" if buf.endswith(b"\n") else b"\n\n"))
         if not finish.done:
             settle()
             if not done and not client_gone:
@@ -614,6 +639,23 @@ class _Finish:
         gw.m_latency.inc(elapsed, model=model)
         gw.m_tokens.inc(event.input_tokens, model=model, kind="input", source=event.source)
         gw.m_tokens.inc(event.output_tokens, model=model, kind="output", source=event.source)
+
+
+_USAGE = re.compile(rb'"usage"\s*:\s*\{')
+
+
+def _split_events(buf: bytes) -> tuple[list[bytes], bytes]:
+    """Whole SSE events (each with its blank-line terminator) and the incomplete rest."""
+    events: list[bytes] = []
+    start = 0
+    while True:
+        lf = buf.find(b"\n\n", start)
+        crlf = buf.find(b"\r\n\r\n", start)
+        if lf < 0 and crlf < 0:
+            return events, buf[start:]
+        end = crlf + 4 if crlf >= 0 and (lf < 0 or crlf < lf) else lf + 2
+        events.append(buf[start:end])
+        start = end
 
 
 async def _read_quietly(resp: aiohttp.ClientResponse) -> bytes:

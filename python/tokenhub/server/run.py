@@ -141,7 +141,7 @@ async def serve(cfg: Config, *, demo: bool = False, demo_key: str | None = None)
     runner = web.AppRunner(app, access_log=None, handler_cancellation=False)
     await runner.setup()
     sock = _reuse_port_socket(cfg.server.host, cfg.server.port)
-    site = web.SockSite(runner, sock)
+    site = web.SockSite(runner, sock, backlog=4096)  # aiohttp's default 128 drops bursts
     await site.start()
     host, port = sock.getsockname()[:2]
     print(
