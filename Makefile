@@ -45,10 +45,12 @@ test: build ## build, then run the Rust and Python test suites
 .PHONY: bench
 bench: build ## run the benchmarks (installs the optional baselines)
 	-$(BIN)/pip install --quiet --disable-pip-version-check -r requirements-bench.txt
-	@# Chinese prose for the meter bench (GPL data, read in place, never copied into the repo).
-	@test -f /usr/share/games/fortunes/chinese || { [ "$$(id -u)" = 0 ] && \
-	  (apt-get update -qq && apt-get install -y -qq fortunes-zh >/dev/null) || \
-	  echo "note: apt-get install fortunes-zh for the Chinese corpus"; }
+	@# Debian packages the benches use: Chinese prose for the meter bench (GPL data, read in
+	@# place, never copied into the repo) and wrk as the gateway bench's load generator.
+	@{ test -f /usr/share/games/fortunes/chinese && command -v wrk >/dev/null; } || \
+	  { [ "$$(id -u)" = 0 ] && apt-get update -qq && \
+	    apt-get install -y -qq fortunes-zh wrk >/dev/null; } || \
+	  echo "note: apt-get install fortunes-zh wrk (the benches skip or fall back without them)"
 	$(BIN)/python benches/bench_meter.py
 	$(BIN)/python benches/bench_gateway.py
 
