@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import random
 import re
 import time
 from collections.abc import Iterator, Mapping
@@ -37,7 +38,7 @@ from tokenhub.config import Config, Deployment, Model, Provider
 from tokenhub.meter import Meter
 from tokenhub.server.auth import KeyCache, Principal
 from tokenhub.server.errors import ApiError
-from tokenhub.server.metrics import Registry
+from tokenhub.server.metrics import Labels, Registry, labels_key
 from tokenhub.server.state import REQUEST_ID
 from tokenhub.usage import UsageEvent
 
@@ -183,6 +184,7 @@ class Gateway:
         self._meters: dict[str, Meter] = {}
         self._rr: dict[str, int] = {}
         self._swrr: dict[str, list[int]] = {}
+        self._metric_keys: dict[tuple[str, int, str], tuple[Labels, ...]] = {}
         m = metrics
         self.m_requests = m.counter("tokenhub_requests_total", "Requests by model and status.")
         self.m_tokens = m.counter("tokenhub_tokens_total", "Tokens by model, kind and source.")
@@ -195,6 +197,18 @@ class Gateway:
         self.m_overhead = m.counter(
             "tokenhub_overhead_seconds_total", "Summed time spent in the gateway itself."
         )
+
+    def metric_keys(self, model: str, status: int, source: str) -> tuple[Labels, ...]:
+        """Label keys for one finished request, made once per (model, status, source)."""
+        keys = self._metric_keys.get((model, status, source))
+        if keys is None:
+            keys = self._metric_keys[(model, status, source)] = (
+                labels_key(model=model, status=str(status)),
+                labels_key(model=model),
+                labels_key(model=model, kind="input", source=source),
+                labels_key(model=model, kind="output", source=source),
+            )
+        return keys
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -634,11 +648,11 @@ class _Finish:
         elapsed = time.perf_counter() - self.t0
         event.latency_ms = round(elapsed * 1000, 3)
         gw.sink.end(event)
-        model = event.model
-        gw.m_requests.inc(model=model, status=str(event.status))
-        gw.m_latency.inc(elapsed, model=model)
-        gw.m_tokens.inc(event.input_tokens, model=model, kind="input", source=event.source)
-        gw.m_tokens.inc(event.output_tokens, model=model, kind="output", source=event.source)
+        k_req, k_lat, k_in, k_out = gw.metric_keys(event.model, event.status, event.source)
+        gw.m_requests.add(k_req)
+        gw.m_latency.add(k_lat, elapsed)
+        gw.m_tokens.add(k_in, event.input_tokens)
+        gw.m_tokens.add(k_out, event.output_tokens)
 
 
 _USAGE = re.compile(rb'"usage"\s*:\s*\{')
@@ -665,10 +679,17 @@ async def _read_quietly(resp: aiohttp.ClientResponse) -> bytes:
         return b""
 
 
+# Request ids need uniqueness, not secrecy: a generator seeded from the OS once per process
+# costs ~0.1 µs an id where os.urandom costs a system call.
+_ids = random.Random(os.urandom(32))
+# A forked worker must not repeat its parent's sequence.
+os.register_at_fork(after_in_child=lambda: _ids.seed(os.urandom(32)))
+
+
 def new_request_id() -> str:
     """`req_` + milliseconds (hex) + 80 random bits: unique, and time-ordered so that ledger
     inserts append to the primary-key index instead of scattering across it."""
-    return f"req_{time.time_ns() // 1_000_000:012x}{os.urandom(10).hex()}"
+    return f"req_{time.time_ns() // 1_000_000:012x}{_ids.getrandbits(80):020x}"
 
 
 def headers_without_secrets(headers: Mapping[str, str]) -> dict[str, str]:

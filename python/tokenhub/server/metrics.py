@@ -12,6 +12,10 @@ from collections.abc import Callable
 Labels = tuple[tuple[str, str], ...]
 
 
+def labels_key(**labels: str) -> Labels:
+    return tuple(sorted(labels.items()))
+
+
 def _escape(v: str) -> str:
     return v.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 
@@ -30,7 +34,11 @@ class Family:
         self.values: defaultdict[Labels, float] = defaultdict(float)
 
     def inc(self, amount: float = 1.0, **labels: str) -> None:
-        self.values[tuple(sorted(labels.items()))] += amount
+        self.values[labels_key(**labels)] += amount
+
+    def add(self, key: Labels, amount: float = 1.0) -> None:
+        """`inc` with a key made once by `labels_key` (the request path's fast form)."""
+        self.values[key] += amount
 
     def set(self, value: float, **labels: str) -> None:
         self.values[tuple(sorted(labels.items()))] = value
