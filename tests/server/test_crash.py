@@ -249,11 +249,14 @@ id = "gpt-4o-mini"
                 ), e
                 assert e.input_tokens == entry["prompt_tokens"]
                 interrupted += 1
-        # Whether the upstream had finished any of the requests in flight at the kill is down
-        # to timing; that some were in flight (begun, never ended) is not.
-        in_flight = sum(1 for e in events if (e.status, e.error) == (0, "interrupted"))
-        assert in_flight >= interrupted
-        assert in_flight >= 1, "no request was in flight at the kill"
+        # How many requests had begun (reached the journal) when the kill came is down to
+        # timing: a cut request may also have been still queued in the kernel, unseen. What is
+        # not down to timing: every interrupted event is for a request the client saw cut.
+        # (A cut request has no id on the client's side: its response never came.)
+        for e in events:
+            if (e.status, e.error) == (0, "interrupted"):
+                assert e.request_id not in complete, e
+        assert interrupted <= len(cut)
         # Events the upstream never saw can only be requests that began just before the kill.
         for e in events:
             if e.request_id not in served:
