@@ -8,6 +8,7 @@ from pathlib import Path
 
 import msgspec
 import pytest
+from factories import usage_event
 
 from tokenhub import journal as journal_mod
 from tokenhub.journal import (
@@ -21,21 +22,7 @@ from tokenhub.usage import UsageEvent
 
 
 def event(i: int, **kw: object) -> UsageEvent:
-    fields: dict[str, object] = {
-        "request_id": f"req_{i:08d}",
-        "ts_ms": 1_700_000_000_000 + i,
-        "tenant": "acme",
-        "key_id": "key_0123456789ab",
-        "endpoint": "chat.completions",
-        "model": "gpt-4o-mini",
-        "deployment": "gpt-4o-mini@mock-a",
-        "provider": "mock-a",
-        "upstream_model": "gpt-4o-mini",
-        "stream": True,
-        "input_tokens": 100 + i,
-    }
-    fields.update(kw)
-    return UsageEvent(**fields)  # type: ignore[arg-type]
+    return usage_event(i, **{"stream": True, **kw})
 
 
 def finished(i: int) -> UsageEvent:

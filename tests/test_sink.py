@@ -16,6 +16,7 @@ from pathlib import Path
 
 import msgspec
 import pytest
+from factories import usage_event
 
 from tokenhub.journal import Journal
 from tokenhub.sink import UsageSink
@@ -25,22 +26,7 @@ from tokenhub.usage import UsageEvent
 
 
 def event(i: int, **kw: object) -> UsageEvent:
-    fields: dict[str, object] = {
-        "request_id": f"req_{i:08d}",
-        "ts_ms": 1_700_000_000_000 + i,
-        "tenant": "acme",
-        "key_id": "key_0123456789ab",
-        "endpoint": "chat.completions",
-        "model": "gpt-4o-mini",
-        "deployment": "gpt-4o-mini@mock-a",
-        "provider": "mock-a",
-        "upstream_model": "gpt-4o-mini",
-        "input_tokens": 100 + i,
-        "output_tokens": 7,
-        "latency_ms": 12.5,
-    }
-    fields.update(kw)
-    return UsageEvent(**fields)  # type: ignore[arg-type]
+    return usage_event(i, **{"output_tokens": 7, "latency_ms": 12.5, **kw})
 
 
 def writer_threads() -> list[str]:

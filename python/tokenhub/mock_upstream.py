@@ -59,6 +59,7 @@ from msgspec import UNSET, UnsetType
 
 from tokenhub import vocabs
 from tokenhub.meter import Meter
+from tokenhub.server.errors import ApiError
 
 __all__ = [
     "DEFAULT_MODELS",
@@ -183,48 +184,15 @@ def _validated(options: MockOptions) -> MockOptions:
 # -- errors: the one place they become OpenAI's error body -------------------------------------
 
 
-class _ErrorBody(msgspec.Struct, kw_only=True):
-    message: str
-    type: str
-    param: str | None = None
-    code: str | None = None
-
-
-class _ErrorEnvelope(msgspec.Struct, kw_only=True):
-    error: _ErrorBody
-
-
-class MockError(Exception):
-    """An error answered in OpenAI's shape: ``{"error": {message, type, param, code}}``."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        *,
-        type: str = "invalid_request_error",
-        code: str | None = None,
-        param: str | None = None,
-        headers: Mapping[str, str] | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.type = type
-        self.code = code
-        self.param = param
-        self.headers = dict(headers or {})
+class MockError(ApiError):
+    """An error answered in OpenAI's shape: ``{"error": {message, type, param, code}}`` (the
+    gateway's own error type, so both sides of a test speak the identical shape)."""
 
     def response(self, request_id: str | None = None) -> web.Response:
-        body = _ErrorEnvelope(
-            error=_ErrorBody(message=self.message, type=self.type, param=self.param, code=self.code)
-        )
-        headers = self.headers
+        resp = super().response()
         if request_id:
-            headers = {**headers, "x-request-id": request_id}
-        return web.Response(
-            status=self.status, body=_encode(body), content_type="application/json", headers=headers
-        )
+            resp.headers["x-request-id"] = request_id
+        return resp
 
     @classmethod
     def forced(cls, status: int, model: str, retry_after_s: int) -> MockError:
