@@ -101,8 +101,9 @@ def cmd_vocabs(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
-        description="tokenhub: an open-source token hub for LLM APIs. "
-        "Counts tokens exactly with the vocabularies of OpenAI, Qwen and DeepSeek models.",
+        description="tokenhub: an open-source token hub for LLM APIs. An OpenAI-compatible "
+        "gateway that meters every call into a durable usage ledger, and an exact token "
+        "counter for the vocabularies of OpenAI, Qwen and DeepSeek models.",
         epilog="Run 'tokenhub COMMAND --help' for a command's options.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
