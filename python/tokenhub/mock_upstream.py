@@ -923,41 +923,52 @@ async def _chat(mock: Mock, request: web.Request, entry: LedgerEntry) -> web.Str
             request, entry, knobs, _encode(body), usage_sent=not knobs.omit_usage
         )
 
-    send_usage = include_usage and not knobs.omit_usage
-    chunk_usage: UnsetType | None = None if send_usage else UNSET
-
-    template = _ChatChunk(
-        id=entry.id,
-        created=created,
-        model=req.model,
-        system_fingerprint=SYSTEM_FINGERPRINT,
-        choices=[],
-        usage=chunk_usage,
-    )
-    pre, post = _framing(_encode(template))
-
-    def chunk(choice: _ChunkChoice) -> bytes:
-        return pre + _encode(choice) + post
-
-    events: list[_Event] = [
-        (chunk(_ChunkChoice(index=i, delta=_Delta(role="assistant", content=""))), -1, 0)
-        for i in range(n)
-    ]
-    _add_deltas(events, [r.chat_deltas() for r in replies], pre, post)
-    events.extend(
-        (chunk(_ChunkChoice(index=i, delta=_EMPTY_DELTA, finish_reason=finish)), -1, -1)
-        for i in range(n)
-    )
-    if send_usage:
-        final = _ChatChunk(
+    def chat_envelope(u: ChatUsage | UnsetType | None) -> _ChatChunk:
+        return _ChatChunk(
             id=entry.id,
             created=created,
             model=req.model,
             system_fingerprint=SYSTEM_FINGERPRINT,
             choices=[],
-            usage=usage,
+            usage=u,
         )
-        events.append((b"data: " + _encode(final) + b"\n\n", _USAGE, -1))
+
+    return await _stream_reply(
+        request,
+        entry,
+        knobs,
+        replies,
+        usage if include_usage else None,
+        chat_envelope,
+        first=[_ChunkChoice(index=i, delta=_Delta(role="assistant", content="")) for i in range(n)],
+        deltas=[r.chat_deltas() for r in replies],
+        last=[_ChunkChoice(index=i, delta=_EMPTY_DELTA, finish_reason=finish) for i in range(n)],
+    )
+
+
+async def _stream_reply(
+    request: web.Request,
+    entry: LedgerEntry,
+    knobs: MockOptions,
+    replies: list[Any],
+    usage: Any,
+    envelope: Callable[[Any], msgspec.Struct],
+    *,
+    first: list[Any],
+    deltas: list[Any],
+    last: list[Any],
+) -> web.StreamResponse:
+    """The SSE reply shared by chat and legacy completions: `first` choices (the role chunk),
+    the text deltas, `last` choices (finish reasons), then the usage chunk when `usage` is
+    given (the client asked for it) and the mock does not omit it, then [DONE]. `envelope(u)`
+    is the chunk object with no choices and `usage=u`."""
+    send_usage = usage is not None and not knobs.omit_usage
+    pre, post = _framing(_encode(envelope(None if send_usage else UNSET)))
+    events: list[_Event] = [(pre + _encode(c) + post, -1, 0) for c in first]
+    _add_deltas(events, deltas, pre, post)
+    events.extend((pre + _encode(c) + post, -1, -1) for c in last)
+    if send_usage:
+        events.append((b"data: " + _encode(envelope(usage)) + b"\n\n", _USAGE, -1))
     events.append((_SSE_DONE, -1, -1))
     return await _stream(request, entry, knobs, events, replies)
 
@@ -1025,40 +1036,27 @@ async def _text(mock: Mock, request: web.Request, entry: LedgerEntry) -> web.Str
             request, entry, knobs, _encode(body), usage_sent=not knobs.omit_usage
         )
 
-    send_usage = include_usage and not knobs.omit_usage
-    chunk_usage: UnsetType | None = None if send_usage else UNSET
-
-    template = _TextCompletion(
-        id=entry.id,
-        created=created,
-        model=req.model,
-        choices=[],
-        usage=chunk_usage,
-        system_fingerprint=SYSTEM_FINGERPRINT,
-    )
-    pre, post = _framing(_encode(template))
-
-    def chunk(choice: _TextChoice) -> bytes:
-        return pre + _encode(choice) + post
-
-    events: list[_Event] = []
-    _add_deltas(events, [r.text_deltas() for r in replies], pre, post)
-    events.extend(
-        (chunk(_TextChoice(text="", index=i, finish_reason=finish)), -1, -1)
-        for i in range(len(replies))
-    )
-    if send_usage:
-        final = _TextCompletion(
+    def text_envelope(u: TextUsage | UnsetType | None) -> _TextCompletion:
+        return _TextCompletion(
             id=entry.id,
             created=created,
             model=req.model,
             choices=[],
-            usage=usage,
+            usage=u,
             system_fingerprint=SYSTEM_FINGERPRINT,
         )
-        events.append((b"data: " + _encode(final) + b"\n\n", _USAGE, -1))
-    events.append((_SSE_DONE, -1, -1))
-    return await _stream(request, entry, knobs, events, replies)
+
+    return await _stream_reply(
+        request,
+        entry,
+        knobs,
+        replies,
+        usage if include_usage else None,
+        text_envelope,
+        first=[],
+        deltas=[r.text_deltas() for r in replies],
+        last=[_TextChoice(text="", index=i, finish_reason=finish) for i in range(len(replies))],
+    )
 
 
 def _embedding(text: str, model: str, dim: int) -> list[float]:

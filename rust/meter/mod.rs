@@ -195,8 +195,8 @@ impl Meter {
         }
     }
 
-    /// Calls `f` with each segment of `text`, already normalized (the slices point into
-    /// `normalized`, which the caller provides so that no copy is made when none is needed).
+    /// Calls `f` with each segment of `text` (already normalized by the caller): the
+    /// non-special added tokens matched whole, and the pre-tokenized pieces between them.
     fn segments<'t, F: FnMut(Segment<'t>)>(fast: &Fast, text: &'t str, f: &mut F) {
         match &fast.added {
             None => fast.pretok.for_each(text, &mut |p| f(Segment::Piece(p))),

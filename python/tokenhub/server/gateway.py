@@ -26,7 +26,7 @@ import os
 import random
 import re
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -690,8 +690,3 @@ def new_request_id() -> str:
     """`req_` + milliseconds (hex) + 80 random bits: unique, and time-ordered so that ledger
     inserts append to the primary-key index instead of scattering across it."""
     return f"req_{time.time_ns() // 1_000_000:012x}{_ids.getrandbits(80):020x}"
-
-
-def headers_without_secrets(headers: Mapping[str, str]) -> dict[str, str]:
-    """For debug logging: every header but credentials."""
-    return {k: v for k, v in headers.items() if k.lower() not in ("authorization", "api-key")}
