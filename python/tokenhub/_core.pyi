@@ -2,7 +2,7 @@
 
 from typing import final
 
-__all__ = ["CoreMeter", "StreamCounter", "VocabError", "__version__"]
+__all__ = ["CoreMeter", "SseRelay", "StreamCounter", "VocabError", "__version__"]
 
 __version__: str
 
@@ -37,3 +37,28 @@ class StreamCounter:
     @property
     def total(self) -> int:
         """Tokens in everything fed so far."""
+
+@final
+class SseRelay:
+    def __init__(self, keep_usage: bool) -> None: ...
+    def feed(self, data: bytes) -> bytes:
+        """Takes one upstream read; returns the whole events to forward (possibly empty)."""
+    def finish(self) -> bytes:
+        """The upstream closed: the held-back rest as a last event, terminated (or empty)."""
+    @property
+    def done(self) -> bool:
+        """The `[DONE]` event has been seen."""
+    @property
+    def first_token(self) -> bool:
+        """A chunk with generated text (content, reasoning, tool call or legacy text) was seen."""
+    @property
+    def usage(self) -> bytes | None:
+        """The data payload (JSON) of the last chunk that carried usage, if any."""
+    def payloads(self) -> list[bytes]:
+        """Every data payload so far, for metering a stream without usage (emptied by usage)."""
+    @property
+    def events(self) -> int:
+        """Whole events seen so far."""
+    @property
+    def pending(self) -> int:
+        """Bytes held back until their event's blank line arrives."""

@@ -6,9 +6,10 @@ Handlers in `routes.py` only call `Gateway.proxy`. Everything a request touches 
 2. The body is decoded once (msgspec) and checked; the prompt is metered with the Rust meter.
 3. A `begin` record goes to the usage journal, then the request goes to the first deployment;
    a connect error, 5xx or timeout before any byte reached the client moves on to the next.
-4. Non-streamed replies are passed through as the upstream sent them. Streams are relayed event
-   by event; tokenhub always asks the upstream for a usage chunk and strips it when the client
-   did not ask for one. Without upstream usage the meter counts what was streamed (`metered`).
+4. Non-streamed replies are passed through as the upstream sent them. Streams are relayed a read
+   at a time, as whole SSE events (split and inspected in Rust: `tokenhub._core.SseRelay`);
+   tokenhub always asks the upstream for a usage chunk and strips it when the client did not
+   ask for one. Without upstream usage the meter counts what was streamed (`metered`).
 5. Exactly one `UsageEvent` per request goes to the sink (journal + batched database writes,
    off the response path).
 
@@ -24,7 +25,6 @@ import contextlib
 import logging
 import os
 import random
-import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -34,11 +34,12 @@ import aiohttp
 import msgspec
 from aiohttp import web
 
+from tokenhub._core import SseRelay
 from tokenhub.config import Config, Deployment, Model, Provider
 from tokenhub.meter import Meter
 from tokenhub.server.auth import KeyCache, Principal
 from tokenhub.server.errors import ApiError
-from tokenhub.server.metrics import Labels, Registry, labels_key
+from tokenhub.server.metrics import Registry
 from tokenhub.server.state import REQUEST_ID
 from tokenhub.usage import UsageEvent
 
@@ -78,6 +79,7 @@ class ToolCallDelta(msgspec.Struct, kw_only=True):
 
 class Message(msgspec.Struct, kw_only=True):
     content: str | None = None
+    reasoning_content: str | None = None  # DeepSeek's (and others') reasoning tokens
     tool_calls: list[ToolCallDelta] | None = None
 
 
@@ -108,6 +110,8 @@ def _choice_texts(choice: Choice, part: Message | None) -> Iterator[str]:
     if choice.text:
         yield choice.text
     if part is not None:
+        if part.reasoning_content:
+            yield part.reasoning_content
         if part.content:
             yield part.content
         for call in part.tool_calls or ():
@@ -184,7 +188,10 @@ class Gateway:
         self._meters: dict[str, Meter] = {}
         self._rr: dict[str, int] = {}
         self._swrr: dict[str, list[int]] = {}
-        self._metric_keys: dict[tuple[str, int, str], tuple[Labels, ...]] = {}
+        # Per-request figures accumulate in one small list per (model, status, source) and
+        # are folded into the metric families when /metrics is scraped: a request costs a dict
+        # lookup and a few float additions, not one labelled-counter update per metric.
+        self._tallies: dict[tuple[str, int, str], list[float]] = {}
         m = metrics
         self.m_requests = m.counter("tokenhub_requests_total", "Requests by model and status.")
         self.m_tokens = m.counter("tokenhub_tokens_total", "Tokens by model, kind and source.")
@@ -197,18 +204,27 @@ class Gateway:
         self.m_overhead = m.counter(
             "tokenhub_overhead_seconds_total", "Summed time spent in the gateway itself."
         )
+        m.on_collect(self.fold_metrics)
 
-    def metric_keys(self, model: str, status: int, source: str) -> tuple[Labels, ...]:
-        """Label keys for one finished request, made once per (model, status, source)."""
-        keys = self._metric_keys.get((model, status, source))
-        if keys is None:
-            keys = self._metric_keys[(model, status, source)] = (
-                labels_key(model=model, status=str(status)),
-                labels_key(model=model),
-                labels_key(model=model, kind="input", source=source),
-                labels_key(model=model, kind="output", source=source),
-            )
-        return keys
+    def tally(self, model: str, status: int, source: str) -> list[float]:
+        """The running [requests, seconds, input tokens, output tokens, overhead seconds] of
+        one (model, status, source), folded into the families by `fold_metrics`."""
+        t = self._tallies.get((model, status, source))
+        if t is None:
+            t = self._tallies[(model, status, source)] = [0.0] * 5
+        return t
+
+    def fold_metrics(self) -> None:
+        """Moves the tallies into the metric families (called before each scrape)."""
+        for (model, status, source), t in self._tallies.items():
+            if not t[0]:
+                continue
+            self.m_requests.inc(t[0], model=model, status=str(status))
+            self.m_latency.inc(t[1], model=model)
+            self.m_tokens.inc(t[2], model=model, kind="input", source=source)
+            self.m_tokens.inc(t[3], model=model, kind="output", source=source)
+            self.m_overhead.inc(t[4])
+            t[:] = (0.0, 0.0, 0.0, 0.0, 0.0)
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -406,7 +422,7 @@ class Gateway:
         self._record_reply(data, dep, event)
         event.status = 200
         overhead = (time.perf_counter() - t0) - upstream_s
-        self.m_overhead.inc(overhead)
+        finish.overhead = overhead
         return web.Response(
             body=data,
             content_type="application/json",
@@ -473,52 +489,24 @@ class Gateway:
         t_up: float,
         client_wants_usage: bool,
     ) -> web.StreamResponse:
-        """Relays SSE events as the upstream sends them. Nothing is sent to the client before
-        the upstream's first event, so a failure until then can still go to another deployment.
-        The usage event is finished before the final `[DONE]` is written: once a client has the
-        whole stream, its usage is already in the journal."""
+        """Relays SSE events as the upstream sends them: each upstream read goes to the client
+        in one write, as whole events (the Rust `SseRelay` splits, inspects and filters them).
+        Nothing is sent to the client before the upstream's first event, so a failure until
+        then can still go to another deployment. The usage event is finished before the write
+        that carries `[DONE]`: once a client has the whole stream, its usage is journaled."""
         t0 = finish.t0
+        relay = SseRelay(client_wants_usage)
         out: web.StreamResponse | None = None
         client_gone = False
-        usage: Usage | None = None
-        done = False
-        payloads: list[bytes] = []  # every chunk's JSON, for the meter if usage never comes
-        buf = b""  # upstream bytes not yet forming a whole SSE event
+        eof_sent = False
         deadline: float | None = None
         loop = asyncio.get_running_loop()
 
-        def inspect(ev: bytes) -> bool:
-            """Notes what one SSE event says; False when it is ours to drop (the usage chunk
-            the client did not ask for). Chunks are decoded only until the first token and
-            when they carry usage; the rest are kept raw for the meter in case usage never
-            comes."""
-            nonlocal usage, done
-            keep = True
-            for line in ev.splitlines():
-                if not line.startswith(b"data:"):
-                    continue
-                data = line[5:].strip()
-                if data == b"[DONE]":
-                    done = True
-                    continue
-                has_usage = _USAGE.search(data) is not None
-                if event.ttft_ms is None or has_usage:
-                    try:
-                        chunk = _decode_reply(data)
-                    except (msgspec.DecodeError, msgspec.ValidationError):
-                        chunk = Reply()
-                    if event.ttft_ms is None and any(
-                        True for c in chunk.choices for _ in _choice_texts(c, c.delta)
-                    ):
-                        event.ttft_ms = round((time.perf_counter() - t0) * 1000, 3)
-                    if chunk.usage is not None:
-                        usage = chunk.usage
-                        if not chunk.choices and not client_wants_usage:
-                            keep = False
-                payloads.append(data)
-            return keep
-
         def settle() -> None:
+            usage: Usage | None = None
+            if (data := relay.usage) is not None:
+                with contextlib.suppress(msgspec.DecodeError, msgspec.ValidationError):
+                    usage = _decode_reply(data).usage
             if usage is not None:
                 event.input_tokens = usage.prompt_tokens
                 event.cached_input_tokens = _cached(usage)
@@ -526,7 +514,7 @@ class Gateway:
                 event.source = "upstream"
             else:
                 texts: dict[int, list[str]] = {}
-                for data in payloads:
+                for data in relay.payloads():
                     try:
                         chunk = _decode_reply(data)
                     except (msgspec.DecodeError, msgspec.ValidationError):
@@ -538,21 +526,34 @@ class Gateway:
                 event.source = "metered"
             if client_gone:
                 event.status, event.error = 499, "client_disconnected"
-            elif not done:
+            elif not relay.done:
                 event.status, event.error = 502, "upstream_stream_broken"
             else:
                 event.status, event.error = 200, ""
 
-        async def send(data: bytes) -> None:
+        def lost_client() -> None:
+            nonlocal client_gone, deadline
+            client_gone = True
+            deadline = loop.time() + self.config.server.drain_timeout_s
+
+        def client_left() -> bool:
+            """The client's connection is closed or closing (what a write would find out)."""
+            if not client_gone:
+                transport = request.transport
+                if transport is None or transport.is_closing():
+                    lost_client()
+            return client_gone
+
+        async def send(data: bytes, last: bool = False) -> None:
             """Writes to the client, starting the response first; a client that went away
             switches the relay to draining (bounded by drain_timeout_s)."""
-            nonlocal out, client_gone, deadline
+            nonlocal out, eof_sent
             if client_gone:
                 return
             try:
                 if out is None:
                     overhead = t_up - t0
-                    self.m_overhead.inc(overhead)
+                    finish.overhead = overhead
                     out = web.StreamResponse(
                         status=200,
                         headers={
@@ -563,14 +564,16 @@ class Gateway:
                         },
                     )
                     await out.prepare(request)
-                if data:
+                if last:
+                    eof_sent = True
+                    await out.write_eof(data)
+                elif data:
                     await out.write(data)
             except (ConnectionResetError, aiohttp.ClientConnectionResetError):
-                client_gone = True
-                deadline = loop.time() + self.config.server.drain_timeout_s
+                lost_client()
 
         try:
-            while not done:
+            while not relay.done:
                 if deadline is not None:
                     remaining = deadline - loop.time()
                     if remaining <= 0:
@@ -580,22 +583,15 @@ class Gateway:
                     data = await resp.content.readany()
                 if not data:
                     break  # upstream closed
-                buf += data
-                events, buf = _split_events(buf)
-                if not events:
-                    continue
-                # Everything one upstream read completed goes out in one write.
-                batch = [ev for ev in events if inspect(ev)]
-                if done and not client_gone:
-                    # Write all but the last event first, so a client that has gone away is
-                    # noticed before the usage event is finished as delivered.
-                    await send(b"".join(batch[:-1]))
-                    batch = batch[-1:]
-                if done and not client_gone:
+                events = relay.feed(data)
+                if event.ttft_ms is None and relay.first_token:
+                    event.ttft_ms = round((time.perf_counter() - t0) * 1000, 3)
+                if relay.done and not client_left():
                     settle()
                     finish()
-                if batch:
-                    await send(b"".join(batch))
+                    await send(events, last=True)
+                elif events:
+                    await send(events)
         except TimeoutError:
             if out is None and not client_gone:
                 raise _Retry(ApiError.upstream_timeout(), "timeout") from None
@@ -605,24 +601,24 @@ class Gateway:
                 raise _Retry(ApiError.upstream_failed(type(e).__name__), "read") from None
             log.warning("request %s: upstream stream broke: %s", event.request_id, type(e).__name__)
 
-        if out is None and not client_gone and not done:
+        if out is None and not client_gone and not relay.done:
             raise _Retry(ApiError.upstream_failed("the stream ended before any data"), "empty")
-        if buf.strip():
+        if not eof_sent and (rest := relay.finish()):
             # The upstream closed without the blank line that ends its last event.
-            keep = inspect(buf)
-            if done and not client_gone:
+            if relay.done and not client_left():
                 settle()
                 finish()
-            if keep:
-                await send(buf + (b"\n" if buf.endswith(b"\n") else b"\n\n"))
+                await send(rest, last=True)
+            else:
+                await send(rest)
         if not finish.done:
             settle()
-            if not done and not client_gone:
+            if not relay.done and not client_gone:
                 await send(
                     b"data: " + ApiError.upstream_failed("the stream broke off").body() + b"\n\n"
                 )
             finish()
-        if out is not None and not client_gone:
+        if out is not None and not client_gone and not eof_sent:
             with contextlib.suppress(ConnectionResetError, aiohttp.ClientConnectionResetError):
                 await out.write_eof()
         return out if out is not None else web.Response(status=499)
@@ -632,12 +628,13 @@ class _Finish:
     """Records a request's usage event exactly once: at the end of the request, or earlier for
     a stream (just before its last event is written)."""
 
-    __slots__ = ("done", "event", "gw", "t0")
+    __slots__ = ("done", "event", "gw", "overhead", "t0")
 
     def __init__(self, gw: Gateway, event: UsageEvent, t0: float) -> None:
         self.gw = gw
         self.event = event
         self.t0 = t0
+        self.overhead = 0.0  # seconds spent in the gateway, set when the reply starts
         self.done = False
 
     def __call__(self) -> None:
@@ -648,28 +645,12 @@ class _Finish:
         elapsed = time.perf_counter() - self.t0
         event.latency_ms = round(elapsed * 1000, 3)
         gw.sink.end(event)
-        k_req, k_lat, k_in, k_out = gw.metric_keys(event.model, event.status, event.source)
-        gw.m_requests.add(k_req)
-        gw.m_latency.add(k_lat, elapsed)
-        gw.m_tokens.add(k_in, event.input_tokens)
-        gw.m_tokens.add(k_out, event.output_tokens)
-
-
-_USAGE = re.compile(rb'"usage"\s*:\s*\{')
-
-
-def _split_events(buf: bytes) -> tuple[list[bytes], bytes]:
-    """Whole SSE events (each with its blank-line terminator) and the incomplete rest."""
-    events: list[bytes] = []
-    start = 0
-    while True:
-        lf = buf.find(b"\n\n", start)
-        crlf = buf.find(b"\r\n\r\n", start)
-        if lf < 0 and crlf < 0:
-            return events, buf[start:]
-        end = crlf + 4 if crlf >= 0 and (lf < 0 or crlf < lf) else lf + 2
-        events.append(buf[start:end])
-        start = end
+        t = gw.tally(event.model, event.status, event.source)
+        t[0] += 1
+        t[1] += elapsed
+        t[2] += event.input_tokens
+        t[3] += event.output_tokens
+        t[4] += self.overhead
 
 
 async def _read_quietly(resp: aiohttp.ClientResponse) -> bytes:
