@@ -342,6 +342,71 @@ def test_invalid_events_are_named_and_nothing_is_written(store: SQLiteStore) -> 
         store.insert_events([{"request_id": "x"}])  # type: ignore[list-item]
 
 
+# Batches go in multi-row INSERTs of 64, 32, ..., 1 rows: these sizes cross every boundary.
+@pytest.mark.parametrize("n", [1, 2, 63, 64, 65, 127, 129, 1000])
+def test_batches_of_every_size(store: SQLiteStore, n: int) -> None:
+    batch = [event(i) for i in range(n)]
+    assert store.insert_events(batch) == (n, 0, 0, ())
+    assert store.insert_events(batch) == (0, n, 0, ())
+    assert list(store.iter_events()) == batch
+
+
+def test_replay_counts_across_statements(store: SQLiteStore) -> None:
+    store.insert_events([event(i) for i in range(100)])
+    replay = [event(i) for i in range(50, 250)]  # 50 stored, 150 new
+    replay[30] = event(80, output_tokens=7)  # stored differently: a conflict
+    replay.append(event(200))  # 150 rows after its first copy: another statement
+    r = store.insert_events(replay)
+    assert (r.inserted, r.duplicates, r.conflicts) == (150, 50, 1)
+    assert r.conflict_ids == ("req_00000080",)
+    assert list(store.iter_events()) == [event(i) for i in range(250)]
+
+
+def test_unusual_values_round_trip(store: SQLiteStore) -> None:
+    big, small = 2**63 - 1, -(2**63)
+    odd = [
+        event(1, tenant="租户-ü", model="模型 🚀 \u202e\u2028x", error="a\x00b\"c\\d\n\te'f"),
+        event(2, error="x" * 1_000_000, deployment="y" * 70_000),
+        event(3, input_tokens=big, cached_input_tokens=small, output_tokens=big, attempts=big),
+        event(4, status=small, ts_ms=big - 10**9),
+        event(5, latency_ms=5e-324, ttft_ms=1.7976931348623157e308),
+        event(6, latency_ms=-0.0, ttft_ms=float("inf")),
+        event(7, latency_ms=0.1 + 0.2, ttft_ms=None, stream=True),
+        event(8, latency_ms=1 / 3, ttft_ms=-1e-300, stream=False, source="metered"),
+    ]
+    # Spread over a 64-row, a 4-row and a 1-row statement.
+    batch = [event(100 + i) for i in range(61)] + odd[:4] + [event(200), event(201)] + odd[4:]
+    assert store.insert_events(batch) == (len(batch), 0, 0, ())
+    stored = {e.request_id: e for e in store.iter_events()}
+    assert len(stored) == len(batch)
+    for e in batch:
+        assert msgspec.structs.asdict(stored[e.request_id]) == msgspec.structs.asdict(e)
+    assert store.insert_events(batch) == (0, len(batch), 0, ())  # compared exactly
+
+
+def test_invalid_event_in_a_later_statement_writes_nothing(store: SQLiteStore) -> None:
+    batch = [event(i) for i in range(150)]  # statements of 64, 64, 16, 4 and 2 rows
+    batch[140] = event(140, tenant=None)
+    batch[149] = event(149, output_tokens=2**63)
+    with pytest.raises(InvalidEvents) as e:
+        store.insert_events(batch)
+    assert [ev.request_id for ev, _ in e.value.events] == ["req_00000140", "req_00000149"]
+    assert list(store.iter_events()) == []  # the first 128 rows were rolled back too
+    assert not store._conn().in_transaction
+    good = [ev for ev in batch if ev.request_id not in {"req_00000140", "req_00000149"}]
+    assert store.insert_events(good) == (148, 0, 0, ())
+
+
+def test_other_structs_go_row_by_row(store: SQLiteStore) -> None:
+    class Tagged(UsageEvent):  # same fields, another type
+        pass
+
+    tagged = Tagged(**msgspec.structs.asdict(event(2)))
+    assert store.insert_events([event(1), tagged, event(3)]) == (3, 0, 0, ())
+    assert store.insert_events([tagged, event(1)]) == (0, 2, 0, ())
+    assert list(store.iter_events()) == [event(1), event(2), event(3)]
+
+
 def test_queries_use_indexes(store: SQLiteStore) -> None:
     """Nothing the gateway runs while serving scans a table (see ANCHORS: LiteLLM #35766)."""
     c = store._conn()
