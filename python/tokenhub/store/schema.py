@@ -80,6 +80,167 @@ MIGRATIONS: tuple[Migration, ...] = (
             "CREATE INDEX usage_events_tenant_ts ON usage_events (tenant, ts_ms)",
         ),
     ),
+    Migration(
+        2,
+        "billing: profiles, prices, fx, plans, lots, codes, accounts, transactions, postings",
+        (
+            # A tenant's billing profile (tenants without one settle in USD, wallet then
+            # postpaid with no credit). Amounts are integer nanos (tokenhub.billing.money).
+            """CREATE TABLE billing_profiles (
+                tenant TEXT NOT NULL PRIMARY KEY,
+                currency TEXT NOT NULL,
+                draw_order TEXT NOT NULL,
+                credit_limit BIGINT NOT NULL,
+                low_balance BIGINT,
+                discount_ppm BIGINT NOT NULL,
+                updated_ms BIGINT NOT NULL
+            )""",
+            # Price book: one row per (model, version); tenant overrides have tenant != ''.
+            # Prices are nanos per 1M tokens (exact: at most 9 decimals).
+            """CREATE TABLE prices (
+                model TEXT NOT NULL,
+                tenant TEXT NOT NULL,
+                version INTEGER NOT NULL,
+                effective_ms BIGINT NOT NULL,
+                currency TEXT NOT NULL,
+                input_per_1m BIGINT NOT NULL,
+                cached_input_per_1m BIGINT NOT NULL,
+                output_per_1m BIGINT NOT NULL,
+                points_per_1m BIGINT,
+                created_ms BIGINT NOT NULL,
+                PRIMARY KEY (model, tenant, version)
+            )""",
+            "CREATE INDEX prices_effective ON prices (model, tenant, effective_ms)",
+            # Effective-dated FX: 1 base = rate quote, from effective_ms on.
+            """CREATE TABLE fx_rates (
+                base TEXT NOT NULL,
+                quote TEXT NOT NULL,
+                effective_ms BIGINT NOT NULL,
+                rate TEXT NOT NULL,
+                created_ms BIGINT NOT NULL,
+                PRIMARY KEY (base, quote, effective_ms)
+            )""",
+            # Revenue split per provider (parts per million of revenue), effective-dated.
+            """CREATE TABLE revenue_splits (
+                provider TEXT NOT NULL,
+                effective_ms BIGINT NOT NULL,
+                platform_ppm BIGINT NOT NULL,
+                channel_ppm BIGINT NOT NULL,
+                created_ms BIGINT NOT NULL,
+                PRIMARY KEY (provider, effective_ms)
+            )""",
+            """CREATE TABLE plans (
+                name TEXT NOT NULL PRIMARY KEY,
+                kind TEXT NOT NULL,
+                price BIGINT NOT NULL,
+                currency TEXT NOT NULL,
+                quantity BIGINT NOT NULL,
+                period TEXT NOT NULL,
+                exhaustion TEXT NOT NULL,
+                overage_per_1m BIGINT,
+                overage_currency TEXT NOT NULL,
+                auto_topup BIGINT,
+                rollover INTEGER NOT NULL,
+                models TEXT NOT NULL,
+                created_ms BIGINT NOT NULL
+            )""",
+            # A plan bought by a tenant for one validity window: its own token/point account
+            # and deferred-revenue account.
+            """CREATE TABLE lots (
+                id TEXT NOT NULL PRIMARY KEY,
+                tenant TEXT NOT NULL,
+                plan TEXT NOT NULL,
+                kind TEXT NOT NULL,
+                quantity BIGINT NOT NULL,
+                price BIGINT NOT NULL,
+                currency TEXT NOT NULL,
+                start_ms BIGINT NOT NULL,
+                end_ms BIGINT,
+                exhaustion TEXT NOT NULL,
+                overage_per_1m BIGINT,
+                overage_currency TEXT NOT NULL,
+                auto_topup BIGINT,
+                rollover INTEGER NOT NULL,
+                models TEXT NOT NULL,
+                consumed BIGINT NOT NULL,
+                recognized BIGINT NOT NULL,
+                status TEXT NOT NULL,
+                created_ms BIGINT NOT NULL
+            )""",
+            "CREATE INDEX lots_tenant ON lots (tenant, status, start_ms)",
+            """CREATE TABLE redemption_codes (
+                sha256 TEXT NOT NULL PRIMARY KEY,
+                prefix TEXT NOT NULL,
+                amount BIGINT NOT NULL,
+                currency TEXT NOT NULL,
+                expires_ms BIGINT,
+                created_ms BIGINT NOT NULL,
+                redeemed_by TEXT,
+                redeemed_ms BIGINT,
+                txn_id TEXT
+            )""",
+            # Balances are debit-positive; a constrained account has a ceiling (0 for a wallet:
+            # a credit balance that can never turn into a debit, i.e. never negative).
+            """CREATE TABLE accounts (
+                id TEXT NOT NULL PRIMARY KEY,
+                tenant TEXT NOT NULL,
+                kind TEXT NOT NULL,
+                unit TEXT NOT NULL,
+                balance BIGINT NOT NULL,
+                ceiling BIGINT,
+                created_ms BIGINT NOT NULL
+            )""",
+            "CREATE INDEX accounts_tenant ON accounts (tenant, kind)",
+            # One business event = one transaction whose postings sum to zero per unit. Ids
+            # are time-ordered ('txn_' + ms + random), so id order is posting order.
+            """CREATE TABLE ledger_txns (
+                id TEXT NOT NULL PRIMARY KEY,
+                kind TEXT NOT NULL,
+                tenant TEXT NOT NULL,
+                ts_ms BIGINT NOT NULL,
+                period TEXT NOT NULL,
+                ref TEXT NOT NULL,
+                memo TEXT NOT NULL,
+                details TEXT NOT NULL,
+                created_ms BIGINT NOT NULL
+            )""",
+            "CREATE INDEX ledger_txns_tenant ON ledger_txns (tenant, period, id)",
+            "CREATE INDEX ledger_txns_ref ON ledger_txns (ref)",
+            """CREATE TABLE postings (
+                txn_id TEXT NOT NULL,
+                leg INTEGER NOT NULL,
+                account TEXT NOT NULL,
+                unit TEXT NOT NULL,
+                amount BIGINT NOT NULL,
+                PRIMARY KEY (txn_id, leg)
+            )""",
+            "CREATE INDEX postings_account ON postings (account)",
+            # Usage settled once per event id; payload_sha256 tells a replay from a conflict.
+            """CREATE TABLE settlements (
+                event_id TEXT NOT NULL PRIMARY KEY,
+                payload_sha256 TEXT NOT NULL,
+                txn_id TEXT NOT NULL,
+                settled_ms BIGINT NOT NULL
+            )""",
+            # Closed statement periods per tenant ('' = the operator's books); a closed
+            # period's statement is stored and never recomputed.
+            # Usage events that could not be settled yet (no price, no FX rate), so a
+            # settlement run skips them until `--retry-failed`.
+            """CREATE TABLE settlement_failures (
+                event_id TEXT NOT NULL PRIMARY KEY,
+                reason TEXT NOT NULL,
+                attempts INTEGER NOT NULL,
+                last_ms BIGINT NOT NULL
+            )""",
+            """CREATE TABLE closed_periods (
+                tenant TEXT NOT NULL,
+                period TEXT NOT NULL,
+                closed_ms BIGINT NOT NULL,
+                statement TEXT NOT NULL,
+                PRIMARY KEY (tenant, period)
+            )""",
+        ),
+    ),
 )
 
 LATEST_VERSION = MIGRATIONS[-1].version

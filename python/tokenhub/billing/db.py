@@ -1,0 +1,297 @@
+"""One async database interface for the ledger, on SQLite (default) or PostgreSQL (asyncpg).
+
+    db = await open_database("sqlite:///./tokenhub.db")     # or "postgresql://user@host/db"
+    result = await db.transaction(lambda tx: do_work(tx))    # BEGIN ... COMMIT, or ROLLBACK
+
+The ledger's logic is written once, against `Tx`: `execute`, `executemany`, `fetch`, `fetchrow`,
+`fetchval`, with PostgreSQL-style `$1` placeholders (SQLite accepts the same numbered form as
+`?1`, translated once per statement) and plain SQL both engines accept. Where they differ the
+`Tx` says so: `tx.for_update` is `" FOR UPDATE"` on PostgreSQL and empty on SQLite.
+
+Isolation and concurrency:
+
+- **SQLite**: one connection owned by one worker thread, running its own event loop; each
+  transaction (`BEGIN IMMEDIATE`) runs start to finish there, one at a time, so SQLite never
+  blocks the caller's loop and writers never interleave. Other processes wait on the file lock
+  (busy_timeout).
+- **PostgreSQL**: a pool of connections, each transaction READ COMMITTED on its own connection.
+  Constrained balances are protected by row locks (`SELECT ... FOR UPDATE`, taken in account-id
+  order so that two settlements cannot deadlock) and by a conditional update that refuses to go
+  below an account's floor. Deadlocks and serialization failures are retried.
+
+Both run the same migrations (`tokenhub.store.schema.MIGRATIONS`), so a database made by the
+gateway's store and one made here are the same database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import sqlite3
+import threading
+import time
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from concurrent.futures import Future
+from typing import Any, Protocol, TypeVar
+
+from tokenhub.store.schema import CREATE_MIGRATIONS_TABLE, MIGRATIONS
+
+T = TypeVar("T")
+Row = tuple[Any, ...]
+
+
+class DatabaseError(Exception):
+    """The database could not be opened or a statement failed (the message says which)."""
+
+
+class Tx(Protocol):
+    dialect: str
+    for_update: str
+
+    async def execute(self, sql: str, *args: Any) -> int: ...
+    async def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None: ...
+    async def fetch(self, sql: str, *args: Any) -> list[Row]: ...
+    async def fetchrow(self, sql: str, *args: Any) -> Row | None: ...
+    async def fetchval(self, sql: str, *args: Any) -> Any: ...
+
+
+class Database(Protocol):
+    dialect: str
+    url: str
+
+    async def transaction(self, fn: Callable[[Tx], Awaitable[T]]) -> T: ...
+    async def migrate(self) -> list[int]: ...
+    async def close(self) -> None: ...
+
+
+async def open_database(url: str, *, migrate: bool = True) -> Database:
+    """SQLite for a path or `sqlite:///...` URL, PostgreSQL for `postgresql://` /
+    `postgres://`. Applies pending migrations unless `migrate=False`."""
+    db: Database
+    if url.startswith(("postgresql://", "postgres://")):
+        db = await PgDatabase.connect(url)
+    else:
+        db = SqliteDatabase(url)
+    if migrate:
+        try:
+            await db.migrate()
+        except BaseException:
+            await db.close()
+            raise
+    return db
+
+
+async def _apply_migrations(db: Database) -> list[int]:
+    async def current(tx: Tx) -> set[int]:
+        await tx.execute(CREATE_MIGRATIONS_TABLE)
+        return {r[0] for r in await tx.fetch("SELECT version FROM schema_migrations")}
+
+    done = await db.transaction(current)
+    applied: list[int] = []
+    for m in MIGRATIONS:
+        if m.version in done:
+            continue
+
+        async def apply(tx: Tx, m: Any = m) -> None:
+            for stmt in m.statements:
+                await tx.execute(stmt)
+            await tx.execute(
+                "INSERT INTO schema_migrations (version, name, applied_ms) VALUES ($1, $2, $3)",
+                m.version,
+                m.name,
+                int(time.time() * 1000),
+            )
+
+        await db.transaction(apply)
+        applied.append(m.version)
+    return applied
+
+
+# -- SQLite ------------------------------------------------------------------------------------
+
+_PARAM = re.compile(r"\$(\d+)")
+
+
+class _SqliteTx:
+    dialect = "sqlite"
+    for_update = ""
+
+    def __init__(self, conn: sqlite3.Connection, cache: dict[str, str]) -> None:
+        self._conn = conn
+        self._cache = cache
+
+    def _sql(self, sql: str) -> str:
+        s = self._cache.get(sql)
+        if s is None:
+            s = self._cache[sql] = _PARAM.sub(r"?\1", sql)
+        return s
+
+    async def execute(self, sql: str, *args: Any) -> int:
+        return self._conn.execute(self._sql(sql), args).rowcount
+
+    async def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
+        self._conn.executemany(self._sql(sql), rows)
+
+    async def fetch(self, sql: str, *args: Any) -> list[Row]:
+        return self._conn.execute(self._sql(sql), args).fetchall()
+
+    async def fetchrow(self, sql: str, *args: Any) -> Row | None:
+        row: Row | None = self._conn.execute(self._sql(sql), args).fetchone()
+        return row
+
+    async def fetchval(self, sql: str, *args: Any) -> Any:
+        row = self._conn.execute(self._sql(sql), args).fetchone()
+        return None if row is None else row[0]
+
+
+class SqliteDatabase:
+    """See the module docstring. `url` is a path, `sqlite:///abs`, `sqlite:///./rel` or
+    `:memory:`."""
+
+    dialect = "sqlite"
+
+    def __init__(self, url: str, *, busy_timeout_ms: int = 10_000) -> None:
+        from tokenhub.store import database_path
+
+        self.url = url
+        self.path = database_path(url) if url != ":memory:" else url
+        self._busy_timeout_ms = busy_timeout_ms
+        self._cache: dict[str, str] = {}
+        self._ready = threading.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._conn: sqlite3.Connection | None = None
+        self._error: BaseException | None = None
+        self._lock: asyncio.Lock | None = None
+        self._thread = threading.Thread(target=self._run, name="tokenhub-ledger-db", daemon=True)
+        self._thread.start()
+        self._ready.wait()
+        if self._error is not None:
+            raise DatabaseError(f"cannot open {self.path}: {self._error}") from self._error
+
+    def _run(self) -> None:
+        try:
+            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=True)
+            conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout_ms)}")
+            if self.path != ":memory:":
+                conn.execute("PRAGMA journal_mode = WAL").fetchall()
+            conn.execute("PRAGMA synchronous = NORMAL")
+            conn.execute("PRAGMA foreign_keys = ON")
+            self._conn = conn
+            self._loop = asyncio.new_event_loop()
+            self._lock = asyncio.Lock()
+        except BaseException as e:  # reported by __init__
+            self._error = e
+            self._ready.set()
+            return
+        self._ready.set()
+        try:
+            self._loop.run_forever()
+        finally:
+            self._loop.close()
+            conn.close()
+
+    async def _in_thread(self, fn: Callable[[Tx], Awaitable[T]]) -> T:
+        assert self._conn is not None and self._lock is not None
+        async with self._lock:
+            conn = self._conn
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                result = await fn(_SqliteTx(conn, self._cache))
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+            return result
+
+    async def transaction(self, fn: Callable[[Tx], Awaitable[T]]) -> T:
+        if self._loop is None or self._loop.is_closed():
+            raise DatabaseError("the database is closed")
+        fut: Future[T] = asyncio.run_coroutine_threadsafe(self._in_thread(fn), self._loop)
+        try:
+            return await asyncio.wrap_future(fut)
+        except sqlite3.Error as e:
+            raise DatabaseError(f"{self.path}: {e}") from e
+
+    def run_sync(self, fn: Callable[[Tx], Awaitable[T]]) -> T:
+        """`transaction` for callers without an event loop (a thread, the CLI)."""
+        assert self._loop is not None
+        return asyncio.run_coroutine_threadsafe(self._in_thread(fn), self._loop).result()
+
+    async def migrate(self) -> list[int]:
+        return await _apply_migrations(self)
+
+    async def close(self) -> None:
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(loop.stop)
+            await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
+
+
+# -- PostgreSQL -------------------------------------------------------------------------------
+
+
+class _PgTx:
+    dialect = "postgresql"
+    for_update = " FOR UPDATE"
+
+    def __init__(self, conn: Any) -> None:
+        self._conn = conn
+
+    async def execute(self, sql: str, *args: Any) -> int:
+        status: str = await self._conn.execute(sql, *args)
+        tail = status.rsplit(" ", 1)[-1]
+        return int(tail) if tail.isdigit() else 0
+
+    async def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
+        await self._conn.executemany(sql, list(rows))
+
+    async def fetch(self, sql: str, *args: Any) -> list[Row]:
+        return [tuple(r) for r in await self._conn.fetch(sql, *args)]
+
+    async def fetchrow(self, sql: str, *args: Any) -> Row | None:
+        r = await self._conn.fetchrow(sql, *args)
+        return None if r is None else tuple(r)
+
+    async def fetchval(self, sql: str, *args: Any) -> Any:
+        return await self._conn.fetchval(sql, *args)
+
+
+class PgDatabase:
+    dialect = "postgresql"
+
+    def __init__(self, url: str, pool: Any) -> None:
+        self.url = url
+        self._pool = pool
+
+    @classmethod
+    async def connect(cls, url: str, *, min_size: int = 1, max_size: int = 20) -> PgDatabase:
+        try:
+            import asyncpg  # type: ignore[import-untyped]
+        except ImportError:
+            raise DatabaseError(
+                "PostgreSQL needs the asyncpg package: pip install 'tokenhub[postgres]'"
+            ) from None
+        try:
+            pool = await asyncpg.create_pool(url, min_size=min_size, max_size=max_size)
+        except (OSError, asyncpg.PostgresError) as e:
+            raise DatabaseError(f"cannot connect to PostgreSQL: {e}") from e
+        return cls(url, pool)
+
+    async def transaction(self, fn: Callable[[Tx], Awaitable[T]]) -> T:
+        import asyncpg
+
+        for attempt in range(8):
+            try:
+                async with self._pool.acquire() as conn, conn.transaction():
+                    return await fn(_PgTx(conn))
+            except (asyncpg.DeadlockDetectedError, asyncpg.SerializationError):
+                if attempt == 7:
+                    raise
+                await asyncio.sleep(0.001 * 2**attempt)
+        raise AssertionError("unreachable")
+
+    async def migrate(self) -> list[int]:
+        return await _apply_migrations(self)
+
+    async def close(self) -> None:
+        await self._pool.close()

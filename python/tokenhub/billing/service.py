@@ -1,0 +1,1246 @@
+"""Billing operations: profiles, price books, FX, revenue splits, plans and lots, wallets,
+redemption codes, usage settlement, expiry, refunds.
+
+`Billing(db)` wraps a `tokenhub.billing.db.Database`; every method is one database transaction.
+Usage settlement (`settle`) rates each event and draws it down from the tenant's contracts in
+the tenant's order (default: package, points, wallet, postpaid):
+
+1. **package** lots (token packages) active at the event's time whose model scope includes the
+   event's model, soonest-expiring first. Tokens are taken from the event's lines in the order
+   uncached input, cached input, output. Each consumed token earns its share of the lot's price
+   (deferred revenue -> revenue split); cumulative rounding makes a fully used lot earn exactly
+   its price. When the lots in scope run out, the last one's exhaustion rule applies to the rest:
+   `overage` bills the remaining tokens at the plan's overage price, `auto_topup` adds the plan's
+   top-up block to the lot (paid pro rata from the money contracts) and keeps drawing, and
+   `hard_stop` passes the rest on to the next contract (admission stops such traffic earlier;
+   see the quota issue).
+2. **points** lots: the model's points per 1M tokens (price book) are drawn from point packs.
+3. **wallet**: the rest is priced from the price book (tenant override first, then the model's
+   list price, each the latest version effective at the event's time), less the tenant's
+   discount, converted to the tenant's currency at the FX rate effective at the event's time,
+   and debited from the prepaid wallet as far as it goes.
+4. **postpaid**: what the wallet could not pay goes to the receivable, up to the credit limit.
+5. anything left is posted to the tenant's `overrun` account: usage that happened and that no
+   contract covered is never dropped, it shows as debt.
+
+Money received for usage is split per provider (revenue split effective at the event's time:
+platform %, channel %, the rest to the provider) by largest remainder. Every usage transaction
+records the price version, lots, rates and split it used, so it can be re-derived.
+
+Idempotency: an event id is settled once. The same id with the same payload is a duplicate
+(nothing posted); with a different payload it is a conflict (reported, nothing posted).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from decimal import Decimal
+from functools import partial
+from typing import Any
+
+import msgspec
+
+from tokenhub.billing import ledger as L
+from tokenhub.billing.db import Database, Tx
+from tokenhub.billing.ledger import AccountSpec, Book, LedgerError, Txn
+from tokenhub.billing.money import (
+    NANOS,
+    POINTS,
+    TOKENS,
+    MoneyError,
+    allocate,
+    check_currency,
+    convert,
+    div_half_even,
+    parse_amount,
+    parse_price,
+    parse_rate,
+    rate,
+)
+from tokenhub.usage import UsageEvent
+
+DRAW_ORDER = ("package", "points", "wallet", "postpaid")
+PERIODS = ("month", "week", "day", "none")
+EXHAUSTION = ("overage", "hard_stop", "auto_topup")
+PPM = 1_000_000
+
+
+class BillingError(LedgerError):
+    """A billing request that cannot be carried out (the message says why)."""
+
+
+# -- records -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Profile:
+    tenant: str
+    currency: str = "USD"
+    draw_order: tuple[str, ...] = DRAW_ORDER
+    credit_limit: int = 0
+    low_balance: int | None = None
+    discount_ppm: int = 0
+
+
+@dataclass(frozen=True)
+class Price:
+    model: str
+    tenant: str
+    version: int
+    effective_ms: int
+    currency: str
+    input_per_1m: int
+    cached_input_per_1m: int
+    output_per_1m: int
+    points_per_1m: int | None
+
+
+@dataclass(frozen=True)
+class Plan:
+    name: str
+    kind: str  # package | points
+    price: int
+    currency: str
+    quantity: int  # tokens, or nano-points
+    period: str
+    exhaustion: str
+    overage_per_1m: int | None
+    overage_currency: str
+    auto_topup: int | None
+    rollover: bool
+    models: tuple[str, ...]  # empty: every model
+
+
+@dataclass
+class Lot:
+    id: str
+    tenant: str
+    plan: str
+    kind: str
+    quantity: int
+    price: int
+    currency: str
+    start_ms: int
+    end_ms: int | None
+    exhaustion: str
+    overage_per_1m: int | None
+    overage_currency: str
+    auto_topup: int | None
+    rollover: bool
+    models: tuple[str, ...]
+    consumed: int
+    recognized: int
+    status: str
+
+    def covers(self, model: str, ts_ms: int) -> bool:
+        return (
+            self.status == "active"
+            and self.start_ms <= ts_ms
+            and (self.end_ms is None or ts_ms < self.end_ms)
+            and (not self.models or model in self.models)
+        )
+
+
+_LOT_COLS = (
+    "id, tenant, plan, kind, quantity, price, currency, start_ms, end_ms, exhaustion, "
+    "overage_per_1m, overage_currency, auto_topup, rollover, models, consumed, recognized, status"
+)
+_PLAN_COLS = (
+    "name, kind, price, currency, quantity, period, exhaustion, overage_per_1m, "
+    "overage_currency, auto_topup, rollover, models"
+)
+
+
+def _lot(row: Sequence[Any]) -> Lot:
+    r = list(row)
+    r[13] = bool(r[13])
+    r[14] = tuple(m for m in r[14].split(",") if m)
+    return Lot(*r)
+
+
+@dataclass
+class SettleResult:
+    settled: int = 0
+    duplicates: int = 0
+    conflicts: list[str] = field(default_factory=list)
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (event id, reason)
+    txn_ids: dict[str, str] = field(default_factory=dict)
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _payload_hash(ev: UsageEvent) -> str:
+    return hashlib.sha256(msgspec.json.encode(ev)).hexdigest()
+
+
+def _split_ppm(platform_pct: str | Decimal, channel_pct: str | Decimal) -> tuple[int, int]:
+    try:
+        p = Decimal(str(platform_pct))
+        c = Decimal(str(channel_pct))
+    except Exception:
+        raise BillingError("split percentages must be numbers") from None
+    pp, cp = p * 10_000, c * 10_000
+    if pp != int(pp) or cp != int(cp) or p < 0 or c < 0 or p + c > 100:
+        raise BillingError(
+            "platform and channel percentages must be >= 0, sum to at most 100, "
+            "with at most 4 decimals"
+        )
+    return int(pp), int(cp)
+
+
+def add_period(start_ms: int, period: str) -> int | None:
+    """The end of a validity window that starts at `start_ms` (UTC calendar months)."""
+    import datetime as dt
+
+    if period == "none":
+        return None
+    if period == "day":
+        return start_ms + 86_400_000
+    if period == "week":
+        return start_ms + 7 * 86_400_000
+    d = dt.datetime.fromtimestamp(start_ms / 1000, dt.UTC)
+    y, m = (d.year + (d.month == 12), d.month % 12 + 1)
+    import calendar
+
+    day = min(d.day, calendar.monthrange(y, m)[1])
+    return int(d.replace(year=y, month=m, day=day).timestamp() * 1000)
+
+
+# -- the service ------------------------------------------------------------------------------
+
+
+class Billing:
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    # -- profiles --------------------------------------------------------------------------
+
+    async def set_profile(
+        self,
+        tenant: str,
+        *,
+        currency: str | None = None,
+        draw_order: Sequence[str] | None = None,
+        credit_limit: str | None = None,
+        low_balance: str | None = None,
+        discount_pct: str | None = None,
+    ) -> Profile:
+        async def run(tx: Tx) -> Profile:
+            old = await get_profile(tx, tenant)
+            cur = check_currency(currency) if currency else old.currency
+            if currency and cur != old.currency and await _has_money(tx, tenant, old.currency):
+                raise BillingError(
+                    f"tenant {tenant} already holds {old.currency} balances; its settlement "
+                    f"currency cannot change to {cur}"
+                )
+            order = tuple(draw_order) if draw_order is not None else old.draw_order
+            bad = [x for x in order if x not in DRAW_ORDER] or (len(set(order)) != len(order))
+            if bad or not order:
+                raise BillingError(
+                    f"draw order must be distinct names from {', '.join(DRAW_ORDER)}"
+                )
+            limit = parse_amount(credit_limit, cur) if credit_limit is not None else None
+            low = parse_amount(low_balance, cur) if low_balance is not None else old.low_balance
+            disc = old.discount_ppm
+            if discount_pct is not None:
+                d = Decimal(discount_pct) * 10_000
+                if d != int(d) or not 0 <= d <= PPM:
+                    raise BillingError("discount must be a percentage from 0 to 100")
+                disc = int(d)
+            new = Profile(
+                tenant, cur, order, limit if limit is not None else old.credit_limit, low, disc
+            )
+            await tx.execute("DELETE FROM billing_profiles WHERE tenant = $1", tenant)
+            await tx.execute(
+                "INSERT INTO billing_profiles (tenant, currency, draw_order, credit_limit, "
+                "low_balance, discount_ppm, updated_ms) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                tenant, new.currency, ",".join(new.draw_order), new.credit_limit,
+                new.low_balance, new.discount_ppm, now_ms(),
+            )  # fmt: skip
+            if limit is not None:
+                await tx.execute(
+                    "UPDATE accounts SET ceiling = $1 WHERE id = $2",
+                    limit,
+                    L.receivable(tenant, new.currency),
+                )
+            return new
+
+        return await self.db.transaction(run)
+
+    async def profile(self, tenant: str) -> Profile:
+        return await self.db.transaction(lambda tx: get_profile(tx, tenant))
+
+    # -- prices, FX, splits ------------------------------------------------------------------
+
+    async def set_price(
+        self,
+        model: str,
+        *,
+        currency: str,
+        input_per_1m: str | Decimal,
+        output_per_1m: str | Decimal,
+        cached_input_per_1m: str | Decimal | None = None,
+        points_per_1m: str | Decimal | None = None,
+        effective_ms: int | None = None,
+        tenant: str = "",
+    ) -> Price:
+        """A new price-book version for `model` (a tenant override when `tenant` is given),
+        effective from `effective_ms` (default now). Cached input defaults to the input
+        price."""
+        cur = check_currency(currency)
+        inp = parse_price(input_per_1m, "input price")
+        out = parse_price(output_per_1m, "output price")
+        cached = (
+            parse_price(cached_input_per_1m, "cached-input price")
+            if cached_input_per_1m is not None
+            else inp
+        )
+        pts = parse_price(points_per_1m, "points") if points_per_1m is not None else None
+        eff = now_ms() if effective_ms is None else effective_ms
+
+        async def run(tx: Tx) -> Price:
+            v = await tx.fetchval(
+                "SELECT MAX(version) FROM prices WHERE model = $1 AND tenant = $2", model, tenant
+            )
+            p = Price(model, tenant, (v or 0) + 1, eff, cur, inp, cached, out, pts)
+            await tx.execute(
+                "INSERT INTO prices (model, tenant, version, effective_ms, currency, "
+                "input_per_1m, cached_input_per_1m, output_per_1m, points_per_1m, created_ms) "
+                "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+                p.model, p.tenant, p.version, p.effective_ms, p.currency, p.input_per_1m,
+                p.cached_input_per_1m, p.output_per_1m, p.points_per_1m, now_ms(),
+            )  # fmt: skip
+            return p
+
+        return await self.db.transaction(run)
+
+    async def prices(self) -> list[Price]:
+        async def run(tx: Tx) -> list[Price]:
+            rows = await tx.fetch(
+                "SELECT model, tenant, version, effective_ms, currency, input_per_1m, "
+                "cached_input_per_1m, output_per_1m, points_per_1m FROM prices "
+                "ORDER BY model, tenant, version"
+            )
+            return [Price(*r) for r in rows]
+
+        return await self.db.transaction(run)
+
+    async def set_fx(
+        self, base: str, quote: str, fx_rate: str | Decimal, *, effective_ms: int | None = None
+    ) -> Decimal:
+        b, q = check_currency(base), check_currency(quote)
+        if b == q:
+            raise BillingError("an FX rate needs two different currencies")
+        r = parse_rate(fx_rate)
+        eff = now_ms() if effective_ms is None else effective_ms
+
+        async def run(tx: Tx) -> Decimal:
+            await tx.execute(
+                "DELETE FROM fx_rates WHERE base = $1 AND quote = $2 AND effective_ms = $3",
+                b, q, eff,
+            )  # fmt: skip
+            await tx.execute(
+                "INSERT INTO fx_rates (base, quote, effective_ms, rate, created_ms) "
+                "VALUES ($1, $2, $3, $4, $5)",
+                b, q, eff, str(r), now_ms(),
+            )  # fmt: skip
+            return r
+
+        return await self.db.transaction(run)
+
+    async def set_split(
+        self,
+        provider: str,
+        *,
+        platform_pct: str | Decimal,
+        channel_pct: str | Decimal = "0",
+        effective_ms: int | None = None,
+    ) -> tuple[int, int]:
+        pp, cp = _split_ppm(platform_pct, channel_pct)
+        eff = now_ms() if effective_ms is None else effective_ms
+
+        async def run(tx: Tx) -> tuple[int, int]:
+            await tx.execute(
+                "DELETE FROM revenue_splits WHERE provider = $1 AND effective_ms = $2",
+                provider, eff,
+            )  # fmt: skip
+            await tx.execute(
+                "INSERT INTO revenue_splits (provider, effective_ms, platform_ppm, channel_ppm, "
+                "created_ms) VALUES ($1, $2, $3, $4, $5)",
+                provider, eff, pp, cp, now_ms(),
+            )  # fmt: skip
+            return pp, cp
+
+        return await self.db.transaction(run)
+
+    # -- plans, lots, wallets, codes -----------------------------------------------------------
+
+    async def create_plan(
+        self,
+        name: str,
+        *,
+        price: str,
+        currency: str,
+        tokens: int | None = None,
+        points: str | None = None,
+        period: str = "month",
+        overage_per_1m: str | None = None,
+        overage_currency: str | None = None,
+        hard_stop: bool = False,
+        auto_topup: int | None = None,
+        rollover: bool = False,
+        models: Sequence[str] = (),
+    ) -> Plan:
+        cur = check_currency(currency)
+        amount = parse_amount(price, cur)
+        if (tokens is None) == (points is None):
+            raise BillingError("a plan sells either --tokens or --points")
+        if tokens is not None and tokens <= 0:
+            raise BillingError("--tokens must be positive")
+        kind = "package" if tokens is not None else "points"
+        qty = tokens if tokens is not None else parse_price(points or "0", "points")
+        if qty <= 0:
+            raise BillingError("the plan's quantity must be positive")
+        if period not in PERIODS:
+            raise BillingError(f"period must be one of {', '.join(PERIODS)}")
+        modes = [overage_per_1m is not None, hard_stop, auto_topup is not None]
+        if sum(modes) > 1:
+            raise BillingError("choose one of --overage-per-1m, --hard-stop, --auto-topup")
+        exhaustion = "overage" if modes[0] else "auto_topup" if modes[2] else "hard_stop"
+        if auto_topup is not None and auto_topup <= 0:
+            raise BillingError("--auto-topup must be a positive number of tokens")
+        over = parse_price(overage_per_1m, "overage price") if overage_per_1m else None
+        over_cur = check_currency(overage_currency) if overage_currency else cur
+        plan = Plan(
+            name, kind, amount, cur, qty, period, exhaustion, over, over_cur, auto_topup,
+            rollover, tuple(models),
+        )  # fmt: skip
+
+        async def run(tx: Tx) -> Plan:
+            if await tx.fetchval("SELECT 1 FROM plans WHERE name = $1", name):
+                raise BillingError(f"plan {name!r} already exists")
+            await tx.execute(
+                f"INSERT INTO plans ({_PLAN_COLS}, created_ms) "
+                "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
+                plan.name, plan.kind, plan.price, plan.currency, plan.quantity, plan.period,
+                plan.exhaustion, plan.overage_per_1m, plan.overage_currency, plan.auto_topup,
+                int(plan.rollover), ",".join(plan.models), now_ms(),
+            )  # fmt: skip
+            return plan
+
+        return await self.db.transaction(run)
+
+    async def plans(self) -> list[Plan]:
+        async def run(tx: Tx) -> list[Plan]:
+            return [
+                _plan(r) for r in await tx.fetch(f"SELECT {_PLAN_COLS} FROM plans ORDER BY name")
+            ]
+
+        return await self.db.transaction(run)
+
+    async def assign(self, tenant: str, plan_name: str, *, start_ms: int | None = None) -> Lot:
+        """Sells a plan to a tenant: a new lot valid from `start_ms` for the plan's period,
+        paid from the wallet (else the credit line) in the plan's currency."""
+        start = now_ms() if start_ms is None else start_ms
+
+        async def run(tx: Tx) -> Lot:
+            row = await tx.fetchrow(
+                f"SELECT {_PLAN_COLS} FROM plans WHERE name = $1",
+                plan_name,
+            )
+            if row is None:
+                raise BillingError(f"no plan named {plan_name!r}")
+            plan = _plan(row)
+            await L.lock_tenants(tx, [tenant])
+            prof = await get_profile(tx, tenant)
+            lot = Lot(
+                L.new_id("lot"), tenant, plan.name, plan.kind, plan.quantity, plan.price,
+                plan.currency, start, add_period(start, plan.period), plan.exhaustion,
+                plan.overage_per_1m, plan.overage_currency, plan.auto_topup, plan.rollover,
+                plan.models, 0, 0, "active",
+            )  # fmt: skip
+            book = Book(tx)
+            unit = TOKENS if plan.kind == "package" else POINTS
+            await book.load(_tenant_specs(prof, plan.currency) | _lot_specs(lot))
+            txn = Txn("purchase", tenant, start, ref=lot.id, memo=f"plan {plan.name}")
+            txn.details = {"plan": plan.name, "price": plan.price, "currency": plan.currency}
+            _pay(book, txn, prof, plan.currency, plan.price, L.lot_deferred(tenant, lot.id))
+            txn.move(L.op("issued", unit), L.lot_units(tenant, lot.id), unit, plan.quantity)
+            book.post(txn)
+            await _insert_lot(tx, lot)
+            await book.flush()
+            return lot
+
+        return await self.db.transaction(run)
+
+    async def lots(self, tenant: str | None = None) -> list[Lot]:
+        async def run(tx: Tx) -> list[Lot]:
+            if tenant is None:
+                rows = await tx.fetch(f"SELECT {_LOT_COLS} FROM lots ORDER BY start_ms, id")
+            else:
+                rows = await tx.fetch(
+                    f"SELECT {_LOT_COLS} FROM lots WHERE tenant = $1 ORDER BY start_ms, id",
+                    tenant,
+                )
+            return [_lot(r) for r in rows]
+
+        return await self.db.transaction(run)
+
+    async def topup(
+        self, tenant: str, amount: str, currency: str, *, ts_ms: int | None = None, ref: str = ""
+    ) -> str:
+        """Money received into the tenant's wallet; returns the transaction id."""
+        cur = check_currency(currency)
+        value = parse_amount(amount, cur)
+        if value <= 0:
+            raise BillingError("a top-up must be positive")
+        ts = now_ms() if ts_ms is None else ts_ms
+
+        async def run(tx: Tx) -> str:
+            await L.lock_tenants(tx, [tenant])
+            prof = await get_profile(tx, tenant)
+            if cur != prof.currency:
+                raise BillingError(
+                    f"tenant {tenant} settles in {prof.currency}; top up in {prof.currency}"
+                )
+            book = Book(tx)
+            await book.load(_tenant_specs(prof, cur))
+            txn = Txn("topup", tenant, ts, ref=ref, memo=f"top-up {amount} {cur}")
+            txn.move(L.op("cash", cur), L.wallet(tenant, cur), cur, value)
+            book.post(txn)
+            await book.flush()
+            return txn.id
+
+        return await self.db.transaction(run)
+
+    async def create_codes(
+        self, count: int, amount: str, currency: str, *, expires_ms: int | None = None
+    ) -> list[str]:
+        """Single-use redemption codes worth `amount` each; the codes are returned once and
+        stored only as SHA-256."""
+        cur = check_currency(currency)
+        value = parse_amount(amount, cur)
+        if value <= 0 or count <= 0:
+            raise BillingError("codes need a positive amount and count")
+        codes = [f"thc-{secrets.token_urlsafe(15)}" for _ in range(count)]
+
+        async def run(tx: Tx) -> list[str]:
+            await tx.executemany(
+                "INSERT INTO redemption_codes (sha256, prefix, amount, currency, expires_ms, "
+                "created_ms) VALUES ($1, $2, $3, $4, $5, $6)",
+                [
+                    (hashlib.sha256(c.encode()).hexdigest(), c[:8], value, cur, expires_ms,
+                     now_ms())
+                    for c in codes
+                ],
+            )  # fmt: skip
+            return codes
+
+        return await self.db.transaction(run)
+
+    async def redeem(self, tenant: str, code: str, *, ts_ms: int | None = None) -> str:
+        digest = hashlib.sha256(code.strip().encode()).hexdigest()
+        ts = now_ms() if ts_ms is None else ts_ms
+
+        async def run(tx: Tx) -> str:
+            row = await tx.fetchrow(
+                "SELECT amount, currency, expires_ms, redeemed_by FROM redemption_codes "
+                f"WHERE sha256 = $1{tx.for_update}",
+                digest,
+            )
+            if row is None:
+                raise BillingError("unknown redemption code")
+            value, cur, expires, used = row
+            await L.lock_tenants(tx, [tenant])
+            if used is not None:
+                raise BillingError("this redemption code has already been used")
+            if expires is not None and ts >= expires:
+                raise BillingError("this redemption code has expired")
+            prof = await get_profile(tx, tenant)
+            if cur != prof.currency:
+                raise BillingError(f"this code is in {cur}; tenant {tenant} settles in "
+                                   f"{prof.currency}")  # fmt: skip
+            book = Book(tx)
+            await book.load(_tenant_specs(prof, cur))
+            txn = Txn("redeem", tenant, ts, ref=digest[:16], memo="redemption code")
+            txn.move(L.op("promotions", cur), L.wallet(tenant, cur), cur, value)
+            book.post(txn)
+            n = await tx.execute(
+                "UPDATE redemption_codes SET redeemed_by = $1, redeemed_ms = $2, txn_id = $3 "
+                "WHERE sha256 = $4 AND redeemed_by IS NULL",
+                tenant, ts, txn.id, digest,
+            )  # fmt: skip
+            if n != 1:
+                raise BillingError("this redemption code has already been used")
+            await book.flush()
+            return txn.id
+
+        return await self.db.transaction(run)
+
+    async def adjust(
+        self, tenant: str, amount: str, currency: str, memo: str, *, ts_ms: int | None = None
+    ) -> str:
+        """An operator's correction to a wallet: positive credits it, negative debits it
+        (never below zero). Balanced against the promotions account; `memo` is required."""
+        if not memo.strip():
+            raise BillingError("an adjustment needs a memo saying why")
+        cur = check_currency(currency)
+        value = parse_amount(amount, cur, allow_negative=True)
+        ts = now_ms() if ts_ms is None else ts_ms
+
+        async def run(tx: Tx) -> str:
+            await L.lock_tenants(tx, [tenant])
+            prof = await get_profile(tx, tenant)
+            book = Book(tx)
+            await book.load(_tenant_specs(prof, cur))
+            txn = Txn("adjustment", tenant, ts, memo=memo)
+            txn.move(L.op("promotions", cur), L.wallet(tenant, cur), cur, value)
+            book.post(txn)
+            await book.flush()
+            return txn.id
+
+        return await self.db.transaction(run)
+
+    # -- usage ------------------------------------------------------------------------------
+
+    async def settle(self, events: Iterable[UsageEvent]) -> SettleResult:
+        """Settles a batch of usage events in one transaction (see the module docstring). An
+        event that cannot be rated (no price, no FX rate) is reported in `failed` and left
+        unsettled, to be settled again once the price exists; the rest go on."""
+        evs = list(events)
+        try:
+            return await self.db.transaction(lambda tx: _settle(tx, evs))
+        except LedgerError:
+            if len(evs) == 1:
+                raise
+        # One event's postings broke a constraint the batch could not foresee: settle them
+        # one by one, so only that event fails.
+        total = SettleResult()
+        for ev in evs:
+            try:
+                r = await self.db.transaction(partial(_settle, events=[ev]))
+            except LedgerError as e:
+                total.failed.append((ev.request_id, str(e)))
+                continue
+            total.settled += r.settled
+            total.duplicates += r.duplicates
+            total.conflicts += r.conflicts
+            total.failed += r.failed
+            total.txn_ids |= r.txn_ids
+        return total
+
+    async def refund(self, event_id: str, *, memo: str = "", ts_ms: int | None = None) -> str:
+        """Reverses a settled usage event's postings (one refund per event)."""
+        ts = now_ms() if ts_ms is None else ts_ms
+
+        async def run(tx: Tx) -> str:
+            row = await tx.fetchrow("SELECT txn_id FROM settlements WHERE event_id = $1", event_id)
+            if row is None or not row[0]:
+                raise BillingError(f"event {event_id} has not been settled (or had no charge)")
+            if await tx.fetchval(
+                "SELECT 1 FROM ledger_txns WHERE kind = 'refund' AND ref = $1", event_id
+            ):
+                raise BillingError(f"event {event_id} has already been refunded")
+            txn_row = await tx.fetchrow("SELECT tenant FROM ledger_txns WHERE id = $1", row[0])
+            assert txn_row is not None
+            await L.lock_tenants(tx, [txn_row[0]])
+            legs = await tx.fetch(
+                "SELECT account, unit, amount FROM postings WHERE txn_id = $1 ORDER BY leg",
+                row[0],
+            )
+            prof = await get_profile(tx, txn_row[0])
+            book = Book(tx)
+            await book.load(
+                {a: L.spec_for(a, u, credit_limit=prof.credit_limit) for a, u, _ in legs}
+            )
+            txn = Txn("refund", txn_row[0], ts, ref=event_id, memo=memo or "refund")
+            txn.details = {"reverses": row[0]}
+            for a, u, amt in legs:
+                txn.add(a, u, -amt)
+            book.post(txn)
+            await _restore_lots(tx, txn_row[0], legs)
+            await book.flush()
+            return txn.id
+
+        return await self.db.transaction(run)
+
+    async def expire(self, *, now: int | None = None) -> list[str]:
+        """Ends every lot whose window closed by `now`: unused tokens/points and the price
+        not yet earned go to breakage, or roll over into a new lot when the plan says so.
+        Returns the expiry transaction ids."""
+        at = now_ms() if now is None else now
+
+        async def run(tx: Tx) -> list[str]:
+            due = "FROM lots WHERE status = 'active' AND end_ms IS NOT NULL AND end_ms <= $1"
+            await L.lock_tenants(tx, [r[0] for r in await tx.fetch(f"SELECT tenant {due}", at)])
+            rows = await tx.fetch(f"SELECT {_LOT_COLS} {due} ORDER BY end_ms, id", at)
+            out = []
+            for lot in map(_lot, rows):
+                out.append(await _expire_lot(tx, lot))
+            return out
+
+        return await self.db.transaction(run)
+
+    async def invariants(self) -> list[str]:
+        return await self.db.transaction(L.check_invariants)
+
+
+# -- helpers used inside transactions ---------------------------------------------------------
+
+
+def _plan(r: Sequence[Any]) -> Plan:
+    x = list(r)
+    x[10] = bool(x[10])
+    x[11] = tuple(m for m in x[11].split(",") if m)
+    return Plan(*x)
+
+
+async def get_profile(tx: Tx, tenant: str) -> Profile:
+    row = await tx.fetchrow(
+        "SELECT currency, draw_order, credit_limit, low_balance, discount_ppm "
+        "FROM billing_profiles WHERE tenant = $1",
+        tenant,
+    )
+    if row is None:
+        return Profile(tenant)
+    cur, order, limit, low, disc = row
+    return Profile(tenant, cur, tuple(order.split(",")), limit, low, disc)
+
+
+async def _has_money(tx: Tx, tenant: str, cur: str) -> bool:
+    return bool(
+        await tx.fetchval(
+            "SELECT 1 FROM postings p JOIN accounts a ON a.id = p.account "
+            "WHERE a.tenant = $1 AND p.unit = $2 LIMIT 1",
+            tenant,
+            cur,
+        )
+    )
+
+
+def _tenant_specs(prof: Profile, cur: str) -> dict[str, AccountSpec]:
+    t = prof.tenant
+    return {
+        a: L.spec_for(a, cur, credit_limit=prof.credit_limit)
+        for a in (L.wallet(t, cur), L.receivable(t, cur), L.overrun(t, cur))
+    } | {
+        a: L.spec_for(a, cur)
+        for a in (L.op("cash", cur), L.op("promotions", cur), L.op("revenue", cur),
+                  L.op("channel", cur), L.op("breakage", cur), L.op("fx", cur))
+    }  # fmt: skip
+
+
+def _lot_specs(lot: Lot) -> dict[str, AccountSpec]:
+    unit = TOKENS if lot.kind == "package" else POINTS
+    return {
+        L.lot_units(lot.tenant, lot.id): L.spec_for(L.lot_units(lot.tenant, lot.id), unit),
+        L.lot_deferred(lot.tenant, lot.id): L.spec_for(
+            L.lot_deferred(lot.tenant, lot.id), lot.currency
+        ),
+        L.op("issued", unit): L.spec_for(L.op("issued", unit), unit),
+        L.op("breakage", lot.currency): L.spec_for(L.op("breakage", lot.currency), lot.currency),
+    }
+
+
+async def _insert_lot(tx: Tx, lot: Lot) -> None:
+    await tx.execute(
+        f"INSERT INTO lots ({_LOT_COLS}, created_ms) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, "
+        "$10, $11, $12, $13, $14, $15, $16, $17, $18, $19)",
+        lot.id, lot.tenant, lot.plan, lot.kind, lot.quantity, lot.price, lot.currency,
+        lot.start_ms, lot.end_ms, lot.exhaustion, lot.overage_per_1m, lot.overage_currency,
+        lot.auto_topup, int(lot.rollover), ",".join(lot.models), lot.consumed, lot.recognized,
+        lot.status, now_ms(),
+    )  # fmt: skip
+
+
+def _pay(
+    book: Book, txn: Txn, prof: Profile, cur: str, amount: int, credit: str
+) -> list[tuple[str, int]]:
+    """Debits `amount` (in `cur`, the tenant's currency) from the wallet, then the credit
+    line, per the draw order; credits `credit`. Raises InsufficientFunds when they cannot
+    cover it (purchases are refused rather than overrun)."""
+    if cur != prof.currency:
+        raise BillingError(
+            f"tenant {prof.tenant} settles in {prof.currency}; this costs {cur} "
+            "(set the plan's currency to the tenant's)"
+        )
+    legs = _draw_money(book, prof, cur, amount, allow_overrun=False)
+    for acc, x in legs:
+        txn.add(acc, cur, x)
+    txn.add(credit, cur, -amount)
+    return legs
+
+
+def _draw_money(
+    book: Book, prof: Profile, cur: str, amount: int, *, allow_overrun: bool
+) -> list[tuple[str, int]]:
+    """Which money accounts pay `amount`, in draw order: [(account, debit)]."""
+    t = prof.tenant
+    rest = amount
+    legs: list[tuple[str, int]] = []
+    for source in prof.draw_order:
+        if rest <= 0:
+            break
+        acc = {"wallet": L.wallet(t, cur), "postpaid": L.receivable(t, cur)}.get(source)
+        if acc is None:
+            continue
+        avail = book.available(acc)
+        take = rest if avail is None else max(0, min(rest, avail))
+        if take:
+            legs.append((acc, take))
+            rest -= take
+    if rest > 0:
+        if not allow_overrun:
+            have = amount - rest
+            raise L.InsufficientFunds(L.wallet(t, cur), cur, amount, have)
+        legs.append((L.overrun(t, cur), rest))
+    return legs
+
+
+@dataclass
+class _Ctx:
+    """Per-transaction caches for a settlement batch."""
+
+    profiles: dict[str, Profile] = field(default_factory=dict)
+    lots: dict[str, list[Lot]] = field(default_factory=dict)
+    dirty_lots: dict[str, Lot] = field(default_factory=dict)
+    prices: dict[tuple[str, str], list[Price]] = field(default_factory=dict)
+    fx: dict[tuple[str, str], list[tuple[int, Decimal]]] = field(default_factory=dict)
+    splits: dict[str, list[tuple[int, int, int]]] = field(default_factory=dict)
+
+
+async def _price_at(tx: Tx, ctx: _Ctx, model: str, tenant: str, ts: int) -> Price | None:
+    for who in (tenant, ""):
+        key = (model, who)
+        if key not in ctx.prices:
+            rows = await tx.fetch(
+                "SELECT model, tenant, version, effective_ms, currency, input_per_1m, "
+                "cached_input_per_1m, output_per_1m, points_per_1m FROM prices "
+                "WHERE model = $1 AND tenant = $2 ORDER BY effective_ms DESC, version DESC",
+                model,
+                who,
+            )
+            ctx.prices[key] = [Price(*r) for r in rows]
+        for p in ctx.prices[key]:
+            if p.effective_ms <= ts:
+                return p
+    return None
+
+
+async def _fx_at(tx: Tx, ctx: _Ctx, base: str, quote: str, ts: int) -> tuple[Decimal, str]:
+    """The rate converting base -> quote at ts, and how it was found (for the record)."""
+    for b, q, inverse in ((base, quote, False), (quote, base, True)):
+        key = (b, q)
+        if key not in ctx.fx:
+            rows = await tx.fetch(
+                "SELECT effective_ms, rate FROM fx_rates WHERE base = $1 AND quote = $2 "
+                "ORDER BY effective_ms DESC",
+                b,
+                q,
+            )
+            ctx.fx[key] = [(e, Decimal(r)) for e, r in rows]
+        for eff, r in ctx.fx[key]:
+            if eff <= ts:
+                if not inverse:
+                    return r, f"{b}/{q} {r} from {eff}"
+                # Only the opposite direction is set: 1/r, to 12 significant decimals.
+                inv = (Decimal(1) / r).quantize(Decimal("1e-12"))
+                return inv, f"1/({b}/{q} {r}) from {eff}"
+    raise BillingError(f"no FX rate {base}->{quote} effective at {ts} (tokenhub fx set ...)")
+
+
+async def _split_at(tx: Tx, ctx: _Ctx, provider: str, ts: int) -> tuple[int, int]:
+    if provider not in ctx.splits:
+        rows = await tx.fetch(
+            "SELECT effective_ms, platform_ppm, channel_ppm FROM revenue_splits "
+            "WHERE provider = $1 ORDER BY effective_ms DESC",
+            provider,
+        )
+        ctx.splits[provider] = [tuple(r) for r in rows]
+    for eff, pp, cp in ctx.splits[provider]:
+        if eff <= ts:
+            return pp, cp
+    return 0, 0  # no split agreed: everything is the provider's (the operator resells at cost)
+
+
+def _split_legs(
+    txn: Txn, cur: str, amount: int, provider: str, split: tuple[int, int]
+) -> dict[str, int]:
+    """Credits `amount` to platform revenue, channel and provider by largest remainder."""
+    pp, cp = split
+    platform, channel, prov = allocate(amount, [pp, cp, PPM - pp - cp])
+    txn.add(L.op("revenue", cur), cur, -platform)
+    txn.add(L.op("channel", cur), cur, -channel)
+    txn.add(L.op("provider", cur, provider or "unknown"), cur, -prov)
+    return {"platform": platform, "channel": channel, "provider": prov}
+
+
+_LINES = ("input", "cached_input", "output")
+
+
+async def _settle(tx: Tx, events: list[UsageEvent]) -> SettleResult:
+    res = SettleResult()
+    if not events:
+        return res
+    # Idempotency first: what of this batch is settled already?
+    ids = sorted({e.request_id for e in events})
+    known: dict[str, str] = {}
+    for i in range(0, len(ids), 500):
+        chunk = ids[i : i + 500]
+        marks = ",".join(f"${j + 1}" for j in range(len(chunk)))
+        for eid, h in await tx.fetch(
+            f"SELECT event_id, payload_sha256 FROM settlements WHERE event_id IN ({marks})",
+            *chunk,
+        ):
+            known[eid] = h
+    todo: list[tuple[UsageEvent, str]] = []
+    for ev in events:
+        h = _payload_hash(ev)
+        if ev.request_id in known:
+            if known[ev.request_id] == h:
+                res.duplicates += 1
+            else:
+                res.conflicts.append(ev.request_id)
+            continue
+        known[ev.request_id] = h
+        todo.append((ev, h))
+    if not todo:
+        return res
+
+    await L.lock_tenants(tx, [ev.tenant for ev, _ in todo])
+    ctx = _Ctx()
+    book = Book(tx)
+    specs: dict[str, AccountSpec] = {}
+    for ev, _ in todo:
+        if ev.tenant not in ctx.profiles:
+            prof = ctx.profiles[ev.tenant] = await get_profile(tx, ev.tenant)
+            rows = await tx.fetch(
+                f"SELECT {_LOT_COLS} FROM lots WHERE tenant = $1 AND status = 'active' "
+                "ORDER BY end_ms, start_ms, id",
+                ev.tenant,
+            )
+            ctx.lots[ev.tenant] = [_lot(r) for r in rows]
+            specs |= _tenant_specs(prof, prof.currency)
+            for lot in ctx.lots[ev.tenant]:
+                specs |= _lot_specs(lot) | _tenant_specs(prof, lot.currency)
+    await book.load(specs)
+
+    settled_rows: list[tuple[str, str, str, int]] = []
+    for ev, h in todo:
+        try:
+            txn = await _settle_event(tx, ctx, book, ev)
+        except (BillingError, MoneyError) as e:
+            del known[ev.request_id]
+            res.failed.append((ev.request_id, str(e)))
+            continue
+        tid = txn.id if txn is not None else ""
+        settled_rows.append((ev.request_id, h, tid, now_ms()))
+        res.txn_ids[ev.request_id] = tid
+        res.settled += 1
+    await book.flush()
+    for lot in ctx.dirty_lots.values():
+        await tx.execute(
+            "UPDATE lots SET quantity = $1, price = $2, consumed = $3, recognized = $4, "
+            "status = $5 WHERE id = $6",
+            lot.quantity, lot.price, lot.consumed, lot.recognized, lot.status, lot.id,
+        )  # fmt: skip
+    if settled_rows:
+        await tx.executemany(
+            "INSERT INTO settlements (event_id, payload_sha256, txn_id, settled_ms) "
+            "VALUES ($1, $2, $3, $4)",
+            settled_rows,
+        )
+    return res
+
+
+def _take_lines(remaining: list[int], n: int) -> list[int]:
+    """Takes n tokens from the lines in order (uncached input, cached input, output)."""
+    took = [0, 0, 0]
+    for i in range(3):
+        k = min(remaining[i], n)
+        took[i] = k
+        remaining[i] -= k
+        n -= k
+    return took
+
+
+def _recognize(lot: Lot, used: int) -> int:
+    """The lot price earned by `used` more units: cumulative, so a fully used lot earns
+    exactly its price."""
+    before = lot.recognized
+    lot.consumed += used
+    lot.recognized = div_half_even(lot.consumed * lot.price, lot.quantity)
+    return lot.recognized - before
+
+
+async def _settle_event(tx: Tx, ctx: _Ctx, book: Book, ev: UsageEvent) -> Txn | None:
+    prof = ctx.profiles[ev.tenant]
+    uncached = max(0, ev.input_tokens - ev.cached_input_tokens)
+    cached = min(ev.cached_input_tokens, ev.input_tokens)
+    remaining = [uncached, cached, max(0, ev.output_tokens)]
+    if not sum(remaining):
+        return None
+    price = await _price_at(tx, ctx, ev.model, ev.tenant, ev.ts_ms)
+    if price is None:
+        raise BillingError(f"no price for model {ev.model!r} at {ev.ts_ms} (tokenhub prices set)")
+    split = await _split_at(tx, ctx, ev.provider, ev.ts_ms)
+    txn = Txn("usage", ev.tenant, ev.ts_ms, ref=ev.request_id, memo=ev.model)
+    d: dict[str, Any] = {
+        "model": ev.model,
+        "provider": ev.provider,
+        "tokens": dict(zip(_LINES, remaining, strict=True)),
+        "price": {"version": price.version, "tenant_override": bool(price.tenant),
+                  "currency": price.currency},
+        "split_ppm": list(split),
+        "draws": [],
+    }  # fmt: skip
+    txn.details = d
+    lots = [lot for lot in ctx.lots[ev.tenant] if lot.covers(ev.model, ev.ts_ms)]
+
+    for source in prof.draw_order:
+        if not sum(remaining):
+            break
+        if source == "package":
+            last: Lot | None = None
+            for lot in (x for x in lots if x.kind == "package"):
+                last = lot
+                await _draw_lot(book, ctx, txn, lot, remaining, ev, split, d)
+                if not sum(remaining):
+                    break
+            if last is not None and sum(remaining) > 0:
+                await _exhausted(tx, ctx, book, txn, prof, last, remaining, ev, split, d)
+        elif source == "points":
+            if price.points_per_1m:
+                for lot in (x for x in lots if x.kind == "points"):
+                    _draw_points(book, ctx, txn, lot, remaining, price, ev, split, d)
+                    if not sum(remaining):
+                        break
+        elif source in ("wallet", "postpaid"):
+            await _draw_priced(tx, ctx, book, txn, prof, price, remaining, ev, split, d)
+    if sum(remaining):
+        # Nothing in the draw order could pay (e.g. packages only, hard stop): priced, and
+        # posted as debt rather than lost.
+        await _draw_priced(tx, ctx, book, txn, prof, price, remaining, ev, split, d, overrun=True)
+    book.post(txn)
+    return txn
+
+
+async def _draw_lot(
+    book: Book, ctx: _Ctx, txn: Txn, lot: Lot, remaining: list[int], ev: UsageEvent,
+    split: tuple[int, int], d: dict[str, Any],
+) -> None:  # fmt: skip
+    acc = L.lot_units(lot.tenant, lot.id)
+    held = -(book.balance[acc] + _pending(txn, acc))
+    take = min(held, sum(remaining))
+    if take <= 0:
+        return
+    took = _take_lines(remaining, take)
+    txn.move(acc, L.op("issued", TOKENS), TOKENS, take)
+    earned = _recognize(lot, take)
+    ctx.dirty_lots[lot.id] = lot
+    txn.add(L.lot_deferred(lot.tenant, lot.id), lot.currency, earned)
+    legs = _split_legs(txn, lot.currency, earned, ev.provider, split)
+    d["draws"].append({"from": "package", "lot": lot.id, "tokens": took,
+                       "earned": earned, "currency": lot.currency, "split": legs})  # fmt: skip
+
+
+def _pending(txn: Txn, account: str) -> int:
+    """What this not-yet-posted transaction already moves on `account`."""
+    return sum(p.amount for p in txn.postings if p.account == account)
+
+
+def _draw_points(
+    book: Book, ctx: _Ctx, txn: Txn, lot: Lot, remaining: list[int], price: Price,
+    ev: UsageEvent, split: tuple[int, int], d: dict[str, Any],
+) -> None:  # fmt: skip
+    pp = price.points_per_1m
+    assert pp
+    acc = L.lot_units(lot.tenant, lot.id)
+    held = -(book.balance[acc] + _pending(txn, acc))
+    if held <= 0:
+        return
+    took = [0, 0, 0]
+    points = 0
+    for i in range(3):
+        n = remaining[i]
+        need = rate(n, pp)
+        if need > held - points:
+            # As many tokens as the points left can pay for.
+            n = (held - points) * 1_000_000 // pp
+            while n > 0 and rate(n, pp) > held - points:
+                n -= 1
+            need = rate(n, pp)
+        took[i] = n
+        remaining[i] -= n
+        points += need
+        if remaining[i]:
+            break
+    if not points and not sum(took):
+        return
+    txn.move(acc, L.op("issued", POINTS), POINTS, points)
+    earned = _recognize(lot, points)
+    ctx.dirty_lots[lot.id] = lot
+    txn.add(L.lot_deferred(lot.tenant, lot.id), lot.currency, earned)
+    legs = _split_legs(txn, lot.currency, earned, ev.provider, split)
+    d["draws"].append({"from": "points", "lot": lot.id, "tokens": took, "points": points,
+                       "earned": earned, "currency": lot.currency, "split": legs})  # fmt: skip
+
+
+async def _charge(
+    tx: Tx, ctx: _Ctx, book: Book, txn: Txn, prof: Profile, cur: str, amount: int,
+    ev: UsageEvent, split: tuple[int, int], d: dict[str, Any], what: str, *, overrun: bool,
+) -> None:  # fmt: skip
+    """`amount` in `cur` paid from the tenant's money accounts (converted to the tenant's
+    currency when they differ), split as revenue in `cur`."""
+    if amount <= 0:
+        return
+    tc = prof.currency
+    rec: dict[str, Any] = {"from": what, "amount": amount, "currency": cur}
+    if cur != tc:
+        fx_rate, how = await _fx_at(tx, ctx, cur, tc, ev.ts_ms)
+        paid = convert(amount, fx_rate)
+        rec |= {"fx_rate": str(fx_rate), "fx": how, "converted": paid, "tenant_currency": tc}
+        txn.add(L.op("fx", tc), tc, -paid)
+        txn.add(L.op("fx", cur), cur, amount)
+    else:
+        paid = amount
+    pending = {a: _pending(txn, a) for a in (L.wallet(prof.tenant, tc),
+                                             L.receivable(prof.tenant, tc))}  # fmt: skip
+    # Debit what this transaction has not already taken.
+    for a, p in pending.items():
+        book.balance[a] += p
+    try:
+        legs = _draw_money(book, prof, tc, paid, allow_overrun=True)
+    finally:
+        for a, p in pending.items():
+            book.balance[a] -= p
+    if not overrun and len(legs) and legs[-1][0] == L.overrun(prof.tenant, tc):
+        rec["overrun"] = legs[-1][1]
+    for acc, x in legs:
+        txn.add(acc, tc, x)
+    rec["paid_by"] = legs
+    rec["split"] = _split_legs(txn, cur, amount, ev.provider, split)
+    d["draws"].append(rec)
+
+
+async def _draw_priced(
+    tx: Tx, ctx: _Ctx, book: Book, txn: Txn, prof: Profile, price: Price, remaining: list[int],
+    ev: UsageEvent, split: tuple[int, int], d: dict[str, Any], *, overrun: bool = False,
+) -> None:  # fmt: skip
+    lines = [price.input_per_1m, price.cached_input_per_1m, price.output_per_1m]
+    amounts = [rate(n, p) for n, p in zip(remaining, lines, strict=True)]
+    gross = sum(amounts)
+    net = gross - div_half_even(gross * prof.discount_ppm, PPM) if prof.discount_ppm else gross
+    d["priced"] = {"tokens": list(remaining), "amounts": amounts, "gross": gross, "net": net}
+    remaining[:] = [0, 0, 0]
+    await _charge(tx, ctx, book, txn, prof, price.currency, net, ev, split, d,
+                  "wallet" if not overrun else "overrun", overrun=overrun)  # fmt: skip
+
+
+async def _exhausted(
+    tx: Tx, ctx: _Ctx, book: Book, txn: Txn, prof: Profile, lot: Lot, remaining: list[int],
+    ev: UsageEvent, split: tuple[int, int], d: dict[str, Any],
+) -> None:  # fmt: skip
+    """The package lots in scope are used up: apply the last one's exhaustion rule."""
+    if lot.exhaustion == "overage" and lot.overage_per_1m is not None:
+        n = sum(remaining)
+        amount = rate(n, lot.overage_per_1m)
+        d["overage"] = {"lot": lot.id, "tokens": n, "per_1m": lot.overage_per_1m,
+                        "amount": amount, "currency": lot.overage_currency}  # fmt: skip
+        remaining[:] = [0, 0, 0]
+        await _charge(tx, ctx, book, txn, prof, lot.overage_currency, amount, ev, split, d,
+                      "overage", overrun=False)  # fmt: skip
+    elif lot.exhaustion == "auto_topup" and lot.auto_topup:
+        # Buy top-up blocks (pro rata of the plan price) while the money contracts can pay.
+        block = lot.auto_topup
+        cost = div_half_even(lot.price * block, lot.quantity)
+        while sum(remaining):
+            legs_avail = sum(
+                max(0, book.available(a) or 0) - _pending(txn, a)
+                for a in (L.wallet(prof.tenant, lot.currency),)
+            )
+            credit = book.available(L.receivable(prof.tenant, lot.currency)) or 0
+            if lot.currency != prof.currency or legs_avail + max(0, credit) < cost:
+                break
+            t = Txn("purchase", prof.tenant, ev.ts_ms, ref=lot.id, memo="auto top-up")
+            t.details = {"lot": lot.id, "tokens": block, "price": cost, "currency": lot.currency}
+            _pay(book, t, prof, lot.currency, cost, L.lot_deferred(lot.tenant, lot.id))
+            t.move(L.op("issued", TOKENS), L.lot_units(lot.tenant, lot.id), TOKENS, block)
+            book.post(t)
+            # The lot grows; its deferred revenue is earned at the blended rate.
+            lot.quantity += block
+            lot.price += cost
+            ctx.dirty_lots[lot.id] = lot
+            d.setdefault("auto_topups", []).append({"lot": lot.id, "tokens": block, "price": cost})
+            await _draw_lot(book, ctx, txn, lot, remaining, ev, split, d)
+
+
+async def _restore_lots(tx: Tx, tenant: str, legs: Sequence[tuple[str, str, int]]) -> None:
+    """A refund gives consumed lot units back (and un-earns their revenue)."""
+    for acc, unit, amt in legs:
+        if unit in (TOKENS, POINTS) and acc.startswith(f"t:{tenant}:lot:") and amt > 0:
+            lot_id = acc.rsplit(":", 1)[1]
+            row = await tx.fetchrow(f"SELECT {_LOT_COLS} FROM lots WHERE id = $1", lot_id)
+            if row is None:
+                continue
+            lot = _lot(row)
+            lot.consumed -= amt
+            lot.recognized = div_half_even(lot.consumed * lot.price, lot.quantity)
+            await tx.execute(
+                "UPDATE lots SET consumed = $1, recognized = $2 WHERE id = $3",
+                lot.consumed, lot.recognized, lot.id,
+            )  # fmt: skip
+
+
+async def _expire_lot(tx: Tx, lot: Lot) -> str:
+    prof = await get_profile(tx, lot.tenant)
+    unit = TOKENS if lot.kind == "package" else POINTS
+    book = Book(tx)
+    specs = _lot_specs(lot)
+    new_lot: Lot | None = None
+    if lot.rollover:
+        new_lot = Lot(
+            L.new_id("lot"), lot.tenant, lot.plan, lot.kind, 0, 0, lot.currency,
+            lot.end_ms or now_ms(), None, lot.exhaustion, lot.overage_per_1m,
+            lot.overage_currency, lot.auto_topup, False, lot.models, 0, 0, "active",
+        )  # fmt: skip
+        specs |= _lot_specs(new_lot)
+    await book.load(specs | _tenant_specs(prof, prof.currency))
+    ts = lot.end_ms or now_ms()
+    held = -book.balance[L.lot_units(lot.tenant, lot.id)]
+    unearned = lot.price - lot.recognized
+    txn = Txn("expiry", lot.tenant, ts, ref=lot.id, memo=f"plan {lot.plan} ended")
+    txn.details = {"lot": lot.id, "unused": held, "unearned": unearned,
+                   "rollover": new_lot.id if new_lot else None}  # fmt: skip
+    if new_lot is not None:
+        # Roll the unused units and their unearned price into a lot with no end date.
+        txn.move(L.lot_units(lot.tenant, lot.id), L.lot_units(lot.tenant, new_lot.id), unit, held)
+        txn.move(L.lot_deferred(lot.tenant, lot.id), L.lot_deferred(lot.tenant, new_lot.id),
+                 lot.currency, unearned)  # fmt: skip
+        new_lot.quantity, new_lot.price = held, unearned
+        if held:
+            await _insert_lot(tx, new_lot)
+    else:
+        txn.move(L.lot_units(lot.tenant, lot.id), L.op("issued", unit), unit, held)
+        txn.move(L.lot_deferred(lot.tenant, lot.id), L.op("breakage", lot.currency),
+                 lot.currency, unearned)  # fmt: skip
+    book.post(txn)
+    await tx.execute(
+        "UPDATE lots SET status = 'expired', recognized = $1 WHERE id = $2", lot.price, lot.id
+    )
+    await book.flush()
+    return txn.id
+
+
+def as_json(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, default=str)
+
+
+__all__ = ["NANOS", "Billing", "BillingError", "Lot", "Plan", "Price", "Profile", "SettleResult"]

@@ -1,0 +1,211 @@
+"""Statements: what finance reads. Everything here is computed from postings, so a statement's
+totals always equal the sum of the postings behind them.
+
+- `tenant_statement(tx, tenant, period)`: opening balances, purchases, top-ups, usage by model
+  (tokens and amount), overage, breakage, refunds and adjustments, closing balances. Once a
+  period is closed (`close_period`) its statement is stored and returned as stored: postings
+  dated in a closed period go to the next open one (`Book.period_for`), so a closed statement
+  never changes.
+- `provider_settlement(tx, provider, period)`: what the operator owes a provider, by currency
+  and model.
+
+Balances are shown from the tenant's side: a wallet holding 100 CNY shows 100, a receivable
+shows what the tenant owes, token lots the tokens left.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import defaultdict
+from typing import Any
+
+from tokenhub.billing.db import Tx
+from tokenhub.billing.ledger import LedgerError, period_bounds
+from tokenhub.billing.money import TOKENS, fmt, fmt_units
+
+_TENANT_SIDE = {"wallet": -1, "lot": -1, "deferred": -1, "receivable": 1, "overrun": 1}
+
+
+def _kind(account: str) -> str:
+    return account.split(":")[2] if account.startswith("t:") else account.split(":")[1]
+
+
+async def tenant_statement(tx: Tx, tenant: str, period: str) -> dict[str, Any]:
+    period_bounds(period)  # validates the format
+    stored = await tx.fetchval(
+        "SELECT statement FROM closed_periods WHERE tenant = $1 AND period = $2", tenant, period
+    )
+    if stored is not None:
+        out: dict[str, Any] = json.loads(stored)
+        return out
+    rows = await tx.fetch(
+        "SELECT t.id, t.kind, t.period, t.memo, t.details, p.account, p.unit, p.amount "
+        "FROM ledger_txns t JOIN postings p ON p.txn_id = t.id "
+        "WHERE t.tenant = $1 AND t.period <= $2 ORDER BY t.id, p.leg",
+        tenant,
+        period,
+    )
+    opening: dict[tuple[str, str], int] = defaultdict(int)
+    closing: dict[tuple[str, str], int] = defaultdict(int)
+    purchases: list[dict[str, Any]] = []
+    usage: dict[str, dict[str, Any]] = {}
+    sections: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    seen: dict[str, dict[str, Any]] = {}
+    for tid, kind, per, memo, details, acc, unit, amt in rows:
+        if not acc.startswith(f"t:{tenant}:"):
+            continue
+        k = _kind(acc)
+        if k == "deferred":
+            continue  # the operator's side of a lot: shown as the lot's tokens
+        shown = amt * _TENANT_SIDE.get(k, 1)
+        key = (acc, unit)
+        closing[key] += shown
+        if per < period:
+            opening[key] += shown
+            continue
+        # In the period: classify by transaction kind.
+        if kind == "usage":
+            u = usage.setdefault(memo, {"tokens": 0, "package_tokens": 0, "amounts": {}})
+            if tid not in seen:
+                seen[tid] = json.loads(details)
+                u["tokens"] += sum(seen[tid].get("tokens", {}).values())
+            if unit == TOKENS:
+                u["package_tokens"] += -shown
+            else:
+                charged = -shown if k == "wallet" else shown
+                u["amounts"][unit] = u["amounts"].get(unit, 0) + charged
+        elif kind == "purchase":
+            if tid not in seen:
+                seen[tid] = json.loads(details)
+                purchases.append({"txn": tid, "memo": memo} | seen[tid])
+        else:
+            sections[kind][unit] += shown
+    overage: dict[str, int] = defaultdict(int)
+    for det in seen.values():
+        for draw in det.get("draws", []):
+            if draw.get("from") == "overage":
+                cur = draw.get("tenant_currency", draw["currency"])
+                overage[cur] += draw.get("converted", draw["amount"])
+    breakage = await _breakage(tx, tenant, period)
+
+    def bal(d: dict[tuple[str, str], int]) -> list[dict[str, Any]]:
+        return [
+            {"account": a, "unit": u, "balance": v, "text": fmt_units(v, u)}
+            for (a, u), v in sorted(d.items())
+        ]
+
+    return {
+        "tenant": tenant,
+        "period": period,
+        "closed": False,
+        "opening": bal(opening),
+        "purchases": purchases,
+        "usage": [{"model": m} | v for m, v in sorted(usage.items())],
+        "overage": dict(overage),
+        "breakage": breakage,
+        "other": {k: dict(v) for k, v in sections.items()},
+        "closing": bal(closing),
+    }
+
+
+async def _breakage(tx: Tx, tenant: str, period: str) -> list[dict[str, Any]]:
+    rows = await tx.fetch(
+        "SELECT t.ref, p.unit, p.amount FROM ledger_txns t JOIN postings p ON p.txn_id = t.id "
+        "WHERE t.tenant = $1 AND t.period = $2 AND t.kind = 'expiry' AND p.account LIKE 'op:%'",
+        tenant,
+        period,
+    )
+    out: dict[str, dict[str, int]] = defaultdict(dict)
+    for lot, unit, amt in rows:
+        # expiry credits op:breakage (money) and debits op:issued (units returned)
+        out[lot][unit] = out[lot].get(unit, 0) + abs(amt)
+    return [{"lot": lot} | v for lot, v in sorted(out.items())]
+
+
+async def close_period(tx: Tx, tenant: str, period: str) -> dict[str, Any]:
+    """Freezes a tenant's statement for a period (and every earlier one must be closed or
+    empty); later postings dated in it go to the next open period."""
+    if await tx.fetchval(
+        "SELECT 1 FROM closed_periods WHERE tenant = $1 AND period = $2", tenant, period
+    ):
+        raise LedgerError(f"{tenant} {period} is already closed")
+    latest = await tx.fetchval("SELECT MAX(period) FROM closed_periods WHERE tenant = $1", tenant)
+    if latest and latest > period:
+        raise LedgerError(f"{tenant}: {latest} is closed already; periods close in order")
+    st = await tenant_statement(tx, tenant, period)
+    st["closed"] = True
+    await tx.execute(
+        "INSERT INTO closed_periods (tenant, period, closed_ms, statement) VALUES ($1, $2, $3, $4)",
+        tenant,
+        period,
+        int(time.time() * 1000),
+        json.dumps(st, sort_keys=True),
+    )
+    return st
+
+
+async def provider_settlement(tx: Tx, provider: str, period: str) -> dict[str, Any]:
+    period_bounds(period)
+    rows = await tx.fetch(
+        "SELECT t.memo, p.unit, SUM(p.amount), COUNT(*) FROM ledger_txns t "
+        "JOIN postings p ON p.txn_id = t.id "
+        "WHERE t.period = $1 AND p.account LIKE $2 GROUP BY t.memo, p.unit ORDER BY t.memo",
+        period,
+        f"op:provider:{provider}:%",
+    )
+    by_cur: dict[str, int] = defaultdict(int)
+    lines = []
+    for model, unit, total, n in rows:
+        owed = -int(total)
+        by_cur[unit] += owed
+        lines.append({"model": model, "currency": unit, "owed": owed, "postings": int(n),
+                      "text": fmt(owed, unit, exact=True)})  # fmt: skip
+    return {
+        "provider": provider,
+        "period": period,
+        "lines": lines,
+        "totals": {c: {"owed": v, "text": fmt(v, c, exact=True)} for c, v in by_cur.items()},
+    }
+
+
+def render_statement(st: dict[str, Any]) -> str:
+    """The text form of `tenant_statement`."""
+    out = [f"Statement for {st['tenant']}, {st['period']}{' (closed)' if st['closed'] else ''}"]
+
+    def section(title: str, rows: list[dict[str, Any]]) -> None:
+        out.append(f"\n{title}")
+        if not rows:
+            out.append("  (none)")
+        for r in rows:
+            out.append(f"  {r['account']:<48} {r['text']:>28}")
+
+    section("Opening balances", st["opening"])
+    out.append("\nPurchases")
+    for p in st["purchases"] or [{}]:
+        if p:
+            out.append(f"  {p.get('memo', ''):<48} {fmt(p['price'], p['currency']):>28}")
+        else:
+            out.append("  (none)")
+    out.append("\nUsage by model")
+    if not st["usage"]:
+        out.append("  (none)")
+    for u in st["usage"]:
+        amount = ", ".join(fmt(v, c, exact=True) for c, v in sorted(u["amounts"].items()))
+        pkg = f"{u['package_tokens']:,} from packages" if u["package_tokens"] else ""
+        out.append(f"  {u['model']:<20} {u['tokens']:>14,} tokens {pkg:>28} {amount:>16}")
+    if st["overage"]:
+        out.append("\nOverage (included above)")
+        for cur, v in st["overage"].items():
+            out.append(f"  {'overage':<48} {fmt(v, cur, exact=True):>28}")
+    if st["breakage"]:
+        out.append("\nBreakage (expired, unused)")
+        for b in st["breakage"]:
+            parts = ", ".join(fmt_units(v, k) for k, v in b.items() if k != "lot")
+            out.append(f"  {b['lot']:<48} {parts:>28}")
+    for kind, units in st["other"].items():
+        out.append(f"\n{kind.capitalize()}")
+        for unit, v in units.items():
+            out.append(f"  {kind:<48} {fmt_units(v, unit):>28}")
+    section("Closing balances", st["closing"])
+    return "\n".join(out)
