@@ -38,9 +38,30 @@ demo: build ## build, then run the gateway demo (SQLite, built-in mock upstream,
 	$(BIN)/tokenhub serve --demo $(if $(PORT),--port $(PORT),)
 
 .PHONY: test
-test: build ## build, then run the Rust and Python test suites
+test: build ## build, then run the Rust and Python test suites (with a throwaway PostgreSQL)
 	cargo test --release --quiet
-	$(BIN)/pytest -q
+	@# The PostgreSQL tests use TOKENHUB_TEST_PG_DSN when it is set, else a server started here
+	@# (installed as root if missing) and stopped afterwards unless it was already running.
+	@# Without one they skip, or fail when TOKENHUB_REQUIRE_PG=1 (as .ci/run sets) or CI is set.
+	@if [ -z "$${TOKENHUB_TEST_PG_DSN:-}" ]; then \
+	  scripts/test-postgres status || pg_started=1; \
+	  if TOKENHUB_TEST_PG_DSN=$$(scripts/test-postgres start); then \
+	    export TOKENHUB_TEST_PG_DSN; \
+	  else \
+	    echo "warning: no PostgreSQL (see above): its tests skip, or fail in CI" >&2; \
+	  fi; \
+	fi; \
+	rc=0; $(BIN)/pytest -q || rc=$$?; \
+	if [ -n "$${pg_started:-}" ]; then scripts/test-postgres stop; fi; \
+	exit $$rc
+
+.PHONY: pg-start
+pg-start: ## start the tests' throwaway PostgreSQL and print its DSN
+	@scripts/test-postgres start
+
+.PHONY: pg-stop
+pg-stop: ## stop the tests' throwaway PostgreSQL
+	scripts/test-postgres stop
 
 .PHONY: bench
 bench: build ## run the benchmarks (installs the optional baselines)

@@ -8,16 +8,22 @@ package for ``tokenizer.json``. Nothing here hard-codes a count.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import unicodedata
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Coroutine, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
 
 # HF tokenizers warns on stderr when the process forks after its thread pool has run; the CLI
 # tests fork, and their stderr is part of what they check. Must be set before the first encode.
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import asyncpg
 import pytest
 import tiktoken
 import tiktoken.load
@@ -185,3 +191,85 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         metafunc.parametrize("vocab_name", VOCAB_NAMES)
     if "corpus_label" in metafunc.fixturenames:
         metafunc.parametrize("corpus_label", CORPUS_LABELS)
+
+
+# --- PostgreSQL -------------------------------------------------------------------------------
+# `make test` starts a throwaway server (scripts/test-postgres) and passes its DSN in
+# TOKENHUB_TEST_PG_DSN. Without one the tests that need it skip, except where a missing server
+# is a broken set-up: TOKENHUB_REQUIRE_PG=1 (.ci/run sets it) or CI, and there they fail.
+
+PG_FIXTURES = {"pg_dsn", "pg_database"}
+T = TypeVar("T")
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() not in {"", "0", "false", "no"}
+
+
+def _run(coro: Coroutine[Any, Any, T]) -> T:
+    """Run a coroutine to completion on a private loop in another thread, so that sync fixtures
+    serve sync and async tests alike and leave the test's own event loop alone."""
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coro).result()
+
+
+def _with_database(dsn: str, database: str) -> str:
+    parts = urlsplit(dsn)
+    return urlunsplit(parts._replace(path=f"/{database}"))
+
+
+def _quote_ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark the tests that use the PostgreSQL fixtures: ``-m "not postgres"`` leaves them out."""
+    for item in items:
+        if PG_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.postgres)
+
+
+@pytest.fixture(scope="session")
+def pg_dsn() -> str:
+    """The DSN of the test server, checked to answer (connecting as a role that may create
+    databases)."""
+    dsn = os.environ.get("TOKENHUB_TEST_PG_DSN", "")
+    require = _flag("TOKENHUB_REQUIRE_PG") or (
+        _flag("CI") and os.environ.get("TOKENHUB_REQUIRE_PG") is None
+    )
+    missing = pytest.fail if require else pytest.skip
+    if not dsn:
+        missing("TOKENHUB_TEST_PG_DSN is not set: run `make test` or scripts/test-postgres start")
+
+    async def check() -> None:
+        conn = await asyncpg.connect(dsn, timeout=10)
+        try:
+            await conn.fetchval("SELECT 1")
+        finally:
+            await conn.close()
+
+    try:
+        _run(check())
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        missing(f"PostgreSQL at {dsn} does not answer: {exc!r}")
+    return dsn
+
+
+@pytest.fixture
+def pg_database(pg_dsn: str) -> Iterator[str]:
+    """A fresh, empty database for one test; yields its DSN and drops it afterwards, along with
+    any connections the test left open."""
+    name = f"tokenhub_t_{os.getpid()}_{uuid.uuid4().hex[:12]}"
+
+    async def execute(sql: str) -> None:
+        conn = await asyncpg.connect(pg_dsn, timeout=10)
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    _run(execute(f"CREATE DATABASE {_quote_ident(name)} TEMPLATE template0 ENCODING 'UTF8'"))
+    try:
+        yield _with_database(pg_dsn, name)
+    finally:
+        _run(execute(f"DROP DATABASE IF EXISTS {_quote_ident(name)} WITH (FORCE)"))

@@ -24,6 +24,7 @@ from tokenhub.store import (
     database_path,
     open_store,
 )
+from tokenhub.store.schema import MIGRATIONS
 from tokenhub.store.sqlite import SQLiteStore
 from tokenhub.usage import UsageEvent
 
@@ -68,7 +69,7 @@ def test_open_url_and_missing_file(tmp_path: Path) -> None:
         open_store(str(path), create=False)
     assert not path.exists()
     s = open_store(f"sqlite://{path}")
-    assert s.migrate() == [1]
+    assert s.migrate() == [m.version for m in MIGRATIONS]
     s.close()
     assert path.exists()
     with pytest.raises(StoreError, match="cannot open database"):
@@ -79,7 +80,7 @@ def test_migrate_is_numbered_and_idempotent(store: SQLiteStore, db: str) -> None
     assert store.migrate() == []
     conn = sqlite3.connect(db)
     rows = conn.execute("SELECT version, name FROM schema_migrations").fetchall()
-    assert [v for v, _ in rows] == [1]
+    assert [v for v, _ in rows] == [m.version for m in MIGRATIONS]
     tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
     assert {"tenants", "api_keys", "usage_events", "change_marker", "schema_migrations"} <= tables
     # A database from a newer tokenhub is refused, not silently used.
