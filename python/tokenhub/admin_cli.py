@@ -51,14 +51,15 @@ def _command(fn: Command) -> Command:
     return run
 
 
-def _db_url(args: argparse.Namespace) -> str:
+def db_url(args: argparse.Namespace) -> str:
+    """--db, else $TOKENHUB_DB, else ./tokenhub.db (the billing commands use the same rule)."""
     return str(args.db or os.environ.get(ENV_DB) or DEFAULT_DATABASE)
 
 
 @contextmanager
 def _store(args: argparse.Namespace, *, create: bool = False) -> Iterator[Store]:
     """The migrated store; only commands that create something may create the database."""
-    store = open_store(_db_url(args), create=create)
+    store = open_store(db_url(args), create=create)
     try:
         store.migrate()
         yield store
@@ -66,15 +67,15 @@ def _store(args: argparse.Namespace, *, create: bool = False) -> Iterator[Store]
         store.close()
 
 
-def _iso(ms: int | None) -> str:
+def iso_time(ms: int | None) -> str:
     if ms is None:
         return "-"
     t = dt.datetime.fromtimestamp(ms / 1000, tz=dt.UTC)
     return t.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _print_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+def print_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+    widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(header)]
     for line in (header, *rows):
         print("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip())
 
@@ -126,8 +127,8 @@ def cmd_tenants_list(args: argparse.Namespace) -> int:
     if not tenants:
         print("no tenants (create one with: tokenhub tenants create NAME)", file=sys.stderr)
         return 0
-    rows = [[t.name, t.id, _iso(t.created_ms), str(active.get(t.name, 0))] for t in tenants]
-    _print_table(["NAME", "ID", "CREATED", "ACTIVE KEYS"], rows)
+    rows = [[t.name, t.id, iso_time(t.created_ms), str(active.get(t.name, 0))] for t in tenants]
+    print_table(["NAME", "ID", "CREATED", "ACTIVE KEYS"], rows)
     return 0
 
 
@@ -171,8 +172,10 @@ def cmd_keys_list(args: argparse.Namespace) -> int:
     if not keys:
         print("no API keys (create one with: tokenhub keys create --tenant NAME)", file=sys.stderr)
         return 0
-    rows = [[k.id, k.tenant, k.prefix, _iso(k.created_ms), _iso(k.revoked_ms)] for k in keys]
-    _print_table(["ID", "TENANT", "PREFIX", "CREATED", "REVOKED"], rows)
+    rows = [
+        [k.id, k.tenant, k.prefix, iso_time(k.created_ms), iso_time(k.revoked_ms)] for k in keys
+    ]
+    print_table(["ID", "TENANT", "PREFIX", "CREATED", "REVOKED"], rows)
     return 0
 
 
