@@ -21,6 +21,7 @@ import pytest
 
 from tokenhub import cli
 from tokenhub.billing import cli as billing_cli
+from tokenhub.billing.settler import event_from_row
 from tokenhub.store.sqlite import SQLiteStore
 from tokenhub.usage import EVENT_FIELDS, UsageEvent
 
@@ -251,7 +252,7 @@ def test_settle_reads_events_back_exactly(th: Cli, db: str) -> None:
     )
     stored = dict(query(db, "SELECT event_id, payload_sha256 FROM settlements"))
     assert stored == {e.request_id: hashlib.sha256(msgspec.json.encode(e)).hexdigest() for e in evs}
-    assert billing_cli._event(tuple(msgspec.structs.astuple(evs[1]))) == evs[1]
+    assert event_from_row(tuple(msgspec.structs.astuple(evs[1]))) == evs[1]
 
 
 def test_settle_failures_are_recorded_then_retried(th: Cli, db: str) -> None:

@@ -91,8 +91,17 @@ class ServerSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     key_refresh_s: float = 0.5
 
 
+class BillingSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    # Settle usage events into the ledger from inside `tokenhub serve` every this many seconds
+    # (0: off; run `tokenhub billing settle --follow` as a separate worker instead, which keeps
+    # settlement CPU off the gateway's cores).
+    settle_interval_s: float = 0.0
+    settle_batch: int = 1000
+
+
 class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     server: ServerSettings = msgspec.field(default_factory=ServerSettings)
+    billing: BillingSettings = msgspec.field(default_factory=BillingSettings)
     providers: list[Provider] = msgspec.field(default_factory=list)
     models: list[Model] = msgspec.field(default_factory=list)
     source: str = ""  # where the config was read from, for messages
@@ -121,6 +130,10 @@ def validate(cfg: Config, *, environ: dict[str, str] | None = None) -> Config:
         raise _fail(src, "server.port", f"{s.port} is not a TCP port")
     if s.max_body_bytes < 1024:
         raise _fail(src, "server.max_body_bytes", "must be at least 1024")
+    if cfg.billing.settle_interval_s < 0:
+        raise _fail(src, "billing.settle_interval_s", "must be zero (off) or positive")
+    if not 1 <= cfg.billing.settle_batch <= 100_000:
+        raise _fail(src, "billing.settle_batch", "must be from 1 to 100000")
     names: set[str] = set()
     for i, p in enumerate(cfg.providers):
         where = f"providers[{i}]"

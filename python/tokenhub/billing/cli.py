@@ -22,16 +22,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import collections
 import json
 import os
 import re
+import signal
 import sys
 import time
 import tomllib
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from decimal import Decimal, InvalidOperation
-from functools import partial, wraps
+from functools import wraps
 from pathlib import Path
 from typing import Any
 
@@ -63,10 +63,10 @@ from tokenhub.billing.service import (
     Profile,
     get_profile,
 )
+from tokenhub.billing.settler import SettleSummary, follow, settle_pending
 from tokenhub.config import ConfigError, Model
 from tokenhub.store import DEFAULT_DATABASE, StoreError, database_path
 from tokenhub.store.base import check_tenant_name
-from tokenhub.usage import EVENT_FIELDS, UsageEvent
 
 PROG = "tokenhub"
 
@@ -881,103 +881,46 @@ def cmd_billing_split(args: argparse.Namespace) -> int:
 
 # -- billing: settle ----------------------------------------------------------------------------
 
-_EVENT_COLS = ", ".join(f"e.{f}" for f in EVENT_FIELDS)
-_STREAM = EVENT_FIELDS.index("stream")
-CONFLICT = "settled before with a different payload (conflict)"
 PROGRESS_EVERY_S = 2.0  # a progress line on stderr at most this often
-
-
-# field -> default, for the fields that have one
-_DEFAULTS = dict(
-    zip(
-        EVENT_FIELDS[-len(UsageEvent.__struct_defaults__) :],
-        UsageEvent.__struct_defaults__,
-        strict=True,
-    )
-)
-
-
-def _event(row: Sequence[Any]) -> UsageEvent:
-    """A usage_events row as the UsageEvent the gateway wrote, down to the bytes its payload
-    hash is taken from: SQLite gives 0/1 for a boolean, and msgspec's omit_defaults omits a
-    string default only when it is the default object itself (an equal string read from the
-    database would be encoded, and the event's hash would change)."""
-    fields = dict(zip(EVENT_FIELDS, row, strict=True))
-    fields["stream"] = bool(row[_STREAM])
-    for name, default in _DEFAULTS.items():
-        if fields[name] == default and type(fields[name]) is type(default):
-            fields[name] = default
-    return UsageEvent(**fields)
-
-
-def _reason_kind(reason: str) -> str:
-    """A failure reason without the event's own time, so that failures group by cause."""
-    return re.sub(r" at -?\d+\b", "", reason)
 
 
 @_command
 def cmd_billing_settle(args: argparse.Namespace) -> int:
     if not 1 <= args.batch <= 100_000:
         raise UsageError("--batch must be from 1 to 100000")
+    if args.follow is not None and args.follow <= 0:
+        raise UsageError("--follow needs a positive interval in seconds")
 
     async def body(b: Billing) -> int:
-        db = b.db
-        skip_failed = ""
-        if not args.retry_failed:
-            skip_failed = (
-                " AND NOT EXISTS (SELECT 1 FROM settlement_failures f "
-                "WHERE f.event_id = e.request_id)"
-            )
-        first = (
-            f"SELECT {_EVENT_COLS} FROM usage_events e WHERE NOT EXISTS "
-            f"(SELECT 1 FROM settlements s WHERE s.event_id = e.request_id){skip_failed}"
-        )
-        # Keyset pagination in export order: events that fail stay unsettled, so "the first
-        # N unsettled" would return them again and again.
-        after = f"{first} AND (e.ts_ms > $2 OR (e.ts_ms = $2 AND e.request_id > $3))"
-        order = " ORDER BY e.ts_ms, e.request_id LIMIT $1"
-        cursor: tuple[int, str] | None = None
-        settled = duplicates = failed = read = 0
-        conflicts: list[str] = []
-        reasons: collections.Counter[str] = collections.Counter()
-        started = last_report = time.monotonic()
-        while True:
-            if cursor is None:
-                rows = await db.transaction(partial(_fetch, sql=first + order, args=(args.batch,)))
-            else:
-                rows = await db.transaction(
-                    partial(_fetch, sql=after + order, args=(args.batch, *cursor))
-                )
-            if not rows:
-                break
-            events = [_event(r) for r in rows]
-            cursor = (events[-1].ts_ms, events[-1].request_id)
-            res = await b.settle(events)
-            read += len(events)
-            settled += res.settled
-            duplicates += res.duplicates
-            conflicts += res.conflicts
-            bad = res.failed + [(eid, CONFLICT) for eid in res.conflicts]
-            failed += len(res.failed)
-            reasons.update(_reason_kind(r) for _, r in bad)
-            cleared = list(res.txn_ids) if args.retry_failed else []
-            if bad or cleared:
-                await db.transaction(partial(_record, failed=bad, cleared=cleared))
+        if args.follow is not None:
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, stop.set)
+            print(f"{PROG} billing settle: settling every {args.follow:g} s (Ctrl-C stops)",
+                  file=sys.stderr, flush=True)  # fmt: skip
+            await follow(b, interval_s=args.follow, stop=stop, batch=args.batch)
+            return 0
+        last = [time.monotonic()]
+
+        def progress(s: SettleSummary) -> None:
             now = time.monotonic()
-            if now - last_report >= PROGRESS_EVERY_S:
-                last_report = now
+            if now - last[0] >= PROGRESS_EVERY_S:
+                last[0] = now
+                rate = s.read / s.elapsed_s if s.elapsed_s else 0.0
                 print(
-                    f"{PROG} billing settle: {read:,} events read, {settled:,} settled, "
-                    f"{failed + len(conflicts):,} not settled ({read / (now - started):,.0f}/s)",
+                    f"{PROG} billing settle: {s.read:,} events read, {s.settled:,} settled, "
+                    f"{s.failed + len(s.conflicts):,} not settled ({rate:,.0f}/s)",
                     file=sys.stderr,
                     flush=True,
                 )
-            if len(rows) < args.batch:
-                break
+
+        s = await settle_pending(b, batch=args.batch, retry_failed=args.retry_failed,
+                                 progress=progress)  # fmt: skip
         skipped = 0
         if not args.retry_failed:
             skipped = int(
-                await db.transaction(
+                await b.db.transaction(
                     lambda tx: tx.fetchval(
                         "SELECT COUNT(*) FROM settlement_failures f WHERE NOT EXISTS "
                         "(SELECT 1 FROM settlements s WHERE s.event_id = f.event_id)"
@@ -985,42 +928,21 @@ def cmd_billing_settle(args: argparse.Namespace) -> int:
                 )
                 or 0
             )
-            skipped -= failed  # this run's failures are not "earlier" ones
+            skipped -= s.failed  # this run's failures are not "earlier" ones
         line = (
-            f"settled {settled}, duplicates {duplicates}, conflicts {len(conflicts)}, "
-            f"failed {failed}"
+            f"settled {s.settled}, duplicates {s.duplicates}, conflicts {len(s.conflicts)}, "
+            f"failed {s.failed}"
         )
-        if reasons:
-            top = "; ".join(f"{r}: {n}" for r, n in reasons.most_common(3))
-            more = len(reasons) - 3
+        if s.reasons:
+            top = "; ".join(f"{r}: {n}" for r, n in s.reasons.most_common(3))
+            more = len(s.reasons) - 3
             line += f" ({top}{f'; {more} more reasons' if more > 0 else ''})"
         if skipped > 0:
             line += f"; {skipped} earlier failures skipped (--retry-failed retries them)"
         print(line)
-        return 1 if failed or conflicts else 0
+        return 1 if s.failed or s.conflicts else 0
 
     return _run(args, body)
-
-
-async def _fetch(tx: Tx, *, sql: str, args: tuple[Any, ...]) -> list[tuple[Any, ...]]:
-    return await tx.fetch(sql, *args)
-
-
-async def _record(tx: Tx, *, failed: list[tuple[str, str]], cleared: list[str]) -> None:
-    """Upserts this batch's failures; forgets the earlier failures of events now settled."""
-    now = int(time.time() * 1000)
-    if failed:
-        await tx.executemany(
-            "INSERT INTO settlement_failures (event_id, reason, attempts, last_ms) "
-            "VALUES ($1, $2, 1, $3) ON CONFLICT (event_id) DO UPDATE SET "
-            "reason = excluded.reason, attempts = settlement_failures.attempts + 1, "
-            "last_ms = excluded.last_ms",
-            [(eid, reason, now) for eid, reason in failed],
-        )
-    for i in range(0, len(cleared), 500):
-        chunk = cleared[i : i + 500]
-        marks = ",".join(f"${j + 1}" for j in range(len(chunk)))
-        await tx.execute(f"DELETE FROM settlement_failures WHERE event_id IN ({marks})", *chunk)
 
 
 # -- billing: expire, refund ----------------------------------------------------------------
@@ -1563,6 +1485,12 @@ def _add_billing(sub: Any) -> None:
     )
     p.add_argument(
         "--retry-failed", action="store_true", help="also retry events that failed before"
+    )
+    p.add_argument(
+        "--follow",
+        type=float,
+        metavar="SECONDS",
+        help="keep running: settle new events every SECONDS until Ctrl-C (a settlement worker)",
     )
     p.add_argument(
         "--batch",

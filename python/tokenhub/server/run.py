@@ -11,7 +11,7 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from decimal import Decimal
 from typing import Any
 
@@ -113,6 +113,7 @@ async def serve(cfg: Config, *, demo: bool = False, demo_key: str | None = None)
         mock_port = mock_sock.getsockname()[1]
         demo_cfg = demo_config(mock_port, cfg.server.database)
         demo_cfg.server = cfg.server
+        demo_cfg.billing = cfg.billing
         cfg = demo_cfg
 
     store = open_store(cfg.server.database)
@@ -126,7 +127,10 @@ async def serve(cfg: Config, *, demo: bool = False, demo_key: str | None = None)
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         await sink.start()
         await keys.start()
+        settler = await _start_settler(cfg, demo=demo)
         yield
+        if settler is not None:
+            await settler()
         await keys.close()
         # Bounded: whatever the database cannot take now stays in the journal for next start.
         await sink.close(timeout=30)
@@ -172,6 +176,60 @@ async def serve(cfg: Config, *, demo: bool = False, demo_key: str | None = None)
         store.close()
 
 
+async def _start_settler(cfg: Config, *, demo: bool) -> Callable[[], Awaitable[None]] | None:
+    """Settles usage into the ledger in the background when `[billing] settle_interval_s` is
+    set (the demo sets it, and prices its models); returns the function that stops it."""
+    interval = cfg.billing.settle_interval_s
+    if interval <= 0:
+        return None
+    from tokenhub.billing.db import open_database
+    from tokenhub.billing.service import Billing
+    from tokenhub.billing.settler import follow
+
+    db = await open_database(cfg.server.database)
+    billing = Billing(db)
+    if demo:
+        await _seed_demo_billing(billing, cfg)
+    stop = asyncio.Event()
+    task = asyncio.create_task(
+        follow(billing, interval_s=interval, stop=stop, batch=cfg.billing.settle_batch)
+    )
+
+    async def close() -> None:
+        stop.set()
+        await task
+        with contextlib.suppress(Exception):
+            # A last pass, so what was served before shutdown is billed.
+            from tokenhub.billing.settler import settle_pending
+
+            await settle_pending(billing, batch=cfg.billing.settle_batch)
+        await db.close()
+
+    return close
+
+
+async def _seed_demo_billing(billing: Any, cfg: Config) -> None:
+    """The demo tenant settles in USD with a 10 USD wallet; each demo model gets a price-book
+    entry from its first deployment's price (once)."""
+    prices = {p.model for p in await billing.prices()}
+    for m in cfg.models:
+        price = m.deployments[0].price
+        if price is None or m.id in prices:
+            continue
+        await billing.set_price(
+            m.id,
+            currency=price.currency,
+            input_per_1m=price.input_per_1m,
+            cached_input_per_1m=price.cached_input_per_1m,
+            output_per_1m=price.output_per_1m,
+            effective_ms=0,
+        )
+    if not await billing.lots(DEMO_TENANT) and not prices:
+        await billing.set_profile(DEMO_TENANT, currency="USD", draw_order=["wallet", "postpaid"])
+        await billing.set_fx("CNY", "USD", "0.14", effective_ms=0)
+        await billing.topup(DEMO_TENANT, "10.00", "USD")
+
+
 def _ensure_demo_key(store: Any, demo_key: str | None) -> str:
     from tokenhub.store import AlreadyExists
 
@@ -208,17 +266,30 @@ def _print_demo(host: str, port: int, key: str) -> None:
         "EOF",
         "",
         f"Usage events: tokenhub events export --db {DEMO_DB} --format jsonl",
+        f"Billing:      tokenhub wallet show {DEMO_TENANT} --db {DEMO_DB}",
+        f"              tokenhub billing statement {DEMO_TENANT} --period {_this_month()} "
+        f"--db {DEMO_DB}",
         f"Metrics:      curl -s http://{host}:{port}/metrics",
         "Stop:         Ctrl-C",
     ]
     print("\n".join(lines), flush=True)
 
 
+def _this_month() -> str:
+    import datetime as dt
+
+    now = dt.datetime.now(dt.UTC)
+    return f"{now.year:04d}-{now.month:02d}"
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from tokenhub.cli import CliError
 
     if args.demo:
-        cfg = from_mapping({"server": {"database": args.db or DEMO_DB}}, "<demo>")
+        cfg = from_mapping(
+            {"server": {"database": args.db or DEMO_DB}, "billing": {"settle_interval_s": 1.0}},
+            "<demo>",
+        )
     elif not args.config:
         raise CliError("give --config FILE (or --demo for the built-in demo)")
     else:

@@ -1,0 +1,164 @@
+"""Settling the gateway's usage events: read what is not settled yet, settle it in batches.
+
+`settle_pending` is one pass (what `tokenhub billing settle` runs); `follow` repeats it every
+few seconds (`tokenhub billing settle --follow`, or in-process with `tokenhub serve` when
+`[billing] settle_interval_s` is set, as the demo does).
+
+Events are read in export order (ts_ms, request_id) with a keyset cursor: an event that cannot
+be settled (no price yet, no FX rate) stays unsettled, is recorded in `settlement_failures`
+with its reason and attempt count, and is skipped by later passes until `retry_failed`. A
+settled event is never read again (`settlements` has its id), and settling is idempotent, so
+two settlers running at once (two replicas) cannot double-bill: the second one's batch finds
+the events settled and posts nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+from tokenhub.billing.db import Tx
+from tokenhub.billing.service import Billing
+from tokenhub.usage import EVENT_FIELDS, UsageEvent
+
+log = logging.getLogger("tokenhub.billing")
+
+CONFLICT = "settled before with a different payload (conflict)"
+_EVENT_COLS = ", ".join(f"e.{f}" for f in EVENT_FIELDS)
+_STREAM = EVENT_FIELDS.index("stream")
+# field -> default, for the fields that have one
+_DEFAULTS = dict(
+    zip(
+        EVENT_FIELDS[-len(UsageEvent.__struct_defaults__) :],
+        UsageEvent.__struct_defaults__,
+        strict=True,
+    )
+)
+
+
+@dataclass
+class SettleSummary:
+    read: int = 0
+    settled: int = 0
+    duplicates: int = 0
+    conflicts: list[str] = field(default_factory=list)
+    failed: int = 0
+    reasons: collections.Counter[str] = field(default_factory=collections.Counter)
+    elapsed_s: float = 0.0
+
+
+def event_from_row(row: Sequence[Any]) -> UsageEvent:
+    """A usage_events row (columns in EVENT_FIELDS order) as the UsageEvent the gateway wrote
+    (SQLite returns 0/1 for a boolean; string defaults are restored as the default objects, so
+    the event encodes to the same bytes as when it was written)."""
+    fields = dict(zip(EVENT_FIELDS, row, strict=True))
+    fields["stream"] = bool(row[_STREAM])
+    for name, default in _DEFAULTS.items():
+        if fields[name] == default and type(fields[name]) is type(default):
+            fields[name] = default
+    return UsageEvent(**fields)
+
+
+def reason_kind(reason: str) -> str:
+    """A failure reason without the event's own time, so that failures group by cause."""
+    return re.sub(r" at -?\d+\b", "", reason)
+
+
+async def _fetch(tx: Tx, *, sql: str, args: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+    return await tx.fetch(sql, *args)
+
+
+async def _record(tx: Tx, *, failed: list[tuple[str, str]], cleared: list[str]) -> None:
+    """Upserts this batch's failures; forgets the earlier failures of events now settled."""
+    now = int(time.time() * 1000)
+    if failed:
+        await tx.executemany(
+            "INSERT INTO settlement_failures (event_id, reason, attempts, last_ms) "
+            "VALUES ($1, $2, 1, $3) ON CONFLICT (event_id) DO UPDATE SET "
+            "reason = excluded.reason, attempts = settlement_failures.attempts + 1, "
+            "last_ms = excluded.last_ms",
+            [(eid, reason, now) for eid, reason in failed],
+        )
+    for i in range(0, len(cleared), 500):
+        chunk = cleared[i : i + 500]
+        marks = ",".join(f"${j + 1}" for j in range(len(chunk)))
+        await tx.execute(f"DELETE FROM settlement_failures WHERE event_id IN ({marks})", *chunk)
+
+
+async def settle_pending(
+    billing: Billing,
+    *,
+    batch: int = 1000,
+    retry_failed: bool = False,
+    progress: Callable[[SettleSummary], None] | None = None,
+) -> SettleSummary:
+    """One pass over the unsettled usage events (see the module docstring)."""
+    db = billing.db
+    skip_failed = ""
+    if not retry_failed:
+        skip_failed = (
+            " AND NOT EXISTS (SELECT 1 FROM settlement_failures f WHERE f.event_id = e.request_id)"
+        )
+    first = (
+        f"SELECT {_EVENT_COLS} FROM usage_events e WHERE NOT EXISTS "
+        f"(SELECT 1 FROM settlements s WHERE s.event_id = e.request_id){skip_failed}"
+    )
+    after = f"{first} AND (e.ts_ms > $2 OR (e.ts_ms = $2 AND e.request_id > $3))"
+    order = " ORDER BY e.ts_ms, e.request_id LIMIT $1"
+    cursor: tuple[int, str] | None = None
+    out = SettleSummary()
+    started = time.monotonic()
+    while True:
+        if cursor is None:
+            rows = await db.transaction(partial(_fetch, sql=first + order, args=(batch,)))
+        else:
+            rows = await db.transaction(partial(_fetch, sql=after + order, args=(batch, *cursor)))
+        if not rows:
+            break
+        events = [event_from_row(r) for r in rows]
+        cursor = (events[-1].ts_ms, events[-1].request_id)
+        res = await billing.settle(events)
+        out.read += len(events)
+        out.settled += res.settled
+        out.duplicates += res.duplicates
+        out.conflicts += res.conflicts
+        bad = res.failed + [(eid, CONFLICT) for eid in res.conflicts]
+        out.failed += len(res.failed)
+        out.reasons.update(reason_kind(r) for _, r in bad)
+        cleared = list(res.txn_ids) if retry_failed else []
+        if bad or cleared:
+            await db.transaction(partial(_record, failed=bad, cleared=cleared))
+        out.elapsed_s = time.monotonic() - started
+        if progress is not None:
+            progress(out)
+        if len(rows) < batch:
+            break
+    out.elapsed_s = time.monotonic() - started
+    return out
+
+
+async def follow(
+    billing: Billing, *, interval_s: float, stop: asyncio.Event, batch: int = 1000
+) -> None:
+    """`settle_pending` every `interval_s` until `stop` is set; errors are logged and the
+    next pass tries again (nothing is lost: unsettled events stay in usage_events)."""
+    reported: set[str] = set()
+    while not stop.is_set():
+        try:
+            s = await settle_pending(billing, batch=batch)
+            for reason in s.reasons:
+                if reason not in reported:  # once per cause, not once per event
+                    reported.add(reason)
+                    log.warning("usage not settled: %s", reason)
+        except Exception:
+            log.exception("settlement pass failed; retrying in %.1f s", interval_s)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), interval_s)
