@@ -41,6 +41,7 @@ from tokenhub.server.auth import KeyCache, Principal
 from tokenhub.server.errors import ApiError
 from tokenhub.server.metrics import Registry
 from tokenhub.server.state import REQUEST_ID
+from tokenhub.server.upstream_http import ClientError, Pool, Response
 from tokenhub.usage import UsageEvent
 
 log = logging.getLogger("tokenhub.gateway")
@@ -147,34 +148,31 @@ class _Retry(Exception):
 
 
 class Upstream:
-    """One provider: its HTTP connection pool and credentials."""
+    """One provider: its HTTP connection pool (`upstream_http.Pool`) and credentials."""
 
     def __init__(self, provider: Provider) -> None:
         self.provider = provider
-        self.base = provider.base_url.rstrip("/")
         key = os.environ.get(provider.api_key_env, "") if provider.api_key_env else ""
-        # Never logged: aiohttp does not log request headers, and neither do we.
+        # Never logged: the pool does not log request headers, and neither do we.
         self.headers = {"Content-Type": "application/json"}
         if key:
             self.headers["Authorization"] = f"Bearer {key}"
-        self.timeout = aiohttp.ClientTimeout(
-            total=provider.total_timeout_s,
-            sock_connect=provider.connect_timeout_s,
-            sock_read=provider.read_timeout_s,
-        )
-        self.session: aiohttp.ClientSession | None = None
+        self.pool: Pool | None = None
 
     async def open(self) -> None:
-        connector = aiohttp.TCPConnector(
-            limit=self.provider.max_connections, ttl_dns_cache=300, enable_cleanup_closed=True
-        )
-        self.session = aiohttp.ClientSession(
-            connector=connector, timeout=self.timeout, auto_decompress=True
+        p = self.provider
+        self.pool = Pool(
+            p.base_url,
+            headers=self.headers,
+            limit=p.max_connections,
+            connect_timeout=p.connect_timeout_s,
+            read_timeout=p.read_timeout_s,
+            total_timeout=p.total_timeout_s,
         )
 
     async def close(self) -> None:
-        if self.session is not None:
-            await self.session.close()
+        if self.pool is not None:
+            await self.pool.close()
 
 
 class Gateway:
@@ -387,16 +385,16 @@ class Gateway:
         client_wants_usage: bool,
     ) -> web.StreamResponse:
         t0 = finish.t0
-        upstream = self.upstreams[dep.provider]
-        assert upstream.session is not None
-        url = upstream.base + endpoint.path
-        headers = {**upstream.headers, "x-request-id": event.request_id}
+        pool = self.upstreams[dep.provider].pool
+        assert pool is not None
         t_up = time.perf_counter()
         try:
-            resp = await upstream.session.post(url, data=_encode(payload), headers=headers)
+            resp = await pool.post(
+                endpoint.path, _encode(payload), {"x-request-id": event.request_id}
+            )
         except TimeoutError:
             raise _Retry(ApiError.upstream_timeout(), "timeout") from None
-        except aiohttp.ClientError as e:
+        except ClientError as e:
             raise _Retry(ApiError.upstream_failed(type(e).__name__), "connect") from None
         try:
             if resp.status >= 500:
@@ -414,7 +412,7 @@ class Gateway:
                 data = await resp.read()
             except TimeoutError:
                 raise _Retry(ApiError.upstream_timeout(), "timeout") from None
-            except aiohttp.ClientError as e:
+            except ClientError as e:
                 raise _Retry(ApiError.upstream_failed(type(e).__name__), "read") from None
         finally:
             resp.release()
@@ -449,7 +447,7 @@ class Gateway:
             event.source = "metered"
 
     async def _pass_error(
-        self, resp: aiohttp.ClientResponse, event: UsageEvent, t0: float, t_up: float
+        self, resp: Response, event: UsageEvent, t0: float, t_up: float
     ) -> web.Response:
         """An upstream 4xx goes back to the client as the upstream said it (429 included)."""
         data = await _read_quietly(resp)
@@ -482,7 +480,7 @@ class Gateway:
     async def _relay_stream(
         self,
         request: web.Request,
-        resp: aiohttp.ClientResponse,
+        resp: Response,
         dep: Deployment,
         event: UsageEvent,
         finish: _Finish,
@@ -578,9 +576,9 @@ class Gateway:
                     remaining = deadline - loop.time()
                     if remaining <= 0:
                         break
-                    data = await asyncio.wait_for(resp.content.readany(), remaining)
+                    data = await asyncio.wait_for(resp.readany(), remaining)
                 else:
-                    data = await resp.content.readany()
+                    data = await resp.readany()
                 if not data:
                     break  # upstream closed
                 events = relay.feed(data)
@@ -596,7 +594,7 @@ class Gateway:
             if out is None and not client_gone:
                 raise _Retry(ApiError.upstream_timeout(), "timeout") from None
             log.warning("request %s: upstream stream timed out", event.request_id)
-        except aiohttp.ClientError as e:
+        except ClientError as e:
             if out is None and not client_gone:
                 raise _Retry(ApiError.upstream_failed(type(e).__name__), "read") from None
             log.warning("request %s: upstream stream broke: %s", event.request_id, type(e).__name__)
@@ -653,10 +651,10 @@ class _Finish:
         t[4] += self.overhead
 
 
-async def _read_quietly(resp: aiohttp.ClientResponse) -> bytes:
+async def _read_quietly(resp: Response) -> bytes:
     try:
         return await resp.read()
-    except (TimeoutError, aiohttp.ClientError):
+    except (TimeoutError, ClientError):
         return b""
 
 
