@@ -346,6 +346,9 @@ def add_cli(sub: Any) -> None:
     )
     events.set_defaults(func=_group_help(events))
     es = events.add_subparsers(dest="action", metavar="ACTION")
+    from tokenhub.billing import io_cli
+
+    io_cli.add_commands(es, None)  # ingest
     p = es.add_parser(
         "export",
         help="export usage events as JSON lines or CSV",

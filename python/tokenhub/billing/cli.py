@@ -38,6 +38,7 @@ from typing import Any
 import msgspec
 
 from tokenhub.admin_cli import ENV_DB, AdminError, db_url, iso_time, parse_time, print_table
+from tokenhub.billing import io_cli
 from tokenhub.billing import ledger as L
 from tokenhub.billing import statements as S
 from tokenhub.billing.db import DatabaseError, Tx, open_database
@@ -1423,6 +1424,7 @@ def _add_billing(sub: Any) -> None:
         "and a consistency check. Exit status: 0 done, 2 refused as given (nothing changed), "
         "1 operational failure.",
     )
+    io_cli.add_commands(None, g)  # reconcile, export
     p = _cmd(
         g,
         "profile",

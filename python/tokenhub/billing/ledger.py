@@ -310,10 +310,11 @@ class Book:
             if not d:
                 continue
             # The ceiling is checked again by the database itself: a second line of defence
-            # against any writer that bypassed the lock.
+            # against any writer that bypassed the lock. (CAST: PostgreSQL would otherwise
+            # type $1 as int4 from `$1 <= 0` and refuse amounts over 2.1 units.)
             n = await tx.execute(
-                "UPDATE accounts SET balance = balance + $1 "
-                "WHERE id = $2 AND (ceiling IS NULL OR $1 <= 0 OR balance + $1 <= ceiling)",
+                "UPDATE accounts SET balance = balance + $1 WHERE id = $2 AND "
+                "(ceiling IS NULL OR $1 <= CAST(0 AS BIGINT) OR balance + $1 <= ceiling)",
                 d,
                 a,
             )

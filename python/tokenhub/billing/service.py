@@ -644,13 +644,14 @@ class Billing:
             row = await tx.fetchrow("SELECT txn_id FROM settlements WHERE event_id = $1", event_id)
             if row is None or not row[0]:
                 raise BillingError(f"event {event_id} has not been settled (or had no charge)")
+            txn_row = await tx.fetchrow("SELECT tenant FROM ledger_txns WHERE id = $1", row[0])
+            assert txn_row is not None
+            # Under the lock: two concurrent refunds of one event must not both pass the check.
+            await L.lock_tenants(tx, [txn_row[0]])
             if await tx.fetchval(
                 "SELECT 1 FROM ledger_txns WHERE kind = 'refund' AND ref = $1", event_id
             ):
                 raise BillingError(f"event {event_id} has already been refunded")
-            txn_row = await tx.fetchrow("SELECT tenant FROM ledger_txns WHERE id = $1", row[0])
-            assert txn_row is not None
-            await L.lock_tenants(tx, [txn_row[0]])
             legs = await tx.fetch(
                 "SELECT account, unit, amount FROM postings WHERE txn_id = $1 ORDER BY leg",
                 row[0],
@@ -889,6 +890,9 @@ async def _settle(tx: Tx, events: list[UsageEvent]) -> SettleResult:
     res = SettleResult()
     if not events:
         return res
+    # The tenant locks come first: on PostgreSQL, what is settled already must be read under
+    # them, or a concurrent settlement of the same event fails on the settlements key.
+    await L.lock_tenants(tx, [ev.tenant for ev in events])
     # Idempotency first: what of this batch is settled already?
     ids = sorted({e.request_id for e in events})
     known: dict[str, str] = {}
@@ -914,7 +918,6 @@ async def _settle(tx: Tx, events: list[UsageEvent]) -> SettleResult:
     if not todo:
         return res
 
-    await L.lock_tenants(tx, [ev.tenant for ev, _ in todo])
     ctx = _Ctx()
     book = Book(tx)
     specs: dict[str, AccountSpec] = {}
@@ -923,7 +926,7 @@ async def _settle(tx: Tx, events: list[UsageEvent]) -> SettleResult:
             prof = ctx.profiles[ev.tenant] = await get_profile(tx, ev.tenant)
             rows = await tx.fetch(
                 f"SELECT {_LOT_COLS} FROM lots WHERE tenant = $1 AND status = 'active' "
-                "ORDER BY end_ms, start_ms, id",
+                "ORDER BY end_ms IS NULL, end_ms, start_ms, id",  # NULL (no end) last, as PG
                 ev.tenant,
             )
             ctx.lots[ev.tenant] = [_lot(r) for r in rows]
@@ -934,9 +937,22 @@ async def _settle(tx: Tx, events: list[UsageEvent]) -> SettleResult:
 
     settled_rows: list[tuple[str, str, str, int]] = []
     for ev, h in todo:
+        lots = ctx.lots[ev.tenant]
+        saved = [(x.quantity, x.price, x.consumed, x.recognized) for x in lots]
+        dirty, posted = set(ctx.dirty_lots), len(book.txns)
         try:
             txn = await _settle_event(tx, ctx, book, ev)
         except (BillingError, MoneyError) as e:
+            # Undo what the event drew in memory before it failed (lot counters, auto top-ups),
+            # or its retry would draw the same lot again.
+            for x, v in zip(lots, saved, strict=True):
+                x.quantity, x.price, x.consumed, x.recognized = v
+            for lot_id in set(ctx.dirty_lots) - dirty:
+                del ctx.dirty_lots[lot_id]
+            for t in book.txns[posted:]:
+                for p in t.postings:
+                    book.balance[p.account] -= p.amount
+            del book.txns[posted:]
             del known[ev.request_id]
             res.failed.append((ev.request_id, str(e)))
             continue
@@ -1184,19 +1200,25 @@ async def _exhausted(
 
 async def _restore_lots(tx: Tx, tenant: str, legs: Sequence[tuple[str, str, int]]) -> None:
     """A refund gives consumed lot units back (and un-earns their revenue)."""
+    used: dict[str, int] = {}
     for acc, unit, amt in legs:
         if unit in (TOKENS, POINTS) and acc.startswith(f"t:{tenant}:lot:") and amt > 0:
             lot_id = acc.rsplit(":", 1)[1]
-            row = await tx.fetchrow(f"SELECT {_LOT_COLS} FROM lots WHERE id = $1", lot_id)
-            if row is None:
-                continue
-            lot = _lot(row)
-            lot.consumed -= amt
-            lot.recognized = div_half_even(lot.consumed * lot.price, lot.quantity)
-            await tx.execute(
-                "UPDATE lots SET consumed = $1, recognized = $2 WHERE id = $3",
-                lot.consumed, lot.recognized, lot.id,
-            )  # fmt: skip
+            used[lot_id] = used.get(lot_id, 0) + amt
+    for lot_id, amt in used.items():
+        row = await tx.fetchrow(f"SELECT {_LOT_COLS} FROM lots WHERE id = $1", lot_id)
+        if row is None:
+            continue
+        lot = _lot(row)
+        lot.consumed -= amt
+        # Un-earn exactly what the event earned (its deferred legs): recomputing from
+        # `consumed` would round differently, and a fully used lot would earn its price +- 1.
+        deferred = L.lot_deferred(tenant, lot_id)
+        lot.recognized -= sum(x for a, _, x in legs if a == deferred)
+        await tx.execute(
+            "UPDATE lots SET consumed = $1, recognized = $2 WHERE id = $3",
+            lot.consumed, lot.recognized, lot.id,
+        )  # fmt: skip
 
 
 async def _expire_lot(tx: Tx, lot: Lot) -> str:
@@ -1213,7 +1235,9 @@ async def _expire_lot(tx: Tx, lot: Lot) -> str:
         )  # fmt: skip
         specs |= _lot_specs(new_lot)
     await book.load(specs | _tenant_specs(prof, prof.currency))
-    ts = lot.end_ms or now_ms()
+    # The lot's last moment (its window is [start, end)): breakage belongs to the period the
+    # lot covered, not to the next one.
+    ts = lot.end_ms - 1 if lot.end_ms else now_ms()
     held = -book.balance[L.lot_units(lot.tenant, lot.id)]
     unearned = lot.price - lot.recognized
     txn = Txn("expiry", lot.tenant, ts, ref=lot.id, memo=f"plan {lot.plan} ended")

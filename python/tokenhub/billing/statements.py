@@ -21,7 +21,7 @@ from collections import defaultdict
 from typing import Any
 
 from tokenhub.billing.db import Tx
-from tokenhub.billing.ledger import LedgerError, period_bounds
+from tokenhub.billing.ledger import LedgerError, lock_tenants, period_bounds
 from tokenhub.billing.money import TOKENS, fmt, fmt_units
 
 _TENANT_SIDE = {"wallet": -1, "lot": -1, "deferred": -1, "receivable": 1, "overrun": 1}
@@ -73,7 +73,7 @@ async def tenant_statement(tx: Tx, tenant: str, period: str) -> dict[str, Any]:
             if unit == TOKENS:
                 u["package_tokens"] += -shown
             else:
-                charged = -shown if k == "wallet" else shown
+                charged = -shown if k in ("wallet", "lot") else shown  # points used: positive
                 u["amounts"][unit] = u["amounts"].get(unit, 0) + charged
         elif kind == "purchase":
             if tid not in seen:
@@ -130,6 +130,8 @@ async def close_period(tx: Tx, tenant: str, period: str) -> dict[str, Any]:
         "SELECT 1 FROM closed_periods WHERE tenant = $1 AND period = $2", tenant, period
     ):
         raise LedgerError(f"{tenant} {period} is already closed")
+    # Serialized with settlements (PostgreSQL): none may post into the period being closed.
+    await lock_tenants(tx, [tenant])
     latest = await tx.fetchval("SELECT MAX(period) FROM closed_periods WHERE tenant = $1", tenant)
     if latest and latest > period:
         raise LedgerError(f"{tenant}: {latest} is closed already; periods close in order")
