@@ -251,7 +251,10 @@ def test_settle_reads_events_back_exactly(th: Cli, db: str) -> None:
         "settled 4, duplicates 0, conflicts 0, failed 0\n"
     )
     stored = dict(query(db, "SELECT event_id, payload_sha256 FROM settlements"))
-    assert stored == {e.request_id: hashlib.sha256(msgspec.json.encode(e)).hexdigest() for e in evs}
+    assert stored == {
+        e.request_id: hashlib.sha256(msgspec.json.encode(msgspec.structs.astuple(e))).hexdigest()
+        for e in evs
+    }
     assert event_from_row(tuple(msgspec.structs.astuple(evs[1]))) == evs[1]
 
 
@@ -452,7 +455,7 @@ def test_wallet_refused(acme: Cli) -> None:
         "--platform must be a percentage from 0 to 100 (got 'NaN')"
     )
     assert r("billing", "split", "openai", "--platform", "60", "--channel", "50").startswith(
-        "platform and channel percentages must be >= 0, sum to at most 100"
+        "platform and channel percentages must be >= 0 and sum to at most 100"
     )
     assert r("billing", "statement", "acme", "--period", "2026-1") == (
         "period must look like 2026-11 (got '2026-1')"

@@ -192,6 +192,10 @@ class Reference:
         t.overrun -= rec.overrun
         for lot_id, (tokens, earned) in rec.draws.items():
             lot = self.lots[lot_id]
+            if not lot.active:
+                # The lot has ended: what the refund gives back goes straight to breakage.
+                self.breakage += earned
+                continue
             lot.held += tokens
             lot.consumed -= tokens
             lot.recognized -= earned

@@ -284,10 +284,12 @@ class PgDatabase:
             try:
                 async with self._pool.acquire() as conn, conn.transaction():
                     return await fn(_PgTx(conn))
-            except (asyncpg.DeadlockDetectedError, asyncpg.SerializationError):
+            except (asyncpg.DeadlockDetectedError, asyncpg.SerializationError) as e:
                 if attempt == 7:
-                    raise
+                    raise DatabaseError(f"PostgreSQL: {e}") from e
                 await asyncio.sleep(0.001 * 2**attempt)
+            except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as e:
+                raise DatabaseError(f"PostgreSQL: {e}") from e
         raise AssertionError("unreachable")
 
     async def migrate(self) -> list[int]:

@@ -43,6 +43,7 @@ import datetime as dt
 import json
 import os
 import random
+import re
 import time
 from collections import defaultdict
 from collections.abc import Iterable
@@ -157,13 +158,32 @@ def spec_for(account: str, unit: str, *, credit_limit: int = 0) -> AccountSpec:
 
 # -- ids and periods -------------------------------------------------------------------------
 
-_rng = random.Random(os.urandom(32))
-os.register_at_fork(after_in_child=lambda: _rng.seed(os.urandom(32)))
+
+class _Ids:
+    """Per-process state of `new_id`: a random 32-bit process tag and a counter."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.tag = random.Random(os.urandom(16)).getrandbits(32)
+        self.last_ms = 0
+        self.counter = 0
+
+
+_ids = _Ids()
+os.register_at_fork(after_in_child=_ids.reset)
 
 
 def new_id(prefix: str) -> str:
-    """`prefix_` + ms (hex) + 64 random bits: unique and time-ordered."""
-    return f"{prefix}_{time.time_ns() // 1_000_000:012x}{_rng.getrandbits(64):016x}"
+    """`prefix_` + ms (hex) + a counter within the ms + a random process tag: unique, and in
+    creation order within a process (across processes, to the millisecond)."""
+    ms = max(time.time_ns() // 1_000_000, _ids.last_ms)
+    if ms == _ids.last_ms:
+        _ids.counter += 1
+    else:
+        _ids.last_ms, _ids.counter = ms, 0
+    return f"{prefix}_{ms:012x}{_ids.counter:06x}{_ids.tag:08x}"
 
 
 def period_of(ts_ms: int) -> str:
@@ -180,6 +200,8 @@ def next_period(period: str) -> str:
 def period_bounds(period: str) -> tuple[int, int]:
     """[start, end) of a 'YYYY-MM' period in epoch ms (UTC)."""
     try:
+        if not re.fullmatch(r"\d{4}-\d{2}", period):
+            raise ValueError(period)
         y, m = map(int, period.split("-"))
         start = dt.datetime(y, m, 1, tzinfo=dt.UTC)
     except ValueError:

@@ -177,22 +177,42 @@ def now_ms() -> int:
 
 
 def _payload_hash(ev: UsageEvent) -> str:
-    return hashlib.sha256(msgspec.json.encode(ev)).hexdigest()
+    """Canonical: every field in declaration order (defaults included), so equal events hash
+    equal however they were built (msgspec's omit_defaults depends on object identity)."""
+    return hashlib.sha256(msgspec.json.encode(msgspec.structs.astuple(ev))).hexdigest()
+
+
+def _check_tenant(tenant: str) -> str:
+    """Tenant names follow the gateway's rule (A-Z a-z 0-9 . _ -, 1-64 characters): account
+    ids are built from them, so a ':' must never get through."""
+    from tokenhub.store.base import StoreError, check_tenant_name
+
+    try:
+        check_tenant_name(tenant)
+    except StoreError as e:
+        raise BillingError(str(e)) from None
+    return tenant
+
+
+def _pct_ppm(value: str | Decimal, what: str) -> int:
+    try:
+        d = Decimal(str(value))
+    except Exception:
+        raise BillingError(f"{what} must be a number (got {value!r})") from None
+    if not d.is_finite():
+        raise BillingError(f"{what} must be a finite number (got {value!r})")
+    ppm = d * 10_000
+    if ppm != int(ppm):
+        raise BillingError(f"{what} has more than 4 decimals")
+    return int(ppm)
 
 
 def _split_ppm(platform_pct: str | Decimal, channel_pct: str | Decimal) -> tuple[int, int]:
-    try:
-        p = Decimal(str(platform_pct))
-        c = Decimal(str(channel_pct))
-    except Exception:
-        raise BillingError("split percentages must be numbers") from None
-    pp, cp = p * 10_000, c * 10_000
-    if pp != int(pp) or cp != int(cp) or p < 0 or c < 0 or p + c > 100:
-        raise BillingError(
-            "platform and channel percentages must be >= 0, sum to at most 100, "
-            "with at most 4 decimals"
-        )
-    return int(pp), int(cp)
+    pp = _pct_ppm(platform_pct, "platform percentage")
+    cp = _pct_ppm(channel_pct, "channel percentage")
+    if pp < 0 or cp < 0 or pp + cp > PPM:
+        raise BillingError("platform and channel percentages must be >= 0 and sum to at most 100")
+    return pp, cp
 
 
 def add_period(start_ms: int, period: str) -> int | None:
@@ -250,10 +270,9 @@ class Billing:
             low = parse_amount(low_balance, cur) if low_balance is not None else old.low_balance
             disc = old.discount_ppm
             if discount_pct is not None:
-                d = Decimal(discount_pct) * 10_000
-                if d != int(d) or not 0 <= d <= PPM:
+                disc = _pct_ppm(discount_pct, "discount")
+                if not 0 <= disc <= PPM:
                     raise BillingError("discount must be a percentage from 0 to 100")
-                disc = int(d)
             new = Profile(
                 tenant, cur, order, limit if limit is not None else old.credit_limit, low, disc
             )
@@ -303,6 +322,8 @@ class Billing:
             else inp
         )
         pts = parse_price(points_per_1m, "points") if points_per_1m is not None else None
+        if tenant:
+            _check_tenant(tenant)
         eff = now_ms() if effective_ms is None else effective_ms
 
         async def run(tx: Tx) -> Price:
@@ -593,11 +614,17 @@ class Billing:
             raise BillingError("an adjustment needs a memo saying why")
         cur = check_currency(currency)
         value = parse_amount(amount, cur, allow_negative=True)
+        if value == 0:
+            raise BillingError("an adjustment of zero changes nothing")
         ts = now_ms() if ts_ms is None else ts_ms
 
         async def run(tx: Tx) -> str:
             await L.lock_tenants(tx, [tenant])
             prof = await get_profile(tx, tenant)
+            if cur != prof.currency:
+                raise BillingError(
+                    f"tenant {tenant} settles in {prof.currency}; adjust in {prof.currency}"
+                )
             book = Book(tx)
             await book.load(_tenant_specs(prof, cur))
             txn = Txn("adjustment", tenant, ts, memo=memo)
@@ -665,8 +692,14 @@ class Billing:
             txn.details = {"reverses": row[0]}
             for a, u, amt in legs:
                 txn.add(a, u, -amt)
+            expired = await _restore_lots(tx, txn_row[0], legs)
+            for lot_id, units, unit, unearned, cur in expired:
+                # The lot has ended: what the refund gives back to it is broken again at once
+                # (units to op:issued, unearned price to breakage), as its expiry did.
+                txn.move(L.lot_units(txn_row[0], lot_id), L.op("issued", unit), unit, units)
+                txn.move(L.lot_deferred(txn_row[0], lot_id), L.op("breakage", cur), cur, unearned)
+                txn.details.setdefault("to_breakage", []).append(lot_id)
             book.post(txn)
-            await _restore_lots(tx, txn_row[0], legs)
             await book.flush()
             return txn.id
 
@@ -704,6 +737,7 @@ def _plan(r: Sequence[Any]) -> Plan:
 
 
 async def get_profile(tx: Tx, tenant: str) -> Profile:
+    _check_tenant(tenant)
     row = await tx.fetchrow(
         "SELECT currency, draw_order, credit_limit, low_balance, discount_ppm "
         "FROM billing_profiles WHERE tenant = $1",
@@ -772,7 +806,7 @@ def _pay(
             f"tenant {prof.tenant} settles in {prof.currency}; this costs {cur} "
             "(set the plan's currency to the tenant's)"
         )
-    legs = _draw_money(book, prof, cur, amount, allow_overrun=False)
+    legs = _draw_money(book, prof, cur, amount, allow_overrun=False, order=("wallet", "postpaid"))
     for acc, x in legs:
         txn.add(acc, cur, x)
     txn.add(credit, cur, -amount)
@@ -780,13 +814,20 @@ def _pay(
 
 
 def _draw_money(
-    book: Book, prof: Profile, cur: str, amount: int, *, allow_overrun: bool
+    book: Book,
+    prof: Profile,
+    cur: str,
+    amount: int,
+    *,
+    allow_overrun: bool,
+    order: Sequence[str] | None = None,
 ) -> list[tuple[str, int]]:
-    """Which money accounts pay `amount`, in draw order: [(account, debit)]."""
+    """Which money accounts pay `amount`, in draw order (purchases: wallet, then the credit
+    line, whatever the usage draw order): [(account, debit)]."""
     t = prof.tenant
     rest = amount
     legs: list[tuple[str, int]] = []
-    for source in prof.draw_order:
+    for source in prof.draw_order if order is None else order:
         if rest <= 0:
             break
         acc = {"wallet": L.wallet(t, cur), "postpaid": L.receivable(t, cur)}.get(source)
@@ -905,10 +946,14 @@ async def _settle(tx: Tx, events: list[UsageEvent]) -> SettleResult:
         ):
             known[eid] = h
     todo: list[tuple[UsageEvent, str]] = []
+    first_time = set(ids) - set(known)
+    repeats: dict[str, list[str]] = {}  # in-batch repeats of events new to the ledger
     for ev in events:
         h = _payload_hash(ev)
         if ev.request_id in known:
-            if known[ev.request_id] == h:
+            if ev.request_id in first_time:
+                repeats.setdefault(ev.request_id, []).append(h)
+            elif known[ev.request_id] == h:
                 res.duplicates += 1
             else:
                 res.conflicts.append(ev.request_id)
@@ -918,6 +963,16 @@ async def _settle(tx: Tx, events: list[UsageEvent]) -> SettleResult:
     if not todo:
         return res
 
+    valid: list[tuple[UsageEvent, str]] = []
+    for ev, h in todo:
+        try:
+            _check_tenant(ev.tenant)
+        except BillingError as e:
+            del known[ev.request_id]
+            res.failed.append((ev.request_id, str(e)))
+            continue
+        valid.append((ev, h))
+    todo = valid
     ctx = _Ctx()
     book = Book(tx)
     specs: dict[str, AccountSpec] = {}
@@ -960,6 +1015,18 @@ async def _settle(tx: Tx, events: list[UsageEvent]) -> SettleResult:
         settled_rows.append((ev.request_id, h, tid, now_ms()))
         res.txn_ids[ev.request_id] = tid
         res.settled += 1
+    # Repeats within the batch count against their first copy, once its fate is known (a
+    # repeat of a failed event is not a duplicate of anything settled).
+    failed_ids = {eid for eid, _ in res.failed}
+    for eid, hashes in repeats.items():
+        first = next(h for ev, h in todo if ev.request_id == eid)
+        for h in hashes:
+            if eid in failed_ids:
+                continue
+            if h == first:
+                res.duplicates += 1
+            else:
+                res.conflicts.append(eid)
     await book.flush()
     for lot in ctx.dirty_lots.values():
         await tx.execute(
@@ -1198,8 +1265,13 @@ async def _exhausted(
             await _draw_lot(book, ctx, txn, lot, remaining, ev, split, d)
 
 
-async def _restore_lots(tx: Tx, tenant: str, legs: Sequence[tuple[str, str, int]]) -> None:
-    """A refund gives consumed lot units back (and un-earns their revenue)."""
+async def _restore_lots(
+    tx: Tx, tenant: str, legs: Sequence[tuple[str, str, int]]
+) -> list[tuple[str, int, str, int, str]]:
+    """A refund gives consumed lot units back (and un-earns their revenue). Returns, for lots
+    that have already expired, (lot id, units, unit, unearned amount, currency): those go
+    straight to breakage instead."""
+    expired: list[tuple[str, int, str, int, str]] = []
     used: dict[str, int] = {}
     for acc, unit, amt in legs:
         if unit in (TOKENS, POINTS) and acc.startswith(f"t:{tenant}:lot:") and amt > 0:
@@ -1210,6 +1282,11 @@ async def _restore_lots(tx: Tx, tenant: str, legs: Sequence[tuple[str, str, int]
         if row is None:
             continue
         lot = _lot(row)
+        deferred_legs = sum(x for a, _, x in legs if a == L.lot_deferred(tenant, lot_id))
+        if lot.status != "active":
+            unit = TOKENS if lot.kind == "package" else POINTS
+            expired.append((lot_id, amt, unit, deferred_legs, lot.currency))
+            continue
         lot.consumed -= amt
         # Un-earn exactly what the event earned (its deferred legs): recomputing from
         # `consumed` would round differently, and a fully used lot would earn its price +- 1.
@@ -1219,6 +1296,7 @@ async def _restore_lots(tx: Tx, tenant: str, legs: Sequence[tuple[str, str, int]
             "UPDATE lots SET consumed = $1, recognized = $2 WHERE id = $3",
             lot.consumed, lot.recognized, lot.id,
         )  # fmt: skip
+    return expired
 
 
 async def _expire_lot(tx: Tx, lot: Lot) -> str:

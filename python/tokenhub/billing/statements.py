@@ -150,9 +150,10 @@ async def close_period(tx: Tx, tenant: str, period: str) -> dict[str, Any]:
 async def provider_settlement(tx: Tx, provider: str, period: str) -> dict[str, Any]:
     period_bounds(period)
     rows = await tx.fetch(
-        "SELECT t.memo, p.unit, SUM(p.amount), COUNT(*) FROM ledger_txns t "
+        "SELECT CASE WHEN t.kind = 'usage' THEN t.memo ELSE '(' || t.kind || 's)' END AS what, "
+        "p.unit, SUM(p.amount), COUNT(*) FROM ledger_txns t "
         "JOIN postings p ON p.txn_id = t.id "
-        "WHERE t.period = $1 AND p.account LIKE $2 GROUP BY t.memo, p.unit ORDER BY t.memo",
+        "WHERE t.period = $1 AND p.account LIKE $2 GROUP BY what, p.unit ORDER BY what",
         period,
         f"op:provider:{provider}:%",
     )
