@@ -993,6 +993,36 @@ def cmd_billing_statement(args: argparse.Namespace) -> int:
 
 
 @_command
+def cmd_billing_invoice(args: argparse.Namespace) -> int:
+    period = _period(args.period)
+
+    async def body(b: Billing) -> int:
+        inv = await b.invoice(args.tenant, period)
+        if args.format == "json":
+            _json(inv)
+            return 0
+        cur = inv["currency"]
+        print(
+            f"invoice {args.tenant} {period}: due {_money(inv['due'], cur)} "
+            f"(owed {_amount(inv['owed'], cur)}; {_amount(inv['rounding'], cur)} rounded off "
+            f"to op:rounding)"
+        )
+        return 0
+
+    return _run(args, body)
+
+
+@_command
+def cmd_billing_pay(args: argparse.Namespace) -> int:
+    async def body(b: Billing) -> int:
+        tid = await b.pay(args.tenant, args.amount, args.currency)
+        print(f"payment of {args.amount} {args.currency} from {args.tenant} recorded ({tid})")
+        return 0
+
+    return _run(args, body)
+
+
+@_command
 def cmd_billing_close(args: argparse.Namespace) -> int:
     period = _period(args.period)
 
@@ -1547,6 +1577,35 @@ def _add_billing(sub: Any) -> None:
         default="text",
         help="text (default) or JSON (amounts in integer nanos)",
     )
+    _add_db(p)
+
+    p = _cmd(
+        g,
+        "invoice",
+        cmd_billing_invoice,
+        "invoice a postpaid tenant for a month",
+        "The postpaid invoice for a period: the receivable owed for everything posted up to "
+        "that month. Usage is rated to the nano; the invoice rounds the amount owed DOWN to "
+        "the currency's minor unit (in the tenant's favour) and writes the fraction off to "
+        "the operator's rounding account. One invoice per tenant and month.",
+        PERIOD,
+    )
+    p.add_argument("tenant", metavar="TENANT")
+    p.add_argument("--period", required=True, metavar="YYYY-MM")
+    p.add_argument("--format", choices=("text", "json"), default="text")
+    _add_db(p)
+
+    p = _cmd(
+        g,
+        "pay",
+        cmd_billing_pay,
+        "record a payment against a postpaid receivable",
+        "Money received from a postpaid tenant, credited to its receivable (at most what it "
+        "owes). AMOUNT in whole minor units of the tenant's currency.",
+    )
+    p.add_argument("tenant", metavar="TENANT")
+    p.add_argument("amount", metavar="AMOUNT")
+    p.add_argument("currency", metavar="CURRENCY")
     _add_db(p)
 
     p = _cmd(

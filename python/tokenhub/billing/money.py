@@ -16,8 +16,10 @@ that systematic bias cancels over many lines):
   line records the rate it used.
 - **Allocation** (`allocate`): a split into shares (platform, channel, provider) never rounds
   the total: largest remainder, ties to the earlier share, so the legs sum exactly.
-- **Display and invoices** (`to_minor`): nanos to the currency's minor unit (cents; yen; fils),
-  half-to-even. Only invoices post this rounding, to the operator's rounding account.
+- **Display** (`to_minor`): nanos to the currency's minor unit (cents; yen; fils), half-to-even.
+- **Invoices** (`Billing.invoice`): the amount owed is rounded *down* to the minor unit, in the
+  tenant's favour (so rounding can never push a credit line over its limit); the fraction is
+  posted to the operator's rounding account.
 
 Amounts a person types (a top-up, a plan price) must be whole minor units: `parse_amount("9.999",
 "CNY")` is an error, not a silent rounding.

@@ -57,6 +57,8 @@ from tokenhub.billing.money import (
     check_currency,
     convert,
     div_half_even,
+    fmt,
+    minor_units,
     parse_amount,
     parse_price,
     parse_rate,
@@ -629,6 +631,84 @@ class Billing:
             await book.load(_tenant_specs(prof, cur))
             txn = Txn("adjustment", tenant, ts, memo=memo)
             txn.move(L.op("promotions", cur), L.wallet(tenant, cur), cur, value)
+            book.post(txn)
+            await book.flush()
+            return txn.id
+
+        return await self.db.transaction(run)
+
+    async def invoice(
+        self, tenant: str, period: str, *, ts_ms: int | None = None
+    ) -> dict[str, Any]:
+        """The postpaid invoice for a month: what the tenant owes on its receivable for
+        everything posted up to that period, in whole minor units. Usage is rated to the nano,
+        so the amount owed is rounded **down** to the minor unit (in the tenant's favour, so the
+        credit line can never be pushed over its limit by rounding) and the fraction is
+        written off to `op:rounding`. One invoice per tenant and month."""
+        _, end = L.period_bounds(period)
+        ts = end - 1 if ts_ms is None else ts_ms
+
+        async def run(tx: Tx) -> dict[str, Any]:
+            await L.lock_tenants(tx, [tenant])
+            prof = await get_profile(tx, tenant)
+            cur = prof.currency
+            ref = f"invoice:{period}"
+            if await tx.fetchval(
+                "SELECT 1 FROM ledger_txns WHERE tenant = $1 AND kind = 'invoice' AND ref = $2",
+                tenant,
+                ref,
+            ):
+                raise BillingError(f"{tenant} has been invoiced for {period} already")
+            acc = L.receivable(tenant, cur)
+            owed = int(
+                await tx.fetchval(
+                    "SELECT COALESCE(SUM(p.amount), 0) FROM postings p "
+                    "JOIN ledger_txns t ON t.id = p.txn_id WHERE p.account = $1 AND t.period <= $2",
+                    acc,
+                    period,
+                )
+            )
+            step = 10 ** (9 - minor_units(cur))
+            due = (owed // step) * step if owed > 0 else 0
+            book = Book(tx)
+            await book.load(_tenant_specs(prof, cur))
+            txn = Txn("invoice", tenant, ts, ref=ref, memo=f"invoice {period}")
+            txn.details = {"period": period, "owed": owed, "due": due, "currency": cur}
+            txn.move(L.op("rounding", cur), acc, cur, owed - due)
+            txn.period = await book.period_for(tenant, ts)
+            book.post(txn)
+            await book.flush()
+            return {"tenant": tenant, "period": period, "currency": cur, "owed": owed,
+                    "due": due, "rounding": owed - due, "txn": txn.id}  # fmt: skip
+
+        return await self.db.transaction(run)
+
+    async def pay(
+        self, tenant: str, amount: str, currency: str, *, ts_ms: int | None = None, ref: str = ""
+    ) -> str:
+        """A payment received against the postpaid receivable (at most what is owed)."""
+        cur = check_currency(currency)
+        value = parse_amount(amount, cur)
+        if value <= 0:
+            raise BillingError("a payment must be positive")
+        ts = now_ms() if ts_ms is None else ts_ms
+
+        async def run(tx: Tx) -> str:
+            await L.lock_tenants(tx, [tenant])
+            prof = await get_profile(tx, tenant)
+            if cur != prof.currency:
+                raise BillingError(f"tenant {tenant} settles in {prof.currency}; pay in "
+                                   f"{prof.currency}")  # fmt: skip
+            book = Book(tx)
+            await book.load(_tenant_specs(prof, cur))
+            acc = L.receivable(tenant, cur)
+            if value > book.balance[acc]:
+                raise BillingError(
+                    f"{tenant} owes {fmt(max(book.balance[acc], 0), cur, exact=True)}; "
+                    f"a payment of {amount} {cur} is more than that (top up the wallet instead)"
+                )
+            txn = Txn("payment", tenant, ts, ref=ref, memo=f"payment {amount} {cur}")
+            txn.move(L.op("cash", cur), acc, cur, value)
             book.post(txn)
             await book.flush()
             return txn.id
