@@ -1055,19 +1055,12 @@ async def _settle(tx: Tx, events: list[UsageEvent]) -> SettleResult:
     todo = valid
     ctx = _Ctx()
     book = Book(tx)
+    await _prefetch(tx, ctx, todo)
     specs: dict[str, AccountSpec] = {}
-    for ev, _ in todo:
-        if ev.tenant not in ctx.profiles:
-            prof = ctx.profiles[ev.tenant] = await get_profile(tx, ev.tenant)
-            rows = await tx.fetch(
-                f"SELECT {_LOT_COLS} FROM lots WHERE tenant = $1 AND status = 'active' "
-                "ORDER BY end_ms IS NULL, end_ms, start_ms, id",  # NULL (no end) last, as PG
-                ev.tenant,
-            )
-            ctx.lots[ev.tenant] = [_lot(r) for r in rows]
-            specs |= _tenant_specs(prof, prof.currency)
-            for lot in ctx.lots[ev.tenant]:
-                specs |= _lot_specs(lot) | _tenant_specs(prof, lot.currency)
+    for tenant, prof in ctx.profiles.items():
+        specs |= _tenant_specs(prof, prof.currency)
+        for lot in ctx.lots[tenant]:
+            specs |= _lot_specs(lot) | _tenant_specs(prof, lot.currency)
     await book.load(specs)
 
     settled_rows: list[tuple[str, str, str, int]] = []
@@ -1121,6 +1114,49 @@ async def _settle(tx: Tx, events: list[UsageEvent]) -> SettleResult:
             settled_rows,
         )
     return res
+
+
+def _marks(n: int, start: int = 1) -> str:
+    return ",".join(f"${i}" for i in range(start, start + n))
+
+
+async def _prefetch(tx: Tx, ctx: _Ctx, todo: Sequence[tuple[UsageEvent, str]]) -> None:
+    """Profiles, active lots and prices of the whole batch in a few queries (not a few per
+    tenant and model: on PostgreSQL every statement is a round trip)."""
+    tenants = sorted({ev.tenant for ev, _ in todo})
+    models = sorted({ev.model for ev, _ in todo})
+    for t in tenants:
+        ctx.profiles[t] = Profile(t)
+        ctx.lots[t] = []
+    for i in range(0, len(tenants), 500):
+        chunk = tenants[i : i + 500]
+        for tenant, cur, order, limit, low, disc in await tx.fetch(
+            "SELECT tenant, currency, draw_order, credit_limit, low_balance, discount_ppm "
+            f"FROM billing_profiles WHERE tenant IN ({_marks(len(chunk))})",
+            *chunk,
+        ):
+            ctx.profiles[tenant] = Profile(tenant, cur, tuple(order.split(",")), limit, low, disc)
+        for r in await tx.fetch(
+            f"SELECT {_LOT_COLS} FROM lots WHERE status = 'active' AND tenant IN "
+            f"({_marks(len(chunk))}) ORDER BY end_ms IS NULL, end_ms, start_ms, id",
+            *chunk,
+        ):
+            ctx.lots[r[1]].append(_lot(r))
+    for who in ("", *tenants):
+        for m in models:
+            ctx.prices[(m, who)] = []
+    for i in range(0, len(models), 500):
+        chunk = models[i : i + 500]
+        for r in await tx.fetch(
+            "SELECT model, tenant, version, effective_ms, currency, input_per_1m, "
+            "cached_input_per_1m, output_per_1m, points_per_1m FROM prices "
+            f"WHERE model IN ({_marks(len(chunk))}) "
+            "ORDER BY effective_ms DESC, version DESC",
+            *chunk,
+        ):
+            p = Price(*r)
+            if (p.model, p.tenant) in ctx.prices:
+                ctx.prices[(p.model, p.tenant)].append(p)
 
 
 def _take_lines(remaining: list[int], n: int) -> list[int]:
