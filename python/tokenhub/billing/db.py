@@ -50,6 +50,9 @@ class Tx(Protocol):
 
     async def execute(self, sql: str, *args: Any) -> int: ...
     async def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None: ...
+    async def insert_rows(
+        self, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]
+    ) -> None: ...
     async def fetch(self, sql: str, *args: Any) -> list[Row]: ...
     async def fetchrow(self, sql: str, *args: Any) -> Row | None: ...
     async def fetchval(self, sql: str, *args: Any) -> Any: ...
@@ -131,6 +134,13 @@ class _SqliteTx:
 
     async def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
         self._conn.executemany(self._sql(sql), rows)
+
+    async def insert_rows(
+        self, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]
+    ) -> None:
+        """Plain bulk INSERT (no conflict handling)."""
+        marks = ", ".join("?" * len(columns))
+        self._conn.executemany(f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({marks})", rows)
 
     async def fetch(self, sql: str, *args: Any) -> list[Row]:
         return self._conn.execute(self._sql(sql), args).fetchall()
@@ -244,6 +254,13 @@ class _PgTx:
 
     async def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
         await self._conn.executemany(sql, list(rows))
+
+    async def insert_rows(
+        self, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]
+    ) -> None:
+        """Plain bulk INSERT: COPY, one round trip and no per-row statement work."""
+        if rows:
+            await self._conn.copy_records_to_table(table, records=rows, columns=list(columns))
 
     async def fetch(self, sql: str, *args: Any) -> list[Row]:
         return [tuple(r) for r in await self._conn.fetch(sql, *args)]

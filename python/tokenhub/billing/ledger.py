@@ -343,9 +343,10 @@ class Book:
             if n != 1:
                 raise InsufficientFunds(a, self.spec[a].unit, d, 0)
         if self.txns:
-            await tx.executemany(
-                "INSERT INTO ledger_txns (id, kind, tenant, ts_ms, period, ref, memo, details, "
-                "created_ms) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+            await tx.insert_rows(
+                "ledger_txns",
+                ("id", "kind", "tenant", "ts_ms", "period", "ref", "memo", "details",
+                 "created_ms"),
                 [
                     (
                         t.id, t.kind, t.tenant, t.ts_ms, t.period, t.ref, t.memo,
@@ -354,9 +355,9 @@ class Book:
                     for t in self.txns
                 ],
             )  # fmt: skip
-            await tx.executemany(
-                "INSERT INTO postings (txn_id, leg, account, unit, amount) "
-                "VALUES ($1, $2, $3, $4, $5)",
+            await tx.insert_rows(
+                "postings",
+                ("txn_id", "leg", "account", "unit", "amount"),
                 [
                     (t.id, i, p.account, p.unit, p.amount)
                     for t in self.txns

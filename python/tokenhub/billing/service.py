@@ -1108,10 +1108,8 @@ async def _settle(tx: Tx, events: list[UsageEvent]) -> SettleResult:
             lot.quantity, lot.price, lot.consumed, lot.recognized, lot.status, lot.id,
         )  # fmt: skip
     if settled_rows:
-        await tx.executemany(
-            "INSERT INTO settlements (event_id, payload_sha256, txn_id, settled_ms) "
-            "VALUES ($1, $2, $3, $4)",
-            settled_rows,
+        await tx.insert_rows(
+            "settlements", ("event_id", "payload_sha256", "txn_id", "settled_ms"), settled_rows
         )
     return res
 
