@@ -74,6 +74,9 @@ bench: build ## run the benchmarks (installs the optional baselines)
 	  echo "note: apt-get install fortunes-zh wrk (the benches skip or fall back without them)"
 	$(BIN)/python benches/bench_meter.py
 	$(BIN)/python benches/bench_gateway.py
+	$(BIN)/python benches/bench_store.py
+	@# Settlement on SQLite, and on the throwaway PostgreSQL the tests use.
+	TOKENHUB_TEST_PG_DSN=$$(scripts/test-postgres start) $(BIN)/python benches/bench_settle.py
 
 .PHONY: lint
 lint: $(BIN)/.deps ## ruff, mypy + stubtest, cargo fmt --check, cargo clippy
