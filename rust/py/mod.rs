@@ -164,7 +164,9 @@ impl PySseRelay {
     #[new]
     #[pyo3(signature = (keep_usage))]
     fn new(keep_usage: bool) -> Self {
-        PySseRelay { inner: SseScanner::new(keep_usage) }
+        PySseRelay {
+            inner: SseScanner::new(keep_usage),
+        }
     }
 
     /// Takes one upstream read; returns the whole events to forward (possibly empty).

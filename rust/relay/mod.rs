@@ -69,11 +69,16 @@ impl Delta {
     fn has_text(&self) -> bool {
         non_empty(&self.content)
             || non_empty(&self.reasoning_content)
-            || self.tool_calls.as_deref().unwrap_or_default().iter().any(|c| {
-                c.function
-                    .as_ref()
-                    .is_some_and(|f| non_empty(&f.name) || non_empty(&f.arguments))
-            })
+            || self
+                .tool_calls
+                .as_deref()
+                .unwrap_or_default()
+                .iter()
+                .any(|c| {
+                    c.function
+                        .as_ref()
+                        .is_some_and(|f| non_empty(&f.name) || non_empty(&f.arguments))
+                })
     }
 }
 
@@ -98,7 +103,12 @@ impl Chunk {
 }
 
 /// Where the next event ends: the index just past its blank-line separator.
-fn event_end(buf: &[u8], from: usize, lf: &mut Option<usize>, crlf: &mut Option<usize>) -> Option<usize> {
+fn event_end(
+    buf: &[u8],
+    from: usize,
+    lf: &mut Option<usize>,
+    crlf: &mut Option<usize>,
+) -> Option<usize> {
     // Each separator kind is searched for at most once per position, never rescanning the
     // rest of the buffer for a kind that is absent.
     if lf.is_some_and(|p| p < from) {
@@ -175,7 +185,10 @@ pub struct SseScanner {
 
 impl SseScanner {
     pub fn new(keep_usage: bool) -> Self {
-        SseScanner { keep_usage, ..Default::default() }
+        SseScanner {
+            keep_usage,
+            ..Default::default()
+        }
     }
 
     pub fn done(&self) -> bool {
@@ -194,7 +207,9 @@ impl SseScanner {
     /// Every data payload seen (other than `[DONE]`), in order; emptied once usage arrives.
     pub fn payloads(&self) -> impl Iterator<Item = &[u8]> {
         let starts = std::iter::once(0).chain(self.payload_ends.iter().copied());
-        starts.zip(self.payload_ends.iter().copied()).map(|(a, b)| &self.payload_bytes[a..b])
+        starts
+            .zip(self.payload_ends.iter().copied())
+            .map(|(a, b)| &self.payload_bytes[a..b])
     }
 
     /// Whole events seen so far (forwarded or dropped).
@@ -265,7 +280,9 @@ impl SseScanner {
             let end = memchr::memchr(b'\n', &ev[at..]).map_or(ev.len(), |p| at + p);
             let line = &ev[at..end];
             at = end + 1;
-            let Some(rest) = line.strip_prefix(b"data:") else { continue };
+            let Some(rest) = line.strip_prefix(b"data:") else {
+                continue;
+            };
             let data = trim(rest);
             if data.is_empty() {
                 continue;
