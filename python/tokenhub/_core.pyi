@@ -40,7 +40,7 @@ class StreamCounter:
 
 @final
 class SseRelay:
-    def __init__(self, keep_usage: bool) -> None: ...
+    def __new__(cls, keep_usage: bool) -> SseRelay: ...
     def feed(self, data: bytes) -> bytes:
         """Takes one upstream read; returns the whole events to forward (possibly empty)."""
     def finish(self) -> bytes:
