@@ -1,28 +1,72 @@
-"""`tokenhub serve`: wire the store, journal, sink and key table to the app, and run it."""
+"""`tokenhub serve`: wire the store, journal, sink and key table to the app, and run it.
+
+With `--workers N` (N > 1) the process started becomes a supervisor that serves nothing itself:
+
+    parent: migrate, demo key, replay stale journals, before_fork(), bind N SO_REUSEPORT sockets
+      ├─ fork ─> worker 1: serve() on socket 1, journal <journal dir>/worker-1 (+ the settler)
+      ├─ fork ─> worker 2: serve() on socket 2, journal <journal dir>/worker-2
+      └─ ...    then: forward SIGTERM/SIGINT, restart a worker that dies, give up on a crash loop
+
+Each worker is the whole gateway (event loop, upstream pools, key cache, usage sink); they share
+the database, the port and whatever `before_fork()` returns (the seam for the shared-memory
+quota table). The parent creates no event loop and no thread, and closes its database connection
+before the first fork, so a worker (and one restarted later) starts from a clean process. Every
+response of a worker carries `x-tokenhub-worker: k`. The parent exits 0 when every worker shut
+down cleanly after SIGTERM/SIGINT (a second one kills them: their journals keep the rest); 1 when
+a worker failed to start or to shut down, or when workers exit more than MAX_CRASHES times in
+CRASH_WINDOW_S.
+
+Journals: one process per directory (journal.py), so worker k writes `<journal dir>/worker-k`
+and replays it when it starts (also after a restart: a worker killed mid-request loses nothing).
+Directories no current process owns are replayed before anything serves: by the parent (the
+journal dir's own segments, left by a single-process run, and `worker-k` for k > N) or, with one
+worker, by the process itself (every `worker-k`). Whoever does it holds the journal dir's LOCK,
+so two servers on one journal dir still refuse to start.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
+import fcntl
 import gc
 import logging
 import os
+import re
+import selectors
 import signal
 import socket
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
+import time
+import traceback
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from dataclasses import dataclass
 from decimal import Decimal
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from aiohttp import web
 
 from tokenhub.config import Config, ConfigError, from_mapping, load_config
 
+if TYPE_CHECKING:
+    from tokenhub.journal import Journal
+    from tokenhub.store import Store
+    from tokenhub.usage import UsageEvent
+
 log = logging.getLogger("tokenhub.serve")
 
 DEMO_DB = "tokenhub-demo.db"
 DEMO_TENANT = "demo"
+
+MAX_WORKERS = 64
+# A crash loop: more than this many unexpected worker exits within CRASH_WINDOW_S seconds.
+MAX_CRASHES = 5
+CRASH_WINDOW_S = 30.0
+WORKER_HEADER = "x-tokenhub-worker"
+_WORKER_DIR = re.compile(r"worker-(\d+)")
 
 
 def demo_config(mock_port: int, database: str) -> Config:
@@ -91,7 +135,145 @@ def _reuse_port_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-async def serve(cfg: Config, *, demo: bool = False, demo_key: str | None = None) -> None:
+# -- what the parent prepares for its workers ----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SharedState:
+    """What the serving process creates before any worker exists, for every worker (and every
+    restarted one) to inherit: the seam for per-server shared memory. The quota table comes
+    here: an anonymous MAP_SHARED mapping only reaches all workers if it exists before the
+    fork. Workers find it under `SHARED_STATE` in their app. Empty until then."""
+
+
+SHARED_STATE = web.AppKey("tokenhub_shared_state", SharedState)
+
+
+def before_fork(cfg: Config) -> SharedState:
+    """Called once per `tokenhub serve`, before the first worker is forked (with one worker
+    too, where the one process is parent and worker both, so there is a single code path).
+    Must not start threads or event loops: the children would inherit them broken."""
+    del cfg  # the quota table will be sized from it
+    return SharedState()
+
+
+@dataclass(frozen=True)
+class Worker:
+    """One forked worker's place in the server (`serve(worker=...)`)."""
+
+    index: int  # 1..count
+    count: int
+    sock: socket.socket  # its own SO_REUSEPORT listening socket, bound by the parent
+    journal_dir: str
+    ready_fd: int  # "<index> <pid>\n" goes here once it serves
+    parent_pid: int
+
+
+def worker_journal_dir(root: str | os.PathLike[str], index: int) -> Path:
+    return Path(root) / f"worker-{index}"
+
+
+# -- journals no process owns ------------------------------------------------------------------
+
+
+def _insert_replayed(store: Store, journal: Journal, events: list[UsageEvent]) -> None:
+    """Insert events from a replay; what the store refuses for good goes to rejected.jsonl,
+    as the sink does. StoreError (locked for longer than busy_timeout) propagates."""
+    from tokenhub.store import InvalidEvents
+
+    for start in range(0, len(events), 1000):
+        batch = events[start : start + 1000]
+        while batch:
+            try:
+                store.insert_events(batch)
+                break
+            except InvalidEvents as e:
+                for event, why in e.events:
+                    journal.reject(event, why)
+                    log.error(
+                        "usage event %s cannot be stored (%s); set aside in %s",
+                        getattr(event, "request_id", "?"),
+                        why,
+                        journal.directory / "rejected.jsonl",
+                    )
+                bad = {id(event) for event, _ in e.events}
+                batch = [ev for ev in batch if id(ev) not in bad]
+
+
+def replay_journal_dir(store: Store, directory: Path, *, why: str) -> int:
+    """Insert what the journal in `directory` holds and delete its segments once durable.
+    JournalError if another process holds it. Returns the number of events replayed."""
+    from tokenhub.journal import Journal
+
+    # Small segments: this journal only reads; its (empty) new segment is deleted on close.
+    journal = Journal(directory, segment_bytes=4096)
+    try:
+        events = journal.replay()
+        if events:
+            _insert_replayed(store, journal, events)
+            st = journal.replay_stats
+            log.warning(
+                "replayed %d usage events from %s (%s): %d finished, %d interrupted",
+                len(events),
+                directory,
+                why,
+                st.finished,
+                st.interrupted,
+            )
+        # As the sink does: segments go only once a checkpoint made the rows durable (a
+        # reader's snapshot can hold it back briefly); else they are replayed again next time.
+        for _ in range(3):
+            if not events or store.sync():
+                journal.discard_replayed()
+                break
+            time.sleep(0.05)
+        return len(events)
+    finally:
+        journal.close()
+
+
+def replay_stale_worker_journals(store: Store, root: str | os.PathLike[str], keep: int) -> int:
+    """Replay `root/worker-k` for every k > `keep` (every one with keep=0: a single-process
+    server), left by an earlier run with more workers, and remove those left empty. The
+    caller holds root's LOCK, so no other server is doing the same. Returns events replayed."""
+    from tokenhub.journal import JournalError
+
+    root = Path(root)
+    if not root.is_dir():
+        return 0
+    replayed = 0
+    for d in sorted(root.iterdir()):
+        m = _WORKER_DIR.fullmatch(d.name)
+        if m is None or not d.is_dir() or int(m.group(1)) <= keep:
+            continue
+        try:
+            replayed += replay_journal_dir(store, d, why="left by an earlier run with more workers")
+        except JournalError as e:  # a worker of a gone parent, still flushing: it finishes
+            log.warning("%s; not replayed now", e)
+            continue
+        # Nothing else may own a directory under a locked root, so removing LOCK is safe; a
+        # rejected.jsonl keeps the directory.
+        if [p.name for p in d.iterdir()] == ["LOCK"]:
+            with contextlib.suppress(OSError):
+                (d / "LOCK").unlink()
+                d.rmdir()
+    return replayed
+
+
+# -- one gateway process -----------------------------------------------------------------------
+
+
+async def serve(
+    cfg: Config,
+    *,
+    demo: bool = False,
+    demo_key: str | None = None,
+    shared: SharedState | None = None,
+    worker: Worker | None = None,
+) -> None:
+    """Run the gateway until SIGTERM/SIGINT. Alone (`worker` None) it binds its socket, uses
+    the journal dir itself and prints where it serves; as a worker it takes its socket and
+    journal dir from `worker`, and the parent has created the demo key (`demo_key`) already."""
     from tokenhub import mock_upstream
     from tokenhub.journal import Journal
     from tokenhub.server.app import create_app
@@ -102,6 +284,8 @@ async def serve(cfg: Config, *, demo: bool = False, demo_key: str | None = None)
 
     mock_runner: web.AppRunner | None = None
     if demo:
+        # Each worker runs its own mock upstream on its own port: simpler than sharing one
+        # across processes, and the mock's state (its ledger) is not part of the demo.
         mock_app = mock_upstream.build_app(mock_upstream.MockOptions())
         mock_runner = web.AppRunner(mock_app, access_log=None)
         await mock_runner.setup()
@@ -118,16 +302,26 @@ async def serve(cfg: Config, *, demo: bool = False, demo_key: str | None = None)
 
     store = open_store(cfg.server.database)
     store.migrate()
+    secret = ""
     if demo:
-        secret = _ensure_demo_key(store, demo_key)
-    journal = Journal(_journal_dir(cfg))
+        # A worker's parent has created the key (once, before forking) and passed its secret.
+        secret = _ensure_demo_key(store, demo_key) if worker is None else demo_key or ""
+    if worker is None:
+        root = _journal_dir(cfg)
+        journal = Journal(root)  # holds root's LOCK from here on
+        await asyncio.to_thread(replay_stale_worker_journals, store, root, 0)
+    else:
+        journal = Journal(worker.journal_dir)
     sink = UsageSink(store, journal)
     keys = KeyCache(store.key_digests, store.change_marker, refresh_s=cfg.server.key_refresh_s)
+    # Settling is idempotent, so N settlers would bill nothing twice, but they would race to
+    # seed the demo's prices and wallet: one settler per server, in worker 1.
+    settles = worker is None or worker.index == 1
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         await sink.start()
         await keys.start()
-        settler = await _start_settler(cfg, demo=demo)
+        settler = await _start_settler(cfg, demo=demo) if settles else None
         yield
         if settler is not None:
             await settler()
@@ -136,6 +330,7 @@ async def serve(cfg: Config, *, demo: bool = False, demo_key: str | None = None)
         await sink.close(timeout=30)
 
     app = create_app(cfg, keys=keys, sink=sink, extra_cleanup=[lifecycle])
+    app[SHARED_STATE] = shared if shared is not None else SharedState()
     stats = app[METRICS].gauge("tokenhub_usage_sink", "Usage sink counters by name.")
 
     def collect_sink_stats() -> None:
@@ -143,9 +338,16 @@ async def serve(cfg: Config, *, demo: bool = False, demo_key: str | None = None)
             stats.set(value, name=name)
 
     app[METRICS].on_collect(collect_sink_stats)
+    if worker is not None:
+        tag = str(worker.index)
+
+        async def tag_response(request: web.Request, response: web.StreamResponse) -> None:
+            response.headers[WORKER_HEADER] = tag
+
+        app.on_response_prepare.append(tag_response)
     runner = web.AppRunner(app, access_log=None, handler_cancellation=False)
     await runner.setup()
-    sock = _reuse_port_socket(cfg.server.host, cfg.server.port)
+    sock = worker.sock if worker else _reuse_port_socket(cfg.server.host, cfg.server.port)
     site = web.SockSite(runner, sock, backlog=4096)  # aiohttp's default 128 drops bursts
     await site.start()
     # Everything loaded so far (vocabularies' Python side, config, aiohttp internals) lives for
@@ -156,24 +358,47 @@ async def serve(cfg: Config, *, demo: bool = False, demo_key: str | None = None)
     # generation of 700 objects (the default) runs the collector every few requests.
     gc.set_threshold(20_000, 20, 20)
     host, port = sock.getsockname()[:2]
-    print(
-        f"tokenhub: serving on http://{host}:{port}/v1 (database {cfg.server.database})", flush=True
-    )
-    if demo:
-        _print_demo(host, port, secret)
+    if worker is None:
+        print(
+            f"tokenhub: serving on http://{host}:{port}/v1 (database {cfg.server.database})",
+            flush=True,
+        )
+        if demo:
+            _print_demo(host, port, secret)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    watcher: asyncio.Task[None] | None = None
+    if worker is not None:
+        # Blocked since the fork, so that a stop asked for during start-up waits for the
+        # handlers above instead of killing the worker halfway: delivered now, if pending.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+        watcher = asyncio.create_task(_watch_parent(worker, stop))
+        with contextlib.suppress(OSError):  # EPIPE: the parent is gone (the watcher stops us)
+            os.write(worker.ready_fd, f"{worker.index} {os.getpid()}\n".encode())
     try:
         await stop.wait()
     finally:
-        print("tokenhub: shutting down (flushing usage events)", file=sys.stderr, flush=True)
+        if watcher is not None:
+            watcher.cancel()
+        if worker is None:
+            print("tokenhub: shutting down (flushing usage events)", file=sys.stderr, flush=True)
         await runner.cleanup()
         if mock_runner is not None:
             await mock_runner.cleanup()
         store.close()
+
+
+async def _watch_parent(worker: Worker, stop: asyncio.Event) -> None:
+    """A worker whose parent is gone (kill -9) has no supervisor: shut down cleanly (and
+    flush) rather than serve on unsupervised, holding the port and its journal."""
+    while not stop.is_set():
+        await asyncio.sleep(1.0)
+        if os.getppid() != worker.parent_pid:
+            log.error("the tokenhub parent process is gone; worker %d shuts down", worker.index)
+            stop.set()
 
 
 async def _start_settler(cfg: Config, *, demo: bool) -> Callable[[], Awaitable[None]] | None:
@@ -282,9 +507,390 @@ def _this_month() -> str:
     return f"{now.year:04d}-{now.month:02d}"
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    from tokenhub.cli import CliError
+# -- several workers ---------------------------------------------------------------------------
 
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+_SUPERVISOR_SIGNALS = {*_STOP_SIGNALS, signal.SIGCHLD}
+
+
+def _listeners(host: str, port: int, count: int) -> list[socket.socket]:
+    """One SO_REUSEPORT listening socket per worker, all bound here, before any fork.
+
+    Why a socket per worker rather than one socket all workers accept from (Linux): on a shared
+    socket every worker's loop polls the same accept queue (asyncio and uvloop do not ask for
+    EPOLLEXCLUSIVE), each new connection wakes them all, and the first loop to run accepts
+    until the queue is empty: a burst of connections goes to whichever worker woke first, not
+    to the least busy one, and the other wake-ups are wasted. With a socket each, the kernel
+    hashes every connection's 4-tuple over the group's sockets: an even spread, no herd. The
+    price, a connection hashed to a busy worker waits even if another is idle, is small here:
+    one worker's loop multiplexes thousands of I/O-bound requests.
+
+    Measured (2-core VM, two forked uvloop/aiohttp workers, a client opening 64 keep-alive
+    connections at once, 3000 requests): shared socket, one worker got all 64 connections in
+    5 runs of 6 (the sixth: 44/56%); a socket each, 44-49% for the less loaded worker in all 6.
+
+    The parent binds them (not each worker) and keeps them open: the port is known (also with
+    port 0) and taken before anything forks, and a worker that dies leaves its socket, and the
+    connections queued on it, to its replacement instead of resetting them."""
+    first = _reuse_port_socket(host, port)
+    socks = [first]
+    try:
+        port = int(first.getsockname()[1])
+        socks += [_reuse_port_socket(host, port) for _ in range(count - 1)]
+    except BaseException:
+        for s in socks:
+            s.close()
+        raise
+    return socks
+
+
+def _lock_journal_root(root: Path) -> int:
+    """Hold `root/LOCK` (the journal's own lock file) for the server's lifetime: a second
+    server on the same journal dir fails to start, whether it runs one worker or many."""
+    from tokenhub.journal import JournalError
+
+    fd = os.open(root / "LOCK", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise JournalError(
+            f"journal {str(root)!r} is in use by another process (another tokenhub serve?)"
+        ) from None
+    return fd
+
+
+def _describe_exit(code: int) -> str:
+    if code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with status {code}"
+
+
+def _ignore_signal(signum: int, frame: object) -> None:
+    """The supervisor's handler: the signal number reaches its loop through the wake-up fd."""
+
+
+def _run_loop(main: Coroutine[Any, Any, None]) -> None:
+    try:
+        import uvloop
+
+        loop_factory: Any = uvloop.new_event_loop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        loop_factory = None
+    with asyncio.Runner(loop_factory=loop_factory) as r:
+        r.run(main)
+
+
+def serve_workers(cfg: Config, count: int, *, demo: bool, demo_key: str | None) -> int:
+    """`tokenhub serve --workers N`: prepare once, fork N workers, supervise them."""
+    # The app and the sink are imported once here, so that every fork (and restart) starts
+    # with them in memory. Importing starts no thread and no loop; nothing here may
+    # (vocabularies load in the workers: the meter's thread pool would not survive a fork).
+    import tokenhub.server.app
+    import tokenhub.sink  # noqa: F401
+    from tokenhub.cli import CliError
+    from tokenhub.store import open_store
+
+    root = Path(_journal_dir(cfg))
+    store = open_store(cfg.server.database)
+    lock_fd = -1
+    try:
+        store.migrate()
+        secret = _ensure_demo_key(store, demo_key) if demo else ""
+        # A single-process run journals into root itself (JournalError if one still runs).
+        replay_journal_dir(store, root, why="left by a single-process run")
+        lock_fd = _lock_journal_root(root)
+        replay_stale_worker_journals(store, root, keep=count)
+    except BaseException:
+        if lock_fd >= 0:
+            os.close(lock_fd)
+        raise
+    finally:
+        store.close()  # an SQLite connection must not cross a fork
+    try:
+        shared = before_fork(cfg)
+        try:
+            listeners = _listeners(cfg.server.host, cfg.server.port, count)
+        except OSError as e:
+            where = f"{cfg.server.host}:{cfg.server.port}"
+            raise CliError(f"cannot listen on {where}: {e.strerror or e}") from None
+        sup = _Supervisor(
+            cfg, count, listeners, root, lock_fd, demo=demo, secret=secret, shared=shared
+        )
+        return sup.run()
+    finally:
+        os.close(lock_fd)
+
+
+class _Supervisor:
+    """The parent of `--workers N`: forks the workers, restarts one that dies, forwards stop
+    signals. A plain loop on one selector (signals arrive through `signal.set_wakeup_fd`,
+    readiness through a pipe): no event loop, no thread, so forking again later is safe."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        count: int,
+        listeners: list[socket.socket],
+        root: Path,
+        lock_fd: int,
+        *,
+        demo: bool,
+        secret: str,
+        shared: SharedState,
+    ) -> None:
+        self.cfg = cfg
+        self.count = count
+        self.listeners = listeners
+        self.root = root
+        self.lock_fd = lock_fd
+        self.demo = demo
+        self.secret = secret
+        self.shared = shared
+        self.pid = os.getpid()
+        self.children: dict[int, int] = {}  # pid -> worker index
+        self.ready: set[int] = set()  # pids that serve
+        self.announced = False  # every worker has served once: exits are crashes from now on
+        self.stopping = False
+        self.killed = False
+        self.fatal = ""
+        self.failed: list[str] = []
+        self.crashes: collections.deque[float] = collections.deque()
+        self._ready_buf = b""
+        self._ready_r, self._ready_w = os.pipe()
+        self._wake_r, self._wake_w = os.pipe()
+        for fd in (self._ready_r, self._wake_r, self._wake_w):
+            os.set_blocking(fd, False)
+        self._sel = selectors.DefaultSelector()
+
+    def run(self) -> int:
+        from tokenhub.cli import CliError
+
+        old_wakeup = signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
+        old_handlers = {s: signal.signal(s, _ignore_signal) for s in _SUPERVISOR_SIGNALS}
+        self._sel.register(self._wake_r, selectors.EVENT_READ)
+        self._sel.register(self._ready_r, selectors.EVENT_READ)
+        try:
+            for index in range(1, self.count + 1):
+                self._spawn(index)
+            while self.children:
+                self._sel.select()
+                self._signals()
+                self._reap()
+                self._read_ready()
+        except BaseException:
+            for pid in self.children:  # e.g. fork failed: leave no worker behind
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGTERM)
+            for pid in self.children:
+                with contextlib.suppress(OSError):
+                    os.waitpid(pid, 0)
+            raise
+        finally:
+            signal.set_wakeup_fd(old_wakeup)
+            for s, h in old_handlers.items():
+                signal.signal(s, h)
+            self._sel.close()
+            for fd in (self._ready_r, self._ready_w, self._wake_r, self._wake_w):
+                os.close(fd)
+            for sock in self.listeners:
+                sock.close()
+        if self.fatal:
+            raise CliError(self.fatal)
+        if self.failed:
+            raise CliError("; ".join(self.failed))
+        return 0
+
+    # -- the parent's side ---------------------------------------------------------------------
+
+    def _spawn(self, index: int) -> None:
+        sys.stdout.flush()  # or the child would print the parent's buffered output again
+        sys.stderr.flush()
+        # Blocked across the fork: the child keeps SIGINT/SIGTERM blocked until its loop
+        # handles them, so a stop asked for while it starts is not lost, nor fatal to it.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, _SUPERVISOR_SIGNALS)
+        try:
+            pid = os.fork()
+            if pid == 0:
+                self._child(index)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        self.children[pid] = index
+        log.info("worker %d started (pid %d)", index, pid)
+
+    def _signals(self) -> None:
+        while True:
+            try:
+                received = os.read(self._wake_r, 512)
+            except BlockingIOError:
+                return
+            for signum in received:
+                if signum in _STOP_SIGNALS:
+                    self._stop(signal.Signals(signum).name)
+
+    def _stop(self, why: str) -> None:
+        if self.stopping:
+            if why in ("SIGINT", "SIGTERM") and not self.killed:
+                # A second Ctrl-C: no more waiting. Nothing is lost: the journals keep every
+                # event the workers had not written, for the next start to replay.
+                self.killed = True
+                self.fatal = (
+                    f"{why} again: killed the workers; the usage events they had not written "
+                    "are replayed from their journals at the next start"
+                )
+                for pid in self.children:
+                    with contextlib.suppress(OSError):
+                        os.kill(pid, signal.SIGKILL)
+            return
+        self.stopping = True
+        n = len(self.children)
+        print(
+            f"tokenhub: shutting down {n} worker{'s' * (n != 1)} (flushing usage events)",
+            file=sys.stderr,
+            flush=True,
+        )
+        # The workers close their copies as they stop: then the port is closed.
+        for sock in self.listeners:
+            sock.close()
+        for pid in self.children:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGTERM)
+
+    def _reap(self) -> None:
+        while self.children:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            index = self.children.pop(pid, None)
+            if index is None:
+                continue
+            self.ready.discard(pid)
+            code = os.waitstatus_to_exitcode(status)
+            what = _describe_exit(code)
+            if self.stopping:
+                if code != 0 and not self.killed:
+                    self.failed.append(f"worker {index} (pid {pid}) {what} while shutting down")
+                continue
+            if not self.announced:
+                self.fatal = f"worker {index} (pid {pid}) {what} while starting"
+                self._stop("start-up failed")
+                continue
+            now = time.monotonic()
+            self.crashes.append(now)
+            while self.crashes[0] < now - CRASH_WINDOW_S:
+                self.crashes.popleft()
+            if len(self.crashes) > MAX_CRASHES:
+                self.fatal = (
+                    f"workers exited {len(self.crashes)} times within {CRASH_WINDOW_S:g} s "
+                    f"(last: worker {index}, pid {pid}, {what}); not restarting them again"
+                )
+                log.error("%s; stopping the server", self.fatal)
+                self._stop("crash loop")
+                continue
+            log.error("worker %d (pid %d) %s; restarting it", index, pid, what)
+            self._spawn(index)
+
+    def _read_ready(self) -> None:
+        while True:
+            try:
+                data = os.read(self._ready_r, 4096)
+            except BlockingIOError:
+                break
+            if not data:
+                break
+            self._ready_buf += data
+        *lines, self._ready_buf = self._ready_buf.split(b"\n")
+        for line in lines:
+            index, pid = map(int, line.split())
+            if pid not in self.children:
+                continue  # it died since
+            self.ready.add(pid)
+            if self.announced:
+                log.warning("worker %d (pid %d) serves again", index, pid)
+        if not self.announced and not self.stopping and len(self.ready) == self.count:
+            self.announced = True
+            host, port = self.listeners[0].getsockname()[:2]
+            print(
+                f"tokenhub: serving on http://{host}:{port}/v1 (database "
+                f"{self.cfg.server.database}, {self.count} workers)",
+                flush=True,
+            )
+            if self.demo:
+                _print_demo(host, port, self.secret)
+
+    # -- the child's side ----------------------------------------------------------------------
+
+    def _child(self, index: int) -> NoReturn:
+        from tokenhub.journal import JournalError
+        from tokenhub.store import StoreError
+
+        status = 1
+        try:
+            signal.set_wakeup_fd(-1)
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
+            self._sel.close()
+            for fd in (self._ready_r, self._wake_r, self._wake_w, self.lock_fd):
+                os.close(fd)
+            sock = self.listeners[index - 1]
+            for other in self.listeners:
+                if other is not sock:
+                    other.close()
+            fmt = f"%(asctime)s %(levelname)s %(name)s [worker {index}]: %(message)s"
+            for h in logging.getLogger().handlers:
+                h.setFormatter(logging.Formatter(fmt))
+            worker = Worker(
+                index=index,
+                count=self.count,
+                sock=sock,
+                journal_dir=str(worker_journal_dir(self.root, index)),
+                ready_fd=self._ready_w,
+                parent_pid=self.pid,
+            )
+            _run_loop(
+                serve(
+                    self.cfg,
+                    demo=self.demo,
+                    demo_key=self.secret,
+                    shared=self.shared,
+                    worker=worker,
+                )
+            )
+            status = 0
+        except (StoreError, JournalError, OSError) as e:
+            print(f"tokenhub: worker {index}: error: {e}", file=sys.stderr)
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            with contextlib.suppress(Exception):
+                sys.stdout.flush()
+                sys.stderr.flush()
+            os._exit(status)
+
+
+# -- the command -------------------------------------------------------------------------------
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from tokenhub.cli import PROG, CliError
+    from tokenhub.journal import JournalError
+    from tokenhub.store import StoreError
+
+    workers: int = args.workers
+    if not 1 <= workers <= MAX_WORKERS:
+        print(
+            f"{PROG}: error: --workers must be between 1 and {MAX_WORKERS} (got {workers})",
+            file=sys.stderr,
+        )
+        return 2
     if args.demo:
         cfg = from_mapping(
             {"server": {"database": args.db or DEMO_DB}, "billing": {"settle_interval_s": 1.0}},
@@ -308,17 +914,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
-        import uvloop
-
-        loop_factory: Any = uvloop.new_event_loop
-    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
-        loop_factory = None
-    try:
-        with asyncio.Runner(loop_factory=loop_factory) as r:
-            r.run(serve(cfg, demo=args.demo, demo_key=args.demo_key))
-    except OSError as e:
-        where = f"{cfg.server.host}:{cfg.server.port}"
-        raise CliError(f"cannot listen on {where}: {e.strerror or e}") from None
+        if workers > 1:
+            return serve_workers(cfg, workers, demo=args.demo, demo_key=args.demo_key)
+        shared = before_fork(cfg)
+        try:
+            _run_loop(serve(cfg, demo=args.demo, demo_key=args.demo_key, shared=shared))
+        except OSError as e:
+            where = f"{cfg.server.host}:{cfg.server.port}"
+            raise CliError(f"cannot listen on {where}: {e.strerror or e}") from None
+    except (StoreError, JournalError) as e:
+        raise CliError(str(e)) from None
     return 0
 
 
@@ -334,6 +939,18 @@ def add_cli(sub: Any) -> None:
     p.add_argument("--host", help="address to listen on (default from config: 127.0.0.1)")
     p.add_argument("--port", type=int, help="port to listen on (default from config: 8080)")
     p.add_argument("--db", metavar="URL_OR_PATH", help="database (overrides server.database)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help=f"serve with N processes, 1 to {MAX_WORKERS} (default 1: this process serves). "
+        "With N > 1 this process supervises N workers, each a whole gateway on its own "
+        "SO_REUSEPORT socket of the port, with its own usage journal (JOURNAL_DIR/worker-K); "
+        "it restarts a worker that dies, stops them all on SIGTERM or SIGINT, and gives up "
+        f"when workers exit more than {MAX_CRASHES} times in {CRASH_WINDOW_S:g} s. Responses "
+        f"then carry '{WORKER_HEADER}: K'. About one worker per CPU core",
+    )
     p.add_argument(
         "--demo",
         action="store_true",
