@@ -4,6 +4,7 @@
 //! glue lives in [`py`] behind the `python` feature, as tiktoken does it.
 
 pub mod meter;
+pub mod quota;
 pub mod relay;
 
 #[cfg(feature = "python")]

@@ -1,8 +1,22 @@
 """Type stubs for the Rust extension (checked by mypy.stubtest)."""
 
-from typing import final
+import os
+from collections.abc import Iterable
+from typing import ClassVar, final
 
-__all__ = ["CoreMeter", "SseRelay", "StreamCounter", "VocabError", "__version__"]
+__all__ = [
+    "CoreMeter",
+    "QuotaError",
+    "QuotaFileError",
+    "QuotaFullError",
+    "QuotaRefusal",
+    "QuotaTable",
+    "ReservationError",
+    "SseRelay",
+    "StreamCounter",
+    "VocabError",
+    "__version__",
+]
 
 __version__: str
 
@@ -62,3 +76,130 @@ class SseRelay:
     @property
     def pending(self) -> int:
         """Bytes held back until their event's blank line arrives."""
+
+class QuotaError(RuntimeError):
+    """A quota table operation failed (the subclasses say how)."""
+
+class QuotaFileError(QuotaError):
+    """The quota table file cannot be created or opened, or is not a table this build can use."""
+
+class QuotaFullError(QuotaError):
+    """Every account slot, or every reservation slot, of the quota table is taken."""
+
+class ReservationError(QuotaError):
+    """The reservation id is unknown (or its slot was reused), or the reservation already ended."""
+
+@final
+class QuotaRefusal:
+    """Why a reservation or extension was not admitted."""
+
+    @property
+    def account(self) -> int:
+        """Index of the account that refused."""
+    @property
+    def limit(self) -> str:
+        """tokens, money, requests, concurrent, rpm or tpm."""
+    @property
+    def code(self) -> str:
+        """OpenAI's error code: insufficient_quota (a budget) or rate_limit_exceeded."""
+    @property
+    def limit_value(self) -> int: ...
+    @property
+    def remaining(self) -> int: ...
+    @property
+    def retry_after_ms(self) -> int | None:
+        """Rate limits: ms until this request would fit (None: never, or not a rate limit)."""
+    @property
+    def reset_ms(self) -> int | None:
+        """Rate limits: ms until the limit is full again (None: not a rate limit)."""
+
+_Accounts = int | tuple[int, ...] | list[int] | Iterable[int]
+
+@final
+class QuotaTable:
+    """The shared quota table: budgets, rate limits and concurrency per account."""
+
+    UNLIMITED: ClassVar[int]
+    NAME_MAX: ClassVar[int]
+    @staticmethod
+    def create(
+        path: str | os.PathLike[str], accounts: int = 1024, reservations: int = 16384
+    ) -> QuotaTable:
+        """Creates a fresh table at `path` (replacing the file atomically)."""
+    @staticmethod
+    def attach(path: str | os.PathLike[str]) -> QuotaTable:
+        """Maps a table another process created."""
+    @staticmethod
+    def anonymous(accounts: int = 1024, reservations: int = 16384) -> QuotaTable:
+        """A table in anonymous shared memory: this process's threads and the children it forks."""
+    @staticmethod
+    def clock_ns() -> int:
+        """CLOCK_MONOTONIC in ns: the clock of deadlines and rate limits, in every process."""
+    @property
+    def path(self) -> str | None: ...
+    @property
+    def account_capacity(self) -> int: ...
+    @property
+    def reservation_capacity(self) -> int: ...
+    def account(self, name: str) -> int:
+        """The index of the account `name`, created with every limit unlimited if new."""
+    def find_account(self, name: str) -> int | None: ...
+    def account_name(self, index: int) -> str: ...
+    def set_limit(self, index: int, limit: str, value: int) -> None: ...
+    def get_limit(self, index: int, limit: str) -> int: ...
+    def add_budget(self, index: int, limit: str, delta: int) -> int:
+        """Raises (or lowers) a budget's limit by `delta`; returns the new limit."""
+    def reset_used(self, index: int, limit: str) -> int:
+        """Starts a new period for a budget; returns the usage cleared."""
+    def reserve(
+        self,
+        accounts: _Accounts,
+        tokens: int = 0,
+        money: int = 0,
+        requests: int = 1,
+        concurrent: bool = True,
+        ttl_ms: int = 300000,
+        now_ns: int | None = None,
+    ) -> int | QuotaRefusal:
+        """Reserves on every account (all or none): the reservation id, or a QuotaRefusal."""
+    def settle(
+        self,
+        reservation: int,
+        tokens: int = 0,
+        money: int = 0,
+        requests: int | None = None,
+        now_ns: int | None = None,
+    ) -> tuple[int, int, bool]:
+        """Ends a reservation with its real usage: (overrun_tokens, overrun_money, late)."""
+    def cancel(self, reservation: int) -> bool:
+        """Gives everything back; False if the reservation had already expired."""
+    def extend(
+        self,
+        reservation: int,
+        tokens: int = 0,
+        money: int = 0,
+        ttl_ms: int = 300000,
+        now_ns: int | None = None,
+    ) -> QuotaRefusal | None:
+        """Reserves more on a live reservation and pushes its deadline; None or a QuotaRefusal."""
+    def charge(
+        self,
+        accounts: _Accounts,
+        tokens: int = 0,
+        money: int = 0,
+        requests: int = 0,
+        now_ns: int | None = None,
+    ) -> None:
+        """Records usage no reservation covers (all of it as overrun)."""
+    def expire_due(self, now_ns: int | None = None) -> int:
+        """Expires the held reservations past their deadline; returns how many."""
+    def reservation_state(self, reservation: int) -> str:
+        """held, settled, cancelled, expired or "settled after expiry"."""
+    def rate_status(
+        self, index: int, now_ns: int | None = None
+    ) -> tuple[int, int, int, int, int, int]:
+        """(rpm limit, rpm remaining, rpm reset ms, tpm limit, tpm remaining, tpm reset ms)."""
+    def snapshot(self, index: int, now_ns: int | None = None) -> dict[str, int]:
+        """One account's limits and counters, as a dict of ints."""
+    def stats(self) -> dict[str, int]:
+        """Counts over the whole table (one pass over every slot, without the GIL)."""
