@@ -69,8 +69,8 @@ def test_tenants(capsys: pytest.CaptureFixture[str], db: str) -> None:
     code, out, _ = run(capsys, "tenants", "list", "--db", db)
     assert code == 0
     header, row = out.splitlines()
-    assert header.split() == ["NAME", "ID", "CREATED", "ACTIVE", "KEYS"]
-    assert row.split()[0] == "acme" and row.split()[-1] == "1"
+    assert header.split() == ["NAME", "ID", "CREATED", "ACTIVE", "KEYS", "LIMITS"]
+    assert row.split()[0] == "acme" and row.split()[-2:] == ["1", "-"]
     code, out, _ = run(capsys, "tenants", "list", "--json", "--db", db)
     [t] = json.loads(out)
     assert t["name"] == "acme" and t["active_keys"] == 1
@@ -89,7 +89,15 @@ def test_keys(capsys: pytest.CaptureFixture[str], db: str) -> None:
 
     code, out, _ = run(capsys, "keys", "create", "--tenant", "acme", "--json", "--db", db)
     created = json.loads(out)
-    assert set(created) == {"id", "tenant", "prefix", "created_ms", "revoked_ms", "secret"}
+    assert set(created) == {
+        "id",
+        "tenant",
+        "prefix",
+        "created_ms",
+        "revoked_ms",
+        "limits",
+        "secret",
+    }
 
     code, out, _ = run(capsys, "keys", "list", "--db", db)
     assert code == 0 and key_id in out and secret[:8] in out
@@ -109,7 +117,7 @@ def test_keys(capsys: pytest.CaptureFixture[str], db: str) -> None:
     assert (code, err) == (1, "tokenhub: error: no API key 'key_ffffffffffff'\n")
     code, out, _ = run(capsys, "keys", "list", "--db", db)
     [row] = [line for line in out.splitlines() if line.startswith(key_id)]
-    assert row.split()[-1].endswith("Z")  # the revoked time
+    assert row.split()[-2].endswith("Z") and row.split()[-1] == "-"  # revoked, no limits
 
     db_bytes = b"".join(p.read_bytes() for p in Path(db).parent.iterdir())
     assert secret.encode() not in db_bytes and created["secret"].encode() not in db_bytes

@@ -2,8 +2,9 @@
 
 `add_cli(sub)` adds them to the `tokenhub` argparse subparsers. Every command takes
 `--db URL_OR_PATH` (default: $TOKENHUB_DB, else ./tokenhub.db), returns an exit status, and
-reports errors as one line `tokenhub: error: ...` on stderr with status 1. Running gateways
-pick up new and revoked keys within about a second (they poll the store's change marker).
+reports errors as one line `tokenhub: error: ...` on stderr with status 1 (2 for a bad limit
+value, with nothing changed). Running gateways pick up new and revoked keys, and limits set with
+`keys limit` / `tenants limit`, within about a second (they poll the store's change marker).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import IO, Any
 
 import msgspec
 
-from tokenhub.store import DEFAULT_DATABASE, ApiKey, Store, StoreError, open_store
+from tokenhub.store import DEFAULT_DATABASE, ApiKey, Limits, Store, StoreError, open_store
 from tokenhub.usage import EVENT_FIELDS, UsageEvent
 
 PROG = "tokenhub"
@@ -34,19 +35,26 @@ class AdminError(Exception):
     """A user error (bad argument): one line, exit status 1."""
 
 
+class UsageError(AdminError):
+    """A value the command line itself gets wrong (a bad limit): one line, exit status 2."""
+
+
 def _command(fn: Command) -> Command:
     """Turn the errors a user can cause into `tokenhub: error: ...` and exit status 1."""
 
     @functools.wraps(fn)
     def run(args: argparse.Namespace) -> int:
+        status = 1
         try:
             return fn(args)
+        except UsageError as e:
+            msg, status = str(e), 2
         except (AdminError, StoreError) as e:
             msg = str(e)
         except OSError as e:
             msg = f"{e.filename}: {e.strerror}" if e.filename and e.strerror else str(e)
         print(f"{PROG}: error: {msg}", file=sys.stderr)
-        return 1
+        return status
 
     return run
 
@@ -101,6 +109,73 @@ def parse_time(value: str) -> int:
     return (t - dt.datetime(1970, 1, 1, tzinfo=dt.UTC)) // dt.timedelta(milliseconds=1)
 
 
+# -- limits ------------------------------------------------------------------------------
+
+KEY_LIMIT_OPTIONS = ("rpm", "tpm", "max_concurrency")
+TENANT_LIMIT_OPTIONS = (*KEY_LIMIT_OPTIONS, "tokens_per_day")
+
+
+def _limit_changes(args: argparse.Namespace, fields: Sequence[str]) -> dict[str, int | None]:
+    """The limits given on the command line: a whole number >= 0, or `none` to remove one.
+    Checked all before anything is written (UsageError: exit 2, nothing changed)."""
+    out: dict[str, int | None] = {}
+    for field in fields:
+        raw: str | None = getattr(args, field, None)
+        if raw is None:
+            continue
+        option = "--" + field.replace("_", "-")
+        value = raw.strip().lower()
+        if value == "none":
+            out[field] = None
+        elif value.isdigit() and value.isascii() and int(value) < 2**63:
+            out[field] = int(value)
+        else:
+            raise UsageError(f"{option} must be a whole number >= 0 or 'none' (got {raw!r})")
+    return out
+
+
+def _add_limit_options(p: argparse.ArgumentParser, fields: Sequence[str], *, none: bool) -> None:
+    helps = {
+        "rpm": "requests per minute",
+        "tpm": "tokens (prompt + max output, settled to actual) per minute",
+        "max_concurrency": "requests in flight at once",
+        "tokens_per_day": "tokens per UTC day (answered with insufficient_quota once spent)",
+    }
+    for field in fields:
+        p.add_argument(
+            "--" + field.replace("_", "-"),
+            dest=field,
+            metavar="N|none" if none else "N",
+            help=helps[field] + ("; 'none' removes the limit" if none else ""),
+        )
+
+
+def _limits_json(limits: Limits, fields: Sequence[str]) -> dict[str, int | None]:
+    return {f: getattr(limits, f) for f in fields}
+
+
+@_command
+def cmd_tenants_limit(args: argparse.Namespace) -> int:
+    changes = _limit_changes(args, TENANT_LIMIT_OPTIONS)
+    if not changes:
+        raise UsageError("give at least one of --rpm, --tpm, --max-concurrency, --tokens-per-day")
+    with _store(args) as store:
+        limits = store.set_limits("tenant", args.name, **changes)
+    print(f"tenant '{args.name}' limits: {limits.describe()}")
+    return 0
+
+
+@_command
+def cmd_keys_limit(args: argparse.Namespace) -> int:
+    changes = _limit_changes(args, KEY_LIMIT_OPTIONS)
+    if not changes:
+        raise UsageError("give at least one of --rpm, --tpm, --max-concurrency")
+    with _store(args) as store:
+        limits = store.set_limits("key", args.key_id, **changes)
+    print(f"API key {args.key_id} limits: {limits.describe()}")
+    return 0
+
+
 # -- tenants -----------------------------------------------------------------------------
 
 
@@ -120,41 +195,67 @@ def cmd_tenants_list(args: argparse.Namespace) -> int:
         for k in store.list_keys():
             if k.active:
                 active[k.tenant] = active.get(k.tenant, 0) + 1
+        limits = {r.name: r.limits for r in store.all_limits() if r.scope == "tenant"}
     if args.json:
-        out = [{**msgspec.structs.asdict(t), "active_keys": active.get(t.name, 0)} for t in tenants]
+        out = [
+            {
+                **msgspec.structs.asdict(t),
+                "active_keys": active.get(t.name, 0),
+                "limits": _limits_json(limits.get(t.name, Limits()), TENANT_LIMIT_OPTIONS),
+            }
+            for t in tenants
+        ]
         print(msgspec.json.encode(out).decode())
         return 0
     if not tenants:
         print("no tenants (create one with: tokenhub tenants create NAME)", file=sys.stderr)
         return 0
-    rows = [[t.name, t.id, iso_time(t.created_ms), str(active.get(t.name, 0))] for t in tenants]
-    print_table(["NAME", "ID", "CREATED", "ACTIVE KEYS"], rows)
+    rows = [
+        [
+            t.name,
+            t.id,
+            iso_time(t.created_ms),
+            str(active.get(t.name, 0)),
+            limits.get(t.name, Limits()).describe(),
+        ]
+        for t in tenants
+    ]
+    print_table(["NAME", "ID", "CREATED", "ACTIVE KEYS", "LIMITS"], rows)
     return 0
 
 
 # -- keys --------------------------------------------------------------------------------
 
 
-def _key_json(k: ApiKey) -> dict[str, Any]:
+def _key_json(k: ApiKey, limits: Limits | None = None) -> dict[str, Any]:
     return {
         "id": k.id,
         "tenant": k.tenant,
         "prefix": k.prefix,
         "created_ms": k.created_ms,
         "revoked_ms": k.revoked_ms,
+        "limits": _limits_json(limits or Limits(), KEY_LIMIT_OPTIONS),
     }
 
 
 @_command
 def cmd_keys_create(args: argparse.Namespace) -> int:
+    changes = _limit_changes(args, KEY_LIMIT_OPTIONS)
+    if any(v is None for v in changes.values()):
+        raise UsageError("a new key has no limits to remove: give numbers, not 'none'")
     with _store(args) as store:
         key, secret = store.create_key(args.tenant)
+        # Two transactions: a crash between them leaves a key without limits, which the
+        # operator sees in `keys list` (and the secret was never printed).
+        limits = store.set_limits("key", key.id, **changes) if changes else Limits()
     if args.json:
-        print(msgspec.json.encode({**_key_json(key), "secret": secret}).decode())
+        print(msgspec.json.encode({**_key_json(key, limits), "secret": secret}).decode())
     else:
         print(f"created API key {key.id} for tenant '{key.tenant}'")
         print(f"  prefix: {key.prefix}")
         print(f"  secret: {secret}")
+        if limits.any():
+            print(f"  limits: {limits.describe()}")
     print(
         "Save the secret now: tokenhub keeps only its SHA-256 hash and cannot show it again.",
         file=sys.stderr,
@@ -166,16 +267,25 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
 def cmd_keys_list(args: argparse.Namespace) -> int:
     with _store(args) as store:
         keys = store.list_keys(args.tenant)
+        limits = {r.name: r.limits for r in store.all_limits() if r.scope == "key"}
     if args.json:
-        print(msgspec.json.encode([_key_json(k) for k in keys]).decode())
+        print(msgspec.json.encode([_key_json(k, limits.get(k.id)) for k in keys]).decode())
         return 0
     if not keys:
         print("no API keys (create one with: tokenhub keys create --tenant NAME)", file=sys.stderr)
         return 0
     rows = [
-        [k.id, k.tenant, k.prefix, iso_time(k.created_ms), iso_time(k.revoked_ms)] for k in keys
+        [
+            k.id,
+            k.tenant,
+            k.prefix,
+            iso_time(k.created_ms),
+            iso_time(k.revoked_ms),
+            limits.get(k.id, Limits()).describe(),
+        ]
+        for k in keys
     ]
-    print_table(["ID", "TENANT", "PREFIX", "CREATED", "REVOKED"], rows)
+    print_table(["ID", "TENANT", "PREFIX", "CREATED", "REVOKED", "LIMITS"], rows)
     return 0
 
 
@@ -298,6 +408,17 @@ def add_cli(sub: Any) -> None:
     p.add_argument("--json", action="store_true", help="print a JSON array")
     _add_db(p)
     p.set_defaults(func=cmd_tenants_list)
+    p = ts.add_parser(
+        "limit",
+        help="set or remove a tenant's limits",
+        description="Set (N) or remove (none) a tenant's limits, shared by all its keys; the "
+        "others are left as they are. Running gateways apply them within about a second. "
+        "tokens_per_day is spent by prompt + output tokens and starts again at 00:00 UTC.",
+    )
+    p.add_argument("name", metavar="NAME", help="the tenant")
+    _add_limit_options(p, TENANT_LIMIT_OPTIONS, none=True)
+    _add_db(p)
+    p.set_defaults(func=cmd_tenants_limit)
 
     # keys
     keys = sub.add_parser(
@@ -317,6 +438,7 @@ def add_cli(sub: Any) -> None:
     )
     p.add_argument("--tenant", required=True, metavar="NAME", help="the tenant that owns it")
     p.add_argument("--json", action="store_true", help="print id, tenant, prefix, secret as JSON")
+    _add_limit_options(p, KEY_LIMIT_OPTIONS, none=False)
     _add_db(p)
     p.set_defaults(func=cmd_keys_create)
     p = ks.add_parser(
@@ -337,6 +459,17 @@ def add_cli(sub: Any) -> None:
     p.add_argument("key_id", metavar="KEY_ID", help="the key's id (key_ and 12 hex digits)")
     _add_db(p)
     p.set_defaults(func=cmd_keys_revoke)
+    p = ks.add_parser(
+        "limit",
+        help="set or remove an API key's limits",
+        description="Set (N) or remove (none) an API key's limits; the others are left as "
+        "they are. A request must fit both its key's and its tenant's limits. Running "
+        "gateways apply them within about a second.",
+    )
+    p.add_argument("key_id", metavar="KEY_ID", help="the key's id (key_ and 12 hex digits)")
+    _add_limit_options(p, KEY_LIMIT_OPTIONS, none=True)
+    _add_db(p)
+    p.set_defaults(func=cmd_keys_limit)
 
     # events
     events = sub.add_parser(

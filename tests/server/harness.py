@@ -36,8 +36,10 @@ from aiohttp import web
 from tokenhub.config import Config, from_mapping
 from tokenhub.journal import Journal
 from tokenhub.mock_upstream import MockOptions, build_app
+from tokenhub.quota import Quota
 from tokenhub.server.app import create_app
 from tokenhub.server.auth import KeyCache
+from tokenhub.server.limits import LimitSync
 from tokenhub.server.run import _reuse_port_socket
 from tokenhub.sink import UsageSink
 from tokenhub.store import Store, open_store
@@ -307,16 +309,23 @@ class Hub:
         self.journal = self.journal_cls(cfg.server.journal_dir)
         self.sink = UsageSink(self.store, self.journal)
         self.keys = KeyCache(self.store.key_digests, self.store.change_marker, refresh_s=0.2)
-        sink, keys = self.sink, self.keys
+        # An anonymous table: one process, so nothing needs to attach it.
+        self.quota = Quota.anonymous()
+        self.limits = LimitSync(
+            self.quota, self.store.all_limits, self.store.change_marker, refresh_s=0.2
+        )
+        sink, keys, limits = self.sink, self.keys, self.limits
 
         async def lifecycle(app: web.Application) -> AsyncIterator[None]:
             await sink.start()
             await keys.start()
+            await limits.start()
             yield
+            await limits.close()
             await keys.close()
             await sink.close()
 
-        app = create_app(cfg, keys=keys, sink=sink, extra_cleanup=[lifecycle])
+        app = create_app(cfg, keys=keys, sink=sink, limits=limits, extra_cleanup=[lifecycle])
         # shutdown_timeout only bounds the teardown of a test run.
         self.gateway_runner = web.AppRunner(
             app, access_log=None, handler_cancellation=False, shutdown_timeout=5.0

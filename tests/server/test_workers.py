@@ -441,6 +441,40 @@ def test_two_workers_serve_record_once_and_see_revocations(site: Site, procs: Pr
         http_json(site.base + "/healthz", timeout=1.0)
 
 
+def test_two_workers_enforce_one_rpm_limit(site: Site, procs: Procs) -> None:
+    """The quota table is shared: an rpm limit of 10 admits 10 requests across both workers,
+    not 10 per worker."""
+    site.store.set_limits("key", site.key_id, rpm=10)
+    stale = Path("/dev/shm/tokenhub-quota-4194999")  # above pid_max's default: no such process
+    if Path("/dev/shm").is_dir():
+        stale.write_bytes(b"left by a server killed with SIGKILL")
+    gw = procs.start("gateway", "serve", "--config", str(site.config), "--workers", "2")
+    gw.wait_serving()
+    table = Path(f"/dev/shm/tokenhub-quota-{gw.pid}")
+    assert table.exists() or not Path("/dev/shm").is_dir()
+    assert not stale.exists()  # swept when the server started
+
+    outcomes = asyncio.run(burst(site.url, site.secret, 30, concurrency=30))
+    statuses = sorted(o.status for o in outcomes)
+    assert statuses == [200] * 10 + [429] * 20, statuses
+    assert {o.worker for o in outcomes} == {"1", "2"}  # both workers answered, one limit
+    refused = [o for o in outcomes if o.status == 429]
+    wait_until(
+        lambda: event_ids(site.store) >= {o.request_id for o in outcomes},
+        10.0,
+        what="every event",
+    )
+    events = {e.request_id: e for e in site.store.iter_events()}
+    for o in refused:
+        e = events[str(o.request_id)]
+        assert (e.status, e.error, e.input_tokens, e.output_tokens) == (
+            429, "rate_limit_exceeded", 0, 0,
+        )  # fmt: skip
+    assert gw.stop() == 0
+    no_traceback(gw)
+    assert not table.exists()  # the table goes with the server
+
+
 def test_kill_9_of_a_worker_mid_burst(site: Site, procs: Procs) -> None:
     gw = procs.start("gateway", "serve", "--config", str(site.config), "--workers", "2")
     gw.wait_serving()

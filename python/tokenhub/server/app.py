@@ -13,6 +13,7 @@ from tokenhub.config import Config
 from tokenhub.server.auth import KeyCache
 from tokenhub.server.errors import ApiError, from_http_exception
 from tokenhub.server.gateway import Gateway, Sink, new_request_id
+from tokenhub.server.limits import LimitSync
 from tokenhub.server.metrics import Registry
 from tokenhub.server.routes import setup_routes
 from tokenhub.server.state import GATEWAY, METRICS, REQUEST_ID
@@ -55,16 +56,22 @@ CleanupCtx = Callable[[web.Application], AsyncIterator[None]]
 
 
 def create_app(
-    config: Config, *, keys: KeyCache, sink: Sink, extra_cleanup: list[CleanupCtx] | None = None
+    config: Config,
+    *,
+    keys: KeyCache,
+    sink: Sink,
+    limits: LimitSync | None = None,
+    extra_cleanup: list[CleanupCtx] | None = None,
 ) -> web.Application:
-    """The gateway application. `keys` and `sink` are owned by the caller, which starts and
-    closes them (they outlive a single app in tests and in multi-worker set-ups)."""
+    """The gateway application. `keys`, `sink` and `limits` (None: no limits enforced) are
+    owned by the caller, which starts and closes them (they outlive a single app in tests and
+    in multi-worker set-ups)."""
     metrics = Registry()
     app = web.Application(
         client_max_size=config.server.max_body_bytes,
         middlewares=[_error_middleware(config.server.max_body_bytes)],
     )
-    gateway = Gateway(config, keys, sink, metrics)
+    gateway = Gateway(config, keys, sink, metrics, limits)
     app[GATEWAY] = gateway
     app[METRICS] = metrics
     keys_gauge = metrics.gauge("tokenhub_api_keys", "Active API keys in the gateway's table.")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import msgspec
 from aiohttp import web
 
+from tokenhub.quota import Refusal, format_reset
+
 
 class ErrorBody(msgspec.Struct, kw_only=True):
     message: str
@@ -99,6 +101,34 @@ class ApiError(Exception):
         return cls(
             504, "The upstream provider timed out.", type="api_error", code="upstream_timeout"
         )
+
+    @classmethod
+    def quota_refused(cls, r: Refusal) -> ApiError:
+        """429 for a refused reservation, as OpenAI words it: rate_limit_exceeded (rpm, tpm,
+        concurrency) or insufficient_quota (a budget: tokens per day)."""
+        if r.limit in ("rpm", "tpm"):
+            kind = "requests" if r.limit == "rpm" else "tokens"
+            message = (
+                f"Rate limit reached for {r.account} on {kind} per minute: "
+                f"Limit {r.limit_value}, Remaining {r.remaining}."
+            )
+            type_ = kind
+        elif r.limit == "concurrent":
+            message = (
+                f"Concurrency limit reached for {r.account}: Limit {r.limit_value} requests "
+                f"in flight, Remaining {r.remaining}."
+            )
+            type_ = "requests"
+        else:
+            unit = "tokens per day" if r.limit == "tokens" else r.limit
+            message = (
+                f"You exceeded your quota for {r.account}: {unit} Limit {r.limit_value}, "
+                f"Remaining {r.remaining}."
+            )
+            type_ = "insufficient_quota"
+        if r.retry_after_ms is not None:
+            message += f" Please try again in {format_reset(r.retry_after_ms)}."
+        return cls(429, message, type=type_, code=r.code, headers=r.headers())
 
     @classmethod
     def internal(cls) -> ApiError:

@@ -37,8 +37,10 @@ from aiohttp import web
 from tokenhub._core import SseRelay
 from tokenhub.config import Config, Deployment, Model, Provider
 from tokenhub.meter import Meter
+from tokenhub.quota import Refusal, Reservation
 from tokenhub.server.auth import KeyCache, Principal
 from tokenhub.server.errors import ApiError
+from tokenhub.server.limits import LimitSync
 from tokenhub.server.metrics import Registry
 from tokenhub.server.state import REQUEST_ID
 from tokenhub.server.upstream_http import ClientError, Pool, Response
@@ -176,10 +178,18 @@ class Upstream:
 
 
 class Gateway:
-    def __init__(self, config: Config, keys: KeyCache, sink: Sink, metrics: Registry) -> None:
+    def __init__(
+        self,
+        config: Config,
+        keys: KeyCache,
+        sink: Sink,
+        metrics: Registry,
+        limits: LimitSync | None = None,
+    ) -> None:
         self.config = config
         self.keys = keys
         self.sink = sink
+        self.limits = limits
         self.started_at = time.time()
         self.models: dict[str, Model] = {m.id: m for m in config.models}
         self.upstreams = {p.name: Upstream(p) for p in config.providers}
@@ -312,10 +322,12 @@ class Gateway:
             stream=stream,
             input_tokens=prompt_tokens,
         )
+        finish = _Finish(self, event, t0)
+        if self.limits is not None and (accounts := self.limits.accounts(who.key_id, who.tenant)):
+            self._admit(accounts, endpoint, payload, candidates, prompt_tokens, finish)
         if stream:
             payload["stream_options"] = {**(options or {}), "include_usage": True}
         last: _Retry | None = None
-        finish = _Finish(self, event, t0)
         try:
             for attempt, dep in enumerate(candidates, start=1):
                 event.attempts = attempt
@@ -340,6 +352,42 @@ class Gateway:
             raise last.error
         finally:
             finish()
+
+    def _admit(
+        self,
+        accounts: tuple[str, ...],
+        endpoint: Endpoint,
+        payload: dict[str, Any],
+        candidates: list[Deployment],
+        prompt_tokens: int,
+        finish: _Finish,
+    ) -> None:
+        """Reserves the request on its limited accounts (key, tenant) or answers 429.
+
+        The reservation is an upper bound: the prompt plus the output the request may produce
+        (its max_tokens, capped at the deployment's max_output_tokens, which is also the
+        assumption when it sets none); _Finish settles it with the real counts. A refused
+        request is recorded as a usage event with status 429 and no tokens (it is never billed),
+        so refusals show in exports."""
+        assert self.limits is not None
+        max_out = 0
+        if endpoint is not EMBEDDINGS:
+            cap = candidates[0].max_output_tokens
+            asked = payload.get("max_completion_tokens", payload.get("max_tokens"))
+            valid = isinstance(asked, int) and not isinstance(asked, bool) and asked >= 0
+            max_out = min(asked, cap) if valid and isinstance(asked, int) else cap
+        # Held until settled, at most until every candidate could have timed out.
+        ttl_s = sum(self.upstreams[d.provider].provider.total_timeout_s for d in candidates)
+        r = self.limits.reserve(accounts, tokens=prompt_tokens + max_out, ttl_ms=int(ttl_s * 1000))
+        if isinstance(r, Refusal):
+            event = finish.event
+            event.status, event.error = 429, r.code
+            event.input_tokens = event.output_tokens = 0
+            event.source = "metered"
+            finish()
+            raise ApiError.quota_refused(r)
+        finish.reservation = r
+        finish.rate_headers = self.limits.rate_headers(accounts)
 
     def _meter_prompt(self, endpoint: Endpoint, payload: dict[str, Any], vocab: str) -> int:
         meter = self.meter(vocab)
@@ -421,14 +469,13 @@ class Gateway:
         event.status = 200
         overhead = (time.perf_counter() - t0) - upstream_s
         finish.overhead = overhead
-        return web.Response(
-            body=data,
-            content_type="application/json",
-            headers={
-                "x-request-id": event.request_id,
-                "x-tokenhub-overhead-ms": f"{overhead * 1000:.3f}",
-            },
-        )
+        headers = {
+            "x-request-id": event.request_id,
+            "x-tokenhub-overhead-ms": f"{overhead * 1000:.3f}",
+        }
+        if finish.rate_headers:
+            headers.update(finish.rate_headers)
+        return web.Response(body=data, content_type="application/json", headers=headers)
 
     def _record_reply(self, data: bytes, dep: Deployment, event: UsageEvent) -> None:
         try:
@@ -559,6 +606,7 @@ class Gateway:
                             "Cache-Control": "no-cache",
                             "x-request-id": event.request_id,
                             "x-tokenhub-overhead-ms": f"{overhead * 1000:.3f}",
+                            **finish.rate_headers,
                         },
                     )
                     await out.prepare(request)
@@ -626,7 +674,7 @@ class _Finish:
     """Records a request's usage event exactly once: at the end of the request, or earlier for
     a stream (just before its last event is written)."""
 
-    __slots__ = ("done", "event", "gw", "overhead", "t0")
+    __slots__ = ("done", "event", "gw", "overhead", "rate_headers", "reservation", "t0")
 
     def __init__(self, gw: Gateway, event: UsageEvent, t0: float) -> None:
         self.gw = gw
@@ -634,6 +682,8 @@ class _Finish:
         self.t0 = t0
         self.overhead = 0.0  # seconds spent in the gateway, set when the reply starts
         self.done = False
+        self.reservation: Reservation | None = None  # when the caller has limits
+        self.rate_headers: dict[str, str] = {}  # x-ratelimit-* for a success response
 
     def __call__(self) -> None:
         if self.done:
@@ -649,6 +699,13 @@ class _Finish:
         t[2] += event.input_tokens
         t[3] += event.output_tokens
         t[4] += self.overhead
+        if self.reservation is not None and gw.limits is not None:
+            # What the upstream used (and will bill), overruns included; a request that got
+            # no answer (all deployments failed, an upstream 4xx) used no tokens.
+            used = event.status in (200, 499) or event.output_tokens > 0
+            gw.limits.settle(
+                self.reservation, event.input_tokens + event.output_tokens if used else 0
+            )
 
 
 async def _read_quietly(resp: Response) -> bytes:

@@ -141,20 +141,66 @@ def _reuse_port_socket(host: str, port: int) -> socket.socket:
 @dataclass(frozen=True)
 class SharedState:
     """What the serving process creates before any worker exists, for every worker (and every
-    restarted one) to inherit: the seam for per-server shared memory. The quota table comes
-    here: an anonymous MAP_SHARED mapping only reaches all workers if it exists before the
-    fork. Workers find it under `SHARED_STATE` in their app. Empty until then."""
+    restarted one) to inherit: the seam for per-server shared memory. Workers find it under
+    `SHARED_STATE` in their app."""
+
+    # The quota table (tokenhub.quota): a file each worker attaches, so that the key and
+    # tenant limits hold across all workers. "" = none (limits are not enforced).
+    quota_path: str = ""
+
+    def close(self) -> None:
+        """The serving process's last step: the table goes with the server."""
+        if self.quota_path:
+            with contextlib.suppress(OSError):
+                os.unlink(self.quota_path)
 
 
 SHARED_STATE = web.AppKey("tokenhub_shared_state", SharedState)
+
+QUOTA_ACCOUNTS = 4096  # keys and tenants with a limit (plus one for the day)
+QUOTA_RESERVATIONS = 16_384  # requests with limits in flight at once (~3.4 MB in all)
+
+
+def quota_path(cfg: Config) -> Path:
+    """Where this server's quota table lives: /dev/shm (memory, never written back to a disk)
+    when there is one, else the journal dir; named after the serving process, which is unique
+    while it runs, so a second server (refused later for the journal's LOCK) cannot replace
+    the table of a running one."""
+    shm = Path("/dev/shm")
+    where = shm if shm.is_dir() and os.access(shm, os.W_OK) else Path(_journal_dir(cfg))
+    where.mkdir(parents=True, exist_ok=True)
+    return where / f"tokenhub-quota-{os.getpid()}"
+
+
+def remove_stale_quota_tables(directory: Path) -> int:
+    """Deletes the tables of servers that are gone without cleaning up (SIGKILL): those whose
+    process no longer exists. /dev/shm is memory, so they would otherwise add up."""
+    removed = 0
+    for p in directory.glob("tokenhub-quota-*"):
+        pid = p.name.removeprefix("tokenhub-quota-")
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            with contextlib.suppress(OSError):
+                p.unlink()
+                removed += 1
+        except OSError:  # EPERM: alive, someone else's
+            pass
+    return removed
 
 
 def before_fork(cfg: Config) -> SharedState:
     """Called once per `tokenhub serve`, before the first worker is forked (with one worker
     too, where the one process is parent and worker both, so there is a single code path).
     Must not start threads or event loops: the children would inherit them broken."""
-    del cfg  # the quota table will be sized from it
-    return SharedState()
+    from tokenhub.quota import Quota
+
+    path = quota_path(cfg)
+    remove_stale_quota_tables(path.parent)
+    Quota.create(path, accounts=QUOTA_ACCOUNTS, reservations=QUOTA_RESERVATIONS)
+    return SharedState(quota_path=str(path))
 
 
 @dataclass(frozen=True)
@@ -276,8 +322,10 @@ async def serve(
     journal dir from `worker`, and the parent has created the demo key (`demo_key`) already."""
     from tokenhub import mock_upstream
     from tokenhub.journal import Journal
+    from tokenhub.quota import Quota
     from tokenhub.server.app import create_app
     from tokenhub.server.auth import KeyCache
+    from tokenhub.server.limits import LimitSync
     from tokenhub.server.state import METRICS
     from tokenhub.sink import UsageSink
     from tokenhub.store import open_store
@@ -317,19 +365,32 @@ async def serve(
     # Settling is idempotent, so N settlers would bill nothing twice, but they would race to
     # seed the demo's prices and wallet: one settler per server, in worker 1.
     settles = worker is None or worker.index == 1
+    limits: LimitSync | None = None
+    if shared is not None and shared.quota_path:
+        limits = LimitSync(
+            Quota.attach(shared.quota_path),
+            store.all_limits,
+            store.change_marker,
+            refresh_s=cfg.server.key_refresh_s,
+            daily_reset=settles,  # one process per server starts new days
+        )
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         await sink.start()
         await keys.start()
+        if limits is not None:
+            await limits.start()
         settler = await _start_settler(cfg, demo=demo) if settles else None
         yield
         if settler is not None:
             await settler()
+        if limits is not None:
+            await limits.close()
         await keys.close()
         # Bounded: whatever the database cannot take now stays in the journal for next start.
         await sink.close(timeout=30)
 
-    app = create_app(cfg, keys=keys, sink=sink, extra_cleanup=[lifecycle])
+    app = create_app(cfg, keys=keys, sink=sink, limits=limits, extra_cleanup=[lifecycle])
     app[SHARED_STATE] = shared if shared is not None else SharedState()
     stats = app[METRICS].gauge("tokenhub_usage_sink", "Usage sink counters by name.")
 
@@ -610,6 +671,7 @@ def serve_workers(cfg: Config, count: int, *, demo: bool, demo_key: str | None) 
         raise
     finally:
         store.close()  # an SQLite connection must not cross a fork
+    shared = SharedState()
     try:
         shared = before_fork(cfg)
         try:
@@ -622,6 +684,7 @@ def serve_workers(cfg: Config, count: int, *, demo: bool, demo_key: str | None) 
         )
         return sup.run()
     finally:
+        shared.close()
         os.close(lock_fd)
 
 
@@ -922,6 +985,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         except OSError as e:
             where = f"{cfg.server.host}:{cfg.server.port}"
             raise CliError(f"cannot listen on {where}: {e.strerror or e}") from None
+        finally:
+            shared.close()
     except (StoreError, JournalError) as e:
         raise CliError(str(e)) from None
     return 0

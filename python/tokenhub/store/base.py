@@ -58,6 +58,36 @@ class ApiKey(msgspec.Struct, frozen=True, kw_only=True):
         return self.revoked_ms is None
 
 
+LIMIT_FIELDS = ("rpm", "tpm", "max_concurrency", "tokens_per_day")
+KEY_LIMIT_FIELDS = LIMIT_FIELDS[:3]
+
+
+class Limits(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """The limits of a key or a tenant; None is no limit. tokens_per_day: tenants only."""
+
+    rpm: int | None = None
+    tpm: int | None = None
+    max_concurrency: int | None = None
+    tokens_per_day: int | None = None
+
+    def any(self) -> bool:
+        return any(getattr(self, f) is not None for f in LIMIT_FIELDS)
+
+    def describe(self) -> str:
+        """`rpm=5 tpm=1000`, or `-` when there is none (for listings)."""
+        parts = [f"{f}={v}" for f in LIMIT_FIELDS if (v := getattr(self, f)) is not None]
+        return " ".join(parts) or "-"
+
+
+NO_LIMITS = Limits()
+
+
+class LimitRow(NamedTuple):
+    scope: str  # "key" or "tenant"
+    name: str  # key id or tenant name
+    limits: Limits
+
+
 class ActiveKey(NamedTuple):
     """What the authenticator needs of an active key (unpacks as a plain 3-tuple)."""
 
@@ -100,7 +130,19 @@ class Store(Protocol):
         ...
 
     def change_marker(self) -> int:
-        """A number that changes whenever a tenant or key changes (from any process)."""
+        """A number that changes whenever a tenant, key or limit changes (from any process)."""
+        ...
+
+    def set_limits(self, scope: str, name: str, **changes: int | None) -> Limits:
+        """Sets (an int >= 0) or removes (None) the named limits of a key (scope "key", its
+        id) or a tenant (scope "tenant", its name), leaving the others; returns them all.
+        NotFound for an unknown key or tenant; StoreError for a bad field or value."""
+        ...
+
+    def get_limits(self, scope: str, name: str) -> Limits: ...
+
+    def all_limits(self) -> list[LimitRow]:
+        """Every key and tenant with at least one limit."""
         ...
 
     def insert_events(self, events: Sequence[UsageEvent]) -> InsertResult:

@@ -241,6 +241,25 @@ MIGRATIONS: tuple[Migration, ...] = (
             )""",
         ),
     ),
+    Migration(
+        3,
+        "limits",
+        (
+            # Rate limits and budgets per API key (scope 'key', name = key id) or tenant (scope
+            # 'tenant', name = tenant name); NULL = no limit. tokens_per_day applies to tenants
+            # only. Changes bump change_marker, so running gateways reload them.
+            """CREATE TABLE limits (
+                scope TEXT NOT NULL,
+                name TEXT NOT NULL,
+                rpm BIGINT,
+                tpm BIGINT,
+                max_concurrency BIGINT,
+                tokens_per_day BIGINT,
+                updated_ms BIGINT NOT NULL,
+                PRIMARY KEY (scope, name)
+            )""",
+        ),
+    ),
 )
 
 LATEST_VERSION = MIGRATIONS[-1].version

@@ -54,12 +54,17 @@ import msgspec
 
 from tokenhub.store.base import (
     DISPLAY_PREFIX_LEN,
+    KEY_LIMIT_FIELDS,
+    LIMIT_FIELDS,
+    NO_LIMITS,
     SECRET_PREFIX,
     ActiveKey,
     AlreadyExists,
     ApiKey,
     InsertResult,
     InvalidEvents,
+    LimitRow,
+    Limits,
     NotFound,
     StoreError,
     Tenant,
@@ -367,6 +372,62 @@ class SQLiteStore:
         with self._errors():
             row = self._conn().execute("SELECT value FROM change_marker WHERE id = 1").fetchone()
             return int(row[0]) if row else 0
+
+    # -- limits ----------------------------------------------------------------------------
+
+    def set_limits(self, scope: str, name: str, **changes: int | None) -> Limits:
+        fields = KEY_LIMIT_FIELDS if scope == "key" else LIMIT_FIELDS
+        if scope not in ("key", "tenant"):
+            raise StoreError(f"unknown limit scope {_quote(scope)}")
+        for field, value in changes.items():
+            if field not in fields:
+                raise StoreError(f"a {scope} has no limit {_quote(field)}")
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**63
+            ):
+                raise StoreError(f"{field} must be a whole number >= 0 (got {value!r})")
+        with self._tx() as conn:
+            if scope == "key":
+                found = conn.execute("SELECT 1 FROM api_keys WHERE id = ?", (name,)).fetchone()
+                if found is None:
+                    raise NotFound(f"no API key {_quote(name)}")
+            else:
+                self._tenant(conn, name)
+            current = self._limits(conn, scope, name)
+            merged = msgspec.structs.replace(current, **changes)
+            conn.execute("DELETE FROM limits WHERE scope = ? AND name = ?", (scope, name))
+            if merged.any():
+                conn.execute(
+                    "INSERT INTO limits (scope, name, rpm, tpm, max_concurrency, tokens_per_day, "
+                    "updated_ms) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (scope, name, *(getattr(merged, f) for f in LIMIT_FIELDS), now_ms()),
+                )
+            self._bump_marker(conn)
+        return merged
+
+    @staticmethod
+    def _limits(conn: sqlite3.Connection, scope: str, name: str) -> Limits:
+        row = conn.execute(
+            "SELECT rpm, tpm, max_concurrency, tokens_per_day FROM limits "
+            "WHERE scope = ? AND name = ?",
+            (scope, name),
+        ).fetchone()
+        return NO_LIMITS if row is None else Limits(**dict(zip(LIMIT_FIELDS, row, strict=True)))
+
+    def get_limits(self, scope: str, name: str) -> Limits:
+        with self._errors():
+            return self._limits(self._conn(), scope, name)
+
+    def all_limits(self) -> list[LimitRow]:
+        with self._errors():
+            rows = self._conn().execute(
+                "SELECT scope, name, rpm, tpm, max_concurrency, tokens_per_day FROM limits "
+                "ORDER BY scope, name"
+            )
+            return [
+                LimitRow(r[0], r[1], Limits(**dict(zip(LIMIT_FIELDS, r[2:], strict=True))))
+                for r in rows
+            ]
 
     # -- usage events ----------------------------------------------------------------------
 

@@ -1,0 +1,177 @@
+"""Rate limits and daily token budgets per API key and tenant, through the shared quota table.
+
+The limits live in the store (`tokenhub keys limit`, `tokenhub tenants limit`); every worker
+mirrors them into the one quota table its server created before forking (`tokenhub.quota`), so
+`--workers N` admits one limit's worth, not N. The mirror polls the store's change marker, as the
+key cache does, so a limit set on a running server applies within about `refresh_s`.
+
+Accounts in the table: `key:<key id>` (rpm, tpm, concurrency) and `tenant:<name>` (the same,
+plus `tokens_per_day` as the table's tokens budget). A request reserves only on those of its two
+accounts that have a limit: with no limits configured nothing touches the table (no account is
+created, no reservation made), so the request path costs what it did before limits existed. A
+limit set while requests are in flight does not see those requests (they never reserved).
+
+Daily reset: a tenant's tokens budget starts again at 00:00 UTC. Exactly one process per server
+does it (the one that also runs the billing settler: worker 1, or the single process), and the
+day it last reset is kept in the table itself (account `meta:utc-day`, in its `requests` limit),
+so a restarted worker neither resets twice nor misses a day. The table lives as long as the
+server: a restarted server starts each tenant's day from zero (usage is in the database; this
+is a guard rail, not the bill).
+
+Every process sweeps expired reservations (`expire_due`) about once a second; concurrent sweeps
+are fine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Iterable, Sequence
+
+from tokenhub.quota import Quota, Refusal, Reservation
+from tokenhub.store import LimitRow
+
+log = logging.getLogger("tokenhub.limits")
+
+DAY_ACCOUNT = "meta:utc-day"
+_UNSET = {"rpm": None, "tpm": None, "concurrent": None, "tokens": None}
+
+
+def utc_day(now: float | None = None) -> int:
+    """Days since the Unix epoch, in UTC."""
+    return int((time.time() if now is None else now) // 86_400)
+
+
+def _table_limits(row: LimitRow) -> dict[str, int | None]:
+    lim = row.limits
+    out = {"rpm": lim.rpm, "tpm": lim.tpm, "concurrent": lim.max_concurrency, "tokens": None}
+    if row.scope == "tenant":
+        out["tokens"] = lim.tokens_per_day
+    return out
+
+
+class LimitSync:
+    """Mirrors the store's limits into the quota table, admits requests against them, and
+    runs the table's housekeeping (expiry sweep, daily reset)."""
+
+    def __init__(
+        self,
+        quota: Quota,
+        load: Callable[[], Iterable[LimitRow]],
+        marker: Callable[[], int],
+        *,
+        refresh_s: float = 0.5,
+        daily_reset: bool = True,
+        sweep_s: float = 1.0,
+    ) -> None:
+        """`load()` yields every limited key and tenant; `marker()` changes whenever one does.
+        Both block and run in a worker thread. `daily_reset`: this process is the one that
+        starts new days (one per server)."""
+        self.quota = quota
+        self._load = load
+        self._marker = marker
+        self._refresh_s = refresh_s
+        self._sweep_s = sweep_s
+        self.daily_reset = daily_reset
+        self.limited: frozenset[str] = frozenset()  # accounts with at least one limit
+        self._tenants: frozenset[str] = frozenset()
+        self._seen_marker: int | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+
+    # -- mirroring ----------------------------------------------------------------------------
+
+    def reload(self) -> None:
+        """Blocking: reads every limit and writes the table (start-up, and on each change)."""
+        marker = self._marker()
+        wanted = {f"{r.scope}:{r.name}": _table_limits(r) for r in self._load()}
+        for name in self.limited - wanted.keys():
+            self.quota.set_limits(name, **_UNSET)  # removed since: unlimited again
+        for name, limits in wanted.items():
+            self.quota.set_limits(name, **limits)
+        self.limited = frozenset(wanted)
+        self._tenants = frozenset(n for n in wanted if n.startswith("tenant:"))
+        self._seen_marker = marker
+
+    def start_day(self, day: int | None = None) -> bool:
+        """Starts a new UTC day for every tenant's tokens budget if the table's day is older;
+        a fresh table just records today. Returns whether budgets were reset."""
+        today = utc_day() if day is None else day
+        seen = self.quota.limits(DAY_ACCOUNT)["requests"]
+        if seen is not None and seen >= today:
+            return False
+        if seen is not None:
+            for name in self._tenants:
+                self.quota.reset_used(name, "tokens")
+        self.quota.set_limits(DAY_ACCOUNT, requests=today)
+        return seen is not None
+
+    async def start(self) -> None:
+        await asyncio.to_thread(self.reload)
+        if self.daily_reset:
+            self.start_day()
+        self._tasks = [
+            asyncio.create_task(self._poll(), name="tokenhub-limits-refresh"),
+            asyncio.create_task(self._sweep(), name="tokenhub-quota-sweep"),
+        ]
+
+    async def close(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        self._tasks = []
+
+    async def _poll(self) -> None:
+        while True:
+            await asyncio.sleep(self._refresh_s)
+            try:
+                marker = await asyncio.to_thread(self._marker)
+                if marker != self._seen_marker:
+                    await asyncio.to_thread(self.reload)
+            except Exception:  # keep enforcing the last good set
+                log.exception("refreshing limits failed; keeping the previous set")
+
+    async def _sweep(self) -> None:
+        while True:
+            await asyncio.sleep(self._sweep_s)
+            try:
+                self.quota.expire_due()  # microseconds: not worth a thread
+                if self.daily_reset:
+                    self.start_day()
+            except Exception:
+                log.exception("quota housekeeping failed")
+
+    # -- the request path ---------------------------------------------------------------------
+
+    def accounts(self, key_id: str, tenant: str) -> tuple[str, ...]:
+        """The caller's accounts that have a limit (key first), often none."""
+        if not self.limited:
+            return ()
+        return tuple(a for a in (f"key:{key_id}", f"tenant:{tenant}") if a in self.limited)
+
+    def reserve(
+        self, accounts: Sequence[str], *, tokens: int, ttl_ms: int
+    ) -> Reservation | Refusal:
+        return self.quota.reserve(
+            accounts, tokens=tokens, requests=1, concurrent=True, ttl_ms=ttl_ms
+        )
+
+    def rate_headers(self, accounts: Sequence[str]) -> dict[str, str]:
+        """OpenAI's `x-ratelimit-*` for the caller: the key's limits, else its tenant's."""
+        out: dict[str, str] = {}
+        for name in reversed(accounts):  # the key (first) wins
+            out.update(self.quota.rate_headers(name))
+        return out
+
+    def settle(self, res: Reservation, tokens: int) -> None:
+        """Never raises: a failure here must not lose the usage event (already recorded)."""
+        try:
+            s = self.quota.settle(res, tokens=tokens)
+        except Exception:
+            log.exception("settling quota reservation %#x failed", res.id)
+            return
+        if s.late:
+            log.warning("quota reservation %#x expired before it was settled", res.id)

@@ -1,0 +1,181 @@
+"""Key and tenant limits in the gateway: rpm, concurrency, tokens per day, applied live.
+
+(The cross-worker case, one rpm limit for `--workers 2`, is in test_workers.py, beside the
+fixtures that run real server processes.)"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import time
+import urllib.error
+import urllib.request
+from typing import Any
+
+import openai
+import pytest
+from harness import IGNORE_REQUEST_KEY_WARNING, Hub, wait_until
+
+from tokenhub.server.limits import DAY_ACCOUNT, LimitSync
+
+pytestmark = IGNORE_REQUEST_KEY_WARNING
+
+MESSAGES = [{"role": "user", "content": "hello"}]
+_n = itertools.count()
+
+
+def new_key(hub: Hub, **tenant_limits: int) -> tuple[str, str, str]:
+    """A tenant of its own (so limits do not leak into other tests) and a key: (tenant, key
+    id, secret), once the gateway has the key."""
+    tenant = f"lim-{time.monotonic_ns() % 10**9}-{next(_n)}"
+    hub.store.create_tenant(tenant)
+    key, secret = hub.store.create_key(tenant)
+    if tenant_limits:
+        hub.store.set_limits("tenant", tenant, **tenant_limits)
+    wait_until(
+        lambda: _known(hub, secret) and hub_has(hub, tenant_limits, tenant),
+        3.0,
+        interval=0.05,
+        what="the key and limits in the gateway",
+    )
+    return tenant, key.id, secret
+
+
+def _known(hub: Hub, secret: str) -> bool:
+    try:
+        hub.keys.authenticate(f"Bearer {secret}")
+    except Exception:
+        return False
+    return True
+
+
+def hub_has(hub: Hub, limits: dict[str, int], tenant: str) -> bool:
+    return not limits or f"tenant:{tenant}" in hub.limits.limited
+
+
+def post(hub: Hub, secret: str, body: dict[str, Any]) -> tuple[int, dict[str, str], Any]:
+    req = urllib.request.Request(
+        hub.url + "/chat/completions",
+        data=json.dumps(body).encode(),
+        headers={"Authorization": f"Bearer {secret}", "Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return resp.status, dict(resp.headers), json.loads(resp.read())
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), json.loads(e.read())
+
+
+def test_rpm_limit_sdk_and_raw_http(hub: Hub) -> None:
+    _, key_id, secret = new_key(hub)
+    hub.store.set_limits("key", key_id, rpm=5)
+    wait_until(lambda: f"key:{key_id}" in hub.limits.limited, 3.0, what="the limit")
+    with hub.client(api_key=secret) as c:
+        remaining = []
+        for _ in range(5):
+            raw = c.chat.completions.with_raw_response.create(
+                model="gpt-4o-mini", messages=MESSAGES, max_tokens=5
+            )
+            assert raw.headers["x-ratelimit-limit-requests"] == "5"
+            assert raw.headers["x-ratelimit-reset-requests"].endswith("s")
+            remaining.append(int(raw.headers["x-ratelimit-remaining-requests"]))
+            assert "x-ratelimit-limit-tokens" not in raw.headers  # no tpm limit set
+        assert remaining == [4, 3, 2, 1, 0]
+        with pytest.raises(openai.RateLimitError) as exc:
+            c.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, max_tokens=5)
+    err = exc.value
+    assert err.code == "rate_limit_exceeded"
+    assert f"key:{key_id}" in err.message and "requests per minute" in err.message
+    assert "Limit 5, Remaining 0" in err.message
+    assert err.response.headers["x-ratelimit-remaining-requests"] == "0"
+    assert 1 <= int(err.response.headers["retry-after"]) <= 13  # one request refills in 12 s
+
+    status, headers, body = post(hub, secret, {"model": "gpt-4o-mini", "messages": MESSAGES})
+    assert status == 429
+    assert body["error"]["code"] == "rate_limit_exceeded"
+    assert body["error"]["type"] == "requests"
+    assert headers["x-ratelimit-limit-requests"] == "5"
+    assert headers["x-ratelimit-remaining-requests"] == "0"
+    assert "retry-after" in headers and "x-request-id" in headers
+    # Recorded, never billable: a 429 with no tokens.
+    event = hub.event(headers["x-request-id"])
+    assert (event.status, event.error, event.key_id) == (429, "rate_limit_exceeded", key_id)
+    assert (event.input_tokens, event.output_tokens) == (0, 0)
+
+    # Removing the limit admits again.
+    hub.store.set_limits("key", key_id, rpm=None)
+    wait_until(lambda: f"key:{key_id}" not in hub.limits.limited, 3.0, what="the removal")
+    status, headers, _ = post(hub, secret, {"model": "gpt-4o-mini", "messages": MESSAGES})
+    assert status == 200 and "x-ratelimit-limit-requests" not in headers
+
+
+async def test_max_concurrency(hub: Hub) -> None:
+    tenant, _, secret = await asyncio.to_thread(new_key, hub, max_concurrency=2)
+    async with hub.aclient(api_key=secret) as c:
+
+        async def slow() -> str:
+            stream = await c.chat.completions.create(model="paced", messages=MESSAGES, stream=True)
+            return "".join([ch.choices[0].delta.content or "" async for ch in stream if ch.choices])
+
+        first = [asyncio.create_task(slow()) for _ in range(2)]
+        await asyncio.sleep(0.4)  # both in flight (a paced stream takes ~1.5 s)
+        with pytest.raises(openai.RateLimitError) as exc:
+            await c.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+        assert exc.value.code == "rate_limit_exceeded"
+        assert f"tenant:{tenant}" in exc.value.message
+        assert "Concurrency limit" in exc.value.message and "Limit 2" in exc.value.message
+        assert all(await asyncio.gather(*first))
+        # Both slots are given back when the streams end.
+        r = await c.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+        assert r.usage is not None
+    state = hub.quota.state(f"tenant:{tenant}")
+    assert state.inflight == 0 and state.refused == 1
+
+
+def test_tokens_per_day_exhausted(hub: Hub) -> None:
+    tenant, _, secret = new_key(hub, tokens_per_day=200)
+    body = {"model": "gpt-4o-mini", "messages": MESSAGES, "max_tokens": 40}
+    statuses = []
+    for _ in range(10):
+        status, _, reply = post(hub, secret, body)
+        statuses.append(status)
+        if status != 200:
+            break
+    assert statuses[0] == 200 and statuses[-1] == 429
+    assert reply["error"]["code"] == "insufficient_quota"
+    assert reply["error"]["type"] == "insufficient_quota"
+    assert f"tenant:{tenant}" in reply["error"]["message"]
+    assert "tokens per day Limit 200" in reply["error"]["message"]
+    st = hub.quota.state(f"tenant:{tenant}")
+    # Settled to what was used, not what was reserved.
+    assert st.tokens.held == 0 and 0 < st.tokens.used <= 200
+    # A new UTC day gives the budget back (one process per server does it).
+    assert isinstance(hub.limits, LimitSync)
+    today = hub.quota.limits(DAY_ACCOUNT)["requests"]
+    assert today is not None and hub.limits.start_day(today + 1)
+    assert hub.quota.state(f"tenant:{tenant}").tokens.used == 0
+    assert not hub.limits.start_day(today + 1)  # once a day
+    hub.quota.set_limits(DAY_ACCOUNT, requests=today)
+    assert post(hub, secret, body)[0] == 200
+
+
+def test_limit_set_on_running_server_applies_within_2s(hub: Hub) -> None:
+    _, key_id, secret = new_key(hub)
+    assert post(hub, secret, {"model": "gpt-4o-mini", "messages": MESSAGES})[0] == 200
+    hub.store.set_limits("key", key_id, rpm=1)
+    t0 = time.monotonic()
+
+    def refused() -> bool:
+        return post(hub, secret, {"model": "gpt-4o-mini", "messages": MESSAGES})[0] == 429
+
+    wait_until(refused, 2.0, interval=0.05, what="the new limit to refuse")
+    assert time.monotonic() - t0 < 2.0
+
+
+def test_no_limits_no_reservations(hub: Hub) -> None:
+    before = hub.quota.stats().reserved
+    _, _, secret = new_key(hub)
+    status, headers, _ = post(hub, secret, {"model": "gpt-4o-mini", "messages": MESSAGES})
+    assert status == 200 and not any(h.startswith("x-ratelimit") for h in headers)
+    assert hub.quota.stats().reserved == before
