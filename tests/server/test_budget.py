@@ -1,0 +1,227 @@
+"""A tenant's daily token budget under a burst: `tokenhub serve` (one process and `--workers 2`)
+admits what the budget holds, refuses the rest with 429 insufficient_quota, and bills exactly.
+
+Each request reserves an upper bound, prompt tokens + max_tokens, and is settled with what the
+upstream served. The budget covers about 50 of 200 concurrent requests; what reached the database
+is checked against the budget and against the mock's ledger.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from harness import free_port, http_json, wait_until
+from test_workers import Proc, Procs, children, event_ids, no_traceback
+
+from tokenhub.meter import Meter
+from tokenhub.store import Store, open_store
+
+pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="SO_REUSEPORT balancing, /proc")
+
+TENANT = "budget"
+VOCAB = "cl100k_base"  # the deployment's and the mock's (for gpt-4o-mini)
+MESSAGES = [{"role": "user", "content": "Spend the budget, but not a token more."}]
+MAX_TOKENS = 40  # above the mock's reply length (32): what is billed is less than reserved
+SERVED_OUTPUT = 32
+TOTAL = 200
+FIT = 50  # full upper-bound reservations the budget holds
+
+
+@pytest.fixture(scope="module")
+def mock(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    tmp = tmp_path_factory.mktemp("budget-mock")
+    port = free_port()
+    p = Proc(tmp, "mock", ["mock-upstream", "--port", str(port), "--latency-ms", "100",
+                           "--model", "gpt-4o-mini"])  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: _up(base + "/mock/ledger"), 20.0, interval=0.05, what="the mock")
+        yield base
+    finally:
+        p.kill_group()
+
+
+def _up(url: str) -> bool:
+    try:
+        http_json(url, timeout=1.0)
+    except OSError:
+        return False
+    return True
+
+
+@dataclass
+class Site:
+    config: Path
+    base: str
+    mock: str
+    store: Store
+    secret: str
+    key_id: str
+
+    @property
+    def url(self) -> str:
+        return self.base + "/v1/chat/completions"
+
+
+@pytest.fixture
+def site(tmp_path: Path, mock: str) -> Iterator[Site]:
+    http_json(mock + "/mock/reset", method="POST")
+    port = free_port()
+    db = tmp_path / "hub.db"
+    config = tmp_path / "tokenhub.toml"
+    config.write_text(
+        f"""
+[server]
+host = "127.0.0.1"
+port = {port}
+database = "{db}"
+journal_dir = "{tmp_path / "journal"}"
+key_refresh_s = 0.2
+
+[[providers]]
+name = "mock"
+base_url = "{mock}/v1"
+
+[[models]]
+id = "gpt-4o-mini"
+  [[models.deployments]]
+  provider = "mock"
+  upstream_model = "gpt-4o-mini"
+  vocab = "{VOCAB}"
+""",
+        encoding="utf-8",
+    )
+    store = open_store(str(db))
+    try:
+        store.migrate()
+        store.create_tenant(TENANT)
+        key, secret = store.create_key(TENANT)
+        yield Site(config, f"http://127.0.0.1:{port}", mock, store, secret, key.id)
+    finally:
+        store.close()
+
+
+@pytest.fixture
+def procs(tmp_path: Path) -> Iterator[Procs]:
+    p = Procs(tmp_path)
+    try:
+        yield p
+    finally:
+        p.close()
+
+
+@dataclass
+class Outcome:
+    status: int = 0
+    request_id: str | None = None
+    body: Any = None  # the JSON body; for a stream, its usage chunk
+    error: str = ""
+
+
+async def fire(url: str, secret: str, total: int) -> list[Outcome]:
+    """`total` chat completions at once (every fourth streamed), each on its own connection."""
+    outcomes = [Outcome() for _ in range(total)]
+    headers = {"Authorization": f"Bearer {secret}"}
+    start = asyncio.Event()
+
+    async def one(session: aiohttp.ClientSession, i: int) -> None:
+        stream = i % 4 == 3
+        body: dict[str, Any] = {"model": "gpt-4o-mini", "messages": MESSAGES}
+        body["max_tokens"] = MAX_TOKENS
+        if stream:
+            body |= {"stream": True, "stream_options": {"include_usage": True}}
+        out = outcomes[i]
+        await start.wait()
+        try:
+            async with session.post(url, json=body, headers=headers) as resp:
+                out.status = resp.status
+                out.request_id = resp.headers.get("x-request-id")
+                data = await resp.read()
+                if stream and resp.status == 200:
+                    lines = [x[6:] for x in data.split(b"\n") if x.startswith(b"data: ")]
+                    assert lines[-1] == b"[DONE]", data
+                    out.body = json.loads(lines[-2])
+                else:
+                    out.body = json.loads(data)
+        except (aiohttp.ClientError, ValueError, IndexError) as e:
+            out.error = type(e).__name__
+
+    connector = aiohttp.TCPConnector(force_close=True, limit=0)
+    timeout = aiohttp.ClientTimeout(total=20)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        tasks = [asyncio.create_task(one(session, i)) for i in range(total)]
+        await asyncio.sleep(0)
+        start.set()
+        await asyncio.gather(*tasks)
+    return outcomes
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_daily_budget_under_a_burst(site: Site, procs: Procs, workers: int) -> None:
+    prompt = Meter.load(VOCAB).count_messages(MESSAGES)
+    reservation = prompt + MAX_TOKENS  # the upper bound each request reserves
+    budget = FIT * reservation + reservation // 2
+    site.store.set_limits("tenant", TENANT, tokens_per_day=budget)
+
+    args = ["serve", "--config", str(site.config)]
+    if workers > 1:
+        args += ["--workers", str(workers)]
+    gw = procs.start("gateway", *args)
+    gw.wait_serving()
+    assert len(children(gw.pid)) == (workers if workers > 1 else 0)
+
+    outcomes = asyncio.run(fire(site.url, site.secret, TOTAL))
+    assert [o.error for o in outcomes if o.error] == []
+    admitted = [o for o in outcomes if o.status == 200]
+    refused = [o for o in outcomes if o.status == 429]
+    assert len(admitted) + len(refused) == TOTAL, sorted({o.status for o in outcomes})
+    # No over-refusal: every full upper-bound reservation that fits is admitted.
+    assert len(admitted) >= budget // reservation, (len(admitted), budget, reservation)
+    assert refused, "the budget refused nothing"
+    for o in refused:
+        err = o.body["error"]
+        assert (err["code"], err["type"]) == ("insufficient_quota", "insufficient_quota"), err
+        assert f"tenant:{TENANT}" in err["message"], err
+
+    ids = {str(o.request_id) for o in outcomes}
+    assert None not in {o.request_id for o in outcomes} and len(ids) == TOTAL
+    wait_until(lambda: event_ids(site.store) >= ids, 10.0, what="every event")
+    events = {e.request_id: e for e in site.store.iter_events()}
+    assert set(events) == ids
+
+    for o in refused:  # recorded, never billed
+        e = events[str(o.request_id)]
+        assert (e.status, e.error, e.input_tokens, e.output_tokens) == (
+            429, "insufficient_quota", 0, 0,
+        ), e  # fmt: skip
+
+    # Billed exactly: each admitted event has what the upstream served for that request.
+    ledger = http_json(site.mock + "/mock/ledger")
+    served = {x["client_request_id"]: x for x in ledger["entries"]}
+    assert len(served) == len(ledger["entries"]) == len(admitted)
+    assert set(served) == {o.request_id for o in admitted}  # a refusal never went upstream
+    used = 0
+    for o in admitted:
+        e, entry = events[str(o.request_id)], served[o.request_id]
+        assert (e.status, e.source, e.tenant) == (200, "upstream", TENANT), e
+        assert (e.input_tokens, e.output_tokens) == (
+            entry["prompt_tokens"],
+            entry["completion_tokens"],
+        ), (e, entry)
+        assert (e.input_tokens, e.output_tokens) == (prompt, SERVED_OUTPUT), e
+        usage = o.body["usage"]
+        assert (usage["prompt_tokens"], usage["completion_tokens"]) == (prompt, SERVED_OUTPUT)
+        used += e.input_tokens + e.output_tokens
+    # The budget is never exceeded by what was billed.
+    assert used <= budget, (used, budget)
+
+    assert gw.stop() == 0
+    no_traceback(gw)
