@@ -248,7 +248,7 @@ async def test_committed_segments_are_deleted_while_running(
     await sink.close()
 
 
-async def test_hot_path_cost(store: SQLiteStore, tmp_path: Path) -> None:
+async def test_hot_path_writes_every_event_and_reports_its_cost(store: SQLiteStore, tmp_path: Path) -> None:
     sink = UsageSink(store, Journal(tmp_path / "j"))
     await sink.start()
     evs = [event(i) for i in range(4000)]
@@ -265,9 +265,11 @@ async def test_hot_path_cost(store: SQLiteStore, tmp_path: Path) -> None:
         tb, te = tb + t1 - t0, te + t2 - t1
         await asyncio.sleep(0)
     begin_us, end_us = tb / len(evs) * 1e6, te / len(evs) * 1e6
+    # Reported, not asserted (speed belongs in benches/): ~1.4 and ~2.4 µs here.
     print(f"sink.begin {begin_us:.1f} µs, sink.end {end_us:.1f} µs per call")
     await sink.close()
-    assert begin_us < 50 and end_us < 50  # ~4-5 µs each here; generous for noisy machines
+    assert sink.stats()["events_written"] == len(evs)
+    assert {e.request_id for e in store.iter_events()} == {e.request_id for e in evs}
 
 
 async def test_end_is_safe_from_other_threads(store: SQLiteStore, tmp_path: Path) -> None:

