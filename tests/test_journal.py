@@ -458,7 +458,7 @@ def test_writers_on_many_threads_while_syncing(tmp_path: Path) -> None:
     j.close()
 
 
-def test_hot_path_cost(tmp_path: Path) -> None:
+def test_hot_path_keeps_every_record_and_reports_its_cost(tmp_path: Path) -> None:
     j = Journal(tmp_path)
     evs = [finished(i) for i in range(40_000)]
     tb = te = 0.0
@@ -474,8 +474,11 @@ def test_hot_path_cost(tmp_path: Path) -> None:
         tb, te = tb + t1 - t0, te + t2 - t1
     j.close()
     begin_us, end_us = tb / len(evs) * 1e6, te / len(evs) * 1e6
+    # Reported, not asserted (speed belongs in benches/): ~1.2 µs each here.
     print(f"journal.begin {begin_us:.2f} µs, journal.end {end_us:.2f} µs per call")
-    assert begin_us < 50 and end_us < 50  # ~1.2 µs each here; generous for noisy machines
+    again = Journal(tmp_path)
+    assert again.replay() == evs  # every record the timed loop wrote is there, in order
+    again.close()
 
 
 def test_one_process_per_directory(tmp_path: Path) -> None:

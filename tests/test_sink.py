@@ -248,7 +248,9 @@ async def test_committed_segments_are_deleted_while_running(
     await sink.close()
 
 
-async def test_hot_path_writes_every_event_and_reports_its_cost(store: SQLiteStore, tmp_path: Path) -> None:
+async def test_hot_path_writes_every_event_and_reports_its_cost(
+    store: SQLiteStore, tmp_path: Path
+) -> None:
     sink = UsageSink(store, Journal(tmp_path / "j"))
     await sink.start()
     evs = [event(i) for i in range(4000)]

@@ -239,13 +239,13 @@ def test_change_marker_moves_on_every_change(store: SQLiteStore) -> None:
     assert store.change_marker() == seen[-1]
 
 
-def test_change_marker_is_cheap(store: SQLiteStore) -> None:
-    store.change_marker()
-    t0 = time.perf_counter()
-    for _ in range(2000):
-        store.change_marker()
-    per_call_us = (time.perf_counter() - t0) / 2000 * 1e6
-    assert per_call_us < 200, per_call_us  # ~5 µs here; polled every 0.5 s
+def test_change_marker_is_stable_until_a_change(store: SQLiteStore) -> None:
+    # Polled every 0.5 s by every gateway process (~5 µs a read here; speed itself belongs in
+    # benches/): repeated reads agree, and any tenant or key change moves it.
+    before = store.change_marker()
+    assert [store.change_marker() for _ in range(100)] == [before] * 100
+    store.create_tenant("acme")
+    assert store.change_marker() > before
 
 
 def test_change_marker_across_processes(store: SQLiteStore, db: str) -> None:

@@ -18,7 +18,7 @@ On `start()` the journal left by the previous process is replayed first (finishe
 "interrupted" ones for requests that began and never ended), ahead of any new event.
 `close()` drains the queue before it returns.
 
-Performance notes (2-core VM, ext4; tests/test_sink.py::test_hot_path_cost prints them):
+Performance notes (2-core VM, ext4; printed by tests/test_sink.py's hot-path test):
 begin ~1.4 µs, end ~2.4 µs per call (was ~3.5 and ~4.3 with write(2) in the journal: its
 record is now ~1.2 µs, most of it encoding; a copy of the event ~0.2 µs, a deque append under
 a lock). Nothing on that path touches asyncio, so it is also safe from other threads. The
