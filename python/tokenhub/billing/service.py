@@ -527,12 +527,7 @@ class Billing:
         ts = now_ms() if ts_ms is None else ts_ms
 
         async def run(tx: Tx) -> str:
-            await L.lock_tenants(tx, [tenant])
-            prof = await get_profile(tx, tenant)
-            if cur != prof.currency:
-                raise BillingError(
-                    f"tenant {tenant} settles in {prof.currency}; top up in {prof.currency}"
-                )
+            prof = await _locked_profile(tx, tenant, cur, "top up")
             book = Book(tx)
             await book.load(_tenant_specs(prof, cur))
             txn = Txn("topup", tenant, ts, ref=ref, memo=f"top-up {amount} {cur}")
@@ -621,12 +616,7 @@ class Billing:
         ts = now_ms() if ts_ms is None else ts_ms
 
         async def run(tx: Tx) -> str:
-            await L.lock_tenants(tx, [tenant])
-            prof = await get_profile(tx, tenant)
-            if cur != prof.currency:
-                raise BillingError(
-                    f"tenant {tenant} settles in {prof.currency}; adjust in {prof.currency}"
-                )
+            prof = await _locked_profile(tx, tenant, cur, "adjust")
             book = Book(tx)
             await book.load(_tenant_specs(prof, cur))
             txn = Txn("adjustment", tenant, ts, memo=memo)
@@ -694,11 +684,7 @@ class Billing:
         ts = now_ms() if ts_ms is None else ts_ms
 
         async def run(tx: Tx) -> str:
-            await L.lock_tenants(tx, [tenant])
-            prof = await get_profile(tx, tenant)
-            if cur != prof.currency:
-                raise BillingError(f"tenant {tenant} settles in {prof.currency}; pay in "
-                                   f"{prof.currency}")  # fmt: skip
+            prof = await _locked_profile(tx, tenant, cur, "pay")
             book = Book(tx)
             await book.load(_tenant_specs(prof, cur))
             acc = L.receivable(tenant, cur)
@@ -827,6 +813,16 @@ async def get_profile(tx: Tx, tenant: str) -> Profile:
         return Profile(tenant)
     cur, order, limit, low, disc = row
     return Profile(tenant, cur, tuple(order.split(",")), limit, low, disc)
+
+
+async def _locked_profile(tx: Tx, tenant: str, cur: str, verb: str) -> Profile:
+    """Takes the tenant's lock and returns its profile, refusing money in another currency
+    than the one the tenant settles in (`verb`: what the caller should do in that currency)."""
+    await L.lock_tenants(tx, [tenant])
+    prof = await get_profile(tx, tenant)
+    if cur != prof.currency:
+        raise BillingError(f"tenant {tenant} settles in {prof.currency}; {verb} in {prof.currency}")
+    return prof
 
 
 async def _has_money(tx: Tx, tenant: str, cur: str) -> bool:

@@ -34,14 +34,6 @@ log = logging.getLogger("tokenhub.billing")
 CONFLICT = "settled before with a different payload (conflict)"
 _EVENT_COLS = ", ".join(f"e.{f}" for f in EVENT_FIELDS)
 _STREAM = EVENT_FIELDS.index("stream")
-# field -> default, for the fields that have one
-_DEFAULTS = dict(
-    zip(
-        EVENT_FIELDS[-len(UsageEvent.__struct_defaults__) :],
-        UsageEvent.__struct_defaults__,
-        strict=True,
-    )
-)
 
 
 @dataclass
@@ -57,13 +49,10 @@ class SettleSummary:
 
 def event_from_row(row: Sequence[Any]) -> UsageEvent:
     """A usage_events row (columns in EVENT_FIELDS order) as the UsageEvent the gateway wrote
-    (SQLite returns 0/1 for a boolean; string defaults are restored as the default objects, so
-    the event encodes to the same bytes as when it was written)."""
+    (SQLite returns 0/1 for a boolean). Settlement hashes every field, so an event read back
+    hashes as the one written."""
     fields = dict(zip(EVENT_FIELDS, row, strict=True))
     fields["stream"] = bool(row[_STREAM])
-    for name, default in _DEFAULTS.items():
-        if fields[name] == default and type(fields[name]) is type(default):
-            fields[name] = default
     return UsageEvent(**fields)
 
 
