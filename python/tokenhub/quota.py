@@ -232,6 +232,11 @@ class Quota:
         """Tops a budget up (or down); returns the new limit."""
         return _limit_or_none(self.table.add_budget(self.account(name), limit, delta))
 
+    def release_used(self, name: str, limit: str, amount: int) -> int:
+        """Gives back up to `amount` of a budget's used (usage accounted for elsewhere since,
+        e.g. posted to the ledger); returns the amount released."""
+        return self.table.release_used(self.account(name), limit, amount)
+
     def reset_used(self, name: str, limit: str) -> int:
         """Starts a new period for a budget; returns the usage cleared."""
         return self.table.reset_used(self.account(name), limit)

@@ -466,6 +466,13 @@ impl PyQuotaTable {
             .map_err(quota_err)
     }
 
+    /// Gives back up to `amount` of a budget's used; returns the amount released.
+    fn release_used(&self, index: u32, limit: &str, amount: u64) -> PyResult<u64> {
+        self.inner
+            .release_used(index, limit_arg(limit)?, amount)
+            .map_err(quota_err)
+    }
+
     /// Reserves on every account (all or none): the reservation id, or a QuotaRefusal.
     #[pyo3(signature = (accounts, tokens=0, money=0, requests=1, concurrent=true, ttl_ms=300_000, now_ns=None))]
     #[allow(clippy::too_many_arguments)]

@@ -855,6 +855,22 @@ impl QuotaTable {
         Ok(used)
     }
 
+    /// Gives back `amount` of a budget's `used` (at most what is used): for usage that was
+    /// counted here and has since been accounted for elsewhere (the gateway's money pots are
+    /// released once the ledger has posted what they charged). Returns the amount released.
+    pub fn release_used(&self, index: u32, limit: Limit, amount: u64) -> Result<u64> {
+        let cell = self.budget(index, limit)?;
+        let mut done = 0;
+        let _ = cell.used.fetch_update(Relaxed, Relaxed, |u| {
+            done = u.min(amount);
+            Some(u - done)
+        });
+        if done != 0 {
+            cell.charged.fetch_sub(done, Relaxed);
+        }
+        Ok(done)
+    }
+
     fn check_accounts(&self, accounts: &[u32]) -> Result<()> {
         if accounts.is_empty() || accounts.len() > MAX_ACCOUNTS_PER_RESERVATION {
             return Err(QuotaError::Invalid(format!(

@@ -196,6 +196,78 @@ fn settle_moves_held_to_used_and_records_overruns() {
 }
 
 #[test]
+fn release_used_gives_back_at_most_what_is_used() {
+    let t = table();
+    let k = t.account("tenant:r").unwrap();
+    t.set_limit(k, Limit::Money, 1000).unwrap();
+    let id = t
+        .reserve(
+            &[k],
+            Amounts {
+                money: 600,
+                ..Default::default()
+            },
+            1000,
+            T0,
+        )
+        .unwrap()
+        .unwrap();
+    t.settle(
+        id,
+        Actual {
+            money: 600,
+            ..Default::default()
+        },
+        T0,
+    )
+    .unwrap();
+    let held = t
+        .reserve(
+            &[k],
+            Amounts {
+                money: 300,
+                ..Default::default()
+            },
+            1000,
+            T0,
+        )
+        .unwrap()
+        .unwrap();
+    assert!(t
+        .reserve(
+            &[k],
+            Amounts {
+                money: 101,
+                ..Default::default()
+            },
+            1000,
+            T0
+        )
+        .unwrap()
+        .is_err());
+    assert_eq!(t.release_used(k, Limit::Money, 250).unwrap(), 250);
+    let snap = t.snapshot(k, T0).unwrap();
+    assert_eq!((snap.money.used, snap.money.held), (350, 300));
+    // Never more than is used, and holds are untouched.
+    assert_eq!(t.release_used(k, Limit::Money, 10_000).unwrap(), 350);
+    assert_eq!(t.snapshot(k, T0).unwrap().money.held, 300);
+    assert!(t
+        .reserve(
+            &[k],
+            Amounts {
+                money: 700,
+                ..Default::default()
+            },
+            1000,
+            T0
+        )
+        .unwrap()
+        .is_ok());
+    t.cancel(held).unwrap();
+    assert!(t.release_used(k, Limit::Rpm, 1).is_err());
+}
+
+#[test]
 fn refusal_has_no_side_effects_and_rolls_back_earlier_accounts() {
     let t = table();
     let key = t.account("key").unwrap();
