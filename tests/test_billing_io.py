@@ -20,7 +20,7 @@ from tokenhub.billing import io as bio
 from tokenhub.billing import io_cli
 from tokenhub.billing.db import Tx, open_database
 from tokenhub.billing.service import Billing
-from tokenhub.usage import EVENT_FIELDS, UsageEvent
+from tokenhub.usage import BILLED_FIELDS, UsageEvent
 
 T = TypeVar("T")
 NOV = bio.parse_time("2026-11-01")
@@ -875,7 +875,7 @@ def test_export_event_log(capsys: pytest.CaptureFixture[str], tmp_path: Path, ur
         == by["gw-a#e7"]
     )
     ev1 = by["gw-a#e1"]
-    assert {k: ev1[k] for k in EVENT_FIELDS} == {
+    assert {k: ev1[k] for k in BILLED_FIELDS} == {
         "request_id": "gw-a#e1",
         "ts_ms": NOV + HOUR,
         "tenant": "acme",

@@ -35,6 +35,14 @@ class UsageEvent(msgspec.Struct, kw_only=True, omit_defaults=True):
     latency_ms: float = 0.0
     ttft_ms: float | None = None  # time to first token (streams)
     attempts: int = 1  # deployments tried
+    # What admission drew from the tenant's contracts in the gateway's quota table (its money
+    # pots), "<table epoch>|<pot>=<amount>;...": the in-process settler gives it back to the
+    # table once the ledger has posted the event (tokenhub.server.contracts). Not billing data:
+    # the settlement's payload hash leaves it out.
+    holds: str = ""
 
 
 EVENT_FIELDS = tuple(UsageEvent.__struct_fields__)
+# What finance sees (exports, the settlement's payload hash): everything but the gateway's own
+# admission bookkeeping, which comes last.
+BILLED_FIELDS = EVENT_FIELDS[: EVENT_FIELDS.index("holds")]

@@ -43,6 +43,11 @@ async def test_equal_events_hash_equal_however_built(billing: Billing) -> None:
     again = msgspec.structs.replace(ev, source="".join(["up", "stream"]))
     res = await billing.settle([again])
     assert (res.duplicates, res.conflicts) == (1, [])
+    # The gateway's admission bookkeeping is not billing data: still a duplicate.
+    res = await billing.settle([msgspec.structs.replace(ev, holds="1|m:acme=5")])
+    assert (res.duplicates, res.conflicts) == (1, [])
+    res = await billing.settle([msgspec.structs.replace(ev, output_tokens=1)])
+    assert (res.duplicates, res.conflicts) == (0, ["r1"])
 
 
 async def test_a_repeat_of_a_failing_event_in_one_batch_is_not_a_duplicate(

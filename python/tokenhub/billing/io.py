@@ -82,7 +82,7 @@ from tokenhub.billing.db import Database, Row, Tx
 from tokenhub.billing.ledger import LedgerError, period_bounds
 from tokenhub.billing.money import POINTS, TOKENS, allocate, convert, decimal_str, rate
 from tokenhub.billing.service import Billing, BillingError
-from tokenhub.usage import EVENT_FIELDS, UsageEvent
+from tokenhub.usage import BILLED_FIELDS, EVENT_FIELDS, UsageEvent
 
 T = TypeVar("T")
 
@@ -975,7 +975,7 @@ SETTLEMENT_FIELDS = (
     "points",  # points drawn from point packs (decimal string)
     "refund_txn_id",
 )
-EVENT_LOG_FIELDS = (*EVENT_FIELDS, *SETTLEMENT_FIELDS)
+EVENT_LOG_FIELDS = (*BILLED_FIELDS, *SETTLEMENT_FIELDS)
 _MONEY_KINDS = frozenset({"wallet", "receivable", "overrun"})
 
 
@@ -1004,9 +1004,9 @@ async def iter_event_log(
     """Usage events in (ts_ms, request_id) order, every field, each joined with its
     settlement (`SETTLEMENT_FIELDS`). Streams a page per transaction."""
     currencies: dict[str, str] = {}
-    columns = "e.ts_ms, e.request_id, " + ", ".join(f"e.{c}" for c in EVENT_FIELDS[2:])
+    columns = "e.ts_ms, e.request_id, " + ", ".join(f"e.{c}" for c in BILLED_FIELDS[2:])
     columns += ", s.txn_id"
-    assert EVENT_FIELDS[:2] == ("request_id", "ts_ms")
+    assert BILLED_FIELDS[:2] == ("request_id", "ts_ms")
 
     async def extra(tx: Tx, rows: list[Row]) -> tuple[list[Row], dict[str, str]]:
         txns = sorted({r[-1] for r in rows if r[-1]})
@@ -1043,7 +1043,7 @@ async def iter_event_log(
             ts, rid, *rest = r[:-1]
             txn_id = r[-1]
             ev: dict[str, Any] = {"request_id": rid, "ts_ms": ts}
-            ev |= dict(zip(EVENT_FIELDS[2:], rest, strict=True))
+            ev |= dict(zip(BILLED_FIELDS[2:], rest, strict=True))
             ev["stream"] = bool(ev["stream"])
             if txn_id is None:
                 ev |= dict.fromkeys(SETTLEMENT_FIELDS, "")

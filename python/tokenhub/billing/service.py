@@ -64,7 +64,7 @@ from tokenhub.billing.money import (
     parse_rate,
     rate,
 )
-from tokenhub.usage import UsageEvent
+from tokenhub.usage import BILLED_FIELDS, UsageEvent
 
 DRAW_ORDER = ("package", "points", "wallet", "postpaid")
 PERIODS = ("month", "week", "day", "none")
@@ -179,9 +179,14 @@ def now_ms() -> int:
 
 
 def _payload_hash(ev: UsageEvent) -> str:
-    """Canonical: every field in declaration order (defaults included), so equal events hash
-    equal however they were built (msgspec's omit_defaults depends on object identity)."""
-    return hashlib.sha256(msgspec.json.encode(msgspec.structs.astuple(ev))).hexdigest()
+    """Canonical: every billing field in declaration order (defaults included), so equal events
+    hash equal however they were built (msgspec's omit_defaults depends on object identity).
+    `holds` (the gateway's admission bookkeeping) is not billing data and is left out."""
+    fields = msgspec.structs.astuple(ev)[:_HASHED]
+    return hashlib.sha256(msgspec.json.encode(fields)).hexdigest()
+
+
+_HASHED = len(BILLED_FIELDS)
 
 
 def _check_tenant(tenant: str) -> str:

@@ -260,6 +260,14 @@ MIGRATIONS: tuple[Migration, ...] = (
             )""",
         ),
     ),
+    Migration(
+        4,
+        "usage_events.holds",
+        (
+            # UsageEvent.holds: what the request drew from the quota table's money pots.
+            "ALTER TABLE usage_events ADD COLUMN holds TEXT NOT NULL DEFAULT ''",
+        ),
+    ),
 )
 
 LATEST_VERSION = MIGRATIONS[-1].version
