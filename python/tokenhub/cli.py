@@ -130,12 +130,14 @@ def build_parser() -> argparse.ArgumentParser:
     # Gateway commands pull in aiohttp; imported here so `import tokenhub.cli` stays light.
     from tokenhub import admin_cli, mock_upstream
     from tokenhub.billing import cli as billing_cli
+    from tokenhub.routing_bench import cli as routing_bench_cli
     from tokenhub.server import run as serve_cmd
 
     serve_cmd.add_cli(sub)
     mock_upstream.add_cli(sub)
     admin_cli.add_cli(sub)
     billing_cli.add_cli(sub)
+    routing_bench_cli.add_cli(sub)
 
     p = sub.add_parser("vocabs", help="list the named vocabularies and whether they are installed",
                        description="List the named vocabularies tokenhub can load and the "
