@@ -6,6 +6,7 @@
 pub mod meter;
 pub mod quota;
 pub mod relay;
+pub mod router;
 
 #[cfg(feature = "python")]
 mod py;
