@@ -7,12 +7,28 @@ import argparse
 import os
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
+import msgspec
+
 from .bench import load_requests, router_policies, run_policy
-from .plot import PlotError, plot_quality, plot_sim
-from .quality import DATASETS, Curve, Dataset, QualityError, evaluate, load_dataset
+from .plot import PlotError, check_matplotlib, plot_quality, plot_sim
+from .quality import (
+    DATASETS,
+    RANDOM_SEEDS,
+    STRONG_PRICE,
+    WEAK_PRICE,
+    Curve,
+    Dataset,
+    Point,
+    QualityError,
+    RouterScore,
+    decide,
+    evaluate,
+    load_dataset,
+)
 from .report import ATTRIBUTION, money, render_json, render_text
 from .scenario import ScenarioError, load_scenario
 from .traces import TraceError, trace_kind
@@ -137,11 +153,10 @@ def add_cli(sub: Any) -> argparse.ArgumentParser:
         help=f"comma-separated, from {', '.join(DATASETS)} (default: %(default)s)",
     )
     q.add_argument(
-        "--tier-threshold",
-        type=float,
-        default=None,
-        metavar="T",
-        help="also print the tier policy's cost and accuracy at this threshold",
+        "--thresholds",
+        default="0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9",
+        metavar="T1,T2,...",
+        help="tier thresholds to tabulate, each decided by TierScorer.tier (default: %(default)s)",
     )
     p.set_defaults(func=cmd_bench_routing)
     return p
@@ -224,6 +239,8 @@ def _simulate(args: argparse.Namespace) -> int:
     )
     if not reqs:
         raise _Usage(f"{args.trace}: the trace slice is empty")
+    if args.plot:
+        check_matplotlib()
     try:
         from tokenhub.router import Router  # noqa: F401
     except ImportError as e:
@@ -277,7 +294,8 @@ def _find_outcomes(arg: str | None) -> Path:
     raise _Usage("cannot find shared/traces/router_outcomes: give --outcomes DIR")
 
 
-def _tier_router(ds: Dataset) -> list[float]:
+def _tier_scores(ds: Dataset) -> list[float]:
+    """The tier policy's score of each prompt (one user turn, no tools)."""
     from tokenhub.router import TierScorer
 
     scorer = TierScorer()
@@ -287,6 +305,30 @@ def _tier_router(ds: Dataset) -> list[float]:
     ]
 
 
+def _tier_sweep(ds: Dataset, scores: Sequence[float], thresholds: Sequence[float]) -> list[Point]:
+    """Each threshold decided prompt by prompt by the tier policy itself (TierScorer.tier under
+    a contract that allows the strong model), not by comparing scores here."""
+    from tokenhub.router import Contract, TierScorer
+
+    contract = Contract(allow_strong=True, max_strong_share=None)
+    rows = []
+    for t in thresholds:
+        scorer = TierScorer(threshold=t)
+        strong = [scorer.tier(s, contract, holder="bench-routing") == "strong" for s in scores]
+        rows.append(decide(ds, strong, t))
+    return rows
+
+
+def _thresholds(text: str) -> list[float]:
+    try:
+        out = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise _Usage(f"--thresholds {text!r}: expected numbers between 0 and 1") from None
+    if not out or not all(0.0 <= t <= 1.0 for t in out):
+        raise _Usage(f"--thresholds {text!r}: expected numbers between 0 and 1")
+    return out
+
+
 def _quality(args: argparse.Namespace) -> int:
     names = [n.strip() for n in args.dataset.split(",") if n.strip()]
     bad = [n for n in names if n not in DATASETS]
@@ -294,26 +336,30 @@ def _quality(args: argparse.Namespace) -> int:
         raise _Usage(
             f"unknown dataset {bad[0] if bad else ''!r} (choose from {', '.join(DATASETS)})"
         )
+    thresholds = _thresholds(args.thresholds)
     directory = _find_outcomes(args.outcomes)
-    routers: dict[str, Any] = {}
+    if args.plot:
+        check_matplotlib()
     tier_error = None
     try:
         from tokenhub.router import TierScorer  # noqa: F401
-
-        routers["tier"] = _tier_router
     except ImportError as e:
         tier_error = str(e)
     results: dict[str, list[Curve]] = {}
+    sweeps: dict[str, list[Point]] = {}
     data: dict[str, Dataset] = {}
     for name in names:
         ds = load_dataset(directory, name)
         data[name] = ds
+        routers: dict[str, RouterScore] = {}
+        if tier_error is None:
+            scores = _tier_scores(ds)
+            routers["tier"] = lambda _ds, scores=scores: scores  # type: ignore[misc]
+            sweeps[name] = _tier_sweep(ds, scores, thresholds)
         results[name] = evaluate(ds, routers)
     if args.plot:
         plot_quality(args.plot, results)
     if args.json:
-        import msgspec
-
         doc = {
             "datasets": {
                 name: {
@@ -323,21 +369,30 @@ def _quality(args: argparse.Namespace) -> int:
                     "strong_perf": data[name].strong_perf,
                     "token_counter": data[name].token_counter,
                     "routers": curves,
+                    "tier_sweep": sweeps.get(name),
                 }
                 for name, curves in results.items()
             },
-            "prices_nanos_per_1m": {"weak": 900_000_000, "strong": 20_000_000_000},
+            "prices_nanos_per_1m": {"weak": WEAK_PRICE, "strong": STRONG_PRICE},
+            "random_seeds": RANDOM_SEEDS,
             "tier_unavailable": tier_error,
             "attribution": ATTRIBUTION["routellm"],
         }
         print(msgspec.json.format(msgspec.json.encode(doc), indent=2).decode())
         return 0
-    print(_quality_text(results, data, tier_error))
+    print(_quality_text(results, data, sweeps, tier_error))
     return 0
 
 
+def _nearest(c: Curve, share: float) -> Point:
+    return min(c.points, key=lambda p: abs(p.strong_share - share))
+
+
 def _quality_text(
-    results: dict[str, list[Curve]], data: dict[str, Dataset], tier_error: str | None
+    results: dict[str, list[Curve]],
+    data: dict[str, Dataset],
+    sweeps: dict[str, list[Point]],
+    tier_error: str | None,
 ) -> str:
     out: list[str] = []
     for name, curves in results.items():
@@ -357,12 +412,23 @@ def _quality_text(
         for c in curves:
             cells = []
             for target in (0.0, 0.2, 0.4, 0.6, 0.8, 1.0):
-                p = min(c.points, key=lambda p, t=target: abs(p.strong_share - t))  # type: ignore[misc]
+                p = _nearest(c, target)
                 cells.append(f"{100 * p.strong_share:.0f}%: {p.perf:.3f} ${money(p.cost_nanos, 2)}")
             out.append(f"    {c.router:<14} " + "  ".join(cells))
+        if name in sweeps:
+            out.append(
+                f"  tier policy by threshold (TierScorer.tier): strong share, {perf}, cost USD"
+            )
+            for p in sweeps[name]:
+                out.append(
+                    f"    {p.threshold:4.2f}: {100 * p.strong_share:5.1f}%  {p.perf:.3f}  "
+                    f"${money(p.cost_nanos, 2)}  (PGR {p.pgr:.3f})"
+                )
         out.append("")
     if tier_error:
         out.append(f"(tier policy not scored: tokenhub.router is unavailable: {tier_error})")
-    out.append("Random: mean of 20 seeds. Prices: weak $0.90, strong $20 per 1M tokens.")
+    out.append(
+        f"Random: mean of {RANDOM_SEEDS} seeds. Prices: weak $0.90, strong $20 per 1M tokens."
+    )
     out.append(ATTRIBUTION["routellm"])
     return "\n".join(out)

@@ -9,7 +9,7 @@ from typing import Any
 from .metrics import PolicyReport
 from .quality import Curve
 
-__all__ = ["PlotError", "plot_quality", "plot_sim"]
+__all__ = ["PlotError", "check_matplotlib", "plot_quality", "plot_sim"]
 
 
 class PlotError(RuntimeError):
@@ -27,6 +27,11 @@ def _pyplot() -> Any:
             "--plot needs matplotlib: pip install matplotlib (or -r requirements-bench.txt)"
         ) from None
     return plt
+
+
+def check_matplotlib() -> None:
+    """Raises PlotError before any work is done when --plot cannot be honoured."""
+    _pyplot()
 
 
 def _save(fig: Any, path: str | Path) -> None:
@@ -87,7 +92,7 @@ def plot_quality(path: str | Path, results: dict[str, list[Curve]]) -> None:
         top.grid(alpha=0.3)
         top.legend()
         bottom.set_title(f"{name}: cost against accuracy")
-        bottom.set_xlabel("cost (USD, $0.90 / $20 per 1M tokens)")
+        bottom.set_xlabel(r"cost (USD at \$0.90 / \$20 per 1M tokens)")
         bottom.set_ylabel("accuracy" if name != "mtbench" else "mean judge score")
         bottom.grid(alpha=0.3)
         bottom.legend()

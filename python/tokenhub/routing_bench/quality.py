@@ -45,6 +45,7 @@ __all__ = [
     "QualityError",
     "RouterScore",
     "curve",
+    "decide",
     "evaluate",
     "length_scores",
     "load_dataset",
@@ -255,6 +256,19 @@ def _cpt(pts: Sequence[Point], target: float) -> float | None:
                 b.pgr - a.pgr
             )
     return None
+
+
+def decide(ds: Dataset, strong: Sequence[bool], threshold: float) -> Point:
+    """The outcome of explicit per-prompt decisions (True = strong model)."""
+    n = len(ds.prompts)
+    perf = sum(s if go else w for go, w, s in zip(strong, ds.weak, ds.strong, strict=True)) / n
+    cost = sum(
+        rate(st, STRONG_PRICE) if go else rate(wt, WEAK_PRICE)
+        for go, wt, st in zip(strong, ds.weak_tokens, ds.strong_tokens, strict=True)
+    )
+    gap = ds.strong_perf - ds.weak_perf
+    pgr = (perf - ds.weak_perf) / gap if gap else 0.0
+    return Point(threshold, sum(strong) / n, perf, pgr, cost)
 
 
 RouterScore = Callable[[Dataset], list[float]]

@@ -80,7 +80,7 @@ class ScenarioError(ValueError):
     """A scenario file is missing or invalid (one line, naming the file and the field)."""
 
 
-class _Strict(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+class _Strict(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=True):
     pass
 
 
@@ -89,7 +89,7 @@ def _check(cond: bool, msg: str) -> None:
         raise ValueError(msg)
 
 
-class FailureWindow(_Strict, frozen=True):
+class FailureWindow(_Strict):
     """The deployment fails every attempt dispatched in [start_s, end_s) of virtual time:
     `error` fails after the deployment's `error_ms`, `timeout` after its `timeout_ms`.
     Requests already running when a window opens finish normally."""
@@ -102,7 +102,7 @@ class FailureWindow(_Strict, frozen=True):
         _check(0 <= self.start_s < self.end_s, "a failure window needs 0 <= start_s < end_s")
 
 
-class Deployment(_Strict, frozen=True):
+class Deployment(_Strict):
     name: str
     weight: int = 1
     priority: int = 0
@@ -143,7 +143,7 @@ class Deployment(_Strict, frozen=True):
         return None
 
 
-class TraceSlice(_Strict, frozen=True):
+class TraceSlice(_Strict):
     limit: int | None = None
     start_s: float = 0.0
     duration_s: float | None = None
@@ -156,7 +156,7 @@ class TraceSlice(_Strict, frozen=True):
         _check(self.affinity_blocks >= 1, "trace.affinity_blocks must be >= 1")
 
 
-class Burst(_Strict, frozen=True):
+class Burst(_Strict):
     """Multiplies the load `factor` times between start_s and end_s (trace time, before
     `speed`) by replicating arrivals: each request in the window gets factor - 1 copies, spread
     evenly over the gap to the next request of the trace, so the burst keeps the trace's own
@@ -172,7 +172,7 @@ class Burst(_Strict, frozen=True):
         _check(self.factor >= 1, "load.burst.factor must be an integer >= 1")
 
 
-class Load(_Strict, frozen=True):
+class Load(_Strict):
     speed: float = 1.0
     burst: Burst | None = None
 
@@ -180,12 +180,12 @@ class Load(_Strict, frozen=True):
         _check(self.speed > 0, "load.speed must be > 0")
 
 
-class Slo(_Strict, frozen=True):
+class Slo(_Strict):
     ttft_ms: float | None = None
     e2e_ms: float | None = None
 
 
-class RouterConfig(_Strict, frozen=True):
+class RouterConfig(_Strict):
     seed: int = 0
     max_attempts: int = 3
     failures_to_trip: int = 3
@@ -196,7 +196,7 @@ class RouterConfig(_Strict, frozen=True):
         _check(self.max_attempts >= 1, "router.max_attempts must be >= 1")
 
 
-class Scenario(_Strict, frozen=True):
+class Scenario(_Strict):
     deployments: tuple[Deployment, ...]
     name: str = ""
     description: str = ""
