@@ -23,12 +23,15 @@ def router_policies() -> tuple[str, ...]:
 
 
 def make_router(sc: Scenario, policy: str) -> RouterLike:
-    """The live gateway's Router, configured from the scenario's deployments and [router]."""
+    """The live gateway's Router, configured from the scenario's deployments and [router]
+    (see `RouterConfig.share_limits` for the capacity it is told)."""
     from tokenhub.router import DeploymentSpec, Router
 
+    rc = sc.router
     specs = []
     for d in sc.deployments:
         inp, cached, out = sc.prices(d)
+        accepts = None if d.max_concurrency is None else d.max_concurrency + d.queue_limit
         specs.append(
             DeploymentSpec(
                 name=d.name,
@@ -37,12 +40,11 @@ def make_router(sc: Scenario, policy: str) -> RouterLike:
                 input_per_1m=inp,
                 cached_input_per_1m=cached,
                 output_per_1m=out,
-                rpm=d.rpm,
-                tpm=d.tpm,
-                max_concurrency=d.max_concurrency,
+                rpm=d.rpm if rc.share_limits else None,
+                tpm=d.tpm if rc.share_limits else None,
+                max_concurrency=accepts if rc.share_limits else None,
             )
         )
-    rc = sc.router
     router: RouterLike = Router(
         specs,
         policy=policy,

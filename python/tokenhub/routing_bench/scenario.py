@@ -27,6 +27,7 @@ max_attempts = 3
 failures_to_trip = 3
 cooldown_ms = 5000
 max_cooldown_ms = 60000
+share_limits = true                    # tell the Router the capacity (see RouterConfig)
 [[deployments]]
 name = "gpt-a"
 weight = 3                             # share under weighted policies
@@ -186,6 +187,12 @@ class Slo(_Strict):
 
 
 class RouterConfig(_Strict):
+    """The Router's constructor knobs, and `share_limits`: whether the Router is configured
+    with each deployment's capacity as a gateway operator would (its rpm, its tpm, and as
+    max_concurrency the slots plus the queue, everything the provider accepts without a 429),
+    or told nothing and left to learn from refusals through its circuit breaker."""
+
+    share_limits: bool = True
     seed: int = 0
     max_attempts: int = 3
     failures_to_trip: int = 3
