@@ -2,18 +2,23 @@
 
 import os
 from collections.abc import Iterable
-from typing import ClassVar, final
+from typing import Any, ClassVar, final
 
 __all__ = [
+    "POLICIES",
     "CoreMeter",
+    "Decision",
+    "Features",
     "QuotaError",
     "QuotaFileError",
     "QuotaFullError",
     "QuotaRefusal",
     "QuotaTable",
     "ReservationError",
+    "Router",
     "SseRelay",
     "StreamCounter",
+    "TierScorer",
     "VocabError",
     "__version__",
 ]
@@ -205,3 +210,120 @@ class QuotaTable:
         """One account's limits and counters, as a dict of ints."""
     def stats(self) -> dict[str, int]:
         """Counts over the whole table (one pass over every slot, without the GIL)."""
+
+# -- routing (rust/router) --------------------------------------------------------------------
+
+POLICIES: tuple[str, ...]
+
+_SpecTuple = tuple[str, int, int, int, int, int, int | None, int | None, int | None]
+
+@final
+class Decision:
+    """One routing decision: the attempt order and why its first choice is what it is."""
+
+    @property
+    def order(self) -> tuple[int, ...]:
+        """Deployment indexes to try, first choice first (never empty, no repeats)."""
+    @property
+    def first(self) -> int:
+        """The first choice."""
+    @property
+    def reason(self) -> str:
+        """policy, affinity, fallback, probe or degraded."""
+    def __len__(self) -> int: ...
+    def __eq__(self, value: object, /) -> bool: ...
+    __hash__: ClassVar[None]  # type: ignore[assignment]
+
+@final
+class Router:
+    def __new__(
+        cls,
+        deployments: list[_SpecTuple],
+        policy: str = "swrr",
+        seed: int = 0,
+        max_attempts: int = 3,
+        failures_to_trip: int = 3,
+        cooldown_ms: int = 5000,
+        max_cooldown_ms: int = 60000,
+        affinity_slots: int = 4096,
+    ) -> Router: ...
+    def choose(self, now_ms: int, tokens: int = 0, affinity: int | str | None = None) -> Decision:
+        """The attempt list for one request (see `rust/router`)."""
+    def on_start(self, index: int, now_ms: int, tokens: int = 0) -> None:
+        """A request goes to deployment `index` (outstanding + 1; charged to rpm and tpm)."""
+    def on_success(
+        self, index: int, now_ms: int, latency_ms: float = 0.0, ttft_ms: float = 0.0
+    ) -> None:
+        """The request succeeded and ended (a ttft_ms of 0: not measured)."""
+    def on_failure(self, index: int, now_ms: int) -> None:
+        """The request failed and ended."""
+    def on_finish(self, index: int) -> None:
+        """The request ended without a verdict (cancelled): outstanding - 1, any probe released."""
+    def affinity_target(self, key: int | str) -> int | None:
+        """The deployment a key sticks to, if its affinity slot still holds it."""
+    @property
+    def names(self) -> tuple[str, ...]: ...
+    @property
+    def policy(self) -> str: ...
+    @property
+    def max_attempts(self) -> int: ...
+    def __len__(self) -> int: ...
+    def state(self, index: int, now_ms: int | None = None) -> dict[str, Any]:
+        """One deployment's live state at `now_ms` (default: the latest time any call passed)."""
+
+@final
+class Features:
+    """What the tier scorer read from one request."""
+
+    @property
+    def prompt_tokens(self) -> int: ...
+    @property
+    def depth(self) -> int: ...
+    @property
+    def tools(self) -> bool: ...
+    @property
+    def code_markers(self) -> int: ...
+    @property
+    def symbols(self) -> int: ...
+    @property
+    def math_markers(self) -> int: ...
+    @property
+    def keyword_hits(self) -> int: ...
+    @property
+    def bytes(self) -> int: ...
+    def __eq__(self, value: object, /) -> bool: ...
+    __hash__: ClassVar[None]  # type: ignore[assignment]
+
+@final
+class TierScorer:
+    """Cheap/strong tier assignment by a complexity score (see `rust/router/tier.rs`)."""
+
+    def __new__(
+        cls,
+        threshold: float = 0.5,
+        keywords: list[str] = ...,
+        weights: dict[str, float] | None = None,
+    ) -> TierScorer: ...
+    def features(
+        self, text: str, depth: int = 0, tools: bool = False, prompt_tokens: int = 0
+    ) -> Features: ...
+    def score(self, features: Features) -> float: ...
+    def score_text(
+        self, text: str, depth: int = 0, tools: bool = False, prompt_tokens: int = 0
+    ) -> float: ...
+    def tier(
+        self,
+        score: float,
+        allow_strong: bool = True,
+        max_strong_share: float | None = None,
+        holder: str | None = None,
+    ) -> str:
+        """cheap or strong; a capped contract counts the decision against `holder`'s share."""
+    def share(self, holder: str | None = None) -> tuple[int, int]:
+        """(strong, total) capped decisions counted for `holder`."""
+    @property
+    def threshold(self) -> float: ...
+    @property
+    def keywords(self) -> tuple[str, ...]: ...
+    @property
+    def weights(self) -> dict[str, float]: ...

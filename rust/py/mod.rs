@@ -18,6 +18,8 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+mod router;
+
 create_exception!(
     _core,
     VocabError,
@@ -668,6 +670,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PySseRelay>()?;
     m.add_class::<PyQuotaTable>()?;
     m.add_class::<PyQuotaRefusal>()?;
+    router::register(m)?;
     m.add("VocabError", m.py().get_type::<VocabError>())?;
     m.add("QuotaError", m.py().get_type::<QuotaError>())?;
     m.add("QuotaFileError", m.py().get_type::<QuotaFileError>())?;

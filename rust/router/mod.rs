@@ -568,7 +568,7 @@ impl Router {
         Ok(&self.dep(index)?.spec)
     }
 
-    pub fn specs(&self) -> impl Iterator<Item = &DeploymentSpec> {
+    pub fn specs(&self) -> impl ExactSizeIterator<Item = &DeploymentSpec> {
         self.deps.iter().map(|d| &d.spec)
     }
 
