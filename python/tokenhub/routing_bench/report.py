@@ -117,6 +117,11 @@ def render_text(header: dict[str, Any], reports: Sequence[PolicyReport]) -> str:
         out += _table(head, rows)
 
         out.append("")
+        out.append("router decisions by reason")
+        for r in reports:
+            out.append(f"  {r.policy}: " + ", ".join(f"{k} {v:,}" for k, v in r.reasons.items()))
+
+        out.append("")
         out.append("conservation (arrivals = served + rejected + failed; billed = trace tokens)")
         for r in reports:
             c = r.conservation

@@ -90,7 +90,7 @@ def _check(cond: bool, msg: str) -> None:
         raise ValueError(msg)
 
 
-class FailureWindow(_Strict):
+class FailureWindow(_Strict, frozen=True):
     """The deployment fails every attempt dispatched in [start_s, end_s) of virtual time:
     `error` fails after the deployment's `error_ms`, `timeout` after its `timeout_ms`.
     Requests already running when a window opens finish normally."""
@@ -103,7 +103,7 @@ class FailureWindow(_Strict):
         _check(0 <= self.start_s < self.end_s, "a failure window needs 0 <= start_s < end_s")
 
 
-class Deployment(_Strict):
+class Deployment(_Strict, frozen=True):
     name: str
     weight: int = 1
     priority: int = 0
@@ -144,7 +144,7 @@ class Deployment(_Strict):
         return None
 
 
-class TraceSlice(_Strict):
+class TraceSlice(_Strict, frozen=True):
     limit: int | None = None
     start_s: float = 0.0
     duration_s: float | None = None
@@ -157,7 +157,7 @@ class TraceSlice(_Strict):
         _check(self.affinity_blocks >= 1, "trace.affinity_blocks must be >= 1")
 
 
-class Burst(_Strict):
+class Burst(_Strict, frozen=True):
     """Multiplies the load `factor` times between start_s and end_s (trace time, before
     `speed`) by replicating arrivals: each request in the window gets factor - 1 copies, spread
     evenly over the gap to the next request of the trace, so the burst keeps the trace's own
@@ -173,7 +173,7 @@ class Burst(_Strict):
         _check(self.factor >= 1, "load.burst.factor must be an integer >= 1")
 
 
-class Load(_Strict):
+class Load(_Strict, frozen=True):
     speed: float = 1.0
     burst: Burst | None = None
 
@@ -181,12 +181,12 @@ class Load(_Strict):
         _check(self.speed > 0, "load.speed must be > 0")
 
 
-class Slo(_Strict):
+class Slo(_Strict, frozen=True):
     ttft_ms: float | None = None
     e2e_ms: float | None = None
 
 
-class RouterConfig(_Strict):
+class RouterConfig(_Strict, frozen=True):
     """The Router's constructor knobs, and `share_limits`: whether the Router is configured
     with each deployment's capacity as a gateway operator would (its rpm, its tpm, and as
     max_concurrency the slots plus the queue, everything the provider accepts without a 429),
@@ -203,7 +203,7 @@ class RouterConfig(_Strict):
         _check(self.max_attempts >= 1, "router.max_attempts must be >= 1")
 
 
-class Scenario(_Strict):
+class Scenario(_Strict, frozen=True):
     deployments: tuple[Deployment, ...]
     name: str = ""
     description: str = ""
