@@ -539,3 +539,31 @@ def _has_matplotlib() -> bool:
     except ImportError:
         return False
     return True
+
+
+def test_progress_bar_draws_only_on_a_terminal_after_a_second() -> None:
+    import io
+
+    from tokenhub.routing_bench.cli import _Progress
+
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    tty = Tty()
+    bar = _Progress("swrr", True, tty)
+    bar(10, 100)
+    assert tty.getvalue() == ""  # the first second stays silent
+    bar.t0 -= 2
+    bar(50, 100)
+    assert "\rswrr" in tty.getvalue() and "50/100" in tty.getvalue() and "\n" not in tty.getvalue()
+    bar.close()
+    quiet = Tty()
+    off = _Progress("swrr", False, quiet)
+    off.t0 -= 2
+    off(50, 100)
+    pipe = io.StringIO()
+    piped = _Progress("swrr", True, pipe)
+    piped.t0 -= 2
+    piped(50, 100)
+    assert quiet.getvalue() == "" and pipe.getvalue() == ""
