@@ -97,6 +97,11 @@ class BillingSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # settlement CPU off the gateway's cores).
     settle_interval_s: float = 0.0
     settle_batch: int = 1000
+    # Admit a request only if the tenant's contracts (packages, points, wallet, credit line)
+    # can pay for its worst case; streams are ended cleanly when they can pay for no more
+    # (tokenhub.server.contracts). Needs settle_interval_s: the in-process settler keeps the
+    # gateway's view of the balances equal to the ledger.
+    admission: bool = False
 
 
 class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -132,6 +137,13 @@ def validate(cfg: Config, *, environ: dict[str, str] | None = None) -> Config:
         raise _fail(src, "server.max_body_bytes", "must be at least 1024")
     if cfg.billing.settle_interval_s < 0:
         raise _fail(src, "billing.settle_interval_s", "must be zero (off) or positive")
+    if cfg.billing.admission and cfg.billing.settle_interval_s <= 0:
+        raise _fail(
+            src,
+            "billing.admission",
+            "needs billing.settle_interval_s > 0 (the in-process settler keeps admission's "
+            "balances equal to the ledger)",
+        )
     if not 1 <= cfg.billing.settle_batch <= 100_000:
         raise _fail(src, "billing.settle_batch", "must be from 1 to 100000")
     names: set[str] = set()

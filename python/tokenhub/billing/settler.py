@@ -20,7 +20,7 @@ import contextlib
 import logging
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -34,6 +34,8 @@ log = logging.getLogger("tokenhub.billing")
 CONFLICT = "settled before with a different payload (conflict)"
 _EVENT_COLS = ", ".join(f"e.{f}" for f in EVENT_FIELDS)
 _STREAM = EVENT_FIELDS.index("stream")
+# Called after each committed batch: (its events, the ids settled by it).
+OnBatch = Callable[[Sequence[UsageEvent], Iterable[str]], Awaitable[None]]
 
 
 @dataclass
@@ -88,8 +90,11 @@ async def settle_pending(
     batch: int = 1000,
     retry_failed: bool = False,
     progress: Callable[[SettleSummary], None] | None = None,
+    on_batch: OnBatch | None = None,
 ) -> SettleSummary:
-    """One pass over the unsettled usage events (see the module docstring)."""
+    """One pass over the unsettled usage events (see the module docstring). `on_batch` runs
+    after each committed batch with its events and the ids settled now (the gateway's
+    admission gives back what they held: tokenhub.server.contracts)."""
     db = billing.db
     skip_failed = ""
     if not retry_failed:
@@ -115,6 +120,8 @@ async def settle_pending(
         events = [event_from_row(r) for r in rows]
         cursor = (events[-1].ts_ms, events[-1].request_id)
         res = await billing.settle(events)
+        if on_batch is not None:
+            await on_batch(events, res.txn_ids)
         out.read += len(events)
         out.settled += res.settled
         out.duplicates += res.duplicates
@@ -135,14 +142,23 @@ async def settle_pending(
 
 
 async def follow(
-    billing: Billing, *, interval_s: float, stop: asyncio.Event, batch: int = 1000
+    billing: Billing,
+    *,
+    interval_s: float,
+    stop: asyncio.Event,
+    batch: int = 1000,
+    on_batch: OnBatch | None = None,
+    after_pass: Callable[[], Awaitable[None]] | None = None,
 ) -> None:
-    """`settle_pending` every `interval_s` until `stop` is set; errors are logged and the
-    next pass tries again (nothing is lost: unsettled events stay in usage_events)."""
+    """`settle_pending` every `interval_s` until `stop` is set, then `after_pass`; errors are
+    logged and the next pass tries again (nothing is lost: unsettled events stay in
+    usage_events)."""
     reported: set[str] = set()
     while not stop.is_set():
         try:
-            s = await settle_pending(billing, batch=batch)
+            s = await settle_pending(billing, batch=batch, on_batch=on_batch)
+            if after_pass is not None:
+                await after_pass()
             for reason in s.reasons:
                 if reason not in reported:  # once per cause, not once per event
                     reported.add(reason)

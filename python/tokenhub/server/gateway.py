@@ -34,11 +34,12 @@ import aiohttp
 import msgspec
 from aiohttp import web
 
-from tokenhub._core import SseRelay
+from tokenhub._core import SseRelay, StreamCounter
 from tokenhub.config import Config, Deployment, Model, Provider
 from tokenhub.meter import Meter
 from tokenhub.quota import Refusal, Reservation
 from tokenhub.server.auth import KeyCache, Principal
+from tokenhub.server.contracts import TRANCHE, Contracts, Hold, NotPriced, NotReady, Shortfall
 from tokenhub.server.errors import ApiError
 from tokenhub.server.limits import LimitSync
 from tokenhub.server.metrics import Registry
@@ -190,6 +191,8 @@ class Gateway:
         self.keys = keys
         self.sink = sink
         self.limits = limits
+        # Money admission (`[billing] admission`), set by the server once its pots are loaded.
+        self.contracts: Contracts | None = None
         self.started_at = time.time()
         self.models: dict[str, Model] = {m.id: m for m in config.models}
         self.upstreams = {p.name: Upstream(p) for p in config.providers}
@@ -325,6 +328,8 @@ class Gateway:
         finish = _Finish(self, event, t0)
         if self.limits is not None and (accounts := self.limits.accounts(who.key_id, who.tenant)):
             self._admit(accounts, endpoint, payload, candidates, prompt_tokens, finish)
+        if self.contracts is not None:
+            self._admit_money(endpoint, payload, candidates, prompt_tokens, finish)
         if stream:
             payload["stream_options"] = {**(options or {}), "include_usage": True}
         last: _Retry | None = None
@@ -370,24 +375,73 @@ class Gateway:
         request is recorded as a usage event with status 429 and no tokens (it is never billed),
         so refusals show in exports."""
         assert self.limits is not None
-        max_out = 0
-        if endpoint is not EMBEDDINGS:
-            cap = candidates[0].max_output_tokens
-            asked = payload.get("max_completion_tokens", payload.get("max_tokens"))
-            valid = isinstance(asked, int) and not isinstance(asked, bool) and asked >= 0
-            max_out = min(asked, cap) if valid and isinstance(asked, int) else cap
-        # Held until settled, at most until every candidate could have timed out.
-        ttl_s = sum(self.upstreams[d.provider].provider.total_timeout_s for d in candidates)
-        r = self.limits.reserve(accounts, tokens=prompt_tokens + max_out, ttl_ms=int(ttl_s * 1000))
+        max_out = _max_output(endpoint, payload, candidates)
+        r = self.limits.reserve(
+            accounts, tokens=prompt_tokens + max_out, ttl_ms=self._ttl_ms(candidates)
+        )
         if isinstance(r, Refusal):
-            event = finish.event
-            event.status, event.error = 429, r.code
-            event.input_tokens = event.output_tokens = 0
-            event.source = "metered"
-            finish()
+            _refused(finish, r.code)
             raise ApiError.quota_refused(r)
         finish.reservation = r
         finish.rate_headers = self.limits.rate_headers(accounts)
+
+    def _ttl_ms(self, candidates: list[Deployment]) -> int:
+        """Held until settled, at most until every candidate could have timed out."""
+        ttl_s = sum(self.upstreams[d.provider].provider.total_timeout_s for d in candidates)
+        return int(ttl_s * 1000)
+
+    def _admit_money(
+        self,
+        endpoint: Endpoint,
+        payload: dict[str, Any],
+        candidates: list[Deployment],
+        prompt_tokens: int,
+        finish: _Finish,
+    ) -> None:
+        """Reserves the request's worst case on its tenant's contracts (tokenhub.server.
+        contracts) or answers 429 insufficient_quota. A stream reserves its output a tranche
+        at a time (`_relay_stream` takes more as tokens flow)."""
+        assert self.contracts is not None
+        event = finish.event
+        max_out = _max_output(endpoint, payload, candidates)
+        if event.stream:
+            max_out = min(max_out, TRANCHE)
+        try:
+            hold = self.contracts.admit(
+                event.tenant,
+                event.model,
+                event.ts_ms,
+                [prompt_tokens, 0, max_out],
+                self._ttl_ms(candidates),
+            )
+        except NotReady:
+            self._unreserve(finish)
+            _refused(finish, "billing_not_ready", 503)
+            raise ApiError(
+                503,
+                "The gateway is starting and has not loaded the billing balances yet; "
+                "retry in a second.",
+                type="api_error",
+                code="billing_not_ready",
+                headers={"retry-after": "1"},
+            ) from None
+        except NotPriced as e:
+            self._unreserve(finish)
+            _refused(finish, "model_not_priced", 403)
+            raise ApiError(
+                403, str(e), type="invalid_request_error", code="model_not_priced"
+            ) from None
+        if isinstance(hold, Shortfall):
+            self._unreserve(finish)
+            _refused(finish, "insufficient_quota")
+            raise ApiError(429, hold.message, type="insufficient_quota", code="insufficient_quota")
+        finish.hold = hold
+
+    def _unreserve(self, finish: _Finish) -> None:
+        """Gives back the rate-limit reservation of a request refused after it was taken."""
+        if finish.reservation is not None and self.limits is not None:
+            self.limits.quota.cancel(finish.reservation)
+            finish.reservation = None
 
     def _meter_prompt(self, endpoint: Endpoint, payload: dict[str, Any], vocab: str) -> int:
         meter = self.meter(vocab)
@@ -576,6 +630,45 @@ class Gateway:
             else:
                 event.status, event.error = 200, ""
 
+        hold = finish.hold
+        counters: dict[int, StreamCounter] = {}
+        delivered = 0  # output tokens in what the client has been sent (money admission)
+
+        def pay_for(events: bytes) -> bool:
+            """Counts the output in `events` and extends the hold when they run past it:
+            a tranche, or at least what they need. False: the contracts cannot pay."""
+            nonlocal delivered
+            assert hold is not None
+            total = 0
+            for c in _stream_choices(events):
+                counter = counters.get(c.index)
+                if counter is None:
+                    counter = counters[c.index] = self.meter(dep.vocab).stream_counter()
+                for text in _choice_texts(c, c.delta):
+                    counter.feed(text)
+            total = sum(x.total for x in counters.values())
+            need = total - hold.output_reserved
+            if need > 0 and not hold.extend(max(need, TRANCHE)) and not hold.extend(need):
+                return False
+            delivered = total
+            return True
+
+        async def cut() -> None:
+            """The tenant can pay for no more: end the stream cleanly and bill what the
+            client received (metered: the upstream's usage block never comes)."""
+            event.status, event.error = 200, "insufficient_quota"
+            event.output_tokens, event.cached_input_tokens = delivered, 0
+            event.source = "metered"
+            finish()
+            err = ApiError(
+                429,
+                "You exceeded your current quota: the stream was ended because the "
+                f"contracts of tenant {event.tenant} cannot pay for more output.",
+                type="insufficient_quota",
+                code="insufficient_quota",
+            )
+            await send(b"data: " + err.body() + b"\n\ndata: [DONE]\n\n", last=True)
+
         def lost_client() -> None:
             nonlocal client_gone, deadline
             client_gone = True
@@ -632,6 +725,9 @@ class Gateway:
                 events = relay.feed(data)
                 if event.ttft_ms is None and relay.first_token:
                     event.ttft_ms = round((time.perf_counter() - t0) * 1000, 3)
+                if hold is not None and events and not pay_for(events):
+                    await cut()
+                    return out if out is not None else web.Response(status=499)
                 if relay.done and not client_left():
                     settle()
                     finish()
@@ -674,7 +770,7 @@ class _Finish:
     """Records a request's usage event exactly once: at the end of the request, or earlier for
     a stream (just before its last event is written)."""
 
-    __slots__ = ("done", "event", "gw", "overhead", "rate_headers", "reservation", "t0")
+    __slots__ = ("done", "event", "gw", "hold", "overhead", "rate_headers", "reservation", "t0")
 
     def __init__(self, gw: Gateway, event: UsageEvent, t0: float) -> None:
         self.gw = gw
@@ -683,6 +779,7 @@ class _Finish:
         self.overhead = 0.0  # seconds spent in the gateway, set when the reply starts
         self.done = False
         self.reservation: Reservation | None = None  # when the caller has limits
+        self.hold: Hold | None = None  # on the tenant's contracts (money admission)
         self.rate_headers: dict[str, str] = {}  # x-ratelimit-* for a success response
 
     def __call__(self) -> None:
@@ -692,6 +789,14 @@ class _Finish:
         gw, event = self.gw, self.event
         elapsed = time.perf_counter() - self.t0
         event.latency_ms = round(elapsed * 1000, 3)
+        # What the upstream used (and will bill), overruns included; a request that got no
+        # answer (all deployments failed, an upstream 4xx) used no tokens.
+        used = event.status in (200, 499) or event.output_tokens > 0
+        if self.hold is not None:
+            # Before the event is written: its `holds` say what the settler gives back.
+            cached = min(event.cached_input_tokens, event.input_tokens)
+            lines = [event.input_tokens - cached, cached, event.output_tokens] if used else [0] * 3
+            event.holds = self.hold.settle(lines)
         gw.sink.end(event)
         t = gw.tally(event.model, event.status, event.source)
         t[0] += 1
@@ -700,12 +805,47 @@ class _Finish:
         t[3] += event.output_tokens
         t[4] += self.overhead
         if self.reservation is not None and gw.limits is not None:
-            # What the upstream used (and will bill), overruns included; a request that got
-            # no answer (all deployments failed, an upstream 4xx) used no tokens.
-            used = event.status in (200, 499) or event.output_tokens > 0
             gw.limits.settle(
                 self.reservation, event.input_tokens + event.output_tokens if used else 0
             )
+
+
+def _stream_choices(events: bytes) -> Iterator[Choice]:
+    """The choices of whole SSE events (as `SseRelay.feed` returns them)."""
+    for block in events.split(b"\n\n"):
+        for line in block.split(b"\n"):
+            if not line.startswith(b"data:"):
+                continue
+            data = line[5:].strip()
+            if data == b"[DONE]":
+                continue
+            try:
+                yield from _decode_reply(data).choices
+            except (msgspec.DecodeError, msgspec.ValidationError):
+                continue
+
+
+def _max_output(endpoint: Endpoint, payload: dict[str, Any], candidates: list[Deployment]) -> int:
+    """The most output a request may produce: its max_tokens (or max_completion_tokens),
+    capped at the first deployment's max_output_tokens, which is also the assumption when it
+    sets none. Embeddings produce none."""
+    if endpoint is EMBEDDINGS:
+        return 0
+    cap = candidates[0].max_output_tokens
+    asked = payload.get("max_completion_tokens", payload.get("max_tokens"))
+    if isinstance(asked, int) and not isinstance(asked, bool) and asked >= 0:
+        return min(asked, cap)
+    return cap
+
+
+def _refused(finish: _Finish, code: str, status: int = 429) -> None:
+    """Records a refused request: a usage event with no tokens (never billed), so refusals
+    show in exports."""
+    event = finish.event
+    event.status, event.error = status, code
+    event.input_tokens = event.output_tokens = 0
+    event.source = "metered"
+    finish()
 
 
 async def _read_quietly(resp: Response) -> bytes:

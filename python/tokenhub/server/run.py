@@ -53,6 +53,7 @@ from tokenhub.config import Config, ConfigError, from_mapping, load_config
 
 if TYPE_CHECKING:
     from tokenhub.journal import Journal
+    from tokenhub.quota import Quota
     from tokenhub.store import Store
     from tokenhub.usage import UsageEvent
 
@@ -196,10 +197,12 @@ def before_fork(cfg: Config) -> SharedState:
     too, where the one process is parent and worker both, so there is a single code path).
     Must not start threads or event loops: the children would inherit them broken."""
     from tokenhub.quota import Quota
+    from tokenhub.server.contracts import new_epoch
 
     path = quota_path(cfg)
     remove_stale_quota_tables(path.parent)
-    Quota.create(path, accounts=QUOTA_ACCOUNTS, reservations=QUOTA_RESERVATIONS)
+    quota = Quota.create(path, accounts=QUOTA_ACCOUNTS, reservations=QUOTA_RESERVATIONS)
+    new_epoch(quota)  # what this table holds is released only by this table's server
     return SharedState(quota_path=str(path))
 
 
@@ -325,8 +328,9 @@ async def serve(
     from tokenhub.quota import Quota
     from tokenhub.server.app import create_app
     from tokenhub.server.auth import KeyCache
+    from tokenhub.server.contracts import Contracts
     from tokenhub.server.limits import LimitSync
-    from tokenhub.server.state import METRICS
+    from tokenhub.server.state import GATEWAY, METRICS
     from tokenhub.sink import UsageSink
     from tokenhub.store import open_store
 
@@ -366,9 +370,12 @@ async def serve(
     # seed the demo's prices and wallet: one settler per server, in worker 1.
     settles = worker is None or worker.index == 1
     limits: LimitSync | None = None
+    contracts: Contracts | None = None
+    quota: Quota | None = None
     if shared is not None and shared.quota_path:
+        quota = Quota.attach(shared.quota_path)
         limits = LimitSync(
-            Quota.attach(shared.quota_path),
+            quota,
             store.all_limits,
             store.change_marker,
             refresh_s=cfg.server.key_refresh_s,
@@ -376,14 +383,29 @@ async def serve(
         )
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+        nonlocal contracts
         await sink.start()
         await keys.start()
         if limits is not None:
             await limits.start()
-        settler = await _start_settler(cfg, demo=demo) if settles else None
+        admission = quota if cfg.billing.admission else None
+        # Worker 1 settles what is pending and publishes the pots before it serves.
+        settler = await _start_settler(cfg, demo=demo, quota=admission) if settles else None
+        contracts_db = None
+        if admission is not None:
+            from tokenhub.billing.db import open_database
+
+            contracts_db = await open_database(cfg.server.database)
+            contracts = Contracts(admission, contracts_db, refresh_s=cfg.server.key_refresh_s)
+            await contracts.start()
+            app[GATEWAY].contracts = contracts
         yield
+        if contracts is not None:
+            await contracts.close()
         if settler is not None:
             await settler()
+        if contracts_db is not None:
+            await contracts_db.close()
         if limits is not None:
             await limits.close()
         await keys.close()
@@ -462,23 +484,39 @@ async def _watch_parent(worker: Worker, stop: asyncio.Event) -> None:
             stop.set()
 
 
-async def _start_settler(cfg: Config, *, demo: bool) -> Callable[[], Awaitable[None]] | None:
+async def _start_settler(
+    cfg: Config, *, demo: bool, quota: Quota | None = None
+) -> Callable[[], Awaitable[None]] | None:
     """Settles usage into the ledger in the background when `[billing] settle_interval_s` is
-    set (the demo sets it, and prices its models); returns the function that stops it."""
+    set (the demo sets it, and prices its models); returns the function that stops it. With
+    admission (`quota`), it also keeps the table's pots equal to the ledger, and settles what
+    is pending and publishes the pots before it returns (tokenhub.server.contracts)."""
     interval = cfg.billing.settle_interval_s
     if interval <= 0:
         return None
     from tokenhub.billing.db import open_database
     from tokenhub.billing.service import Billing
-    from tokenhub.billing.settler import follow
+    from tokenhub.billing.settler import follow, settle_pending
+    from tokenhub.server.contracts import PotSync
 
     db = await open_database(cfg.server.database)
     billing = Billing(db)
     if demo:
         await _seed_demo_billing(billing, cfg)
+    pots = PotSync(quota, db) if quota is not None else None
+    if pots is not None:
+        await settle_pending(billing, batch=cfg.billing.settle_batch, on_batch=pots.after_batch)
+        await pots.after_pass()
     stop = asyncio.Event()
     task = asyncio.create_task(
-        follow(billing, interval_s=interval, stop=stop, batch=cfg.billing.settle_batch)
+        follow(
+            billing,
+            interval_s=interval,
+            stop=stop,
+            batch=cfg.billing.settle_batch,
+            on_batch=pots.after_batch if pots is not None else None,
+            after_pass=pots.after_pass if pots is not None else None,
+        )
     )
 
     async def close() -> None:
@@ -486,8 +524,6 @@ async def _start_settler(cfg: Config, *, demo: bool) -> Callable[[], Awaitable[N
         await task
         with contextlib.suppress(Exception):
             # A last pass, so what was served before shutdown is billed.
-            from tokenhub.billing.settler import settle_pending
-
             await settle_pending(billing, batch=cfg.billing.settle_batch)
         await db.close()
 
@@ -956,7 +992,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 2
     if args.demo:
         cfg = from_mapping(
-            {"server": {"database": args.db or DEMO_DB}, "billing": {"settle_interval_s": 1.0}},
+            {
+                "server": {"database": args.db or DEMO_DB},
+                "billing": {"settle_interval_s": 1.0, "admission": True},
+            },
             "<demo>",
         )
     elif not args.config:

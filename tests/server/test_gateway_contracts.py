@@ -1,0 +1,409 @@
+"""Money admission end to end: `tokenhub serve` with `[billing] admission = true` admits a request
+only if the tenant's contracts can pay for its worst case, ends a stream cleanly when they can
+pay for no more, and the ledger (settled in-process) bills exactly what was served.
+
+The pure parts (planning, replay) are tested in tests/test_contracts.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from harness import free_port, http_json, wait_until
+from test_budget import Outcome
+from test_workers import Proc, Procs, children
+
+from tokenhub.billing.db import open_database
+from tokenhub.billing.ledger import balances
+from tokenhub.billing.money import rate
+from tokenhub.billing.service import Billing
+from tokenhub.meter import Meter
+from tokenhub.quota import Quota
+from tokenhub.server.contracts import money_pot
+from tokenhub.store import Store, open_store
+
+pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="SO_REUSEPORT balancing, /proc")
+
+TENANT = "payg"
+VOCAB = "cl100k_base"
+MESSAGES = [{"role": "user", "content": "Spend the wallet, but not a cent more."}]
+MAX_TOKENS = 40  # the mock's replies are longer: it serves exactly max_tokens
+TOTAL = 200
+FIT = 50
+PER_1M = 100_000_000_000  # 100 USD per 1M tokens, in and out: a request is ~0.006 USD
+USD = 1_000_000_000
+
+
+@pytest.fixture(scope="module")
+def mock(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    tmp = tmp_path_factory.mktemp("contracts-mock")
+    port = free_port()
+    # Long paced replies for the stream that runs out of money; the burst sets max_tokens.
+    p = Proc(tmp, "mock", ["mock-upstream", "--port", str(port), "--latency-ms", "100",
+                           "--model", "gpt-4o-mini", "--model", "unpriced",
+                           "--completion-tokens", "3000",
+                           "--tokens-per-second", "20000"])  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: _up(base + "/mock/ledger"), 20.0, interval=0.05, what="the mock")
+        yield base
+    finally:
+        p.kill_group()
+
+
+def _up(url: str) -> bool:
+    try:
+        http_json(url, timeout=1.0)
+    except OSError:
+        return False
+    return True
+
+
+@dataclass
+class Site:
+    config: Path
+    base: str
+    db: str
+    store: Store
+    secret: str
+
+    @property
+    def url(self) -> str:
+        return self.base + "/v1/chat/completions"
+
+    def billing(self, fn: Any) -> Any:
+        """Runs `await fn(Billing)` on the site's database (as the CLI would)."""
+
+        async def run() -> Any:
+            db = await open_database(self.db)
+            try:
+                return await fn(Billing(db))
+            finally:
+                await db.close()
+
+        return asyncio.run(run())
+
+
+@pytest.fixture
+def site(tmp_path: Path, mock: str) -> Iterator[Site]:
+    http_json(mock + "/mock/reset", method="POST")
+    port = free_port()
+    db = str(tmp_path / "hub.db")
+    config = tmp_path / "tokenhub.toml"
+    config.write_text(
+        f"""
+[server]
+host = "127.0.0.1"
+port = {port}
+database = "{db}"
+journal_dir = "{tmp_path / "journal"}"
+key_refresh_s = 0.2
+
+[billing]
+settle_interval_s = 0.3
+admission = true
+
+[[providers]]
+name = "mock"
+base_url = "{mock}/v1"
+
+[[models]]
+id = "gpt-4o-mini"
+  [[models.deployments]]
+  provider = "mock"
+  upstream_model = "gpt-4o-mini"
+  vocab = "{VOCAB}"
+
+[[models]]
+id = "unpriced"
+  [[models.deployments]]
+  provider = "mock"
+  upstream_model = "unpriced"
+  vocab = "{VOCAB}"
+""",
+        encoding="utf-8",
+    )
+    store = open_store(db)
+    try:
+        store.migrate()
+        store.create_tenant(TENANT)
+        _, secret = store.create_key(TENANT)
+        s = Site(config, f"http://127.0.0.1:{port}", db, store, secret)
+
+        async def setup(b: Billing) -> None:
+            await b.set_price("gpt-4o-mini", currency="USD", input_per_1m="100",
+                              output_per_1m="100", effective_ms=0)  # fmt: skip
+            await b.set_profile(TENANT, currency="USD", draw_order=["wallet", "postpaid"])
+
+        s.billing(setup)
+        yield s
+    finally:
+        store.close()
+
+
+@pytest.fixture
+def procs(tmp_path: Path) -> Iterator[Procs]:
+    p = Procs(tmp_path)
+    try:
+        yield p
+    finally:
+        p.close()
+
+
+def _serve(site: Site, procs: Procs, workers: int = 1) -> Proc:
+    args = ["serve", "--config", str(site.config)]
+    if workers > 1:
+        args += ["--workers", str(workers)]
+    gw = procs.start("gateway", *args)
+    gw.wait_serving()
+    assert len(children(gw.pid)) == (workers if workers > 1 else 0)
+    return gw
+
+
+def _post(site: Site, body: dict[str, Any]) -> tuple[int, Any]:
+    req = urllib.request.Request(
+        site.url,
+        data=json.dumps(body).encode(),
+        headers={"Authorization": f"Bearer {site.secret}", "Content-Type": "application/json"},
+        method="POST",
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=20) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")
+
+
+async def burst(url: str, secret: str, total: int) -> list[Outcome]:
+    """`total` chat completions at once (every fourth streamed)."""
+    outcomes = [Outcome() for _ in range(total)]
+    headers = {"Authorization": f"Bearer {secret}"}
+    start = asyncio.Event()
+
+    async def one(session: aiohttp.ClientSession, i: int) -> None:
+        stream = i % 4 == 3
+        body: dict[str, Any] = {"model": "gpt-4o-mini", "messages": MESSAGES}
+        body["max_tokens"] = MAX_TOKENS
+        if stream:
+            body |= {"stream": True, "stream_options": {"include_usage": True}}
+        out = outcomes[i]
+        await start.wait()
+        try:
+            async with session.post(url, json=body, headers=headers) as resp:
+                out.status = resp.status
+                out.request_id = resp.headers.get("x-request-id")
+                data = await resp.read()
+                if stream and resp.status == 200:
+                    lines = [x[6:] for x in data.split(b"\n") if x.startswith(b"data: ")]
+                    assert lines[-1] == b"[DONE]", data
+                    out.body = json.loads(lines[-2])
+                else:
+                    out.body = json.loads(data)
+        except (aiohttp.ClientError, ValueError, IndexError) as e:
+            out.error = type(e).__name__
+
+    connector = aiohttp.TCPConnector(force_close=True, limit=0)
+    async with aiohttp.ClientSession(
+        connector=connector, timeout=aiohttp.ClientTimeout(total=30)
+    ) as session:
+        tasks = [asyncio.create_task(one(session, i)) for i in range(total)]
+        await asyncio.sleep(0)
+        start.set()
+        await asyncio.gather(*tasks)
+    return outcomes
+
+
+def _ledger(site: Site) -> dict[str, int]:
+    async def run(b: Billing) -> dict[str, int]:
+        return await b.db.transaction(lambda tx: balances(tx, tenant=TENANT))
+
+    return site.billing(lambda b: run(b))
+
+
+def _settled(site: Site) -> dict[str, str]:
+    async def run(b: Billing) -> dict[str, str]:
+        rows = await b.db.transaction(
+            lambda tx: tx.fetch("SELECT event_id, txn_id FROM settlements")
+        )
+        return dict(rows)
+
+    return site.billing(lambda b: run(b))
+
+
+def _usage_charges(site: Site) -> dict[str, int]:
+    """The wallet debit of each usage transaction, by event id."""
+
+    async def run(b: Billing) -> dict[str, int]:
+        rows = await b.db.transaction(
+            lambda tx: tx.fetch(
+                "SELECT t.ref, SUM(p.amount) FROM ledger_txns t JOIN postings p ON p.txn_id = t.id "
+                "WHERE t.kind = 'usage' AND p.account LIKE 't:%:wallet:%' GROUP BY t.ref"
+            )
+        )
+        return {r: int(a) for r, a in rows}
+
+    return site.billing(lambda b: run(b))
+
+
+def _table(gw: Proc) -> Quota:
+    return Quota.attach(f"/dev/shm/tokenhub-quota-{gw.pid}")
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_wallet_under_a_burst_is_never_overdrawn(site: Site, procs: Procs, workers: int) -> None:
+    prompt = Meter.load(VOCAB).count_messages(MESSAGES)
+    reservation = rate(prompt, PER_1M) + rate(MAX_TOKENS, PER_1M)  # the worst case, priced
+    wallet = FIT * reservation + reservation // 2
+    wallet -= wallet % 10_000_000  # whole cents
+    site.billing(lambda b: b.topup(TENANT, str(wallet / USD), "USD"))
+    gw = _serve(site, procs, workers)
+
+    outcomes = asyncio.run(burst(site.url, site.secret, TOTAL))
+    assert [o.error for o in outcomes if o.error] == []
+    admitted = [o for o in outcomes if o.status == 200]
+    refused = [o for o in outcomes if o.status == 429]
+    assert len(admitted) + len(refused) == TOTAL, sorted({o.status for o in outcomes})
+    assert len(admitted) >= wallet // reservation, (len(admitted), wallet, reservation)
+    assert refused, "the wallet refused nothing"
+    for o in refused:
+        err = o.body["error"]
+        assert (err["code"], err["type"]) == ("insufficient_quota", "insufficient_quota"), err
+        assert f"tenant {TENANT}'s contracts cannot pay" in err["message"], err
+        assert "wallet and credit left" in err["message"], err
+
+    ids = {str(o.request_id) for o in outcomes}
+    wait_until(lambda: set(_settled(site)) >= ids, 15.0, what="every event settled")
+    events = {e.request_id: e for e in site.store.iter_events()}
+    charges = _usage_charges(site)
+    for o in refused:  # recorded, never billed
+        ev = events[str(o.request_id)]
+        assert (ev.status, ev.error, ev.input_tokens, ev.output_tokens) == (
+            429, "insufficient_quota", 0, 0)  # fmt: skip
+        assert str(o.request_id) not in charges
+    for o in admitted:  # billed exactly what the mock served, at the list price
+        ev = events[str(o.request_id)]
+        assert (ev.input_tokens, ev.output_tokens) == (prompt, MAX_TOKENS), ev
+        assert charges[ev.request_id] == rate(prompt, PER_1M) + rate(MAX_TOKENS, PER_1M)
+        assert ev.holds.endswith(f"|{money_pot(TENANT)}={charges[ev.request_id]}"), ev.holds
+    bal = _ledger(site)
+    spent = sum(charges.values())
+    assert spent <= wallet
+    assert -bal[f"t:{TENANT}:wallet:USD"] == wallet - spent >= 0
+    assert bal.get(f"t:{TENANT}:overrun:USD", 0) == 0
+
+    # Once everything is posted, the table's pot holds exactly what the ledger does: every
+    # charge was given back by the settler, nothing twice.
+    table = _table(gw)
+
+    def pot_matches() -> bool:
+        s = table.state(money_pot(TENANT)).money
+        return (s.limit, s.used, s.held) == (wallet - spent, 0, 0)
+
+    wait_until(
+        pot_matches, 5.0, what=f"the pot to equal the ledger: {table.state(money_pot(TENANT))}"
+    )
+
+    # A top-up made elsewhere (the CLI) is admitted against within a settle interval.
+    status, body = _post(site, {"model": "gpt-4o-mini", "messages": MESSAGES, "max_tokens": 4000})
+    assert status == 429 and body["error"]["code"] == "insufficient_quota", body
+    site.billing(lambda b: b.topup(TENANT, "1.00", "USD"))
+    wait_until(
+        lambda: (
+            _post(site, {"model": "gpt-4o-mini", "messages": MESSAGES, "max_tokens": 4000})[0]
+            == 200
+        ),
+        5.0,
+        what="the top-up to admit a request",
+    )
+
+
+def test_a_stream_is_cut_cleanly_and_billed_what_the_client_received(
+    site: Site, procs: Procs
+) -> None:
+    prompt = Meter.load(VOCAB).count_messages(MESSAGES)
+    site.billing(lambda b: b.topup(TENANT, "0.20", "USD"))  # ~2,000 tokens at 100 USD / 1M
+    _serve(site, procs)
+
+    async def read() -> tuple[int, str, list[dict[str, Any]], bytes]:
+        body = {"model": "gpt-4o-mini", "messages": MESSAGES, "stream": True}
+        async with (
+            aiohttp.ClientSession() as s,
+            s.post(site.url, json=body, headers={"Authorization": f"Bearer {site.secret}"}) as r,
+        ):
+            data = await r.read()
+            rid = r.headers["x-request-id"]
+        payloads = [x[6:] for x in data.split(b"\n\n") if x.startswith(b"data: ")]
+        chunks = [json.loads(p) for p in payloads[:-1]]
+        return r.status, rid, chunks, payloads[-1]
+
+    status, rid, chunks, last = asyncio.run(read())
+    assert (status, last) == (200, b"[DONE]")
+    error = chunks[-1]["error"]
+    assert (error["code"], error["type"]) == ("insufficient_quota", "insufficient_quota")
+    text = "".join(
+        c["delta"].get("content") or "" for ch in chunks[:-1] for c in ch.get("choices", ())
+    )
+    received = Meter.load(VOCAB).count(text)
+    assert 1024 < received < 2100, received  # past the first tranche, short of the 3,000
+
+    wait_until(lambda: rid in _settled(site), 10.0, what="the event settled")
+    ev = next(e for e in site.store.iter_events() if e.request_id == rid)
+    assert (ev.status, ev.error, ev.source) == (200, "insufficient_quota", "metered")
+    assert (ev.input_tokens, ev.output_tokens) == (prompt, received)
+    charged = _usage_charges(site)[rid]
+    assert charged == rate(prompt, PER_1M) + rate(received, PER_1M)
+    bal = _ledger(site)
+    assert -bal[f"t:{TENANT}:wallet:USD"] == 200_000_000 - charged >= 0
+    assert bal.get(f"t:{TENANT}:overrun:USD", 0) == 0
+
+
+def test_packages_then_refusal_and_the_other_refusals(site: Site, procs: Procs) -> None:
+    """A package-only tenant (hard stop) is served from its package, then refused with what
+    is left; an unpriced model is 403; nothing refused is billed."""
+    prompt = Meter.load(VOCAB).count_messages(MESSAGES)
+
+    async def setup(b: Billing) -> None:
+        await b.set_profile(TENANT, draw_order=["package"])
+        await b.create_plan("starter", price="1.00", currency="USD", tokens=3 * (prompt + 40) + 24,
+                            hard_stop=True)  # fmt: skip
+        await b.topup(TENANT, "5.00", "USD")  # pays the plan; not in the usage draw order
+        await b.assign(TENANT, "starter")
+
+    site.billing(setup)
+    _serve(site, procs)
+    body = {"model": "gpt-4o-mini", "messages": MESSAGES, "max_tokens": 40}
+    statuses = [_post(site, body) for _ in range(5)]
+    # Each reserves and uses prompt + 40: three fit, 24 tokens are left for the fourth.
+    assert [s for s, _ in statuses] == [200, 200, 200, 429, 429]
+    msg = statuses[3][1]["error"]["message"]
+    short = prompt + 40 - 24
+    assert f"needs up to {short * 100 / 1e6:.4f} USD ({short} tokens) more" in msg, msg
+    assert "package tokens left 24" in msg, msg
+
+    status, err = _post(site, {"model": "unpriced", "messages": MESSAGES})
+    # The package covers every model, so only the tokens beyond it would need a price.
+    assert status == 429, err
+    site.billing(lambda b: b.set_profile(TENANT, draw_order=["package", "wallet"]))
+    wait_until(
+        lambda: (
+            _post(site, {"model": "unpriced", "messages": MESSAGES, "max_tokens": 40})[0] == 403
+        ),
+        5.0,
+        what="the unpriced model to be refused as such",
+    )
+    status, err = _post(site, {"model": "unpriced", "messages": MESSAGES, "max_tokens": 40})
+    assert (status, err["error"]["code"]) == (403, "model_not_priced"), err
+    # Priced, and now paid from the wallet (once the settler has published its pot).
+    wait_until(lambda: _post(site, body)[0] == 200, 5.0, what="the wallet to pay")
+    rows = [e for e in site.store.iter_events() if e.status != 200]
+    assert rows and all(e.input_tokens == e.output_tokens == 0 for e in rows)
