@@ -67,6 +67,7 @@ def test_tenant_limits(capsys: pytest.CaptureFixture[str], db: str) -> None:
     code, out, _ = run(capsys, "tenants", "list", "--json", "--db", db)
     assert json.loads(out)[0]["limits"] == {
         "rpm": 60, "tpm": None, "max_concurrency": None, "tokens_per_day": 100000,
+        "guard_tpm": None, "guard_jump": None,
     }  # fmt: skip
     code, _, err = run(capsys, "tenants", "limit", "nope", "--rpm", "1", "--db", db)
     assert (code, err) == (1, "tokenhub: error: no tenant 'nope'\n")
@@ -119,3 +120,29 @@ def test_store_rejects_bad_fields(db: str) -> None:
         assert s.set_limits("tenant", "acme", rpm=1) == Limits(rpm=1, tpm=7)
         [row] = s.all_limits()
         assert (row.scope, row.name, row.limits) == ("tenant", "acme", Limits(rpm=1, tpm=7))
+
+
+def test_guard_settings_and_the_audit_log(capsys: pytest.CaptureFixture[str], db: str) -> None:
+    run(capsys, "tenants", "create", "acme", "--db", db)
+    code, out, _ = run(capsys, "audit", "--db", db)
+    assert code == 0 and out == ""
+    before = _marker(db)
+    code, out, _ = run(
+        capsys, "tenants", "limit", "acme", "--guard-tpm", "200000", "--guard-jump", "20",
+        "--db", db,
+    )  # fmt: skip
+    assert (code, out) == (0, "tenant 'acme' limits: guard_tpm=200000 guard_jump=20\n")
+    assert _marker(db) > before  # running gateways pick it up
+    with pytest.raises(SystemExit):  # a tenant setting: keys have no such option
+        run(capsys, "keys", "limit", "KEY", "--guard-tpm", "5", "--db", db)
+    assert "unrecognized arguments: --guard-tpm 5" in capsys.readouterr().err
+    with SQLiteStore(db) as s:
+        s.add_audit("guard_throttle", "acme", "key_1", {"reason": "velocity 9 tpm", "x": 1})
+    code, out, _ = run(capsys, "audit", "--db", db)
+    assert code == 0 and "guard_throttle  acme  key_1  reason=velocity 9 tpm x=1" in out
+    code, out, _ = run(capsys, "audit", "--json", "--db", db)
+    entry = json.loads(out)
+    assert entry["kind"] == "guard_throttle"
+    assert entry["details"] == {"reason": "velocity 9 tpm", "x": 1}
+    code, _, err = run(capsys, "audit", "--limit", "0", "--db", db)
+    assert (code, err) == (2, "tokenhub: error: --limit must be at least 1 (got 0)\n")

@@ -112,7 +112,7 @@ def parse_time(value: str) -> int:
 # -- limits ------------------------------------------------------------------------------
 
 KEY_LIMIT_OPTIONS = ("rpm", "tpm", "max_concurrency")
-TENANT_LIMIT_OPTIONS = (*KEY_LIMIT_OPTIONS, "tokens_per_day")
+TENANT_LIMIT_OPTIONS = (*KEY_LIMIT_OPTIONS, "tokens_per_day", "guard_tpm", "guard_jump")
 
 
 def _limit_changes(args: argparse.Namespace, fields: Sequence[str]) -> dict[str, int | None]:
@@ -140,6 +140,10 @@ def _add_limit_options(p: argparse.ArgumentParser, fields: Sequence[str], *, non
         "tpm": "tokens (prompt + max output, settled to actual) per minute",
         "max_concurrency": "requests in flight at once",
         "tokens_per_day": "tokens per UTC day (answered with insufficient_quota once spent)",
+        "guard_tpm": "bulk-extraction guard: throttle a key whose smoothed tokens per minute "
+        "pass N",
+        "guard_jump": "bulk-extraction guard: throttle a key whose tokens per minute pass N "
+        "times its own baseline (after 5 minutes of history)",
     }
     for field in fields:
         p.add_argument(
@@ -158,7 +162,10 @@ def _limits_json(limits: Limits, fields: Sequence[str]) -> dict[str, int | None]
 def cmd_tenants_limit(args: argparse.Namespace) -> int:
     changes = _limit_changes(args, TENANT_LIMIT_OPTIONS)
     if not changes:
-        raise UsageError("give at least one of --rpm, --tpm, --max-concurrency, --tokens-per-day")
+        raise UsageError(
+            "give at least one of --rpm, --tpm, --max-concurrency, --tokens-per-day, "
+            "--guard-tpm, --guard-jump"
+        )
     with _store(args) as store:
         limits = store.set_limits("tenant", args.name, **changes)
     print(f"tenant '{args.name}' limits: {limits.describe()}")
@@ -365,6 +372,26 @@ def cmd_events_export(args: argparse.Namespace) -> int:
 # -- wiring ------------------------------------------------------------------------------
 
 
+@_command
+def cmd_audit(args: argparse.Namespace) -> int:
+    since = parse_time(args.since) if args.since else None
+    if args.limit < 1:
+        raise UsageError(f"--limit must be at least 1 (got {args.limit})")
+    with _store(args) as store:
+        entries = store.audit_entries(since, args.limit)
+    for e in entries:
+        if args.json:
+            print(msgspec.json.encode(e._asdict()).decode())
+        else:
+            details = " ".join(
+                f"{k}={v}" for k, v in e.details.items() if k not in ("tenant", "key_id")
+            )
+            print(f"{iso_time(e.ts_ms)}  {e.kind}  {e.tenant}  {e.key_id}  {details}")
+    if not entries and not args.json:
+        print("the audit log is empty", file=sys.stderr)
+    return 0
+
+
 def _add_db(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--db",
@@ -413,7 +440,9 @@ def add_cli(sub: Any) -> None:
         help="set or remove a tenant's limits",
         description="Set (N) or remove (none) a tenant's limits, shared by all its keys; the "
         "others are left as they are. Running gateways apply them within about a second. "
-        "tokens_per_day is spent by prompt + output tokens and starts again at 00:00 UTC.",
+        "tokens_per_day is spent by prompt + output tokens and starts again at 00:00 UTC. "
+        "The guard throttles one key (60 s, 429) when it trips and writes the event to the "
+        "audit log (tokenhub audit).",
     )
     p.add_argument("name", metavar="NAME", help="the tenant")
     _add_limit_options(p, TENANT_LIMIT_OPTIONS, none=True)
@@ -502,6 +531,19 @@ def add_cli(sub: Any) -> None:
     p.add_argument("-o", "--output", metavar="FILE", help="write here instead of stdout")
     _add_db(p)
     p.set_defaults(func=cmd_events_export)
+
+    p = sub.add_parser(
+        "audit",
+        help="show the audit log (keys throttled by the bulk-extraction guard, ...)",
+        description="The audit log, oldest first: security-relevant events the gateway "
+        "recorded, such as a key throttled by the bulk-extraction guard (its velocity, "
+        "baseline and the rule it tripped).",
+    )
+    p.add_argument("--since", metavar="T", help="first time to include (ISO 8601 or Unix ms)")
+    p.add_argument("--limit", type=int, default=1000, metavar="N", help="at most N entries")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    _add_db(p)
+    p.set_defaults(func=cmd_audit)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -179,3 +179,42 @@ def test_no_limits_no_reservations(hub: Hub) -> None:
     status, headers, _ = post(hub, secret, {"model": "gpt-4o-mini", "messages": MESSAGES})
     assert status == 200 and not any(h.startswith("x-ratelimit") for h in headers)
     assert hub.quota.stats().reserved == before
+
+
+def test_bulk_extraction_guard_throttles_a_key_and_audits_it(hub: Hub) -> None:
+    tenant, key_id, secret = new_key(hub)
+    _, other_id, other = new_key(hub)
+    hub.store.set_limits("tenant", tenant, guard_tpm=50)
+    wait_until(lambda: tenant in hub.limits.guard.configs, 3.0, what="the guard config")
+    # Only guard settings: nothing to reserve on for this tenant.
+    assert f"tenant:{tenant}" not in hub.limits.limited
+    hub.limits.guard.audit = hub.store.add_audit
+    for _ in range(3):
+        assert post(hub, secret, {"model": "gpt-4o-mini", "messages": MESSAGES})[0] == 200
+        assert post(hub, other, {"model": "gpt-4o-mini", "messages": MESSAGES})[0] == 200
+    # Sample now (as the server's sweeper does every few seconds): the velocity, smoothed over
+    # about a minute, is about the ~120 tokens just sent, above 50 per minute.
+    hub._thread.call(hub.limits._sample_guard())
+    status, headers, body = post(hub, secret, {"model": "gpt-4o-mini", "messages": MESSAGES})
+    assert status == 429, body
+    assert body["error"]["code"] == "rate_limit_exceeded"
+    assert "bulk-extraction guard" in body["error"]["message"]
+    assert 1 <= int({k.lower(): v for k, v in headers.items()}["retry-after"]) <= 60
+    # The other tenant's key has no guard and goes on.
+    assert post(hub, other, {"model": "gpt-4o-mini", "messages": MESSAGES})[0] == 200
+    (entry,) = [e for e in hub.store.audit_entries() if e.key_id == key_id]
+    assert (entry.kind, entry.tenant) == ("guard_throttle", tenant)
+    assert entry.details["velocity_tpm"] > 50 and entry.details["ceiling_tpm"] == 50
+    # The refusal is recorded, unbilled; the velocity is exported.
+    wait_until(
+        lambda: any(
+            e.key_id == key_id and e.status == 429 and e.error == "rate_limit_exceeded"
+            for e in hub.store.iter_events()
+        ),
+        5.0,
+        what="the refusal recorded",
+    )
+    with urllib.request.urlopen(hub.url.removesuffix("/v1") + "/metrics", timeout=5) as r:
+        metrics = r.read().decode()
+    assert f'tokenhub_key_velocity_tpm{{key="{key_id}",tenant="{tenant}"}}' in metrics
+    assert other_id not in metrics.split("tokenhub_key_velocity_tpm", 1)[1].split("\n# ", 1)[0]

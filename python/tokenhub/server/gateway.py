@@ -37,7 +37,7 @@ from aiohttp import web
 from tokenhub._core import SseRelay, StreamCounter
 from tokenhub.config import Config, Deployment, Model, Provider
 from tokenhub.meter import Meter
-from tokenhub.quota import Refusal, Reservation
+from tokenhub.quota import Refusal, Reservation, format_reset
 from tokenhub.server.auth import KeyCache, Principal
 from tokenhub.server.contracts import TRANCHE, Contracts, Hold, NotPriced, NotReady, Shortfall
 from tokenhub.server.errors import ApiError
@@ -216,6 +216,15 @@ class Gateway:
             "tokenhub_overhead_seconds_total", "Summed time spent in the gateway itself."
         )
         m.on_collect(self.fold_metrics)
+        if limits is not None:
+            self.m_velocity = m.gauge(
+                "tokenhub_key_velocity_tpm",
+                "Smoothed tokens per minute of each key under the bulk-extraction guard.",
+            )
+            self.m_baseline = m.gauge(
+                "tokenhub_key_baseline_tpm", "Each guarded key's long-run tokens per minute."
+            )
+            m.on_collect(self.collect_velocity)
 
     def tally(self, model: str, status: int, source: str) -> list[float]:
         """The running [requests, seconds, input tokens, output tokens, overhead seconds] of
@@ -236,6 +245,12 @@ class Gateway:
             self.m_tokens.inc(t[3], model=model, kind="output", source=source)
             self.m_overhead.inc(t[4])
             t[:] = (0.0, 0.0, 0.0, 0.0, 0.0)
+
+    def collect_velocity(self) -> None:
+        assert self.limits is not None
+        for tenant, key_id, velocity, baseline in self.limits.guard.velocities():
+            self.m_velocity.set(velocity, tenant=tenant, key=key_id)
+            self.m_baseline.set(baseline, tenant=tenant, key=key_id)
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -326,6 +341,8 @@ class Gateway:
             input_tokens=prompt_tokens,
         )
         finish = _Finish(self, event, t0)
+        if self.limits is not None and who.tenant in self.limits.guard.configs:
+            self._check_guard(who, finish)
         if self.limits is not None and (accounts := self.limits.accounts(who.key_id, who.tenant)):
             self._admit(accounts, endpoint, payload, candidates, prompt_tokens, finish)
         if self.contracts is not None:
@@ -384,6 +401,21 @@ class Gateway:
             raise ApiError.quota_refused(r)
         finish.reservation = r
         finish.rate_headers = self.limits.rate_headers(accounts)
+
+    def _check_guard(self, who: Principal, finish: _Finish) -> None:
+        """A key the bulk-extraction guard has throttled is refused until its time is up."""
+        assert self.limits is not None
+        wait_ms = self.limits.guard.blocked_ms(who.key_id)
+        if wait_ms:
+            _refused(finish, "rate_limit_exceeded")
+            raise ApiError(
+                429,
+                f"This API key is temporarily throttled: its token velocity tripped the "
+                f"bulk-extraction guard. Please try again in {format_reset(wait_ms)}.",
+                type="requests",
+                code="rate_limit_exceeded",
+                headers={"retry-after": str(max(1, -(-wait_ms // 1000)))},
+            )
 
     def _ttl_ms(self, candidates: list[Deployment]) -> int:
         """Held until settled, at most until every candidate could have timed out."""
@@ -804,6 +836,10 @@ class _Finish:
         t[2] += event.input_tokens
         t[3] += event.output_tokens
         t[4] += self.overhead
+        if gw.limits is not None and used and event.tenant in gw.limits.guard.configs:
+            gw.limits.guard.record(
+                event.tenant, event.key_id, event.input_tokens + event.output_tokens
+            )
         if self.reservation is not None and gw.limits is not None:
             gw.limits.settle(
                 self.reservation, event.input_tokens + event.output_tokens if used else 0

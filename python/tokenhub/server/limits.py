@@ -31,6 +31,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 
 from tokenhub.quota import Quota, Refusal, Reservation
+from tokenhub.server.guard import SAMPLE_S, Audit, Guard, GuardConfig
 from tokenhub.store import LimitRow
 
 log = logging.getLogger("tokenhub.limits")
@@ -65,10 +66,12 @@ class LimitSync:
         refresh_s: float = 0.5,
         daily_reset: bool = True,
         sweep_s: float = 1.0,
+        audit: Audit | None = None,
     ) -> None:
         """`load()` yields every limited key and tenant; `marker()` changes whenever one does.
         Both block and run in a worker thread. `daily_reset`: this process is the one that
-        starts new days (one per server)."""
+        starts new days and samples the bulk-extraction guard (one per server); `audit`
+        (blocking) records what the guard throttles."""
         self.quota = quota
         self._load = load
         self._marker = marker
@@ -79,13 +82,23 @@ class LimitSync:
         self._tenants: frozenset[str] = frozenset()
         self._seen_marker: int | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self.guard = Guard(quota, audit)
+        self._sampled = time.monotonic()
 
     # -- mirroring ----------------------------------------------------------------------------
 
     def reload(self) -> None:
         """Blocking: reads every limit and writes the table (start-up, and on each change)."""
         marker = self._marker()
-        wanted = {f"{r.scope}:{r.name}": _table_limits(r) for r in self._load()}
+        rows = list(self._load())
+        mirrored = {f"{r.scope}:{r.name}": _table_limits(r) for r in rows}
+        # A tenant with only guard settings has nothing to reserve on.
+        wanted = {n: lim for n, lim in mirrored.items() if any(v is not None for v in lim.values())}
+        self.guard.configs = {
+            r.name: GuardConfig(r.limits.guard_tpm, r.limits.guard_jump)
+            for r in rows
+            if r.scope == "tenant" and (r.limits.guard_tpm or r.limits.guard_jump)
+        }
         for name in self.limited - wanted.keys():
             self.quota.set_limits(name, **_UNSET)  # removed since: unlimited again
         for name, limits in wanted.items():
@@ -141,8 +154,18 @@ class LimitSync:
                 self.quota.expire_due()  # microseconds: not worth a thread
                 if self.daily_reset:
                     self.start_day()
+                    if time.monotonic() - self._sampled >= SAMPLE_S:
+                        self._sampled = time.monotonic()
+                        await self._sample_guard()
             except Exception:
                 log.exception("quota housekeeping failed")
+
+    async def _sample_guard(self) -> None:
+        for entry in self.guard.sample():
+            if self.guard.audit is not None:
+                await asyncio.to_thread(
+                    self.guard.audit, "guard_throttle", entry["tenant"], entry["key_id"], entry
+                )
 
     # -- the request path ---------------------------------------------------------------------
 

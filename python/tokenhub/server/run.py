@@ -380,6 +380,7 @@ async def serve(
             store.change_marker,
             refresh_s=cfg.server.key_refresh_s,
             daily_reset=settles,  # one process per server starts new days
+            audit=store.add_audit,
         )
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Iterator, Sequence
-from typing import NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import msgspec
 
@@ -58,7 +58,7 @@ class ApiKey(msgspec.Struct, frozen=True, kw_only=True):
         return self.revoked_ms is None
 
 
-LIMIT_FIELDS = ("rpm", "tpm", "max_concurrency", "tokens_per_day")
+LIMIT_FIELDS = ("rpm", "tpm", "max_concurrency", "tokens_per_day", "guard_tpm", "guard_jump")
 KEY_LIMIT_FIELDS = LIMIT_FIELDS[:3]
 
 
@@ -69,6 +69,11 @@ class Limits(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     tpm: int | None = None
     max_concurrency: int | None = None
     tokens_per_day: int | None = None
+    # The bulk-extraction guard (tenants only; tokenhub.server.guard): a key of the tenant is
+    # throttled when its smoothed token velocity passes guard_tpm tokens per minute, or
+    # guard_jump times its own baseline.
+    guard_tpm: int | None = None
+    guard_jump: int | None = None
 
     def any(self) -> bool:
         return any(getattr(self, f) is not None for f in LIMIT_FIELDS)
@@ -80,6 +85,15 @@ class Limits(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
 
 
 NO_LIMITS = Limits()
+
+
+class AuditEntry(NamedTuple):
+    id: str
+    ts_ms: int
+    kind: str  # guard_throttle, ...
+    tenant: str
+    key_id: str
+    details: dict[str, Any]
 
 
 class LimitRow(NamedTuple):
@@ -143,6 +157,14 @@ class Store(Protocol):
 
     def all_limits(self) -> list[LimitRow]:
         """Every key and tenant with at least one limit."""
+        ...
+
+    def add_audit(self, kind: str, tenant: str, key_id: str, details: dict[str, Any]) -> str:
+        """Appends an entry to the audit log; returns its id."""
+        ...
+
+    def audit_entries(self, since_ms: int | None = None, limit: int = 1000) -> list[AuditEntry]:
+        """The audit log from `since_ms` on, oldest first."""
         ...
 
     def insert_events(self, events: Sequence[UsageEvent]) -> InsertResult:

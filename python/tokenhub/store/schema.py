@@ -268,6 +268,24 @@ MIGRATIONS: tuple[Migration, ...] = (
             "ALTER TABLE usage_events ADD COLUMN holds TEXT NOT NULL DEFAULT ''",
         ),
     ),
+    Migration(
+        5,
+        "bulk-extraction guard: limits.guard_tpm, limits.guard_jump, audit_log",
+        (
+            "ALTER TABLE limits ADD COLUMN guard_tpm BIGINT",
+            "ALTER TABLE limits ADD COLUMN guard_jump BIGINT",
+            # Security-relevant events (a key throttled by the guard, ...), append-only.
+            """CREATE TABLE audit_log (
+                id TEXT NOT NULL PRIMARY KEY,
+                ts_ms BIGINT NOT NULL,
+                kind TEXT NOT NULL,
+                tenant TEXT NOT NULL,
+                key_id TEXT NOT NULL,
+                details TEXT NOT NULL
+            )""",
+            "CREATE INDEX audit_log_ts ON audit_log (ts_ms, id)",
+        ),
+    ),
 )
 
 LATEST_VERSION = MIGRATIONS[-1].version

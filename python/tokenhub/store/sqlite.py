@@ -61,6 +61,7 @@ from tokenhub.store.base import (
     ActiveKey,
     AlreadyExists,
     ApiKey,
+    AuditEntry,
     InsertResult,
     InvalidEvents,
     LimitRow,
@@ -78,6 +79,7 @@ from tokenhub.store.schema import CREATE_MIGRATIONS_TABLE, LATEST_VERSION, MIGRA
 from tokenhub.usage import EVENT_FIELDS, UsageEvent
 
 _COLS = ", ".join(EVENT_FIELDS)
+_LIMIT_COLS = ", ".join(LIMIT_FIELDS)
 _ROW = f"({', '.join('?' * len(EVENT_FIELDS))})"
 _INSERT_EVENT = (
     f"INSERT INTO usage_events ({_COLS}) VALUES {_ROW} ON CONFLICT (request_id) DO NOTHING"
@@ -398,8 +400,8 @@ class SQLiteStore:
             conn.execute("DELETE FROM limits WHERE scope = ? AND name = ?", (scope, name))
             if merged.any():
                 conn.execute(
-                    "INSERT INTO limits (scope, name, rpm, tpm, max_concurrency, tokens_per_day, "
-                    "updated_ms) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    f"INSERT INTO limits (scope, name, {_LIMIT_COLS}, updated_ms) "
+                    f"VALUES (?, ?, {', '.join('?' * len(LIMIT_FIELDS))}, ?)",
                     (scope, name, *(getattr(merged, f) for f in LIMIT_FIELDS), now_ms()),
                 )
             self._bump_marker(conn)
@@ -408,8 +410,7 @@ class SQLiteStore:
     @staticmethod
     def _limits(conn: sqlite3.Connection, scope: str, name: str) -> Limits:
         row = conn.execute(
-            "SELECT rpm, tpm, max_concurrency, tokens_per_day FROM limits "
-            "WHERE scope = ? AND name = ?",
+            f"SELECT {_LIMIT_COLS} FROM limits WHERE scope = ? AND name = ?",
             (scope, name),
         ).fetchone()
         return NO_LIMITS if row is None else Limits(**dict(zip(LIMIT_FIELDS, row, strict=True)))
@@ -421,12 +422,35 @@ class SQLiteStore:
     def all_limits(self) -> list[LimitRow]:
         with self._errors():
             rows = self._conn().execute(
-                "SELECT scope, name, rpm, tpm, max_concurrency, tokens_per_day FROM limits "
-                "ORDER BY scope, name"
+                f"SELECT scope, name, {_LIMIT_COLS} FROM limits ORDER BY scope, name"
             )
             return [
                 LimitRow(r[0], r[1], Limits(**dict(zip(LIMIT_FIELDS, r[2:], strict=True))))
                 for r in rows
+            ]
+
+    # -- audit log -------------------------------------------------------------------------
+
+    def add_audit(self, kind: str, tenant: str, key_id: str, details: dict[str, Any]) -> str:
+        ts = now_ms()
+        entry_id = f"aud_{ts:012x}{secrets.token_hex(8)}"  # time-ordered, unique
+        with self._tx() as conn:
+            conn.execute(
+                "INSERT INTO audit_log (id, ts_ms, kind, tenant, key_id, details) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (entry_id, ts, kind, tenant, key_id, msgspec.json.encode(details).decode()),
+            )
+        return entry_id
+
+    def audit_entries(self, since_ms: int | None = None, limit: int = 1000) -> list[AuditEntry]:
+        with self._errors():
+            rows = self._conn().execute(
+                "SELECT id, ts_ms, kind, tenant, key_id, details FROM audit_log "
+                "WHERE ts_ms >= ? ORDER BY ts_ms, id LIMIT ?",
+                (since_ms or 0, limit),
+            )
+            return [
+                AuditEntry(r[0], r[1], r[2], r[3], r[4], msgspec.json.decode(r[5])) for r in rows
             ]
 
     # -- usage events ----------------------------------------------------------------------
