@@ -17,6 +17,7 @@ import openai
 import pytest
 from harness import IGNORE_REQUEST_KEY_WARNING, Hub, wait_until
 
+from tokenhub.quota import Quota
 from tokenhub.server.limits import DAY_ACCOUNT, LimitSync
 
 pytestmark = IGNORE_REQUEST_KEY_WARNING
@@ -158,6 +159,34 @@ def test_tokens_per_day_exhausted(hub: Hub) -> None:
     assert not hub.limits.start_day(today + 1)  # once a day
     hub.quota.set_limits(DAY_ACCOUNT, requests=today)
     assert post(hub, secret, body)[0] == 200
+
+
+def test_a_new_table_starts_the_day_with_todays_usage(hub: Hub) -> None:
+    """A restarted server (a new quota table) does not hand out a second daily budget."""
+    tenant, _, secret = new_key(hub, tokens_per_day=10_000)
+    body = {"model": "gpt-4o-mini", "messages": MESSAGES, "max_tokens": 40}
+    for _ in range(3):
+        assert post(hub, secret, body)[0] == 200
+    used = hub.quota.state(f"tenant:{tenant}").tokens.used
+    wait_until(lambda: hub.store.tokens_since(0).get(tenant) == used, 5.0, what="the events stored")
+    fresh = Quota.anonymous(accounts=64, reservations=64)
+    sync = LimitSync(
+        fresh, hub.store.all_limits, hub.store.change_marker, usage_since=hub.store.tokens_since
+    )
+    hub._thread.call(sync.start())
+    try:
+        st = fresh.state(f"tenant:{tenant}")
+        assert (st.tokens.limit, st.tokens.used) == (10_000, used)
+        # Only a fresh table is charged: starting on an existing one carries nothing again.
+        again = LimitSync(
+            fresh, hub.store.all_limits, hub.store.change_marker,
+            usage_since=hub.store.tokens_since,
+        )  # fmt: skip
+        hub._thread.call(again.start())
+        hub._thread.call(again.close())
+        assert fresh.state(f"tenant:{tenant}").tokens.used == used
+    finally:
+        hub._thread.call(sync.close())
 
 
 def test_limit_set_on_running_server_applies_within_2s(hub: Hub) -> None:

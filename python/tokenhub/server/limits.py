@@ -15,8 +15,8 @@ Daily reset: a tenant's tokens budget starts again at 00:00 UTC. Exactly one pro
 does it (the one that also runs the billing settler: worker 1, or the single process), and the
 day it last reset is kept in the table itself (account `meta:utc-day`, in its `requests` limit),
 so a restarted worker neither resets twice nor misses a day. The table lives as long as the
-server: a restarted server starts each tenant's day from zero (usage is in the database; this
-is a guard rail, not the bill).
+server; a restarted server's new table is charged each tenant's usage since 00:00 UTC from the
+database (`carry_today`), so a restart does not grant a second day's budget.
 
 Every process sweeps expired reservations (`expire_due`) about once a second; concurrent sweeps
 are fine.
@@ -67,11 +67,13 @@ class LimitSync:
         daily_reset: bool = True,
         sweep_s: float = 1.0,
         audit: Audit | None = None,
+        usage_since: Callable[[int], dict[str, int]] | None = None,
     ) -> None:
         """`load()` yields every limited key and tenant; `marker()` changes whenever one does.
         Both block and run in a worker thread. `daily_reset`: this process is the one that
         starts new days and samples the bulk-extraction guard (one per server); `audit`
-        (blocking) records what the guard throttles."""
+        (blocking) records what the guard throttles; `usage_since(ms)` (blocking) gives each
+        tenant's tokens since then, to carry today's usage into a new table."""
         self.quota = quota
         self._load = load
         self._marker = marker
@@ -82,6 +84,7 @@ class LimitSync:
         self._tenants: frozenset[str] = frozenset()
         self._seen_marker: int | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._usage_since = usage_since
         self.guard = Guard(quota, audit)
         self._sampled = time.monotonic()
 
@@ -123,11 +126,30 @@ class LimitSync:
     async def start(self) -> None:
         await asyncio.to_thread(self.reload)
         if self.daily_reset:
+            fresh = self.quota.limits(DAY_ACCOUNT)["requests"] is None
             self.start_day()
+            if fresh and self._usage_since is not None and self._tenants:
+                await self.carry_today()
         self._tasks = [
             asyncio.create_task(self._poll(), name="tokenhub-limits-refresh"),
             asyncio.create_task(self._sweep(), name="tokenhub-quota-sweep"),
         ]
+
+    async def carry_today(self) -> int:
+        """A new table (a restarted server) starts the day with what each tenant has used
+        since 00:00 UTC by the database, so a restart does not hand out a second budget.
+        Returns the tokens carried."""
+        assert self._usage_since is not None
+        used = await asyncio.to_thread(self._usage_since, utc_day() * 86_400_000)
+        carried = 0
+        for name in self._tenants:
+            tokens = used.get(name.removeprefix("tenant:"), 0)
+            if tokens:
+                self.quota.charge(name, tokens=tokens)
+                carried += tokens
+        if carried:
+            log.info("carried %d tokens of today's usage into the new quota table", carried)
+        return carried
 
     async def close(self) -> None:
         for t in self._tasks:

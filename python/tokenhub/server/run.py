@@ -381,6 +381,7 @@ async def serve(
             refresh_s=cfg.server.key_refresh_s,
             daily_reset=settles,  # one process per server starts new days
             audit=store.add_audit,
+            usage_since=store.tokens_since,
         )
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:

@@ -159,6 +159,10 @@ class Store(Protocol):
         """Every key and tenant with at least one limit."""
         ...
 
+    def tokens_since(self, since_ms: int) -> dict[str, int]:
+        """Each tenant's input + output tokens in events from `since_ms` on."""
+        ...
+
     def add_audit(self, kind: str, tenant: str, key_id: str, details: dict[str, Any]) -> str:
         """Appends an entry to the audit log; returns its id."""
         ...

@@ -429,6 +429,15 @@ class SQLiteStore:
                 for r in rows
             ]
 
+    def tokens_since(self, since_ms: int) -> dict[str, int]:
+        with self._errors():
+            rows = self._conn().execute(
+                "SELECT tenant, SUM(input_tokens + output_tokens) FROM usage_events "
+                "WHERE ts_ms >= ? GROUP BY tenant",
+                (since_ms,),
+            )
+            return {t: int(n or 0) for t, n in rows}
+
     # -- audit log -------------------------------------------------------------------------
 
     def add_audit(self, kind: str, tenant: str, key_id: str, details: dict[str, Any]) -> str:
