@@ -428,6 +428,53 @@ def run_processes(impl: Any, procs: int, seconds: float) -> tuple[float, int]:
     return sum(n / el for n, el in results), sum(n for n, _ in results)
 
 
+def contracts_latency(samples: int) -> dict[str, dict[str, float]]:
+    """µs per money admission (tokenhub.server.contracts): pricing the worst case over the
+    tenant's contracts (a package, then the wallet at a discounted price in another currency)
+    and reserving it, and the settle that charges the actual usage back."""
+    from decimal import Decimal
+
+    from tokenhub.billing.service import Lot, Price, Profile
+    from tokenhub.server.contracts import Contracts, Terms, lot_pot, money_pot, new_epoch
+
+    q = Quota.anonymous(accounts=64, reservations=1024)
+    new_epoch(q)
+    c = Contracts(q, db=None)  # type: ignore[arg-type]
+    t = Terms()
+    t.profiles["acme"] = Profile("acme", "CNY", ("package", "wallet"), 0, None, 50_000)
+    lot = Lot("L1", "acme", "p", "package", 10**12, 10**10, "CNY", 0, None, "hard_stop", None,
+              "CNY", None, False, (), 0, 0, "active")  # fmt: skip
+    t.lots["acme"] = [lot]
+    t.prices[("m", "")] = [Price("m", "", 1, 0, "USD", 150_000_000, 75_000_000, 600_000_000, None)]
+    t.fx[("USD", "CNY")] = [(0, Decimal("7.1"))]
+    c.terms = t
+    q.set_limits(lot_pot(lot), tokens=10**15)
+    q.set_limits(money_pot("acme"), money=10**15)
+    q.set_limits("meta:contracts", requests=1)
+    admit_ns: list[int] = []
+    settle_ns: list[int] = []
+    clock = time.perf_counter_ns
+    for i in range(samples):
+        # Every 4th request runs the package dry, so the wallet pays part of it.
+        lines = [1200, 0, 4096]
+        if i % 4 == 3:
+            q.set_limits(lot_pot(lot), tokens=q.state(lot_pot(lot)).tokens.used + 2000)
+        a = clock()
+        hold = c.admit("acme", "m", 1, lines, 60_000)
+        b = clock()
+        assert not isinstance(hold, type(None)) and hasattr(hold, "settle"), hold
+        hold.settle([1200, 0, 300])  # type: ignore[union-attr]
+        admit_ns.append(b - a)
+        settle_ns.append(clock() - b)
+        if i % 4 == 3:
+            q.set_limits(lot_pot(lot), tokens=10**15)
+    out = {}
+    for name, lat in (("admit", admit_ns), ("settle", settle_ns)):
+        lat.sort()
+        out[name] = {p: lat[min(len(lat) - 1, int(len(lat) * q_))] / 1000 for p, q_ in PERCENTILES}
+    return out
+
+
 def reserve_latency(impl: Any, samples: int) -> dict[str, float]:
     """µs per reserve call (the admission on a request's path), one call at a time."""
     lat: list[int] = []
@@ -631,6 +678,9 @@ def main() -> int:
         log("admission latency...")
         latency["tokenhub.quota reserve, alone"] = reserve_latency(wrapper, samples)
         latency["tokenhub._core reserve, alone"] = reserve_latency(core, samples)
+        money = contracts_latency(samples // 10)
+        latency["tokenhub money admission: price + reserve (package, wallet, FX)"] = money["admit"]
+        latency["tokenhub money admission: settle"] = money["settle"]
         # The same while another process hammers the same account.
         ctx = mp.get_context("spawn")
         ready, out, go = ctx.Queue(), ctx.Queue(), ctx.Event()

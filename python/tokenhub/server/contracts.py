@@ -119,6 +119,8 @@ class Rule:
     def afford(self, lines: Sequence[int], budget: int) -> int:
         """The most tokens (taken from the lines in order) whose cost fits `budget`."""
         total = sum(lines)
+        if self.kind == "package":
+            return max(0, min(total, budget))
         if self.cost(lines) <= budget:
             return total
         lo, hi = 0, total  # cost(lo) <= budget < cost(hi)
