@@ -9,17 +9,14 @@ is checked against the budget and against the mock's ledger.
 from __future__ import annotations
 
 import asyncio
-import json
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import aiohttp
 import pytest
 from harness import free_port, http_json, wait_until
-from test_workers import Proc, Procs, children, event_ids, no_traceback
+from procs import Procs, children, event_ids, fire, mock_process, no_traceback
 
 from tokenhub.meter import Meter
 from tokenhub.store import Store, open_store
@@ -38,23 +35,8 @@ FIT = 50  # full upper-bound reservations the budget holds
 @pytest.fixture(scope="module")
 def mock(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     tmp = tmp_path_factory.mktemp("budget-mock")
-    port = free_port()
-    p = Proc(tmp, "mock", ["mock-upstream", "--port", str(port), "--latency-ms", "100",
-                           "--model", "gpt-4o-mini"])  # fmt: skip
-    base = f"http://127.0.0.1:{port}"
-    try:
-        wait_until(lambda: _up(base + "/mock/ledger"), 20.0, interval=0.05, what="the mock")
+    with mock_process(tmp, "--latency-ms", "100", "--model", "gpt-4o-mini") as base:
         yield base
-    finally:
-        p.kill_group()
-
-
-def _up(url: str) -> bool:
-    try:
-        http_json(url, timeout=1.0)
-    except OSError:
-        return False
-    return True
 
 
 @dataclass
@@ -118,52 +100,6 @@ def procs(tmp_path: Path) -> Iterator[Procs]:
         p.close()
 
 
-@dataclass
-class Outcome:
-    status: int = 0
-    request_id: str | None = None
-    body: Any = None  # the JSON body; for a stream, its usage chunk
-    error: str = ""
-
-
-async def fire(url: str, secret: str, total: int) -> list[Outcome]:
-    """`total` chat completions at once (every fourth streamed), each on its own connection."""
-    outcomes = [Outcome() for _ in range(total)]
-    headers = {"Authorization": f"Bearer {secret}"}
-    start = asyncio.Event()
-
-    async def one(session: aiohttp.ClientSession, i: int) -> None:
-        stream = i % 4 == 3
-        body: dict[str, Any] = {"model": "gpt-4o-mini", "messages": MESSAGES}
-        body["max_tokens"] = MAX_TOKENS
-        if stream:
-            body |= {"stream": True, "stream_options": {"include_usage": True}}
-        out = outcomes[i]
-        await start.wait()
-        try:
-            async with session.post(url, json=body, headers=headers) as resp:
-                out.status = resp.status
-                out.request_id = resp.headers.get("x-request-id")
-                data = await resp.read()
-                if stream and resp.status == 200:
-                    lines = [x[6:] for x in data.split(b"\n") if x.startswith(b"data: ")]
-                    assert lines[-1] == b"[DONE]", data
-                    out.body = json.loads(lines[-2])
-                else:
-                    out.body = json.loads(data)
-        except (aiohttp.ClientError, ValueError, IndexError) as e:
-            out.error = type(e).__name__
-
-    connector = aiohttp.TCPConnector(force_close=True, limit=0)
-    timeout = aiohttp.ClientTimeout(total=20)
-    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
-        tasks = [asyncio.create_task(one(session, i)) for i in range(total)]
-        await asyncio.sleep(0)
-        start.set()
-        await asyncio.gather(*tasks)
-    return outcomes
-
-
 @pytest.mark.parametrize("workers", [1, 2])
 def test_daily_budget_under_a_burst(site: Site, procs: Procs, workers: int) -> None:
     prompt = Meter.load(VOCAB).count_messages(MESSAGES)
@@ -178,7 +114,7 @@ def test_daily_budget_under_a_burst(site: Site, procs: Procs, workers: int) -> N
     gw.wait_serving()
     assert len(children(gw.pid)) == (workers if workers > 1 else 0)
 
-    outcomes = asyncio.run(fire(site.url, site.secret, TOTAL))
+    outcomes = asyncio.run(fire(site.url, site.secret, TOTAL, MESSAGES, MAX_TOKENS))
     assert [o.error for o in outcomes if o.error] == []
     admitted = [o for o in outcomes if o.status == 200]
     refused = [o for o in outcomes if o.status == 429]

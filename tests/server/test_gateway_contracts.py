@@ -20,8 +20,7 @@ from typing import Any
 import aiohttp
 import pytest
 from harness import free_port, http_json, wait_until
-from test_budget import Outcome
-from test_workers import Proc, Procs, children
+from procs import Proc, Procs, children, fire, mock_process
 
 from tokenhub.billing.db import open_database
 from tokenhub.billing.ledger import balances
@@ -47,26 +46,11 @@ USD = 1_000_000_000
 @pytest.fixture(scope="module")
 def mock(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     tmp = tmp_path_factory.mktemp("contracts-mock")
-    port = free_port()
     # Long paced replies for the stream that runs out of money; the burst sets max_tokens.
-    p = Proc(tmp, "mock", ["mock-upstream", "--port", str(port), "--latency-ms", "100",
-                           "--model", "gpt-4o-mini", "--model", "unpriced",
-                           "--completion-tokens", "3000",
-                           "--tokens-per-second", "20000"])  # fmt: skip
-    base = f"http://127.0.0.1:{port}"
-    try:
-        wait_until(lambda: _up(base + "/mock/ledger"), 20.0, interval=0.05, what="the mock")
+    args = ["--latency-ms", "100", "--model", "gpt-4o-mini", "--model", "unpriced",
+            "--completion-tokens", "3000", "--tokens-per-second", "20000"]  # fmt: skip
+    with mock_process(tmp, *args) as base:
         yield base
-    finally:
-        p.kill_group()
-
-
-def _up(url: str) -> bool:
-    try:
-        http_json(url, timeout=1.0)
-    except OSError:
-        return False
-    return True
 
 
 @dataclass
@@ -184,45 +168,6 @@ def _post(site: Site, body: dict[str, Any]) -> tuple[int, Any]:
         return e.code, json.loads(e.read() or b"{}")
 
 
-async def burst(url: str, secret: str, total: int) -> list[Outcome]:
-    """`total` chat completions at once (every fourth streamed)."""
-    outcomes = [Outcome() for _ in range(total)]
-    headers = {"Authorization": f"Bearer {secret}"}
-    start = asyncio.Event()
-
-    async def one(session: aiohttp.ClientSession, i: int) -> None:
-        stream = i % 4 == 3
-        body: dict[str, Any] = {"model": "gpt-4o-mini", "messages": MESSAGES}
-        body["max_tokens"] = MAX_TOKENS
-        if stream:
-            body |= {"stream": True, "stream_options": {"include_usage": True}}
-        out = outcomes[i]
-        await start.wait()
-        try:
-            async with session.post(url, json=body, headers=headers) as resp:
-                out.status = resp.status
-                out.request_id = resp.headers.get("x-request-id")
-                data = await resp.read()
-                if stream and resp.status == 200:
-                    lines = [x[6:] for x in data.split(b"\n") if x.startswith(b"data: ")]
-                    assert lines[-1] == b"[DONE]", data
-                    out.body = json.loads(lines[-2])
-                else:
-                    out.body = json.loads(data)
-        except (aiohttp.ClientError, ValueError, IndexError) as e:
-            out.error = type(e).__name__
-
-    connector = aiohttp.TCPConnector(force_close=True, limit=0)
-    async with aiohttp.ClientSession(
-        connector=connector, timeout=aiohttp.ClientTimeout(total=30)
-    ) as session:
-        tasks = [asyncio.create_task(one(session, i)) for i in range(total)]
-        await asyncio.sleep(0)
-        start.set()
-        await asyncio.gather(*tasks)
-    return outcomes
-
-
 def _ledger(site: Site) -> dict[str, int]:
     async def run(b: Billing) -> dict[str, int]:
         return await b.db.transaction(lambda tx: balances(tx, tenant=TENANT))
@@ -268,7 +213,7 @@ def test_a_wallet_under_a_burst_is_never_overdrawn(site: Site, procs: Procs, wor
     site.billing(lambda b: b.topup(TENANT, str(wallet / USD), "USD"))
     gw = _serve(site, procs, workers)
 
-    outcomes = asyncio.run(burst(site.url, site.secret, TOTAL))
+    outcomes = asyncio.run(fire(site.url, site.secret, TOTAL, MESSAGES, MAX_TOKENS))
     assert [o.error for o in outcomes if o.error] == []
     admitted = [o for o in outcomes if o.status == 200]
     refused = [o for o in outcomes if o.status == 429]

@@ -11,7 +11,6 @@ the children of the gateway process in /proc.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import signal
@@ -27,6 +26,7 @@ from typing import Any
 import aiohttp
 import pytest
 from harness import free_port, http_json, wait_until
+from procs import Procs, children, event_ids, mock_process, no_traceback
 
 from tokenhub.cli import build_parser, main
 from tokenhub.journal import Journal
@@ -35,83 +35,8 @@ from tokenhub.usage import UsageEvent
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="SO_REUSEPORT balancing, /proc")
 
-TOKENHUB = str(Path(sys.executable).with_name("tokenhub"))
 MESSAGES = [{"role": "user", "content": "Say something worth metering."}]
 TENANT = "workers"
-
-
-# -- processes ---------------------------------------------------------------------------------
-
-
-class Proc:
-    """A subprocess in a process group of its own, with its output in files."""
-
-    def __init__(self, tmp: Path, name: str, args: list[str]) -> None:
-        self.out = tmp / f"{name}.out"
-        self.err = tmp / f"{name}.err"
-        env = {**os.environ, "TOKENHUB_LOG_LEVEL": "WARNING"}
-        with open(self.out, "wb") as out, open(self.err, "wb") as err:
-            self.popen = subprocess.Popen(
-                [TOKENHUB, *args], stdout=out, stderr=err, env=env, start_new_session=True
-            )
-        self.pid = self.popen.pid
-
-    def stdout(self) -> str:
-        return self.out.read_text(errors="replace")
-
-    def stderr(self) -> str:
-        return self.err.read_text(errors="replace")
-
-    def wait_serving(self, timeout: float = 20.0) -> None:
-        """Until it prints "serving on" (with several workers: once every worker serves)."""
-
-        def serving() -> bool:
-            if self.popen.poll() is not None:
-                raise AssertionError(f"exited with {self.popen.returncode}:\n{self.stderr()}")
-            return "tokenhub: serving on" in self.stdout()
-
-        wait_until(serving, timeout, interval=0.05, what="the gateway to serve")
-
-    def stop(self, timeout: float = 30.0) -> int:
-        """SIGTERM, and its exit status."""
-        self.popen.send_signal(signal.SIGTERM)
-        return self.popen.wait(timeout)
-
-    def kill_group(self) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.pid, signal.SIGKILL)
-        self.popen.wait(10)
-
-
-class Procs:
-    def __init__(self, tmp: Path) -> None:
-        self.tmp = tmp
-        self.all: list[Proc] = []
-
-    def start(self, name: str, *args: str) -> Proc:
-        p = Proc(self.tmp, f"{len(self.all)}-{name}", list(args))
-        self.all.append(p)
-        return p
-
-    def close(self) -> None:
-        for p in self.all:
-            p.kill_group()
-
-
-def children(pid: int) -> list[int]:
-    """Live child processes of `pid` (from /proc/*/stat)."""
-    found = []
-    for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{d}/stat").read_text()
-        except OSError:
-            continue
-        state, ppid = stat.rsplit(")", 1)[1].split()[:2]
-        if int(ppid) == pid and state != "Z":
-            found.append(int(d))
-    return sorted(found)
 
 
 # -- fixtures ----------------------------------------------------------------------------------
@@ -120,23 +45,8 @@ def children(pid: int) -> list[int]:
 @pytest.fixture(scope="module")
 def mock(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     tmp = tmp_path_factory.mktemp("mock")
-    port = free_port()
-    p = Proc(tmp, "mock", ["mock-upstream", "--port", str(port), "--latency-ms", "100",
-                           "--model", "gpt-4o-mini"])  # fmt: skip
-    base = f"http://127.0.0.1:{port}"
-    try:
-        wait_until(lambda: _up(base + "/mock/ledger"), 20.0, interval=0.05, what="the mock")
+    with mock_process(tmp, "--latency-ms", "100", "--model", "gpt-4o-mini") as base:
         yield base
-    finally:
-        p.kill_group()
-
-
-def _up(url: str) -> bool:
-    try:
-        http_json(url, timeout=1.0)
-    except OSError:
-        return False
-    return True
 
 
 @dataclass
@@ -310,10 +220,6 @@ def settled_ledger(mock: str, since: float = 0.0) -> dict[str, Any]:
     return wait_until(settled, 15.0, what="the mock's ledger to settle")
 
 
-def event_ids(store: Store) -> set[str]:
-    return {e.request_id for e in store.iter_events()}
-
-
 def check_against_ledger(site: Site, ledger: dict[str, Any], outcomes: list[Outcome]) -> int:
     """No loss, no doubles, nothing invented: returns the number of interrupted events."""
     served = {e["client_request_id"]: e for e in ledger["entries"]}
@@ -363,10 +269,6 @@ def check_against_ledger(site: Site, ledger: dict[str, Any], outcomes: list[Outc
 
 def segments(directory: Path) -> list[Path]:
     return sorted(directory.glob("journal-*.log"))
-
-
-def no_traceback(p: Proc) -> None:
-    assert "Traceback" not in p.stderr(), p.stderr()
 
 
 # -- tests -------------------------------------------------------------------------------------
