@@ -856,10 +856,11 @@ impl Router {
         );
         let deps = &self.deps;
         let d = |i: u16| &deps[i as usize];
+        let want = room - out.len as usize;
         match self.config.policy {
             Policy::Random => {
                 // Weighted draws without replacement (zero weights last, uniformly).
-                while out.len as usize <= room - 1 && !idx.is_empty() {
+                while (out.len as usize) < room && !idx.is_empty() {
                     let total: u64 = idx.iter().map(|&i| d(i).spec.weight as u64).sum();
                     let k = if total == 0 {
                         self.rng.below(idx.len() as u64) as usize
@@ -879,17 +880,15 @@ impl Router {
                 self.scratch = idx;
                 return;
             }
-            Policy::Swrr => {
-                idx.sort_unstable_by_key(|&i| (d(i).spec.weight == 0, -d(i).current, i))
-            }
-            Policy::P2c => idx.sort_unstable_by_key(|&i| (d(i).outstanding, i)),
-            Policy::Latency => {
-                idx.sort_unstable_by(|&a, &b| latency_order(d(a), d(b)).then(a.cmp(&b)))
-            }
-            Policy::Cheapest => {
-                idx.sort_unstable_by_key(|&i| (d(i).blended, d(i).spec.priority, i))
-            }
-            Policy::Priority => idx.sort_unstable_by_key(|&i| {
+            Policy::Swrr => top_k(&mut idx, want, |&i| {
+                (d(i).spec.weight == 0, -d(i).current, i)
+            }),
+            Policy::P2c => top_k(&mut idx, want, |&i| (d(i).outstanding, i)),
+            Policy::Latency => top_k_by(&mut idx, want, |&a, &b| {
+                latency_order(d(a), d(b)).then(a.cmp(&b))
+            }),
+            Policy::Cheapest => top_k(&mut idx, want, |&i| (d(i).blended, d(i).spec.priority, i)),
+            Policy::Priority => top_k(&mut idx, want, |&i| {
                 (d(i).spec.priority, d(i).spec.weight == 0, -d(i).current, i)
             }),
         }
@@ -1027,6 +1026,23 @@ fn latency_order(a: &Deployment, b: &Deployment) -> Ordering {
     a.latency_score()
         .total_cmp(&b.latency_score())
         .then(a.outstanding.cmp(&b.outstanding))
+}
+
+/// Puts the `k` smallest of `v` (by `key`) first, in order; the rest stay after them unordered.
+/// Only the fallbacks that fit the attempt list need an order: a selection, then a sort of `k`.
+fn top_k<K: Ord>(v: &mut [u16], k: usize, key: impl Fn(&u16) -> K) {
+    top_k_by(v, k, |a, b| key(a).cmp(&key(b)));
+}
+
+fn top_k_by(v: &mut [u16], k: usize, cmp: impl Fn(&u16, &u16) -> Ordering) {
+    if k == 0 || v.is_empty() {
+        return;
+    }
+    if k < v.len() {
+        v.select_nth_unstable_by(k - 1, &cmp);
+    }
+    let k = k.min(v.len());
+    v[..k].sort_unstable_by(cmp);
 }
 
 fn first_true(ok: &[bool]) -> usize {
