@@ -124,6 +124,23 @@ def test_cheapest_moves_when_rpm_used_up() -> None:
     assert r.choose(12_000).first == 1  # one request per 12 s drains back
 
 
+def test_tpm_and_concurrency_capacity() -> None:
+    specs = [
+        DeploymentSpec(name="small", tpm=1_000, max_concurrency=2),
+        DeploymentSpec(name="b", priority=1),
+    ]
+    r = Router(specs, policy="priority")
+    r.on_start(0, 0, tokens=600)
+    assert r.choose(0, tokens=400).first == 0
+    assert r.choose(0, tokens=401).order == (1,)  # would overrun the minute's tpm
+    assert r.choose(30_000, tokens=700).first == 0  # half the bucket drained
+    r.on_start(0, 0, tokens=1)
+    assert r.choose(59_000, tokens=1).order == (1,)  # two in flight: full
+    r.on_success(0, 59_000, 10.0)
+    assert r.choose(59_000, tokens=1).first == 0
+    assert (r.state(0, 0)["tpm_used"], r.state(0, 0)["outstanding"]) == (601, 1)
+
+
 def test_priority_falls_back_and_returns() -> None:
     specs = [
         DeploymentSpec(name="backup", priority=1),

@@ -98,7 +98,7 @@
 //! - Measured on the 2-core dev machine (examples/router_bench.rs, benches/bench_router.py):
 //!   a decision costs 22-35 ns in Rust with 3 deployments and 110-250 ns with 16 (SWRR and
 //!   priority are the dearest: the nginx loop takes a data-dependent branch per deployment);
-//!   the on_start/on_success reports add ~5 ns. From Python `Router.choose` is 0.12 µs (3) to
+//!   the on_start/on_success reports add ~5-10 ns. From Python `Router.choose` is 0.12 µs (3) to
 //!   0.35 µs (16) through the wrapper, ~0.1 µs of it the call and the `Decision` object (bar:
 //!   2 µs); the same SWRR in pure Python is 1.2 µs and 3.5 µs.
 //! - No call releases the GIL: they are all far cheaper than handing it over (rust/quota

@@ -168,7 +168,9 @@ fn tpm_and_concurrency_capacity() {
     let mut a = spec("a", 1);
     a.tpm = Some(1_000);
     a.max_concurrency = Some(2);
-    let mut r = router(vec![a, spec("b", 1)], Policy::Priority);
+    let mut b = spec("b", 1);
+    b.priority = 1;
+    let mut r = router(vec![a, b], Policy::Priority);
     r.on_start(0, 0, 600).unwrap();
     assert_eq!(r.choose(0, 400, None).first(), 0);
     assert_eq!(r.choose(0, 401, None).first(), 1);
