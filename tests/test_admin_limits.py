@@ -67,8 +67,14 @@ def test_tenant_limits(capsys: pytest.CaptureFixture[str], db: str) -> None:
     code, out, _ = run(capsys, "tenants", "list", "--json", "--db", db)
     assert json.loads(out)[0]["limits"] == {
         "rpm": 60, "tpm": None, "max_concurrency": None, "tokens_per_day": 100000,
-        "guard_tpm": None, "guard_jump": None,
+        "guard_tpm": None, "guard_jump": None, "strong_share_pct": None,
     }  # fmt: skip
+    code, out, _ = run(capsys, "tenants", "limit", "acme", "--strong-share-pct", "30", "--db", db)
+    assert (code, out) == (0, "tenant 'acme' limits: rpm=60 tokens_per_day=100000 "
+                              "strong_share_pct=30\n")  # fmt: skip
+    code, _, err = run(capsys, "tenants", "limit", "acme", "--strong-share-pct", "101", "--db", db)
+    assert (code, err) == (1, "tokenhub: error: strong_share_pct is a percentage, 0 to 100 "
+                              "(got 101)\n")  # fmt: skip
     code, _, err = run(capsys, "tenants", "limit", "nope", "--rpm", "1", "--db", db)
     assert (code, err) == (1, "tokenhub: error: no tenant 'nope'\n")
 

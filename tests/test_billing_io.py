@@ -895,6 +895,8 @@ def test_export_event_log(capsys: pytest.CaptureFixture[str], tmp_path: Path, ur
         "latency_ms": 0.0,
         "ttft_ms": None,
         "attempts": 1,
+        "route": "",
+        "tier": "",
     }
 
     # CSV: the same rows, and it parses back.

@@ -112,7 +112,13 @@ def parse_time(value: str) -> int:
 # -- limits ------------------------------------------------------------------------------
 
 KEY_LIMIT_OPTIONS = ("rpm", "tpm", "max_concurrency")
-TENANT_LIMIT_OPTIONS = (*KEY_LIMIT_OPTIONS, "tokens_per_day", "guard_tpm", "guard_jump")
+TENANT_LIMIT_OPTIONS = (
+    *KEY_LIMIT_OPTIONS,
+    "tokens_per_day",
+    "guard_tpm",
+    "guard_jump",
+    "strong_share_pct",
+)
 
 
 def _limit_changes(args: argparse.Namespace, fields: Sequence[str]) -> dict[str, int | None]:
@@ -144,6 +150,8 @@ def _add_limit_options(p: argparse.ArgumentParser, fields: Sequence[str], *, non
         "pass N",
         "guard_jump": "bulk-extraction guard: throttle a key whose tokens per minute pass N "
         "times its own baseline (after 5 minutes of history)",
+        "strong_share_pct": "tier routing (a model such as auto): at most N%% of the tenant's "
+        "tiered requests go to the strong tier; 0 forbids it",
     }
     for field in fields:
         p.add_argument(
@@ -164,7 +172,7 @@ def cmd_tenants_limit(args: argparse.Namespace) -> int:
     if not changes:
         raise UsageError(
             "give at least one of --rpm, --tpm, --max-concurrency, --tokens-per-day, "
-            "--guard-tpm, --guard-jump"
+            "--guard-tpm, --guard-jump, --strong-share-pct"
         )
     with _store(args) as store:
         limits = store.set_limits("tenant", args.name, **changes)

@@ -36,7 +36,16 @@ from typing import Any
 
 import msgspec
 
-__all__ = ["Config", "ConfigError", "Deployment", "Model", "Price", "Provider", "load_config"]
+__all__ = [
+    "Config",
+    "ConfigError",
+    "Deployment",
+    "Model",
+    "Price",
+    "Provider",
+    "Tiers",
+    "load_config",
+]
 
 
 class ConfigError(ValueError):
@@ -71,12 +80,44 @@ class Deployment(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     context_window: int = 128_000
     max_output_tokens: int = 8_192  # assumed output cap when a request sets no max_tokens
     price: Price | None = None
+    # Routing (tokenhub.router): lower priority is preferred by the "priority" policy; the
+    # capacity is the provider's own limits, which the router keeps each deployment under.
+    priority: int = 0
+    rpm: int | None = None
+    tpm: int | None = None
+    max_concurrency: int | None = None
+
+
+class Tiers(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """A routing model (such as `auto`): each request goes to the cheap or the strong model by
+    its complexity score (tokenhub.router.TierScorer); a tenant's contract can forbid the
+    strong tier or cap its share (`tokenhub tenants limit T --strong-share-pct N`)."""
+
+    cheap: str  # model ids, each with deployments of its own
+    strong: str
+    threshold: float | None = (
+        None  # the score from which a request is strong (default: the scorer's)
+    )
+    keywords: list[str] = msgspec.field(default_factory=list)  # extra complexity markers
+
+
+POLICIES = ("swrr", "random", "p2c", "latency", "cheapest", "priority")
+AFFINITY = ("none", "session", "prefix")
 
 
 class Model(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     id: str  # the public model id clients send
-    deployments: list[Deployment]
+    deployments: list[Deployment] = msgspec.field(default_factory=list)
     owned_by: str = "tokenhub"
+    # How a deployment is chosen (tokenhub.router): the policy picks the first, the rest of the
+    # decision's order are the fallbacks, at most max_attempts in all.
+    policy: str = "swrr"
+    max_attempts: int = 3
+    # Keep a conversation on one deployment while it is healthy (providers' prompt caches):
+    # "session" by the x-session-id header, "prefix" by it or else a hash of the prompt's
+    # opening (system prompt and first user turn), "none" not at all.
+    affinity: str = "prefix"
+    tiers: Tiers | None = None  # a routing model: no deployments of its own
 
 
 class ServerSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -173,6 +214,20 @@ def validate(cfg: Config, *, environ: dict[str, str] | None = None) -> Config:
         if m.id in ids:
             raise _fail(src, f"{where}.id", f"model {m.id!r} is defined twice")
         ids.add(m.id)
+        if m.policy not in POLICIES:
+            raise _fail(src, f"{where}.policy", f"{m.policy!r}: one of {', '.join(POLICIES)}")
+        if not 1 <= m.max_attempts <= 8:
+            raise _fail(src, f"{where}.max_attempts", "must be from 1 to 8")
+        if m.affinity not in AFFINITY:
+            raise _fail(src, f"{where}.affinity", f"{m.affinity!r}: one of {', '.join(AFFINITY)}")
+        if m.tiers is not None:
+            if m.deployments:
+                raise _fail(src, f"{where}.deployments", "a tiered model routes to its tiers' "
+                            "models and has no deployments of its own")  # fmt: skip
+            t = m.tiers.threshold
+            if t is not None and not 0.0 <= t <= 1.0:
+                raise _fail(src, f"{where}.tiers.threshold", "must be from 0 to 1")
+            continue
         if not m.deployments:
             raise _fail(src, f"{where}.deployments", "a model needs at least one deployment")
         dep_names: set[str] = set()
@@ -200,8 +255,28 @@ def validate(cfg: Config, *, environ: dict[str, str] | None = None) -> Config:
                     v = getattr(d.price, field)
                     if v is not None and (not v.is_finite() or v < 0):
                         raise _fail(src, f"{pw}.{field}", "must be a non-negative decimal")
+            for field in ("rpm", "tpm", "max_concurrency"):
+                v = getattr(d, field)
+                if v is not None and v <= 0:
+                    raise _fail(src, f"{dw}.{field}", "must be positive (leave it out: no limit)")
+            if d.priority < 0:
+                raise _fail(src, f"{dw}.priority", "must be zero or more")
         if sum(d.weight for d in m.deployments) == 0:
             raise _fail(src, f"{where}.deployments", "all weights are zero")
+        if m.policy == "cheapest" and len({d.price.currency for d in m.deployments if d.price}) > 1:
+            raise _fail(src, f"{where}.policy", "cheapest compares prices: give the model's "
+                        "deployments prices in one currency")  # fmt: skip
+    by_id = {m.id: m for m in cfg.models}
+    for i, m in enumerate(cfg.models):
+        if m.tiers is None:
+            continue
+        for tier in ("cheap", "strong"):
+            target = by_id.get(getattr(m.tiers, tier))
+            if target is None or target.tiers is not None:
+                name = getattr(m.tiers, tier)
+                raise _fail(
+                    src, f"models[{i}].tiers.{tier}", f"{name!r} is not a model with deployments"
+                )
     return cfg
 
 

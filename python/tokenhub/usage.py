@@ -35,6 +35,11 @@ class UsageEvent(msgspec.Struct, kw_only=True, omit_defaults=True):
     latency_ms: float = 0.0
     ttft_ms: float | None = None  # time to first token (streams)
     attempts: int = 1  # deployments tried
+    # Why the router chose `deployment`: policy, affinity, fallback, probe or degraded
+    # (tokenhub.router); and, for a tiered model such as `auto`, the tier ("cheap" or
+    # "strong") that chose `model`.
+    route: str = ""
+    tier: str = ""
     # What admission drew from the tenant's contracts in the gateway's quota table (its money
     # pots), "<table epoch>|<pot>=<amount>;...": the in-process settler gives it back to the
     # table once the ledger has posted the event (tokenhub.server.contracts). Not billing data:

@@ -215,6 +215,21 @@ def gateway_config(
         # usage would show it.
         one("vocab-mismatch", "healthy", "gpt-4o-mini", vocab="deepseek-v4"),
         *(one(m, "scripted") for m in SCRIPTED_USAGE),
+        # Two equal deployments: the router's choices, affinity and metrics are visible.
+        {
+            "id": "pair",
+            "deployments": [dep("healthy", name="pair-a"), dep("healthy", name="pair-b")],
+        },
+        # A tiered model: small talk to gpt-4o-mini, hard prompts to qwen-plus.
+        {
+            "id": "auto",
+            "tiers": {
+                "cheap": "gpt-4o-mini",
+                "strong": "qwen-plus",
+                "threshold": 0.3,
+                "keywords": ["refactor"],
+            },
+        },
     ]
     data = {
         "server": {

@@ -110,3 +110,51 @@ def test_duplicate_model_and_empty_deployments(
     empty = GOOD[: GOOD.index("  [[models.deployments]]")] + "deployments = []\n"
     with pytest.raises(ConfigError, match=r"models\[0\]\.deployments"):
         load_config(write(tmp_path, empty))
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ('policy = "fastest"', r"models\[0\]\.policy: 'fastest': one of swrr, random"),
+        ("max_attempts = 0", r"models\[0\]\.max_attempts: must be from 1 to 8"),
+        ('affinity = "sticky"', r"models\[0\]\.affinity: 'sticky': one of none"),
+    ],
+)
+def test_bad_routing_settings(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, extra: str, message: str
+) -> None:
+    monkeypatch.setenv("TOKENHUB_TEST_UPSTREAM_KEY", "k")
+    text = GOOD.replace('id = "m1"\n', f'id = "m1"\n{extra}\n')
+    with pytest.raises(ConfigError, match=message):
+        load_config(write(tmp_path, text))
+
+
+@pytest.mark.parametrize(
+    ("tiers", "message"),
+    [
+        ('{ cheap = "m1", strong = "m1", threshold = 0.4 }', None),
+        ('{ cheap = "m1", strong = "nope" }', r"models\[1\]\.tiers\.strong: 'nope' is not a model"),
+        ('{ cheap = "auto", strong = "m1" }', r"models\[1\]\.tiers\.cheap: 'auto' is not a model"),
+        ('{ cheap = "m1", strong = "m1", threshold = 2 }', r"tiers\.threshold: must be from 0"),
+    ],
+)
+def test_tiered_models(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiers: str, message: str | None
+) -> None:
+    monkeypatch.setenv("TOKENHUB_TEST_UPSTREAM_KEY", "k")
+    text = GOOD + f'\n[[models]]\nid = "auto"\ntiers = {tiers}\n'
+    if message is None:
+        cfg = load_config(write(tmp_path, text))
+        auto = cfg.models[1]
+        assert auto.tiers is not None and (auto.tiers.cheap, auto.tiers.threshold) == ("m1", 0.4)
+        assert auto.deployments == []
+    else:
+        with pytest.raises(ConfigError, match=message):
+            load_config(write(tmp_path, text))
+    # A tiered model routes to other models: it has no deployments of its own.
+    own = GOOD + (
+        '\n[[models]]\nid = "auto"\ntiers = { cheap = "m1", strong = "m1" }\n'
+        '  [[models.deployments]]\n  provider = "p1"\n  upstream_model = "x"\n'
+    )
+    with pytest.raises(ConfigError, match=r"models\[1\]\.deployments: a tiered model"):
+        load_config(write(tmp_path, own))

@@ -35,9 +35,11 @@ import msgspec
 from aiohttp import web
 
 from tokenhub._core import SseRelay, StreamCounter
+from tokenhub.billing.money import NANOS
 from tokenhub.config import Config, Deployment, Model, Provider
 from tokenhub.meter import Meter
 from tokenhub.quota import Refusal, Reservation, format_reset
+from tokenhub.router import Contract, DeploymentSpec, Router, TierScorer
 from tokenhub.server.auth import KeyCache, Principal
 from tokenhub.server.contracts import TRANCHE, Contracts, Hold, NotPriced, NotReady, Shortfall
 from tokenhub.server.errors import ApiError
@@ -197,8 +199,26 @@ class Gateway:
         self.models: dict[str, Model] = {m.id: m for m in config.models}
         self.upstreams = {p.name: Upstream(p) for p in config.providers}
         self._meters: dict[str, Meter] = {}
-        self._rr: dict[str, int] = {}
-        self._swrr: dict[str, list[int]] = {}
+        # One router per model with deployments, one tier scorer per tiered model (`auto`).
+        # Seeded per process: workers make independent (random, p2c) choices.
+        seed = int.from_bytes(os.urandom(8), "big")
+        self.routers: dict[str, Router] = {}
+        self.scorers: dict[str, TierScorer] = {}
+        for m_ in config.models:
+            if m_.tiers is not None:
+                t = m_.tiers
+                scorer = TierScorer(keywords=tuple(t.keywords))  # the default threshold
+                if t.threshold is not None:
+                    scorer = TierScorer(t.threshold, tuple(t.keywords))
+                self.scorers[m_.id] = scorer
+            else:
+                self.routers[m_.id] = Router(
+                    [_spec(d) for d in m_.deployments],
+                    policy=m_.policy,
+                    seed=seed,
+                    max_attempts=m_.max_attempts,
+                )
+        self._routes: dict[tuple[str, str, str], int] = {}  # folded at scrape, as tallies
         # Per-request figures accumulate in one small list per (model, status, source) and
         # are folded into the metric families when /metrics is scraped: a request costs a dict
         # lookup and a few float additions, not one labelled-counter update per metric.
@@ -214,6 +234,10 @@ class Gateway:
         )
         self.m_overhead = m.counter(
             "tokenhub_overhead_seconds_total", "Summed time spent in the gateway itself."
+        )
+        self.m_routes = m.counter(
+            "tokenhub_route_decisions_total",
+            "Requests by model, the deployment that served them and the router's reason.",
         )
         m.on_collect(self.fold_metrics)
         if limits is not None:
@@ -245,6 +269,10 @@ class Gateway:
             self.m_tokens.inc(t[3], model=model, kind="output", source=source)
             self.m_overhead.inc(t[4])
             t[:] = (0.0, 0.0, 0.0, 0.0, 0.0)
+        for (model, dep, reason), n in self._routes.items():
+            if n:
+                self.m_routes.inc(n, model=model, deployment=dep, reason=reason)
+        self._routes = dict.fromkeys(self._routes, 0)
 
     def collect_velocity(self) -> None:
         assert self.limits is not None
@@ -272,24 +300,31 @@ class Gateway:
             m = self._meters[vocab] = Meter.load(vocab)
         return m
 
-    # -- routing seam (the Rust router replaces this) ----------------------------------------
+    # -- routing (tokenhub.router) -------------------------------------------------------
 
-    def candidates(self, model: Model) -> list[Deployment]:
-        """Deployments to try, in order: smooth weighted round robin picks the first, the rest
-        follow in configured order as fallbacks."""
-        deps = model.deployments
-        if len(deps) == 1:
-            return list(deps)
-        current = self._swrr.setdefault(model.id, [0] * len(deps))
-        total = 0
-        best = 0
-        for i, d in enumerate(deps):
-            current[i] += d.weight
-            total += d.weight
-            if current[i] > current[best]:
-                best = i
-        current[best] -= total
-        return [deps[best], *(d for i, d in enumerate(deps) if i != best and d.weight >= 0)]
+    def route(self, model: Model, tokens: int, affinity: str | None) -> tuple[list[int], str]:
+        """The deployments to try (indexes into model.deployments, the router's first choice
+        first, then its fallbacks) and the router's reason."""
+        d = self.routers[model.id].choose(_now_ms(), tokens, affinity)
+        return list(d.order), d.reason
+
+    def tier(
+        self, model: Model, endpoint: Endpoint, payload: dict[str, Any], who: Principal
+    ) -> tuple[Model, str]:
+        """A tiered model's request goes to its cheap or its strong model, by the complexity
+        score of the prompt and within the tenant's contract (limits: strong_share_pct)."""
+        assert model.tiers is not None
+        scorer = self.scorers[model.id]
+        cheap = self.models[model.tiers.cheap]
+        text, depth, tools = _tier_input(endpoint, payload)
+        tokens = self._meter_prompt(endpoint, payload, cheap.deployments[0].vocab)
+        score = scorer.score_text(text, depth=depth, tools=tools, prompt_tokens=tokens)
+        pct = self.limits.strong_share.get(who.tenant) if self.limits is not None else None
+        contract = (
+            None if pct is None else Contract(allow_strong=pct > 0, max_strong_share=pct / 100)
+        )
+        tier = scorer.tier(score, contract, holder=who.tenant)
+        return (self.models[model.tiers.strong] if tier == "strong" else cheap), tier
 
     def allowed_models(self, who: Principal) -> list[Model]:
         """Models this key may use (every configured model until contracts restrict them)."""
@@ -327,8 +362,15 @@ class Gateway:
                 "'stream_options' must be an object.", param="stream_options"
             )
         client_wants_usage = bool(stream and options and options.get("include_usage"))
-        candidates = self.candidates(model)
-        prompt_tokens = self._meter_prompt(endpoint, payload, candidates[0].vocab)
+        tier = ""
+        if model.tiers is not None:
+            model, tier = self.tier(model, endpoint, payload, who)
+        vocab = model.deployments[0].vocab
+        prompt_tokens = self._meter_prompt(endpoint, payload, vocab)
+        order, reason = self.route(model, prompt_tokens, _affinity(model, request, payload))
+        candidates = [model.deployments[i] for i in order]
+        if candidates[0].vocab != vocab:
+            prompt_tokens = self._meter_prompt(endpoint, payload, candidates[0].vocab)
 
         event = UsageEvent(
             request_id=rid,
@@ -336,9 +378,11 @@ class Gateway:
             tenant=who.tenant,
             key_id=who.key_id,
             endpoint=endpoint.name,
-            model=model_id,
+            model=model.id,  # for a tiered model, the tier's model (what is priced)
             stream=stream,
             input_tokens=prompt_tokens,
+            route=reason,
+            tier=tier,
         )
         finish = _Finish(self, event, t0)
         if self.limits is not None and who.tenant in self.limits.guard.configs:
@@ -350,22 +394,40 @@ class Gateway:
         if stream:
             payload["stream_options"] = {**(options or {}), "include_usage": True}
         last: _Retry | None = None
+        router = self.routers[model.id]
         try:
-            for attempt, dep in enumerate(candidates, start=1):
+            for attempt, (index, dep) in enumerate(zip(order, candidates, strict=True), start=1):
                 event.attempts = attempt
                 event.deployment = dep.name
                 event.provider = dep.provider
                 event.upstream_model = dep.upstream_model
+                if attempt > 1:
+                    event.route = "fallback"  # the earlier choices failed before any byte
                 self.sink.begin(event)
                 payload["model"] = dep.upstream_model
+                t_try = time.perf_counter()
+                router.on_start(index, _now_ms(), prompt_tokens)
                 try:
-                    return await self._attempt(
+                    resp = await self._attempt(
                         request, endpoint, dep, payload, event, finish, stream, client_wants_usage
                     )
                 except _Retry as r:
+                    router.on_failure(index, _now_ms())
                     last = r
                     self.m_attempts.inc(deployment=dep.name, kind=r.kind)
                     log.warning("request %s: deployment %s failed (%s)", rid, dep.name, r.kind)
+                    continue
+                except BaseException:
+                    router.on_finish(index)  # cancelled or broken here: no verdict on it
+                    raise
+                if event.status == 429:  # the provider's own rate limit: a capacity signal
+                    router.on_failure(index, _now_ms())
+                else:
+                    took = (time.perf_counter() - t_try) * 1000
+                    router.on_success(index, _now_ms(), took, event.ttft_ms or took)
+                key = (model.id, dep.name, event.route)
+                self._routes[key] = self._routes.get(key, 0) + 1
+                return resp
             assert last is not None
             event.status = last.error.status
             event.error = last.error.code or "upstream_error"
@@ -844,6 +906,82 @@ class _Finish:
             gw.limits.settle(
                 self.reservation, event.input_tokens + event.output_tokens if used else 0
             )
+
+
+def _now_ms() -> int:
+    """The router's clock: monotonic milliseconds."""
+    return time.monotonic_ns() // 1_000_000
+
+
+def _spec(d: Deployment) -> DeploymentSpec:
+    """The router's view of a deployment (prices as nanos per 1M, for "cheapest")."""
+    p = d.price
+    if p is None:
+        prices = [0, 0, 0]
+    else:
+        cached = p.cached_input_per_1m if p.cached_input_per_1m is not None else p.input_per_1m
+        prices = [int(v * NANOS) for v in (p.input_per_1m, cached, p.output_per_1m)]
+    return DeploymentSpec(
+        name=d.name,
+        weight=d.weight,
+        priority=d.priority,
+        input_per_1m=prices[0],
+        cached_input_per_1m=prices[1],
+        output_per_1m=prices[2],
+        rpm=d.rpm,
+        tpm=d.tpm,
+        max_concurrency=d.max_concurrency,
+    )
+
+
+PREFIX_CHARS = 4096  # of the opening messages that identify a conversation
+
+
+def _affinity(model: Model, request: web.Request, payload: dict[str, Any]) -> str | None:
+    """The conversation a request belongs to, for the router's affinity: the client's
+    x-session-id, else (affinity = "prefix") its opening, the system prompt and first user
+    turn, which every later turn of the conversation repeats."""
+    if model.affinity == "none":
+        return None
+    session = request.headers.get("x-session-id")
+    if session:
+        return "s:" + session[:256]
+    if model.affinity != "prefix":
+        return None
+    messages = payload.get("messages")
+    if not isinstance(messages, list) or not messages:
+        return None
+    parts: list[str] = []
+    for m in messages[:2]:
+        content = m.get("content") if isinstance(m, dict) else None
+        if isinstance(content, str):
+            parts.append(content)
+    opening = "\x00".join(parts)
+    return "p:" + opening[:PREFIX_CHARS] if opening else None
+
+
+def _tier_input(endpoint: Endpoint, payload: dict[str, Any]) -> tuple[str, int, bool]:
+    """What the tier scorer reads: the latest user turn's text, the prior turns, tool use."""
+    tools = bool(payload.get("tools") or payload.get("functions"))
+    if endpoint is not CHAT:
+        prompt = payload.get("prompt", payload.get("input"))
+        return (prompt if isinstance(prompt, str) else ""), 0, tools
+    messages = payload.get("messages")
+    if not isinstance(messages, list):
+        return "", 0, tools
+    turns = [m for m in messages if isinstance(m, dict) and m.get("role") in ("user", "assistant")]
+    text = ""
+    for m in reversed(turns):
+        if m.get("role") == "user":
+            c = m.get("content")
+            if isinstance(c, str):
+                text = c
+            elif isinstance(c, list):
+                text = " ".join(
+                    p.get("text", "") for p in c if isinstance(p, dict) and p.get("type") == "text"
+                )
+            break
+    return text, max(0, len(turns) - 1), tools
 
 
 def _stream_choices(events: bytes) -> Iterator[Choice]:

@@ -85,6 +85,8 @@ class LimitSync:
         self._seen_marker: int | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._usage_since = usage_since
+        # Tier routing contracts: tenant -> the most strong-tier share allowed, in percent.
+        self.strong_share: dict[str, int] = {}
         self.guard = Guard(quota, audit)
         self._sampled = time.monotonic()
 
@@ -97,6 +99,11 @@ class LimitSync:
         mirrored = {f"{r.scope}:{r.name}": _table_limits(r) for r in rows}
         # A tenant with only guard settings has nothing to reserve on.
         wanted = {n: lim for n, lim in mirrored.items() if any(v is not None for v in lim.values())}
+        self.strong_share = {
+            r.name: r.limits.strong_share_pct
+            for r in rows
+            if r.scope == "tenant" and r.limits.strong_share_pct is not None
+        }
         self.guard.configs = {
             r.name: GuardConfig(r.limits.guard_tpm, r.limits.guard_jump)
             for r in rows

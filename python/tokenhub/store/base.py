@@ -58,7 +58,15 @@ class ApiKey(msgspec.Struct, frozen=True, kw_only=True):
         return self.revoked_ms is None
 
 
-LIMIT_FIELDS = ("rpm", "tpm", "max_concurrency", "tokens_per_day", "guard_tpm", "guard_jump")
+LIMIT_FIELDS = (
+    "rpm",
+    "tpm",
+    "max_concurrency",
+    "tokens_per_day",
+    "guard_tpm",
+    "guard_jump",
+    "strong_share_pct",
+)
 KEY_LIMIT_FIELDS = LIMIT_FIELDS[:3]
 
 
@@ -74,6 +82,9 @@ class Limits(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     # guard_jump times its own baseline.
     guard_tpm: int | None = None
     guard_jump: int | None = None
+    # Tier routing (a model such as `auto`, tenants only): the most of the tenant's tiered
+    # requests that may go to the strong tier, in percent; 0 forbids it.
+    strong_share_pct: int | None = None
 
     def any(self) -> bool:
         return any(getattr(self, f) is not None for f in LIMIT_FIELDS)

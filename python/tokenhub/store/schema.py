@@ -286,6 +286,15 @@ MIGRATIONS: tuple[Migration, ...] = (
             "CREATE INDEX audit_log_ts ON audit_log (ts_ms, id)",
         ),
     ),
+    Migration(
+        6,
+        "routing: usage_events.route and .tier, limits.strong_share_pct",
+        (
+            "ALTER TABLE usage_events ADD COLUMN route TEXT NOT NULL DEFAULT ''",
+            "ALTER TABLE usage_events ADD COLUMN tier TEXT NOT NULL DEFAULT ''",
+            "ALTER TABLE limits ADD COLUMN strong_share_pct BIGINT",
+        ),
+    ),
 )
 
 LATEST_VERSION = MIGRATIONS[-1].version

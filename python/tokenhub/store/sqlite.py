@@ -388,6 +388,8 @@ class SQLiteStore:
                 isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**63
             ):
                 raise StoreError(f"{field} must be a whole number >= 0 (got {value!r})")
+            if field == "strong_share_pct" and value is not None and value > 100:
+                raise StoreError(f"strong_share_pct is a percentage, 0 to 100 (got {value})")
         with self._tx() as conn:
             if scope == "key":
                 found = conn.execute("SELECT 1 FROM api_keys WHERE id = ?", (name,)).fetchone()
