@@ -9,6 +9,8 @@ export VIRTUAL_ENV := $(abspath $(VENV))
 export PATH := $(abspath $(BIN)):$(PATH)
 # Cargo's own output stays in target/; tests must not reach the network for vocabularies.
 export HF_HUB_OFFLINE := 1
+# The shared traffic traces the routing benchmark replays (never copied into the repo).
+TRACES ?= $(or $(TOKENHUB_TRACES),../shared/traces)
 
 .PHONY: help
 help: ## show this help
@@ -79,6 +81,14 @@ bench: build ## run the benchmarks (installs the optional baselines)
 	$(BIN)/python benches/bench_quota.py
 	@# Settlement on SQLite, and on the throwaway PostgreSQL the tests use.
 	TOKENHUB_TEST_PG_DSN=$$(scripts/test-postgres start) $(BIN)/python benches/bench_settle.py
+	@# Routing decisions (ns in Rust, µs from Python), then the policies replayed on the shared
+	@# traces and the tier router's quality track (../shared/traces, or TOKENHUB_TRACES).
+	$(BIN)/python benches/bench_router.py
+	$(BIN)/tokenhub bench-routing --trace $(TRACES)/AzureLLMInferenceTrace_conv_2023.csv \
+	  --deployments examples/routing/steady.toml --policies swrr,p2c,latency,cheapest
+	$(BIN)/tokenhub bench-routing --trace $(TRACES)/mooncake_conversation_trace.jsonl \
+	  --deployments examples/routing/steady.toml --policies swrr,p2c,latency,cheapest --duration 3600
+	$(BIN)/tokenhub bench-routing --quality --outcomes $(TRACES)/router_outcomes
 
 .PHONY: lint
 lint: $(BIN)/.deps ## ruff, mypy + stubtest, cargo fmt --check, cargo clippy

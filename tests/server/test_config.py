@@ -52,7 +52,7 @@ def test_good_config_loads_with_exact_decimal_prices(
 
 def test_example_config_is_valid() -> None:
     cfg = load_config(Path(__file__).parents[2] / "examples" / "tokenhub.toml")
-    assert {m.id for m in cfg.models} == {"gpt-4o-mini", "qwen-plus", "deepseek-chat"}
+    assert {m.id for m in cfg.models} == {"gpt-4o-mini", "qwen-plus", "deepseek-chat", "auto"}
 
 
 @pytest.mark.parametrize(
