@@ -71,7 +71,8 @@ _WORKER_DIR = re.compile(r"worker-(\d+)")
 
 
 def demo_config(mock_port: int, database: str) -> Config:
-    """Three models on the built-in mock upstream; gpt-4o-mini has two deployments (3:1)."""
+    """Three models on the built-in mock upstream (gpt-4o-mini has two deployments, 3:1), and
+    `auto`, which picks one of two of them by the prompt's complexity."""
 
     def price(cur: str, i: str, c: str, o: str) -> dict[str, Any]:
         return {
@@ -112,6 +113,9 @@ def demo_config(mock_port: int, database: str) -> Config:
                      "vocab": "deepseek-v4", "price": price("CNY", "2", "0.5", "8")},
                 ],
             },
+            # Routes by the prompt's complexity: small talk to gpt-4o-mini, code, math and
+            # long prompts to deepseek-chat.
+            {"id": "auto", "tiers": {"cheap": "gpt-4o-mini", "strong": "deepseek-chat"}},
         ],
     }  # fmt: skip
     return from_mapping(data, "<demo>")
@@ -537,7 +541,7 @@ async def _seed_demo_billing(billing: Any, cfg: Config) -> None:
     entry from its first deployment's price (once)."""
     prices = {p.model for p in await billing.prices()}
     for m in cfg.models:
-        price = m.deployments[0].price
+        price = m.deployments[0].price if m.deployments else None  # a tiered model: none
         if price is None or m.id in prices:
             continue
         await billing.set_price(
@@ -574,7 +578,8 @@ def _print_demo(host: str, port: int, key: str) -> None:
     lines = [
         "",
         f"Demo ready: tenant '{DEMO_TENANT}', models gpt-4o-mini, qwen-plus and deepseek-chat",
-        "on the built-in mock upstream. Try:",
+        "on the built-in mock upstream, and auto (picks gpt-4o-mini or deepseek-chat by the",
+        "prompt's complexity). Try:",
         "",
         f"  curl -s {url}/chat/completions \\",
         f'    -H "Authorization: Bearer {key}" -H "Content-Type: application/json" \\',
