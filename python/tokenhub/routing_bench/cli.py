@@ -18,6 +18,7 @@ from .plot import PlotError, check_matplotlib, plot_quality, plot_sim
 from .quality import (
     DATASETS,
     RANDOM_SEEDS,
+    SPLITS,
     STRONG_PRICE,
     WEAK_PRICE,
     Curve,
@@ -28,6 +29,7 @@ from .quality import (
     decide,
     evaluate,
     load_dataset,
+    split,
 )
 from .report import ATTRIBUTION, money, render_json, render_text
 from .scenario import ScenarioError, load_scenario
@@ -55,7 +57,8 @@ and the trace slice; examples/routing/*.toml are annotated examples.
 --quality scores routers on RouteLLM's outcome tables instead: for the tier policy
 (TierScorer.score_text), random routing and the prompt-length rule, the share of strong calls,
 accuracy and cost as the threshold sweeps, APGR, and CPT(50%)/CPT(80%), the strong-call share
-needed to recover 50% and 80% of the weak-to-strong quality gap."""
+needed to recover 50% and 80% of the weak-to-strong quality gap. By default on the held-out half
+of each table (--split): the tier scorer's defaults were fitted on the other half."""
 
 _EPILOG = """\
 examples:
@@ -153,8 +156,16 @@ def add_cli(sub: Any) -> argparse.ArgumentParser:
         help=f"comma-separated, from {', '.join(DATASETS)} (default: %(default)s)",
     )
     q.add_argument(
+        "--split",
+        choices=SPLITS,
+        default="heldout",
+        help="which half of each table to score: the held-out half (the tier defaults were "
+        "fitted on the other, benches/calibrate_tier.py), the fit half, or all "
+        "(default: %(default)s)",
+    )
+    q.add_argument(
         "--thresholds",
-        default="0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9",
+        default="0.2,0.3,0.4,0.44,0.48,0.52,0.56,0.6,0.7",
         metavar="T1,T2,...",
         help="tier thresholds to tabulate, each decided by TierScorer.tier (default: %(default)s)",
     )
@@ -349,7 +360,7 @@ def _quality(args: argparse.Namespace) -> int:
     sweeps: dict[str, list[Point]] = {}
     data: dict[str, Dataset] = {}
     for name in names:
-        ds = load_dataset(directory, name)
+        ds = split(load_dataset(directory, name), args.split)
         data[name] = ds
         routers: dict[str, RouterScore] = {}
         if tier_error is None:
@@ -363,6 +374,7 @@ def _quality(args: argparse.Namespace) -> int:
         doc = {
             "datasets": {
                 name: {
+                    "split": data[name].part,
                     "prompts": len(data[name].prompts),
                     "contaminated_dropped": data[name].dropped,
                     "weak_perf": data[name].weak_perf,
@@ -398,8 +410,9 @@ def _quality_text(
     for name, curves in results.items():
         ds = data[name]
         perf = "accuracy" if name != "mtbench" else "mean score"
+        part = {"heldout": "held-out half", "fit": "fit half", "all": "all"}[ds.part]
         out.append(
-            f"{name}: {len(ds.prompts):,} prompts ({ds.dropped} contaminated dropped); "
+            f"{name} ({part}): {len(ds.prompts):,} prompts ({ds.dropped} contaminated dropped); "
             f"{perf} weak {ds.weak_perf:.3f}, strong {ds.strong_perf:.3f}; "
             f"tokens by {ds.token_counter}"
         )

@@ -15,6 +15,12 @@ strong calls, accuracy, cost). The metrics are RouteLLM's:
   actually fall). Random routing has an expected APGR of 0.5.
 - CPT(x%) = the smallest strong-call share whose PGR reaches x% (linear between curve points).
 
+The fit/held-out split: a prompt is in the held-out half when the first byte of the SHA-256 of
+its UTF-8 text is odd, else in the fit half (deterministic, and independent of row order and of
+the dataset). The tier scorer's default weights and threshold were fitted on the fit halves of
+GSM8K and MMLU (`benches/calibrate_tier.py`), so its honest figures are the held-out ones; the
+CLI reports the held-out half unless told otherwise.
+
 Prices are RouteLLM's example, $0.90 (weak) and $20 (strong) per 1M tokens, charged on the
 prompt's tokens plus, where the table has the answers (GSM8K), the chosen model's answer tokens.
 Tokens are counted with the cl100k_base vocabulary when it is installed, else estimated as
@@ -24,11 +30,13 @@ UTF-8 bytes / 4 (the report says which).
 from __future__ import annotations
 
 import csv
+import hashlib
 import itertools
 import json
 import random
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import msgspec
 
@@ -36,6 +44,7 @@ from tokenhub.billing.money import rate
 
 __all__ = [
     "DATASETS",
+    "SPLITS",
     "STRONG_MODEL",
     "STRONG_PRICE",
     "WEAK_MODEL",
@@ -50,6 +59,7 @@ __all__ = [
     "length_scores",
     "load_dataset",
     "random_scores",
+    "split",
 ]
 
 WEAK_MODEL = "mistralai/Mixtral-8x7B-Instruct-v0.1"
@@ -57,6 +67,7 @@ STRONG_MODEL = "gpt-4-1106-preview"
 WEAK_PRICE = 900_000_000  # nanos per 1M tokens: $0.90
 STRONG_PRICE = 20_000_000_000  # $20
 DATASETS = ("gsm8k", "mmlu", "mtbench")
+SPLITS = ("heldout", "fit", "all")
 RANDOM_SEEDS = 20  # the random baseline's figures are a mean over this many seeds
 
 
@@ -74,6 +85,7 @@ class Dataset(msgspec.Struct, kw_only=True):
     strong_tokens: list[int]
     dropped: int  # contaminated prompts removed
     token_counter: str
+    part: str = "all"  # one of SPLITS
 
     @property
     def weak_perf(self) -> float:
@@ -215,6 +227,36 @@ def _mtbench(d: Path, limit: int | None) -> tuple[list[str], list[float], list[f
     if limit is not None:
         prompts, weak, strong = prompts[:limit], weak[:limit], strong[:limit]
     return prompts, weak, strong, dropped
+
+
+def heldout(prompt: str) -> bool:
+    """Whether `prompt` is in the held-out half (see the module docstring)."""
+    return bool(hashlib.sha256(prompt.encode()).digest()[0] & 1)
+
+
+def split(ds: Dataset, part: str) -> Dataset:
+    """The `part` of `ds`: "heldout", "fit" (the other half) or "all"."""
+    if part not in SPLITS:
+        raise QualityError(f"unknown split {part!r} (choose from {', '.join(SPLITS)})")
+    if part == "all":
+        return ds
+    keep = [k for k, p in enumerate(ds.prompts) if heldout(p) == (part == "heldout")]
+    if not keep:
+        raise QualityError(f"{ds.name}: no prompts in the {part} half")
+
+    def pick(xs: list[Any]) -> list[Any]:
+        return [xs[k] for k in keep]
+
+    return msgspec.structs.replace(
+        ds,
+        prompts=pick(ds.prompts),
+        weak=pick(ds.weak),
+        strong=pick(ds.strong),
+        prompt_tokens=pick(ds.prompt_tokens),
+        weak_tokens=pick(ds.weak_tokens),
+        strong_tokens=pick(ds.strong_tokens),
+        part=part,
+    )
 
 
 def curve(router: str, ds: Dataset, scores: Sequence[float]) -> Curve:
