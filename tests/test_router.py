@@ -282,14 +282,21 @@ MATH = r"Solve for x: 3x + 5 = 20, then prove that \frac{x^2}{5} = 5 and 2 * 3 =
 
 
 def test_tier_scores_rank_prompts() -> None:
-    s = TierScorer(threshold=0.5, keywords=("prove", "refactor"))
+    s = TierScorer(keywords=("prove", "refactor"))
     chat = s.score_text(SMALL_TALK, prompt_tokens=8)
     code = s.score_text(CODE, depth=1, prompt_tokens=60)
     math = s.score_text(MATH, prompt_tokens=40)
-    long = s.score_text("Summarise this report.", depth=6, prompt_tokens=7_000)
-    assert chat < 0.2
-    assert code > 0.5 and math > 0.5
-    assert chat < long < 1.0
+    report = "The quarter closed with revenue up, costs down, and two new markets opened. " * 30
+    long = s.score_text(report, prompt_tokens=500)
+    assert chat < 0.2 and s.tier(chat) == "cheap"
+    assert s.tier(code) == "strong" and s.tier(long) == "strong"
+    assert chat < math and chat < long < 1.0
+    # The caller's token count alone no longer moves the score (its fitted weight is 0); a deep
+    # conversation does.
+    assert s.score_text("Summarise this report.", prompt_tokens=7_000) < s.threshold
+    assert s.score_text("Summarise this report.", depth=6) > s.score_text("Summarise this report.")
+    f = s.features("Two words,\tthen three, four  five", prompt_tokens=3)
+    assert (f.words, f.commas) == (6, 2)
     f = s.features(MATH, prompt_tokens=40)
     assert f.keyword_hits == 1 and f.math_markers >= 4
     assert s.score(f) == s.score_text(MATH, prompt_tokens=40)
@@ -299,6 +306,10 @@ def test_tier_scores_rank_prompts() -> None:
 
 
 def test_tier_threshold_and_weights() -> None:
+    assert TierScorer().threshold == _core.TierScorer().threshold == 0.48
+    assert set(TierScorer().weights) == {
+        "prompt_tokens", "words", "commas", "depth", "tools", "code", "math", "keywords"
+    }  # fmt: skip
     s = TierScorer(threshold=0.3)
     assert s.tier(0.29) == "cheap"
     assert s.tier(0.3) == "strong"

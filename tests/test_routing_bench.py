@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 
 from tokenhub.cli import main
@@ -427,6 +428,43 @@ def test_quality_baselines_on_the_real_tables(name: str) -> None:
     assert pts[0].cost_nanos < pts[-1].cost_nanos
 
 
+@needs_traces
+@pytest.mark.parametrize("name", ["gsm8k", "mmlu"])
+def test_tier_defaults_beat_random_on_the_held_out_half(name: str) -> None:
+    # The defaults were fitted on the other half (benches/calibrate_tier.py).
+    from tokenhub.router import TierScorer
+
+    ds = quality.split(quality.load_dataset(OUTCOMES, name), "heldout")
+    scorer = TierScorer()
+    scores = [
+        scorer.score_text(t, depth=1, prompt_tokens=n)
+        for t, n in zip(ds.prompts, ds.prompt_tokens, strict=True)
+    ]
+    tier = quality.curve("tier", ds, scores)
+    assert tier.apgr > quality.random_baseline(ds).apgr + 0.05
+    length = quality.curve("prompt-length", ds, quality.length_scores(ds))
+    assert tier.apgr > length.apgr - 0.01
+    # At the default threshold some calls go strong, and they recover more of the quality gap
+    # than random calls would (random recovers its share).
+    at = quality.decide(ds, [scorer.tier(s) == "strong" for s in scores], scorer.threshold)
+    assert 0.05 < at.strong_share < 0.5
+    assert at.pgr > at.strong_share + 0.05
+
+
+def test_split_halves_are_disjoint_and_deterministic() -> None:
+    prompts = [f"question {k}?" for k in range(400)]
+    ds = msgspec.structs.replace(_toy([0.0] * 400, [1.0] * 400), prompts=prompts)
+    held, fit = quality.split(ds, "heldout"), quality.split(ds, "fit")
+    assert set(held.prompts).isdisjoint(fit.prompts)
+    assert sorted(held.prompts + fit.prompts) == sorted(prompts)
+    assert 150 < len(held.prompts) < 250 and (held.part, fit.part) == ("heldout", "fit")
+    rev = quality.split(msgspec.structs.replace(ds, prompts=prompts[::-1]), "heldout")
+    assert set(rev.prompts) == set(held.prompts)  # by the prompt, not by the row
+    assert quality.split(ds, "all") is ds
+    with pytest.raises(quality.QualityError, match="unknown split"):
+        quality.split(ds, "test")
+
+
 def _toy(weak: list[float], strong: list[float]) -> quality.Dataset:
     n = len(weak)
     return quality.Dataset(
@@ -519,9 +557,15 @@ def test_cli_quality_json(capsys: pytest.CaptureFixture[str]) -> None:
                         "--json")  # fmt: skip
     assert rc == 0, err
     doc = json.loads(out)
-    routers = {r["router"]: r for r in doc["datasets"]["gsm8k"]["routers"]}
+    gsm8k = doc["datasets"]["gsm8k"]
+    assert gsm8k["split"] == "heldout" and 600 < gsm8k["prompts"] < 700
+    routers = {r["router"]: r for r in gsm8k["routers"]}
     assert 0.55 <= routers["prompt-length"]["apgr"] <= 0.63
-    assert "tier" in routers
+    assert routers["tier"]["apgr"] > routers["random"]["apgr"]
+    rc, out, err = _cli(capsys, "--quality", "--outcomes", str(OUTCOMES), "--dataset", "gsm8k",
+                        "--split", "all")  # fmt: skip
+    assert rc == 0, err
+    assert out.startswith("gsm8k (all): 1,307 prompts")
 
 
 def _has_matplotlib() -> bool:

@@ -278,6 +278,10 @@ class Features:
     @property
     def prompt_tokens(self) -> int: ...
     @property
+    def words(self) -> int: ...
+    @property
+    def commas(self) -> int: ...
+    @property
     def depth(self) -> int: ...
     @property
     def tools(self) -> bool: ...
@@ -300,7 +304,7 @@ class TierScorer:
 
     def __new__(
         cls,
-        threshold: float = 0.5,
+        threshold: float = 0.48,
         keywords: list[str] = ...,
         weights: dict[str, float] | None = None,
     ) -> TierScorer: ...

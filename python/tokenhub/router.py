@@ -15,7 +15,7 @@ virtual one in the simulator), and with the same seed and calls it makes the sam
             break
         router.on_failure(i, now_ms)           # retry only if no byte reached the client
 
-    scorer = TierScorer(threshold=0.5, keywords=("prove", "refactor"))
+    scorer = TierScorer(keywords=("prove", "refactor"))
     tier = scorer.tier(scorer.score_text(prompt, depth=3, prompt_tokens=1800),
                        Contract(max_strong_share=0.3), holder="tenant-a")
 
@@ -189,16 +189,18 @@ class Router:
 class TierScorer:
     """Cheap/strong tier by a complexity score in [0, 1] (see ``rust/router/tier.rs``).
 
-    ``weights`` overrides some of the default term weights by name (prompt_tokens, depth,
-    tools, code, math, keywords). The strong share of a capped contract is tracked per holder
-    by the scorer itself.
+    ``weights`` overrides some of the default term weights by name (prompt_tokens, words,
+    commas, depth, tools, code, math, keywords). The defaults and the default threshold (0.48:
+    a quarter of the calibration prompts go strong) were fitted on RouteLLM's GSM8K and MMLU
+    outcomes (``benches/calibrate_tier.py``). The strong share of a capped contract is tracked
+    per holder by the scorer itself.
     """
 
     __slots__ = ("_core",)
 
     def __init__(
         self,
-        threshold: float = 0.5,
+        threshold: float = 0.48,
         keywords: Sequence[str] = (),
         weights: Mapping[str, float] | None = None,
     ) -> None:

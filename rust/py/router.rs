@@ -308,6 +308,14 @@ impl PyFeatures {
         self.inner.prompt_tokens
     }
     #[getter]
+    fn words(&self) -> u32 {
+        self.inner.words
+    }
+    #[getter]
+    fn commas(&self) -> u32 {
+        self.inner.commas
+    }
+    #[getter]
     fn depth(&self) -> u32 {
         self.inner.depth
     }
@@ -339,9 +347,11 @@ impl PyFeatures {
     fn __repr__(&self) -> String {
         let f = &self.inner;
         format!(
-            "Features(prompt_tokens={}, depth={}, tools={}, code_markers={}, symbols={}, \
-             math_markers={}, keyword_hits={}, bytes={})",
+            "Features(prompt_tokens={}, words={}, commas={}, depth={}, tools={}, \
+             code_markers={}, symbols={}, math_markers={}, keyword_hits={}, bytes={})",
             f.prompt_tokens,
+            f.words,
+            f.commas,
             f.depth,
             if f.tools { "True" } else { "False" },
             f.code_markers,
@@ -353,6 +363,11 @@ impl PyFeatures {
     }
 }
 
+const _: () = assert!(
+    router::tier::DEFAULT_THRESHOLD == 0.48,
+    "update TierScorer's signature"
+);
+
 /// Cheap/strong tier assignment by a complexity score (see `rust/router/tier.rs`).
 #[pyclass(module = "tokenhub._core", name = "TierScorer")]
 struct PyTierScorer {
@@ -362,7 +377,8 @@ struct PyTierScorer {
 #[pymethods]
 impl PyTierScorer {
     #[new]
-    #[pyo3(signature = (threshold=0.5, keywords=Vec::new(), weights=None))]
+    // The default is a literal so that Python's signature (and stubtest) shows it.
+    #[pyo3(signature = (threshold=0.48, keywords=Vec::new(), weights=None))]
     fn new(
         threshold: f64,
         keywords: Vec<String>,
@@ -434,17 +450,9 @@ impl PyTierScorer {
 
     #[getter]
     fn weights(&self) -> HashMap<&'static str, f64> {
-        let w = self.inner.weights();
         Weights::NAMES
             .into_iter()
-            .zip([
-                w.prompt_tokens,
-                w.depth,
-                w.tools,
-                w.code,
-                w.math,
-                w.keywords,
-            ])
+            .zip(self.inner.weights().values())
             .collect()
     }
 }

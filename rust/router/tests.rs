@@ -359,7 +359,7 @@ fn zero_weight_is_standby() {
 
 fn scorer() -> TierScorer {
     TierScorer::new(
-        0.5,
+        tier::DEFAULT_THRESHOLD,
         Weights::default(),
         vec!["refactor".into(), "prove".into()],
     )
@@ -379,16 +379,25 @@ fn tier_features_and_scores() {
     assert!(f.code_markers >= 3, "{f:?}");
     let m = s.features("Solve 3 + 4 = 7 and 12/4 = 3; \\frac{1}{2}", 0, false, 20);
     assert!(m.math_markers >= 5, "{m:?}");
+    let w = s.features("  two\twords,\n\nthree, four,five 1,000 ", 0, false, 0);
+    assert_eq!((w.words, w.commas), (5, 4), "{w:?}");
+    assert_eq!(s.features("", 0, false, 0).words, 0);
     let chat = s.score_text("hi! how are you today?", 0, false, 7);
     let code = s.score(&f);
     let math = s.score(&m);
-    let long = s.score_text("tell me a story", 0, false, 6_000);
+    // Length counts by the words of the text (the caller's token count has no default weight).
+    let story = "Tell me a story about a lighthouse keeper, her dog, and the storm. ".repeat(40);
+    let long = s.score_text(&story, 0, false, 700);
+    assert!(s.score_text("tell me a story", 0, false, 6_000) < s.threshold());
     assert!(chat < 0.2, "{chat}");
     for (what, v) in [("code", code), ("math", math), ("long", long)] {
         assert!(v > chat, "{what} {v} <= chat {chat}");
         assert!((0.0..=1.0).contains(&v));
     }
-    assert!(code >= 0.5, "{code}");
+    assert!(
+        code >= s.threshold() && long >= s.threshold(),
+        "{code} {long}"
+    );
     assert!(s.score_text("x", 20, true, 100_000) <= 1.0);
 }
 
@@ -396,8 +405,8 @@ fn tier_features_and_scores() {
 fn tier_contract() {
     let mut s = scorer();
     let open = Contract::default();
-    assert_eq!(s.tier(0.49, open, 1).unwrap(), Tier::Cheap);
-    assert_eq!(s.tier(0.5, open, 1).unwrap(), Tier::Strong);
+    assert_eq!(s.tier(0.47, open, 1).unwrap(), Tier::Cheap);
+    assert_eq!(s.tier(0.48, open, 1).unwrap(), Tier::Strong);
     let no = Contract {
         allow_strong: false,
         max_strong_share: None,

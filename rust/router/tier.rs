@@ -6,6 +6,8 @@
 //! [`TierScorer::features`] reads the text once with an Aho-Corasick automaton (ASCII
 //! case-insensitive, overlapping matches, so a configured keyword that is also a built-in marker
 //! counts as both) and once byte by byte for symbols, both linear and allocation-free:
+//! - words (runs of bytes other than space, tab, CR, LF) and commas, counted in the same byte
+//!   scan;
 //! - code markers: fences, `def `, `function`, `#include`, `class `, `import `, `=>`, `std::` ...
 //!   and the density of `{`, `}` and `;` (braces-and-semicolons per byte);
 //! - math markers: `\frac`, `\sum`, `\int`, "solve", "prove", "equation", "integral" ... and
@@ -19,6 +21,8 @@
 //!
 //! ```text
 //! length   = ln(1 + prompt_tokens) / ln(1 + 8192)    (capped at 1: 8k tokens is "long")
+//! words    = ln(1 + words) / ln(1 + 4096)            (capped)
+//! commas   = commas / 10                             (capped)
 //! depth    = depth / 10                              (capped)
 //! tools    = 1 if tools are offered
 //! code     = code_markers / 3 + 20 * symbols / bytes (capped: 3 markers or 5% symbols)
@@ -27,11 +31,62 @@
 //! score    = min(1, sum of weight x term)
 //! ```
 //!
-//! Default weights ([`Weights::default`]): length 0.35, depth 0.15, tools 0.15, code 0.4, math
-//! 0.4, keywords 0.5. With the default threshold of 0.5, small talk scores ~0.1, a code or
-//! math question of some length ~0.6-1, and a long plain prompt alone stays cheap. Linear rather
-//! than logistic so that an operator can read a score and the weights and see why; the cap keeps
-//! it in [0, 1].
+//! Linear rather than logistic so that an operator can read a score and the weights and see
+//! why; the cap keeps it in [0, 1].
+//!
+//! # Default weights and threshold: how they were chosen
+//!
+//! [`Weights::default`]: words 0.8, commas 0.2, prompt_tokens 0, math 0 (fitted); code 0.4,
+//! keywords 0.5, depth 0.15, tools 0.15 (priors). [`DEFAULT_THRESHOLD`]: 0.48.
+//!
+//! Fitted on RouteLLM's outcome tables (weak Mixtral-8x7B, strong GPT-4-1106; see
+//! `../shared/traces/README.md`), reproduced by `benches/calibrate_tier.py`:
+//! - Each of GSM8K and MMLU is split in halves by a hash of the prompt
+//!   (`tokenhub.routing_bench.quality.split`); only the fit halves were looked at while fitting.
+//! - Target: the gain of the strong model on a prompt (strong - weak correctness: -1, 0, 1),
+//!   the quantity APGR rewards ranking by. Non-negative least squares on the terms, centred per
+//!   dataset (the score ranks prompts within a workload; it need not tell GSM8K from MMLU), each
+//!   dataset weighted equally. Terms chosen by greedy forward selection on two-fold
+//!   cross-validation inside the fit halves, from prompt length up: words (CV APGR 0.578 ->
+//!   0.585), then commas (0.599); nothing else added 0.002 (tried: math markers, sentences,
+//!   negations, parentheses, question marks, digits). With words in, tokens got weight 0.
+//!   Math markers got 0: on MMLU they mark questions where GPT-4 gains *less* than average
+//!   (fit-half MMLU APGR with the shipped weights 0.579; with math at 0.2, 0.569).
+//! - Ratio commas : words = 0.25 (the fit-half APGR optimum is flat from 0.15 to 0.3; NNLS gives
+//!   0.28). Scale: words 0.8, so that small talk stays under 0.2 and a 4k-word prompt alone
+//!   scores 0.8.
+//! - Depth, tools, code and keywords do not vary in these tables (no tool calls, single turns,
+//!   no code), so they keep their earlier weights as priors. The code prior costs 0.011 of
+//!   fit-half MMLU APGR (0.590 without it: braces of LaTeX and set notation count as code
+//!   there) and gains 0.010 on GSM8K.
+//! - Threshold: the score at which a quarter of the fit-half prompts would go strong (each
+//!   dataset weighted equally; 30% at 0.46, 21% at 0.50). The old defaults sent 1-2.5% strong
+//!   at 0.5, which made `auto` "always cheap".
+//!
+//! Held-out halves (MT-Bench was not used for fitting; whole, 80 prompts, so noisy):
+//!
+//! ```text
+//!                 APGR   CPT(50%) CPT(80%)   at the default threshold
+//! GSM8K tier      0.610  35.5%    67.0%      13.9% strong, PGR 0.250
+//!   old defaults  0.600  38.3%    67.7%       1.1% strong, PGR 0.026  (threshold 0.5)
+//!   prompt length 0.589  37.3%    67.2%
+//!   random        0.503  48.9%    79.2%
+//! MMLU  tier      0.585  33.8%    70.3%      36.4% strong, PGR 0.518
+//!   old defaults  0.549  40.0%    70.0%       2.3% strong, PGR 0.007
+//!   prompt length 0.585  35.5%    69.8%
+//!   random        0.495  50.5%    80.4%
+//! MT-Bench tier   0.618  28.8%    80.5%      38.9% strong, PGR 0.646
+//!   old defaults  0.623  25.7%    75.9%       5.6% strong, PGR 0.216
+//!   prompt length 0.562  44.4%    72.5%
+//!   random        0.517  47.8%    76.5%
+//! ```
+//!
+//! So, plainly: these cheap features beat prompt length on GSM8K (+0.02) and tie it on MMLU,
+//! where the scorer stays under the ~0.6 a useful router reaches; most of the signal is length
+//! in words, plus commas (more clauses, more quantities to track). The strong share at a given
+//! threshold depends on the traffic: prompts of real chat and RAG traffic are much longer than
+//! these benchmark questions, so set the threshold from one's own traffic (the
+//! `bench-routing --quality` threshold sweep shows the trade-off).
 //!
 //! # Contracts
 //!
@@ -47,9 +102,12 @@
 //!
 //! Performance notes:
 //! - The automaton is built once per scorer, as a DFA (the default NFA measured ~10% slower
-//!   here); a 2 KB prompt scores in ~4.1 µs (~2 ns per byte), most of it the case-insensitive
-//!   overlapping scan. Keywords are matched case-insensitively on ASCII only, which keeps the
-//!   automaton a DFA over bytes.
+//!   here); a 2 KB prompt scores in ~5.0 µs (~2.5 ns per byte), most of it the
+//!   case-insensitive overlapping scan. Words and commas cost ~10% (4.5 µs without them, same
+//!   machine, same hour); counting word starts on every byte measured 5.4 µs, so the scan
+//!   counts the runs of blanks in the rare branch instead and derives the words from them.
+//!   Keywords are matched case-insensitively on ASCII only, which keeps the automaton a DFA
+//!   over bytes.
 //! - The symbol and digit-operator scan classifies bytes through a 256-entry table and
 //!   branches only on the rare non-"other" bytes: a branch-free walk of the state table was
 //!   slower (7.2 vs 4.4 µs for the whole score: its state is a serial chain of loads).
@@ -83,6 +141,9 @@ const C_SYMBOL: u8 = 1;
 const C_DIGIT: u8 = 2;
 const C_OP: u8 = 3;
 const C_SPACE: u8 = 4;
+/// Tab, CR, LF: end a word like a space but, unlike a space, break a `digit op digit`.
+const C_BREAK: u8 = 5;
+const C_COMMA: u8 = 6;
 
 const BYTE_CLASS: [u8; 256] = {
     let mut t = [C_OTHER; 256];
@@ -101,16 +162,24 @@ const BYTE_CLASS: [u8; 256] = {
         i += 1;
     }
     t[b' ' as usize] = C_SPACE;
+    t[b'\t' as usize] = C_BREAK;
+    t[b'\n' as usize] = C_BREAK;
+    t[b'\r' as usize] = C_BREAK;
+    t[b',' as usize] = C_COMMA;
     t
 };
 
 /// `NEXT_STATE[state][class]` of the digit-operator-digit scanner (spaces keep the state).
-const NEXT_STATE: [[u8; 5]; 3] = [
-    // other, symbol, digit, op, space
-    [0, 0, 1, 0, 0],
-    [0, 0, 1, 2, 1],
-    [0, 0, 1, 0, 2],
+const NEXT_STATE: [[u8; 7]; 3] = [
+    // other, symbol, digit, op, space, break, comma
+    [0, 0, 1, 0, 0, 0, 0],
+    [0, 0, 1, 2, 1, 0, 0],
+    [0, 0, 1, 0, 2, 0, 0],
 ];
+
+/// The default threshold: with the default weights, the score at which a quarter of the
+/// calibration prompts go strong (see the module docs).
+pub const DEFAULT_THRESHOLD: f64 = 0.48;
 
 /// Most contract holders whose share is tracked at once.
 pub const MAX_HOLDERS: usize = 65_536;
@@ -121,6 +190,8 @@ const SHARE_HALVE_AT: u64 = 1 << 16;
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Weights {
     pub prompt_tokens: f64,
+    pub words: f64,
+    pub commas: f64,
     pub depth: f64,
     pub tools: f64,
     pub code: f64,
@@ -129,27 +200,48 @@ pub struct Weights {
 }
 
 impl Default for Weights {
+    /// Fitted on RouteLLM's GSM8K and MMLU outcomes (words, commas, prompt_tokens, math) or
+    /// kept as priors where that data has nothing to say (depth, tools, code, keywords); see
+    /// the module docs.
     fn default() -> Self {
         Weights {
-            prompt_tokens: 0.35,
+            prompt_tokens: 0.0,
+            words: 0.8,
+            commas: 0.2,
             depth: 0.15,
             tools: 0.15,
             code: 0.4,
-            math: 0.4,
+            math: 0.0,
             keywords: 0.5,
         }
     }
 }
 
 impl Weights {
-    pub const NAMES: [&'static str; 6] = [
+    pub const NAMES: [&'static str; 8] = [
         "prompt_tokens",
+        "words",
+        "commas",
         "depth",
         "tools",
         "code",
         "math",
         "keywords",
     ];
+
+    /// The weights in the order of [`Weights::NAMES`].
+    pub fn values(&self) -> [f64; 8] {
+        [
+            self.prompt_tokens,
+            self.words,
+            self.commas,
+            self.depth,
+            self.tools,
+            self.code,
+            self.math,
+            self.keywords,
+        ]
+    }
 
     /// Sets one weight by name (from configuration).
     pub fn set(&mut self, name: &str, value: f64) -> Result<()> {
@@ -160,6 +252,8 @@ impl Weights {
         }
         let slot = match name {
             "prompt_tokens" => &mut self.prompt_tokens,
+            "words" => &mut self.words,
+            "commas" => &mut self.commas,
             "depth" => &mut self.depth,
             "tools" => &mut self.tools,
             "code" => &mut self.code,
@@ -181,6 +275,9 @@ impl Weights {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Features {
     pub prompt_tokens: u32,
+    /// Runs of bytes other than space, tab, CR and LF.
+    pub words: u32,
+    pub commas: u32,
     pub depth: u32,
     pub tools: bool,
     pub code_markers: u32,
@@ -298,19 +395,35 @@ impl TierScorer {
                 f.keyword_hits += 1;
             }
         }
-        // digit [spaces] op [spaces] digit, counted once per operator; and the symbols. Most
-        // bytes are "other", a well-predicted branch; a branch-free table walk measured slower
-        // (its state is a serial chain of loads).
+        // Words, commas, symbols, and every digit [spaces] op [spaces] digit (counted once per
+        // operator). Most bytes are "other", a well-predicted branch; a branch-free table walk
+        // measured slower (its state is a serial chain of loads).
         let mut state = 0u8; // 0: nothing, 1: after a digit, 2: after digit + operator
+        let mut blank = false; // the previous byte is a space, tab, CR or LF
+        let mut gaps = 0u32; // runs of such bytes
         for &b in text.as_bytes() {
             let class = BYTE_CLASS[b as usize];
             if class == C_OTHER {
+                blank = false;
                 state = 0;
                 continue;
             }
+            let is_blank = class == C_SPACE || class == C_BREAK;
+            gaps += u32::from(is_blank & !blank);
+            blank = is_blank;
             f.symbols += u32::from(class == C_SYMBOL);
+            f.commas += u32::from(class == C_COMMA);
             f.math_markers += u32::from(state == 2 && class == C_DIGIT);
             state = NEXT_STATE[state as usize][class as usize];
+        }
+        // Words are the runs between the gaps: one more than the gaps, less one for a gap at
+        // either end (counting gaps in the rare branch keeps the common one short).
+        let bytes = text.as_bytes();
+        let is_blank =
+            |b: Option<&u8>| b.is_some_and(|&b| matches!(b, b' ' | b'\t' | b'\n' | b'\r'));
+        if !bytes.is_empty() {
+            f.words =
+                gaps + 1 - u32::from(is_blank(bytes.first())) - u32::from(is_blank(bytes.last()));
         }
         f
     }
@@ -319,6 +432,8 @@ impl TierScorer {
     pub fn score(&self, f: &Features) -> f64 {
         let w = &self.weights;
         let length = ((1.0 + f.prompt_tokens as f64).ln() / (1.0 + 8192f64).ln()).min(1.0);
+        let words = ((1.0 + f.words as f64).ln() / (1.0 + 4096f64).ln()).min(1.0);
+        let commas = (f.commas as f64 / 10.0).min(1.0);
         let depth = (f.depth as f64 / 10.0).min(1.0);
         let tools = if f.tools { 1.0 } else { 0.0 };
         let density = if f.bytes == 0 {
@@ -330,6 +445,8 @@ impl TierScorer {
         let math = (f.math_markers as f64 / 3.0).min(1.0);
         let keywords = (f.keyword_hits as f64 / 2.0).min(1.0);
         let s = w.prompt_tokens * length
+            + w.words * words
+            + w.commas * commas
             + w.depth * depth
             + w.tools * tools
             + w.code * code
