@@ -19,6 +19,15 @@ def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hub]:
         h.close()
 
 
+@pytest.fixture(autouse=True)
+def _fresh_routing(request: pytest.FixtureRequest) -> None:
+    """Router state (circuit breakers, affinity, SWRR positions) starts afresh for each test
+    that uses the session's hub, so that one test's failures do not route another's."""
+    if "hub" in request.fixturenames:
+        hub: Hub = request.getfixturevalue("hub")
+        hub.gateway.reset_routing()
+
+
 @pytest.fixture
 def fresh_hub(tmp_path: Path) -> Iterator[Hub]:
     """A hub of its own: empty database and ledgers, for tests that reconcile totals."""

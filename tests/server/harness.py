@@ -41,6 +41,7 @@ from tokenhub.server.app import create_app
 from tokenhub.server.auth import KeyCache
 from tokenhub.server.limits import LimitSync
 from tokenhub.server.run import _reuse_port_socket
+from tokenhub.server.state import GATEWAY
 from tokenhub.sink import UsageSink
 from tokenhub.store import Store, open_store
 from tokenhub.usage import UsageEvent
@@ -215,6 +216,12 @@ def gateway_config(
         # usage would show it.
         one("vocab-mismatch", "healthy", "gpt-4o-mini", vocab="deepseek-v4"),
         *(one(m, "scripted") for m in SCRIPTED_USAGE),
+        # As failover, for the circuit breaker's test alone (router state lives as long as the
+        # hub, which other tests' failover requests would have tripped).
+        {
+            "id": "failover-cb",
+            "deployments": [dep("err500", weight=1), dep("healthy", weight=0)],
+        },
         # Two equal deployments: the router's choices, affinity and metrics are visible.
         {
             "id": "pair",
@@ -341,6 +348,7 @@ class Hub:
             await sink.close()
 
         app = create_app(cfg, keys=keys, sink=sink, limits=limits, extra_cleanup=[lifecycle])
+        self.gateway = app[GATEWAY]
         # shutdown_timeout only bounds the teardown of a test run.
         self.gateway_runner = web.AppRunner(
             app, access_log=None, handler_cancellation=False, shutdown_timeout=5.0

@@ -72,11 +72,11 @@ def test_a_conversation_sticks_to_its_deployment(hub: Hub) -> None:
 
 
 def test_a_failing_deployment_is_cooled_down(hub: Hub) -> None:
-    """`failover`: its first deployment answers 500. The first requests fail over (bounded by
+    """`failover-cb`: its first deployment answers 500. The first requests fail over (bounded by
     max_attempts); after three failures the circuit opens and requests go straight to the
     healthy one until the cooldown ends."""
     before = metrics(hub)
-    events = [hub.event(chat(hub, "failover", f"q{i}")[0]) for i in range(8)]
+    events = [hub.event(chat(hub, "failover-cb", f"q{i}")[0]) for i in range(8)]
     assert [e.attempts for e in events[:3]] == [2, 2, 2]
     assert {e.route for e in events[:3]} == {"fallback"}
     assert all(e.status == 200 and e.deployment == "healthy/gpt-4o-mini" for e in events)

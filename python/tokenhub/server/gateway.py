@@ -199,25 +199,9 @@ class Gateway:
         self.models: dict[str, Model] = {m.id: m for m in config.models}
         self.upstreams = {p.name: Upstream(p) for p in config.providers}
         self._meters: dict[str, Meter] = {}
-        # One router per model with deployments, one tier scorer per tiered model (`auto`).
-        # Seeded per process: workers make independent (random, p2c) choices.
-        seed = int.from_bytes(os.urandom(8), "big")
         self.routers: dict[str, Router] = {}
         self.scorers: dict[str, TierScorer] = {}
-        for m_ in config.models:
-            if m_.tiers is not None:
-                t = m_.tiers
-                scorer = TierScorer(keywords=tuple(t.keywords))  # the default threshold
-                if t.threshold is not None:
-                    scorer = TierScorer(t.threshold, tuple(t.keywords))
-                self.scorers[m_.id] = scorer
-            else:
-                self.routers[m_.id] = Router(
-                    [_spec(d) for d in m_.deployments],
-                    policy=m_.policy,
-                    seed=seed,
-                    max_attempts=m_.max_attempts,
-                )
+        self.reset_routing()
         self._routes: dict[tuple[str, str, str], int] = {}  # folded at scrape, as tallies
         # Per-request figures accumulate in one small list per (model, status, source) and
         # are folded into the metric families when /metrics is scraped: a request costs a dict
@@ -301,6 +285,28 @@ class Gateway:
         return m
 
     # -- routing (tokenhub.router) -------------------------------------------------------
+
+    def reset_routing(self) -> None:
+        """New routers and tier scorers from the config: one per model with deployments, one
+        per tiered model (`auto`). Health, affinity, capacity windows and strong-tier shares
+        start afresh (the seam for a config reload). Seeded per process, so that workers make
+        independent (random, p2c) choices."""
+        seed = int.from_bytes(os.urandom(8), "big")
+        routers: dict[str, Router] = {}
+        scorers: dict[str, TierScorer] = {}
+        for m in self.config.models:
+            if m.tiers is not None:
+                t = m.tiers
+                scorer = TierScorer(keywords=tuple(t.keywords))  # the default threshold
+                if t.threshold is not None:
+                    scorer = TierScorer(t.threshold, tuple(t.keywords))
+                scorers[m.id] = scorer
+            else:
+                specs = [_spec(d) for d in m.deployments]
+                routers[m.id] = Router(
+                    specs, policy=m.policy, seed=seed, max_attempts=m.max_attempts
+                )
+        self.routers, self.scorers = routers, scorers
 
     def route(self, model: Model, tokens: int, affinity: str | None) -> tuple[list[int], str]:
         """The deployments to try (indexes into model.deployments, the router's first choice
