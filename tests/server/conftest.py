@@ -8,6 +8,7 @@ from pathlib import Path
 import openai
 import pytest
 from harness import Hub
+from procs import Procs
 
 
 @pytest.fixture(scope="session")
@@ -48,3 +49,13 @@ def client(hub: Hub) -> Iterator[openai.OpenAI]:
 async def aclient(hub: Hub) -> AsyncIterator[openai.AsyncOpenAI]:
     async with hub.aclient() as c:
         yield c
+
+
+@pytest.fixture
+def procs(tmp_path: Path) -> Iterator[Procs]:
+    """Real `tokenhub` processes (tests/server/procs.py), killed with their groups at the end."""
+    p = Procs(tmp_path)
+    try:
+        yield p
+    finally:
+        p.close()

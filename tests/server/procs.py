@@ -98,6 +98,44 @@ def children(pid: int) -> list[int]:
     return sorted(found)
 
 
+def write_config(
+    tmp: Path,
+    port: int,
+    database: str | Path,
+    mock: str,
+    *,
+    models: dict[str, str] | None = None,
+    extra: str = "",
+) -> Path:
+    """`tmp/tokenhub.toml`: a server on `port` with `database`, the `mock` upstream as provider
+    "mock", one deployment on it per model (model id -> vocabulary; default gpt-4o-mini with
+    cl100k_base) and `extra` TOML (e.g. a [billing] table) after the [server] table."""
+    text = f"""
+[server]
+host = "127.0.0.1"
+port = {port}
+database = "{database}"
+journal_dir = "{tmp / "journal"}"
+key_refresh_s = 0.2
+{extra}
+[[providers]]
+name = "mock"
+base_url = "{mock}/v1"
+"""
+    for model, vocab in (models or {"gpt-4o-mini": "cl100k_base"}).items():
+        text += f"""
+[[models]]
+id = "{model}"
+  [[models.deployments]]
+  provider = "mock"
+  upstream_model = "{model}"
+  vocab = "{vocab}"
+"""
+    config = tmp / "tokenhub.toml"
+    config.write_text(text, encoding="utf-8")
+    return config
+
+
 def up(url: str) -> bool:
     """The URL answers (a GET of JSON)."""
     try:

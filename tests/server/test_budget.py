@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from harness import free_port, http_json, wait_until
-from procs import Procs, children, event_ids, fire, mock_process, no_traceback
+from procs import Procs, children, event_ids, fire, mock_process, no_traceback, write_config
 
 from tokenhub.meter import Meter
 from tokenhub.store import Store, open_store
@@ -58,29 +58,7 @@ def site(tmp_path: Path, mock: str) -> Iterator[Site]:
     http_json(mock + "/mock/reset", method="POST")
     port = free_port()
     db = tmp_path / "hub.db"
-    config = tmp_path / "tokenhub.toml"
-    config.write_text(
-        f"""
-[server]
-host = "127.0.0.1"
-port = {port}
-database = "{db}"
-journal_dir = "{tmp_path / "journal"}"
-key_refresh_s = 0.2
-
-[[providers]]
-name = "mock"
-base_url = "{mock}/v1"
-
-[[models]]
-id = "gpt-4o-mini"
-  [[models.deployments]]
-  provider = "mock"
-  upstream_model = "gpt-4o-mini"
-  vocab = "{VOCAB}"
-""",
-        encoding="utf-8",
-    )
+    config = write_config(tmp_path, port, db, mock, models={"gpt-4o-mini": VOCAB})
     store = open_store(str(db))
     try:
         store.migrate()
@@ -89,15 +67,6 @@ id = "gpt-4o-mini"
         yield Site(config, f"http://127.0.0.1:{port}", mock, store, secret, key.id)
     finally:
         store.close()
-
-
-@pytest.fixture
-def procs(tmp_path: Path) -> Iterator[Procs]:
-    p = Procs(tmp_path)
-    try:
-        yield p
-    finally:
-        p.close()
 
 
 @pytest.mark.parametrize("workers", [1, 2])

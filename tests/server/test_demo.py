@@ -29,40 +29,36 @@ def post(url: str, key: str, body: dict[str, Any]) -> Any:
         return json.loads(r.read())
 
 
-def test_the_demo_serves_routes_and_bills(tmp_path: Path) -> None:
-    procs = Procs(tmp_path)
+def test_the_demo_serves_routes_and_bills(tmp_path: Path, procs: Procs) -> None:
     port = free_port()
     db = tmp_path / "demo.db"
+    gw = procs.start("demo", "serve", "--demo", "--port", str(port), "--db", str(db))
+    gw.wait_serving()
+    key = re.search(r"Bearer (th-[A-Za-z0-9_-]+)", gw.stdout())
+    assert key, gw.stdout()
+    url = f"http://127.0.0.1:{port}/v1/chat/completions"
+    msg = [{"role": "user", "content": "Hello!"}]
+    hello = post(url, key[1], {"model": "gpt-4o-mini", "messages": msg})
+    assert hello["usage"]["total_tokens"] > 0
+    hard = "Prove the bound and refactor:\n```python\n" + "def f(x):\n    return x*x\n" * 60
+    msg = [{"role": "user", "content": hard + "```"}]
+    routed = post(url, key[1], {"model": "auto", "messages": msg})
+    assert routed["model"] == "deepseek-chat", routed["model"]
+    store = open_store(str(db))
     try:
-        gw = procs.start("demo", "serve", "--demo", "--port", str(port), "--db", str(db))
-        gw.wait_serving()
-        key = re.search(r"Bearer (th-[A-Za-z0-9_-]+)", gw.stdout())
-        assert key, gw.stdout()
-        url = f"http://127.0.0.1:{port}/v1/chat/completions"
-        msg = [{"role": "user", "content": "Hello!"}]
-        hello = post(url, key[1], {"model": "gpt-4o-mini", "messages": msg})
-        assert hello["usage"]["total_tokens"] > 0
-        hard = "Prove the bound and refactor:\n```python\n" + "def f(x):\n    return x*x\n" * 60
-        msg = [{"role": "user", "content": hard + "```"}]
-        routed = post(url, key[1], {"model": "auto", "messages": msg})
-        assert routed["model"] == "deepseek-chat", routed["model"]
-        store = open_store(str(db))
-        try:
-            wait_until(lambda: len(list(store.iter_events())) == 2, 10.0, what="both events")
-            events = sorted(store.iter_events(), key=lambda e: e.ts_ms)
-            assert [(e.model, e.tier) for e in events] == [
-                ("gpt-4o-mini", ""), ("deepseek-chat", "strong")]  # fmt: skip
-            assert all(e.holds for e in events)  # admitted against the wallet
+        wait_until(lambda: len(list(store.iter_events())) == 2, 10.0, what="both events")
+        events = sorted(store.iter_events(), key=lambda e: e.ts_ms)
+        assert [(e.model, e.tier) for e in events] == [
+            ("gpt-4o-mini", ""), ("deepseek-chat", "strong")]  # fmt: skip
+        assert all(e.holds for e in events)  # admitted against the wallet
 
-            def settled() -> bool:
-                import sqlite3
+        def settled() -> bool:
+            import sqlite3
 
-                with sqlite3.connect(db) as c:
-                    return c.execute("SELECT count(*) FROM settlements").fetchone()[0] == 2
+            with sqlite3.connect(db) as c:
+                return c.execute("SELECT count(*) FROM settlements").fetchone()[0] == 2
 
-            wait_until(settled, 10.0, what="the demo's settler")
-        finally:
-            store.close()
-        assert gw.stop() == 0
+        wait_until(settled, 10.0, what="the demo's settler")
     finally:
-        procs.close()
+        store.close()
+    assert gw.stop() == 0

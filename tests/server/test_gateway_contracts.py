@@ -20,7 +20,7 @@ from typing import Any
 import aiohttp
 import pytest
 from harness import free_port, http_json, wait_until
-from procs import Proc, Procs, children, fire, mock_process
+from procs import Proc, Procs, children, fire, mock_process, write_config
 
 from tokenhub.billing.db import open_database
 from tokenhub.billing.ledger import balances
@@ -83,40 +83,9 @@ def site(tmp_path: Path, mock: str) -> Iterator[Site]:
     http_json(mock + "/mock/reset", method="POST")
     port = free_port()
     db = str(tmp_path / "hub.db")
-    config = tmp_path / "tokenhub.toml"
-    config.write_text(
-        f"""
-[server]
-host = "127.0.0.1"
-port = {port}
-database = "{db}"
-journal_dir = "{tmp_path / "journal"}"
-key_refresh_s = 0.2
-
-[billing]
-settle_interval_s = 0.3
-admission = true
-
-[[providers]]
-name = "mock"
-base_url = "{mock}/v1"
-
-[[models]]
-id = "gpt-4o-mini"
-  [[models.deployments]]
-  provider = "mock"
-  upstream_model = "gpt-4o-mini"
-  vocab = "{VOCAB}"
-
-[[models]]
-id = "unpriced"
-  [[models.deployments]]
-  provider = "mock"
-  upstream_model = "unpriced"
-  vocab = "{VOCAB}"
-""",
-        encoding="utf-8",
-    )
+    billing = "[billing]\nsettle_interval_s = 0.3\nadmission = true\n"
+    models = {"gpt-4o-mini": VOCAB, "unpriced": VOCAB}
+    config = write_config(tmp_path, port, db, mock, models=models, extra=billing)
     store = open_store(db)
     try:
         store.migrate()
@@ -133,15 +102,6 @@ id = "unpriced"
         yield s
     finally:
         store.close()
-
-
-@pytest.fixture
-def procs(tmp_path: Path) -> Iterator[Procs]:
-    p = Procs(tmp_path)
-    try:
-        yield p
-    finally:
-        p.close()
 
 
 def _serve(site: Site, procs: Procs, workers: int = 1) -> Proc:

@@ -35,20 +35,12 @@ def new_key(hub: Hub, **tenant_limits: int) -> tuple[str, str, str]:
     if tenant_limits:
         hub.store.set_limits("tenant", tenant, **tenant_limits)
     wait_until(
-        lambda: _known(hub, secret) and hub_has(hub, tenant_limits, tenant),
+        lambda: hub.knows(secret) and hub_has(hub, tenant_limits, tenant),
         3.0,
         interval=0.05,
         what="the key and limits in the gateway",
     )
     return tenant, key.id, secret
-
-
-def _known(hub: Hub, secret: str) -> bool:
-    try:
-        hub.keys.authenticate(f"Bearer {secret}")
-    except Exception:
-        return False
-    return True
 
 
 def hub_has(hub: Hub, limits: dict[str, int], tenant: str) -> bool:

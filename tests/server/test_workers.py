@@ -26,7 +26,7 @@ from typing import Any
 import aiohttp
 import pytest
 from harness import free_port, http_json, wait_until
-from procs import Procs, children, event_ids, mock_process, no_traceback
+from procs import Procs, children, event_ids, mock_process, no_traceback, write_config
 
 from tokenhub.cli import build_parser, main
 from tokenhub.journal import Journal
@@ -75,29 +75,7 @@ def site(tmp_path: Path, mock: str) -> Iterator[Site]:
     http_json(mock + "/mock/reset", method="POST")
     port = free_port()
     db = tmp_path / "hub.db"
-    config = tmp_path / "tokenhub.toml"
-    config.write_text(
-        f"""
-[server]
-host = "127.0.0.1"
-port = {port}
-database = "{db}"
-journal_dir = "{tmp_path / "journal"}"
-key_refresh_s = 0.2
-
-[[providers]]
-name = "mock"
-base_url = "{mock}/v1"
-
-[[models]]
-id = "gpt-4o-mini"
-  [[models.deployments]]
-  provider = "mock"
-  upstream_model = "gpt-4o-mini"
-  vocab = "cl100k_base"
-""",
-        encoding="utf-8",
-    )
+    config = write_config(tmp_path, port, db, mock)
     store = open_store(str(db))
     try:
         store.migrate()
@@ -106,15 +84,6 @@ id = "gpt-4o-mini"
         yield Site(tmp_path, config, f"http://127.0.0.1:{port}", mock, store, secret, key.id)
     finally:
         store.close()
-
-
-@pytest.fixture
-def procs(tmp_path: Path) -> Iterator[Procs]:
-    p = Procs(tmp_path)
-    try:
-        yield p
-    finally:
-        p.close()
 
 
 # -- requests ----------------------------------------------------------------------------------
