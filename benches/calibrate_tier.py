@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from tokenhub.router import Contract, TierScorer
+from tokenhub.routing_bench import quality
 from tokenhub.routing_bench.quality import (
     Curve,
     Dataset,
@@ -118,22 +119,7 @@ def nnls(parts: Sequence[Part], cols: list[int], rows: Callable[[Part], np.ndarr
 
 
 def sub(ds: Dataset, keep: np.ndarray) -> Dataset:
-    idx = np.flatnonzero(keep)
-
-    def pick(xs: list) -> list:  # type: ignore[type-arg]
-        return [xs[k] for k in idx]
-
-    return Dataset(
-        name=ds.name,
-        prompts=pick(ds.prompts),
-        weak=pick(ds.weak),
-        strong=pick(ds.strong),
-        prompt_tokens=pick(ds.prompt_tokens),
-        weak_tokens=pick(ds.weak_tokens),
-        strong_tokens=pick(ds.strong_tokens),
-        dropped=ds.dropped,
-        token_counter=ds.token_counter,
-    )
+    return quality.subset(ds, [int(k) for k in np.flatnonzero(keep)])
 
 
 def apgr(parts: Sequence[Part], cols: list[int], coef: np.ndarray, fold: int | None) -> float:

@@ -213,3 +213,21 @@ async def fire(
         start.set()
         await asyncio.gather(*tasks)
     return outcomes
+
+
+def admitted_and_refused(
+    outcomes: list[Outcome], total: int
+) -> tuple[list[Outcome], list[Outcome]]:
+    """The 200s and the 429s of a burst, checking that every request got one or the other,
+    with its own request id, and that some were refused."""
+    assert [o.error for o in outcomes if o.error] == []
+    admitted = [o for o in outcomes if o.status == 200]
+    refused = [o for o in outcomes if o.status == 429]
+    assert len(admitted) + len(refused) == total, sorted({o.status for o in outcomes})
+    ids = {o.request_id for o in outcomes}
+    assert None not in ids and len(ids) == total
+    assert refused, "the burst was not limited at all"
+    for o in refused:
+        err = o.body["error"]
+        assert (err["code"], err["type"]) == ("insufficient_quota", "insufficient_quota"), err
+    return admitted, refused

@@ -16,7 +16,16 @@ from pathlib import Path
 
 import pytest
 from harness import free_port, http_json, wait_until
-from procs import Procs, children, event_ids, fire, mock_process, no_traceback, write_config
+from procs import (
+    Procs,
+    admitted_and_refused,
+    children,
+    event_ids,
+    fire,
+    mock_process,
+    no_traceback,
+    write_config,
+)
 
 from tokenhub.meter import Meter
 from tokenhub.store import Store, open_store
@@ -84,20 +93,13 @@ def test_daily_budget_under_a_burst(site: Site, procs: Procs, workers: int) -> N
     assert len(children(gw.pid)) == (workers if workers > 1 else 0)
 
     outcomes = asyncio.run(fire(site.url, site.secret, TOTAL, MESSAGES, MAX_TOKENS))
-    assert [o.error for o in outcomes if o.error] == []
-    admitted = [o for o in outcomes if o.status == 200]
-    refused = [o for o in outcomes if o.status == 429]
-    assert len(admitted) + len(refused) == TOTAL, sorted({o.status for o in outcomes})
+    admitted, refused = admitted_and_refused(outcomes, TOTAL)
     # No over-refusal: every full upper-bound reservation that fits is admitted.
     assert len(admitted) >= budget // reservation, (len(admitted), budget, reservation)
-    assert refused, "the budget refused nothing"
     for o in refused:
-        err = o.body["error"]
-        assert (err["code"], err["type"]) == ("insufficient_quota", "insufficient_quota"), err
-        assert f"tenant:{TENANT}" in err["message"], err
+        assert f"tenant:{TENANT}" in o.body["error"]["message"], o.body
 
     ids = {str(o.request_id) for o in outcomes}
-    assert None not in {o.request_id for o in outcomes} and len(ids) == TOTAL
     wait_until(lambda: event_ids(site.store) >= ids, 10.0, what="every event")
     events = {e.request_id: e for e in site.store.iter_events()}
     assert set(events) == ids

@@ -243,6 +243,11 @@ def split(ds: Dataset, part: str) -> Dataset:
     keep = [k for k, p in enumerate(ds.prompts) if heldout(p) == (part == "heldout")]
     if not keep:
         raise QualityError(f"{ds.name}: no prompts in the {part} half")
+    return msgspec.structs.replace(subset(ds, keep), part=part)
+
+
+def subset(ds: Dataset, keep: Sequence[int]) -> Dataset:
+    """The prompts of `ds` at the indexes `keep`, with their outcomes and token counts."""
 
     def pick(xs: list[Any]) -> list[Any]:
         return [xs[k] for k in keep]
@@ -255,7 +260,6 @@ def split(ds: Dataset, part: str) -> Dataset:
         prompt_tokens=pick(ds.prompt_tokens),
         weak_tokens=pick(ds.weak_tokens),
         strong_tokens=pick(ds.strong_tokens),
-        part=part,
     )
 
 
