@@ -42,7 +42,9 @@ settles what is pending before it publishes the pots; other workers answer 503 u
 
 Bounds, stated: a purchase paid from the wallet by another process can be admitted against for
 up to one settle interval (the ledger still posts the difference to overrun, never loses it);
-prices and FX are those loaded within the last `refresh_s`.
+prices and FX are those loaded within the last `refresh_s`; an auto top-up is reserved at the
+lot's unit price, while settlement buys whole blocks, so the wallet can pay up to one block more
+than was reserved (it is refused when the wallet cannot, and the rest is drawn as usual).
 """
 
 from __future__ import annotations
