@@ -263,6 +263,22 @@ def test_settle_reads_events_back_exactly(th: Cli, db: str) -> None:
     assert event_from_row(tuple(msgspec.structs.astuple(evs[1]))) == evs[1]
 
 
+def test_settle_follow_options_are_checked(th: Cli, db: str, tmp_path: Path) -> None:
+    th.ok("wallet", "topup", "acme", "1", "USD")  # a database to check stays unchanged
+    assert th.refused("billing", "settle", "--quota", "/dev/shm/x") == (
+        "--quota and --parent go with --follow"
+    )
+    assert th.refused("billing", "settle", "--parent", "1") == (
+        "--quota and --parent go with --follow"
+    )
+    assert th.refused("billing", "settle", "--follow", "0") == (
+        "--follow needs a positive interval in seconds"
+    )
+    missing = tmp_path / "no-such-table"
+    msg = th.refused("billing", "settle", "--follow", "1", "--quota", str(missing))
+    assert msg.startswith("--quota: ") and str(missing) in msg, msg
+
+
 def test_settle_failures_are_recorded_then_retried(th: Cli, db: str) -> None:
     th.ok("prices", "set", "m2", "--currency", "USD", "--input", "1", "--output", "1",
           "--from", "2020-01-01")  # fmt: skip

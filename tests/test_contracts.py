@@ -132,9 +132,9 @@ def test_replay_fills_the_draws_in_order_and_puts_overruns_on_the_last() -> None
 def test_rule_afford_is_the_largest_prefix_that_fits() -> None:
     r = Rule("price", (2 * USD_1M, 1 * USD_1M, 8 * USD_1M))
     for budget in (0, 1, 1999, 2000, 123_456, 10**9):
-        n = r.afford([1000, 0, 1000], budget)
+        n, cost = r.afford([1000, 0, 1000], budget)
         took = [min(1000, n), 0, max(0, n - 1000)]
-        assert r.cost(took) <= budget
+        assert r.cost(took) == cost <= budget
         if n < 2000:
             more = [min(1000, n + 1), 0, max(0, n + 1 - 1000)]
             assert r.cost(more) > budget

@@ -156,6 +156,8 @@ class QuotaTable:
         """Raises (or lowers) a budget's limit by `delta`; returns the new limit."""
     def reset_used(self, index: int, limit: str) -> int:
         """Starts a new period for a budget; returns the usage cleared."""
+    def available(self, index: int, limit: str) -> int:
+        """What a budget can still take (limit - held - used), or UNLIMITED."""
     def release_used(self, index: int, limit: str, amount: int) -> int:
         """Gives back up to `amount` of a budget's used; returns the amount released."""
     def reserve(

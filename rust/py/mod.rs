@@ -468,6 +468,13 @@ impl PyQuotaTable {
             .map_err(quota_err)
     }
 
+    /// What a budget can still take (limit - held - used), or UNLIMITED.
+    fn available(&self, index: u32, limit: &str) -> PyResult<u64> {
+        self.inner
+            .available(index, limit_arg(limit)?)
+            .map_err(quota_err)
+    }
+
     /// Gives back up to `amount` of a budget's used; returns the amount released.
     fn release_used(&self, index: u32, limit: &str, amount: u64) -> PyResult<u64> {
         self.inner

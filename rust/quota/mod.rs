@@ -1239,6 +1239,17 @@ impl QuotaTable {
         Ok((gcra_status(&s.rpm, now_ns), gcra_status(&s.tpm, now_ns)))
     }
 
+    /// What a budget can still take (`limit - held - used`, 0 when over); `UNLIMITED` for an
+    /// unlimited one. One load per word: the cheap question admission planning asks.
+    pub fn available(&self, index: u32, limit: Limit) -> Result<u64> {
+        let cell = self.budget(index, limit)?;
+        let cap = cell.limit.load(Relaxed);
+        if cap == UNLIMITED {
+            return Ok(UNLIMITED);
+        }
+        Ok(cap.saturating_sub(cell.charged.load(Relaxed)))
+    }
+
     pub fn snapshot(&self, index: u32, now_ns: u64) -> Result<AccountSnapshot> {
         let s = self.slot(index)?;
         let budget = |c: &BudgetCell| {

@@ -245,6 +245,8 @@ fn release_used_gives_back_at_most_what_is_used() {
         )
         .unwrap()
         .is_err());
+    assert_eq!(t.available(k, Limit::Money).unwrap(), 100);
+    assert_eq!(t.available(k, Limit::Tokens).unwrap(), UNLIMITED);
     assert_eq!(t.release_used(k, Limit::Money, 250).unwrap(), 250);
     let snap = t.snapshot(k, T0).unwrap();
     assert_eq!((snap.money.used, snap.money.held), (350, 300));

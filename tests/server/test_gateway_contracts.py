@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 import sys
 import urllib.error
 import urllib.request
@@ -110,8 +112,17 @@ def _serve(site: Site, procs: Procs, workers: int = 1) -> Proc:
         args += ["--workers", str(workers)]
     gw = procs.start("gateway", *args)
     gw.wait_serving()
-    assert len(children(gw.pid)) == (workers if workers > 1 else 0)
+    # The settler runs in a process of its own, a child of the serving process (worker 1).
+    serving = children(gw.pid) if workers > 1 else [gw.pid]
+    assert len(serving) == workers
+    settlers = [c for c in children(serving[0]) if b"billing\x00settle" in _cmdline(c)]
+    assert len(settlers) == 1, [_cmdline(c) for c in children(serving[0])]
+    assert b"--quota" in _cmdline(settlers[0])
     return gw
+
+
+def _cmdline(pid: int) -> bytes:
+    return Path(f"/proc/{pid}/cmdline").read_bytes()
 
 
 def _post(site: Site, body: dict[str, Any]) -> tuple[int, Any]:
@@ -307,3 +318,32 @@ def test_packages_then_refusal_and_the_other_refusals(site: Site, procs: Procs) 
     wait_until(lambda: _post(site, body)[0] == 200, 5.0, what="the wallet to pay")
     rows = [e for e in site.store.iter_events() if e.status != 200]
     assert rows and all(e.input_tokens == e.output_tokens == 0 for e in rows)
+
+
+def test_the_settler_process_is_restarted_and_follows_its_server(site: Site, procs: Procs) -> None:
+    """The settler is a process of its own: killed, the server starts another (and admission
+    keeps working); the server killed, the settler stops by itself after a last pass."""
+    site.billing(lambda b: b.topup(TENANT, "1.00", "USD"))
+    gw = _serve(site, procs)
+
+    def settlers() -> list[int]:
+        return [c for c in children(gw.pid) if b"billing\x00settle" in _cmdline(c)]
+
+    (first,) = settlers()
+    os.kill(first, signal.SIGKILL)
+    wait_until(lambda: len(settlers()) == 1 and settlers()[0] != first, 10.0,
+               what="a new settler")  # fmt: skip
+    status, body = _post(site, {"model": "gpt-4o-mini", "messages": MESSAGES, "max_tokens": 10})
+    assert status == 200, body
+    wait_until(lambda: len(_settled(site)) == 1, 10.0, what="the new settler to settle it")
+    (second,) = settlers()
+    gw.kill_group()  # kill -9 of the server (the settler has a session of its own)
+    wait_until(lambda: not Path(f"/proc/{second}").exists() or _zombie(second), 10.0,
+               what="the orphaned settler to stop")  # fmt: skip
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True

@@ -882,6 +882,15 @@ def cmd_billing_split(args: argparse.Namespace) -> int:
 
 # -- billing: settle ----------------------------------------------------------------------------
 
+
+async def _watch_parent(parent: int, stop: asyncio.Event) -> None:
+    """A settler started by a server stops (after a last pass) once that server is gone."""
+    while not stop.is_set():
+        await asyncio.sleep(1.0)
+        if os.getppid() != parent:
+            stop.set()
+
+
 PROGRESS_EVERY_S = 2.0  # a progress line on stderr at most this often
 
 
@@ -892,15 +901,49 @@ def cmd_billing_settle(args: argparse.Namespace) -> int:
     if args.follow is not None and args.follow <= 0:
         raise UsageError("--follow needs a positive interval in seconds")
 
+    if (args.quota or args.parent) and args.follow is None:
+        raise UsageError("--quota and --parent go with --follow")
+
     async def body(b: Billing) -> int:
         if args.follow is not None:
             stop = asyncio.Event()
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(sig, stop.set)
-            print(f"{PROG} billing settle: settling every {args.follow:g} s (Ctrl-C stops)",
-                  file=sys.stderr, flush=True)  # fmt: skip
-            await follow(b, interval_s=args.follow, stop=stop, batch=args.batch)
+            pots = None
+            if args.quota:
+                from tokenhub.quota import Quota, QuotaFileError
+                from tokenhub.server.contracts import PotSync
+
+                try:
+                    pots = PotSync(Quota.attach(args.quota), b.db)
+                except QuotaFileError as e:
+                    raise UsageError(f"--quota: {e}") from None
+            if args.parent is None:
+                print(f"{PROG} billing settle: settling every {args.follow:g} s (Ctrl-C stops)",
+                      file=sys.stderr, flush=True)  # fmt: skip
+            watch = asyncio.create_task(_watch_parent(args.parent, stop)) if args.parent else None
+            if pots is not None:
+                # What is pending is settled, and the pots published, before the gateway
+                # admits against them (it waits for this).
+                await settle_pending(b, batch=args.batch, on_batch=pots.after_batch)
+                await pots.after_pass()
+            try:
+                await follow(
+                    b,
+                    interval_s=args.follow,
+                    stop=stop,
+                    batch=args.batch,
+                    on_batch=pots.after_batch if pots is not None else None,
+                    after_pass=pots.after_pass if pots is not None else None,
+                )
+                # A last pass, so that what was served before the stop is billed.
+                await settle_pending(
+                    b, batch=args.batch, on_batch=pots.after_batch if pots is not None else None
+                )
+            finally:
+                if watch is not None:
+                    watch.cancel()
             return 0
         last = [time.monotonic()]
 
@@ -1530,6 +1573,18 @@ def _add_billing(sub: Any) -> None:
         default=1000,
         metavar="N",
         help="events per transaction (default: 1000)",
+    )
+    p.add_argument(
+        "--quota",
+        metavar="PATH",
+        help="with --follow: also keep this quota table's money pots equal to the ledger, for "
+        "a gateway's money admission (tokenhub serve starts its settler so)",
+    )
+    p.add_argument(
+        "--parent",
+        type=int,
+        metavar="PID",
+        help="with --follow: stop (after a last pass) when process PID is no longer the parent",
     )
     _add_db(p)
 

@@ -62,7 +62,7 @@ from typing import Any
 from tokenhub.billing.db import Database, Tx
 from tokenhub.billing.money import convert, div_half_even, fmt, fmt_units, rate
 from tokenhub.billing.service import PPM, Lot, Price, Profile
-from tokenhub.quota import Quota, Refusal, Reservation
+from tokenhub.quota import UNLIMITED, Quota, Refusal, Reservation
 from tokenhub.usage import UsageEvent
 
 log = logging.getLogger("tokenhub.contracts")
@@ -118,21 +118,25 @@ class Rule:
             gross -= div_half_even(gross * self.discount_ppm, PPM)
         return convert(gross, self.fx) if self.fx is not None else gross
 
-    def afford(self, lines: Sequence[int], budget: int) -> int:
-        """The most tokens (taken from the lines in order) whose cost fits `budget`."""
+    def afford(self, lines: Sequence[int], budget: int) -> tuple[int, int]:
+        """The most tokens (taken from the lines in order) whose cost fits `budget`, and that
+        cost."""
         total = sum(lines)
         if self.kind == "package":
-            return max(0, min(total, budget))
-        if self.cost(lines) <= budget:
-            return total
-        lo, hi = 0, total  # cost(lo) <= budget < cost(hi)
+            n = max(0, min(total, budget))
+            return n, n
+        whole = self.cost(lines)
+        if whole <= budget:
+            return total, whole  # the usual case: one pricing, no search
+        lo, hi, cost_lo = 0, total, 0  # cost(lo) <= budget < cost(hi)
         while hi - lo > 1:
             mid = (lo + hi) // 2
-            if self.cost(_take_lines(list(lines), mid)) <= budget:
-                lo = mid
+            c = self.cost(_take_lines(list(lines), mid))
+            if c <= budget:
+                lo, cost_lo = mid, c
             else:
                 hi = mid
-        return lo
+        return lo, cost_lo
 
 
 @dataclass(slots=True)
@@ -246,9 +250,8 @@ def _avail(quota: Quota, pot: str) -> int:
     index = quota.table.find_account(pot)
     if index is None:
         return 0
-    s = quota.table.snapshot(index)
-    dim = pot_dim(pot)
-    return max(0, s[f"{dim}_limit"] - s[f"{dim}_used"] - s[f"{dim}_held"])
+    free = quota.table.available(index, pot_dim(pot))
+    return 0 if free == UNLIMITED else free
 
 
 def plan(
@@ -275,11 +278,10 @@ def plan(
         budget = left(pot)
         if budget <= 0 or not sum(lines):
             return
-        n = rule.afford(lines, budget)
+        n, cost = rule.afford(lines, budget)
         if not n:
             return
-        took = _take_lines(lines, n)
-        cost = rule.cost(took)
+        _take_lines(lines, n)
         spent[pot] = spent.get(pot, 0) + cost
         if cost or rule.kind == "package":
             draws.append(Draw(pot, rule, cost))
@@ -337,8 +339,8 @@ def replay(draws: Sequence[Draw], lines: Sequence[int]) -> list[int]:
     for i, d in enumerate(draws):
         if not sum(rest):
             break
-        n = d.rule.afford(rest, d.amount)
-        out[i] = d.rule.cost(_take_lines(rest, n))
+        n, out[i] = d.rule.afford(rest, d.amount)
+        _take_lines(rest, n)
     if sum(rest) and draws:
         last = len(draws) - 1
         out[last] += draws[last].rule.cost(rest)

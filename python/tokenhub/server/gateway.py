@@ -203,6 +203,8 @@ class Gateway:
         self.scorers: dict[str, TierScorer] = {}
         self.reset_routing()
         self._routes: dict[tuple[str, str, str], int] = {}  # folded at scrape, as tallies
+        # Time spent admitting (reserving) and settling reservations: [seconds, requests].
+        self._admission = [0.0, 0]
         # Per-request figures accumulate in one small list per (model, status, source) and
         # are folded into the metric families when /metrics is scraped: a request costs a dict
         # lookup and a few float additions, not one labelled-counter update per metric.
@@ -218,6 +220,14 @@ class Gateway:
         )
         self.m_overhead = m.counter(
             "tokenhub_overhead_seconds_total", "Summed time spent in the gateway itself."
+        )
+        self.m_admission = m.counter(
+            "tokenhub_admission_seconds_total",
+            "Time spent reserving and settling requests' limits and contracts.",
+        )
+        self.m_admitted = m.counter(
+            "tokenhub_admission_requests_total",
+            "Requests admitted against limits or contracts (the count for the seconds above).",
         )
         self.m_routes = m.counter(
             "tokenhub_route_decisions_total",
@@ -253,6 +263,10 @@ class Gateway:
             self.m_tokens.inc(t[3], model=model, kind="output", source=source)
             self.m_overhead.inc(t[4])
             t[:] = (0.0, 0.0, 0.0, 0.0, 0.0)
+        if self._admission[1]:
+            self.m_admission.inc(self._admission[0])
+            self.m_admitted.inc(self._admission[1])
+            self._admission = [0.0, 0]
         for (model, dep, reason), n in self._routes.items():
             if n:
                 self.m_routes.inc(n, model=model, deployment=dep, reason=reason)
@@ -391,12 +405,16 @@ class Gateway:
             tier=tier,
         )
         finish = _Finish(self, event, t0)
+        t_admit = time.perf_counter()
         if self.limits is not None and who.tenant in self.limits.guard.configs:
             self._check_guard(who, finish)
         if self.limits is not None and (accounts := self.limits.accounts(who.key_id, who.tenant)):
             self._admit(accounts, endpoint, payload, candidates, prompt_tokens, finish)
         if self.contracts is not None:
             self._admit_money(endpoint, payload, candidates, prompt_tokens, finish)
+        if finish.reservation is not None or finish.hold is not None:
+            self._admission[0] += time.perf_counter() - t_admit
+            self._admission[1] += 1
         if stream:
             payload["stream_options"] = {**(options or {}), "include_usage": True}
         last: _Retry | None = None
@@ -892,11 +910,13 @@ class _Finish:
         # What the upstream used (and will bill), overruns included; a request that got no
         # answer (all deployments failed, an upstream 4xx) used no tokens.
         used = event.status in (200, 499) or event.output_tokens > 0
+        t_settle = time.perf_counter()
         if self.hold is not None:
             # Before the event is written: its `holds` say what the settler gives back.
             cached = min(event.cached_input_tokens, event.input_tokens)
             lines = [event.input_tokens - cached, cached, event.output_tokens] if used else [0] * 3
             event.holds = self.hold.settle(lines)
+        spent = time.perf_counter() - t_settle
         gw.sink.end(event)
         t = gw.tally(event.model, event.status, event.source)
         t[0] += 1
@@ -909,9 +929,13 @@ class _Finish:
                 event.tenant, event.key_id, event.input_tokens + event.output_tokens
             )
         if self.reservation is not None and gw.limits is not None:
+            t_settle = time.perf_counter()
             gw.limits.settle(
                 self.reservation, event.input_tokens + event.output_tokens if used else 0
             )
+            spent += time.perf_counter() - t_settle
+        if self.reservation is not None or self.hold is not None:
+            gw._admission[0] += spent
 
 
 def _now_ms() -> int:

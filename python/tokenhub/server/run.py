@@ -162,6 +162,9 @@ class SharedState:
 
 SHARED_STATE = web.AppKey("tokenhub_shared_state", SharedState)
 
+SETTLER_READY_S = 60  # how long a server waits for its settler to publish the pots
+SETTLER_STOP_S = 60  # how long the settler's last pass may take at shutdown
+SWITCH_INTERVAL_S = 0.0005  # the GIL hand-over bound while a thread runs Python (default 5 ms)
 QUOTA_ACCOUNTS = 4096  # keys and tenants with a limit (plus one for the day)
 QUOTA_RESERVATIONS = 16_384  # requests with limits in flight at once (~3.4 MB in all)
 
@@ -446,6 +449,10 @@ async def serve(
     # Requests make short-lived, acyclic garbage that reference counting frees; a youngest
     # generation of 700 objects (the default) runs the collector every few requests.
     gc.set_threshold(20_000, 20, 20)
+    # The event loop shares the GIL with the database threads (the SQLite writer, the billing
+    # settler's): after a socket call the loop waits for the GIL, by default up to 5 ms while a
+    # thread runs Python (the convoy effect). A shorter switch interval bounds that wait.
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
     host, port = sock.getsockname()[:2]
     if worker is None:
         print(
@@ -493,47 +500,86 @@ async def _watch_parent(worker: Worker, stop: asyncio.Event) -> None:
 async def _start_settler(
     cfg: Config, *, demo: bool, quota: Quota | None = None
 ) -> Callable[[], Awaitable[None]] | None:
-    """Settles usage into the ledger in the background when `[billing] settle_interval_s` is
-    set (the demo sets it, and prices its models); returns the function that stops it. With
-    admission (`quota`), it also keeps the table's pots equal to the ledger, and settles what
-    is pending and publishes the pots before it returns (tokenhub.server.contracts)."""
+    """Settles usage into the ledger when `[billing] settle_interval_s` is set (the demo sets
+    it, and prices its models): in a process of its own, `tokenhub billing settle --follow`,
+    so that settlement's Python work never holds the serving loop's GIL. It is restarted if it
+    dies, and stopped (after a last pass) with the server; it stops by itself if the server
+    is killed. With admission (`quota`) it also keeps the table's pots equal to the ledger, and
+    this returns once it has settled what was pending and published them
+    (tokenhub.server.contracts). Returns the function that stops it."""
     interval = cfg.billing.settle_interval_s
     if interval <= 0:
         return None
-    from tokenhub.billing.db import open_database
-    from tokenhub.billing.service import Billing
-    from tokenhub.billing.settler import follow, settle_pending
-    from tokenhub.server.contracts import PotSync
-
-    db = await open_database(cfg.server.database)
-    billing = Billing(db)
     if demo:
-        await _seed_demo_billing(billing, cfg)
-    pots = PotSync(quota, db) if quota is not None else None
-    if pots is not None:
-        await settle_pending(billing, batch=cfg.billing.settle_batch, on_batch=pots.after_batch)
-        await pots.after_pass()
-    stop = asyncio.Event()
-    task = asyncio.create_task(
-        follow(
-            billing,
-            interval_s=interval,
-            stop=stop,
-            batch=cfg.billing.settle_batch,
-            on_batch=pots.after_batch if pots is not None else None,
-            after_pass=pots.after_pass if pots is not None else None,
-        )
-    )
+        from tokenhub.billing.db import open_database
+        from tokenhub.billing.service import Billing
+
+        db = await open_database(cfg.server.database)
+        try:
+            await _seed_demo_billing(Billing(db), cfg)
+        finally:
+            await db.close()
+    argv = [
+        sys.executable, "-m", "tokenhub.cli", "billing", "settle", "--follow", f"{interval:g}",
+        "--batch", str(cfg.billing.settle_batch), "--db", cfg.server.database,
+        "--parent", str(os.getpid()),
+    ]  # fmt: skip
+    if quota is not None and quota.table.path:
+        argv += ["--quota", quota.table.path]
+    stopping = False
+    proc = await _spawn_settler(argv)
+
+    async def supervise() -> None:
+        nonlocal proc
+        while True:
+            code = await proc.wait()
+            if stopping:
+                return
+            log.error("the settler (pid %d) exited with %s; restarting it in 1 s", proc.pid, code)
+            await asyncio.sleep(1.0)
+            proc = await _spawn_settler(argv)
+
+    task = asyncio.create_task(supervise(), name="tokenhub-settler")
+    if quota is not None:
+        from tokenhub.server.contracts import READY_ACCOUNT
+
+        deadline = time.monotonic() + SETTLER_READY_S
+        while not quota.limits(READY_ACCOUNT)["requests"]:
+            if time.monotonic() > deadline:
+                log.error(
+                    "the settler has not published the billing balances after %d s; money "
+                    "admission answers 503 until it has",
+                    SETTLER_READY_S,
+                )
+                break
+            await asyncio.sleep(0.05)
 
     async def close() -> None:
-        stop.set()
-        await task
-        with contextlib.suppress(Exception):
-            # A last pass, so what was served before shutdown is billed.
-            await settle_pending(billing, batch=cfg.billing.settle_batch)
-        await db.close()
+        nonlocal stopping
+        stopping = True
+        if proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.terminate()
+            try:
+                await asyncio.wait_for(proc.wait(), SETTLER_STOP_S)
+            except TimeoutError:
+                log.error("the settler did not stop within %d s; killing it", SETTLER_STOP_S)
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                await proc.wait()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
     return close
+
+
+async def _spawn_settler(argv: list[str]) -> asyncio.subprocess.Process:
+    # A session of its own: a Ctrl-C at the terminal reaches the server, which stops the
+    # settler itself (after its last pass), not both at once.
+    return await asyncio.create_subprocess_exec(
+        *argv, stdin=asyncio.subprocess.DEVNULL, start_new_session=True
+    )
 
 
 async def _seed_demo_billing(billing: Any, cfg: Config) -> None:
