@@ -79,6 +79,8 @@ bench: build ## run the benchmarks (installs the optional baselines)
 	$(BIN)/python benches/bench_store.py
 	@# Quota admission; starts (and installs, as root) a private redis-server for its baseline.
 	$(BIN)/python benches/bench_quota.py
+	@# What admission adds on running gateways (plain, with billing, with admission).
+	$(BIN)/python benches/bench_admission.py
 	@# Settlement on SQLite, and on the throwaway PostgreSQL the tests use.
 	TOKENHUB_TEST_PG_DSN=$$(scripts/test-postgres start) $(BIN)/python benches/bench_settle.py
 	@# Routing decisions (ns in Rust, µs from Python), then the policies replayed on the shared

@@ -133,14 +133,14 @@ class ServerSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
 
 class BillingSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    # Settle usage events into the ledger from inside `tokenhub serve` every this many seconds
-    # (0: off; run `tokenhub billing settle --follow` as a separate worker instead, which keeps
-    # settlement CPU off the gateway's cores).
+    # `tokenhub serve` settles usage events into the ledger every this many seconds, in a
+    # settler process it starts and supervises (0: off; run `tokenhub billing settle --follow`
+    # yourself instead, e.g. on another machine).
     settle_interval_s: float = 0.0
     settle_batch: int = 1000
     # Admit a request only if the tenant's contracts (packages, points, wallet, credit line)
     # can pay for its worst case; streams are ended cleanly when they can pay for no more
-    # (tokenhub.server.contracts). Needs settle_interval_s: the in-process settler keeps the
+    # (tokenhub.server.contracts). Needs settle_interval_s: the server's settler keeps the
     # gateway's view of the balances equal to the ledger.
     admission: bool = False
 
@@ -182,7 +182,7 @@ def validate(cfg: Config, *, environ: dict[str, str] | None = None) -> Config:
         raise _fail(
             src,
             "billing.admission",
-            "needs billing.settle_interval_s > 0 (the in-process settler keeps admission's "
+            "needs billing.settle_interval_s > 0 (the server's settler keeps admission's "
             "balances equal to the ledger)",
         )
     if not 1 <= cfg.billing.settle_batch <= 100_000:

@@ -1,8 +1,8 @@
 """Settling the gateway's usage events: read what is not settled yet, settle it in batches.
 
 `settle_pending` is one pass (what `tokenhub billing settle` runs); `follow` repeats it every
-few seconds (`tokenhub billing settle --follow`, or in-process with `tokenhub serve` when
-`[billing] settle_interval_s` is set, as the demo does).
+few seconds (`tokenhub billing settle --follow`, which `tokenhub serve` also starts as a process
+of its own when `[billing] settle_interval_s` is set, as the demo does).
 
 Events are read in export order (ts_ms, request_id) with a keyset cursor: an event that cannot
 be settled (no price yet, no FX rate) stays unsettled, is recorded in `settlement_failures`

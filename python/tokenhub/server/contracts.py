@@ -27,8 +27,9 @@ and FX included). What no pot can pay: 429 insufficient_quota, saying how much i
 what is left.
 
 **Keeping the pots equal to the ledger.** Each pot's limit is the ledger's available balance;
-its `used` is what the gateway charged and the ledger has not posted yet. Only the in-process
-settler (worker 1, `[billing] settle_interval_s`) writes pots, so the two never race:
+its `used` is what the gateway charged and the ledger has not posted yet. Only the server's
+settler (`tokenhub billing settle --follow --quota`, a process that worker 1 starts when
+`[billing] settle_interval_s` is set) writes pots, so the two never race:
 
 - after each settled batch it sets the batch's tenants' pot limits from the ledger, *then*
   gives back (`release_used`) what those events had charged (their `UsageEvent.holds`); between
@@ -37,8 +38,11 @@ settler (worker 1, `[billing] settle_interval_s`) writes pots, so the two never 
   limit changes and expiries made elsewhere (the CLI) within one settle interval.
 
 `holds` carries the table's epoch (a random id the server draws when it creates the table): a
-table made by a restarted server never releases what an older one charged. On start, worker 1
-settles what is pending before it publishes the pots; other workers answer 503 until then.
+table made by a restarted server never releases what an older one charged. On start, the
+settler settles what is pending before it publishes the pots, and worker 1 waits for that before
+it serves; other workers answer 503 until then. If the settler is replaced (it died, or its
+worker did), the old one may settle a last batch while the new one starts: settlement is
+idempotent, and a pot set from a stale read is corrected by the next pass.
 
 Bounds, stated: a purchase paid from the wallet by another process can be admitted against for
 up to one settle interval (the ledger still posts the difference to overrun, never loses it);
