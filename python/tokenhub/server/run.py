@@ -1089,8 +1089,12 @@ def add_cli(sub: Any) -> None:
         "serve",
         help="run the OpenAI-compatible gateway",
         description="Run the gateway: an OpenAI-compatible API in front of the providers and "
-        "models of the config file, metering every request into the database. Tenants and "
-        "keys are managed with 'tokenhub tenants' and 'tokenhub keys'.",
+        "models of the config file, routing each request (the models' policies, health and "
+        "affinity), enforcing the keys' and tenants' limits, and metering every request into "
+        "the database. With [billing] settle_interval_s it also starts a settler process that "
+        "bills the usage into the ledger, and with [billing] admission = true it admits a "
+        "request only if the tenant's contracts can pay for it. Tenants, keys and limits are "
+        "managed with 'tokenhub tenants' and 'tokenhub keys'.",
     )
     p.add_argument("--config", metavar="FILE", help="TOML config: server, providers, models")
     p.add_argument("--host", help="address to listen on (default from config: 127.0.0.1)")
@@ -1111,8 +1115,9 @@ def add_cli(sub: Any) -> None:
     p.add_argument(
         "--demo",
         action="store_true",
-        help=f"run the demo: built-in mock upstream, three models, SQLite {DEMO_DB} here, a demo "
-        "tenant and key, and a printed curl command",
+        help=f"run the demo: built-in mock upstream, three models and 'auto', SQLite {DEMO_DB} "
+        "here, a demo tenant with a 10 USD wallet and a key, the settler with money admission, "
+        "and a printed curl command",
     )
     p.add_argument("--demo-key", metavar="KEY", help="with --demo: use this API key")
     p.set_defaults(func=cmd_serve)
