@@ -122,7 +122,10 @@ def _serve(site: Site, procs: Procs, workers: int = 1) -> Proc:
 
 
 def _cmdline(pid: int) -> bytes:
-    return Path(f"/proc/{pid}/cmdline").read_bytes()
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""  # gone since it was listed
 
 
 def _post(site: Site, body: dict[str, Any]) -> tuple[int, Any]:
@@ -331,8 +334,12 @@ def test_the_settler_process_is_restarted_and_follows_its_server(site: Site, pro
 
     (first,) = settlers()
     os.kill(first, signal.SIGKILL)
-    wait_until(lambda: len(settlers()) == 1 and settlers()[0] != first, 10.0,
-               what="a new settler")  # fmt: skip
+
+    def replaced() -> bool:
+        now = settlers()
+        return len(now) == 1 and now[0] != first
+
+    wait_until(replaced, 10.0, what="a new settler")
     status, body = _post(site, {"model": "gpt-4o-mini", "messages": MESSAGES, "max_tokens": 10})
     assert status == 200, body
     wait_until(lambda: len(_settled(site)) == 1, 10.0, what="the new settler to settle it")
