@@ -40,6 +40,11 @@ DAY_ACCOUNT = "meta:utc-day"
 _UNSET = {"rpm": None, "tpm": None, "concurrent": None, "tokens": None}
 
 
+def _said(headers: dict[str, str]) -> int:
+    """The rate kinds (1: requests, 2: tokens) these headers already state."""
+    return ("x-ratelimit-limit-requests" in headers) | ("x-ratelimit-limit-tokens" in headers) << 1
+
+
 def utc_day(now: float | None = None) -> int:
     """Days since the Unix epoch, in UTC."""
     return int((time.time() if now is None else now) // 86_400)
@@ -85,6 +90,7 @@ class LimitSync:
         self._seen_marker: int | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._usage_since = usage_since
+        self._rates: dict[str, int] = {}
         # Tier routing contracts: tenant -> the most strong-tier share allowed, in percent.
         self.strong_share: dict[str, int] = {}
         self.guard = Guard(quota, audit)
@@ -114,6 +120,10 @@ class LimitSync:
         for name, limits in wanted.items():
             self.quota.set_limits(name, **limits)
         self.limited = frozenset(wanted)
+        # Which rate limits each account has (1: rpm, 2: tpm), for the response headers.
+        self._rates = {
+            n: (lim["rpm"] is not None) | (lim["tpm"] is not None) << 1 for n, lim in wanted.items()
+        }
         self._tenants = frozenset(n for n in wanted if n.startswith("tenant:"))
         self._seen_marker = marker
 
@@ -214,8 +224,11 @@ class LimitSync:
     def rate_headers(self, accounts: Sequence[str]) -> dict[str, str]:
         """OpenAI's `x-ratelimit-*` for the caller: the key's limits, else its tenant's."""
         out: dict[str, str] = {}
-        for name in reversed(accounts):  # the key (first) wins
-            out.update(self.quota.rate_headers(name))
+        for name in accounts:  # the key first: a kind it limits is not the tenant's to say
+            kinds = self._rates.get(name, 0)
+            if kinds & ~_said(out):
+                for h, v in self.quota.rate_headers(name).items():
+                    out.setdefault(h, v)
         return out
 
     def settle(self, res: Reservation, tokens: int) -> None:
