@@ -174,3 +174,26 @@ async def test_admit_reserves_all_or_nothing_and_the_sync_gives_back() -> None:
     other = UsageEvent(request_id="s", ts_ms=1, tenant=T, key_id="k", endpoint="e", model="m",
                        holds=f"{c.epoch + 1}|pot:t:L1=5")  # fmt: skip
     assert sync.release([other]) == 0
+
+
+def test_the_first_pot_fast_path_never_reserves_on_an_unpublished_pot() -> None:
+    quota = Quota.anonymous(accounts=64, reservations=64)
+    new_epoch(quota)
+    c = Contracts(quota, db=None)  # type: ignore[arg-type]
+    c.terms = terms(order=("wallet",))
+    quota.set_limits("meta:contracts", requests=1)
+    # Not published yet: refused as unpaid, and no unlimited pot appears.
+    short = c.admit(T, "m", 1, [1000, 0, 1000], 10_000)
+    assert isinstance(short, Shortfall) and "wallet and credit left 0" in short.message
+    assert quota.table.find_account(money_pot(T)) is None
+    # Published: one reservation of the whole worst case on the wallet's pot.
+    cost = rate(1000, 2 * USD_1M) + rate(1000, 8 * USD_1M)
+    quota.set_limits(money_pot(T), money=cost)
+    hold = c.admit(T, "m", 1, [1000, 0, 1000], 10_000)
+    assert not isinstance(hold, Shortfall)
+    assert [(d.pot, d.amount) for d in hold.draws] == [(money_pot(T), cost)]
+    # The pot is now empty: the next is refused, reserving nothing.
+    assert isinstance(c.admit(T, "m", 1, [1, 0, 0], 10_000), Shortfall)
+    assert quota.state(money_pot(T)).money.held == cost
+    hold.settle([1000, 0, 500])
+    assert quota.state(money_pot(T)).money.used == rate(1000, 2 * USD_1M) + rate(500, 8 * USD_1M)

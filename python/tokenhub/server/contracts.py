@@ -438,10 +438,23 @@ class Contracts:
         self.quota = quota
         self.db = db
         self.refresh_s = refresh_s
-        self.terms = Terms()
+        self._terms = Terms()
         self.epoch = quota.limits(EPOCH_ACCOUNT)["requests"] or 0
         self._ready = False
         self._task: asyncio.Task[None] | None = None
+        # The fast path's first pot per (tenant, model) under the current terms: (pot, rule,
+        # until_ms), the pot the draw order reaches first, usable until its lot ends.
+        self._first: dict[tuple[str, str], tuple[str, Rule, int | None]] = {}
+        self._published: set[str] = set()
+
+    @property
+    def terms(self) -> Terms:
+        return self._terms
+
+    @terms.setter
+    def terms(self, terms: Terms) -> None:
+        self._terms = terms
+        self._first = {}
 
     async def start(self) -> None:
         self.terms = await load_terms(self.db)
@@ -483,6 +496,9 @@ class Contracts:
         NotReady before the pots are published, NotPriced for a model without a price."""
         if not self.ready():
             raise NotReady
+        hold = self._admit_first(tenant, model, ts_ms, lines, ttl_ms)
+        if hold is not None:
+            return hold
         for _ in range(3):  # a concurrent request can take a pot between plan and reserve
             draws, rest = plan(self.terms, tenant, model, ts_ms, list(lines), self.available)
             if sum(rest):
@@ -498,6 +514,39 @@ class Contracts:
                 return hold
         draws, rest = plan(self.terms, tenant, model, ts_ms, list(lines), self.available)
         return self._shortfall(tenant, model, ts_ms, lines, rest or list(lines), draws)
+
+    def _admit_first(
+        self, tenant: str, model: str, ts_ms: int, lines: list[int], ttl_ms: int
+    ) -> Hold | None:
+        """The usual case in one reservation: the first pot of the draw order pays for all of
+        it. The reservation itself is the check (it is refused, with no side effect, when the
+        pot cannot pay), so nothing is read first. None: not so, plan it in full."""
+        key = (tenant, model)
+        first = self._first.get(key)
+        if first is None:
+            draws, _ = plan(self.terms, tenant, model, ts_ms, [1, 0, 0], lambda pot: 1 << 62)
+            if not draws:
+                return None
+            lot_end = next(
+                (x.end_ms for x in self.terms.lots.get(tenant, ()) if lot_pot(x) == draws[0].pot),
+                None,
+            )
+            first = self._first[key] = (draws[0].pot, draws[0].rule, lot_end)
+        pot, rule, until = first
+        if until is not None and ts_ms >= until:
+            return None
+        if pot not in self._published:
+            # An account the table does not have yet would be made, unlimited, by a reserve.
+            if self.quota.table.find_account(pot) is None:
+                return None
+            self._published.add(pot)
+        amount = rule.cost(lines)
+        res = self.reserve(pot, amount, ttl_ms)
+        if res is None:
+            return None
+        hold = Hold(self, tenant, model, ts_ms, list(lines), ttl_ms)
+        hold.draws.append(Draw(pot, rule, amount, res))
+        return hold
 
     def _shortfall(
         self,
