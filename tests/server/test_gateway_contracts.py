@@ -118,6 +118,8 @@ def _serve(site: Site, procs: Procs, workers: int = 1) -> Proc:
     settlers = [c for c in children(serving[0]) if b"billing\x00settle" in _cmdline(c)]
     assert len(settlers) == 1, [_cmdline(c) for c in children(serving[0])]
     assert b"--quota" in _cmdline(settlers[0])
+    # The database (a PostgreSQL URL may carry a password) is not on its command line.
+    assert site.db.encode() not in _cmdline(settlers[0])
     return gw
 
 

@@ -521,13 +521,12 @@ async def _start_settler(
             await db.close()
     argv = [
         sys.executable, "-m", "tokenhub.cli", "billing", "settle", "--follow", f"{interval:g}",
-        "--batch", str(cfg.billing.settle_batch), "--db", cfg.server.database,
-        "--parent", str(os.getpid()),
+        "--batch", str(cfg.billing.settle_batch), "--parent", str(os.getpid()),
     ]  # fmt: skip
     if quota is not None and quota.table.path:
         argv += ["--quota", quota.table.path]
     stopping = False
-    proc = await _spawn_settler(argv)
+    proc = await _spawn_settler(argv, cfg.server.database)
 
     async def supervise() -> None:
         nonlocal proc
@@ -537,7 +536,7 @@ async def _start_settler(
                 return
             log.error("the settler (pid %d) exited with %s; restarting it in 1 s", proc.pid, code)
             await asyncio.sleep(1.0)
-            proc = await _spawn_settler(argv)
+            proc = await _spawn_settler(argv, cfg.server.database)
 
     task = asyncio.create_task(supervise(), name="tokenhub-settler")
     if quota is not None:
@@ -574,11 +573,18 @@ async def _start_settler(
     return close
 
 
-async def _spawn_settler(argv: list[str]) -> asyncio.subprocess.Process:
+async def _spawn_settler(argv: list[str], database: str) -> asyncio.subprocess.Process:
     # A session of its own: a Ctrl-C at the terminal reaches the server, which stops the
-    # settler itself (after its last pass), not both at once.
+    # settler itself (after its last pass), not both at once. The database goes in the
+    # environment, not the command line, which any local user can read (a PostgreSQL URL
+    # may carry a password).
+    from tokenhub.admin_cli import ENV_DB
+
     return await asyncio.create_subprocess_exec(
-        *argv, stdin=asyncio.subprocess.DEVNULL, start_new_session=True
+        *argv,
+        stdin=asyncio.subprocess.DEVNULL,
+        start_new_session=True,
+        env={**os.environ, ENV_DB: database},
     )
 
 
