@@ -409,7 +409,9 @@ def _add_db(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _group_help(p: argparse.ArgumentParser) -> Command:
+def group_help(p: argparse.ArgumentParser) -> Command:
+    """A command group's own action: its help on stderr, exit status 2."""
+
     def show(args: argparse.Namespace) -> int:
         p.print_help(sys.stderr)
         return 2
@@ -425,7 +427,7 @@ def add_cli(sub: Any) -> None:
         help="create and list tenants",
         description="Tenants own API keys; every usage event records its tenant.",
     )
-    tenants.set_defaults(func=_group_help(tenants))
+    tenants.set_defaults(func=group_help(tenants))
     ts = tenants.add_subparsers(dest="action", metavar="ACTION")
     p = ts.add_parser(
         "create",
@@ -465,7 +467,7 @@ def add_cli(sub: Any) -> None:
         "SHA-256 hash of each key, so a key's secret is shown once, when it is created. "
         "Running gateways see new and revoked keys within about a second.",
     )
-    keys.set_defaults(func=_group_help(keys))
+    keys.set_defaults(func=group_help(keys))
     ks = keys.add_subparsers(dest="action", metavar="ACTION")
     p = ks.add_parser(
         "create",
@@ -514,7 +516,7 @@ def add_cli(sub: Any) -> None:
         help="export usage events",
         description="Usage events: one per gateway request, with its token counts.",
     )
-    events.set_defaults(func=_group_help(events))
+    events.set_defaults(func=group_help(events))
     es = events.add_subparsers(dest="action", metavar="ACTION")
     from tokenhub.billing import io_cli
 

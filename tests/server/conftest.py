@@ -8,7 +8,7 @@ from pathlib import Path
 import openai
 import pytest
 from harness import Hub
-from procs import Procs
+from procs import Procs, mock_process
 
 
 @pytest.fixture(scope="session")
@@ -59,3 +59,12 @@ def procs(tmp_path: Path) -> Iterator[Procs]:
         yield p
     finally:
         p.close()
+
+
+@pytest.fixture(scope="module")
+def mock(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """`tokenhub mock-upstream` as a process (100 ms a request, so requests overlap) for the
+    real-process tests of a module; a module that needs another one defines its own."""
+    tmp = tmp_path_factory.mktemp("mock")
+    with mock_process(tmp, "--latency-ms", "100", "--model", "gpt-4o-mini") as base:
+        yield base

@@ -19,7 +19,7 @@ from typing import Any
 import aiohttp
 from harness import free_port, http_json, wait_until
 
-from tokenhub.store import Store
+from tokenhub.store import Store, open_store
 
 TOKENHUB = str(Path(sys.executable).with_name("tokenhub"))
 
@@ -134,6 +134,45 @@ id = "{model}"
     config = tmp / "tokenhub.toml"
     config.write_text(text, encoding="utf-8")
     return config
+
+
+@dataclass
+class Site:
+    """A database with a tenant and a key, and a config for a gateway on it (not started)."""
+
+    tmp: Path
+    config: Path
+    base: str
+    mock: str
+    store: Store
+    secret: str
+    key_id: str
+
+    @property
+    def journal(self) -> Path:
+        return self.tmp / "journal"
+
+    @property
+    def url(self) -> str:
+        return self.base + "/v1/chat/completions"
+
+
+@contextlib.contextmanager
+def open_site(tmp: Path, mock: str, tenant: str) -> Iterator[Site]:
+    """A Site on `mock` (its ledger reset) with one tenant and key: the gpt-4o-mini model on
+    the mock, a free port, SQLite in `tmp`."""
+    http_json(mock + "/mock/reset", method="POST")
+    port = free_port()
+    db = tmp / "hub.db"
+    config = write_config(tmp, port, db, mock)
+    store = open_store(str(db))
+    try:
+        store.migrate()
+        store.create_tenant(tenant)
+        key, secret = store.create_key(tenant)
+        yield Site(tmp, config, f"http://127.0.0.1:{port}", mock, store, secret, key.id)
+    finally:
+        store.close()
 
 
 def up(url: str) -> bool:

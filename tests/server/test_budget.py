@@ -11,24 +11,22 @@ from __future__ import annotations
 import asyncio
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from harness import free_port, http_json, wait_until
+from harness import http_json, wait_until
 from procs import (
     Procs,
+    Site,
     admitted_and_refused,
     children,
     event_ids,
     fire,
-    mock_process,
     no_traceback,
-    write_config,
+    open_site,
 )
 
 from tokenhub.meter import Meter
-from tokenhub.store import Store, open_store
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="SO_REUSEPORT balancing, /proc")
 
@@ -41,41 +39,10 @@ TOTAL = 200
 FIT = 50  # full upper-bound reservations the budget holds
 
 
-@pytest.fixture(scope="module")
-def mock(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    tmp = tmp_path_factory.mktemp("budget-mock")
-    with mock_process(tmp, "--latency-ms", "100", "--model", "gpt-4o-mini") as base:
-        yield base
-
-
-@dataclass
-class Site:
-    config: Path
-    base: str
-    mock: str
-    store: Store
-    secret: str
-    key_id: str
-
-    @property
-    def url(self) -> str:
-        return self.base + "/v1/chat/completions"
-
-
 @pytest.fixture
 def site(tmp_path: Path, mock: str) -> Iterator[Site]:
-    http_json(mock + "/mock/reset", method="POST")
-    port = free_port()
-    db = tmp_path / "hub.db"
-    config = write_config(tmp_path, port, db, mock, models={"gpt-4o-mini": VOCAB})
-    store = open_store(str(db))
-    try:
-        store.migrate()
-        store.create_tenant(TENANT)
-        key, secret = store.create_key(TENANT)
-        yield Site(config, f"http://127.0.0.1:{port}", mock, store, secret, key.id)
-    finally:
-        store.close()
+    with open_site(tmp_path, mock, TENANT) as s:
+        yield s
 
 
 @pytest.mark.parametrize("workers", [1, 2])

@@ -25,12 +25,19 @@ from typing import Any
 
 import aiohttp
 import pytest
-from harness import free_port, http_json, wait_until
-from procs import Procs, children, event_ids, mock_process, no_traceback, write_config
+from harness import http_json, wait_until
+from procs import (
+    Procs,
+    Site,
+    children,
+    event_ids,
+    no_traceback,
+    open_site,
+)
 
 from tokenhub.cli import build_parser, main
 from tokenhub.journal import Journal
-from tokenhub.store import Store, open_store
+from tokenhub.store import open_store
 from tokenhub.usage import UsageEvent
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="SO_REUSEPORT balancing, /proc")
@@ -42,48 +49,10 @@ TENANT = "workers"
 # -- fixtures ----------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def mock(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    tmp = tmp_path_factory.mktemp("mock")
-    with mock_process(tmp, "--latency-ms", "100", "--model", "gpt-4o-mini") as base:
-        yield base
-
-
-@dataclass
-class Site:
-    """A database with a tenant and a key, and a config for a gateway on it."""
-
-    tmp: Path
-    config: Path
-    base: str
-    mock: str
-    store: Store
-    secret: str
-    key_id: str
-
-    @property
-    def journal(self) -> Path:
-        return self.tmp / "journal"
-
-    @property
-    def url(self) -> str:
-        return self.base + "/v1/chat/completions"
-
-
 @pytest.fixture
 def site(tmp_path: Path, mock: str) -> Iterator[Site]:
-    http_json(mock + "/mock/reset", method="POST")
-    port = free_port()
-    db = tmp_path / "hub.db"
-    config = write_config(tmp_path, port, db, mock)
-    store = open_store(str(db))
-    try:
-        store.migrate()
-        store.create_tenant(TENANT)
-        key, secret = store.create_key(TENANT)
-        yield Site(tmp_path, config, f"http://127.0.0.1:{port}", mock, store, secret, key.id)
-    finally:
-        store.close()
+    with open_site(tmp_path, mock, TENANT) as s:
+        yield s
 
 
 # -- requests ----------------------------------------------------------------------------------

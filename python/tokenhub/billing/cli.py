@@ -37,7 +37,16 @@ from typing import Any
 
 import msgspec
 
-from tokenhub.admin_cli import ENV_DB, AdminError, db_url, iso_time, parse_time, print_table
+from tokenhub.admin_cli import (
+    ENV_DB,
+    AdminError,
+    Command,
+    db_url,
+    group_help,
+    iso_time,
+    parse_time,
+    print_table,
+)
 from tokenhub.billing import io_cli
 from tokenhub.billing import ledger as L
 from tokenhub.billing import statements as S
@@ -71,7 +80,6 @@ from tokenhub.store.base import check_tenant_name
 
 PROG = "tokenhub"
 
-Command = Callable[[argparse.Namespace], int]
 Body = Callable[[Billing], Awaitable[int]]
 
 # -- help texts shared by several commands ------------------------------------------------------
@@ -1143,17 +1151,9 @@ def _add_db(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _group_help(p: argparse.ArgumentParser) -> Command:
-    def show(args: argparse.Namespace) -> int:
-        p.print_help(sys.stderr)
-        return 2
-
-    return show
-
-
 def _group(sub: Any, name: str, help: str, description: str) -> Any:
     g = sub.add_parser(name, help=help, description=description)
-    g.set_defaults(func=_group_help(g))
+    g.set_defaults(func=group_help(g))
     return g.add_subparsers(dest="action", metavar="ACTION")
 
 

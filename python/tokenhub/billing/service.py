@@ -37,7 +37,7 @@ import hashlib
 import json
 import secrets
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from functools import partial
@@ -151,6 +151,11 @@ class Lot:
 _LOT_COLS = (
     "id, tenant, plan, kind, quantity, price, currency, start_ms, end_ms, exhaustion, "
     "overage_per_1m, overage_currency, auto_topup, rollover, models, consumed, recognized, status"
+)
+PROFILE_COLS = "tenant, currency, draw_order, credit_limit, low_balance, discount_ppm"
+PRICE_COLS = (
+    "model, tenant, version, effective_ms, currency, input_per_1m, cached_input_per_1m, "
+    "output_per_1m, points_per_1m"
 )
 _PLAN_COLS = (
     "name, kind, price, currency, quantity, period, exhaustion, overage_per_1m, "
@@ -352,9 +357,7 @@ class Billing:
     async def prices(self) -> list[Price]:
         async def run(tx: Tx) -> list[Price]:
             rows = await tx.fetch(
-                "SELECT model, tenant, version, effective_ms, currency, input_per_1m, "
-                "cached_input_per_1m, output_per_1m, points_per_1m FROM prices "
-                "ORDER BY model, tenant, version"
+                f"SELECT {PRICE_COLS} FROM prices ORDER BY model, tenant, version"
             )
             return [Price(*r) for r in rows]
 
@@ -810,13 +813,14 @@ def _plan(r: Sequence[Any]) -> Plan:
 async def get_profile(tx: Tx, tenant: str) -> Profile:
     _check_tenant(tenant)
     row = await tx.fetchrow(
-        "SELECT currency, draw_order, credit_limit, low_balance, discount_ppm "
-        "FROM billing_profiles WHERE tenant = $1",
-        tenant,
+        f"SELECT {PROFILE_COLS} FROM billing_profiles WHERE tenant = $1", tenant
     )
-    if row is None:
-        return Profile(tenant)
-    cur, order, limit, low, disc = row
+    return Profile(tenant) if row is None else profile_from_row(row)
+
+
+def profile_from_row(row: Sequence[Any]) -> Profile:
+    """A billing_profiles row, columns in PROFILE_COLS order."""
+    tenant, cur, order, limit, low, disc = row
     return Profile(tenant, cur, tuple(order.split(",")), limit, low, disc)
 
 
@@ -939,44 +943,63 @@ class _Ctx:
     splits: dict[str, list[tuple[int, int, int]]] = field(default_factory=dict)
 
 
-async def _price_at(tx: Tx, ctx: _Ctx, model: str, tenant: str, ts: int) -> Price | None:
+def price_in(
+    prices: Mapping[tuple[str, str], Sequence[Price]], model: str, tenant: str, ts: int
+) -> Price | None:
+    """The price of `model` for `tenant` at `ts`: the tenant's own, else the list price (each
+    list newest first)."""
     for who in (tenant, ""):
-        key = (model, who)
-        if key not in ctx.prices:
-            rows = await tx.fetch(
-                "SELECT model, tenant, version, effective_ms, currency, input_per_1m, "
-                "cached_input_per_1m, output_per_1m, points_per_1m FROM prices "
-                "WHERE model = $1 AND tenant = $2 ORDER BY effective_ms DESC, version DESC",
-                model,
-                who,
-            )
-            ctx.prices[key] = [Price(*r) for r in rows]
-        for p in ctx.prices[key]:
+        for p in prices.get((model, who), ()):
             if p.effective_ms <= ts:
                 return p
     return None
 
 
-async def _fx_at(tx: Tx, ctx: _Ctx, base: str, quote: str, ts: int) -> tuple[Decimal, str]:
-    """The rate converting base -> quote at ts, and how it was found (for the record)."""
+def fx_in(
+    fx: Mapping[tuple[str, str], Sequence[tuple[int, Decimal]]], base: str, quote: str, ts: int
+) -> tuple[Decimal, str] | None:
+    """The rate converting base -> quote at `ts` from the rates set (each list newest first),
+    and how it was found (for the record); the inverse of quote -> base when only that is
+    set. None: no rate."""
     for b, q, inverse in ((base, quote, False), (quote, base, True)):
-        key = (b, q)
-        if key not in ctx.fx:
-            rows = await tx.fetch(
-                "SELECT effective_ms, rate FROM fx_rates WHERE base = $1 AND quote = $2 "
-                "ORDER BY effective_ms DESC",
-                b,
-                q,
-            )
-            ctx.fx[key] = [(e, Decimal(r)) for e, r in rows]
-        for eff, r in ctx.fx[key]:
+        for eff, r in fx.get((b, q), ()):
             if eff <= ts:
                 if not inverse:
                     return r, f"{b}/{q} {r} from {eff}"
                 # Only the opposite direction is set: 1/r, to 12 significant decimals.
                 inv = (Decimal(1) / r).quantize(Decimal("1e-12"))
                 return inv, f"1/({b}/{q} {r}) from {eff}"
-    raise BillingError(f"no FX rate {base}->{quote} effective at {ts} (tokenhub fx set ...)")
+    return None
+
+
+async def _price_at(tx: Tx, ctx: _Ctx, model: str, tenant: str, ts: int) -> Price | None:
+    for who in (tenant, ""):
+        key = (model, who)
+        if key not in ctx.prices:
+            rows = await tx.fetch(
+                f"SELECT {PRICE_COLS} FROM prices "
+                "WHERE model = $1 AND tenant = $2 ORDER BY effective_ms DESC, version DESC",
+                model,
+                who,
+            )
+            ctx.prices[key] = [Price(*r) for r in rows]
+    return price_in(ctx.prices, model, tenant, ts)
+
+
+async def _fx_at(tx: Tx, ctx: _Ctx, base: str, quote: str, ts: int) -> tuple[Decimal, str]:
+    """The rate converting base -> quote at ts, and how it was found (for the record)."""
+    for key in ((base, quote), (quote, base)):
+        if key not in ctx.fx:
+            rows = await tx.fetch(
+                "SELECT effective_ms, rate FROM fx_rates WHERE base = $1 AND quote = $2 "
+                "ORDER BY effective_ms DESC",
+                *key,
+            )
+            ctx.fx[key] = [(e, Decimal(r)) for e, r in rows]
+    found = fx_in(ctx.fx, base, quote, ts)
+    if found is None:
+        raise BillingError(f"no FX rate {base}->{quote} effective at {ts} (tokenhub fx set ...)")
+    return found
 
 
 async def _split_at(tx: Tx, ctx: _Ctx, provider: str, ts: int) -> tuple[int, int]:
@@ -1129,12 +1152,11 @@ async def _prefetch(tx: Tx, ctx: _Ctx, todo: Sequence[tuple[UsageEvent, str]]) -
         ctx.lots[t] = []
     for i in range(0, len(tenants), 500):
         chunk = tenants[i : i + 500]
-        for tenant, cur, order, limit, low, disc in await tx.fetch(
-            "SELECT tenant, currency, draw_order, credit_limit, low_balance, discount_ppm "
-            f"FROM billing_profiles WHERE tenant IN ({_marks(len(chunk))})",
+        for row in await tx.fetch(
+            f"SELECT {PROFILE_COLS} FROM billing_profiles WHERE tenant IN ({_marks(len(chunk))})",
             *chunk,
         ):
-            ctx.profiles[tenant] = Profile(tenant, cur, tuple(order.split(",")), limit, low, disc)
+            ctx.profiles[row[0]] = profile_from_row(row)
         for r in await tx.fetch(
             f"SELECT {_LOT_COLS} FROM lots WHERE status = 'active' AND tenant IN "
             f"({_marks(len(chunk))}) ORDER BY end_ms IS NULL, end_ms, start_ms, id",
@@ -1147,9 +1169,7 @@ async def _prefetch(tx: Tx, ctx: _Ctx, todo: Sequence[tuple[UsageEvent, str]]) -
     for i in range(0, len(models), 500):
         chunk = models[i : i + 500]
         for r in await tx.fetch(
-            "SELECT model, tenant, version, effective_ms, currency, input_per_1m, "
-            "cached_input_per_1m, output_per_1m, points_per_1m FROM prices "
-            f"WHERE model IN ({_marks(len(chunk))}) "
+            f"SELECT {PRICE_COLS} FROM prices WHERE model IN ({_marks(len(chunk))}) "
             "ORDER BY effective_ms DESC, version DESC",
             *chunk,
         ):

@@ -65,7 +65,17 @@ from typing import Any
 
 from tokenhub.billing.db import Database, Tx
 from tokenhub.billing.money import convert, div_half_even, fmt, fmt_units, rate
-from tokenhub.billing.service import PPM, Lot, Price, Profile
+from tokenhub.billing.service import (
+    PPM,
+    PRICE_COLS,
+    PROFILE_COLS,
+    Lot,
+    Price,
+    Profile,
+    fx_in,
+    price_in,
+    profile_from_row,
+)
 from tokenhub.quota import UNLIMITED, Quota, Refusal, Reservation
 from tokenhub.usage import UsageEvent
 
@@ -196,22 +206,16 @@ class Terms:
         return self.profiles.get(tenant) or Profile(tenant)
 
     def price(self, model: str, tenant: str, ts_ms: int) -> Price | None:
-        for who in (tenant, ""):
-            for p in self.prices.get((model, who), ()):
-                if p.effective_ms <= ts_ms:
-                    return p
-        return None
+        return price_in(self.prices, model, tenant, ts_ms)
 
     def rate(self, base: str, quote: str, ts_ms: int) -> Decimal | None:
+        """base -> quote as settlement finds it (None: the same currency)."""
         if base == quote:
             return None
-        for eff, r in self.fx.get((base, quote), ()):
-            if eff <= ts_ms:
-                return r
-        for eff, r in self.fx.get((quote, base), ()):
-            if eff <= ts_ms:
-                return (Decimal(1) / r).quantize(Decimal("1e-12"))
-        raise LookupError(f"no FX rate {base}->{quote}")
+        found = fx_in(self.fx, base, quote, ts_ms)
+        if found is None:
+            raise LookupError(f"no FX rate {base}->{quote}")
+        return found[0]
 
 
 async def load_terms(db: Database) -> Terms:
@@ -219,11 +223,8 @@ async def load_terms(db: Database) -> Terms:
 
     async def run(tx: Tx) -> Terms:
         t = Terms()
-        for tenant, cur, order, limit, low, disc in await tx.fetch(
-            "SELECT tenant, currency, draw_order, credit_limit, low_balance, discount_ppm "
-            "FROM billing_profiles"
-        ):
-            t.profiles[tenant] = Profile(tenant, cur, tuple(order.split(",")), limit, low, disc)
+        for row in await tx.fetch(f"SELECT {PROFILE_COLS} FROM billing_profiles"):
+            t.profiles[row[0]] = profile_from_row(row)
         for r in await tx.fetch(
             f"SELECT {_LOT_COLS} FROM lots WHERE status = 'active' "
             "ORDER BY end_ms IS NULL, end_ms, start_ms, id"
@@ -231,9 +232,7 @@ async def load_terms(db: Database) -> Terms:
             lot = _lot(r)
             t.lots.setdefault(lot.tenant, []).append(lot)
         for r in await tx.fetch(
-            "SELECT model, tenant, version, effective_ms, currency, input_per_1m, "
-            "cached_input_per_1m, output_per_1m, points_per_1m FROM prices "
-            "ORDER BY effective_ms DESC, version DESC"
+            f"SELECT {PRICE_COLS} FROM prices ORDER BY effective_ms DESC, version DESC"
         ):
             p = Price(*r)
             t.prices.setdefault((p.model, p.tenant), []).append(p)
@@ -626,13 +625,11 @@ async def _ledger_pots(tx: Tx, tenants: Sequence[str] | None) -> dict[str, int]:
         lot = _lot(r)
         out[lot_pot(lot)] = max(0, -bal.get(f"t:{lot.tenant}:lot:{lot.id}", 0))
     profiles: dict[str, Profile] = {}
-    for tenant, cur, order, limit, low, disc in await tx.fetch(
-        "SELECT tenant, currency, draw_order, credit_limit, low_balance, discount_ppm "
-        "FROM billing_profiles WHERE 1 = 1" + where,
-        *args,
+    for row in await tx.fetch(
+        f"SELECT {PROFILE_COLS} FROM billing_profiles WHERE 1 = 1" + where, *args
     ):
-        profiles[tenant] = Profile(tenant, cur, tuple(order.split(",")), limit, low, disc)
-        names.add(tenant)
+        profiles[row[0]] = profile_from_row(row)
+        names.add(row[0])
     for t in names:
         prof = profiles.get(t) or Profile(t)
         cur = prof.currency

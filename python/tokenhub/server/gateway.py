@@ -26,7 +26,7 @@ import logging
 import os
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -329,15 +329,21 @@ class Gateway:
         return list(d.order), d.reason
 
     def tier(
-        self, model: Model, endpoint: Endpoint, payload: dict[str, Any], who: Principal
+        self,
+        model: Model,
+        endpoint: Endpoint,
+        payload: dict[str, Any],
+        who: Principal,
+        count: Callable[[str], int],
     ) -> tuple[Model, str]:
         """A tiered model's request goes to its cheap or its strong model, by the complexity
-        score of the prompt and within the tenant's contract (limits: strong_share_pct)."""
+        score of the prompt and within the tenant's contract (limits: strong_share_pct).
+        `count(vocab)` is the prompt's token count in a vocabulary (metered once per request)."""
         assert model.tiers is not None
         scorer = self.scorers[model.id]
         cheap = self.models[model.tiers.cheap]
         text, depth, tools = _tier_input(endpoint, payload)
-        tokens = self._meter_prompt(endpoint, payload, cheap.deployments[0].vocab)
+        tokens = count(cheap.deployments[0].vocab)
         score = scorer.score_text(text, depth=depth, tools=tools, prompt_tokens=tokens)
         pct = self.limits.strong_share.get(who.tenant) if self.limits is not None else None
         contract = (
@@ -382,15 +388,22 @@ class Gateway:
                 "'stream_options' must be an object.", param="stream_options"
             )
         client_wants_usage = bool(stream and options and options.get("include_usage"))
+        metered: dict[str, int] = {}
+
+        def count(vocab: str) -> int:
+            """The prompt's tokens in `vocab`, metered once however often asked."""
+            n = metered.get(vocab)
+            if n is None:
+                n = metered[vocab] = self._meter_prompt(endpoint, payload, vocab)
+            return n
+
         tier = ""
         if model.tiers is not None:
-            model, tier = self.tier(model, endpoint, payload, who)
-        vocab = model.deployments[0].vocab
-        prompt_tokens = self._meter_prompt(endpoint, payload, vocab)
+            model, tier = self.tier(model, endpoint, payload, who, count)
+        prompt_tokens = count(model.deployments[0].vocab)
         order, reason = self.route(model, prompt_tokens, _affinity(model, request, payload))
         candidates = [model.deployments[i] for i in order]
-        if candidates[0].vocab != vocab:
-            prompt_tokens = self._meter_prompt(endpoint, payload, candidates[0].vocab)
+        prompt_tokens = count(candidates[0].vocab)
 
         event = UsageEvent(
             request_id=rid,
