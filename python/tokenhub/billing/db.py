@@ -13,7 +13,8 @@ Isolation and concurrency:
 - **SQLite**: one connection owned by one worker thread, running its own event loop; each
   transaction (`BEGIN IMMEDIATE`) runs start to finish there, one at a time, so SQLite never
   blocks the caller's loop and writers never interleave. Other processes wait on the file lock
-  (busy_timeout).
+  (busy_timeout). `read` runs a read-only transaction (`BEGIN DEFERRED`: a WAL snapshot, no
+  write lock), so a long read, or a reader stopped halfway (SIGSTOP), never blocks a writer.
 - **PostgreSQL**: a pool of connections, each transaction READ COMMITTED on its own connection.
   Constrained balances are protected by row locks (`SELECT ... FOR UPDATE`, taken in account-id
   order so that two settlements cannot deadlock) and by a conditional update that refuses to go
@@ -63,6 +64,7 @@ class Database(Protocol):
     url: str
 
     async def transaction(self, fn: Callable[[Tx], Awaitable[T]]) -> T: ...
+    async def read(self, fn: Callable[[Tx], Awaitable[T]]) -> T: ...
     async def migrate(self) -> list[int]: ...
     async def close(self) -> None: ...
 
@@ -200,11 +202,13 @@ class SqliteDatabase:
             self._loop.close()
             conn.close()
 
-    async def _in_thread(self, fn: Callable[[Tx], Awaitable[T]]) -> T:
+    async def _in_thread(
+        self, fn: Callable[[Tx], Awaitable[T]], begin: str = "BEGIN IMMEDIATE"
+    ) -> T:
         assert self._conn is not None and self._lock is not None
         async with self._lock:
             conn = self._conn
-            conn.execute("BEGIN IMMEDIATE")
+            conn.execute(begin)
             try:
                 result = await fn(_SqliteTx(conn, self._cache))
             except BaseException:
@@ -217,6 +221,19 @@ class SqliteDatabase:
         if self._loop is None or self._loop.is_closed():
             raise DatabaseError("the database is closed")
         fut: Future[T] = asyncio.run_coroutine_threadsafe(self._in_thread(fn), self._loop)
+        try:
+            return await asyncio.wrap_future(fut)
+        except sqlite3.Error as e:
+            raise DatabaseError(f"{self.path}: {e}") from e
+
+    async def read(self, fn: Callable[[Tx], Awaitable[T]]) -> T:
+        """A transaction that only reads: a WAL snapshot, without the write lock, so other
+        processes (the gateway's usage writes) never wait for it."""
+        if self._loop is None or self._loop.is_closed():
+            raise DatabaseError("the database is closed")
+        fut: Future[T] = asyncio.run_coroutine_threadsafe(
+            self._in_thread(fn, "BEGIN DEFERRED"), self._loop
+        )
         try:
             return await asyncio.wrap_future(fut)
         except sqlite3.Error as e:
@@ -308,6 +325,10 @@ class PgDatabase:
             except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as e:
                 raise DatabaseError(f"PostgreSQL: {e}") from e
         raise AssertionError("unreachable")
+
+    async def read(self, fn: Callable[[Tx], Awaitable[T]]) -> T:
+        """A transaction that only reads (READ COMMITTED takes no locks to read)."""
+        return await self.transaction(fn)
 
     async def migrate(self) -> list[int]:
         return await _apply_migrations(self)

@@ -4,12 +4,20 @@
 few seconds (`tokenhub billing settle --follow`, which `tokenhub serve` also starts as a process
 of its own when `[billing] settle_interval_s` is set, as the demo does).
 
-Events are read in export order (ts_ms, request_id) with a keyset cursor: an event that cannot
-be settled (no price yet, no FX rate) stays unsettled, is recorded in `settlement_failures`
-with its reason and attempt count, and is skipped by later passes until `retry_failed`. A
-settled event is never read again (`settlements` has its id), and settling is idempotent, so
-two settlers running at once (two replicas) cannot double-bill: the second one's batch finds
-the events settled and posts nothing.
+Pending events are found through the partial index `usage_events_pending` (ts_ms, request_id)
+WHERE settled_ms IS NULL, which holds only the unsettled ones, read in export order with a
+keyset cursor: a pass costs what is pending, not the whole history (benches/
+bench_settler_idle.py: flat from 10k to 10M recorded events). After a batch commits, its events
+are marked (`settled_ms`), which takes them out of the index. An event that cannot be settled
+(no price yet, no FX rate) stays unsettled, is recorded in `settlement_failures` with its reason
+and attempt count, and is skipped by later passes until `retry_failed`. Settling is idempotent,
+so two settlers running at once (two replicas) cannot double-bill: the second one's batch finds
+the events settled and posts nothing; an event settled and not yet marked (a crash in between)
+is read once more, found settled, and marked.
+
+Locks: pending events are read in a read-only transaction (`Database.read`: on SQLite a WAL
+snapshot without the write lock), and each write transaction is one batch: a settler that
+stalls (SIGSTOP, a slow pass) between them holds no lock the gateway's usage writes wait for.
 """
 
 from __future__ import annotations
@@ -67,9 +75,23 @@ async def _fetch(tx: Tx, *, sql: str, args: tuple[Any, ...]) -> list[tuple[Any, 
     return await tx.fetch(sql, *args)
 
 
-async def _record(tx: Tx, *, failed: list[tuple[str, str]], cleared: list[str]) -> None:
-    """Upserts this batch's failures; forgets the earlier failures of events now settled."""
+async def _mark_settled(tx: Tx, *, ids: list[str], now: int) -> None:
+    """Takes settled events out of the pending index."""
+    for i in range(0, len(ids), 500):
+        chunk = ids[i : i + 500]
+        marks = ",".join(f"${j + 2}" for j in range(len(chunk)))
+        await tx.execute(
+            f"UPDATE usage_events SET settled_ms = $1 WHERE request_id IN ({marks})", now, *chunk
+        )
+
+
+async def _record(
+    tx: Tx, *, failed: list[tuple[str, str]], cleared: list[str], settled: Sequence[str] = ()
+) -> None:
+    """Upserts this batch's failures; forgets the earlier failures of events now settled;
+    marks the settled events (`settled_ms`)."""
     now = int(time.time() * 1000)
+    await _mark_settled(tx, ids=list(settled), now=now)
     if failed:
         await tx.executemany(
             "INSERT INTO settlement_failures (event_id, reason, attempts, last_ms) "
@@ -101,10 +123,9 @@ async def settle_pending(
         skip_failed = (
             " AND NOT EXISTS (SELECT 1 FROM settlement_failures f WHERE f.event_id = e.request_id)"
         )
-    first = (
-        f"SELECT {_EVENT_COLS} FROM usage_events e WHERE NOT EXISTS "
-        f"(SELECT 1 FROM settlements s WHERE s.event_id = e.request_id){skip_failed}"
-    )
+    # `settled_ms IS NULL` word for word as the partial index's predicate, so that SQLite's
+    # planner (which matches the terms) uses it.
+    first = f"SELECT {_EVENT_COLS} FROM usage_events e WHERE e.settled_ms IS NULL{skip_failed}"
     after = f"{first} AND (e.ts_ms > $2 OR (e.ts_ms = $2 AND e.request_id > $3))"
     order = " ORDER BY e.ts_ms, e.request_id LIMIT $1"
     cursor: tuple[int, str] | None = None
@@ -112,9 +133,9 @@ async def settle_pending(
     started = time.monotonic()
     while True:
         if cursor is None:
-            rows = await db.transaction(partial(_fetch, sql=first + order, args=(batch,)))
+            rows = await db.read(partial(_fetch, sql=first + order, args=(batch,)))
         else:
-            rows = await db.transaction(partial(_fetch, sql=after + order, args=(batch, *cursor)))
+            rows = await db.read(partial(_fetch, sql=after + order, args=(batch, *cursor)))
         if not rows:
             break
         events = [event_from_row(r) for r in rows]
@@ -130,8 +151,10 @@ async def settle_pending(
         out.failed += len(res.failed)
         out.reasons.update(reason_kind(r) for _, r in bad)
         cleared = list(res.txn_ids) if retry_failed else []
-        if bad or cleared:
-            await db.transaction(partial(_record, failed=bad, cleared=cleared))
+        unsettled = {eid for eid, _ in bad}
+        settled = [e.request_id for e in events if e.request_id not in unsettled]
+        if bad or cleared or settled:
+            await db.transaction(partial(_record, failed=bad, cleared=cleared, settled=settled))
         out.elapsed_s = time.monotonic() - started
         if progress is not None:
             progress(out)

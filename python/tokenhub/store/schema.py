@@ -295,6 +295,22 @@ MIGRATIONS: tuple[Migration, ...] = (
             "ALTER TABLE limits ADD COLUMN strong_share_pct BIGINT",
         ),
     ),
+    Migration(
+        7,
+        "usage_events.settled_ms and the pending-settlement index",
+        (
+            # When the settler settled the event (NULL: not yet). The settler finds pending
+            # events through the partial index below, which holds only the unsettled ones:
+            # a pass costs what is pending, not every event ever recorded (a full scan of the
+            # NOT EXISTS (settlements) anti-join took 48 ms at 159k events, a core near 3.5M).
+            "ALTER TABLE usage_events ADD COLUMN settled_ms BIGINT",
+            """UPDATE usage_events SET settled_ms = (
+                SELECT s.settled_ms FROM settlements s WHERE s.event_id = usage_events.request_id
+            ) WHERE request_id IN (SELECT event_id FROM settlements)""",
+            "CREATE INDEX usage_events_pending ON usage_events (ts_ms, request_id) "
+            "WHERE settled_ms IS NULL",
+        ),
+    ),
 )
 
 LATEST_VERSION = MIGRATIONS[-1].version
