@@ -30,6 +30,7 @@ from __future__ import annotations
 import os
 import re
 import tomllib
+from collections.abc import Mapping
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -69,6 +70,13 @@ class Provider(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     read_timeout_s: float = 300.0  # longest silence between two bytes of an upstream reply
     total_timeout_s: float = 600.0
     max_connections: int = 512
+    # TLS: verify an https base_url against only the CAs in this PEM file (a private CA),
+    # instead of the system's. A relative path is from the working directory.
+    ca_file: str = ""
+    # Egress: http://[user:password@]host:port of a forward proxy (CONNECT for https upstreams,
+    # absolute-form requests for http ones); "" = HTTPS_PROXY / HTTP_PROXY / NO_PROXY from the
+    # environment; "direct" = never a proxy.
+    proxy_url: str = ""
 
 
 class Deployment(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -130,6 +138,14 @@ class ServerSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # the usage event records what the upstream generated (and will bill).
     drain_timeout_s: float = 60.0
     key_refresh_s: float = 0.5
+    # What one client may hold without sending a request (tokenhub.server.protocol): a request
+    # head (request line and headers) must be complete this many seconds after its first byte;
+    # a connection with no request in progress is closed after keepalive_timeout_s; over
+    # max_connections open at once, a new connection gets a 503 and is closed at once (also
+    # capped by the process's file-descriptor limit, which the server raises to its maximum).
+    header_timeout_s: float = 10.0
+    keepalive_timeout_s: float = 75.0
+    max_connections: int = 10_000
 
 
 class BillingSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -176,6 +192,11 @@ def validate(cfg: Config, *, environ: dict[str, str] | None = None) -> Config:
         raise _fail(src, "server.port", f"{s.port} is not a TCP port")
     if s.max_body_bytes < 1024:
         raise _fail(src, "server.max_body_bytes", "must be at least 1024")
+    for field in ("header_timeout_s", "keepalive_timeout_s"):
+        if getattr(s, field) <= 0:
+            raise _fail(src, f"server.{field}", "must be positive")
+    if s.max_connections < 1:
+        raise _fail(src, "server.max_connections", "must be at least 1")
     if cfg.billing.settle_interval_s < 0:
         raise _fail(src, "billing.settle_interval_s", "must be zero (off) or positive")
     if cfg.billing.admission and cfg.billing.settle_interval_s <= 0:
@@ -204,6 +225,7 @@ def validate(cfg: Config, *, environ: dict[str, str] | None = None) -> Config:
         for field in ("connect_timeout_s", "read_timeout_s", "total_timeout_s"):
             if getattr(p, field) <= 0:
                 raise _fail(src, f"{where}.{field}", "must be positive")
+        _check_egress(src, where, p, env)
     from tokenhub import vocabs  # late: keeps `import tokenhub.config` light
 
     ids: set[str] = set()
@@ -278,6 +300,23 @@ def validate(cfg: Config, *, environ: dict[str, str] | None = None) -> Config:
                     src, f"models[{i}].tiers.{tier}", f"{name!r} is not a model with deployments"
                 )
     return cfg
+
+
+def _check_egress(src: str, where: str, p: Provider, env: Mapping[str, str]) -> None:
+    """ca_file loads, and the proxy (configured or from the environment) is one we can use."""
+    from tokenhub.server import upstream_http  # late: keeps `import tokenhub.config` light
+
+    if p.ca_file:
+        if not p.base_url.startswith("https://"):
+            raise _fail(src, f"{where}.ca_file", "is for an https base_url")
+        try:
+            upstream_http.tls_context(p.ca_file)
+        except ValueError as e:
+            raise _fail(src, f"{where}.ca_file", str(e)) from None
+    try:
+        upstream_http.find_proxy(p.base_url, p.proxy_url, env)
+    except ValueError as e:
+        raise _fail(src, where, str(e)) from None
 
 
 def from_mapping(data: dict[str, Any], source: str = "<config>") -> Config:

@@ -5,7 +5,7 @@ client does only that: `Pool.post` renders the request line and fixed headers on
 writes head and body to a pooled keep-alive connection in one `transport.write`, and each
 connection is a plain `asyncio.Protocol` that feeds what arrives to llhttp (`httptools`) and
 keeps the body as a list of byte strings until it is read. There are no per-request tracing
-hooks, cookie jars, redirects, proxies, multipart payload objects or stream-reader layers.
+hooks, cookie jars, redirects, multipart payload objects or stream-reader layers.
 
 - Pool: at most `limit` connections (open, opening or in use); a request that finds none free
   waits (bounded by the total timeout). Idle connections are reused last-in first-out and
@@ -20,6 +20,13 @@ hooks, cookie jars, redirects, proxies, multipart payload objects or stream-read
 - Flow control: a streamed reply with more than `HIGH_WATER` unread bytes pauses reading from
   the upstream socket until the reader takes them (`readany` takes everything buffered).
 - `Accept-Encoding: identity` is sent; a gzip or deflate reply sent anyway is decompressed.
+- TLS: https origins are verified against the system's CAs, or against `ca_file` alone (a
+  private CA); a failed handshake or verification raises `TLSError`, not a connect error.
+- Egress proxy (`proxy_url`, else HTTPS_PROXY / HTTP_PROXY / NO_PROXY from the environment, as
+  urllib reads them): an https origin is reached through a CONNECT tunnel with TLS inside it;
+  an http origin's requests go to the proxy in absolute form (`POST http://host/path`), which
+  every forward proxy accepts (many refuse CONNECT to ports other than 443). Only http:// proxy
+  URLs; user:password in one becomes `Proxy-Authorization: Basic` and appears in no message.
 - Errors are `ClientError` subclasses named after aiohttp's (the gateway's 502 messages name
   the exception type, and stay what they were with aiohttp).
 
@@ -52,12 +59,14 @@ background would save a reconnect (and a TLS handshake) per stream on such upstr
 from __future__ import annotations
 
 import asyncio
+import base64
+import os
 import ssl
 import zlib
 from collections import deque
-from collections.abc import Iterator, Mapping
-from typing import cast
-from urllib.parse import urlsplit
+from collections.abc import Callable, Iterator, Mapping
+from typing import NamedTuple, cast
+from urllib.parse import unquote, urlsplit
 
 import httptools
 
@@ -72,6 +81,19 @@ class ClientError(Exception):
 
 class ClientConnectorError(ClientError):
     """Connecting failed (refused, unreachable, name resolution, TLS)."""
+
+
+class TLSError(ClientConnectorError):
+    """The TLS handshake failed: the certificate did not verify (unknown CA, wrong host name,
+    expired) or the server does not speak TLS. `reason` says which, without the host."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class ClientProxyConnectionError(ClientConnectorError):
+    """The egress proxy could not be reached, or refused the CONNECT tunnel."""
 
 
 class ServerDisconnectedError(ClientError):
@@ -427,7 +449,12 @@ class Pool:
         read_timeout: float = 300.0,
         total_timeout: float = 600.0,
         ssl_context: ssl.SSLContext | None = None,
+        ca_file: str = "",
+        proxy_url: str = "",
+        environ: Mapping[str, str] | None = None,
     ) -> None:
+        """`ca_file`: verify https origins against this PEM file's CAs only (else `ssl_context`,
+        else the system's). `proxy_url`: see `find_proxy` (environ: default os.environ)."""
         parts = urlsplit(base_url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"not an http(s) URL: {base_url!r}")
@@ -438,19 +465,25 @@ class Pool:
         self.port = parts.port or (443 if parts.scheme == "https" else 80)
         self.ssl: ssl.SSLContext | None = None
         if parts.scheme == "https":
-            self.ssl = ssl_context or ssl.create_default_context()
+            self.ssl = tls_context(ca_file) if ca_file else ssl_context or tls_context("")
+        self.proxy = find_proxy(base_url, proxy_url, environ)
         self.prefix = parts.path.rstrip("/")
         self.limit = limit
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
         self.total_timeout = total_timeout
+        netloc = parts.netloc.rpartition("@")[2]
+        # An http origin behind a proxy: requests name it in absolute form, to the proxy.
+        self._origin = f"http://{netloc}" if self.proxy and self.ssl is None else ""
         lines = [
-            f"Host: {parts.netloc.rpartition('@')[2]}",
+            f"Host: {netloc}",
             "Accept: */*",
             "Accept-Encoding: identity",
             "User-Agent: tokenhub",
             *(f"{k}: {v}" for k, v in (headers or {}).items()),
         ]
+        if self._origin and self.proxy and self.proxy.auth:
+            lines.append(f"Proxy-Authorization: {self.proxy.auth}")
         fixed = "".join(f"{_check(line)}\r\n" for line in lines)
         self._fixed = fixed.encode("latin-1")
         self._heads: dict[str, bytes] = {}
@@ -468,7 +501,8 @@ class Pool:
         head = self._heads.get(path)
         if head is None:
             head = self._heads[path] = (
-                f"POST {_check(self.prefix + path)} HTTP/1.1\r\n".encode("latin-1") + self._fixed
+                f"POST {self._origin}{_check(self.prefix + path)} HTTP/1.1\r\n".encode("latin-1")
+                + self._fixed
             )
         extra = "".join(f"{_check(k)}: {_check(v)}\r\n" for k, v in (headers or {}).items())
         data = b"%s%sContent-Length: %d\r\n\r\n%s" % (
@@ -573,19 +607,30 @@ class Pool:
             if timeout <= 0:
                 raise TimeoutError
             async with asyncio.timeout(timeout):
-                await self.loop.create_connection(
-                    lambda: conn,
-                    self.host,
-                    self.port,
-                    ssl=self.ssl,
-                    server_hostname=self.host if self.ssl is not None else None,
-                )
+                proxy = self.proxy
+                if proxy is None:
+                    await self.loop.create_connection(
+                        lambda: conn,
+                        self.host,
+                        self.port,
+                        ssl=self.ssl,
+                        server_hostname=self.host if self.ssl is not None else None,
+                    )
+                elif self.ssl is None:
+                    await self._to_proxy(proxy, lambda: conn)
+                else:
+                    await self._tunnel(proxy, conn, self.ssl)
         except BaseException as e:
             self._opening -= 1
             if conn.transport is not None:
                 conn.closed = True
                 conn.transport.abort()
             self._wake_one()
+            if isinstance(e, ssl.SSLError | ssl.CertificateError):
+                reason = _tls_reason(e)
+                raise TLSError(
+                    f"TLS handshake with {self.host}:{self.port} failed: {reason}", reason
+                ) from e
             if isinstance(e, OSError) and not isinstance(e, TimeoutError):
                 raise ClientConnectorError(
                     f"Cannot connect to host {self.host}:{self.port}: {e}"
@@ -596,6 +641,43 @@ class Pool:
             raise ClientConnectorError(f"Cannot connect to host {self.host}:{self.port}")
         self._conns.add(conn)
         return conn
+
+    async def _to_proxy(
+        self, proxy: Proxy, factory: Callable[[], asyncio.Protocol]
+    ) -> asyncio.Transport:
+        try:
+            transport, _ = await self.loop.create_connection(factory, proxy.host, proxy.port)
+        except OSError as e:
+            if isinstance(e, TimeoutError):
+                raise
+            raise ClientProxyConnectionError(
+                f"Cannot connect to proxy {proxy.host}:{proxy.port}: {e}"
+            ) from e
+        return transport
+
+    async def _tunnel(self, proxy: Proxy, conn: _Conn, context: ssl.SSLContext) -> None:
+        """CONNECT through the proxy, then TLS with the origin inside the tunnel."""
+        tunnel = _Tunnel(self.loop)
+        raw = await self._to_proxy(proxy, lambda: tunnel)
+        try:
+            target = f"{self.host}:{self.port}"
+            if ":" in self.host:
+                target = f"[{self.host}]:{self.port}"
+            auth = f"Proxy-Authorization: {proxy.auth}\r\n" if proxy.auth else ""
+            raw.write(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n{auth}\r\n".encode())
+            status = await tunnel.reply
+            if status != 200:
+                raise ClientProxyConnectionError(
+                    f"the proxy {proxy.host}:{proxy.port} refused CONNECT {target}: status {status}"
+                )
+            tls = await self.loop.start_tls(raw, conn, context, server_hostname=self.host)
+        except BaseException:
+            raw.abort()
+            raise
+        if tls is None:  # the transport closed during the handshake
+            raise ServerDisconnectedError("the proxy closed the tunnel during the TLS handshake")
+        # start_tls does not call connection_made: the protocol takes the new transport here.
+        conn.connection_made(tls)
 
     def release(self, conn: _Conn) -> None:
         conn.finished()
@@ -626,6 +708,129 @@ class Pool:
             conn.closed = True
             self._conns.discard(conn)
             self._wake_one()
+
+
+class _Tunnel(asyncio.Protocol):
+    """A connection to the proxy until its reply to CONNECT (the status) has arrived."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.reply: asyncio.Future[int] = loop.create_future()
+        self.data = b""
+
+    def data_received(self, data: bytes) -> None:
+        if self.reply.done():
+            return  # bytes before TLS started: start_tls fails on the broken handshake
+        self.data += data
+        end = self.data.find(b"\r\n\r\n")
+        if end < 0:
+            if len(self.data) > 16384:
+                self._fail("the proxy's reply to CONNECT is too long")
+            return
+        line = self.data.split(b"\r\n", 1)[0].split(None, 2)
+        if len(line) < 2 or not line[0].startswith(b"HTTP/1.") or not line[1].isdigit():
+            self._fail("the proxy's reply to CONNECT is not HTTP")
+        elif len(self.data) > end + 4:
+            self._fail("the proxy sent bytes after its reply to CONNECT")
+        else:
+            self.reply.set_result(int(line[1]))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._fail("the proxy closed the connection before answering CONNECT")
+
+    def _fail(self, message: str) -> None:
+        if not self.reply.done():
+            self.reply.set_exception(ClientProxyConnectionError(message))
+
+
+class Proxy(NamedTuple):
+    host: str
+    port: int
+    auth: str  # a Proxy-Authorization value, or ""
+
+
+def find_proxy(
+    base_url: str, proxy_url: str = "", environ: Mapping[str, str] | None = None
+) -> Proxy | None:
+    """The proxy to reach `base_url` through: `proxy_url` when set ("direct": none), else the
+    environment's (HTTPS_PROXY for https, HTTP_PROXY for http, lower case first, unless NO_PROXY
+    names the host: urllib.request's rules). Raises ValueError for a proxy URL that is not
+    http://host[:port] (the message never repeats the URL: it may hold a password)."""
+    parts = urlsplit(base_url)
+    if proxy_url == "direct":
+        return None
+    where = "proxy_url"
+    if not proxy_url:
+        env = os.environ if environ is None else environ
+        proxies = _env_proxies(env)
+        proxy_url = proxies.get(parts.scheme, "")
+        if not proxy_url:
+            return None
+        host = parts.hostname or ""
+        if parts.port is not None:
+            host = f"{host}:{parts.port}"
+        if _bypass(host, proxies.get("no", "")):
+            return None
+        where = f"{parts.scheme.upper()}_PROXY"
+    if "://" not in proxy_url:
+        proxy_url = "http://" + proxy_url  # as curl and urllib read a bare host:port
+    p = urlsplit(proxy_url)
+    try:
+        port = p.port or 80
+    except ValueError:
+        raise ValueError(f"{where}: not a valid port") from None
+    if p.scheme != "http" or not p.hostname:
+        raise ValueError(f"{where}: only http://[user:password@]host[:port] proxies are supported")
+    auth = ""
+    if p.username is not None:
+        user_pass = f"{unquote(p.username)}:{unquote(p.password or '')}"
+        auth = "Basic " + base64.b64encode(user_pass.encode()).decode("ascii")
+    return Proxy(p.hostname, port, auth)
+
+
+def _env_proxies(environ: Mapping[str, str]) -> dict[str, str]:
+    """urllib.request.getproxies_environment() over `environ`: lower case names win."""
+    found: dict[str, str] = {}
+    for name, value in environ.items():
+        key = name.lower()
+        if value and key.endswith("_proxy") and (name == key or key[:-6] not in found):
+            found[key[:-6]] = value
+    return found
+
+
+def _bypass(host: str, no_proxy: str) -> bool:
+    """urllib.request.proxy_bypass_environment: NO_PROXY is "*" or a comma-separated list of
+    host names, domain suffixes (with or without a leading dot) and host:port pairs."""
+    if no_proxy.strip() == "*":
+        return True
+    host = host.lower()
+    hostonly = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+    for name in no_proxy.split(","):
+        name = name.strip().lstrip(".").lower()
+        if name and (
+            name in (host, hostonly) or host.endswith("." + name) or hostonly.endswith("." + name)
+        ):
+            return True
+    return False
+
+
+def tls_context(ca_file: str) -> ssl.SSLContext:
+    """A verifying client context: the system's CAs, or only those in `ca_file` (PEM). Raises
+    ValueError naming the file when it cannot be read."""
+    if not ca_file:
+        return ssl.create_default_context()
+    try:
+        return ssl.create_default_context(cafile=ca_file)
+    except (OSError, ssl.SSLError) as e:
+        detail = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise ValueError(f"cannot load CA certificates from {ca_file}: {detail}") from None
+
+
+def _tls_reason(e: BaseException) -> str:
+    if isinstance(e, ssl.SSLCertVerificationError) and e.verify_message:
+        return f"certificate verify failed: {e.verify_message}"
+    if isinstance(e, ssl.SSLError) and e.reason:
+        return str(e.reason).lower().replace("_", " ")
+    return str(e) or type(e).__name__
 
 
 def _check(text: str) -> str:
