@@ -46,7 +46,7 @@ from tokenhub.server.errors import ApiError
 from tokenhub.server.limits import LimitSync
 from tokenhub.server.metrics import Registry
 from tokenhub.server.state import REQUEST_ID
-from tokenhub.server.upstream_http import ClientError, Pool, Response
+from tokenhub.server.upstream_http import ClientError, Pool, Response, TLSError
 from tokenhub.usage import UsageEvent
 
 log = logging.getLogger("tokenhub.gateway")
@@ -173,6 +173,8 @@ class Upstream:
             connect_timeout=p.connect_timeout_s,
             read_timeout=p.read_timeout_s,
             total_timeout=p.total_timeout_s,
+            ca_file=p.ca_file,
+            proxy_url=p.proxy_url,
         )
 
     async def close(self) -> None:
@@ -627,6 +629,10 @@ class Gateway:
             )
         except TimeoutError:
             raise _Retry(ApiError.upstream_timeout(), "timeout") from None
+        except TLSError as e:
+            # The reason (e.g. "certificate verify failed: self-signed certificate"), not the
+            # host: that stays in the server's own configuration.
+            raise _Retry(ApiError.upstream_failed(f"TLS error: {e.reason}"), "tls") from None
         except ClientError as e:
             raise _Retry(ApiError.upstream_failed(type(e).__name__), "connect") from None
         try:
