@@ -30,10 +30,12 @@ TOKENHUB = str(Path(sys.executable).with_name("tokenhub"))
 class Proc:
     """A subprocess in a process group of its own, with its output in files."""
 
-    def __init__(self, tmp: Path, name: str, args: list[str]) -> None:
+    def __init__(
+        self, tmp: Path, name: str, args: list[str], env: dict[str, str] | None = None
+    ) -> None:
         self.out = tmp / f"{name}.out"
         self.err = tmp / f"{name}.err"
-        env = {**os.environ, "TOKENHUB_LOG_LEVEL": "WARNING"}
+        env = {**os.environ, "TOKENHUB_LOG_LEVEL": "WARNING", **(env or {})}
         with open(self.out, "wb") as out, open(self.err, "wb") as err:
             self.popen = subprocess.Popen(
                 [TOKENHUB, *args], stdout=out, stderr=err, env=env, start_new_session=True
@@ -72,8 +74,9 @@ class Procs:
         self.tmp = tmp
         self.all: list[Proc] = []
 
-    def start(self, name: str, *args: str) -> Proc:
-        p = Proc(self.tmp, f"{len(self.all)}-{name}", list(args))
+    def start(self, name: str, *args: str, env: dict[str, str] | None = None) -> Proc:
+        """`tokenhub ARGS`; `env`: variables added to (or replacing) the test's environment."""
+        p = Proc(self.tmp, f"{len(self.all)}-{name}", list(args), env)
         self.all.append(p)
         return p
 

@@ -15,6 +15,7 @@ from tokenhub.server.errors import ApiError, from_http_exception
 from tokenhub.server.gateway import Gateway, Sink, new_request_id
 from tokenhub.server.limits import LimitSync
 from tokenhub.server.metrics import Registry
+from tokenhub.server.protocol import SERVER_NAME
 from tokenhub.server.routes import setup_routes
 from tokenhub.server.state import GATEWAY, METRICS, REQUEST_ID
 
@@ -31,7 +32,10 @@ def _error_middleware(max_body: int) -> Middleware:
         rid = new_request_id()
         request[REQUEST_ID] = rid
         try:
-            return await handler(request)
+            resp = await handler(request)
+            if not resp.prepared:
+                resp.headers.setdefault("x-request-id", rid)
+            return resp
         except ApiError as e:
             err = e
         except web.HTTPException as e:
@@ -43,6 +47,8 @@ def _error_middleware(max_body: int) -> Middleware:
             log.exception("request %s failed", rid)
             err = ApiError.internal()
         resp = err.response()
+        if err.status == 413:
+            resp.force_close()  # the client may still be sending the body: no keep-alive
         resp.headers["x-request-id"] = rid
         resp.headers.setdefault(
             "x-tokenhub-overhead-ms", f"{(time.perf_counter() - t0) * 1000:.3f}"
@@ -74,7 +80,9 @@ def create_app(
     gateway = Gateway(config, keys, sink, metrics, limits)
     app[GATEWAY] = gateway
     app[METRICS] = metrics
-    keys_gauge = metrics.gauge("tokenhub_api_keys", "Active API keys in the gateway's table.")
+    keys_gauge = metrics.gauge(
+        "tokenhub_api_keys", "Active API keys in the gateway's table.", merge="self"
+    )
     metrics.on_collect(lambda: keys_gauge.set(len(keys)))
 
     async def upstreams(app: web.Application) -> AsyncIterator[None]:
@@ -83,6 +91,11 @@ def create_app(
         await gateway.close()
 
     app.cleanup_ctx.append(upstreams)
+
+    async def server_header(request: web.Request, response: web.StreamResponse) -> None:
+        response.headers["Server"] = SERVER_NAME  # aiohttp's default names its version
+
+    app.on_response_prepare.append(server_header)
     for ctx in extra_cleanup or ():
         app.cleanup_ctx.append(ctx)
     setup_routes(app)

@@ -89,7 +89,9 @@ class KeyCache:
             raise ApiError.invalid_key()
         scheme, _, secret = authorization.partition(" ")
         secret = secret.strip()
-        if scheme.lower() != "bearer" or not secret:
+        # Keys are printable ASCII (store.check_secret); anything else (bytes that are not
+        # UTF-8 arrive as surrogates, which no hash can encode) is simply not a key.
+        if scheme.lower() != "bearer" or not secret or not secret.isascii():
             raise ApiError.invalid_key()
         d = digest(secret)
         # The table is keyed by digest, never by the secret itself; the stored digest is then

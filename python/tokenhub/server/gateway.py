@@ -158,6 +158,7 @@ class Upstream:
     def __init__(self, provider: Provider) -> None:
         self.provider = provider
         key = os.environ.get(provider.api_key_env, "") if provider.api_key_env else ""
+        self.secret = key.encode()  # scrubbed from the upstream's error bodies (_pass_error)
         # Never logged: the pool does not log request headers, and neither do we.
         self.headers = {"Content-Type": "application/json"}
         if key:
@@ -364,48 +365,68 @@ class Gateway:
         t0 = time.perf_counter()
         rid = request[REQUEST_ID]
         who = self.keys.authenticate(request.headers.get("Authorization"))
-        body = await request.read()
+        # Everything up to the usage event: a refusal here (a body that is not JSON, too large,
+        # no such model, a bad field) still leaves an event for the key (_refused_early).
+        model_id: object = None
+        stream: object = False
         try:
-            payload = _decode_any(body)
-        except msgspec.DecodeError:
-            raise ApiError.bad_request(
-                "We could not parse the JSON body of your request. The body must be valid JSON."
-            ) from None
-        if not isinstance(payload, dict):
-            raise ApiError.bad_request("The request body must be a JSON object.")
-        model_id = payload.get("model")
-        if not isinstance(model_id, str) or not model_id:
-            raise ApiError.bad_request("You must provide a model parameter.", param="model")
-        model = self.models.get(model_id)
-        if model is None:
-            raise ApiError.model_not_found(model_id)
-        stream = payload.get("stream", False)
-        if not isinstance(stream, bool):
-            raise ApiError.bad_request("'stream' must be a boolean.", param="stream")
-        if stream and not endpoint.streams:
-            raise ApiError.bad_request("This endpoint does not stream.", param="stream")
-        options = payload.get("stream_options")
-        if options is not None and not isinstance(options, dict):
-            raise ApiError.bad_request(
-                "'stream_options' must be an object.", param="stream_options"
-            )
-        client_wants_usage = bool(stream and options and options.get("include_usage"))
-        metered: dict[str, int] = {}
+            if (request.content_length or 0) > self.config.server.max_body_bytes:
+                # Refused before reading: a client announcing 1 TB gets its answer at once.
+                raise ApiError.too_large(self.config.server.max_body_bytes)
+            try:
+                body = await request.read()
+            except web.HTTPRequestEntityTooLarge:
+                raise ApiError.too_large(self.config.server.max_body_bytes) from None
+            try:
+                payload = _decode_any(body)
+            except RecursionError:
+                raise ApiError.bad_request(
+                    "The JSON body of your request is nested too deeply."
+                ) from None
+            except msgspec.DecodeError:
+                raise ApiError.bad_request(
+                    "We could not parse the JSON body of your request. The body must be valid JSON."
+                ) from None
+            if not isinstance(payload, dict):
+                raise ApiError.bad_request("The request body must be a JSON object.")
+            model_id = payload.get("model")
+            if not isinstance(model_id, str) or not model_id:
+                raise ApiError.bad_request("You must provide a model parameter.", param="model")
+            model = self.models.get(model_id)
+            if model is None:
+                raise ApiError.model_not_found(model_id)
+            stream = payload.get("stream", False)
+            if not isinstance(stream, bool):
+                raise ApiError.bad_request("'stream' must be a boolean.", param="stream")
+            if stream and not endpoint.streams:
+                raise ApiError.bad_request("This endpoint does not stream.", param="stream")
+            options = payload.get("stream_options")
+            if options is not None and not isinstance(options, dict):
+                raise ApiError.bad_request(
+                    "'stream_options' must be an object.", param="stream_options"
+                )
+            client_wants_usage = bool(stream and options and options.get("include_usage"))
+            metered: dict[str, int] = {}
 
-        def count(vocab: str) -> int:
-            """The prompt's tokens in `vocab`, metered once however often asked."""
-            n = metered.get(vocab)
-            if n is None:
-                n = metered[vocab] = self._meter_prompt(endpoint, payload, vocab)
-            return n
+            def count(vocab: str) -> int:
+                """The prompt's tokens in `vocab`, metered once however often asked."""
+                n = metered.get(vocab)
+                if n is None:
+                    n = metered[vocab] = self._meter_prompt(endpoint, payload, vocab)
+                return n
 
-        tier = ""
-        if model.tiers is not None:
-            model, tier = self.tier(model, endpoint, payload, who, count)
-        prompt_tokens = count(model.deployments[0].vocab)
-        order, reason = self.route(model, prompt_tokens, _affinity(model, request, payload))
-        candidates = [model.deployments[i] for i in order]
-        prompt_tokens = count(candidates[0].vocab)
+            tier = ""
+            if model.tiers is not None:
+                model, tier = self.tier(model, endpoint, payload, who, count)
+            prompt_tokens = count(model.deployments[0].vocab)
+            order, reason = self.route(model, prompt_tokens, _affinity(model, request, payload))
+            candidates = [model.deployments[i] for i in order]
+            prompt_tokens = count(candidates[0].vocab)
+            # max_tokens, n: checked here (a 400); what admission reserves per choice.
+            out_cap = _output_cap(endpoint, payload, candidates)[0]
+        except ApiError as e:
+            self._refused_early(rid, who, endpoint, model_id, stream, e, t0)
+            raise
 
         event = UsageEvent(
             request_id=rid,
@@ -475,6 +496,30 @@ class Gateway:
             raise last.error
         finally:
             finish()
+
+    def _refused_early(
+        self,
+        rid: str,
+        who: Principal,
+        endpoint: Endpoint,
+        model_id: object,
+        stream: object,
+        err: ApiError,
+        t0: float,
+    ) -> None:
+        """The usage event of a request refused before it had one: the status and code it got,
+        no tokens (never billed), the model as the client named it (when it named one)."""
+        event = UsageEvent(
+            request_id=rid,
+            ts_ms=int(time.time() * 1000),
+            tenant=who.tenant,
+            key_id=who.key_id,
+            endpoint=endpoint.name,
+            model=model_id[:MODEL_ID_CHARS] if isinstance(model_id, str) else "",
+            stream=stream is True,
+            attempts=0,
+        )
+        _refused(_Finish(self, event, t0), err.code or err.type, err.status)
 
     def _admit(
         self,
@@ -687,8 +732,12 @@ class Gateway:
     async def _pass_error(
         self, resp: Response, event: UsageEvent, t0: float, t_up: float
     ) -> web.Response:
-        """An upstream 4xx goes back to the client as the upstream said it (429 included)."""
+        """An upstream 4xx goes back to the client as the upstream said it (429 included),
+        less the provider's key: a provider may quote the credential it was sent (a 401)."""
         data = await _read_quietly(resp)
+        upstream = self.upstreams.get(event.provider)
+        if upstream is not None and upstream.secret:
+            data = data.replace(upstream.secret, b"[redacted]")
         try:
             err = _decode_any(data).get("error", {})
             code = err.get("code") or err.get("type") or ""
@@ -983,6 +1032,7 @@ def _spec(d: Deployment) -> DeploymentSpec:
     )
 
 
+MODEL_ID_CHARS = 256  # of an unknown model's name, as recorded on its refusal's event
 PREFIX_CHARS = 4096  # of the opening messages that identify a conversation
 
 

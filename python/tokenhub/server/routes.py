@@ -7,6 +7,7 @@ import time
 import msgspec
 from aiohttp import web
 
+from tokenhub.server.errors import ApiError
 from tokenhub.server.gateway import CHAT, COMPLETIONS, EMBEDDINGS
 from tokenhub.server.state import GATEWAY, METRICS
 
@@ -38,6 +39,19 @@ async def list_models(request: web.Request) -> web.Response:
     )
 
 
+async def retrieve_model(request: web.Request) -> web.Response:
+    """OpenAI's model object, or 404 model_not_found for a model this key may not use."""
+    gw = request.app[GATEWAY]
+    who = gw.keys.authenticate(request.headers.get("Authorization"))
+    model_id = request.match_info["model"]
+    for m in gw.allowed_models(who):
+        if m.id == model_id:
+            body = {"id": m.id, "object": "model", "created": int(gw.started_at)}
+            body["owned_by"] = m.owned_by
+            return web.Response(body=_encode(body), content_type="application/json")
+    raise ApiError.model_not_found(model_id)
+
+
 async def healthz(request: web.Request) -> web.Response:
     gw = request.app[GATEWAY]
     body = {
@@ -50,7 +64,7 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def metrics(request: web.Request) -> web.Response:
     return web.Response(
-        text=request.app[METRICS].render(),
+        text=await request.app[METRICS].scrape(),  # every worker's, under --workers N
         content_type="text/plain",
         charset="utf-8",
         headers={"X-Content-Type-Options": "nosniff"},
@@ -62,5 +76,6 @@ def setup_routes(app: web.Application) -> None:
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/embeddings", embeddings)
     app.router.add_get("/v1/models", list_models)
+    app.router.add_get("/v1/models/{model:.+}", retrieve_model)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)

@@ -36,12 +36,13 @@ import logging
 import os
 import re
 import selectors
+import shutil
 import signal
 import socket
 import sys
 import time
 import traceback
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
@@ -61,6 +62,9 @@ log = logging.getLogger("tokenhub.serve")
 
 DEMO_DB = "tokenhub-demo.db"
 DEMO_TENANT = "demo"
+# The demo's API key, when it is not to be a new random one: never on the command line, where
+# any local user reads it (`ps`), but in this variable or a file (`--demo-key-file`).
+DEMO_KEY_ENV = "TOKENHUB_DEMO_KEY"
 
 MAX_WORKERS = 64
 # A crash loop: more than this many unexpected worker exits within CRASH_WINDOW_S seconds.
@@ -152,12 +156,17 @@ class SharedState:
     # The quota table (tokenhub.quota): a file each worker attaches, so that the key and
     # tenant limits hold across all workers. "" = none (limits are not enforced).
     quota_path: str = ""
+    # Where the workers publish their metrics for one another (tokenhub.server.metrics.Share),
+    # so that one scrape of /metrics describes the whole server. "" = each answers for itself.
+    metrics_dir: str = ""
 
     def close(self) -> None:
         """The serving process's last step: the table goes with the server."""
         if self.quota_path:
             with contextlib.suppress(OSError):
                 os.unlink(self.quota_path)
+        if self.metrics_dir:
+            shutil.rmtree(self.metrics_dir, ignore_errors=True)
 
 
 SHARED_STATE = web.AppKey("tokenhub_shared_state", SharedState)
@@ -181,18 +190,22 @@ def quota_path(cfg: Config) -> Path:
 
 
 def remove_stale_quota_tables(directory: Path) -> int:
-    """Deletes the tables of servers that are gone without cleaning up (SIGKILL): those whose
-    process no longer exists. /dev/shm is memory, so they would otherwise add up."""
+    """Deletes the tables (and metrics directories) of servers that are gone without cleaning
+    up (SIGKILL): those whose process no longer exists. /dev/shm is memory, so they would
+    otherwise add up."""
     removed = 0
-    for p in directory.glob("tokenhub-quota-*"):
-        pid = p.name.removeprefix("tokenhub-quota-")
+    for p in [*directory.glob("tokenhub-quota-*"), *directory.glob("tokenhub-metrics-*")]:
+        pid = p.name.rpartition("-")[2]
         if not pid.isdigit() or int(pid) == os.getpid():
             continue
         try:
             os.kill(int(pid), 0)
         except ProcessLookupError:
             with contextlib.suppress(OSError):
-                p.unlink()
+                if p.is_dir():
+                    shutil.rmtree(p)
+                else:
+                    p.unlink()
                 removed += 1
         except OSError:  # EPERM: alive, someone else's
             pass
@@ -210,7 +223,11 @@ def before_fork(cfg: Config) -> SharedState:
     remove_stale_quota_tables(path.parent)
     quota = Quota.create(path, accounts=QUOTA_ACCOUNTS, reservations=QUOTA_RESERVATIONS)
     new_epoch(quota)  # what this table holds is released only by this table's server
-    return SharedState(quota_path=str(path))
+    # Beside the quota table, named after the serving process in the same way.
+    metrics_dir = path.with_name(f"tokenhub-metrics-{os.getpid()}")
+    shutil.rmtree(metrics_dir, ignore_errors=True)
+    metrics_dir.mkdir(mode=0o700)
+    return SharedState(quota_path=str(path), metrics_dir=str(metrics_dir))
 
 
 @dataclass(frozen=True)
@@ -337,6 +354,7 @@ async def serve(
     from tokenhub.server.auth import KeyCache
     from tokenhub.server.contracts import Contracts
     from tokenhub.server.limits import LimitSync
+    from tokenhub.server.protocol import ConnectionLimits, GatewayRunner, connection_cap
     from tokenhub.server.state import GATEWAY, METRICS
     from tokenhub.sink import UsageSink
     from tokenhub.store import open_store
@@ -430,6 +448,10 @@ async def serve(
             stats.set(value, name=name)
 
     app[METRICS].on_collect(collect_sink_stats)
+    if worker is not None and shared is not None and shared.metrics_dir:
+        from tokenhub.server.metrics import Share
+
+        app.cleanup_ctx.append(Share(app[METRICS], shared.metrics_dir, worker.index).context)
     if worker is not None:
         tag = str(worker.index)
 
@@ -437,8 +459,27 @@ async def serve(
             response.headers[WORKER_HEADER] = tag
 
         app.on_response_prepare.append(tag_response)
-    runner = web.AppRunner(app, access_log=None, handler_cancellation=False)
+    upstream_fds = sum(p.max_connections for p in cfg.providers)
+    conn_limits = ConnectionLimits(
+        header_timeout_s=cfg.server.header_timeout_s,
+        keepalive_timeout_s=cfg.server.keepalive_timeout_s,
+        max_connections=connection_cap(cfg.server.max_connections, upstream_fds),
+    )
+    runner = GatewayRunner(app, conn_limits, access_log=None, handler_cancellation=False)
     await runner.setup()
+    conns = app[METRICS].gauge(
+        "tokenhub_connections",
+        "Client connections: open now, and (counters) refused over server.max_connections "
+        "and closed for headers that did not arrive within server.header_timeout_s.",
+    )
+
+    def collect_connections() -> None:
+        if (ws := runner.web_server) is not None:
+            conns.set(ws.open, state="open")
+            conns.set(ws.refused, state="refused")
+            conns.set(ws.head_timeouts, state="header_timeout")
+
+    app[METRICS].on_collect(collect_connections)
     sock = worker.sock if worker else _reuse_port_socket(cfg.server.host, cfg.server.port)
     site = web.SockSite(runner, sock, backlog=4096)  # aiohttp's default 128 drops bursts
     await site.start()
@@ -526,7 +567,8 @@ async def _start_settler(
     if quota is not None and quota.table.path:
         argv += ["--quota", quota.table.path]
     stopping = False
-    proc = await _spawn_settler(argv, cfg.server.database)
+    secret_vars = [p.api_key_env for p in cfg.providers if p.api_key_env]
+    proc = await _spawn_settler(argv, cfg.server.database, secret_vars)
 
     async def supervise() -> None:
         nonlocal proc
@@ -536,7 +578,7 @@ async def _start_settler(
                 return
             log.error("the settler (pid %d) exited with %s; restarting it in 1 s", proc.pid, code)
             await asyncio.sleep(1.0)
-            proc = await _spawn_settler(argv, cfg.server.database)
+            proc = await _spawn_settler(argv, cfg.server.database, secret_vars)
 
     task = asyncio.create_task(supervise(), name="tokenhub-settler")
     if quota is not None:
@@ -573,7 +615,9 @@ async def _start_settler(
     return close
 
 
-async def _spawn_settler(argv: list[str], database: str) -> asyncio.subprocess.Process:
+async def _spawn_settler(
+    argv: list[str], database: str, secret_vars: Iterable[str]
+) -> asyncio.subprocess.Process:
     # A session of its own: a Ctrl-C at the terminal reaches the server, which stops the
     # settler itself (after its last pass), not both at once. The database goes in the
     # environment, not the command line, which any local user can read (a PostgreSQL URL
@@ -584,8 +628,15 @@ async def _spawn_settler(argv: list[str], database: str) -> asyncio.subprocess.P
         *argv,
         stdin=asyncio.subprocess.DEVNULL,
         start_new_session=True,
-        env={**os.environ, ENV_DB: database},
+        env={**settler_environ(os.environ, secret_vars), ENV_DB: database},
     )
+
+
+def settler_environ(environ: Mapping[str, str], secret_vars: Iterable[str]) -> dict[str, str]:
+    """The server's environment less what the settler must not hold: the providers' API keys
+    (`secret_vars`, their api_key_env) and the demo key. It bills; it calls no provider."""
+    drop = {*secret_vars, DEMO_KEY_ENV}
+    return {k: v for k, v in environ.items() if k not in drop}
 
 
 async def _seed_demo_billing(billing: Any, cfg: Config) -> None:
@@ -608,6 +659,28 @@ async def _seed_demo_billing(billing: Any, cfg: Config) -> None:
         await billing.set_profile(DEMO_TENANT, currency="USD", draw_order=["wallet", "postpaid"])
         await billing.set_fx("CNY", "USD", "0.14", effective_ms=0)
         await billing.topup(DEMO_TENANT, "10.00", "USD")
+
+
+def _demo_key(args: argparse.Namespace) -> str | None:
+    """The demo's key from --demo-key-file or TOKENHUB_DEMO_KEY (None: a new random one)."""
+    from tokenhub.cli import CliError
+
+    if args.demo_key is not None:
+        raise CliError(
+            f"--demo-key puts the key in the process list; set {DEMO_KEY_ENV} or use "
+            "--demo-key-file FILE"
+        )
+    if args.demo_key_file:
+        try:
+            with open(args.demo_key_file, encoding="utf-8") as f:
+                key = f.readline().strip()
+        except (OSError, UnicodeDecodeError) as e:
+            why = getattr(e, "strerror", None) or e
+            raise CliError(f"cannot read --demo-key-file: {why}") from None
+        if not key:
+            raise CliError(f"--demo-key-file {args.demo_key_file!r} holds no key")
+        return key
+    return os.environ.get(DEMO_KEY_ENV) or None
 
 
 def _ensure_demo_key(store: Any, demo_key: str | None) -> str:
@@ -1040,6 +1113,7 @@ class _Supervisor:
 def cmd_serve(args: argparse.Namespace) -> int:
     from tokenhub.cli import PROG, CliError
     from tokenhub.journal import JournalError
+    from tokenhub.server.protocol import raise_fd_limit
     from tokenhub.store import StoreError
 
     workers: int = args.workers
@@ -1070,16 +1144,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
         cfg.server.port = args.port
     if args.db and not args.demo:
         cfg.server.database = args.db
+    demo_key = _demo_key(args) if args.demo else None
     logging.basicConfig(
         level=os.environ.get("TOKENHUB_LOG_LEVEL", "WARNING").upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # Each client connection is a descriptor: the default soft limit (often 1024) would make
+    # a few hundred idle clients deny service. Before any fork: workers inherit it.
+    raise_fd_limit()
     try:
         if workers > 1:
-            return serve_workers(cfg, workers, demo=args.demo, demo_key=args.demo_key)
+            return serve_workers(cfg, workers, demo=args.demo, demo_key=demo_key)
         shared = before_fork(cfg)
         try:
-            _run_loop(serve(cfg, demo=args.demo, demo_key=args.demo_key, shared=shared))
+            _run_loop(serve(cfg, demo=args.demo, demo_key=demo_key, shared=shared))
         except OSError as e:
             where = f"{cfg.server.host}:{cfg.server.port}"
             raise CliError(f"cannot listen on {where}: {e.strerror or e}") from None
@@ -1125,5 +1203,14 @@ def add_cli(sub: Any) -> None:
         "here, a demo tenant with a 10 USD wallet and a key, the settler with money admission, "
         "and a printed curl command",
     )
-    p.add_argument("--demo-key", metavar="KEY", help="with --demo: use this API key")
+    p.add_argument(
+        "--demo-key-file",
+        metavar="FILE",
+        help=f"with --demo: use the API key in FILE (its first line) instead of a new random "
+        f"one; or set {DEMO_KEY_ENV}. Not a key on the command line: any local user can read "
+        "a process's arguments",
+    )
+    # Gone (the key was in `ps`); explicit, so that argparse does not take it for an
+    # abbreviation of --demo-key-file and read a "file" named by the key.
+    p.add_argument("--demo-key", metavar="KEY", help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_serve)
