@@ -422,8 +422,6 @@ class Gateway:
             order, reason = self.route(model, prompt_tokens, _affinity(model, request, payload))
             candidates = [model.deployments[i] for i in order]
             prompt_tokens = count(candidates[0].vocab)
-            # max_tokens, n: checked here (a 400); what admission reserves per choice.
-            out_cap = _output_cap(endpoint, payload, candidates)[0]
         except ApiError as e:
             self._refused_early(rid, who, endpoint, model_id, stream, e, t0)
             raise
