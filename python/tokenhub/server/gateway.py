@@ -238,12 +238,16 @@ class Gateway:
         )
         m.on_collect(self.fold_metrics)
         if limits is not None:
+            # From the shared quota table: every worker exports the same figures.
             self.m_velocity = m.gauge(
                 "tokenhub_key_velocity_tpm",
                 "Smoothed tokens per minute of each key under the bulk-extraction guard.",
+                merge="self",
             )
             self.m_baseline = m.gauge(
-                "tokenhub_key_baseline_tpm", "Each guarded key's long-run tokens per minute."
+                "tokenhub_key_baseline_tpm",
+                "Each guarded key's long-run tokens per minute.",
+                merge="self",
             )
             m.on_collect(self.collect_velocity)
 
