@@ -232,17 +232,21 @@ def decoded(seg: Path) -> list[dict[str, object]]:
 
 
 def test_a_record_that_does_not_fit_starts_the_next_segment(tmp_path: Path) -> None:
+    """A begin keeps room for its end in its segment: the begin that does not fit with that
+    room starts the next segment, and the end then always fits beside it."""
     j = Journal(tmp_path, segment_bytes=1000)
+    first = j.current_segment
     j.begin(event(1))
     j.end(finished(1))
-    j.begin(event(2))  # ~900 bytes used: the end does not fit in this segment
-    first = j.current_segment
+    j.begin(event(2))  # ~600 bytes used: no room left for this begin and its end
+    second = j.current_segment
+    assert second != first
     j.end(finished(2))
-    assert j.current_segment != first
+    assert j.current_segment == second
     files = crash_copy(j)
     assert [len(data) for data in files.values()] == [1000, 1000]  # nothing written past them
-    assert [r["kind"] for r in decoded(first)] == ["begin", "end", "begin"]
-    assert [r["kind"] for r in decoded(j.current_segment)] == ["end"]  # the begin was closed
+    assert [r["kind"] for r in decoded(first)] == ["begin", "end"]
+    assert [r["kind"] for r in decoded(second)] == ["begin", "end"]
     j.close()
     restore(files)
     j = Journal(tmp_path)
@@ -293,21 +297,26 @@ def test_disk_full_at_fallocate(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     assert e.value.ticket == 1 and e.value.errno == errno.ENOSPC
     assert j.write_errors == 2 and j.segments() == []
 
+    assert j.failure is not None and "No space left" in j.failure
+    assert not j.retry()
     disk_full["on"] = False
+    assert j.retry() and j.failure is None  # recovers without a record having to come
     j.begin(event(2))
     assert j.end(finished(2)) == 2
-    j.begin(event(3))  # the segment is full after this one
+    j.begin(event(3))  # admitted: room for its end is kept in its segment
     disk_full["on"] = True
-    with pytest.raises(JournalWriteError) as e:
-        j.end(finished(3))  # needs a new segment
-    assert e.value.ticket == 3 and j.write_errors == 3
-    assert len(j.segments()) == 1
+    assert j.end(finished(3)) == 3  # so a full disk cannot lose the end of a served request
+    with pytest.raises(OSError):  # no room left here for a begin and its end
+        j.begin(event(4))
+    assert j.failure is not None and j.write_errors == 3
     disk_full["on"] = False
-    assert j.end(finished(4)) == 4
+    j.begin(event(5))
+    assert j.end(finished(5)) == 4
     monkeypatch.undo()
     j.close()
     j = Journal(tmp_path)
-    assert j.replay() == [finished(2), finished(4), interrupted_event(begin_of(event(3)))]
+    # The refused begin left nothing behind: that request never went upstream.
+    assert j.replay() == [finished(2), finished(3), finished(5)]
     assert (j.replay_stats.torn, j.replay_stats.corrupt) == (0, 0)
     j.close()
 

@@ -133,6 +133,9 @@ class ServerSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     port: int = 8080
     database: str = "tokenhub.db"  # path or sqlite:/// URL
     journal_dir: str = ""  # default: "<database path>-journal"
+    # Size of a usage-journal segment, reserved on disk when it starts (smaller for a small
+    # disk: the journal refuses requests once it cannot start the next one).
+    journal_segment_bytes: int = 8 * 1024 * 1024
     max_body_bytes: int = 8 * 1024 * 1024
     # After a client disconnects mid-stream, keep reading the upstream for at most this long so
     # the usage event records what the upstream generated (and will bill).
@@ -192,6 +195,8 @@ def validate(cfg: Config, *, environ: dict[str, str] | None = None) -> Config:
         raise _fail(src, "server.port", f"{s.port} is not a TCP port")
     if s.max_body_bytes < 1024:
         raise _fail(src, "server.max_body_bytes", "must be at least 1024")
+    if s.journal_segment_bytes < 4096:
+        raise _fail(src, "server.journal_segment_bytes", "must be at least 4096")
     for field in ("header_timeout_s", "keepalive_timeout_s"):
         if getattr(s, field) <= 0:
             raise _fail(src, f"server.{field}", "must be positive")

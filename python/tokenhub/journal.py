@@ -20,6 +20,14 @@ segment thus ends in zeros up to its reserved size, until a clean close truncate
 stops at them (JSON never holds a NUL byte). A crash mid-copy leaves a torn last record, cut
 short or with NULs where the copy had not reached: replay counts it and decodes none of it.
 
+Room for the end: a `begin` also reserves room in its segment for the request's `end`
+(the begin's size plus 384 bytes: an end holds the same fields and ~110 bytes more), so once
+a request is admitted its end fits without a new segment, which a full disk could refuse: a
+served request is never journaled by its begin alone. A begin that does not fit with its
+reservation starts the next segment, and if that fails (ENOSPC, EDQUOT, EROFS) the begin
+fails: the caller refuses the request. `failure` then says why, until a rotation succeeds
+(`retry()`, called periodically by the sink, or the next record).
+
 Lifecycle: a new `Journal` never appends to the segments it finds: those are replayed
 (`replay()`), inserted by the caller (idempotent by request_id), then `discard_replayed()`.
 New records go to a fresh segment of `segment_bytes`; a record that does not fit in the rest
@@ -80,6 +88,12 @@ SEGMENT_BYTES = 8 * 1024 * 1024
 DEFAULT_DIR = "tokenhub-journal"  # next to the default ./tokenhub.db
 _SEGMENT = re.compile(r"journal-(\d{6,})\.log")
 REJECTED_FILE = "rejected.jsonl"
+_END_SLACK = 384
+
+
+def _end_room(begin_len: int) -> int:
+    """Bytes a begin of `begin_len` reserves for its end (see the module docstring)."""
+    return begin_len + _END_SLACK
 
 
 class Begin(msgspec.Struct, tag="begin", tag_field="kind", kw_only=True, omit_defaults=True):
@@ -234,6 +248,8 @@ class Journal:
         self._sync_lock = threading.Lock()
         self._replay_segments = self._numbers()
         self._open: dict[str, bytes] = {}  # request_id -> latest begin line
+        self._reserved = 0  # sum of _end_room over _open: room kept free for their ends
+        self.failure: str | None = None  # why the last segment could not be created
         self._closed_segments: collections.deque[_Closed] = collections.deque()
         # Rotated out, with the bytes used: unmapped and closed after their next fsync.
         self._retired: list[tuple[_Segment, int]] = []
@@ -254,6 +270,7 @@ class Journal:
             with self._lock:
                 self._rotate_locked()
         except OSError as e:  # a full disk: start anyway, every record retries (and fails)
+            self.failure = f"cannot create a journal segment: {e.strerror or e}"
             log.warning("cannot create a journal segment (%s); will retry", e.strerror or e)
 
     # -- files -----------------------------------------------------------------------------
@@ -310,13 +327,31 @@ class Journal:
             raise JournalError("the journal is closed")
         try:
             self._rotate_locked(n)
-        except OSError:
+        except OSError as e:
             self.write_errors += 1
+            self.failure = f"cannot create a journal segment: {e.strerror or e}"
             raise
         return self._pos
 
+    def retry(self) -> bool:
+        """After a failure, try to start a segment again (the sink calls this periodically,
+        so that the journal recovers when space returns even with no records coming).
+        Returns whether the journal can write."""
+        with self._lock:
+            if self.failure is None:
+                return True
+            if self._closed:
+                return False
+            try:
+                self._rotate_locked()
+            except OSError as e:
+                self.failure = f"cannot create a journal segment: {e.strerror or e}"
+                return False
+            return True
+
     def begin(self, event: UsageEvent) -> None:
-        """Record that `event`'s request is about to go upstream. Raises OSError."""
+        """Record that `event`'s request is about to go upstream, with room kept for its end.
+        Raises OSError (no segment could be started: the request must not go upstream)."""
         line = (
             _encode(
                 Begin(
@@ -337,16 +372,16 @@ class Journal:
             + b"\n"
         )
         n = len(line)
+        room = _end_room(n)
         self._lock.acquire()  # not `with`: see the performance notes
         try:
+            old = self._open.get(event.request_id)  # a retry's begin replaces the first
+            reserved = self._reserved + room - (0 if old is None else _end_room(len(old)))
             pos = self._pos
-            if pos + n > self._cap:
-                try:
-                    pos = self._make_room(n)
-                except OSError:
-                    self._open[event.request_id] = line  # the next rotation carries it over
-                    raise
+            if pos + n + reserved > self._cap:
+                pos = self._make_room(n + reserved)
             self._open[event.request_id] = line
+            self._reserved = reserved
             self._map[pos : pos + n] = line
             self._pos = pos + n
         finally:
@@ -359,7 +394,9 @@ class Journal:
         n = len(line)
         self._lock.acquire()
         try:
-            self._open.pop(event.request_id, None)  # not to be carried over by a rotation
+            began = self._open.pop(event.request_id, None)  # not to be carried over
+            if began is not None:
+                self._reserved -= _end_room(len(began))  # this end uses (part of) it
             pos = self._pos
             if pos + n > self._cap:
                 try:
@@ -398,7 +435,7 @@ class Journal:
         number = self._number if current is None else self._number + 1
         # Count only new records towards the segment size: with many long-open requests the
         # carried begins alone could fill a segment, and every write would rotate again.
-        size = len(carried) + max(self.segment_bytes, need, 1)
+        size = len(carried) + max(self.segment_bytes, need, self._reserved, 1)
         seg = self._create(number, size)
         seg.map[: len(carried)] = carried
         if current is not None:
@@ -407,6 +444,7 @@ class Journal:
         self._seg, self._map, self._number = seg, seg.map, number
         self._pos, self._cap = len(carried), size
         self._dir_dirty = True
+        self.failure = None
 
     # -- durability and clean-up (background threads) --------------------------------------
 

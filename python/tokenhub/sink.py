@@ -6,17 +6,26 @@
     writer thread: fsync journal ─> store.insert_events(batch) (one transaction)
                  ─> journal.release(committed ticket): delete fully committed segments
 
-The handler's side is synchronous and cheap and never raises: a failure is logged and counted,
-and the event still goes to the database (the journal is the crash copy, the queue is the
-delivery path). The database side runs in one dedicated thread, so SQLite never blocks the
-event loop. A failing store (locked, disk full) keeps the events in the queue and the journal,
-retried with exponential backoff; nothing is dropped, `backlog` shows how many wait. Events the
+The handler's side is synchronous and cheap and never raises. `begin` returns False when the
+usage cannot be persisted: the journal cannot start a segment (ENOSPC, EDQUOT, EROFS), its
+fsync failed, or more than `max_backlog` events wait for a database that cannot be written.
+The gateway then refuses the request (503 journal_unavailable) without sending it upstream,
+and `unavailable` says why (/healthz answers 503 with it). A probe task retries the journal
+every `probe_interval`, so the sink recovers by itself when space returns. An `end` failure is
+logged and counted, and the event still goes to the database (the journal is the crash copy,
+the queue is the delivery path).
+
+The database side runs in one dedicated thread, so SQLite never blocks the event loop. A
+failing store (locked, disk full) keeps the events in the queue and the journal, retried with
+exponential backoff; nothing is dropped, `backlog` shows how many wait. Events the
 store refuses for good (wrong types, numbers beyond 64 bits) would block every retry: they go
 to the journal's rejected.jsonl with the reason, and the rest are written.
 
 On `start()` the journal left by the previous process is replayed first (finished events and
 "interrupted" ones for requests that began and never ended), ahead of any new event.
-`close()` drains the queue before it returns.
+`close()` drains the queue before it returns; with a database that fails, it gives up at once
+when every queued event is in the journal (replayed at the next start), instead of retrying
+until its timeout.
 
 Performance notes (2-core VM, ext4; printed by tests/test_sink.py's hot-path test):
 begin ~1.4 µs, end ~2.4 µs per call (was ~3.5 and ~4.3 with write(2) in the journal: its
@@ -53,6 +62,7 @@ _REPLAYED = -1  # the ticket of replayed events (not in a live segment)
 class _Entry(NamedTuple):
     ticket: int
     event: UsageEvent
+    journaled: bool = True  # its end record is in the journal (replayed if not committed)
 
 
 class _Commit(NamedTuple):
@@ -75,6 +85,8 @@ class UsageSink:
         max_batch: int = 1000,
         retry_initial: float = 0.1,
         retry_max: float = 5.0,
+        max_backlog: int = 100_000,
+        probe_interval: float = 0.25,
     ) -> None:
         self.store = store
         self.journal = journal
@@ -82,6 +94,11 @@ class UsageSink:
         self.max_batch = max_batch
         self.retry_initial = retry_initial
         self.retry_max = retry_max
+        self.max_backlog = max_backlog
+        self.probe_interval = probe_interval
+        self._probe: asyncio.Task[None] | None = None
+        self._sync_error: str | None = None  # the last journal fsync failed with this
+        self._store_error = ""  # the last failed store write, for `unavailable`
         # Tickets in the queue never decrease (taken under this lock), so "every entry up to
         # here is committed" is "every end with a ticket <= that entry's is committed".
         self._lock = threading.Lock()
@@ -107,16 +124,39 @@ class UsageSink:
         self.last_batch_ms = 0.0
         self.write_errors = 0  # failed store writes (each retried)
         self.journal_errors = 0  # failed journal writes / fsyncs (the event still goes on)
+        self.refused = 0  # begins refused: the usage could not be persisted
 
     # -- the request handler's side: synchronous, cheap, never raises ----------------------
 
-    def begin(self, event: UsageEvent) -> None:
-        """The request is about to go upstream (call again on each retry)."""
+    def begin(self, event: UsageEvent) -> bool:
+        """The request is about to go upstream (call again on each retry). False: its usage
+        cannot be persisted now (`unavailable` says why), and it must not go upstream."""
+        if self.journal.failure is not None or self._sync_error is not None:
+            self.refused += 1
+            return False
+        if len(self._queue) >= self.max_backlog:
+            self.refused += 1
+            return False
         try:
             self.journal.begin(event)
         except Exception as e:
             self.journal_errors += 1
+            self.refused += 1
             self._warn("usage journal write failed (begin %s): %s", event, e)
+            return False
+        return True
+
+    @property
+    def unavailable(self) -> str | None:
+        """Why usage cannot be persisted now (requests are refused), or None."""
+        if self.journal.failure is not None:
+            return f"usage journal: {self.journal.failure}"
+        if self._sync_error is not None:
+            return f"usage journal: fsync failed: {self._sync_error}"
+        n = len(self._queue)
+        if n >= self.max_backlog:
+            return f"database: {n} usage events wait to be written ({self._store_error})"
+        return None
 
     def end(self, event: UsageEvent) -> None:
         """The request is finished: `event` is final (a copy is kept, so the caller may go on
@@ -124,8 +164,10 @@ class UsageSink:
         try:
             event = copy.copy(event)
             with self._lock:
+                journaled = False
                 try:
                     ticket = self.journal.end(event)
+                    journaled = True
                 except JournalWriteError as e:
                     ticket = e.ticket
                     self.journal_errors += 1
@@ -135,7 +177,7 @@ class UsageSink:
                     self.journal_errors += 1
                     self._warn("usage journal write failed (end %s): %s", event, e)
                 self._last_ticket = ticket
-                self._queue.append(_Entry(ticket, event))
+                self._queue.append(_Entry(ticket, event, journaled))
                 self.events_received += 1
             if self._closed:
                 log.error(
@@ -170,6 +212,8 @@ class UsageSink:
             "backlog": self.backlog,
             "write_errors": self.write_errors,
             "journal_errors": self.journal_errors,
+            "refused": self.refused,
+            "unavailable": 0 if self.unavailable is None else 1,
         }
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -198,6 +242,21 @@ class UsageSink:
         elif self.journal.replay_pending:
             await loop.run_in_executor(self._writer, self.journal.discard_replayed)
         self._task = asyncio.create_task(self._run(), name="tokenhub-usage-sink")
+        self._probe = asyncio.create_task(self._probe_journal(), name="tokenhub-usage-probe")
+
+    async def _probe_journal(self) -> None:
+        """Retry a failed journal (segment creation, fsync) until it works again."""
+        while True:
+            await asyncio.sleep(self.probe_interval)
+            try:
+                if self.journal.failure is not None:
+                    await asyncio.to_thread(self.journal.retry)
+                if self._sync_error is not None:
+                    await asyncio.to_thread(self.journal.sync)
+                    self._sync_error = None
+            except Exception as e:
+                if self._sync_error is not None:
+                    self._sync_error = " ".join(str(e).split()) or type(e).__name__
 
     async def flush(self, timeout: float | None = None) -> bool:
         """Wait until every event accepted so far is committed; False on timeout."""
@@ -229,6 +288,10 @@ class UsageSink:
         self._deadline = None if timeout is None else time.monotonic() + timeout
         self._wake.set()
         await self._task
+        if self._probe is not None:
+            self._probe.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._probe
         self._closed = True
         left = len(self._queue)
         if left:
@@ -292,6 +355,9 @@ class UsageSink:
                 done = await loop.run_in_executor(self._writer, self._commit, batch)
             except Exception as e:
                 self.write_errors += 1
+                self._store_error = " ".join(str(e).split()) or type(e).__name__
+                if self._closing and all(x.journaled for x in self._queue):
+                    return  # nothing to wait for: the journal replays them at the next start
                 log.warning(
                     "writing %d usage events to the store failed (%s); %d waiting, retry in %.1fs",
                     len(batch),
@@ -306,6 +372,7 @@ class UsageSink:
                 delay = min(delay * 2, self.retry_max)
                 continue
             delay = self.retry_initial
+            self._store_error = ""
             with self._lock:
                 for _ in batch:
                     self._queue.popleft()
@@ -331,8 +398,10 @@ class UsageSink:
         t0 = time.perf_counter()
         try:
             self.journal.sync()  # group commit: one fsync for everything written so far
+            self._sync_error = None
         except Exception as e:  # the store write must not wait on a broken journal disk
             self.journal_errors += 1
+            self._sync_error = " ".join(str(e).split()) or type(e).__name__
             log.warning("usage journal fsync failed: %s", e)
         result, rejected = self._insert([e.event for e in batch])
         tickets = [e.ticket for e in batch if e.ticket != _REPLAYED]

@@ -131,6 +131,19 @@ class ApiError(Exception):
         return cls(429, message, type=type_, code=r.code, headers=r.headers())
 
     @classmethod
+    def journal_unavailable(cls) -> ApiError:
+        """The usage journal (or the database behind it) cannot persist usage: the request
+        was not sent upstream (a full or read-only disk; it recovers by itself)."""
+        return cls(
+            503,
+            "The gateway cannot record usage right now, so the request was not sent. "
+            "Please retry shortly.",
+            type="server_error",
+            code="journal_unavailable",
+            headers={"Retry-After": "1"},
+        )
+
+    @classmethod
     def internal(cls) -> ApiError:
         return cls(
             500, "The gateway had an internal error.", type="server_error", code="internal_error"

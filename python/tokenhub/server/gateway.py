@@ -53,10 +53,14 @@ log = logging.getLogger("tokenhub.gateway")
 
 
 class Sink(Protocol):
-    """Where usage goes (tokenhub.sink.UsageSink); both calls are cheap and never raise."""
+    """Where usage goes (tokenhub.sink.UsageSink); both calls are cheap and never raise.
+    `begin` is False when the usage cannot be persisted (`unavailable` says why): the request
+    must not go upstream."""
 
-    def begin(self, event: UsageEvent) -> None: ...
+    def begin(self, event: UsageEvent) -> bool: ...
     def end(self, event: UsageEvent) -> None: ...
+    @property
+    def unavailable(self) -> str | None: ...
 
 
 # -- upstream reply shapes (lenient: only what metering needs) ---------------------------------
@@ -465,7 +469,9 @@ class Gateway:
                 event.upstream_model = dep.upstream_model
                 if attempt > 1:
                     event.route = "fallback"  # the earlier choices failed before any byte
-                self.sink.begin(event)
+                if not self.sink.begin(event):  # usage that could not be kept: not served
+                    event.status, event.error, event.source = 503, "journal_unavailable", "metered"
+                    raise ApiError.journal_unavailable()
                 payload["model"] = dep.upstream_model
                 t_try = time.perf_counter()
                 router.on_start(index, _now_ms(), prompt_tokens)

@@ -54,11 +54,15 @@ async def retrieve_model(request: web.Request) -> web.Response:
 
 async def healthz(request: web.Request) -> web.Response:
     gw = request.app[GATEWAY]
-    body = {
+    body: dict[str, object] = {
         "status": "ok",
         "models": len(gw.models),
         "uptime_s": round(time.time() - gw.started_at, 1),
     }
+    # Usage that cannot be persisted means requests are refused (503 journal_unavailable).
+    if (why := gw.sink.unavailable) is not None:
+        body |= {"status": "unavailable", "reason": why}
+        return web.Response(status=503, body=_encode(body), content_type="application/json")
     return web.Response(body=_encode(body), content_type="application/json")
 
 

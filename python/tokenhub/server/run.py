@@ -385,10 +385,11 @@ async def serve(
         secret = _ensure_demo_key(store, demo_key) if worker is None else demo_key or ""
     if worker is None:
         root = _journal_dir(cfg)
-        journal = Journal(root)  # holds root's LOCK from here on
+        # holds root's LOCK from here on
+        journal = Journal(root, segment_bytes=cfg.server.journal_segment_bytes)
         await asyncio.to_thread(replay_stale_worker_journals, store, root, 0)
     else:
-        journal = Journal(worker.journal_dir)
+        journal = Journal(worker.journal_dir, segment_bytes=cfg.server.journal_segment_bytes)
     sink = UsageSink(store, journal)
     keys = KeyCache(store.key_digests, store.change_marker, refresh_s=cfg.server.key_refresh_s)
     # Settling is idempotent, so N settlers would bill nothing twice, but they would race to

@@ -189,10 +189,25 @@ class SQLiteStore:
         try:
             yield
         except sqlite3.Error as e:
+            if getattr(e, "sqlite_errorcode", 0) & 0xFF == sqlite3.SQLITE_READONLY:
+                # A file SQLite could only open read-only stays read-only on that connection:
+                # open a new one next time, so writes work again once the file is writable.
+                self._drop_conn()
             msg = _one_line(e)
             if msg.startswith("no such table"):
                 msg = f"{msg} (the database has no tokenhub schema: run migrate)"
             raise StoreError(f"database {_quote(self.path)}: {msg}") from e
+
+    def _drop_conn(self) -> None:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            return
+        self._local.conn = None
+        with self._conns_lock:
+            if conn in self._conns:
+                self._conns.remove(conn)
+        with contextlib.suppress(sqlite3.Error):
+            conn.close()
 
     @contextlib.contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
