@@ -14,7 +14,9 @@ live workers, or taken from the scraped worker alone for a figure every worker s
 (`merge="self"`). Staleness: none for a sibling that answers within `SCRAPE_WAIT_S`; one that
 does not (its loop blocked that long) contributes its last snapshot, at most `PUBLISH_S` older;
 a worker killed with SIGKILL loses the counts of its last `PUBLISH_S` at most. The request path
-is unchanged: nothing is shared per request, only per publication.
+is unchanged: nothing is shared per request, only per publication. A scrape of an idle server
+took 4.5 ms at p50 (10 ms p90) with two workers against 1.7 ms with one (100 scrapes on the
+shared 2-core VM, 2026-12-07).
 """
 
 from __future__ import annotations
