@@ -51,3 +51,26 @@ EVENT_FIELDS = tuple(UsageEvent.__struct_fields__)
 # What finance sees (exports, the settlement's payload hash): everything but the gateway's own
 # admission bookkeeping, which comes last.
 BILLED_FIELDS = EVENT_FIELDS[: EVENT_FIELDS.index("holds")]
+
+
+# The billing rule, in one place (settlement, admission's release and statements use it): only
+# what the upstream served is billed.
+# - 200: the request was served: billed its counts (the upstream's usage, else the meter's).
+# - 499: served to a client that left before the end: billed what the upstream reported (it
+#   generated it, and charges the operator for it); under money admission the gateway caps the
+#   event's counts at what was reserved when the client left.
+# - anything else (an upstream 4xx/5xx, a connection refused, a timeout, a reply that was not a
+#   completion, a refusal by tokenhub, a stream the upstream broke off) and 0 (`interrupted`:
+#   replayed from the journal after the gateway died mid-request, so the client saw it cut):
+#   nothing. Such events keep the meter's prompt count, for telemetry and for reconciling the
+#   provider's invoice, but no line of them is billed.
+BILLED_STATUSES = frozenset({200, 499})
+
+
+def billed_lines(ev: UsageEvent) -> tuple[int, int, int]:
+    """The tokens an event bills: (uncached input, cached input, output); all 0 unless the
+    upstream served it (`BILLED_STATUSES`)."""
+    if ev.status not in BILLED_STATUSES:
+        return 0, 0, 0
+    cached = max(0, min(ev.cached_input_tokens, ev.input_tokens))
+    return max(0, ev.input_tokens - cached), cached, max(0, ev.output_tokens)

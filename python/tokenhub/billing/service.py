@@ -29,6 +29,9 @@ records the price version, lots, rates and split it used, so it can be re-derive
 
 Idempotency: an event id is settled once. The same id with the same payload is a duplicate
 (nothing posted); with a different payload it is a conflict (reported, nothing posted).
+
+Only what the upstream served is billed (`tokenhub.usage.billed_lines`: status 200 or 499); an
+event of a failed, refused or interrupted request settles as posting nothing.
 """
 
 from __future__ import annotations
@@ -64,7 +67,7 @@ from tokenhub.billing.money import (
     parse_rate,
     rate,
 )
-from tokenhub.usage import BILLED_FIELDS, UsageEvent
+from tokenhub.usage import BILLED_FIELDS, UsageEvent, billed_lines
 
 DRAW_ORDER = ("package", "points", "wallet", "postpaid")
 PERIODS = ("month", "week", "day", "none")
@@ -1200,9 +1203,9 @@ def _recognize(lot: Lot, used: int) -> int:
 
 async def _settle_event(tx: Tx, ctx: _Ctx, book: Book, ev: UsageEvent) -> Txn | None:
     prof = ctx.profiles[ev.tenant]
-    uncached = max(0, ev.input_tokens - ev.cached_input_tokens)
-    cached = min(ev.cached_input_tokens, ev.input_tokens)
-    remaining = [uncached, cached, max(0, ev.output_tokens)]
+    # Only what the upstream served (tokenhub.usage.billed_lines): a failed or interrupted
+    # request is settled as posting nothing.
+    remaining = list(billed_lines(ev))
     if not sum(remaining):
         return None
     price = await _price_at(tx, ctx, ev.model, ev.tenant, ev.ts_ms)

@@ -9,6 +9,10 @@ totals always equal the sum of the postings behind them.
 - `provider_settlement(tx, provider, period)`: what the operator owes a provider, by currency
   and model.
 
+Only what the upstream served is billed (`tokenhub.usage.billed_lines`): the requests of the
+period that billed nothing (an upstream error, a timeout, a refusal, interrupted by a crash)
+are listed apart, under `not_billed`, by status, with the prompt tokens the meter counted.
+
 Balances are shown from the tenant's side: a wallet holding 100 CNY shows 100, a receivable
 shows what the tenant owes, token lots the tokens left.
 """
@@ -23,6 +27,7 @@ from typing import Any
 from tokenhub.billing.db import Tx
 from tokenhub.billing.ledger import LedgerError, lock_tenants, period_bounds
 from tokenhub.billing.money import TOKENS, fmt, fmt_units
+from tokenhub.usage import BILLED_STATUSES
 
 _TENANT_SIDE = {"wallet": -1, "lot": -1, "deferred": -1, "receivable": 1, "overrun": 1}
 
@@ -88,6 +93,7 @@ async def tenant_statement(tx: Tx, tenant: str, period: str) -> dict[str, Any]:
                 cur = draw.get("tenant_currency", draw["currency"])
                 overage[cur] += draw.get("converted", draw["amount"])
     breakage = await _breakage(tx, tenant, period)
+    not_billed = await _not_billed(tx, tenant, period)
 
     def bal(d: dict[tuple[str, str], int]) -> list[dict[str, Any]]:
         return [
@@ -104,6 +110,7 @@ async def tenant_statement(tx: Tx, tenant: str, period: str) -> dict[str, Any]:
         "usage": [{"model": m} | v for m, v in sorted(usage.items())],
         "overage": dict(overage),
         "breakage": breakage,
+        "not_billed": not_billed,
         "other": {k: dict(v) for k, v in sections.items()},
         "closing": bal(closing),
     }
@@ -121,6 +128,27 @@ async def _breakage(tx: Tx, tenant: str, period: str) -> list[dict[str, Any]]:
         # expiry credits op:breakage (money) and debits op:issued (units returned)
         out[lot][unit] = out[lot].get(unit, 0) + abs(amt)
     return [{"lot": lot} | v for lot, v in sorted(out.items())]
+
+
+async def _not_billed(tx: Tx, tenant: str, period: str) -> list[dict[str, int]]:
+    """The period's requests that the billing rule bills nothing, by status: how many, and
+    the prompt tokens the meter counted (what the provider may still invoice the operator)."""
+    start, end = period_bounds(period)
+    billed = sorted(BILLED_STATUSES)
+    marks = ", ".join(f"${i + 4}" for i in range(len(billed)))
+    rows = await tx.fetch(
+        "SELECT status, COUNT(*), COALESCE(SUM(input_tokens), 0) FROM usage_events "
+        f"WHERE tenant = $1 AND ts_ms >= $2 AND ts_ms < $3 AND status NOT IN ({marks}) "
+        "GROUP BY status ORDER BY status",
+        tenant,
+        start,
+        end,
+        *billed,
+    )
+    return [
+        {"status": int(st), "requests": int(n), "prompt_tokens": int(tokens)}
+        for st, n, tokens in rows
+    ]
 
 
 async def close_period(tx: Tx, tenant: str, period: str) -> dict[str, Any]:
@@ -206,6 +234,12 @@ def render_statement(st: dict[str, Any]) -> str:
         for b in st["breakage"]:
             parts = ", ".join(fmt_units(v, k) for k, v in b.items() if k != "lot")
             out.append(f"  {b['lot']:<48} {parts:>28}")
+    if st.get("not_billed"):
+        out.append("\nNot billed (the upstream did not serve them)")
+        for nb in st["not_billed"]:
+            what = "interrupted" if nb["status"] == 0 else f"status {nb['status']}"
+            text = f"{nb['requests']:,} requests, {nb['prompt_tokens']:,} prompt tokens"
+            out.append(f"  {what:<48} {text:>28}")
     for kind, units in st["other"].items():
         out.append(f"\n{kind.capitalize()}")
         for unit, v in units.items():
