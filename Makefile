@@ -83,6 +83,7 @@ bench: build ## run the benchmarks (installs the optional baselines)
 	$(BIN)/python benches/bench_admission.py
 	@# Settlement on SQLite, and on the throwaway PostgreSQL the tests use.
 	TOKENHUB_TEST_PG_DSN=$$(scripts/test-postgres start) $(BIN)/python benches/bench_settle.py
+	$(BIN)/python benches/bench_settler_idle.py
 	@# Routing decisions (ns in Rust, µs from Python), then the policies replayed on the shared
 	@# traces and the tier router's quality track (../shared/traces, or TOKENHUB_TRACES).
 	$(BIN)/python benches/bench_router.py
