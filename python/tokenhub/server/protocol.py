@@ -31,7 +31,7 @@ import asyncio
 import logging
 import resource
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
@@ -147,9 +147,10 @@ class _Protocol(RequestHandler):
         server = self._server
         if server.open >= server.limits.max_connections:
             self._refused = True
-            assert isinstance(transport, asyncio.Transport)
-            transport.write(_BUSY)
-            transport.close()
+            # uvloop's transports are not asyncio.Transport subclasses: no isinstance check.
+            tcp = cast(asyncio.Transport, transport)
+            tcp.write(_BUSY)
+            tcp.close()
             server.refused += 1
             return
         server.open += 1
@@ -198,7 +199,6 @@ class _Protocol(RequestHandler):
             return
         log.info("closed a connection whose request headers did not arrive in time")
         self._server.head_timeouts += 1
-        assert isinstance(transport, asyncio.Transport)
         transport.write(_HEAD_TIMEOUT)
         self.force_close()
 
