@@ -7,7 +7,10 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import os
 import re
+import signal
+import sqlite3
 import subprocess
 import time
 import urllib.error
@@ -196,4 +199,49 @@ def test_a_read_only_database_recovers_and_stops_at_once(
         gw = procs.start("serve-again", "serve", "--config", str(site.config))
         gw.wait_serving()
         wait_until(lambda: set(second) <= event_ids(site.store), 15.0, what="the replay")
+        assert gw.stop() == 0
+
+
+def _cpu_ticks(pid: int) -> int:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])  # utime + stime
+
+
+def test_a_stopped_settler_never_blocks_the_gateways_writes(
+    tmp_path: Path, mock: str, procs: Procs
+) -> None:
+    """A settler following a database with a long settled history is stopped (SIGSTOP): the
+    gateway's usage writes go on, and it never logs "database is locked". (Before, every pass
+    scanned the whole history under SQLite's write lock: a settler stopped then held it.)"""
+    with open_site(tmp_path, mock, "acme") as site:
+        db = tmp_path / "hub.db"
+        conn = sqlite3.connect(db, isolation_level=None)
+        conn.execute(
+            "WITH RECURSIVE c(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM c WHERE i < 200000) "
+            "INSERT INTO usage_events (request_id, ts_ms, tenant, key_id, endpoint, model, "
+            "deployment, provider, upstream_model, stream, input_tokens, cached_input_tokens, "
+            "output_tokens, source, status, error, latency_ms, attempts, settled_ms) "
+            "SELECT printf('hist_%09d', i), i, 'acme', 'k', 'chat.completions', 'gpt-4o-mini', "
+            "'', 'mock', 'gpt-4o-mini', 0, 10, 0, 10, 'upstream', 200, '', 1.0, 1, i FROM c"
+        )
+        conn.execute(
+            "INSERT INTO settlements SELECT request_id, 'x', 'txn_' || request_id, ts_ms "
+            "FROM usage_events"
+        )
+        conn.close()
+        gw = procs.start("serve", "serve", "--config", str(site.config))
+        gw.wait_serving()
+        settler = procs.start("settler", "billing", "settle", "--follow", "0.05", "--db", str(db))
+        wait_until(lambda: _cpu_ticks(settler.pid) >= 20, 30.0, what="the settler to run")
+        os.kill(settler.pid, signal.SIGSTOP)
+        try:
+            ids = []
+            for _ in range(10):
+                status, headers, _body = _post(site.base, site.secret)
+                assert status == 200
+                ids.append(headers["x-request-id"])
+            wait_until(lambda: set(ids) <= event_ids(site.store), 15.0, what="the usage")
+        finally:
+            os.kill(settler.pid, signal.SIGCONT)
+        assert "database is locked" not in gw.stderr(), gw.stderr()
         assert gw.stop() == 0
