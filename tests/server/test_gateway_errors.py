@@ -57,11 +57,13 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
 
 
 class NothingHappens:
-    """Asserts that requests made inside the block left no usage event and sent nothing to
-    the healthy upstream."""
+    """Asserts that requests made inside the block sent nothing to the healthy upstream and
+    left no usage event, or with `refused` (the gateway refused them, with a known key) one
+    refusal event each: its status, no tokens, no deployment (the tenant's log is complete)."""
 
-    def __init__(self, hub: Hub) -> None:
+    def __init__(self, hub: Hub, *, refused: bool = False) -> None:
         self.hub = hub
+        self.refused = refused
         self.request_ids: list[str] = []
 
     def __enter__(self) -> NothingHappens:
@@ -73,10 +75,16 @@ class NothingHappens:
         if exc[0] is not None:
             return
         after = self.hub.settle()
-        assert after["events_received"] == self.before["events_received"]
+        recorded = len(self.request_ids) if self.refused else 0
+        assert after["events_received"] - self.before["events_received"] == recorded
         assert self.hub.ledger()["totals"]["requests"] == self.served
         events = self.hub.events()
-        assert not [r for r in self.request_ids if r in events]
+        if not self.refused:
+            assert not [r for r in self.request_ids if r in events]
+        for r in self.request_ids if self.refused else ():
+            ev = events[r]
+            assert ev.status >= 400 and ev.error, ev
+            assert (ev.input_tokens, ev.output_tokens, ev.deployment) == (0, 0, ""), ev
 
 
 @pytest.fixture
@@ -184,7 +192,7 @@ async def test_bad_request(
     hub: Hub, http: aiohttp.ClientSession, path: str, body: bytes, param: str | None
 ) -> None:
     headers = {**hub.auth, "Content-Type": "application/json"}
-    with NothingHappens(hub) as n:
+    with NothingHappens(hub, refused=True) as n:
         async with http.post(hub.url + path, data=body, headers=headers) as resp:
             assert resp.status == 400
             n.request_ids.append(resp.headers["x-request-id"])
@@ -196,14 +204,16 @@ async def test_bad_request(
 # -- 404, 405, 413 -------------------------------------------------------------------------------
 
 
-def test_unknown_model(client: openai.OpenAI, nothing_happens: NothingHappens) -> None:
-    with pytest.raises(openai.NotFoundError) as e:
-        client.chat.completions.create(model="gpt-5-imaginary", messages=MESSAGES)
-    nothing_happens.request_ids.append(e.value.response.headers["x-request-id"])
-    err = check_sdk_error(e.value, 404, "model_not_found")
-    assert err["param"] == "model" and "gpt-5-imaginary" in err["message"]
-    with pytest.raises(openai.NotFoundError):
-        client.embeddings.create(model="no-such-embedder", input="x")
+def test_unknown_model(hub: Hub, client: openai.OpenAI) -> None:
+    with NothingHappens(hub, refused=True) as n:
+        with pytest.raises(openai.NotFoundError) as e:
+            client.chat.completions.create(model="gpt-5-imaginary", messages=MESSAGES)
+        n.request_ids.append(e.value.response.headers["x-request-id"])
+        err = check_sdk_error(e.value, 404, "model_not_found")
+        assert err["param"] == "model" and "gpt-5-imaginary" in err["message"]
+        with pytest.raises(openai.NotFoundError) as e:
+            client.embeddings.create(model="no-such-embedder", input="x")
+        n.request_ids.append(e.value.response.headers["x-request-id"])
 
 
 async def test_unknown_url_and_wrong_method(hub: Hub, http: aiohttp.ClientSession) -> None:
@@ -221,7 +231,7 @@ async def test_unknown_url_and_wrong_method(hub: Hub, http: aiohttp.ClientSessio
 
 async def test_oversized_body(hub: Hub, http: aiohttp.ClientSession) -> None:
     big = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x" * 20_000}]}
-    with NothingHappens(hub) as n:
+    with NothingHappens(hub, refused=True) as n:
         async with http.post(hub.url + "/chat/completions", json=big, headers=hub.auth) as resp:
             assert resp.status == 413
             n.request_ids.append(resp.headers["x-request-id"])

@@ -6,8 +6,10 @@ Handlers in `routes.py` only call `Gateway.proxy`. Everything a request touches 
 2. The body is decoded once (msgspec) and checked; the prompt is metered with the Rust meter.
 3. A `begin` record goes to the usage journal, then the request goes to the first deployment;
    a connect error, 5xx or timeout before any byte reached the client moves on to the next.
-4. Non-streamed replies are passed through as the upstream sent them. Streams are relayed a read
-   at a time, as whole SSE events (split and inspected in Rust: `tokenhub._core.SseRelay`);
+4. Non-streamed replies are passed through as the upstream sent them, once checked to be
+   completions (a JSON object with `choices`, or `data` for embeddings, and no `error`).
+   Streams are relayed a read at a time, as whole SSE events (split and inspected in Rust:
+   `tokenhub._core.SseRelay`);
    tokenhub always asks the upstream for a usage chunk and strips it when the client did not
    ask for one. Without upstream usage the meter counts what was streamed (`metered`).
 5. Exactly one `UsageEvent` per request goes to the sink (journal + batched database writes,
@@ -16,6 +18,12 @@ Handlers in `routes.py` only call `Gateway.proxy`. Everything a request touches 
 Client disconnects mid-stream: tokenhub keeps reading the upstream to its end (bounded by
 `server.drain_timeout_s`), so the event records what the upstream generated and will bill, with
 status 499. Cancelling instead would save upstream tokens but leave the count unknowable.
+Under money admission the hold is not extended once the client is gone, and the event is
+capped at what was held when it left: the tenant pays at most that, the operator the rest.
+
+What is billed (`tokenhub.usage.billed_lines`): only what the upstream served, status 200 or
+499. An upstream 4xx/5xx, a connection refused, a timeout, and a 2xx or 3xx that is not a
+completion (a 502 here) keep the meter's prompt count on their event and bill nothing.
 """
 
 from __future__ import annotations
@@ -47,7 +55,7 @@ from tokenhub.server.limits import LimitSync
 from tokenhub.server.metrics import Registry
 from tokenhub.server.state import REQUEST_ID
 from tokenhub.server.upstream_http import ClientError, Pool, Response, TLSError
-from tokenhub.usage import UsageEvent
+from tokenhub.usage import UsageEvent, billed_lines
 
 log = logging.getLogger("tokenhub.gateway")
 
@@ -91,6 +99,7 @@ class Message(msgspec.Struct, kw_only=True):
     content: str | None = None
     reasoning_content: str | None = None  # DeepSeek's (and others') reasoning tokens
     tool_calls: list[ToolCallDelta] | None = None
+    function_call: FunctionDelta | None = None  # the legacy (pre-tools) function call
 
 
 class Choice(msgspec.Struct, kw_only=True):
@@ -110,6 +119,36 @@ _decode_any = msgspec.json.Decoder().decode
 _encode = msgspec.json.Encoder().encode
 
 
+_NULL = msgspec.Raw(b"null")
+
+
+class _Envelope(msgspec.Struct):
+    """The top level of a non-streamed reply, undecoded: what says whether it is one."""
+
+    choices: msgspec.Raw = _NULL
+    data: msgspec.Raw = _NULL
+    error: msgspec.Raw = _NULL
+
+
+_decode_envelope = msgspec.json.Decoder(_Envelope).decode
+
+
+def _not_a_completion(endpoint: Endpoint, data: bytes) -> str | None:
+    """Why a 2xx reply is not what the endpoint returns (None: it is): not a JSON object, an
+    `error` object, no `choices` (`data` for embeddings). Such a reply is a 502, never billed.
+    The upstream's own words are not repeated to the client: they may quote credentials."""
+    try:
+        env = _decode_envelope(data)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return "its reply was not a JSON object"
+    if bytes(env.error).strip() != b"null":
+        return "it answered 200 with an error object"
+    field = env.data if endpoint is EMBEDDINGS else env.choices
+    if not bytes(field).lstrip().startswith(b"["):
+        return f"its reply had no {'data' if endpoint is EMBEDDINGS else 'choices'}"
+    return None
+
+
 def _cached(u: Usage) -> int:
     if u.prompt_tokens_details and u.prompt_tokens_details.cached_tokens:
         return u.prompt_tokens_details.cached_tokens
@@ -124,12 +163,14 @@ def _choice_texts(choice: Choice, part: Message | None) -> Iterator[str]:
             yield part.reasoning_content
         if part.content:
             yield part.content
-        for call in part.tool_calls or ():
-            if call.function:
-                if call.function.name:
-                    yield call.function.name
-                if call.function.arguments:
-                    yield call.function.arguments
+        functions = [c.function for c in part.tool_calls or () if c.function]
+        if part.function_call is not None:
+            functions.append(part.function_call)
+        for f in functions:
+            if f.name:
+                yield f.name
+            if f.arguments:
+                yield f.arguments
 
 
 # -- endpoints ----------------------------------------------------------------------------------
@@ -430,6 +471,8 @@ class Gateway:
             order, reason = self.route(model, prompt_tokens, _affinity(model, request, payload))
             candidates = [model.deployments[i] for i in order]
             prompt_tokens = count(candidates[0].vocab)
+            # max_tokens, n: checked here (a 400); what admission reserves per choice.
+            out_cap = _output_cap(endpoint, payload, candidates)[0]
         except ApiError as e:
             self._refused_early(rid, who, endpoint, model_id, stream, e, t0)
             raise
@@ -457,6 +500,12 @@ class Gateway:
         if finish.reservation is not None or finish.hold is not None:
             self._admission[0] += time.perf_counter() - t_admit
             self._admission[1] += 1
+        # What admission reserved is the most the upstream is asked for (None: no admission).
+        cap: int | None = None
+        if endpoint is not EMBEDDINGS and (
+            finish.reservation is not None or finish.hold is not None
+        ):
+            cap = out_cap
         if stream:
             payload["stream_options"] = {**(options or {}), "include_usage": True}
         last: _Retry | None = None
@@ -473,6 +522,8 @@ class Gateway:
                     event.status, event.error, event.source = 503, "journal_unavailable", "metered"
                     raise ApiError.journal_unavailable()
                 payload["model"] = dep.upstream_model
+                if cap is not None:
+                    _send_cap(payload, min(cap, dep.max_output_tokens))
                 t_try = time.perf_counter()
                 router.on_start(index, _now_ms(), prompt_tokens)
                 try:
@@ -696,6 +747,18 @@ class Gateway:
                 )
             if resp.status >= 400:
                 return await self._pass_error(resp, event, t0, t_up)
+            if resp.status < 200 or resp.status >= 300:
+                # A redirect (tokenhub follows none) or an interim reply: not a completion.
+                await _read_quietly(resp)
+                raise _Retry(
+                    ApiError.upstream_failed(f"status {resp.status}"), f"status_{resp.status}"
+                )
+            if stream and resp.headers.get("content-type", "").startswith("application/json"):
+                # A JSON reply (an error, a whole completion) to a stream request.
+                await _read_quietly(resp)
+                raise _Retry(
+                    ApiError.upstream_failed("it answered a stream request with JSON"), "not_sse"
+                )
             if stream:
                 return await self._relay_stream(
                     request, resp, dep, event, finish, t_up, client_wants_usage
@@ -708,6 +771,8 @@ class Gateway:
                 raise _Retry(ApiError.upstream_failed(type(e).__name__), "read") from None
         finally:
             resp.release()
+        if (problem := _not_a_completion(endpoint, data)) is not None:
+            raise _Retry(ApiError.upstream_failed(problem), "bad_reply")
         upstream_s = time.perf_counter() - t_up
         self._record_reply(data, dep, event)
         event.status = 200
@@ -919,7 +984,9 @@ class Gateway:
                 events = relay.feed(data)
                 if event.ttft_ms is None and relay.first_token:
                     event.ttft_ms = round((time.perf_counter() - t0) * 1000, 3)
-                if hold is not None and events and not pay_for(events):
+                # A client that left is not sent more, so its hold is not extended either:
+                # what the drain reads beyond the hold is the operator's cost (_Finish caps it).
+                if hold is not None and events and not client_left() and not pay_for(events):
                     await cut()
                     return out if out is not None else web.Response(status=499)
                 if relay.done and not client_left():
@@ -983,14 +1050,20 @@ class _Finish:
         gw, event = self.gw, self.event
         elapsed = time.perf_counter() - self.t0
         event.latency_ms = round(elapsed * 1000, 3)
-        # What the upstream used (and will bill), overruns included; a request that got no
-        # answer (all deployments failed, an upstream 4xx) used no tokens.
-        used = event.status in (200, 499) or event.output_tokens > 0
         t_settle = time.perf_counter()
+        if self.hold is not None and event.status == 499:
+            # The client left: what the upstream generated while the gateway drained it is
+            # the operator's cost; the tenant is billed no more than was reserved when it left.
+            reserved = self.hold.lines
+            event.input_tokens = min(event.input_tokens, reserved[0] + reserved[1])
+            event.cached_input_tokens = min(event.cached_input_tokens, event.input_tokens)
+            event.output_tokens = min(event.output_tokens, reserved[2])
+        # What the event bills (tokenhub.usage.billed_lines, as settlement reads it): only
+        # what the upstream served; a failed request, an upstream 4xx, bills nothing.
+        lines = billed_lines(event)
+        used = sum(lines)
         if self.hold is not None:
             # Before the event is written: its `holds` say what the settler gives back.
-            cached = min(event.cached_input_tokens, event.input_tokens)
-            lines = [event.input_tokens - cached, cached, event.output_tokens] if used else [0] * 3
             event.holds = self.hold.settle(lines)
         spent = time.perf_counter() - t_settle
         gw.sink.end(event)
@@ -1001,14 +1074,10 @@ class _Finish:
         t[3] += event.output_tokens
         t[4] += self.overhead
         if gw.limits is not None and used and event.tenant in gw.limits.guard.configs:
-            gw.limits.guard.record(
-                event.tenant, event.key_id, event.input_tokens + event.output_tokens
-            )
+            gw.limits.guard.record(event.tenant, event.key_id, used)
         if self.reservation is not None and gw.limits is not None:
             t_settle = time.perf_counter()
-            gw.limits.settle(
-                self.reservation, event.input_tokens + event.output_tokens if used else 0
-            )
+            gw.limits.settle(self.reservation, used)
             spent += time.perf_counter() - t_settle
         if self.reservation is not None or self.hold is not None:
             gw._admission[0] += spent
@@ -1106,17 +1175,55 @@ def _stream_choices(events: bytes) -> Iterator[Choice]:
                 continue
 
 
-def _max_output(endpoint: Endpoint, payload: dict[str, Any], candidates: list[Deployment]) -> int:
-    """The most output a request may produce: its max_tokens (or max_completion_tokens),
-    capped at the first deployment's max_output_tokens, which is also the assumption when it
-    sets none. Embeddings produce none."""
+MAX_CHOICES = 128  # OpenAI's bound on n (and best_of)
+
+
+def _output_cap(
+    endpoint: Endpoint, payload: dict[str, Any], candidates: list[Deployment]
+) -> tuple[int, int]:
+    """(the most output tokens one choice may produce, how many choices the upstream
+    generates). The cap is the smallest of max_tokens, max_completion_tokens and the first
+    deployment's max_output_tokens (the assumption when the request sets neither); the gateway
+    sends it upstream (`_send_cap`), so no upstream is asked for more than was reserved,
+    whichever of the two fields it honours. The choices are n, or best_of when larger (the
+    upstream generates, and bills, all of them). Embeddings produce none."""
     if endpoint is EMBEDDINGS:
-        return 0
+        return 0, 0
     cap = candidates[0].max_output_tokens
-    asked = payload.get("max_completion_tokens", payload.get("max_tokens"))
-    if isinstance(asked, int) and not isinstance(asked, bool) and asked >= 0:
-        return min(asked, cap)
-    return cap
+    for key in ("max_tokens", "max_completion_tokens"):
+        asked = payload.get(key)
+        if asked is None:
+            continue
+        if not isinstance(asked, int) or isinstance(asked, bool) or asked < 0:
+            raise ApiError.bad_request(f"'{key}' must be a non-negative integer.", param=key)
+        cap = min(cap, asked)
+    choices = 1
+    for key in ("n", "best_of"):
+        asked = payload.get(key)
+        if asked is None:
+            continue
+        if not isinstance(asked, int) or isinstance(asked, bool) or not 1 <= asked <= MAX_CHOICES:
+            raise ApiError.bad_request(
+                f"'{key}' must be an integer from 1 to {MAX_CHOICES}.", param=key
+            )
+        choices = max(choices, asked)
+    return cap, choices
+
+
+def _max_output(endpoint: Endpoint, payload: dict[str, Any], candidates: list[Deployment]) -> int:
+    """The most output a request may produce, all choices together (the worst case that
+    admission reserves)."""
+    cap, choices = _output_cap(endpoint, payload, candidates)
+    return cap * choices
+
+
+def _send_cap(payload: dict[str, Any], cap: int) -> None:
+    """Sets the output cap in the payload going upstream: in each of max_tokens and
+    max_completion_tokens the client sent, else in max_tokens (the field every
+    OpenAI-compatible server knows)."""
+    keys = [k for k in ("max_tokens", "max_completion_tokens") if payload.get(k) is not None]
+    for key in keys or ("max_tokens",):
+        payload[key] = cap
 
 
 def _refused(finish: _Finish, code: str, status: int = 429) -> None:
