@@ -22,6 +22,7 @@ from typing import IO, Any
 
 import msgspec
 
+from tokenhub.cli import quiet_broken_pipe
 from tokenhub.store import DEFAULT_DATABASE, ApiKey, Limits, Store, StoreError, open_store
 from tokenhub.usage import EVENT_FIELDS, UsageEvent
 
@@ -51,6 +52,8 @@ def _command(fn: Command) -> Command:
             msg, status = str(e), 2
         except (AdminError, StoreError) as e:
             msg = str(e)
+        except BrokenPipeError:  # `| head`: stop quietly, as other tools do
+            return quiet_broken_pipe()
         except OSError as e:
             msg = f"{e.filename}: {e.strerror}" if e.filename and e.strerror else str(e)
         print(f"{PROG}: error: {msg}", file=sys.stderr)
@@ -370,9 +373,13 @@ def cmd_events_export(args: argparse.Namespace) -> int:
                 n = write_csv(events, sys.stdout)
                 sys.stdout.flush()
         except BrokenPipeError:  # `| head`: stop quietly, as other tools do
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, sys.stdout.fileno())
-            return 1
+            return quiet_broken_pipe()
+        finally:
+            # An unfinished stream ends while its database is open (left to the garbage
+            # collector, it would end after the store closed, with a traceback).
+            close = getattr(events, "close", None)
+            if close is not None:
+                close()
     print(f"exported {n} usage events", file=sys.stderr)
     return 0
 

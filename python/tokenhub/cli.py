@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 
@@ -12,8 +13,22 @@ from tokenhub import __version__
 PROG = "tokenhub"
 
 
+# The exit status of a command whose reader went away (`tokenhub events export | head`): what
+# a program killed by SIGPIPE reports (128 + 13), as `yes | head` does; no message.
+BROKEN_PIPE_STATUS = 141
+
+
 class CliError(Exception):
     """A user-facing error: printed as one line, exit status 1."""
+
+
+def quiet_broken_pipe() -> int:
+    """Standard output's reader is gone: point stdout at /dev/null, so that nothing more (not
+    even the interpreter's last flush) fails on it, and return BROKEN_PIPE_STATUS."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return BROKEN_PIPE_STATUS
 
 
 def _read_inputs(files: Sequence[str]) -> list[tuple[str, str, int]]:
@@ -153,10 +168,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return int(args.func(args))
+        status = int(args.func(args))
+        sys.stdout.flush()  # here, where a closed pipe is caught, not at the interpreter's exit
+        return status
     except CliError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 1
+    except BrokenPipeError:
+        return quiet_broken_pipe()
     except KeyboardInterrupt:
         return 130
 

@@ -141,8 +141,9 @@ def _command(fn: Command) -> Command:
         except DatabaseError as e:
             status, msg = 1, str(e)
         except BrokenPipeError:  # `| head`: stop quietly, as other tools do
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-            return 1
+            from tokenhub.cli import quiet_broken_pipe
+
+            return quiet_broken_pipe()
         except OSError as e:
             status = 1
             msg = f"{e.filename}: {e.strerror}" if e.filename and e.strerror else str(e)

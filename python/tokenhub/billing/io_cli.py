@@ -56,6 +56,8 @@ def _command(fn: Command) -> Command:
             return fn(args)
         except (bio.BillingIOError, DatabaseError, StoreError, LedgerError, MoneyError) as e:
             msg = str(e)
+        except BrokenPipeError:
+            return _quiet_broken_pipe()
         except OSError as e:
             msg = f"{e.filename}: {e.strerror}" if e.filename and e.strerror else str(e)
         except Exception as e:
@@ -95,9 +97,9 @@ def _output(path: str | None) -> Iterator[IO[str]]:
 
 def _quiet_broken_pipe() -> int:
     """`... | head`: stop quietly, as other tools do."""
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, sys.stdout.fileno())
-    return 1
+    from tokenhub.cli import quiet_broken_pipe
+
+    return quiet_broken_pipe()
 
 
 # -- events ingest ------------------------------------------------------------------------------

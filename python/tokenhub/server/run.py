@@ -36,6 +36,7 @@ import logging
 import os
 import re
 import selectors
+import shlex
 import shutil
 import signal
 import socket
@@ -502,7 +503,7 @@ async def serve(
             flush=True,
         )
         if demo:
-            _print_demo(host, port, secret)
+            _print_demo(host, port, secret, cfg.server.database)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -698,9 +699,12 @@ def _ensure_demo_key(store: Any, demo_key: str | None) -> str:
     return str(secret)
 
 
-def _print_demo(host: str, port: int, key: str) -> None:
+def _print_demo(host: str, port: int, key: str, database: str) -> None:
+    """How to call the demo: commands that work as printed, pasted into another shell (the
+    venv's tokenhub by its path, the database in TOKENHUB_DB)."""
     url = f"http://{host}:{port}/v1"
     body = '{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Hello!"}]}'
+    exe, where = _tokenhub_command()
     lines = [
         "",
         f"Demo ready: tenant '{DEMO_TENANT}', models gpt-4o-mini, qwen-plus and deepseek-chat",
@@ -711,7 +715,7 @@ def _print_demo(host: str, port: int, key: str) -> None:
         f'    -H "Authorization: Bearer {key}" -H "Content-Type: application/json" \\',
         f"    -d '{body}'",
         "",
-        f"  {sys.executable} - <<'EOF'",
+        f"  {shlex.quote(sys.executable)} - <<'EOF'",
         "from openai import OpenAI",
         f'client = OpenAI(base_url="{url}", api_key="{key}")',
         "r = client.chat.completions.create(",
@@ -720,14 +724,48 @@ def _print_demo(host: str, port: int, key: str) -> None:
         "print(r.usage)",
         "EOF",
         "",
-        f"Usage events: tokenhub events export --db {DEMO_DB} --format jsonl",
-        f"Billing:      tokenhub wallet show {DEMO_TENANT} --db {DEMO_DB}",
-        f"              tokenhub billing statement {DEMO_TENANT} --period {_this_month()} "
-        f"--db {DEMO_DB}",
+        f"Keys, usage events and billing ({where}):",
+        "",
+        f"  export TOKENHUB_DB={_shell_database(database)}",
+        f"  {exe} keys list",
+        f"  {exe} events export --format jsonl | head -3",
+        f"  {exe} wallet show {DEMO_TENANT}",
+        f"  {exe} billing statement {DEMO_TENANT} --period {_this_month()}",
+        "",
         f"Metrics:      curl -s http://{host}:{port}/metrics",
         "Stop:         Ctrl-C",
     ]
     print("\n".join(lines), flush=True)
+
+
+def _tokenhub_command() -> tuple[str, str]:
+    """The `tokenhub` command as a plain shell finds it, and where it works: the bare name
+    when PATH has this one outside a virtual environment (make puts .venv/bin on its own
+    PATH only), else the script beside this Python (relative to the working directory when
+    under it), else `python -m tokenhub.cli`."""
+    script = Path(sys.executable).with_name("tokenhub")
+    in_venv = sys.prefix != sys.base_prefix
+    found = shutil.which("tokenhub")
+    if not in_venv and found and script.exists() and Path(found).samefile(script):
+        return "tokenhub", "in any shell"
+    if not script.exists():
+        return f"{shlex.quote(sys.executable)} -m tokenhub.cli", "in any shell"
+    try:
+        return shlex.quote(str(script.relative_to(Path.cwd()))), "in a shell in this directory"
+    except ValueError:
+        return shlex.quote(str(script)), "in any shell"
+
+
+def _shell_database(database: str) -> str:
+    """The demo's database for TOKENHUB_DB: a path made absolute; a URL with a password is not
+    printed (stdout is often a log)."""
+    if "://" not in database:
+        return shlex.quote(os.path.abspath(database))
+    from urllib.parse import urlsplit
+
+    if urlsplit(database).password:
+        return "'<the --db URL>'"
+    return shlex.quote(database)
 
 
 def _this_month() -> str:
@@ -1054,7 +1092,7 @@ class _Supervisor:
                 flush=True,
             )
             if self.demo:
-                _print_demo(host, port, self.secret)
+                _print_demo(host, port, self.secret, self.cfg.server.database)
 
     # -- the child's side ----------------------------------------------------------------------
 
@@ -1127,7 +1165,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.demo:
         cfg = from_mapping(
             {
-                "server": {"database": args.db or DEMO_DB},
+                # The admin commands' rule too: --db, else $TOKENHUB_DB, else the demo's file.
+                "server": {"database": args.db or os.environ.get("TOKENHUB_DB") or DEMO_DB},
                 "billing": {"settle_interval_s": 1.0, "admission": True},
             },
             "<demo>",
@@ -1201,8 +1240,9 @@ def add_cli(sub: Any) -> None:
         "--demo",
         action="store_true",
         help=f"run the demo: built-in mock upstream, three models and 'auto', SQLite {DEMO_DB} "
-        "here, a demo tenant with a 10 USD wallet and a key, the settler with money admission, "
-        "and a printed curl command",
+        "here (or --db, or $TOKENHUB_DB), a demo tenant with a 10 USD wallet and a key, the "
+        "settler with money admission, and printed commands that work as printed (curl, the "
+        "openai client, and tokenhub's own with TOKENHUB_DB set to the demo's database)",
     )
     p.add_argument(
         "--demo-key-file",
