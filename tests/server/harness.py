@@ -9,7 +9,7 @@ A `Hub` runs, in one background thread with its own (uvloop) event loop:
 - a small scripted upstream whose usage blocks are fixed per model (explicit zero usage, cached
   tokens in OpenAI's and DeepSeek's spelling), which the mock cannot produce;
 - the gateway, wired exactly as `tokenhub.server.run.serve()` wires it: SQLite store, journal,
-  `UsageSink`, `KeyCache`, `create_app`, `AppRunner(handler_cancellation=False)` on a
+  `UsageSink`, `KeyCache`, `create_app`, `GatewayRunner(handler_cancellation=False)` on a
   SO_REUSEPORT socket (a test may swap the journal for a subclass, e.g. a stalling disk).
 
 Because the servers have their own loop, the test thread can use the official synchronous
@@ -40,6 +40,7 @@ from tokenhub.quota import Quota
 from tokenhub.server.app import create_app
 from tokenhub.server.auth import KeyCache
 from tokenhub.server.limits import LimitSync
+from tokenhub.server.protocol import ConnectionLimits, GatewayRunner
 from tokenhub.server.run import _reuse_port_socket
 from tokenhub.server.state import GATEWAY
 from tokenhub.sink import UsageSink
@@ -350,8 +351,12 @@ class Hub:
         app = create_app(cfg, keys=keys, sink=sink, limits=limits, extra_cleanup=[lifecycle])
         self.gateway = app[GATEWAY]
         # shutdown_timeout only bounds the teardown of a test run.
-        self.gateway_runner = web.AppRunner(
-            app, access_log=None, handler_cancellation=False, shutdown_timeout=5.0
+        self.gateway_runner = GatewayRunner(
+            app,
+            ConnectionLimits(),  # the [server] defaults
+            access_log=None,
+            handler_cancellation=False,
+            shutdown_timeout=5.0,
         )
         await self.gateway_runner.setup()
         sock = _reuse_port_socket("127.0.0.1", 0)
