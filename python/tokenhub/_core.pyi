@@ -74,10 +74,14 @@ class SseRelay:
     def usage(self) -> bytes | None:
         """The data payload (JSON) of the last chunk that carried usage, if any."""
     def payloads(self) -> list[bytes]:
-        """Every data payload so far, for metering a stream without usage (emptied by usage)."""
+        """Every data payload so far, for metering a stream without (plausible) usage."""
     @property
     def events(self) -> int:
         """Whole events seen so far."""
+    @property
+    def held_done(self) -> bool:
+        """The client asked for usage, none came, and `[DONE]` was held back: the gateway sends a
+        usage chunk of its own, then `[DONE]`."""
     @property
     def pending(self) -> int:
         """Bytes held back until their event's blank line arrives."""

@@ -40,6 +40,9 @@ class UsageEvent(msgspec.Struct, kw_only=True, omit_defaults=True):
     # "strong") that chose `model`.
     route: str = ""
     tier: str = ""
+    # Why the upstream's usage block was not believed ("<kind>: <what it said>"), when the
+    # counts are the meter's instead (tokenhub.server.usage_check); "" when it was.
+    usage_anomaly: str = ""
     # What admission drew from the tenant's contracts in the gateway's quota table (its money
     # pots), "<table epoch>|<pot>=<amount>;...": the in-process settler gives it back to the
     # table once the ledger has posted the event (tokenhub.server.contracts). Not billing data:
@@ -47,10 +50,38 @@ class UsageEvent(msgspec.Struct, kw_only=True, omit_defaults=True):
     holds: str = ""
 
 
+# The most tokens one event may count on any line: far above any context window or output cap
+# (n x cap) a provider offers, far below where rating could overflow the ledger's 64-bit amounts.
+# The gateway's check of upstream usage, `events ingest` and settlement share it.
+MAX_TOKENS = 10**9
+
+
+def usage_problem(ev: UsageEvent) -> str | None:
+    """Why an event's token counts cannot be billed (None: they can): a count that is not an
+    integer, negative, above MAX_TOKENS, or cached input above input."""
+    for name in ("input_tokens", "cached_input_tokens", "output_tokens"):
+        v = getattr(ev, name)
+        if not isinstance(v, int) or isinstance(v, bool):
+            return f"{name} is not an integer"
+        if v < 0:
+            return f"{name} is negative ({v})"
+        if v > MAX_TOKENS:
+            return f"{name} is {v}, above the ceiling of {MAX_TOKENS} tokens an event may count"
+    if ev.cached_input_tokens > ev.input_tokens:
+        return (
+            f"cached_input_tokens ({ev.cached_input_tokens}) is more than input_tokens "
+            f"({ev.input_tokens})"
+        )
+    return None
+
+
 EVENT_FIELDS = tuple(UsageEvent.__struct_fields__)
 # What finance sees (exports, the settlement's payload hash): everything but the gateway's own
 # admission bookkeeping, which comes last.
 BILLED_FIELDS = EVENT_FIELDS[: EVENT_FIELDS.index("holds")]
+# Billed fields added after events were first settled: the payload hash leaves them out while
+# they hold their default, so that an event settled before they existed hashes as it did.
+LATER_FIELDS = ("usage_anomaly",)
 
 
 # The billing rule, in one place (settlement, admission's release and statements use it): only

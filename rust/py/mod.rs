@@ -242,7 +242,7 @@ impl PySseRelay {
         self.inner.usage().map(|u| PyBytes::new(py, u))
     }
 
-    /// Every data payload so far, for metering a stream without usage (empty once usage came).
+    /// Every data payload so far, for metering a stream without (plausible) usage.
     fn payloads<'py>(&self, py: Python<'py>) -> Vec<Bound<'py, PyBytes>> {
         self.inner.payloads().map(|p| PyBytes::new(py, p)).collect()
     }
@@ -251,6 +251,13 @@ impl PySseRelay {
     #[getter]
     fn events(&self) -> u64 {
         self.inner.events()
+    }
+
+    /// The client asked for usage, none came, and `[DONE]` was held back: the gateway sends a
+    /// usage chunk of its own, then `[DONE]`.
+    #[getter]
+    fn held_done(&self) -> bool {
+        self.inner.held_done()
     }
 
     /// Bytes held back until their event's blank line arrives.

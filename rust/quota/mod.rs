@@ -120,7 +120,7 @@ use shm::{
 };
 use std::cell::Cell;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU32, Ordering::*};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::*};
 
 /// A limit that admits everything (the default of every limit of a new account).
 pub const UNLIMITED: u64 = u64::MAX;
@@ -347,7 +347,7 @@ fn budget_take(cell: &BudgetCell, amount: u64) -> std::result::Result<(), StepRe
     }
     let limit = cell.limit.load(Relaxed);
     if limit == UNLIMITED {
-        cell.charged.fetch_add(amount, Relaxed);
+        sat_add(&cell.charged, amount);
         return Ok(());
     }
     let mut cur = cell.charged.load(Relaxed);
@@ -367,35 +367,43 @@ fn budget_take(cell: &BudgetCell, amount: u64) -> std::result::Result<(), StepRe
     }
 }
 
-fn budget_release(cell: &BudgetCell, amount: u64) {
+// Counters saturate instead of wrapping: one absurd figure (an upstream's usage of 2^63
+// tokens) must not wrap a budget back to "nothing used", nor a subtraction wrap it to "all".
+fn sat_add(cell: &AtomicU64, amount: u64) {
     if amount != 0 {
-        cell.charged.fetch_sub(amount, Relaxed);
+        let _ = cell.fetch_update(Relaxed, Relaxed, |v| Some(v.saturating_add(amount)));
     }
+}
+
+fn sat_sub(cell: &AtomicU64, amount: u64) {
+    if amount != 0 {
+        let _ = cell.fetch_update(Relaxed, Relaxed, |v| Some(v.saturating_sub(amount)));
+    }
+}
+
+fn budget_release(cell: &BudgetCell, amount: u64) {
+    sat_sub(&cell.charged, amount);
 }
 
 /// Moves `actual` of a `reserved` hold to used; returns the overrun.
 fn budget_settle(cell: &BudgetCell, reserved: u64, actual: u64) -> u64 {
     let mut over = 0;
     if actual < reserved {
-        cell.charged.fetch_sub(reserved - actual, Relaxed);
+        sat_sub(&cell.charged, reserved - actual);
     } else if actual > reserved {
         over = actual - reserved;
-        cell.charged.fetch_add(over, Relaxed);
-        cell.overrun.fetch_add(over, Relaxed);
+        sat_add(&cell.charged, over);
+        sat_add(&cell.overrun, over);
     }
-    if actual != 0 {
-        cell.used.fetch_add(actual, Relaxed);
-    }
+    sat_add(&cell.used, actual);
     over
 }
 
 /// Records usage nothing held.
 fn budget_charge(cell: &BudgetCell, amount: u64) {
-    if amount != 0 {
-        cell.charged.fetch_add(amount, Relaxed);
-        cell.overrun.fetch_add(amount, Relaxed);
-        cell.used.fetch_add(amount, Relaxed);
-    }
+    sat_add(&cell.charged, amount);
+    sat_add(&cell.overrun, amount);
+    sat_add(&cell.used, amount);
 }
 
 fn conc_take(slot: &AccountSlot) -> std::result::Result<(), StepRefusal> {
@@ -477,14 +485,18 @@ fn gcra_refund(cell: &GcraCell, cost: u64) {
         .fetch_update(Relaxed, Relaxed, |t| Some(t.saturating_sub(inc)));
 }
 
-/// Charges `cost` unconditionally (usage beyond what was admitted).
+/// Charges `cost` unconditionally (usage beyond what was admitted). The debt is capped at one
+/// window: a rate limit is per minute, so however large the overrun the account is full for
+/// at most a minute (a retry-after of at most 60 s, not 584 years for a saturated TAT);
+/// holding a tenant to its totals is what budgets are for.
 fn gcra_add(cell: &GcraCell, cost: u64, now: u64) {
     let Some(inc) = gcra_inc(cell.limit.load(Relaxed), cost) else {
         return;
     };
-    let _ = cell
-        .tat
-        .fetch_update(Relaxed, Relaxed, |t| Some(t.max(now).saturating_add(inc)));
+    let cap = now.saturating_add(WINDOW_NS);
+    let _ = cell.tat.fetch_update(Relaxed, Relaxed, |t| {
+        Some(t.max(now).saturating_add(inc).min(cap))
+    });
 }
 
 fn gcra_adjust(cell: &GcraCell, reserved: u64, actual: u64, now: u64) {
@@ -850,7 +862,7 @@ impl QuotaTable {
     pub fn reset_used(&self, index: u32, limit: Limit) -> Result<u64> {
         let cell = self.budget(index, limit)?;
         let used = cell.used.swap(0, Relaxed);
-        cell.charged.fetch_sub(used, Relaxed);
+        sat_sub(&cell.charged, used);
         cell.overrun.store(0, Relaxed);
         Ok(used)
     }
@@ -865,9 +877,7 @@ impl QuotaTable {
             done = u.min(amount);
             Some(u - done)
         });
-        if done != 0 {
-            cell.charged.fetch_sub(done, Relaxed);
-        }
+        sat_sub(&cell.charged, done);
         Ok(done)
     }
 

@@ -633,3 +633,64 @@ fn threads_never_admit_more_than_the_limit() {
     assert_eq!(admitted, 3_000);
     assert_eq!(t.stats().held, 3_000);
 }
+
+#[test]
+fn an_absurd_overrun_saturates_and_blocks_a_rate_limit_for_at_most_a_window() {
+    let t = table();
+    let k = t.account("k").unwrap();
+    t.set_limit(k, Limit::Tpm, 6_000).unwrap();
+    let id = t.reserve(&[k], one(100), 1000, T0).unwrap().unwrap();
+    // An upstream's usage of 2^63 - 1 tokens: the TAT must not saturate to 584 years away.
+    t.settle(id, actual(i64::MAX as u64), T0).unwrap();
+    let r = t.reserve(&[k], one(100), 1000, T0).unwrap().unwrap_err();
+    assert_eq!(r.limit, Limit::Tpm);
+    let retry = r.retry_after_ns.unwrap();
+    assert!(retry <= WINDOW_NS, "retry after {retry} ns");
+    assert!(t.rate_status(k, T0).unwrap().1.reset_ns <= WINDOW_NS);
+    // A minute later the key is admitted again.
+    assert!(t
+        .reserve(&[k], one(100), 1000, T0 + WINDOW_NS + S)
+        .unwrap()
+        .is_ok());
+}
+
+#[test]
+fn budget_counters_saturate_instead_of_wrapping() {
+    let t = table();
+    let k = t.account("k").unwrap();
+    t.set_limit(k, Limit::Tokens, 1_000).unwrap();
+    // Unlimited money budget: charged must not wrap past u64::MAX back to a small number.
+    t.charge(
+        &[k],
+        Amounts {
+            tokens: u64::MAX - 5,
+            money: u64::MAX,
+            requests: 0,
+            concurrent: false,
+        },
+        T0,
+    )
+    .unwrap();
+    t.charge(
+        &[k],
+        Amounts {
+            tokens: 10,
+            money: 10,
+            requests: 0,
+            concurrent: false,
+        },
+        T0,
+    )
+    .unwrap();
+    let s = t.snapshot(k, T0).unwrap();
+    assert_eq!((s.tokens.used, s.money.used), (u64::MAX, u64::MAX));
+    // Over its budget, not wrapped back under it: refused.
+    let r = t.reserve(&[k], one(1), 1000, T0).unwrap().unwrap_err();
+    assert_eq!(r.limit, Limit::Tokens);
+    // A new day clears it all, and nothing underflows.
+    t.reset_used(k, Limit::Tokens).unwrap();
+    assert_eq!(t.release_used(k, Limit::Tokens, u64::MAX).unwrap(), 0);
+    let s = t.snapshot(k, T0).unwrap();
+    assert_eq!((s.tokens.used, s.tokens.held), (0, 0));
+    assert!(t.reserve(&[k], one(1), 1000, T0).unwrap().is_ok());
+}

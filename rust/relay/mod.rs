@@ -9,12 +9,14 @@
 //! - `done`: the `[DONE]` event has been seen;
 //! - `first_token`: a chunk carrying generated text has been seen (time to first token);
 //! - `usage`: the data payload of the last chunk with a `usage` object (the gateway decodes it);
-//! - `payloads`: every data payload, kept until a usage chunk arrives, so that a stream without
-//!   one can still be metered from its text.
+//! - `payloads`: every data payload, so that a stream without usage (or with usage the gateway
+//!   finds implausible) can be metered from its text.
 //!
-//! A usage-only chunk (`"choices": []`) is dropped from the output when the client did not ask
-//! for usage (`keep_usage = false`): tokenhub asks every upstream for usage, and strips the
-//! extra chunk for clients that did not.
+//! tokenhub asks every upstream for usage. When the client did not ask (`keep_usage =
+//! false`), a usage-only chunk (`"choices": []`) is dropped from the output, and a chunk that
+//! carries both choices and usage (LiteLLM's shape) is re-encoded without its `usage` field.
+//! When the client did ask and the stream ends without usage, the `[DONE]` event is held back
+//! (`held_done`): the gateway sends a usage chunk of its own (metered) and then `[DONE]`.
 //!
 //! Chunks are JSON-decoded only while no token has been seen and when they carry usage, so a
 //! long stream costs one separator scan and one `"usage"` search per event. The Python version
@@ -177,10 +179,25 @@ pub struct SseScanner {
     done: bool,
     first_token: bool,
     usage: Option<Vec<u8>>,
-    // Every data payload until usage arrives, back to back, and where each one ends.
+    // Every data payload, back to back, and where each one ends.
     payload_bytes: Vec<u8>,
     payload_ends: Vec<usize>,
     events: u64,
+    held_done: bool,
+}
+
+/// What to do with one event.
+enum Verdict {
+    Keep,
+    Drop,
+    Replace(Vec<u8>),
+}
+
+/// A chunk's JSON without its top-level `usage` field (None: not an object, left as it is).
+fn without_usage(data: &[u8]) -> Option<Vec<u8>> {
+    let mut v: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(data).ok()?;
+    v.remove("usage")?;
+    serde_json::to_vec(&v).ok()
 }
 
 impl SseScanner {
@@ -204,7 +221,7 @@ impl SseScanner {
         self.usage.as_deref()
     }
 
-    /// Every data payload seen (other than `[DONE]`), in order; emptied once usage arrives.
+    /// Every data payload seen (other than `[DONE]`), in order.
     pub fn payloads(&self) -> impl Iterator<Item = &[u8]> {
         let starts = std::iter::once(0).chain(self.payload_ends.iter().copied());
         starts
@@ -215,6 +232,12 @@ impl SseScanner {
     /// Whole events seen so far (forwarded or dropped).
     pub fn events(&self) -> u64 {
         self.events
+    }
+
+    /// The client asked for usage, none came, and the `[DONE]` event was held back for the
+    /// gateway to send after a usage chunk of its own.
+    pub fn held_done(&self) -> bool {
+        self.held_done
     }
 
     /// Bytes held back: the start of an event whose separator has not arrived yet.
@@ -249,11 +272,11 @@ impl SseScanner {
         }
         let mut ev = rest;
         ev.extend_from_slice(if ev.ends_with(b"\n") { b"\n" } else { b"\n\n" });
-        let mut out = Vec::new();
-        if self.inspect(&ev) {
-            out = ev;
+        match self.inspect(&ev) {
+            Verdict::Keep => ev,
+            Verdict::Drop => Vec::new(),
+            Verdict::Replace(new) => new,
         }
-        out
     }
 
     /// Scans whole events out of `buf` into `out`; returns how many bytes were consumed.
@@ -263,56 +286,89 @@ impl SseScanner {
         let mut crlf = CRLF2.find(buf);
         while let Some(end) = event_end(buf, start, &mut lf, &mut crlf) {
             let ev = &buf[start..end];
-            if self.inspect(ev) {
-                out.extend_from_slice(ev);
+            match self.inspect(ev) {
+                Verdict::Keep => out.extend_from_slice(ev),
+                Verdict::Drop => {}
+                Verdict::Replace(new) => out.extend_from_slice(&new),
             }
             start = end;
         }
         start
     }
 
-    /// Notes what one event says; false when it is to be dropped.
-    fn inspect(&mut self, ev: &[u8]) -> bool {
+    /// Notes what one event says, and whether it is forwarded, dropped or re-encoded.
+    fn inspect(&mut self, ev: &[u8]) -> Verdict {
         self.events += 1;
         let mut keep = true;
+        // The event re-encoded so far, once a line of it had to change.
+        let mut rewritten: Option<Vec<u8>> = None;
         let mut at = 0;
         while at < ev.len() {
             let end = memchr::memchr(b'\n', &ev[at..]).map_or(ev.len(), |p| at + p);
+            let line_start = at;
             let line = &ev[at..end];
             at = end + 1;
-            let Some(rest) = line.strip_prefix(b"data:") else {
-                continue;
-            };
-            let data = trim(rest);
-            if data.is_empty() {
-                continue;
-            }
-            if data == b"[DONE]" {
-                self.done = true;
-                continue;
-            }
-            let usage = has_usage_object(data);
-            if !self.first_token || usage {
-                let chunk = Chunk::parse(data);
-                if !self.first_token && chunk.has_text() {
-                    self.first_token = true;
-                }
-                if usage && chunk.usage.is_some() {
-                    self.usage = Some(data.to_vec());
-                    self.payload_bytes = Vec::new();
-                    self.payload_ends = Vec::new();
-                    if !chunk.has_choices() && !self.keep_usage {
+            let mut replacement: Option<Vec<u8>> = None;
+            if let Some(rest) = line.strip_prefix(b"data:") {
+                let data = trim(rest);
+                if data == b"[DONE]" {
+                    self.done = true;
+                    if self.keep_usage && self.usage.is_none() {
+                        self.held_done = true;
                         keep = false;
                     }
-                    continue;
+                } else if !data.is_empty() {
+                    match self.inspect_data(data) {
+                        Verdict::Keep => {}
+                        Verdict::Drop => keep = false,
+                        Verdict::Replace(new) => replacement = Some(new),
+                    }
                 }
             }
-            if self.usage.is_none() {
-                self.payload_bytes.extend_from_slice(data);
-                self.payload_ends.push(self.payload_bytes.len());
+            if let Some(new) = replacement {
+                let out = rewritten.get_or_insert_with(|| ev[..line_start].to_vec());
+                out.extend_from_slice(b"data: ");
+                out.extend_from_slice(&new);
+                if end < ev.len() {
+                    if line.ends_with(b"\r") {
+                        out.push(b'\r');
+                    }
+                    out.push(b'\n');
+                }
+            } else if let Some(out) = rewritten.as_mut() {
+                out.extend_from_slice(&ev[line_start..at.min(ev.len())]);
             }
         }
-        keep
+        match (keep, rewritten) {
+            (false, _) => Verdict::Drop,
+            (true, Some(new)) => Verdict::Replace(new),
+            (true, None) => Verdict::Keep,
+        }
+    }
+
+    /// Notes what one data payload says. The client must not see usage it did not ask for:
+    /// a usage-only chunk drops its event, usage beside choices is re-encoded away.
+    fn inspect_data(&mut self, data: &[u8]) -> Verdict {
+        self.payload_bytes.extend_from_slice(data);
+        self.payload_ends.push(self.payload_bytes.len());
+        let usage = has_usage_object(data);
+        if !self.first_token || usage {
+            let chunk = Chunk::parse(data);
+            if !self.first_token && chunk.has_text() {
+                self.first_token = true;
+            }
+            if usage && chunk.usage.is_some() {
+                self.usage = Some(data.to_vec());
+                if self.keep_usage {
+                    return Verdict::Keep;
+                }
+                if !chunk.has_choices() {
+                    return Verdict::Drop;
+                }
+                return without_usage(data).map_or(Verdict::Keep, Verdict::Replace);
+            }
+        }
+        Verdict::Keep
     }
 }
 
@@ -339,7 +395,8 @@ mod tests {
         assert_eq!(keep.feed(s.as_bytes()), s.as_bytes());
         assert!(keep.done() && keep.first_token());
         assert_eq!(keep.usage(), Some(trim(&USAGE.as_bytes()[5..])));
-        assert_eq!(keep.payloads().count(), 0);
+        // Every payload but [DONE], the usage chunk's included (its choices may carry text).
+        assert_eq!(keep.payloads().count(), 4);
         assert_eq!(keep.events(), 5);
 
         let mut drop = SseScanner::new(false);
@@ -394,11 +451,27 @@ mod tests {
     }
 
     #[test]
-    fn usage_on_a_chunk_with_choices_is_kept_and_null_usage_is_not_usage() {
-        let both = "data: {\"choices\":[{\"delta\":{\"content\":\"x\"}}],\"usage\":{\"prompt_tokens\":1}}\n\n";
-        let mut sc = SseScanner::new(false);
-        assert_eq!(sc.feed(both.as_bytes()), both.as_bytes());
-        assert!(sc.usage().is_some());
+    fn usage_beside_choices_is_stripped_unless_asked_for_and_null_usage_is_not_usage() {
+        // LiteLLM's shape: the last chunk carries both a finish reason and the usage.
+        let both = "data: {\"id\":\"c\",\"choices\":[{\"delta\":{\"content\":\"x\"}}],\"usage\":{\"prompt_tokens\":1}}\n\n";
+        for sep in ["\n\n", "\r\n\r\n"] {
+            let ev = both.replace("\n\n", sep);
+            let mut sc = SseScanner::new(false);
+            let out = String::from_utf8(sc.feed(ev.as_bytes())).unwrap();
+            assert!(out.ends_with(sep) && out.starts_with("data: "), "{out:?}");
+            let v: serde_json::Value = serde_json::from_str(out[6..].trim()).unwrap();
+            assert_eq!(v["choices"][0]["delta"]["content"], "x");
+            assert_eq!(v["id"], "c");
+            assert!(v.get("usage").is_none(), "{out}");
+            assert!(sc.usage().is_some());
+            let mut keep = SseScanner::new(true);
+            assert_eq!(keep.feed(ev.as_bytes()), ev.as_bytes());
+        }
+        // Other lines of the event (an id, a comment) stay as they were.
+        let framed = format!("id: 7\n{}", both);
+        let out = SseScanner::new(false).feed(framed.as_bytes());
+        assert!(out.starts_with(b"id: 7\ndata: {") && out.ends_with(b"}\n\n"));
+        assert!(memchr::memmem::find(&out, b"usage").is_none());
         let null = "data: {\"choices\":[],\"usage\":null}\n\n";
         let mut sc = SseScanner::new(false);
         assert_eq!(sc.feed(null.as_bytes()), null.as_bytes());
@@ -408,12 +481,35 @@ mod tests {
     }
 
     #[test]
+    fn done_is_held_back_when_usage_was_asked_for_and_none_came() {
+        let s = format!("{}{}{DONE}", chunk("a"), chunk("b"));
+        let mut asked = SseScanner::new(true);
+        assert_eq!(
+            asked.feed(s.as_bytes()),
+            format!("{}{}", chunk("a"), chunk("b")).as_bytes()
+        );
+        assert!(asked.done() && asked.held_done() && asked.usage().is_none());
+        // Unterminated at the close of the stream, too.
+        let mut sc = SseScanner::new(true);
+        sc.feed(chunk("a").as_bytes());
+        sc.feed(b"data: [DONE]");
+        assert!(sc.finish().is_empty() && sc.held_done());
+        // With usage, or when the client did not ask, [DONE] goes through.
+        let mut with = SseScanner::new(true);
+        assert_eq!(with.feed(stream().as_bytes()), stream().as_bytes());
+        assert!(!with.held_done());
+        let mut not_asked = SseScanner::new(false);
+        assert_eq!(not_asked.feed(s.as_bytes()), s.as_bytes());
+        assert!(!not_asked.held_done());
+    }
+
+    #[test]
     fn finish_flushes_an_unterminated_last_event() {
         let mut sc = SseScanner::new(true);
         assert_eq!(sc.feed(chunk("a").trim_end().as_bytes()), b"");
         assert_eq!(sc.pending(), chunk("a").trim_end().len());
         assert_eq!(sc.finish(), chunk("a").as_bytes());
-        let mut sc = SseScanner::new(true);
+        let mut sc = SseScanner::new(false);
         sc.feed(b"data: [DONE]\n");
         assert_eq!(sc.finish(), b"data: [DONE]\n\n");
         assert!(sc.done());

@@ -109,10 +109,15 @@ def test_slow_headers_are_cut_off_without_denying_service(procs: Procs, site: Si
         assert chat(site) == 200  # served beside 2,000 half-open requests
         served_s = time.perf_counter() - t0
         got = read_until_closed(slow, timeout=60.0)
-        # Each was answered 408 (the header timeout, not the 30 s keep-alive's silent close).
+        # Each was answered 408 (the header timeout, not the 30 s keep-alive's silent close),
+        # with a request id of its own.
+        ids = set()
         for data in got.values():
             assert data.startswith(b"HTTP/1.1 408 "), data
-            assert json.loads(data.partition(b"\r\n\r\n")[2])["error"]["code"] == "request_timeout"
+            head, _, body = data.partition(b"\r\n\r\n")
+            assert json.loads(body)["error"]["code"] == "request_timeout"
+            ids.add(head.partition(b"x-request-id: ")[2].partition(b"\r\n")[0])
+        assert len(ids) == SLOW_CLIENTS
         assert metric(site, "header_timeout") == SLOW_CLIENTS
         print(f"a request beside {SLOW_CLIENTS} slow clients: {served_s * 1000:.0f} ms")
     finally:

@@ -82,7 +82,7 @@ from tokenhub.billing.db import Database, Row, Tx
 from tokenhub.billing.ledger import LedgerError, period_bounds
 from tokenhub.billing.money import POINTS, TOKENS, allocate, convert, decimal_str, rate
 from tokenhub.billing.service import Billing, BillingError
-from tokenhub.usage import BILLED_FIELDS, EVENT_FIELDS, UsageEvent
+from tokenhub.usage import BILLED_FIELDS, EVENT_FIELDS, MAX_TOKENS, UsageEvent
 
 T = TypeVar("T")
 
@@ -151,7 +151,9 @@ MAX_REQUEST_ID = 128
 DEFAULT_MAX_LINE_BYTES = 1 << 20
 
 _PRINTABLE = r"^[^\x00-\x1f\x7f]+$"
-Count = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
+# The bounds every usage event's counts obey (the gateway's check of upstream usage and
+# settlement share them): an ingested count outside them is an invalid line, never stored.
+Count = Annotated[int, msgspec.Meta(ge=0, le=MAX_TOKENS)]
 Name = Annotated[str, msgspec.Meta(max_length=256)]
 
 

@@ -120,6 +120,22 @@ class MoneyError(ValueError):
     """An amount, price, rate or currency that cannot be used as given (the message says why)."""
 
 
+class AmountRangeError(MoneyError):
+    """An amount that does not fit the ledger's 64-bit integer columns: refused, never wrapped
+    or truncated (settlement sets the one event that produced it aside)."""
+
+
+# The ledger stores amounts as signed 64-bit integers (BIGINT).
+MAX_AMOUNT = 2**63 - 1
+
+
+def checked(amount: int, what: str = "amount") -> int:
+    """`amount` if the ledger can store it, else AmountRangeError."""
+    if not -MAX_AMOUNT <= amount <= MAX_AMOUNT:
+        raise AmountRangeError(f"{what} of {amount} nanos is beyond the ledger's 64-bit range")
+    return amount
+
+
 def check_currency(code: str) -> str:
     """The code if tokenhub knows it (ISO 4217, upper case), else MoneyError."""
     if code in MINOR_UNITS:
@@ -205,8 +221,11 @@ def div_half_even(num: int, den: int) -> int:
 
 
 def rate(tokens: int, price_nanos_per_1m: int) -> int:
-    """The charge for `tokens` at a price per 1M tokens (both integers): nanos, half-to-even."""
-    return div_half_even(tokens * price_nanos_per_1m, 1_000_000)
+    """The charge for `tokens` at a price per 1M tokens (both integers, not negative): nanos,
+    half-to-even; AmountRangeError when it would not fit the ledger."""
+    if tokens < 0 or price_nanos_per_1m < 0:
+        raise MoneyError(f"cannot rate {tokens} tokens at {price_nanos_per_1m} nanos per 1M")
+    return checked(div_half_even(tokens * price_nanos_per_1m, 1_000_000), "a charge")
 
 
 def rate_is_exact(tokens: int, price_nanos_per_1m: int) -> bool:
@@ -219,9 +238,10 @@ def convert(nanos: int, fx_rate: Decimal) -> int:
     assert isinstance(exp, int) and sign == 0
     num = int("".join(map(str, digits)) or "0")
     if exp >= 0:
-        return int(nanos * num * 10**exp)
+        return checked(int(nanos * num * 10**exp), "a converted amount")
     den = 10**-exp
-    return div_half_even(nanos * num, den) if nanos >= 0 else -div_half_even(-nanos * num, den)
+    out = div_half_even(nanos * num, den) if nanos >= 0 else -div_half_even(-nanos * num, den)
+    return checked(out, "a converted amount")
 
 
 def allocate(total: int, weights: Sequence[int]) -> list[int]:

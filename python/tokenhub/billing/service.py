@@ -49,12 +49,13 @@ from typing import Any
 import msgspec
 
 from tokenhub.billing import ledger as L
-from tokenhub.billing.db import Database, Tx
+from tokenhub.billing.db import Database, DatabaseError, Tx
 from tokenhub.billing.ledger import AccountSpec, Book, LedgerError, Txn
 from tokenhub.billing.money import (
     NANOS,
     POINTS,
     TOKENS,
+    AmountRangeError,
     MoneyError,
     allocate,
     check_currency,
@@ -67,7 +68,7 @@ from tokenhub.billing.money import (
     parse_rate,
     rate,
 )
-from tokenhub.usage import BILLED_FIELDS, UsageEvent, billed_lines
+from tokenhub.usage import BILLED_FIELDS, LATER_FIELDS, UsageEvent, billed_lines, usage_problem
 
 DRAW_ORDER = ("package", "points", "wallet", "postpaid")
 PERIODS = ("month", "week", "day", "none")
@@ -77,6 +78,13 @@ PPM = 1_000_000
 
 class BillingError(LedgerError):
     """A billing request that cannot be carried out (the message says why)."""
+
+
+class Quarantine(BillingError):
+    """A usage event whose settlement cannot succeed as it is, whatever is configured: counts
+    out of bounds (`tokenhub.usage.usage_problem`), an amount beyond the ledger's range, an
+    unexpected error. It is set aside (`settlement_failures.quarantined`) so that it blocks no
+    other event, until `tokenhub billing quarantine release` or `void`."""
 
 
 # -- records -----------------------------------------------------------------------------------
@@ -180,6 +188,7 @@ class SettleResult:
     conflicts: list[str] = field(default_factory=list)
     failed: list[tuple[str, str]] = field(default_factory=list)  # (event id, reason)
     txn_ids: dict[str, str] = field(default_factory=dict)
+    quarantined: set[str] = field(default_factory=set)  # of the failed: set aside (Quarantine)
 
 
 def now_ms() -> int:
@@ -189,12 +198,18 @@ def now_ms() -> int:
 def _payload_hash(ev: UsageEvent) -> str:
     """Canonical: every billing field in declaration order (defaults included), so equal events
     hash equal however they were built (msgspec's omit_defaults depends on object identity).
-    `holds` (the gateway's admission bookkeeping) is not billing data and is left out."""
+    `holds` (the gateway's admission bookkeeping) is not billing data and is left out, as are
+    LATER_FIELDS while they hold their default (events settled before they existed hash as
+    they did then)."""
     fields = msgspec.structs.astuple(ev)[:_HASHED]
+    if not any(fields[_OLD_HASHED:]):
+        fields = fields[:_OLD_HASHED]
     return hashlib.sha256(msgspec.json.encode(fields)).hexdigest()
 
 
 _HASHED = len(BILLED_FIELDS)
+_OLD_HASHED = _HASHED - len(LATER_FIELDS)
+assert BILLED_FIELDS[_OLD_HASHED:] == LATER_FIELDS
 
 
 def _check_tenant(tenant: str) -> str:
@@ -724,6 +739,11 @@ class Billing:
         except LedgerError:
             if len(evs) == 1:
                 raise
+        except Exception:
+            # Not one of billing's own errors: an event the checks did not foresee (a value
+            # the database refuses, a bug). One by one, so that only that event is set aside;
+            # an operational failure (the database gone) fails every event and is raised.
+            pass
         # One event's postings broke a constraint the batch could not foresee: settle them
         # one by one, so only that event fails.
         total = SettleResult()
@@ -732,13 +752,30 @@ class Billing:
                 r = await self.db.transaction(partial(_settle, events=[ev]))
             except LedgerError as e:
                 total.failed.append((ev.request_id, str(e)))
+                if isinstance(e, Quarantine):
+                    total.quarantined.add(ev.request_id)
+                continue
+            except Exception as e:
+                if await self._unreachable():
+                    raise
+                total.failed.append((ev.request_id, f"{type(e).__name__}: {e}"[:500]))
+                total.quarantined.add(ev.request_id)
                 continue
             total.settled += r.settled
             total.duplicates += r.duplicates
             total.conflicts += r.conflicts
             total.failed += r.failed
             total.txn_ids |= r.txn_ids
+            total.quarantined |= r.quarantined
         return total
+
+    async def _unreachable(self) -> bool:
+        """The database cannot run a trivial query (an operational failure, not an event's)."""
+        try:
+            await self.db.transaction(lambda tx: tx.fetchval("SELECT 1"))
+        except Exception:
+            return True
+        return False
 
     async def refund(self, event_id: str, *, memo: str = "", ts_ms: int | None = None) -> str:
         """Reverses a settled usage event's postings (one refund per event)."""
@@ -1074,9 +1111,13 @@ async def _settle(tx: Tx, events: list[UsageEvent]) -> SettleResult:
     for ev, h in todo:
         try:
             _check_tenant(ev.tenant)
+            if (problem := usage_problem(ev)) is not None:
+                raise Quarantine(f"usage out of bounds: {problem}")
         except BillingError as e:
             del known[ev.request_id]
             res.failed.append((ev.request_id, str(e)))
+            if isinstance(e, Quarantine):
+                res.quarantined.add(ev.request_id)
             continue
         valid.append((ev, h))
     todo = valid
@@ -1097,7 +1138,9 @@ async def _settle(tx: Tx, events: list[UsageEvent]) -> SettleResult:
         dirty, posted = set(ctx.dirty_lots), len(book.txns)
         try:
             txn = await _settle_event(tx, ctx, book, ev)
-        except (BillingError, MoneyError) as e:
+        except DatabaseError:
+            raise  # the database's failure, not the event's
+        except Exception as e:
             # Undo what the event drew in memory before it failed (lot counters, auto top-ups),
             # or its retry would draw the same lot again.
             for x, v in zip(lots, saved, strict=True):
@@ -1109,7 +1152,14 @@ async def _settle(tx: Tx, events: list[UsageEvent]) -> SettleResult:
                     book.balance[p.account] -= p.amount
             del book.txns[posted:]
             del known[ev.request_id]
-            res.failed.append((ev.request_id, str(e)))
+            kept = (BillingError, MoneyError)
+            if isinstance(e, kept) and not isinstance(e, (AmountRangeError, Quarantine)):
+                res.failed.append((ev.request_id, str(e)))
+            else:
+                # Nothing configurable fixes it: an amount beyond the ledger's range, or an
+                # error settlement did not expect. Set aside, so the others go on.
+                res.failed.append((ev.request_id, f"{type(e).__name__}: {e}"[:500]))
+                res.quarantined.add(ev.request_id)
             continue
         tid = txn.id if txn is not None else ""
         settled_rows.append((ev.request_id, h, tid, now_ms()))
@@ -1192,6 +1242,24 @@ def _take_lines(remaining: list[int], n: int) -> list[int]:
     return took
 
 
+def _no_price(ctx: _Ctx, ev: UsageEvent) -> str:
+    """Why an event has no price, and the fix. " at <ms>" is the part that settler.reason_kind
+    drops when it groups failures by cause."""
+    known = [*ctx.prices.get((ev.model, ev.tenant), []), *ctx.prices.get((ev.model, ""), [])]
+    first = min((p.effective_ms for p in known), default=None)
+    if first is None:
+        cause = "it has none"
+    else:
+        day = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(first / 1000))
+        cause = f"its first is in force from {day}, after this usage"
+    return (
+        f"no price for model {ev.model!r} at {ev.ts_ms} ({cause}): set one in force by then "
+        f"with `tokenhub prices set {ev.model} --currency CUR --input N --output N --from DATE` "
+        "or `tokenhub prices import --config FILE --from DATE`, then run "
+        "`tokenhub billing settle --retry-failed`"
+    )
+
+
 def _recognize(lot: Lot, used: int) -> int:
     """The lot price earned by `used` more units: cumulative, so a fully used lot earns
     exactly its price."""
@@ -1210,7 +1278,7 @@ async def _settle_event(tx: Tx, ctx: _Ctx, book: Book, ev: UsageEvent) -> Txn | 
         return None
     price = await _price_at(tx, ctx, ev.model, ev.tenant, ev.ts_ms)
     if price is None:
-        raise BillingError(f"no price for model {ev.model!r} at {ev.ts_ms} (tokenhub prices set)")
+        raise BillingError(_no_price(ctx, ev))
     split = await _split_at(tx, ctx, ev.provider, ev.ts_ms)
     txn = Txn("usage", ev.tenant, ev.ts_ms, ref=ev.request_id, memo=ev.model)
     d: dict[str, Any] = {

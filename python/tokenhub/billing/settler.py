@@ -18,6 +18,13 @@ is read once more, found settled, and marked.
 Locks: pending events are read in a read-only transaction (`Database.read`: on SQLite a WAL
 snapshot without the write lock), and each write transaction is one batch: a settler that
 stalls (SIGSTOP, a slow pass) between them holds no lock the gateway's usage writes wait for.
+
+Quarantine: no event can block the settlement of another. An event whose settlement cannot
+succeed as it is (counts out of bounds, an amount beyond the ledger's range, an unexpected
+error: `tokenhub.billing.service.Quarantine`) is recorded in `settlement_failures` with
+`quarantined` set and skipped even by `retry_failed`; `tokenhub billing check` names it, and
+`tokenhub billing quarantine` lists, releases (settle it again) or voids it (never billed:
+settled with no charge, recorded in the audit log).
 """
 
 from __future__ import annotations
@@ -25,8 +32,10 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import json
 import logging
 import re
+import secrets
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -34,7 +43,7 @@ from functools import partial
 from typing import Any
 
 from tokenhub.billing.db import Tx
-from tokenhub.billing.service import Billing
+from tokenhub.billing.service import Billing, BillingError, _payload_hash
 from tokenhub.usage import EVENT_FIELDS, UsageEvent
 
 log = logging.getLogger("tokenhub.billing")
@@ -53,6 +62,7 @@ class SettleSummary:
     duplicates: int = 0
     conflicts: list[str] = field(default_factory=list)
     failed: int = 0
+    quarantined: int = 0  # of the failed: set aside until released or voided
     reasons: collections.Counter[str] = field(default_factory=collections.Counter)
     elapsed_s: float = 0.0
 
@@ -86,19 +96,24 @@ async def _mark_settled(tx: Tx, *, ids: list[str], now: int) -> None:
 
 
 async def _record(
-    tx: Tx, *, failed: list[tuple[str, str]], cleared: list[str], settled: Sequence[str] = ()
+    tx: Tx,
+    *,
+    failed: list[tuple[str, str]],
+    cleared: list[str],
+    settled: Sequence[str] = (),
+    quarantined: set[str] | frozenset[str] = frozenset(),
 ) -> None:
-    """Upserts this batch's failures; forgets the earlier failures of events now settled;
-    marks the settled events (`settled_ms`)."""
+    """Upserts this batch's failures (the `quarantined` ones set aside); forgets the earlier
+    failures of events now settled; marks the settled events (`settled_ms`)."""
     now = int(time.time() * 1000)
     await _mark_settled(tx, ids=list(settled), now=now)
     if failed:
         await tx.executemany(
-            "INSERT INTO settlement_failures (event_id, reason, attempts, last_ms) "
-            "VALUES ($1, $2, 1, $3) ON CONFLICT (event_id) DO UPDATE SET "
+            "INSERT INTO settlement_failures (event_id, reason, attempts, last_ms, quarantined) "
+            "VALUES ($1, $2, 1, $3, $4) ON CONFLICT (event_id) DO UPDATE SET "
             "reason = excluded.reason, attempts = settlement_failures.attempts + 1, "
-            "last_ms = excluded.last_ms",
-            [(eid, reason, now) for eid, reason in failed],
+            "last_ms = excluded.last_ms, quarantined = excluded.quarantined",
+            [(eid, reason, now, eid in quarantined) for eid, reason in failed],
         )
     for i in range(0, len(cleared), 500):
         chunk = cleared[i : i + 500]
@@ -118,11 +133,12 @@ async def settle_pending(
     after each committed batch with its events and the ids settled now (the gateway's
     admission gives back what they held: tokenhub.server.contracts)."""
     db = billing.db
-    skip_failed = ""
-    if not retry_failed:
-        skip_failed = (
-            " AND NOT EXISTS (SELECT 1 FROM settlement_failures f WHERE f.event_id = e.request_id)"
-        )
+    # Quarantined events wait for `tokenhub billing quarantine release` even under
+    # retry_failed: retrying them as they are cannot succeed.
+    skip_failed = (
+        " AND NOT EXISTS (SELECT 1 FROM settlement_failures f WHERE f.event_id = e.request_id"
+        f"{' AND f.quarantined' if retry_failed else ''})"
+    )
     # `settled_ms IS NULL` word for word as the partial index's predicate, so that SQLite's
     # planner (which matches the terms) uses it.
     first = f"SELECT {_EVENT_COLS} FROM usage_events e WHERE e.settled_ms IS NULL{skip_failed}"
@@ -149,12 +165,21 @@ async def settle_pending(
         out.conflicts += res.conflicts
         bad = res.failed + [(eid, CONFLICT) for eid in res.conflicts]
         out.failed += len(res.failed)
+        out.quarantined += len(res.quarantined)
         out.reasons.update(reason_kind(r) for _, r in bad)
         cleared = list(res.txn_ids) if retry_failed else []
         unsettled = {eid for eid, _ in bad}
         settled = [e.request_id for e in events if e.request_id not in unsettled]
         if bad or cleared or settled:
-            await db.transaction(partial(_record, failed=bad, cleared=cleared, settled=settled))
+            await db.transaction(
+                partial(
+                    _record,
+                    failed=bad,
+                    cleared=cleared,
+                    settled=settled,
+                    quarantined=res.quarantined,
+                )
+            )
         out.elapsed_s = time.monotonic() - started
         if progress is not None:
             progress(out)
@@ -190,3 +215,88 @@ async def follow(
             log.exception("settlement pass failed; retrying in %.1f s", interval_s)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), interval_s)
+
+
+# -- quarantine -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Quarantined:
+    event_id: str
+    tenant: str  # "" when the event itself is gone
+    model: str
+    ts_ms: int
+    reason: str
+    attempts: int
+    last_ms: int
+
+
+async def quarantined(tx: Tx, ids: Sequence[str] = ()) -> list[Quarantined]:
+    """The quarantined events (those of `ids`, when given), oldest failure first."""
+    sql = (
+        "SELECT f.event_id, e.tenant, e.model, e.ts_ms, f.reason, f.attempts, f.last_ms "
+        "FROM settlement_failures f LEFT JOIN usage_events e ON e.request_id = f.event_id "
+        "WHERE f.quarantined"
+    )
+    args: list[Any] = []
+    if ids:
+        sql += f" AND f.event_id IN ({','.join(f'${i + 1}' for i in range(len(ids)))})"
+        args = list(ids)
+    rows = await tx.fetch(sql + " ORDER BY f.last_ms, f.event_id", *args)
+    return [
+        Quarantined(r[0], r[1] or "", r[2] or "", int(r[3] or 0), r[4], int(r[5]), int(r[6]))
+        for r in rows
+    ]
+
+
+async def _quarantined_ids(tx: Tx, ids: Sequence[str]) -> list[Quarantined]:
+    found = await quarantined(tx, ids)
+    missing = sorted(set(ids) - {q.event_id for q in found})
+    if missing:
+        raise BillingError(f"not quarantined: {', '.join(missing)}")
+    return found
+
+
+async def release(tx: Tx, ids: Sequence[str]) -> list[str]:
+    """Takes events out of quarantine: the next settlement pass tries them again (after a fix,
+    e.g. a price that makes their amounts fit). BillingError if one is not quarantined."""
+    found = await _quarantined_ids(tx, ids)
+    for q in found:
+        await tx.execute("DELETE FROM settlement_failures WHERE event_id = $1", q.event_id)
+    return [q.event_id for q in found]
+
+
+async def void(tx: Tx, ids: Sequence[str], memo: str = "") -> list[str]:
+    """Settles quarantined events with no charge (they are never billed) and records each in
+    the audit log (kind `usage_voided`, with the quarantine's reason and `memo`). BillingError
+    if one is not quarantined."""
+    found = await _quarantined_ids(tx, ids)
+    now = int(time.time() * 1000)
+    for q in found:
+        row = await tx.fetchrow(
+            f"SELECT {_EVENT_COLS} FROM usage_events e WHERE e.request_id = $1", q.event_id
+        )
+        key_id = ""
+        if row is not None:
+            ev = event_from_row(row)
+            key_id = ev.key_id
+            await tx.execute(
+                "INSERT INTO settlements (event_id, payload_sha256, txn_id, settled_ms) "
+                "VALUES ($1, $2, '', $3) ON CONFLICT (event_id) DO NOTHING",
+                q.event_id,
+                _payload_hash(ev),
+                now,
+            )
+            await _mark_settled(tx, ids=[q.event_id], now=now)
+        await tx.execute("DELETE FROM settlement_failures WHERE event_id = $1", q.event_id)
+        details = {"event_id": q.event_id, "reason": q.reason, "memo": memo}
+        await tx.execute(
+            "INSERT INTO audit_log (id, ts_ms, kind, tenant, key_id, details) "
+            "VALUES ($1, $2, 'usage_voided', $3, $4, $5)",
+            f"aud_{now:012x}{secrets.token_hex(8)}",
+            now,
+            q.tenant,
+            key_id,
+            json.dumps(details, sort_keys=True),
+        )
+    return [q.event_id for q in found]

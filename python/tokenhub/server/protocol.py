@@ -38,6 +38,7 @@ from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 
 from tokenhub.server.errors import ApiError
+from tokenhub.server.gateway import new_request_id
 
 log = logging.getLogger("tokenhub.server")
 
@@ -84,8 +85,6 @@ def connection_cap(configured: int, upstream_connections: int) -> int:
 
 def _raw_response(err: ApiError) -> bytes:
     """A whole HTTP/1.1 response for a connection no request handler will see."""
-    from tokenhub.server.gateway import new_request_id
-
     body = err.body()
     reason = {408: "Request Timeout", 503: "Service Unavailable"}.get(err.status, "Error")
     head = (
@@ -149,7 +148,7 @@ class _Protocol(RequestHandler):
             self._refused = True
             # uvloop's transports are not asyncio.Transport subclasses: no isinstance check.
             tcp = cast(asyncio.Transport, transport)
-            tcp.write(_BUSY)
+            tcp.write(_raw_response(_busy()))  # each with its own request id
             tcp.close()
             server.refused += 1
             return
@@ -199,7 +198,7 @@ class _Protocol(RequestHandler):
             return
         log.info("closed a connection whose request headers did not arrive in time")
         self._server.head_timeouts += 1
-        transport.write(_HEAD_TIMEOUT)
+        transport.write(_raw_response(_head_timeout()))
         self.force_close()
 
     def handle_error(
@@ -218,17 +217,11 @@ class _Protocol(RequestHandler):
             log.info("refused a malformed request from %s: %s", request.remote, what)
         if request.writer.output_size > 0:
             raise ConnectionError("the response had started: the connection is closed")
-        from tokenhub.server.gateway import new_request_id
-
         resp = _protocol_error(status).response()
         resp.headers["Server"] = SERVER_NAME
         resp.headers["x-request-id"] = new_request_id()
         resp.force_close()
         return resp
-
-
-_BUSY = _raw_response(_busy())
-_HEAD_TIMEOUT = _raw_response(_head_timeout())
 
 
 class _Server(web.Server):

@@ -311,6 +311,18 @@ MIGRATIONS: tuple[Migration, ...] = (
             "WHERE settled_ms IS NULL",
         ),
     ),
+    Migration(
+        8,
+        "usage_events.usage_anomaly, settlement_failures.quarantined",
+        (
+            # UsageEvent.usage_anomaly: why the upstream's usage was replaced by the meter's.
+            "ALTER TABLE usage_events ADD COLUMN usage_anomaly TEXT NOT NULL DEFAULT ''",
+            # An event whose settlement cannot succeed as it is (counts out of bounds, an
+            # amount beyond the ledger's range, an unexpected error): skipped even by
+            # --retry-failed until `tokenhub billing quarantine release` or `void`.
+            "ALTER TABLE settlement_failures ADD COLUMN quarantined BOOLEAN NOT NULL DEFAULT FALSE",
+        ),
+    ),
 )
 
 LATEST_VERSION = MIGRATIONS[-1].version

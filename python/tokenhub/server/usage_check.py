@@ -1,0 +1,122 @@
+"""Is an upstream's usage block plausible for the request that was sent?
+
+An upstream's `usage` is trusted for billing only within what the request allowed: the prompt
+fits the deployment's context window, the output is at most n x the output cap the gateway sent
+upstream (the deployment's `max_output_tokens` when none was sent), cached input is part of the
+input, every figure is a non-negative integer below `tokenhub.usage.MAX_TOKENS`. A block that
+breaks one of these (an upstream bug, a hostile or compromised provider, a proxy that mangled
+it) is not billed: the gateway bills its own metered count instead, and the event says why
+(`usage_anomaly`), as do `/metrics` (`tokenhub_usage_anomalies_total`) and the audit log.
+
+Under-reporting (an explicit zero, a prompt shorter than metered) is not flagged: a provider may
+bill less than the meter counts (cache discounts, its own tokenizer), never more than allowed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from tokenhub.usage import MAX_TOKENS
+
+__all__ = ["KINDS", "MAX_TOKENS", "Anomaly", "Bounds", "Counts", "check", "output_bound"]
+
+# The kinds of anomaly, as the metric labels them.
+KINDS = ("not_integer", "negative", "cached_over_input", "over_context", "over_output", "huge")
+
+
+@dataclass(frozen=True, slots=True)
+class Bounds:
+    """What a request allowed: its deployment's context window (0: unknown) and the most
+    output tokens it could produce over all its choices."""
+
+    context_window: int
+    output: int
+
+
+@dataclass(frozen=True, slots=True)
+class Counts:
+    input_tokens: int
+    cached_input_tokens: int
+    output_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class Anomaly:
+    kind: str  # one of KINDS
+    detail: str  # what the upstream said, and the bound it broke
+
+    def __str__(self) -> str:
+        return f"{self.kind}: {self.detail}"
+
+
+def _int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _ints(payload: dict[str, Any], keys: tuple[str, ...]) -> list[int]:
+    return [v for v in (payload.get(k) for k in keys) if isinstance(v, int) and v >= 0]
+
+
+def output_bound(payload: dict[str, Any], default_cap: int, embeddings: bool = False) -> int:
+    """The most output tokens the request sent upstream allows: prompts (a legacy completions
+    batch) x n (or best_of, when larger: the upstream generates and bills them all) x its
+    output cap, the larger of max_tokens and max_completion_tokens when it sent both (an
+    upstream honours one), else `default_cap` (the deployment's max_output_tokens)."""
+    if embeddings:
+        return 0
+    caps = _ints(payload, ("max_tokens", "max_completion_tokens"))
+    choices = _ints(payload, ("n", "best_of"))
+    return _prompts(payload) * max([1, *choices]) * (max(caps) if caps else default_cap)
+
+
+def _prompts(payload: dict[str, Any]) -> int:
+    """How many prompts a legacy completions request carries: a batch (an array of strings or
+    of token arrays) gets n completions for each."""
+    prompt = payload.get("prompt")
+    if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
+        return len(prompt)
+    return 1
+
+
+def check(usage: Any, bounds: Bounds) -> Counts | Anomaly:
+    """The counts of an upstream `usage` object when plausible for `bounds`, else why not.
+    Missing counts are 0 (as the gateway always read them); cached input is
+    `prompt_tokens_details.cached_tokens` or DeepSeek's `prompt_cache_hit_tokens`."""
+    if not isinstance(usage, dict):
+        return Anomaly("not_integer", f"usage is {type(usage).__name__}, not an object")
+    details = usage.get("prompt_tokens_details")
+    cached: Any = details.get("cached_tokens") if isinstance(details, dict) else None
+    if not cached:
+        cached = usage.get("prompt_cache_hit_tokens")
+    figures = {
+        "prompt_tokens": usage.get("prompt_tokens", 0),
+        "completion_tokens": usage.get("completion_tokens", 0),
+        "cached_tokens": cached or 0,
+    }
+    for name, v in figures.items():
+        if v is None:
+            figures[name] = 0
+        elif not _int(v):
+            return Anomaly("not_integer", f"{name} is {_show(v)}")
+    for name, v in figures.items():
+        if v < 0:
+            return Anomaly("negative", f"{name} is {v}")
+    for name, v in figures.items():
+        if v > MAX_TOKENS:
+            return Anomaly("huge", f"{name} is {v}, over the ceiling of {MAX_TOKENS}")
+    p, c, o = figures["prompt_tokens"], figures["cached_tokens"], figures["completion_tokens"]
+    if c > p:
+        return Anomaly("cached_over_input", f"cached_tokens {c} > prompt_tokens {p}")
+    if bounds.context_window and p > bounds.context_window:
+        return Anomaly(
+            "over_context", f"prompt_tokens {p} > the context window {bounds.context_window}"
+        )
+    if o > bounds.output:
+        return Anomaly("over_output", f"completion_tokens {o} > the {bounds.output} allowed")
+    return Counts(p, c, o)
+
+
+def _show(v: Any) -> str:
+    text = repr(v)
+    return text if len(text) <= 40 else text[:37] + "..."
