@@ -29,7 +29,7 @@ import signal
 import sys
 import time
 import tomllib
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from decimal import Decimal, InvalidOperation
 from functools import wraps
 from pathlib import Path
@@ -49,6 +49,7 @@ from tokenhub.admin_cli import (
 )
 from tokenhub.billing import io_cli
 from tokenhub.billing import ledger as L
+from tokenhub.billing import settler as Q
 from tokenhub.billing import statements as S
 from tokenhub.billing.db import DatabaseError, Tx, open_database
 from tokenhub.billing.ledger import LedgerError
@@ -74,7 +75,7 @@ from tokenhub.billing.service import (
     get_profile,
 )
 from tokenhub.billing.settler import SettleSummary, follow, settle_pending
-from tokenhub.config import ConfigError, Model
+from tokenhub.config import Config, ConfigError, Model
 from tokenhub.store import DEFAULT_DATABASE, StoreError, database_path
 from tokenhub.store.base import check_tenant_name
 
@@ -753,19 +754,20 @@ def _config_models(path: str) -> list[Model]:
         raise ConfigError(f"{p}: models: {e}") from None
 
 
-@_command
-def cmd_prices_import(args: argparse.Namespace) -> int:
-    models = _config_models(args.config)
-    eff = _time(args.effective)
-    # Every price is checked before anything is written.
-    wanted: list[tuple[str, str, int, int, int]] = []
+Wanted = tuple[str, str, int, int, int]  # model, currency, input, cached input, output (nanos)
+
+
+def config_prices(models: Sequence[Model], source: str) -> tuple[list[Wanted], list[str]]:
+    """The price each model's first deployment gives (checked, in nanos), and the models
+    without one. Raises ConfigError naming `source` and the model."""
+    wanted: list[Wanted] = []
     no_price: list[str] = []
     for m in models:
         price = m.deployments[0].price if m.deployments else None
         if price is None:
             no_price.append(m.id)
             continue
-        where = f"{args.config}: model {m.id}"
+        where = f"{source}: model {m.id}"
         try:
             cur = check_currency(price.currency)
             # As written (0.0000000001), not as Decimal prints it (1E-10), in messages.
@@ -779,43 +781,95 @@ def cmd_prices_import(args: argparse.Namespace) -> int:
         except MoneyError as e:
             raise ConfigError(f"{where}: {e}") from None
         wanted.append((m.id, cur, inp, cached, out))
+    return wanted, no_price
+
+
+async def apply_prices(
+    b: Billing, wanted: Sequence[Wanted], *, at: int, new_from: int | None = None
+) -> tuple[list[tuple[Price, bool]], list[str]]:
+    """Writes each wanted price that differs from the price book's global price in force at
+    `at`, effective from `at`; a model that never had a global price gets its first from
+    `new_from` instead, when given. Returns the written prices (each with True when it was the
+    model's first) and the models left unchanged."""
+
+    async def current(tx: Tx) -> dict[str, tuple[tuple[Any, ...] | None, bool]]:
+        out: dict[str, tuple[tuple[Any, ...] | None, bool]] = {}
+        for model, *_ in wanted:
+            row = await tx.fetchrow(
+                "SELECT currency, input_per_1m, cached_input_per_1m, output_per_1m, "
+                "points_per_1m FROM prices WHERE model = $1 AND tenant = '' "
+                "AND effective_ms <= $2 ORDER BY effective_ms DESC, version DESC LIMIT 1",
+                model,
+                at,
+            )
+            ever = await tx.fetchval(
+                "SELECT count(*) FROM prices WHERE model = $1 AND tenant = ''", model
+            )
+            out[model] = (None if row is None else tuple(row), bool(ever))
+        return out
+
+    now = await b.db.transaction(current)
+    written: list[tuple[Price, bool]] = []
+    same: list[str] = []
+    for model, cur, inp, cached, out in wanted:
+        old, ever = now[model]
+        if old is not None and tuple(old[:4]) == (cur, inp, cached, out):
+            same.append(model)
+            continue
+        # A config has no points price: keep the one in force, if any.
+        points = None if old is None or old[4] is None else decimal_str(old[4])
+        first = not ever
+        p = await b.set_price(
+            model,
+            currency=cur,
+            input_per_1m=decimal_str(inp),
+            output_per_1m=decimal_str(out),
+            cached_input_per_1m=decimal_str(cached),
+            points_per_1m=points,
+            effective_ms=new_from if first and new_from is not None else at,
+        )
+        written.append((p, first))
+    return written, same
+
+
+def apply_config_prices(config: Config) -> list[str]:
+    """`tokenhub serve`'s first step: the config's prices into the price book, where they
+    differ from the global price in force now. A model's first price is in force from the
+    epoch (its usage recorded before, failed for want of a price, is billed at it); a changed
+    price from now (usage before keeps the price it had). Returns one line per price written.
+    Raises ConfigError for a price the ledger cannot take, DatabaseError."""
+    wanted, _ = config_prices(config.models, config.source or "<config>")
+    if not wanted:
+        return []
+
+    async def main() -> list[str]:
+        db = await open_database(config.server.database)
+        try:
+            at = int(time.time() * 1000)
+            written, _ = await apply_prices(Billing(db), wanted, at=at, new_from=0)
+        finally:
+            await db.close()
+        return [
+            f"price {p.model} v{p.version} from {iso_time(p.effective_ms)} "
+            f"({'its first: from the epoch' if first else 'changed in the config: from now'})"
+            f": {_price_text(p)}"
+            for p, first in written
+        ]
+
+    return asyncio.run(main())
+
+
+@_command
+def cmd_prices_import(args: argparse.Namespace) -> int:
+    models = _config_models(args.config)
+    eff = _time(args.effective)
+    # Every price is checked before anything is written.
+    wanted, no_price = config_prices(models, args.config)
 
     async def body(b: Billing) -> int:
         at = eff if eff is not None else int(time.time() * 1000)
-
-        async def current(tx: Tx) -> dict[str, tuple[Any, ...]]:
-            out: dict[str, tuple[Any, ...]] = {}
-            for model, *_ in wanted:
-                row = await tx.fetchrow(
-                    "SELECT currency, input_per_1m, cached_input_per_1m, output_per_1m, "
-                    "points_per_1m FROM prices WHERE model = $1 AND tenant = '' "
-                    "AND effective_ms <= $2 ORDER BY effective_ms DESC, version DESC LIMIT 1",
-                    model,
-                    at,
-                )
-                if row is not None:
-                    out[model] = tuple(row)
-            return out
-
-        now = await b.db.transaction(current)
-        written, same = [], []
-        for model, cur, inp, cached, out in wanted:
-            old = now.get(model)
-            if old is not None and tuple(old[:4]) == (cur, inp, cached, out):
-                same.append(model)
-                continue
-            # A config has no points price: keep the one in force, if any.
-            points = None if old is None or old[4] is None else decimal_str(old[4])
-            p = await b.set_price(
-                model,
-                currency=cur,
-                input_per_1m=decimal_str(inp),
-                output_per_1m=decimal_str(out),
-                cached_input_per_1m=decimal_str(cached),
-                points_per_1m=points,
-                effective_ms=at,
-            )
-            written.append(p)
+        written, same = await apply_prices(b, wanted, at=at)
+        for p, _ in written:
             print(f"price {p.model} v{p.version} from {iso_time(p.effective_ms)}: {_price_text(p)}")
         print(
             f"imported {len(written)} prices from {args.config}; {len(same)} unchanged"
@@ -986,6 +1040,8 @@ def cmd_billing_settle(args: argparse.Namespace) -> int:
             f"settled {s.settled}, duplicates {s.duplicates}, conflicts {len(s.conflicts)}, "
             f"failed {s.failed}"
         )
+        if s.quarantined:
+            line += f" ({s.quarantined} quarantined: tokenhub billing quarantine list)"
         if s.reasons:
             top = "; ".join(f"{r}: {n}" for r, n in s.reasons.most_common(3))
             more = len(s.reasons) - 3
@@ -1120,6 +1176,14 @@ def cmd_billing_check(args: argparse.Namespace) -> int:
     async def body(b: Billing) -> int:
         async def run(tx: Tx) -> tuple[list[str], int, int]:
             problems = await L.check_invariants(tx)
+            # Usage that will not be billed until someone decides: as much a problem of the
+            # books as a posting that does not balance.
+            for q in await Q.quarantined(tx):
+                problems.append(
+                    f"usage event {q.event_id} ({q.tenant or '?'}, {q.model or '?'}) is "
+                    f"quarantined, not settled: {q.reason} (tokenhub billing quarantine "
+                    "release|void)"
+                )
             n_txns = await tx.fetchval("SELECT COUNT(*) FROM ledger_txns")
             n_postings = await tx.fetchval("SELECT COUNT(*) FROM postings")
             return problems, int(n_txns), int(n_postings)
@@ -1136,6 +1200,51 @@ def cmd_billing_check(args: argparse.Namespace) -> int:
             print(p)
         print(f"{PROG}: error: the ledger check found {len(problems)} problems", file=sys.stderr)
         return 1
+
+    return _run(args, body)
+
+
+# -- billing: quarantine --------------------------------------------------------------------
+
+
+@_command
+def cmd_quarantine_list(args: argparse.Namespace) -> int:
+    async def body(b: Billing) -> int:
+        found = await b.db.transaction(Q.quarantined)
+        if args.format == "json":
+            _json([q.__dict__ for q in found])
+            return 0
+        if not found:
+            print("no usage event is quarantined")
+            return 0
+        print_table(
+            ["EVENT", "TENANT", "MODEL", "TIME", "ATTEMPTS", "REASON"],
+            [
+                [q.event_id, q.tenant, q.model, iso_time(q.ts_ms), str(q.attempts), q.reason]
+                for q in found
+            ],
+        )
+        return 0
+
+    return _run(args, body)
+
+
+@_command
+def cmd_quarantine_release(args: argparse.Namespace) -> int:
+    async def body(b: Billing) -> int:
+        done = await b.db.transaction(lambda tx: Q.release(tx, args.event_ids))
+        print(f"released {len(done)} events: the next settlement pass settles them again")
+        return 0
+
+    return _run(args, body)
+
+
+@_command
+def cmd_quarantine_void(args: argparse.Namespace) -> int:
+    async def body(b: Billing) -> int:
+        done = await b.db.transaction(lambda tx: Q.void(tx, args.event_ids, args.memo or ""))
+        print(f"voided {len(done)} events: settled with no charge, recorded in the audit log")
+        return 0
 
     return _run(args, body)
 
@@ -1704,7 +1813,35 @@ def _add_billing(sub: Any) -> None:
         "check the ledger's invariants",
         "Check the books: every transaction sums to zero per unit, every constrained "
         "account's balance equals the sum of its postings and is within its limit (no "
-        "negative wallet or lot, no receivable over the credit limit). Lists the problems "
-        "and exits 1 if there are any.",
+        "negative wallet or lot, no receivable over the credit limit), and no usage event is "
+        "quarantined (tokenhub billing quarantine). Lists the problems and exits 1 if there "
+        "are any.",
     )
+    _add_db(p)
+
+    q = g.add_parser(
+        "quarantine",
+        help="usage events set aside by settlement: list, release, void",
+        description="Usage events whose settlement cannot succeed as they are (token counts "
+        "out of bounds, an amount beyond the ledger's 64-bit range, an unexpected error) are "
+        "quarantined: set aside so that they block no other event, skipped even by settle "
+        "--retry-failed, and named by billing check. Release one to settle it again (after a "
+        "fix), or void it (never billed: settled with no charge, and recorded in the audit "
+        "log).",
+    )
+    q.set_defaults(func=group_help(q))
+    qs = q.add_subparsers(dest="quarantine_action", metavar="ACTION")
+    p = _cmd(qs, "list", cmd_quarantine_list, "list quarantined events", "List the "
+             "quarantined usage events with the reason each one failed.")  # fmt: skip
+    p.add_argument("--format", choices=("text", "json"), default="text")
+    _add_db(p)
+    p = _cmd(qs, "release", cmd_quarantine_release, "settle events again", "Take events "
+             "out of quarantine: the next settlement pass tries them again.")  # fmt: skip
+    p.add_argument("event_ids", nargs="+", metavar="EVENT_ID")
+    _add_db(p)
+    p = _cmd(qs, "void", cmd_quarantine_void, "never bill events", "Settle quarantined "
+             "events with no charge: they are never billed. Each is recorded in the audit log "
+             "(tokenhub audit) with its quarantine reason and --memo.")  # fmt: skip
+    p.add_argument("event_ids", nargs="+", metavar="EVENT_ID")
+    p.add_argument("--memo", metavar="TEXT", help="why (kept in the audit log)")
     _add_db(p)
