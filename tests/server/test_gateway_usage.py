@@ -65,6 +65,9 @@ def test_upstream_omits_usage_stream(
     ) as resp:
         rid = resp.headers["x-request-id"]
         chunks = list(resp.parse())
+    # A client that asked for usage gets it all the same: the gateway's own, metered, in a
+    # last chunk of OpenAI's shape (tests/server/test_trust_usage.py has the details).
+    synthesized = chunks.pop() if include_usage else None
     assert all(c.usage is None for c in chunks)
     texts = ["", ""]
     for c in chunks:
@@ -85,6 +88,10 @@ def test_upstream_omits_usage_stream(
         output_tokens=counted,
         source="metered",
     )
+    if synthesized is not None:
+        assert synthesized.choices == [] and synthesized.usage is not None
+        assert synthesized.usage.completion_tokens == counted
+        assert synthesized.usage.prompt_tokens == entry["prompt_tokens"]
 
 
 # -- clients that hang up ------------------------------------------------------------------------

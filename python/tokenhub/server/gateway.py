@@ -48,9 +48,11 @@ from tokenhub.config import Config, Deployment, Model, Provider
 from tokenhub.meter import Meter
 from tokenhub.quota import Refusal, Reservation, format_reset
 from tokenhub.router import Contract, DeploymentSpec, Router, TierScorer
+from tokenhub.server import usage_check
 from tokenhub.server.auth import KeyCache, Principal
 from tokenhub.server.contracts import TRANCHE, Contracts, Hold, NotPriced, NotReady, Shortfall
 from tokenhub.server.errors import ApiError
+from tokenhub.server.guard import Audit
 from tokenhub.server.limits import LimitSync
 from tokenhub.server.metrics import Registry
 from tokenhub.server.state import REQUEST_ID
@@ -72,18 +74,6 @@ class Sink(Protocol):
 
 
 # -- upstream reply shapes (lenient: only what metering needs) ---------------------------------
-
-
-class PromptDetails(msgspec.Struct, kw_only=True):
-    cached_tokens: int | None = None
-
-
-class Usage(msgspec.Struct, kw_only=True):
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    total_tokens: int = 0
-    prompt_tokens_details: PromptDetails | None = None
-    prompt_cache_hit_tokens: int | None = None  # DeepSeek's name for cached input
 
 
 class FunctionDelta(msgspec.Struct, kw_only=True):
@@ -111,12 +101,12 @@ class Choice(msgspec.Struct, kw_only=True):
 
 class Reply(msgspec.Struct, kw_only=True):
     choices: list[Choice] = []
-    usage: Usage | None = None
+    # As the upstream sent it (any JSON): a malformed usage block must not cost the choices
+    # their decoding; `usage_check` judges it.
+    usage: Any = None
 
 
 _decode_reply = msgspec.json.Decoder(Reply).decode
-_decode_any = msgspec.json.Decoder().decode
-_encode = msgspec.json.Encoder().encode
 
 
 _NULL = msgspec.Raw(b"null")
@@ -149,10 +139,8 @@ def _not_a_completion(endpoint: Endpoint, data: bytes) -> str | None:
     return None
 
 
-def _cached(u: Usage) -> int:
-    if u.prompt_tokens_details and u.prompt_tokens_details.cached_tokens:
-        return u.prompt_tokens_details.cached_tokens
-    return u.prompt_cache_hit_tokens or 0
+_decode_any = msgspec.json.Decoder().decode
+_encode = msgspec.json.Encoder().encode
 
 
 def _choice_texts(choice: Choice, part: Message | None) -> Iterator[str]:
@@ -241,6 +229,8 @@ class Gateway:
         self.keys = keys
         self.sink = sink
         self.limits = limits
+        # The audit log (blocking: called in a thread), for usage the gateway did not believe.
+        self.audit: Audit | None = limits.guard.audit if limits is not None else None
         # Money admission (`[billing] admission`), set by the server once its pots are loaded.
         self.contracts: Contracts | None = None
         self.started_at = time.time()
@@ -280,6 +270,11 @@ class Gateway:
         self.m_routes = m.counter(
             "tokenhub_route_decisions_total",
             "Requests by model, the deployment that served them and the router's reason.",
+        )
+        self.m_anomalies = m.counter(
+            "tokenhub_usage_anomalies_total",
+            "Upstream usage blocks not believed (the meter's count billed instead), by model "
+            "and kind (tokenhub.server.usage_check).",
         )
         m.on_collect(self.fold_metrics)
         if limits is not None:
@@ -524,6 +519,13 @@ class Gateway:
                 payload["model"] = dep.upstream_model
                 if cap is not None:
                     _send_cap(payload, min(cap, dep.max_output_tokens))
+                # What the upstream's usage is checked against: what was just sent.
+                finish.bounds = usage_check.Bounds(
+                    dep.context_window,
+                    usage_check.output_bound(
+                        payload, dep.max_output_tokens, embeddings=endpoint is EMBEDDINGS
+                    ),
+                )
                 t_try = time.perf_counter()
                 router.on_start(index, _now_ms(), prompt_tokens)
                 try:
@@ -774,7 +776,7 @@ class Gateway:
         if (problem := _not_a_completion(endpoint, data)) is not None:
             raise _Retry(ApiError.upstream_failed(problem), "bad_reply")
         upstream_s = time.perf_counter() - t_up
-        self._record_reply(data, dep, event)
+        self._record_reply(data, dep, event, finish.bounds)
         event.status = 200
         overhead = (time.perf_counter() - t0) - upstream_s
         finish.overhead = overhead
@@ -786,21 +788,59 @@ class Gateway:
             headers.update(finish.rate_headers)
         return web.Response(body=data, content_type="application/json", headers=headers)
 
-    def _record_reply(self, data: bytes, dep: Deployment, event: UsageEvent) -> None:
+    def _record_reply(
+        self, data: bytes, dep: Deployment, event: UsageEvent, bounds: usage_check.Bounds | None
+    ) -> None:
         try:
             reply = _decode_reply(data)
         except (msgspec.DecodeError, msgspec.ValidationError):
             reply = Reply()
-        if reply.usage is not None:
-            event.input_tokens = reply.usage.prompt_tokens
-            event.cached_input_tokens = _cached(reply.usage)
-            event.output_tokens = reply.usage.completion_tokens
-            event.source = "upstream"
-        else:
+        if reply.usage is None or not self._take_usage(reply.usage, event, bounds):
             meter = self.meter(dep.vocab)
             texts = [t for c in reply.choices for t in _choice_texts(c, c.message)]
             event.output_tokens = sum(meter.count_batch(texts)) if texts else 0
             event.source = "metered"
+
+    def _take_usage(self, usage: Any, event: UsageEvent, bounds: usage_check.Bounds | None) -> bool:
+        """Records the upstream's usage on the event when it is plausible for what the request
+        allowed (tokenhub.server.usage_check). Else False: the event is flagged
+        (`usage_anomaly`), counted in /metrics and written to the audit log, and the caller
+        records the meter's count instead."""
+        verdict = usage_check.check(usage, bounds or usage_check.Bounds(0, usage_check.MAX_TOKENS))
+        if isinstance(verdict, usage_check.Counts):
+            event.input_tokens = verdict.input_tokens
+            event.cached_input_tokens = verdict.cached_input_tokens
+            event.output_tokens = verdict.output_tokens
+            event.source = "upstream"
+            return True
+        event.usage_anomaly = str(verdict)[:300]
+        event.cached_input_tokens = 0  # the meter cannot tell what was cached
+        self.m_anomalies.inc(model=event.model, kind=verdict.kind)
+        log.warning(
+            "request %s: usage from %s not believed (%s); the meter's count is billed",
+            event.request_id,
+            event.deployment,
+            event.usage_anomaly,
+        )
+        if self.audit is not None:
+            entry = {
+                "request_id": event.request_id,
+                "model": event.model,
+                "deployment": event.deployment,
+                "kind": verdict.kind,
+                "detail": verdict.detail,
+            }
+            audit = self.audit
+
+            def write() -> None:
+                try:
+                    audit("usage_anomaly", event.tenant, event.key_id, entry)
+                except Exception:
+                    log.exception("writing the usage anomaly of %s to the audit log failed",
+                                  event.request_id)  # fmt: skip
+
+            asyncio.get_running_loop().run_in_executor(None, write)
+        return False
 
     async def _pass_error(
         self, resp: Response, event: UsageEvent, t0: float, t_up: float
@@ -861,16 +901,11 @@ class Gateway:
         loop = asyncio.get_running_loop()
 
         def settle() -> None:
-            usage: Usage | None = None
+            usage: Any = None
             if (data := relay.usage) is not None:
                 with contextlib.suppress(msgspec.DecodeError, msgspec.ValidationError):
                     usage = _decode_reply(data).usage
-            if usage is not None:
-                event.input_tokens = usage.prompt_tokens
-                event.cached_input_tokens = _cached(usage)
-                event.output_tokens = usage.completion_tokens
-                event.source = "upstream"
-            else:
+            if usage is None or not self._take_usage(usage, event, finish.bounds):
                 texts: dict[int, list[str]] = {}
                 for data in relay.payloads():
                     try:
@@ -992,7 +1027,7 @@ class Gateway:
                 if relay.done and not client_left():
                     settle()
                     finish()
-                    await send(events, last=True)
+                    await send(events + _usage_tail(relay, event), last=True)
                 elif events:
                     await send(events)
         except TimeoutError:
@@ -1011,7 +1046,7 @@ class Gateway:
             if relay.done and not client_left():
                 settle()
                 finish()
-                await send(rest, last=True)
+                await send(rest + _usage_tail(relay, event), last=True)
             else:
                 await send(rest)
         if not finish.done:
@@ -1021,6 +1056,8 @@ class Gateway:
                     b"data: " + ApiError.upstream_failed("the stream broke off").body() + b"\n\n"
                 )
             finish()
+            if relay.held_done and not client_left():
+                await send(_usage_tail(relay, event), last=True)
         if out is not None and not client_gone and not eof_sent:
             with contextlib.suppress(ConnectionResetError, aiohttp.ClientConnectionResetError):
                 await out.write_eof()
@@ -1031,7 +1068,17 @@ class _Finish:
     """Records a request's usage event exactly once: at the end of the request, or earlier for
     a stream (just before its last event is written)."""
 
-    __slots__ = ("done", "event", "gw", "hold", "overhead", "rate_headers", "reservation", "t0")
+    __slots__ = (
+        "bounds",
+        "done",
+        "event",
+        "gw",
+        "hold",
+        "overhead",
+        "rate_headers",
+        "reservation",
+        "t0",
+    )
 
     def __init__(self, gw: Gateway, event: UsageEvent, t0: float) -> None:
         self.gw = gw
@@ -1042,6 +1089,8 @@ class _Finish:
         self.reservation: Reservation | None = None  # when the caller has limits
         self.hold: Hold | None = None  # on the tenant's contracts (money admission)
         self.rate_headers: dict[str, str] = {}  # x-ratelimit-* for a success response
+        # What the upstream's usage may claim (set before each attempt; usage_check).
+        self.bounds: usage_check.Bounds | None = None
 
     def __call__(self) -> None:
         if self.done:
@@ -1173,6 +1222,34 @@ def _stream_choices(events: bytes) -> Iterator[Choice]:
                 yield from _decode_reply(data).choices
             except (msgspec.DecodeError, msgspec.ValidationError):
                 continue
+
+
+def _usage_tail(relay: SseRelay, event: UsageEvent) -> bytes:
+    """What ends a stream whose client asked for usage and got none from the upstream (the
+    relay held its `[DONE]` back): a usage chunk of the gateway's own, in OpenAI's shape
+    (`choices: []`), with the event's metered counts and marked so (`tokenhub.usage_source`),
+    then `[DONE]`. Empty when the relay held nothing back."""
+    if not relay.held_done:
+        return b""
+    chunk: dict[str, Any] = {"id": event.request_id, "object": "chat.completion.chunk"}
+    for data in relay.payloads():
+        try:
+            first = _decode_any(data)
+        except msgspec.DecodeError:
+            continue
+        if isinstance(first, dict):
+            chunk |= {k: first[k] for k in ("id", "object", "created", "model") if k in first}
+            break
+    chunk.setdefault("created", event.ts_ms // 1000)
+    chunk.setdefault("model", event.upstream_model)
+    chunk["choices"] = []
+    chunk["usage"] = {
+        "prompt_tokens": event.input_tokens,
+        "completion_tokens": event.output_tokens,
+        "total_tokens": event.input_tokens + event.output_tokens,
+    }
+    chunk["tokenhub"] = {"usage_source": event.source}
+    return b"data: " + _encode(chunk) + b"\n\ndata: [DONE]\n\n"
 
 
 MAX_CHOICES = 128  # OpenAI's bound on n (and best_of)
