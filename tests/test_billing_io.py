@@ -414,7 +414,9 @@ def test_ingest_settle(capsys: pytest.CaptureFixture[str], tmp_path: Path, url: 
     assert code == 1
     assert out.splitlines() == [
         "line 2: settle failed gw-a#2 (id '2' from 'gw-a'): no price for model 'unpriced' at "
-        f"{NOV} (tokenhub prices set)",
+        f"{NOV} (it has none): set one in force by then with `tokenhub prices set unpriced "
+        "--currency CUR --input N --output N --from DATE` or `tokenhub prices import --config "
+        "FILE --from DATE`, then run `tokenhub billing settle --retry-failed`",
         "ingest: 3 lines: 3 ingested, 0 duplicate, 0 conflict, 0 invalid, 0 blank; 2 settled, "
         "0 already settled, 1 settle failed, 0 settle conflict",
     ]

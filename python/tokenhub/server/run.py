@@ -1185,6 +1185,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.db and not args.demo:
         cfg.server.database = args.db
     demo_key = _demo_key(args) if args.demo else None
+    if not args.demo:  # the demo seeds its own prices (and the wallet that goes with them)
+        _apply_config_prices(cfg)
     logging.basicConfig(
         level=os.environ.get("TOKENHUB_LOG_LEVEL", "WARNING").upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -1208,6 +1210,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _apply_config_prices(cfg: Config) -> None:
+    """The config's prices bill without a `prices import`: a model's first price is in force
+    from the epoch, a changed one from now (tokenhub.billing.cli.apply_config_prices); each
+    price written is said on stderr."""
+    from tokenhub.billing.cli import apply_config_prices
+    from tokenhub.billing.db import DatabaseError
+    from tokenhub.cli import CliError
+
+    try:
+        lines = apply_config_prices(cfg)
+    except (ConfigError, DatabaseError) as e:
+        raise CliError(str(e)) from None
+    for line in lines:
+        print(f"tokenhub: {line}", file=sys.stderr, flush=True)
+
+
 def add_cli(sub: Any) -> None:
     p = sub.add_parser(
         "serve",
@@ -1217,8 +1235,10 @@ def add_cli(sub: Any) -> None:
         "affinity), enforcing the keys' and tenants' limits, and metering every request into "
         "the database. With [billing] settle_interval_s it also starts a settler process that "
         "bills the usage into the ledger, and with [billing] admission = true it admits a "
-        "request only if the tenant's contracts can pay for it. Tenants, keys and limits are "
-        "managed with 'tokenhub tenants' and 'tokenhub keys'.",
+        "request only if the tenant's contracts can pay for it. The deployments' prices in "
+        "the config go into the price book at start where they differ from it (a model's "
+        "first price in force from the epoch, a changed one from now; each said on stderr). "
+        "Tenants, keys and limits are managed with 'tokenhub tenants' and 'tokenhub keys'.",
     )
     p.add_argument("--config", metavar="FILE", help="TOML config: server, providers, models")
     p.add_argument("--host", help="address to listen on (default from config: 127.0.0.1)")
