@@ -80,6 +80,15 @@ def _limit_or_none(v: int) -> int | None:
     return None if v == UNLIMITED else v
 
 
+_MAX_AMOUNT = 2**63 - 1
+
+
+def _amount(n: int) -> int:
+    """A usage amount as the table takes it: never negative, never past 2^63-1 (the table
+    saturates its counters; a Python int beyond 64 bits would not even cross into it)."""
+    return min(max(n, 0), _MAX_AMOUNT)
+
+
 @dataclass(frozen=True, slots=True)
 class Refusal:
     """Not admitted: which account and limit, and what the client should be told."""
@@ -281,6 +290,7 @@ class Quota:
         """
         if res.ended:
             raise ReservationError(f"reservation {res.id:#x} was already settled or cancelled")
+        tokens, money = _amount(tokens), _amount(money)
         try:
             o_tokens, o_money, late = self.table.settle(res.id, tokens, money, requests)
         except ReservationError:
@@ -322,7 +332,9 @@ class Quota:
         self, accounts: str | Sequence[str], *, tokens: int = 0, money: int = 0, requests: int = 0
     ) -> None:
         """Records usage that no reservation covered (all of it as overrun)."""
-        self.table.charge(self._indexes(accounts), tokens, money, requests)
+        self.table.charge(
+            self._indexes(accounts), _amount(tokens), _amount(money), _amount(requests)
+        )
 
     def expire_due(self) -> int:
         """Releases the reservations past their deadline; returns how many."""

@@ -273,13 +273,58 @@ def test_a_client_that_asked_for_usage_gets_it_when_the_upstream_sent_none(
 def test_tpm_after_an_absurd_overrun_waits_at_most_a_minute(tmp_path: Path) -> None:
     """The quota table saturates and caps a rate limit's debt at one window, whatever the
     overrun (the gateway no longer records one; an old event or another writer could)."""
-    from tokenhub.quota import Quota
+    from tokenhub.quota import Quota, Refusal, Reservation
 
     q = Quota.anonymous()
     q.set_limits("key:k", tpm=6_000)
-    r = q.reserve(("key:k",), tokens=100)
-    assert not hasattr(r, "code")
-    q.settle(r, tokens=2**63 - 1)  # type: ignore[arg-type]
-    refused = q.reserve(("key:k",), tokens=100)
-    assert refused.code == "rate_limit_exceeded"  # type: ignore[union-attr]
-    assert int(refused.headers()["retry-after"]) <= 60  # type: ignore[union-attr]
+    q.set_limits("key:j", tpm=6_000, tokens=10**6)
+    for key, absurd in (("key:k", 2**63 - 1), ("key:j", 10**24), ("key:j", -(10**24))):
+        r = q.reserve((key,), tokens=100, concurrent=False)
+        if isinstance(r, Reservation):
+            q.settle(r, tokens=absurd)  # 10^24 does not fit 64 bits: saturated, not raised
+        refused = q.reserve((key,), tokens=100)
+        assert isinstance(refused, Refusal) and refused.limit in ("tpm", "tokens"), refused
+        assert int(refused.headers().get("retry-after", "0")) <= 60
+
+
+async def test_a_daily_budget_starts_despite_absurd_usage_in_the_database(tmp_path: Path) -> None:
+    """A new quota table carries today's usage from the database: events written before the
+    gateway checked usage (2^63-1 tokens, twice: a SUM that overflows; a negative count) must
+    not stop the server from starting, nor wrap the tenant's budget back to "unused"."""
+    import time
+
+    from tokenhub.quota import Quota
+    from tokenhub.server.limits import LimitSync
+    from tokenhub.store import open_store
+
+    store = open_store(str(tmp_path / "t.db"))
+    store.migrate()
+    store.create_tenant("acme")
+    store.create_tenant("beta")
+    store.set_limits("tenant", "acme", tokens_per_day=1_000_000)
+    store.set_limits("tenant", "beta", tokens_per_day=1_000_000)
+    now = int(time.time() * 1000)
+
+    def ev(i: int, tenant: str, **kw: int) -> UsageEvent:
+        return UsageEvent(request_id=f"req_{i}", ts_ms=now, tenant=tenant, key_id="k",
+                          endpoint="chat.completions", model="m", **kw)  # fmt: skip
+
+    store.insert_events(
+        [
+            ev(1, "acme", input_tokens=2**63 - 1),
+            ev(2, "acme", input_tokens=2**63 - 1),
+            ev(3, "beta", output_tokens=-(10**12)),
+            ev(4, "beta", output_tokens=10),
+        ]
+    )
+    quota = Quota.anonymous()
+    limits = LimitSync(quota, store.all_limits, store.change_marker, usage_since=store.tokens_since)
+    try:
+        await limits.start()
+        # acme's absurd day counts as spent (refused), beta's negative count does not hand
+        # out budget: its 10 real tokens are used.
+        assert quota.state("tenant:acme").tokens.used >= 1_000_000
+        assert quota.state("tenant:beta").tokens.used == 10
+    finally:
+        await limits.close()
+        store.close()

@@ -160,7 +160,7 @@ class LimitSync:
         used = await asyncio.to_thread(self._usage_since, utc_day() * 86_400_000)
         carried = 0
         for name in self._tenants:
-            tokens = used.get(name.removeprefix("tenant:"), 0)
+            tokens = max(0, used.get(name.removeprefix("tenant:"), 0))
             if tokens:
                 self.quota.charge(name, tokens=tokens)
                 carried += tokens

@@ -76,7 +76,7 @@ from tokenhub.store.base import (
     iter_chunks,
 )
 from tokenhub.store.schema import CREATE_MIGRATIONS_TABLE, LATEST_VERSION, MIGRATIONS
-from tokenhub.usage import EVENT_FIELDS, UsageEvent
+from tokenhub.usage import EVENT_FIELDS, MAX_TOKENS, UsageEvent
 
 _COLS = ", ".join(EVENT_FIELDS)
 _LIMIT_COLS = ", ".join(LIMIT_FIELDS)
@@ -448,10 +448,13 @@ class SQLiteStore:
 
     def tokens_since(self, since_ms: int) -> dict[str, int]:
         with self._errors():
+            # Each count clamped to the bounds every event obeys (tokenhub.usage.MAX_TOKENS):
+            # a row written before they were checked cannot overflow the sum (which would stop
+            # a server with daily budgets from starting) nor subtract from it.
             rows = self._conn().execute(
-                "SELECT tenant, SUM(input_tokens + output_tokens) FROM usage_events "
-                "WHERE ts_ms >= ? GROUP BY tenant",
-                (since_ms,),
+                "SELECT tenant, SUM(MIN(MAX(input_tokens, 0), ?) + MIN(MAX(output_tokens, 0), ?)) "
+                "FROM usage_events WHERE ts_ms >= ? GROUP BY tenant",
+                (MAX_TOKENS, MAX_TOKENS, since_ms),
             )
             return {t: int(n or 0) for t, n in rows}
 
