@@ -4,7 +4,8 @@ Two records, one msgspec-JSON line each, in segment files `journal-000001.log`, 
 
 - `begin`: written just before a request goes upstream (again for each retry: the latest
   wins). If the process dies before the request finishes, replay turns it into an event with
-  status 0, error "interrupted", source "metered" and the meter's input-token estimate.
+  status 0, error "interrupted", source "metered" and the meter's input-token estimate
+  (recorded, not billed: `tokenhub.usage.billed_lines`).
 - `end`: the finished `UsageEvent`, written when the request is done.
 
 Durability: a record is copied into its segment through a shared mapping (mmap, MAP_SHARED).
@@ -97,7 +98,7 @@ def _end_room(begin_len: int) -> int:
 
 
 class Begin(msgspec.Struct, tag="begin", tag_field="kind", kw_only=True, omit_defaults=True):
-    """A request about to go upstream: what an interrupted request is billed from."""
+    """A request about to go upstream: what an interrupted request's event is made from."""
 
     request_id: str
     ts_ms: int
