@@ -28,7 +28,7 @@ from procs import Proc, Procs, no_traceback
 
 from tokenhub.config import ConfigError, from_mapping
 from tokenhub.mock_upstream import MockOptions, build_app
-from tokenhub.server.upstream_http import find_proxy
+from tokenhub.server.upstream_http import ClientProxyConnectionError, Pool, TLSError, find_proxy
 from tokenhub.store import open_store
 
 MESSAGES: list[ChatCompletionMessageParam] = [
@@ -314,3 +314,44 @@ def test_config_checks_ca_file_and_proxy(tmp_path: Path, pki: Pki) -> None:
     with pytest.raises(ConfigError, match="only http://") as e:
         from_mapping(provider(proxy_url="socks5://u:hunter2@proxy:1080"))
     assert "hunter2" not in str(e.value)
+
+
+# -- the client's errors, without a gateway ----------------------------------------------------
+
+
+async def test_pool_reports_tls_and_proxy_failures(net: Net, pki: Pki) -> None:
+    # A certificate from a CA the system does not know; an http server spoken to in TLS.
+    for url, reason in (
+        (f"https://127.0.0.1:{net.https_port}/v1", "certificate verify failed"),
+        (f"https://127.0.0.1:{net.http_port}/v1", "wrong version number"),
+    ):
+        pool = Pool(url, proxy_url="direct")
+        try:
+            with pytest.raises(TLSError) as e:
+                await pool.post("/chat/completions", b"{}")
+            assert reason in e.value.reason and str(net.https_port) not in e.value.reason
+        finally:
+            await pool.close()
+
+    # A proxy that refuses the tunnel (407): a proxy error that repeats no credentials.
+    async def refuse(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 407 Proxy Authentication Required\r\nContent-Length: 0\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(refuse, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    pool = Pool(
+        f"https://localhost:{net.https_port}/v1",
+        ca_file=str(pki.ca),
+        proxy_url=f"http://me:{PROXY_PASSWORD}@127.0.0.1:{port}",
+    )
+    try:
+        with pytest.raises(ClientProxyConnectionError) as pe:
+            await pool.post("/chat/completions", b"{}")
+        assert "status 407" in str(pe.value) and PROXY_PASSWORD not in str(pe.value)
+    finally:
+        await pool.close()
+        server.close()
+        await server.wait_closed()
