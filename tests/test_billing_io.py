@@ -899,6 +899,7 @@ def test_export_event_log(capsys: pytest.CaptureFixture[str], tmp_path: Path, ur
         "attempts": 1,
         "route": "",
         "tier": "",
+        "usage_anomaly": "",
     }
 
     # CSV: the same rows, and it parses back.

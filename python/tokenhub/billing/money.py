@@ -221,10 +221,8 @@ def div_half_even(num: int, den: int) -> int:
 
 
 def rate(tokens: int, price_nanos_per_1m: int) -> int:
-    """The charge for `tokens` at a price per 1M tokens (both integers, not negative): nanos,
-    half-to-even; AmountRangeError when it would not fit the ledger."""
-    if tokens < 0 or price_nanos_per_1m < 0:
-        raise MoneyError(f"cannot rate {tokens} tokens at {price_nanos_per_1m} nanos per 1M")
+    """The charge for `tokens` at a price per 1M tokens (both integers): nanos, half-to-even;
+    AmountRangeError when it would not fit the ledger."""
     return checked(div_half_even(tokens * price_nanos_per_1m, 1_000_000), "a charge")
 
 
