@@ -1664,7 +1664,9 @@ def _add_billing(sub: Any) -> None:
         "Settle every usage event of the database that is not settled yet, in batches (one "
         "transaction each; an event is settled once, so running again settles only what is "
         "new). Events that cannot be rated yet (no price, no FX rate) are recorded as "
-        "failures and skipped by later runs until --retry-failed. Prints one summary line; "
+        "failures and skipped by later runs until --retry-failed; an event that cannot settle "
+        "as it is (usage out of bounds, an amount beyond the ledger's range) is quarantined "
+        "(tokenhub billing quarantine) and blocks no other. Prints one summary line; "
         "progress goes to stderr. Exit status 1 when some events were not settled.",
         ROUNDING,
     )
