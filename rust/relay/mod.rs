@@ -46,6 +46,14 @@ struct Delta {
     content: Option<String>,
     reasoning_content: Option<String>,
     tool_calls: Option<Vec<ToolCall>>,
+    /// The legacy (pre-tools) function call.
+    function_call: Option<Function>,
+}
+
+impl Function {
+    fn has_text(&self) -> bool {
+        non_empty(&self.name) || non_empty(&self.arguments)
+    }
 }
 
 #[derive(Deserialize, Default)]
@@ -71,16 +79,13 @@ impl Delta {
     fn has_text(&self) -> bool {
         non_empty(&self.content)
             || non_empty(&self.reasoning_content)
+            || self.function_call.as_ref().is_some_and(Function::has_text)
             || self
                 .tool_calls
                 .as_deref()
                 .unwrap_or_default()
                 .iter()
-                .any(|c| {
-                    c.function
-                        .as_ref()
-                        .is_some_and(|f| non_empty(&f.name) || non_empty(&f.arguments))
-                })
+                .any(|c| c.function.as_ref().is_some_and(Function::has_text))
     }
 }
 
@@ -438,6 +443,13 @@ mod tests {
         let mut legacy = SseScanner::new(false);
         legacy.feed(b"data: {\"choices\":[{\"text\":\"x\",\"index\":0}]}\n\n");
         assert!(legacy.first_token());
+        let mut call = SseScanner::new(false);
+        call.feed(b"data: {\"choices\":[{\"delta\":{\"function_call\":{\"name\":\"\"}}}]}\n\n");
+        assert!(!call.first_token());
+        call.feed(
+            b"data: {\"choices\":[{\"delta\":{\"function_call\":{\"arguments\":\"{\"}}}]}\n\n",
+        );
+        assert!(call.first_token());
     }
 
     #[test]

@@ -493,6 +493,7 @@ def test_streamed_legacy_function_call_is_counted(gateway: Gateway, tenant: Any)
     events = t.settled({rid})
     ev = events[rid]
     assert (ev.status, ev.error, ev.output_tokens) == (200, "insufficient_quota", received)
+    assert ev.ttft_ms is not None  # the relay sees the call's text as the first token, too
     t.check_books(_price(prompt + received))
 
 
