@@ -147,7 +147,8 @@ class Model:
     def gcra_add(self, a: Account, which: str, cost: int, now: int) -> None:
         inc = gcra_inc(a.rate_limit[which], cost)
         if inc is not None:
-            a.tat[which] = min(U, max(a.tat[which], now) + inc)
+            # Debt beyond what was admitted is capped at one window (a minute's wait at most).
+            a.tat[which] = min(U, max(a.tat[which], now) + inc, now + W)
 
     def gcra_adjust(self, a: Account, which: str, reserved: int, actual: int, now: int) -> None:
         if actual < reserved:
