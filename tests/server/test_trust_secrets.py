@@ -33,8 +33,29 @@ def echo_app() -> web.Application:
     """An upstream that refuses every request with a 401 quoting the credential it got, as
     some providers' error messages do."""
 
-    async def chat(request: web.Request) -> web.Response:
+    async def chat(request: web.Request) -> web.StreamResponse:
         got = request.headers.get("Authorization", "").removeprefix("Bearer ")
+        asked = await request.json()
+        said = f"Your key {got} works."
+        if asked.get("stream"):
+            # A stream whose text, then whose error event, quote the key.
+            out = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+            await out.prepare(request)
+            chunk = {"id": "c1", "object": "chat.completion.chunk", "model": "echo",
+                     "choices": [{"index": 0, "delta": {"content": said}}]}  # fmt: skip
+            await out.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+            err = {"error": {"message": f"Quota gone for key {got}.", "type": "server_error"}}
+            await out.write(b"data: " + json.dumps(err).encode() + b"\n\n")
+            await out.write_eof(b"data: [DONE]\n\n")
+            return out
+        if asked["messages"][0]["content"] == "quote":
+            # A completion that quotes the key (a 200, not an error).
+            return web.json_response(
+                {"id": "c2", "object": "chat.completion", "model": "echo",
+                 "choices": [{"index": 0, "message": {"role": "assistant", "content": said},
+                              "finish_reason": "stop"}],
+                 "usage": {"prompt_tokens": 5, "completion_tokens": 9, "total_tokens": 14}}
+            )  # fmt: skip
         body = {
             "error": {
                 "message": f"Incorrect API key provided: {got}. Check it.",
@@ -185,8 +206,11 @@ def test_no_secret_in_bodies_logs_metrics_database_or_process_list(
     gw.wait_serving()
     secrets = [key, UPSTREAM_KEY]
 
-    def chat(authorization: bytes, model: str = "gpt-4o-mini") -> bytes:
-        body = json.dumps({"model": model, "messages": [{"role": "user", "content": "hi"}]})
+    def chat(
+        authorization: bytes, model: str = "gpt-4o-mini", text: str = "hi", stream: bool = False
+    ) -> bytes:
+        messages = [{"role": "user", "content": text}]
+        body = json.dumps({"model": model, "messages": messages, "stream": stream})
         return raw(
             port,
             b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
@@ -210,6 +234,15 @@ def test_no_secret_in_bodies_logs_metrics_database_or_process_list(
     err = check_error(chat(b"Bearer " + key.encode(), model="echo"), 401, *secrets)
     assert err["code"] == "invalid_api_key"
     assert "[redacted]" in err["message"]
+    # ...and so is it in a 200 that quotes it, and in a stream's text and error events.
+    for reply in (
+        chat(b"Bearer " + key.encode(), model="echo", text="quote"),
+        chat(b"Bearer " + key.encode(), model="echo", stream=True),
+    ):
+        assert reply.startswith(b"HTTP/1.1 200 ")
+        assert b"[redacted]" in reply
+        for s in secrets:
+            assert s.encode() not in reply
 
     metrics = raw(port, b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
     assert b"tokenhub_requests_total" in metrics

@@ -185,13 +185,24 @@ class _Retry(Exception):
         self.kind = kind
 
 
+MIN_SECRET_CHARS = 8
+
+
+def _scrub(data: bytes, secret: bytes) -> bytes:
+    """`data` without the provider's key (a memchr-speed scan when it is absent)."""
+    return data.replace(secret, b"[redacted]") if secret and secret in data else data
+
+
 class Upstream:
     """One provider: its HTTP connection pool (`upstream_http.Pool`) and credentials."""
 
     def __init__(self, provider: Provider) -> None:
         self.provider = provider
         key = os.environ.get(provider.api_key_env, "") if provider.api_key_env else ""
-        self.secret = key.encode()  # scrubbed from the upstream's error bodies (_pass_error)
+        # Scrubbed from whatever the upstream sends back (error bodies, replies, stream events):
+        # a provider may quote the credential it was sent. A key too short to be a real
+        # credential is not looked for (it would mangle ordinary text).
+        self.secret = key.encode() if len(key) >= MIN_SECRET_CHARS else b""
         # Never logged: the pool does not log request headers, and neither do we.
         self.headers = {"Content-Type": "application/json"}
         if key:
@@ -786,6 +797,7 @@ class Gateway:
         }
         if finish.rate_headers:
             headers.update(finish.rate_headers)
+        data = _scrub(data, self.upstreams[dep.provider].secret)
         return web.Response(body=data, content_type="application/json", headers=headers)
 
     def _record_reply(
@@ -849,8 +861,8 @@ class Gateway:
         less the provider's key: a provider may quote the credential it was sent (a 401)."""
         data = await _read_quietly(resp)
         upstream = self.upstreams.get(event.provider)
-        if upstream is not None and upstream.secret:
-            data = data.replace(upstream.secret, b"[redacted]")
+        if upstream is not None:
+            data = _scrub(data, upstream.secret)
         try:
             err = _decode_any(data).get("error", {})
             code = err.get("code") or err.get("type") or ""
@@ -893,6 +905,7 @@ class Gateway:
         then can still go to another deployment. The usage event is finished before the write
         that carries `[DONE]`: once a client has the whole stream, its usage is journaled."""
         t0 = finish.t0
+        secret = self.upstreams[dep.provider].secret
         relay = SseRelay(client_wants_usage)
         out: web.StreamResponse | None = None
         client_gone = False
@@ -982,6 +995,8 @@ class Gateway:
             nonlocal out, eof_sent
             if client_gone:
                 return
+            # Whole events (the relay never splits one), so a quoted key is never cut in two.
+            data = _scrub(data, secret)
             try:
                 if out is None:
                     overhead = t_up - t0

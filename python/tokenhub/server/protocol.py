@@ -19,10 +19,10 @@ Connections (`[server]` in the config):
   (the cap is lowered to fit the process's limit, which `raise_fd_limit` raises to the hard
   one) and requests on the open connections are served as before.
 
-What this relies on in aiohttp (3.10-3.14): `RequestHandler` (its constructor keywords,
-`handle_error`, `finish_response`, `data_received`, `_request_count`: the number of request
-heads parsed on the connection) and `AppRunner._make_server`, which builds the `web.Server`
-whose `__call__` makes one protocol per connection.
+What this relies on in aiohttp (3.14, so pyproject pins it below 3.15): `RequestHandler` (its
+constructor keywords, `handle_error`, `finish_response`, `data_received`, `_request_count`: the
+number of request heads parsed on the connection) and `AppRunner._make_server`, which builds
+the `web.Server` whose `__call__` makes one protocol per connection.
 """
 
 from __future__ import annotations
