@@ -11,7 +11,7 @@ the machine's noise weighs on all three alike:
 - **admission**: the same, and the key and its tenant have rpm, tpm, concurrency and
   tokens-per-day limits (a reservation on both accounts in the shared quota table), and
   `[billing] admission = true` prices each request's worst case and reserves it on the
-  tenant's wallet (`tokenhub.server.contracts`), settling both when the request ends.
+  tenant's wallet (`tokenhub.billing.pots`), settling both when the request ends.
 
 Reported per server: the gateway's own time (`x-tokenhub-overhead-ms`, which covers admission but
 not the settle after the reply is built) and the client-observed latency (which covers
@@ -88,7 +88,7 @@ def prepare(db: Path, billing: bool, admission: bool) -> str:
     finally:
         store.close()
     if billing:
-        from tokenhub.billing.db import open_database
+        from tokenhub.db.database import open_database
         from tokenhub.billing.service import Billing
 
         async def fund() -> None:

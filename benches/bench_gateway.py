@@ -8,7 +8,7 @@ Three targets get the same POST /v1/chat/completions (a 2-message prompt; the mo
 32-token reply), non-streamed and streamed (``stream_options.include_usage``), at each number of
 keep-alive connections:
 
-* ``direct``: the mock upstream itself (``tokenhub.mock_upstream`` with its default options,
+* ``direct``: the mock upstream itself (``tokenhub.mock`` with its default options,
   served like ``tokenhub mock-upstream`` but with a listen backlog of 4096 instead of aiohttp's
   128, see LISTEN_BACKLOG), the ceiling.
 * ``bare-proxy``: an aiohttp + uvloop pass-through written below (``--serve-bare-proxy``): it
@@ -159,7 +159,7 @@ def serve_mock(port: int) -> None:
     import uvloop
     from aiohttp import web
 
-    from tokenhub import mock_upstream
+    from tokenhub import mock as mock_upstream
 
     app = mock_upstream.build_app(mock_upstream.MockOptions())
 

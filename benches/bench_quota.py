@@ -429,13 +429,13 @@ def run_processes(impl: Any, procs: int, seconds: float) -> tuple[float, int]:
 
 
 def contracts_latency(samples: int) -> dict[str, dict[str, float]]:
-    """µs per money admission (tokenhub.server.contracts): pricing the worst case over the
+    """µs per money admission (tokenhub.billing.pots): pricing the worst case over the
     tenant's contracts (a package, then the wallet at a discounted price in another currency)
     and reserving it, and the settle that charges the actual usage back."""
     from decimal import Decimal
 
     from tokenhub.billing.service import Lot, Price, Profile
-    from tokenhub.server.contracts import Contracts, Terms, lot_pot, money_pot, new_epoch
+    from tokenhub.billing.pots import Contracts, Terms, lot_pot, money_pot, new_epoch
 
     q = Quota.anonymous(accounts=64, reservations=1024)
     new_epoch(q)

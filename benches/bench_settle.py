@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from tokenhub.billing import ledger as L
-from tokenhub.billing.db import Database, PgDatabase, open_database
+from tokenhub.db.database import Database, PgDatabase, open_database
 from tokenhub.billing.service import Billing
 from tokenhub.usage import UsageEvent
 

@@ -44,7 +44,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from tokenhub.billing.db import Database, Tx, open_database
+from tokenhub.db.database import Database, Tx, open_database
 from tokenhub.billing.io import store_events
 from tokenhub.billing.service import Billing
 from tokenhub.billing.settler import settle_pending

@@ -20,7 +20,7 @@ import msgspec
 import pytest
 
 from tokenhub import cli
-from tokenhub.billing import cli as billing_cli
+from tokenhub.cli import billing as billing_cli
 from tokenhub.billing.settler import event_from_row
 from tokenhub.store.sqlite import SQLiteStore
 from tokenhub.usage import BILLED_FIELDS, EVENT_FIELDS, UsageEvent

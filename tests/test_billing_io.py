@@ -17,8 +17,8 @@ from typing import Any, TypeVar
 import pytest
 
 from tokenhub.billing import io as bio
-from tokenhub.billing import io_cli
-from tokenhub.billing.db import Tx, open_database
+from tokenhub.cli import billing_io as io_cli
+from tokenhub.db.database import Tx, open_database
 from tokenhub.billing.service import Billing
 from tokenhub.usage import BILLED_FIELDS, UsageEvent
 

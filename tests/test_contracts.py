@@ -1,4 +1,4 @@
-"""Planning money admission (tokenhub.server.contracts): which pots pay for a request's worst
+"""Planning money admission (tokenhub.billing.pots): which pots pay for a request's worst
 case, in the tenant's draw order, priced as settlement prices it; and how the actual usage is
 charged back to the pots. The gateway end of it is tests/server/test_gateway_contracts.py."""
 
@@ -8,10 +8,10 @@ from decimal import Decimal
 
 import pytest
 
-from tokenhub.billing.money import convert, rate
+from tokenhub.money import convert, rate
 from tokenhub.billing.service import Lot, Price, Profile
 from tokenhub.quota import Quota
-from tokenhub.server.contracts import (
+from tokenhub.billing.pots import (
     Contracts,
     Draw,
     NotPriced,

@@ -1,4 +1,4 @@
-"""The bulk-extraction guard's arithmetic (tokenhub.server.guard): velocity and baseline per key
+"""The bulk-extraction guard's arithmetic (tokenhub.gateway.guard): velocity and baseline per key
 from the shared table, the ceiling and jump rules, throttling; the gateway end is in
 tests/server/test_limits.py."""
 
@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from tokenhub.quota import Quota
-from tokenhub.server.guard import (
+from tokenhub.gateway.guard import (
     MIN_BASELINE_TPM,
     SAMPLE_S,
     THROTTLE_S,

@@ -16,8 +16,8 @@ import msgspec
 import pytest
 from factories import usage_event
 
-from tokenhub import journal as journal_mod
-from tokenhub.journal import (
+from tokenhub.runtime import journal as journal_mod
+from tokenhub.runtime.journal import (
     Journal,
     JournalError,
     JournalWriteError,
@@ -351,7 +351,7 @@ import os, signal, sys
 sys.path.insert(0, sys.argv[3])
 import msgspec
 from factories import usage_event
-from tokenhub.journal import Journal
+from tokenhub.runtime.journal import Journal
 
 j = Journal(sys.argv[1], segment_bytes=16384)  # a few rotations on the way
 n = int(sys.argv[2])

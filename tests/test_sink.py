@@ -18,8 +18,8 @@ import msgspec
 import pytest
 from factories import usage_event
 
-from tokenhub.journal import Journal
-from tokenhub.sink import UsageSink
+from tokenhub.runtime.journal import Journal
+from tokenhub.runtime.sink import UsageSink
 from tokenhub.store import InsertResult, StoreError
 from tokenhub.store.sqlite import SQLiteStore
 from tokenhub.usage import UsageEvent
@@ -293,8 +293,8 @@ async def test_end_is_safe_from_other_threads(store: SQLiteStore, tmp_path: Path
 
 CHILD = """
 import asyncio, os, sys
-from tokenhub.journal import Journal
-from tokenhub.sink import UsageSink
+from tokenhub.runtime.journal import Journal
+from tokenhub.runtime.sink import UsageSink
 from tokenhub.store import open_store
 from tokenhub.usage import UsageEvent
 

@@ -24,7 +24,7 @@ from tokenhub.store import (
     database_path,
     open_store,
 )
-from tokenhub.store.schema import MIGRATIONS
+from tokenhub.db.schema import MIGRATIONS
 from tokenhub.store.sqlite import SQLiteStore
 from tokenhub.usage import UsageEvent
 

@@ -59,9 +59,15 @@ class StreamCounter:
 
 @final
 class SseRelay:
-    def __new__(cls, keep_usage: bool) -> SseRelay: ...
+    def __new__(
+        cls, keep_usage: bool, meter: CoreMeter | None = None, max_event: int = ...
+    ) -> SseRelay:
+        """With a meter, each choice's output is counted as events pass and no payload is
+        kept; an event longer than `max_event` bytes (default 4 MiB) is refused (`feed` raises
+        ValueError)."""
     def feed(self, data: bytes) -> bytes:
-        """Takes one upstream read; returns the whole events to forward (possibly empty)."""
+        """Takes one upstream read; returns the whole events to forward (possibly empty).
+        Raises ValueError when an event grows past `max_event` bytes without ending."""
     def finish(self) -> bytes:
         """The upstream closed: the held-back rest as a last event, terminated (or empty)."""
     @property
@@ -73,8 +79,17 @@ class SseRelay:
     @property
     def usage(self) -> bytes | None:
         """The data payload (JSON) of the last chunk that carried usage, if any."""
+    @property
+    def head(self) -> bytes | None:
+        """A JSON object with the first chunk's id, object, created and model (those it has)."""
+    @property
+    def output_tokens(self) -> int:
+        """Output tokens so far, all choices together (0 without a meter)."""
+    def choice_tokens(self) -> dict[int, int]:
+        """{choice index: output tokens so far} for each choice counted apart (at most 128;
+        text of further indexes counts only towards `output_tokens`)."""
     def payloads(self) -> list[bytes]:
-        """Every data payload so far, for metering a stream without (plausible) usage."""
+        """Without a meter, every data payload so far; with one, none are kept (empty)."""
     @property
     def events(self) -> int:
         """Whole events seen so far."""

@@ -141,7 +141,7 @@ class ServerSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # the usage event records what the upstream generated (and will bill).
     drain_timeout_s: float = 60.0
     key_refresh_s: float = 0.5
-    # What one client may hold without sending a request (tokenhub.server.protocol): a request
+    # What one client may hold without sending a request (tokenhub.gateway.protocol): a request
     # head (request line and headers) must be complete this many seconds after its first byte;
     # a connection with no request in progress is closed after keepalive_timeout_s; over
     # max_connections open at once, a new connection gets a 503 and is closed at once (also
@@ -159,7 +159,7 @@ class BillingSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     settle_batch: int = 1000
     # Admit a request only if the tenant's contracts (packages, points, wallet, credit line)
     # can pay for its worst case; streams are ended cleanly when they can pay for no more
-    # (tokenhub.server.contracts). Needs settle_interval_s: the server's settler keeps the
+    # (tokenhub.billing.pots). Needs settle_interval_s: the server's settler keeps the
     # gateway's view of the balances equal to the ledger.
     admission: bool = False
 
@@ -309,7 +309,7 @@ def validate(cfg: Config, *, environ: dict[str, str] | None = None) -> Config:
 
 def _check_egress(src: str, where: str, p: Provider, env: Mapping[str, str]) -> None:
     """ca_file loads, and the proxy (configured or from the environment) is one we can use."""
-    from tokenhub.server import upstream_http  # late: keeps `import tokenhub.config` light
+    from tokenhub.gateway.providers import http as upstream_http  # late: keeps `import tokenhub.config` light
 
     if p.ca_file:
         if not p.base_url.startswith("https://"):

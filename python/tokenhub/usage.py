@@ -41,11 +41,11 @@ class UsageEvent(msgspec.Struct, kw_only=True, omit_defaults=True):
     route: str = ""
     tier: str = ""
     # Why the upstream's usage block was not believed ("<kind>: <what it said>"), when the
-    # counts are the meter's instead (tokenhub.server.usage_check); "" when it was.
+    # counts are the meter's instead (tokenhub.gateway.usage_check); "" when it was.
     usage_anomaly: str = ""
     # What admission drew from the tenant's contracts in the gateway's quota table (its money
     # pots), "<table epoch>|<pot>=<amount>;...": the in-process settler gives it back to the
-    # table once the ledger has posted the event (tokenhub.server.contracts). Not billing data:
+    # table once the ledger has posted the event (tokenhub.billing.pots). Not billing data:
     # the settlement's payload hash leaves it out.
     holds: str = ""
 

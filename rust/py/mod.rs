@@ -8,7 +8,6 @@ use crate::meter::{Meter, MeterError, StreamState};
 use crate::quota::{
     self, Actual, Amounts, Limit, QuotaError as CoreQuotaError, QuotaTable, Refusal,
 };
-use crate::relay::SseScanner;
 use pyo3::create_exception;
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
@@ -18,6 +17,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+mod relay;
 mod router;
 
 create_exception!(
@@ -195,75 +195,6 @@ impl PyStreamCounter {
     #[getter]
     fn total(&self) -> usize {
         self.state.total(&self.meter)
-    }
-}
-
-/// One upstream event stream, scanned as it is relayed (see `rust/relay`).
-#[pyclass(module = "tokenhub._core", name = "SseRelay")]
-struct PySseRelay {
-    inner: SseScanner,
-}
-
-#[pymethods]
-impl PySseRelay {
-    #[new]
-    #[pyo3(signature = (keep_usage))]
-    fn new(keep_usage: bool) -> Self {
-        PySseRelay {
-            inner: SseScanner::new(keep_usage),
-        }
-    }
-
-    /// Takes one upstream read; returns the whole events to forward (possibly empty).
-    fn feed<'py>(&mut self, py: Python<'py>, data: &[u8]) -> Bound<'py, PyBytes> {
-        PyBytes::new(py, &self.inner.feed(data))
-    }
-
-    /// The upstream closed: the held-back rest as a last event, terminated (or empty).
-    fn finish<'py>(&mut self, py: Python<'py>) -> Bound<'py, PyBytes> {
-        PyBytes::new(py, &self.inner.finish())
-    }
-
-    /// The `[DONE]` event has been seen.
-    #[getter]
-    fn done(&self) -> bool {
-        self.inner.done()
-    }
-
-    /// A chunk with generated text (content, reasoning, tool call or legacy text) was seen.
-    #[getter]
-    fn first_token(&self) -> bool {
-        self.inner.first_token()
-    }
-
-    /// The data payload (JSON) of the last chunk that carried usage, if any.
-    #[getter]
-    fn usage<'py>(&self, py: Python<'py>) -> Option<Bound<'py, PyBytes>> {
-        self.inner.usage().map(|u| PyBytes::new(py, u))
-    }
-
-    /// Every data payload so far, for metering a stream without (plausible) usage.
-    fn payloads<'py>(&self, py: Python<'py>) -> Vec<Bound<'py, PyBytes>> {
-        self.inner.payloads().map(|p| PyBytes::new(py, p)).collect()
-    }
-
-    /// Whole events seen so far.
-    #[getter]
-    fn events(&self) -> u64 {
-        self.inner.events()
-    }
-
-    /// The client asked for usage, none came, and `[DONE]` was held back: the gateway sends a
-    /// usage chunk of its own, then `[DONE]`.
-    #[getter]
-    fn held_done(&self) -> bool {
-        self.inner.held_done()
-    }
-
-    /// Bytes held back until their event's blank line arrives.
-    #[getter]
-    fn pending(&self) -> usize {
-        self.inner.pending()
     }
 }
 
@@ -681,7 +612,7 @@ impl PyQuotaTable {
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyMeter>()?;
     m.add_class::<PyStreamCounter>()?;
-    m.add_class::<PySseRelay>()?;
+    relay::register(m)?;
     m.add_class::<PyQuotaTable>()?;
     m.add_class::<PyQuotaRefusal>()?;
     router::register(m)?;

@@ -1,5 +1,6 @@
 //! Server-sent-event relay: what the gateway needs to know about an upstream's token stream,
-//! found in one pass over each upstream read.
+//! found in one pass over each upstream read. This is the only place an upstream stream is
+//! parsed.
 //!
 //! An OpenAI-compatible stream is a sequence of events separated by a blank line (`\n\n`, or
 //! `\r\n\r\n`), each with `data: {json chunk}` lines and a final `data: [DONE]`. For each read
@@ -9,8 +10,16 @@
 //! - `done`: the `[DONE]` event has been seen;
 //! - `first_token`: a chunk carrying generated text has been seen (time to first token);
 //! - `usage`: the data payload of the last chunk with a `usage` object (the gateway decodes it);
-//! - `payloads`: every data payload, so that a stream without usage (or with usage the gateway
-//!   finds implausible) can be metered from its text.
+//! - `head`: the first chunk's `id`, `object`, `created` and `model`, for a usage chunk the
+//!   gateway synthesizes;
+//! - with a meter ([`SseScanner::with_meter`]): each choice's output tokens, counted as the
+//!   events pass, so that a stream without usage (or with usage the gateway finds implausible)
+//!   is metered without being kept, and money admission can extend its hold as output arrives.
+//!
+//! Output text is, per choice and in this order: the legacy completions `text`, then the delta's
+//! `reasoning_content`, `content`, each `tool_calls[].function` `name` and `arguments`, and the
+//! legacy `function_call` `name` and `arguments`. A choice's count equals the meter's count of
+//! the concatenation of its texts, however the stream was split ([`StreamState`]).
 //!
 //! tokenhub asks every upstream for usage. When the client did not ask (`keep_usage =
 //! false`), a usage-only chunk (`"choices": []`) is dropped from the output, and a chunk that
@@ -18,94 +27,198 @@
 //! When the client did ask and the stream ends without usage, the `[DONE]` event is held back
 //! (`held_done`): the gateway sends a usage chunk of its own (metered) and then `[DONE]`.
 //!
-//! Chunks are JSON-decoded only while no token has been seen and when they carry usage, so a
-//! long stream costs one separator scan and one `"usage"` search per event. The Python version
-//! this replaced spent ~2-3 µs per event in the interpreter.
+//! Memory per stream is bounded, whatever the stream's length: the start of an event whose
+//! separator has not arrived (at most `max_event` bytes, else [`RelayError::EventTooLarge`]),
+//! the last usage payload, the head, and a stream counter per choice (at most [`MAX_CHOICES`];
+//! text of further choice indexes is counted together, so nothing goes unmetered). Payloads are
+//! never kept.
+//!
+//! Performance notes: with a meter every data payload is JSON-decoded once (borrowing its
+//! strings unless they have escapes) and its texts fed to the choice's counter, which re-counts
+//! only the last two pre-tokenized pieces per feed. Without a meter, chunks are decoded only
+//! until the first token and when they carry usage, so a long stream costs one separator scan
+//! and one `"usage"` search per event. The Python version this replaced spent ~2-3 µs per event
+//! in the interpreter, and decoded each event again for metering; it kept every payload, ~150
+//! bytes per output token per concurrent stream (`benches/bench_stream_memory.py`).
 
+use crate::meter::{Meter, StreamState};
 use memchr::memmem::Finder;
-use serde::Deserialize;
-use std::sync::LazyLock;
+use serde::{Deserialize, Deserializer};
+use std::borrow::Cow;
+use std::fmt;
+use std::sync::{Arc, LazyLock};
 
 static LF2: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\n\n"));
 static CRLF2: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\r\n\r\n"));
 static USAGE_KEY: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"usage\""));
 
-#[derive(Deserialize, Default)]
-struct Function {
-    name: Option<String>,
-    arguments: Option<String>,
+/// Choice indexes counted apart (OpenAI's bound on `n`); text of further indexes is counted
+/// together in one more counter.
+pub const MAX_CHOICES: usize = 128;
+/// Longest event (bytes up to its blank line) a relay holds back by default.
+pub const DEFAULT_MAX_EVENT: usize = 4 << 20;
+/// A head field whose JSON is longer than this is not kept.
+const HEAD_VALUE_MAX: usize = 512;
+const HEAD_KEYS: [&str; 4] = ["id", "object", "created", "model"];
+
+/// What a relay refuses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RelayError {
+    /// An event grew past `limit` bytes without its blank line: not a token stream.
+    EventTooLarge { limit: usize },
 }
 
-#[derive(Deserialize, Default)]
-struct ToolCall {
-    function: Option<Function>,
+impl fmt::Display for RelayError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RelayError::EventTooLarge { limit } => write!(
+                f,
+                "an upstream stream event exceeds {limit} bytes without ending"
+            ),
+        }
+    }
 }
 
-#[derive(Deserialize, Default)]
-struct Delta {
-    content: Option<String>,
-    reasoning_content: Option<String>,
-    tool_calls: Option<Vec<ToolCall>>,
-    /// The legacy (pre-tools) function call.
-    function_call: Option<Function>,
-}
+impl std::error::Error for RelayError {}
 
-impl Function {
-    fn has_text(&self) -> bool {
-        non_empty(&self.name) || non_empty(&self.arguments)
+/// A JSON string, borrowed from the payload unless it has escapes.
+#[derive(Default)]
+struct Text<'a>(Cow<'a, str>);
+
+impl<'de: 'a, 'a> Deserialize<'de> for Text<'a> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Text<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Self::Value, E> {
+                Ok(Text(Cow::Borrowed(v)))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(Text(Cow::Owned(v.to_owned())))
+            }
+            fn visit_string<E>(self, v: String) -> Result<Self::Value, E> {
+                Ok(Text(Cow::Owned(v)))
+            }
+        }
+        d.deserialize_str(V)
     }
 }
 
 #[derive(Deserialize, Default)]
-struct Choice {
-    delta: Option<Delta>,
-    message: Option<Delta>,
-    text: Option<String>,
+struct Function<'a> {
+    #[serde(borrow)]
+    name: Option<Text<'a>>,
+    #[serde(borrow)]
+    arguments: Option<Text<'a>>,
 }
 
 #[derive(Deserialize, Default)]
-struct Chunk {
+struct ToolCall<'a> {
+    #[serde(borrow)]
+    function: Option<Function<'a>>,
+}
+
+#[derive(Deserialize, Default)]
+struct Delta<'a> {
+    #[serde(borrow)]
+    content: Option<Text<'a>>,
+    #[serde(borrow)]
+    reasoning_content: Option<Text<'a>>,
+    #[serde(borrow)]
+    tool_calls: Option<Vec<ToolCall<'a>>>,
+    /// The legacy (pre-tools) function call.
+    #[serde(borrow)]
+    function_call: Option<Function<'a>>,
+}
+
+#[derive(Deserialize, Default)]
+struct Choice<'a> {
     #[serde(default)]
-    choices: Option<Vec<Choice>>,
+    index: i64,
+    #[serde(borrow)]
+    delta: Option<Delta<'a>>,
+    #[serde(borrow)]
+    message: Option<Delta<'a>>,
+    /// Legacy completions.
+    #[serde(borrow)]
+    text: Option<Text<'a>>,
+}
+
+#[derive(Deserialize, Default)]
+struct Chunk<'a> {
+    #[serde(default, borrow)]
+    choices: Option<Vec<Choice<'a>>>,
     #[serde(default)]
     usage: Option<serde::de::IgnoredAny>,
 }
 
-fn non_empty(s: &Option<String>) -> bool {
-    s.as_deref().is_some_and(|s| !s.is_empty())
+fn text<'s>(s: &'s Option<Text<'_>>) -> &'s str {
+    s.as_ref().map_or("", |t| &t.0)
 }
 
-impl Delta {
-    fn has_text(&self) -> bool {
-        non_empty(&self.content)
-            || non_empty(&self.reasoning_content)
-            || self.function_call.as_ref().is_some_and(Function::has_text)
-            || self
-                .tool_calls
-                .as_deref()
-                .unwrap_or_default()
-                .iter()
-                .any(|c| c.function.as_ref().is_some_and(Function::has_text))
+impl Function<'_> {
+    fn each_text<'s>(&'s self, f: &mut impl FnMut(&'s str)) {
+        f(text(&self.name));
+        f(text(&self.arguments));
     }
 }
 
-impl Chunk {
+impl Delta<'_> {
+    /// The delta's output texts, in the order they are counted (empty ones included).
+    fn each_text<'s>(&'s self, f: &mut impl FnMut(&'s str)) {
+        f(text(&self.reasoning_content));
+        f(text(&self.content));
+        for call in self.tool_calls.as_deref().unwrap_or_default() {
+            if let Some(func) = &call.function {
+                func.each_text(f);
+            }
+        }
+        if let Some(func) = &self.function_call {
+            func.each_text(f);
+        }
+    }
+
+    fn has_text(&self) -> bool {
+        let mut any = false;
+        self.each_text(&mut |t| any |= !t.is_empty());
+        any
+    }
+}
+
+impl Choice<'_> {
+    /// What is counted as this choice's output: `text`, then the delta's texts.
+    fn each_text<'s>(&'s self, f: &mut impl FnMut(&'s str)) {
+        f(text(&self.text));
+        if let Some(d) = &self.delta {
+            d.each_text(f);
+        }
+    }
+}
+
+impl<'a> Chunk<'a> {
     /// Lenient: a chunk that is not the expected JSON counts as one without text or usage,
     /// and is forwarded unchanged.
-    fn parse(data: &[u8]) -> Chunk {
+    fn parse(data: &'a [u8]) -> Chunk<'a> {
         serde_json::from_slice(data).unwrap_or_default()
     }
 
+    fn choices(&self) -> &[Choice<'a>] {
+        self.choices.as_deref().unwrap_or_default()
+    }
+
     fn has_text(&self) -> bool {
-        self.choices.as_deref().unwrap_or_default().iter().any(|c| {
-            non_empty(&c.text)
+        self.choices().iter().any(|c| {
+            !text(&c.text).is_empty()
                 || c.delta.as_ref().is_some_and(Delta::has_text)
                 || c.message.as_ref().is_some_and(Delta::has_text)
         })
     }
 
     fn has_choices(&self) -> bool {
-        self.choices.as_ref().is_some_and(|c| !c.is_empty())
+        !self.choices().is_empty()
     }
 }
 
@@ -132,31 +245,17 @@ fn event_end(
     }
 }
 
-fn trim(mut s: &[u8]) -> &[u8] {
-    while let [first, rest @ ..] = s {
-        if first.is_ascii_whitespace() {
-            s = rest;
-        } else {
-            break;
-        }
-    }
-    while let [rest @ .., last] = s {
-        if last.is_ascii_whitespace() {
-            s = rest;
-        } else {
-            break;
-        }
-    }
-    s
+fn trim(s: &[u8]) -> &[u8] {
+    s.trim_ascii()
 }
 
 /// `"usage"`, optional whitespace, `:`, optional whitespace, `{` (a `null` usage is no usage).
 fn has_usage_object(data: &[u8]) -> bool {
     let mut at = 0;
     while let Some(p) = USAGE_KEY.find(&data[at..]) {
-        let rest = trim_start(&data[at + p + 7..]);
+        let rest = data[at + p + 7..].trim_ascii_start();
         if let [b':', tail @ ..] = rest {
-            if trim_start(tail).first() == Some(&b'{') {
+            if tail.trim_ascii_start().first() == Some(&b'{') {
                 return true;
             }
         }
@@ -165,30 +264,42 @@ fn has_usage_object(data: &[u8]) -> bool {
     false
 }
 
-fn trim_start(mut s: &[u8]) -> &[u8] {
-    while let [first, rest @ ..] = s {
-        if first.is_ascii_whitespace() {
-            s = rest;
-        } else {
-            break;
+/// One choice's running output count.
+struct Counter {
+    index: i64,
+    state: StreamState,
+    total: usize,
+}
+
+impl Counter {
+    fn new(index: i64, meter: &Meter) -> Self {
+        Counter {
+            index,
+            state: meter.stream(),
+            total: 0,
         }
     }
-    s
 }
 
 /// One stream's scanner. See the module documentation.
-#[derive(Default)]
 pub struct SseScanner {
     keep_usage: bool,
+    meter: Option<Arc<Meter>>,
+    max_event: usize,
     pending: Vec<u8>,
     done: bool,
     first_token: bool,
+    held_done: bool,
     usage: Option<Vec<u8>>,
-    // Every data payload, back to back, and where each one ends.
+    head: Option<Vec<u8>>,
+    /// Per choice index, in order of first appearance; at most MAX_CHOICES.
+    counters: Vec<Counter>,
+    /// Text of choice indexes beyond the first MAX_CHOICES.
+    overflow: Option<Counter>,
+    events: u64,
+    /// Legacy (no meter): every data payload, back to back, and where each one ends.
     payload_bytes: Vec<u8>,
     payload_ends: Vec<usize>,
-    events: u64,
-    held_done: bool,
 }
 
 /// What to do with one event.
@@ -205,11 +316,52 @@ fn without_usage(data: &[u8]) -> Option<Vec<u8>> {
     serde_json::to_vec(&v).ok()
 }
 
+/// The head fields of a chunk that is a JSON object (None: it is not one).
+fn head_of(data: &[u8]) -> Option<Vec<u8>> {
+    if data.first() != Some(&b'{') {
+        return None;
+    }
+    let v: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(data).ok()?;
+    let mut head = serde_json::Map::new();
+    for key in HEAD_KEYS {
+        if let Some(value) = v.get(key) {
+            if serde_json::to_vec(value).is_ok_and(|j| j.len() <= HEAD_VALUE_MAX) {
+                head.insert(key.to_owned(), value.clone());
+            }
+        }
+    }
+    serde_json::to_vec(&head).ok()
+}
+
 impl SseScanner {
+    /// A scanner that does not count output (and, for the gateway before it counted in Rust,
+    /// keeps every payload: see [`SseScanner::payloads`]).
     pub fn new(keep_usage: bool) -> Self {
+        Self::build(keep_usage, None, DEFAULT_MAX_EVENT)
+    }
+
+    /// A scanner that counts each choice's output with `meter` as events pass, and keeps no
+    /// payloads. An event longer than `max_event` bytes is refused.
+    pub fn with_meter(keep_usage: bool, meter: Arc<Meter>, max_event: usize) -> Self {
+        Self::build(keep_usage, Some(meter), max_event)
+    }
+
+    fn build(keep_usage: bool, meter: Option<Arc<Meter>>, max_event: usize) -> Self {
         SseScanner {
             keep_usage,
-            ..Default::default()
+            meter,
+            max_event,
+            pending: Vec::new(),
+            done: false,
+            first_token: false,
+            held_done: false,
+            usage: None,
+            head: None,
+            counters: Vec::new(),
+            overflow: None,
+            events: 0,
+            payload_bytes: Vec::new(),
+            payload_ends: Vec::new(),
         }
     }
 
@@ -226,7 +378,27 @@ impl SseScanner {
         self.usage.as_deref()
     }
 
-    /// Every data payload seen (other than `[DONE]`), in order.
+    /// A JSON object with the first chunk's `id`, `object`, `created` and `model` (those it
+    /// has); None until a chunk that is a JSON object has been seen.
+    pub fn head(&self) -> Option<&[u8]> {
+        self.head.as_deref()
+    }
+
+    /// Output tokens so far, all choices together (0 without a meter).
+    pub fn output_tokens(&self) -> usize {
+        self.counters.iter().map(|c| c.total).sum::<usize>()
+            + self.overflow.as_ref().map_or(0, |c| c.total)
+    }
+
+    /// (choice index, output tokens so far) for each choice counted apart, by index.
+    pub fn choice_tokens(&self) -> Vec<(i64, usize)> {
+        let mut v: Vec<(i64, usize)> = self.counters.iter().map(|c| (c.index, c.total)).collect();
+        v.sort_unstable();
+        v
+    }
+
+    /// Without a meter: every data payload seen (other than `[DONE]`), in order. With one,
+    /// none are kept.
     pub fn payloads(&self) -> impl Iterator<Item = &[u8]> {
         let starts = std::iter::once(0).chain(self.payload_ends.iter().copied());
         starts
@@ -250,8 +422,9 @@ impl SseScanner {
         self.pending.len()
     }
 
-    /// Takes one upstream read; returns the whole events to forward, in order.
-    pub fn feed(&mut self, data: &[u8]) -> Vec<u8> {
+    /// Takes one upstream read; returns the whole events to forward, in order. Refuses (and
+    /// drops what it held) when an event grows past `max_event` bytes without ending.
+    pub fn feed(&mut self, data: &[u8]) -> Result<Vec<u8>, RelayError> {
         let mut out = Vec::with_capacity(data.len() + self.pending.len());
         if self.pending.is_empty() {
             let used = self.scan(data, &mut out);
@@ -265,7 +438,17 @@ impl SseScanner {
             buf.drain(..used);
             self.pending = buf;
         }
-        out
+        if self.pending.len() > self.max_event {
+            self.pending = Vec::new();
+            return Err(RelayError::EventTooLarge {
+                limit: self.max_event,
+            });
+        }
+        if self.pending.capacity() > 4 * self.pending.len().max(16 * 1024) {
+            // A long read that ended mid-event leaves a large buffer holding a small rest.
+            self.pending.shrink_to(self.pending.len().max(16 * 1024));
+        }
+        Ok(out)
     }
 
     /// The upstream closed: whatever is held back is a last event without its blank line.
@@ -354,14 +537,20 @@ impl SseScanner {
     /// Notes what one data payload says. The client must not see usage it did not ask for:
     /// a usage-only chunk drops its event, usage beside choices is re-encoded away.
     fn inspect_data(&mut self, data: &[u8]) -> Verdict {
-        self.payload_bytes.extend_from_slice(data);
-        self.payload_ends.push(self.payload_bytes.len());
+        if self.meter.is_none() {
+            self.payload_bytes.extend_from_slice(data);
+            self.payload_ends.push(self.payload_bytes.len());
+        }
+        if self.head.is_none() {
+            self.head = head_of(data);
+        }
         let usage = has_usage_object(data);
-        if !self.first_token || usage {
+        if self.meter.is_some() || !self.first_token || usage {
             let chunk = Chunk::parse(data);
             if !self.first_token && chunk.has_text() {
                 self.first_token = true;
             }
+            self.count(&chunk);
             if usage && chunk.usage.is_some() {
                 self.usage = Some(data.to_vec());
                 if self.keep_usage {
@@ -375,11 +564,96 @@ impl SseScanner {
         }
         Verdict::Keep
     }
+
+    /// Feeds each choice's texts to its counter (nothing without a meter).
+    fn count(&mut self, chunk: &Chunk<'_>) {
+        let Some(meter) = self.meter.as_deref() else {
+            return;
+        };
+        for choice in chunk.choices() {
+            let i = choice.index;
+            let counter = match usize::try_from(i)
+                .ok()
+                .filter(|&k| self.counters.get(k).is_some_and(|c| c.index == i))
+                .or_else(|| self.counters.iter().position(|c| c.index == i))
+            {
+                Some(k) => &mut self.counters[k],
+                None if self.counters.len() < MAX_CHOICES => {
+                    self.counters.push(Counter::new(i, meter));
+                    let last = self.counters.len() - 1;
+                    &mut self.counters[last]
+                }
+                None => self.overflow.get_or_insert_with(|| Counter::new(-1, meter)),
+            };
+            choice.each_text(&mut |t| {
+                if !t.is_empty() {
+                    counter.total = counter.state.feed(meter, t);
+                }
+            });
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use base64::Engine as _;
+
+    trait FeedOk {
+        fn feed_ok(&mut self, data: &[u8]) -> Vec<u8>;
+    }
+
+    impl FeedOk for SseScanner {
+        fn feed_ok(&mut self, data: &[u8]) -> Vec<u8> {
+            match self.feed(data) {
+                Ok(out) => out,
+                Err(e) => panic!("feed refused: {e}"),
+            }
+        }
+    }
+
+    const CL100K: &str = r"'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s";
+
+    /// A small tiktoken vocabulary (every byte plus a few merges), so that counts depend on
+    /// where texts join.
+    fn toy_meter() -> Arc<Meter> {
+        let mut tokens: Vec<Vec<u8>> = (0..=255u8).map(|b| vec![b]).collect();
+        for t in [
+            "he", "ll", "llo", "hello", " w", " wor", " world", "  ", "'l", "'ll", "12", "123",
+            "{\"", "\":", "ar", "arg",
+        ] {
+            tokens.push(t.as_bytes().to_vec());
+        }
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let body: String = tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| format!("{} {i}\n", b64.encode(t)))
+            .collect();
+        let path = std::env::temp_dir().join(format!(
+            "tokenhub-relay-toy-{}.tiktoken",
+            std::process::id()
+        ));
+        if std::fs::write(&path, body).is_err() {
+            panic!("cannot write the toy vocabulary");
+        }
+        match Meter::from_tiktoken_file(&path.to_string_lossy(), CL100K, &[], false) {
+            Ok(m) => Arc::new(m),
+            Err(e) => panic!("toy vocabulary: {e}"),
+        }
+    }
+
+    /// xorshift64*: reproducible splits without a dependency.
+    struct Rng(u64);
+
+    impl Rng {
+        fn below(&mut self, n: usize) -> usize {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            (self.0.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 33) as usize % n.max(1)
+        }
+    }
 
     fn chunk(text: &str) -> String {
         format!("data: {{\"id\":\"c\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":{text:?}}}}}]}}\n\n")
@@ -397,7 +671,7 @@ mod tests {
     fn whole_read_keeps_or_drops_usage() {
         let s = stream();
         let mut keep = SseScanner::new(true);
-        assert_eq!(keep.feed(s.as_bytes()), s.as_bytes());
+        assert_eq!(keep.feed_ok(s.as_bytes()), s.as_bytes());
         assert!(keep.done() && keep.first_token());
         assert_eq!(keep.usage(), Some(trim(&USAGE.as_bytes()[5..])));
         // Every payload but [DONE], the usage chunk's included (its choices may carry text).
@@ -405,7 +679,7 @@ mod tests {
         assert_eq!(keep.events(), 5);
 
         let mut drop = SseScanner::new(false);
-        assert_eq!(drop.feed(s.as_bytes()), s.replace(USAGE, "").as_bytes());
+        assert_eq!(drop.feed_ok(s.as_bytes()), s.replace(USAGE, "").as_bytes());
         assert!(drop.usage().is_some());
     }
 
@@ -413,13 +687,13 @@ mod tests {
     fn every_split_gives_the_same_output() {
         for sep in ["\n\n", "\r\n\r\n"] {
             let s = stream().replace("\n\n", sep);
-            let whole = SseScanner::new(false).feed(s.as_bytes());
+            let whole = SseScanner::new(false).feed_ok(s.as_bytes());
             for cut in 0..=s.len() {
                 for cut2 in cut..=s.len().min(cut + 7) {
                     let mut sc = SseScanner::new(false);
-                    let mut out = sc.feed(&s.as_bytes()[..cut]);
-                    out.extend(sc.feed(&s.as_bytes()[cut..cut2]));
-                    out.extend(sc.feed(&s.as_bytes()[cut2..]));
+                    let mut out = sc.feed_ok(&s.as_bytes()[..cut]);
+                    out.extend(sc.feed_ok(&s.as_bytes()[cut..cut2]));
+                    out.extend(sc.feed_ok(&s.as_bytes()[cut2..]));
                     out.extend(sc.finish());
                     assert_eq!(out, whole, "cut at {cut}/{cut2} with {sep:?}");
                     assert!(sc.done() && sc.first_token() && sc.usage().is_some());
@@ -431,22 +705,24 @@ mod tests {
     #[test]
     fn first_token_waits_for_text() {
         let mut sc = SseScanner::new(false);
-        sc.feed(b"data: {\"choices\":[{\"delta\":{\"role\":\"assistant\",\"content\":\"\"}}]}\n\n");
+        sc.feed_ok(
+            b"data: {\"choices\":[{\"delta\":{\"role\":\"assistant\",\"content\":\"\"}}]}\n\n",
+        );
         assert!(!sc.first_token());
-        sc.feed(b": keep-alive comment\n\n");
+        sc.feed_ok(b": keep-alive comment\n\n");
         assert!(!sc.first_token());
-        sc.feed(b"data: {\"choices\":[{\"delta\":{\"tool_calls\":[{\"function\":{\"arguments\":\"{\"}}]}}]}\n\n");
+        sc.feed_ok(b"data: {\"choices\":[{\"delta\":{\"tool_calls\":[{\"function\":{\"arguments\":\"{\"}}]}}]}\n\n");
         assert!(sc.first_token());
         let mut r = SseScanner::new(false);
-        r.feed(b"data: {\"choices\":[{\"delta\":{\"reasoning_content\":\"Hmm\"}}]}\n\n");
+        r.feed_ok(b"data: {\"choices\":[{\"delta\":{\"reasoning_content\":\"Hmm\"}}]}\n\n");
         assert!(r.first_token());
         let mut legacy = SseScanner::new(false);
-        legacy.feed(b"data: {\"choices\":[{\"text\":\"x\",\"index\":0}]}\n\n");
+        legacy.feed_ok(b"data: {\"choices\":[{\"text\":\"x\",\"index\":0}]}\n\n");
         assert!(legacy.first_token());
         let mut call = SseScanner::new(false);
-        call.feed(b"data: {\"choices\":[{\"delta\":{\"function_call\":{\"name\":\"\"}}}]}\n\n");
+        call.feed_ok(b"data: {\"choices\":[{\"delta\":{\"function_call\":{\"name\":\"\"}}}]}\n\n");
         assert!(!call.first_token());
-        call.feed(
+        call.feed_ok(
             b"data: {\"choices\":[{\"delta\":{\"function_call\":{\"arguments\":\"{\"}}}]}\n\n",
         );
         assert!(call.first_token());
@@ -456,7 +732,7 @@ mod tests {
     fn without_usage_payloads_are_kept_and_garbage_is_forwarded() {
         let mut sc = SseScanner::new(false);
         let s = format!("{}data: not json\n\n{}{DONE}", chunk("a"), chunk("b"));
-        assert_eq!(sc.feed(s.as_bytes()), s.as_bytes());
+        assert_eq!(sc.feed_ok(s.as_bytes()), s.as_bytes());
         assert_eq!(sc.payloads().count(), 3);
         assert_eq!(sc.payloads().nth(1), Some(&b"not json"[..]));
         assert!(sc.usage().is_none() && sc.done());
@@ -469,7 +745,7 @@ mod tests {
         for sep in ["\n\n", "\r\n\r\n"] {
             let ev = both.replace("\n\n", sep);
             let mut sc = SseScanner::new(false);
-            let out = String::from_utf8(sc.feed(ev.as_bytes())).unwrap();
+            let out = String::from_utf8(sc.feed_ok(ev.as_bytes())).unwrap();
             assert!(out.ends_with(sep) && out.starts_with("data: "), "{out:?}");
             let v: serde_json::Value = serde_json::from_str(out[6..].trim()).unwrap();
             assert_eq!(v["choices"][0]["delta"]["content"], "x");
@@ -477,16 +753,16 @@ mod tests {
             assert!(v.get("usage").is_none(), "{out}");
             assert!(sc.usage().is_some());
             let mut keep = SseScanner::new(true);
-            assert_eq!(keep.feed(ev.as_bytes()), ev.as_bytes());
+            assert_eq!(keep.feed_ok(ev.as_bytes()), ev.as_bytes());
         }
         // Other lines of the event (an id, a comment) stay as they were.
         let framed = format!("id: 7\n{}", both);
-        let out = SseScanner::new(false).feed(framed.as_bytes());
+        let out = SseScanner::new(false).feed_ok(framed.as_bytes());
         assert!(out.starts_with(b"id: 7\ndata: {") && out.ends_with(b"}\n\n"));
         assert!(memchr::memmem::find(&out, b"usage").is_none());
         let null = "data: {\"choices\":[],\"usage\":null}\n\n";
         let mut sc = SseScanner::new(false);
-        assert_eq!(sc.feed(null.as_bytes()), null.as_bytes());
+        assert_eq!(sc.feed_ok(null.as_bytes()), null.as_bytes());
         assert!(sc.usage().is_none());
         assert!(has_usage_object(b"{\"usage\" :\n {\"a\":1}}"));
         assert!(!has_usage_object(b"{\"content\":\"usage\"}"));
@@ -497,34 +773,220 @@ mod tests {
         let s = format!("{}{}{DONE}", chunk("a"), chunk("b"));
         let mut asked = SseScanner::new(true);
         assert_eq!(
-            asked.feed(s.as_bytes()),
+            asked.feed_ok(s.as_bytes()),
             format!("{}{}", chunk("a"), chunk("b")).as_bytes()
         );
         assert!(asked.done() && asked.held_done() && asked.usage().is_none());
         // Unterminated at the close of the stream, too.
         let mut sc = SseScanner::new(true);
-        sc.feed(chunk("a").as_bytes());
-        sc.feed(b"data: [DONE]");
+        sc.feed_ok(chunk("a").as_bytes());
+        sc.feed_ok(b"data: [DONE]");
         assert!(sc.finish().is_empty() && sc.held_done());
         // With usage, or when the client did not ask, [DONE] goes through.
         let mut with = SseScanner::new(true);
-        assert_eq!(with.feed(stream().as_bytes()), stream().as_bytes());
+        assert_eq!(with.feed_ok(stream().as_bytes()), stream().as_bytes());
         assert!(!with.held_done());
         let mut not_asked = SseScanner::new(false);
-        assert_eq!(not_asked.feed(s.as_bytes()), s.as_bytes());
+        assert_eq!(not_asked.feed_ok(s.as_bytes()), s.as_bytes());
         assert!(!not_asked.held_done());
     }
 
     #[test]
     fn finish_flushes_an_unterminated_last_event() {
         let mut sc = SseScanner::new(true);
-        assert_eq!(sc.feed(chunk("a").trim_end().as_bytes()), b"");
+        assert_eq!(sc.feed_ok(chunk("a").trim_end().as_bytes()), b"");
         assert_eq!(sc.pending(), chunk("a").trim_end().len());
         assert_eq!(sc.finish(), chunk("a").as_bytes());
         let mut sc = SseScanner::new(false);
-        sc.feed(b"data: [DONE]\n");
+        sc.feed_ok(b"data: [DONE]\n");
         assert_eq!(sc.finish(), b"data: [DONE]\n\n");
         assert!(sc.done());
         assert!(SseScanner::new(true).finish().is_empty());
+    }
+
+    fn json(s: &str) -> String {
+        serde_json::to_string(s).unwrap_or_default()
+    }
+
+    /// A stream of `n` interleaved choices mixing every kind of output text, with the texts
+    /// each choice should be counted on.
+    fn mixed_stream(rng: &mut Rng, n: usize, steps: usize) -> (String, Vec<String>) {
+        let words = [
+            "hello",
+            " world",
+            "'ll",
+            "  ",
+            "12345",
+            "\n\n",
+            " wor",
+            "he",
+            "\"q\"",
+            "é",
+            "中文",
+            "{\"arg\": 1}",
+            " ",
+            "llo",
+            "\t",
+        ];
+        let mut out = String::new();
+        let mut texts = vec![String::new(); n];
+        let role = format!(
+            "data: {{\"id\":\"c1\",\"object\":\"chat.completion.chunk\",\"created\":7,\"model\":\"m\",\"choices\":[{}]}}\n\n",
+            (0..n)
+                .map(|i| format!("{{\"index\":{i},\"delta\":{{\"role\":\"assistant\",\"content\":\"\"}}}}"))
+                .collect::<Vec<_>>()
+                .join(",")
+        );
+        out.push_str(&role);
+        for _ in 0..steps {
+            let i = rng.below(n);
+            let w = |rng: &mut Rng| words[rng.below(words.len())].to_owned();
+            let (a, b) = (w(rng), w(rng));
+            let delta = match rng.below(6) {
+                0 => {
+                    texts[i].push_str(&a);
+                    format!("\"delta\":{{\"content\":{}}}", json(&a))
+                }
+                1 => {
+                    // Reasoning is counted before content within one delta.
+                    texts[i].push_str(&b);
+                    texts[i].push_str(&a);
+                    format!(
+                        "\"delta\":{{\"content\":{},\"reasoning_content\":{}}}",
+                        json(&a),
+                        json(&b)
+                    )
+                }
+                2 => {
+                    texts[i].push_str(&a);
+                    texts[i].push_str(&b);
+                    format!(
+                        "\"delta\":{{\"tool_calls\":[{{\"index\":0,\"function\":{{\"name\":{},\"arguments\":{}}}}}]}}",
+                        json(&a),
+                        json(&b)
+                    )
+                }
+                3 => {
+                    texts[i].push_str(&a);
+                    format!(
+                        "\"delta\":{{\"function_call\":{{\"arguments\":{}}}}}",
+                        json(&a)
+                    )
+                }
+                4 => {
+                    texts[i].push_str(&a);
+                    format!("\"text\":{}", json(&a))
+                }
+                _ => "\"delta\":{\"content\":null},\"finish_reason\":null".to_owned(),
+            };
+            out.push_str(&format!(
+                "data: {{\"id\":\"c1\",\"choices\":[{{\"index\":{i},{delta}}}]}}\n\n"
+            ));
+            if rng.below(10) == 0 {
+                out.push_str(": keep-alive\n\n");
+            }
+        }
+        (out, texts)
+    }
+
+    #[test]
+    fn counts_each_choice_like_the_meter_counts_its_joined_text_for_any_split() {
+        let meter = toy_meter();
+        let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
+        for round in 0..60 {
+            let n = 1 + rng.below(4);
+            let steps = 5 + rng.below(60);
+            let (s, texts) = mixed_stream(&mut rng, n, steps);
+            let s = if round % 3 == 0 {
+                s.replace("\n\n", "\r\n\r\n")
+            } else {
+                s
+            };
+            let whole = format!("{s}{USAGE}{DONE}");
+            let bytes = whole.as_bytes();
+            let mut sc = SseScanner::with_meter(false, Arc::clone(&meter), DEFAULT_MAX_EVENT);
+            let mut at = 0;
+            let mut out = Vec::new();
+            while at < bytes.len() {
+                let most = if rng.below(2) == 0 { 8 } else { 300 };
+                let step = 1 + rng.below(most);
+                let end = (at + step).min(bytes.len());
+                out.extend(sc.feed_ok(&bytes[at..end]));
+                at = end;
+            }
+            out.extend(sc.finish());
+            assert_eq!(out, whole.replace(USAGE, "").as_bytes(), "round {round}");
+            let want: Vec<(i64, usize)> = (0..n as i64)
+                .zip(texts.iter().map(|t| meter.count(t)))
+                .collect();
+            assert_eq!(sc.choice_tokens(), want, "round {round}: {texts:?}");
+            assert_eq!(
+                sc.output_tokens(),
+                texts.iter().map(|t| meter.count(t)).sum::<usize>()
+            );
+            assert!(sc.done() && sc.usage().is_some() && sc.payloads().count() == 0);
+            assert_eq!(
+                sc.head(),
+                Some(&b"{\"created\":7,\"id\":\"c1\",\"model\":\"m\",\"object\":\"chat.completion.chunk\"}"[..])
+            );
+        }
+    }
+
+    #[test]
+    fn choices_beyond_the_bound_are_counted_together() {
+        let meter = toy_meter();
+        let mut sc = SseScanner::with_meter(true, Arc::clone(&meter), DEFAULT_MAX_EVENT);
+        let mut s = String::new();
+        for i in 0..(MAX_CHOICES + 10) {
+            s.push_str(&format!(
+                "data: {{\"choices\":[{{\"index\":{i},\"delta\":{{\"content\":\"hello\"}}}}]}}\n\n"
+            ));
+        }
+        sc.feed_ok(s.as_bytes());
+        assert_eq!(sc.choice_tokens().len(), MAX_CHOICES);
+        // The ten further choices share one counter: "hello" x 10 joined.
+        assert_eq!(
+            sc.output_tokens(),
+            MAX_CHOICES + meter.count(&"hello".repeat(10))
+        );
+    }
+
+    #[test]
+    fn an_event_past_the_bound_is_refused_and_nothing_is_kept() {
+        let meter = toy_meter();
+        let mut sc = SseScanner::with_meter(false, Arc::clone(&meter), 64);
+        assert!(sc.feed(chunk("a").as_bytes()).is_ok());
+        assert!(sc
+            .feed(b"data: {\"choices\":[{\"delta\":{\"content\":\"")
+            .is_ok());
+        let err = sc.feed(&[b'x'; 64]);
+        assert_eq!(err, Err(RelayError::EventTooLarge { limit: 64 }));
+        assert_eq!(sc.pending(), 0);
+        // Whole events of any length within one read are fine; only a held rest is bounded.
+        let mut sc = SseScanner::with_meter(false, meter, 64);
+        let long = chunk(&"x".repeat(500));
+        assert_eq!(sc.feed_ok(long.as_bytes()), long.as_bytes());
+        assert_eq!(sc.output_tokens(), 500);
+    }
+
+    #[test]
+    fn head_is_the_first_json_object_and_keeps_small_fields_only() {
+        let mut sc = SseScanner::new(true);
+        sc.feed_ok(b"data: not json\n\ndata: [1,2]\n\n");
+        assert_eq!(sc.head(), None);
+        let big = "m".repeat(HEAD_VALUE_MAX + 1);
+        sc.feed_ok(
+            format!("data: {{\"id\":\"x\",\"model\":\"{big}\",\"created\":null}}\n\n").as_bytes(),
+        );
+        sc.feed_ok(b"data: {\"id\":\"later\",\"model\":\"m\"}\n\n");
+        assert_eq!(sc.head(), Some(&b"{\"created\":null,\"id\":\"x\"}"[..]));
+    }
+
+    #[test]
+    fn without_a_meter_nothing_is_counted() {
+        let mut sc = SseScanner::new(false);
+        sc.feed_ok(stream().as_bytes());
+        assert_eq!(sc.output_tokens(), 0);
+        assert!(sc.choice_tokens().is_empty());
     }
 }

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tokenhub.billing.db import open_database
+from tokenhub.db.database import open_database
 from tokenhub.billing.service import Billing
 
 

@@ -8,7 +8,7 @@ from typing import Any
 
 from tokenhub.billing import ledger as L
 from tokenhub.billing import statements
-from tokenhub.billing.db import Database, Tx
+from tokenhub.db.database import Database, Tx
 from tokenhub.billing.service import Billing
 from tokenhub.usage import UsageEvent
 

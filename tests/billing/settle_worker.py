@@ -14,7 +14,7 @@ import json
 import sys
 import time
 
-from tokenhub.billing.db import open_database
+from tokenhub.db.database import open_database
 from tokenhub.billing.service import Billing
 from tokenhub.usage import UsageEvent
 

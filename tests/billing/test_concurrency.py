@@ -21,7 +21,7 @@ from ledger_kit import closing, ms, opening, statement, tx, usage
 
 from tokenhub.billing import ledger as L
 from tokenhub.billing import statements
-from tokenhub.billing.db import Database, PgDatabase, open_database
+from tokenhub.db.database import Database, PgDatabase, open_database
 from tokenhub.billing.ledger import InsufficientFunds
 from tokenhub.billing.service import Billing, BillingError
 

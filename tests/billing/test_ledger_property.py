@@ -36,7 +36,7 @@ from hypothesis.stateful import (
 from ledger_kit import ms, statement
 
 from tokenhub.billing import ledger as L
-from tokenhub.billing.db import open_database
+from tokenhub.db.database import open_database
 from tokenhub.billing.ledger import InsufficientFunds, period_of
 from tokenhub.billing.service import Billing, BillingError
 from tokenhub.usage import UsageEvent

@@ -1,4 +1,4 @@
-"""tokenhub.billing.money: parsing, exact rating, half-to-even rounding, allocation, display.
+"""tokenhub.money: parsing, exact rating, half-to-even rounding, allocation, display.
 
 Expected values are derived here from the inputs with `fractions.Fraction` (whose `round` is
 half-to-even) or plain integer arithmetic, never copied from the code under test.
@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tokenhub.billing.money import (
+from tokenhub.money import (
     MINOR_UNITS,
     NANOS,
     POINTS,

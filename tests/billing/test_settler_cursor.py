@@ -12,11 +12,11 @@ from typing import Any
 
 from ledger_kit import ms, usage
 
-from tokenhub.billing.db import Database, Tx, open_database
+from tokenhub.db.database import Database, Tx, open_database
 from tokenhub.billing.io import store_events
 from tokenhub.billing.service import Billing
 from tokenhub.billing.settler import settle_pending
-from tokenhub.store.schema import CREATE_MIGRATIONS_TABLE, MIGRATIONS
+from tokenhub.db.schema import CREATE_MIGRATIONS_TABLE, MIGRATIONS
 from tokenhub.usage import UsageEvent
 
 

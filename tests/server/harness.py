@@ -2,13 +2,13 @@
 
 A `Hub` runs, in one background thread with its own (uvloop) event loop:
 
-- several mock upstreams (`tokenhub.mock_upstream`) with different `MockOptions`: a healthy one,
+- several mock upstreams (`tokenhub.mock`) with different `MockOptions`: a healthy one,
   one answering 500, one omitting usage, one answering 429, a slow one (for timeouts), a paced
   one (streams that last ~1.5 s, for mid-stream disconnects) and a late one (a delay before any
   byte, for disconnects before the first chunk);
 - a small scripted upstream whose usage blocks are fixed per model (explicit zero usage, cached
   tokens in OpenAI's and DeepSeek's spelling), which the mock cannot produce;
-- the gateway, wired exactly as `tokenhub.server.run.serve()` wires it: SQLite store, journal,
+- the gateway, wired exactly as `tokenhub.runtime.serve.serve()` wires it: SQLite store, journal,
   `UsageSink`, `KeyCache`, `create_app`, `GatewayRunner(handler_cancellation=False)` on a
   SO_REUSEPORT socket (a test may swap the journal for a subclass, e.g. a stalling disk).
 
@@ -34,16 +34,16 @@ import uvloop
 from aiohttp import web
 
 from tokenhub.config import Config, from_mapping
-from tokenhub.journal import Journal
-from tokenhub.mock_upstream import MockOptions, build_app
+from tokenhub.runtime.journal import Journal
+from tokenhub.mock import MockOptions, build_app
 from tokenhub.quota import Quota
-from tokenhub.server.app import create_app
-from tokenhub.server.auth import KeyCache
-from tokenhub.server.limits import LimitSync
-from tokenhub.server.protocol import ConnectionLimits, GatewayRunner
-from tokenhub.server.run import _reuse_port_socket
-from tokenhub.server.state import GATEWAY
-from tokenhub.sink import UsageSink
+from tokenhub.gateway.app import create_app
+from tokenhub.gateway.auth import KeyCache
+from tokenhub.gateway.limits import LimitSync
+from tokenhub.gateway.protocol import ConnectionLimits, GatewayRunner
+from tokenhub.runtime.serve import _reuse_port_socket
+from tokenhub.gateway.state import GATEWAY
+from tokenhub.runtime.sink import UsageSink
 from tokenhub.store import Store, open_store
 from tokenhub.usage import UsageEvent
 
@@ -327,7 +327,7 @@ class Hub:
         await self._start_gateway()
 
     async def _start_gateway(self) -> None:
-        # As tokenhub.server.run.serve() does it (the store is opened in __init__).
+        # As tokenhub.runtime.serve.serve() does it (the store is opened in __init__).
         cfg = self.config
         self.journal = self.journal_cls(cfg.server.journal_dir)
         self.sink = UsageSink(self.store, self.journal)

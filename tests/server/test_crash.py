@@ -26,7 +26,7 @@ import aiohttp
 import pytest
 from harness import IGNORE_REQUEST_KEY_WARNING, Hub, free_port, http_json, wait_until
 
-from tokenhub.journal import Journal
+from tokenhub.runtime.journal import Journal
 from tokenhub.store import Store, open_store
 from tokenhub.usage import UsageEvent
 

@@ -24,13 +24,13 @@ import pytest
 from harness import free_port, http_json, wait_until
 from procs import Proc, Procs, admitted_and_refused, children, fire, mock_process, write_config
 
-from tokenhub.billing.db import open_database
+from tokenhub.db.database import open_database
 from tokenhub.billing.ledger import balances
-from tokenhub.billing.money import rate
+from tokenhub.money import rate
 from tokenhub.billing.service import Billing
 from tokenhub.meter import Meter
 from tokenhub.quota import Quota
-from tokenhub.server.contracts import money_pot
+from tokenhub.billing.pots import money_pot
 from tokenhub.store import Store, open_store
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="SO_REUSEPORT balancing, /proc")

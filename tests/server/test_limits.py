@@ -18,7 +18,7 @@ import pytest
 from harness import IGNORE_REQUEST_KEY_WARNING, Hub, wait_until
 
 from tokenhub.quota import Quota
-from tokenhub.server.limits import DAY_ACCOUNT, LimitSync
+from tokenhub.gateway.limits import DAY_ACCOUNT, LimitSync
 
 pytestmark = IGNORE_REQUEST_KEY_WARNING
 

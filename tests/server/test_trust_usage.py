@@ -294,7 +294,7 @@ async def test_a_daily_budget_starts_despite_absurd_usage_in_the_database(tmp_pa
     import time
 
     from tokenhub.quota import Quota
-    from tokenhub.server.limits import LimitSync
+    from tokenhub.gateway.limits import LimitSync
     from tokenhub.store import open_store
 
     store = open_store(str(tmp_path / "t.db"))

@@ -24,8 +24,8 @@ import uvloop
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from tokenhub.server import upstream_http
-from tokenhub.server.upstream_http import (
+from tokenhub.gateway.providers import http as upstream_http
+from tokenhub.gateway.providers.http import (
     HIGH_WATER,
     ClientConnectorError,
     ClientPayloadError,

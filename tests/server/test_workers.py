@@ -36,7 +36,7 @@ from procs import (
 )
 
 from tokenhub.cli import build_parser, main
-from tokenhub.journal import Journal
+from tokenhub.runtime.journal import Journal
 from tokenhub.store import open_store
 from tokenhub.usage import UsageEvent
 
@@ -472,8 +472,8 @@ def test_a_crash_loop_stops_the_server(site: Site, procs: Procs) -> None:
 
 WRITER = """
 import asyncio, json, sys
-from tokenhub.journal import Journal
-from tokenhub.sink import UsageSink
+from tokenhub.runtime.journal import Journal
+from tokenhub.runtime.sink import UsageSink
 from tokenhub.store.sqlite import SQLiteStore
 from tokenhub.usage import UsageEvent
 

@@ -1,7 +1,7 @@
 """Usage events in and out of the books: CloudEvents ingest, reconciliation against a provider's
 own token counts, and exports (the event log with its settlements; a FOCUS cost export).
 
-Everything here talks to the database through `tokenhub.billing.db` (SQLite or PostgreSQL, the
+Everything here talks to the database through `tokenhub.db.database` (SQLite or PostgreSQL, the
 same migrations), so it runs wherever the ledger runs. The command line is in `io_cli`.
 
 **Ingest** (`ingest`): one CloudEvents 1.0 JSON object per line (structured mode). The
@@ -78,9 +78,9 @@ from typing import IO, Annotated, Any, Literal, TypeVar
 
 import msgspec
 
-from tokenhub.billing.db import Database, Row, Tx
+from tokenhub.db.database import Database, Row, Tx
 from tokenhub.billing.ledger import LedgerError, period_bounds
-from tokenhub.billing.money import POINTS, TOKENS, allocate, convert, decimal_str, rate
+from tokenhub.money import POINTS, TOKENS, allocate, convert, decimal_str, rate
 from tokenhub.billing.service import Billing, BillingError
 from tokenhub.usage import BILLED_FIELDS, EVENT_FIELDS, MAX_TOKENS, UsageEvent
 

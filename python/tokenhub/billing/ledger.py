@@ -3,7 +3,7 @@
 Every business event (purchase, top-up, usage settlement, refund, expiry, adjustment) is one
 `Txn`: a group of `Posting`s written atomically, whose amounts sum to zero **per unit** (each
 currency, TOKENS, POINTS). Amounts are debit-positive integers (nanos for money, see
-`tokenhub.billing.money`).
+`tokenhub.money`).
 
 Accounts (ids are readable paths; `tenant` is '' for the operator's own):
 
@@ -50,8 +50,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-from tokenhub.billing.db import Tx
-from tokenhub.billing.money import fmt_units
+from tokenhub.db.database import Tx
+from tokenhub.money import fmt_units
 
 
 class LedgerError(Exception):

@@ -1,7 +1,7 @@
 """Billing operations: profiles, price books, FX, revenue splits, plans and lots, wallets,
 redemption codes, usage settlement, expiry, refunds.
 
-`Billing(db)` wraps a `tokenhub.billing.db.Database`; every method is one database transaction.
+`Billing(db)` wraps a `tokenhub.db.database.Database`; every method is one database transaction.
 Usage settlement (`settle`) rates each event and draws it down from the tenant's contracts in
 the tenant's order (default: package, points, wallet, postpaid):
 
@@ -49,9 +49,9 @@ from typing import Any
 import msgspec
 
 from tokenhub.billing import ledger as L
-from tokenhub.billing.db import Database, DatabaseError, Tx
+from tokenhub.db.database import Database, DatabaseError, Tx
 from tokenhub.billing.ledger import AccountSpec, Book, LedgerError, Txn
-from tokenhub.billing.money import (
+from tokenhub.money import (
     NANOS,
     POINTS,
     TOKENS,

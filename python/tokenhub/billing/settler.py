@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
-from tokenhub.billing.db import Tx
+from tokenhub.db.database import Tx
 from tokenhub.billing.service import Billing, BillingError, _payload_hash
 from tokenhub.usage import EVENT_FIELDS, UsageEvent
 
@@ -131,7 +131,7 @@ async def settle_pending(
 ) -> SettleSummary:
     """One pass over the unsettled usage events (see the module docstring). `on_batch` runs
     after each committed batch with its events and the ids settled now (the gateway's
-    admission gives back what they held: tokenhub.server.contracts)."""
+    admission gives back what they held: tokenhub.billing.pots)."""
     db = billing.db
     # Quarantined events wait for `tokenhub billing quarantine release` even under
     # retry_failed: retrying them as they are cannot succeed.

@@ -24,9 +24,9 @@ import time
 from collections import defaultdict
 from typing import Any
 
-from tokenhub.billing.db import Tx
+from tokenhub.db.database import Tx
 from tokenhub.billing.ledger import LedgerError, lock_tenants, period_bounds
-from tokenhub.billing.money import TOKENS, fmt, fmt_units
+from tokenhub.money import TOKENS, fmt, fmt_units
 from tokenhub.usage import BILLED_STATUSES
 
 _TENANT_SIDE = {"wallet": -1, "lot": -1, "deferred": -1, "receivable": 1, "overrun": 1}

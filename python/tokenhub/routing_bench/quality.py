@@ -40,7 +40,7 @@ from typing import Any
 
 import msgspec
 
-from tokenhub.billing.money import rate
+from tokenhub.money import rate
 
 __all__ = [
     "DATASETS",

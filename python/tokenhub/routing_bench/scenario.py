@@ -6,7 +6,7 @@ the field (`steady.toml: Expected `int`, got `str` - at `$.deployments[0].weight
 
 Prices are money, so never floats: a decimal string in the currency's major unit
 (`input_per_1m = "0.15"`, USD per 1M tokens) or an integer in its minor unit (`input_per_1m = 15`,
-15 cents). Either becomes exact integer nanos per 1M tokens (see `tokenhub.billing.money`).
+15 cents). Either becomes exact integer nanos per 1M tokens (see `tokenhub.money`).
 
 ```toml
 name = "steady"
@@ -58,7 +58,7 @@ from typing import Literal
 
 import msgspec
 
-from tokenhub.billing.money import MoneyError, check_currency, minor_units, parse_price
+from tokenhub.money import MoneyError, check_currency, minor_units, parse_price
 
 __all__ = [
     "Burst",

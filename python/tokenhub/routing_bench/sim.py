@@ -22,7 +22,7 @@ Per attempt, at the deployment it is sent to:
 A request ends `served`, `rejected` (its last attempt was refused for capacity, or the router
 offered no deployment) or `failed` (its last attempt failed). Every served request is billed its
 trace tokens exactly once: cached prefix tokens at the cached-input price, the rest of the input
-at the input price, its output at the output price (integer nanos, `tokenhub.billing.money.rate`).
+at the input price, its output at the output price (integer nanos, `tokenhub.money.rate`).
 
 Prompt cache: a deployment keeps an LRU of `cache_blocks` Mooncake hash blocks. A request's
 cached prefix is its leading run of blocks already present (hash ids are prefix-chained, so a
@@ -38,7 +38,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from tokenhub.billing.money import rate
+from tokenhub.money import rate
 
 from .scenario import Burst, Deployment, Scenario
 from .traces import BLOCK_TOKENS, Request

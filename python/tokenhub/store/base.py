@@ -77,7 +77,7 @@ class Limits(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     tpm: int | None = None
     max_concurrency: int | None = None
     tokens_per_day: int | None = None
-    # The bulk-extraction guard (tenants only; tokenhub.server.guard): a key of the tenant is
+    # The bulk-extraction guard (tenants only; tokenhub.gateway.guard): a key of the tenant is
     # throttled when its smoothed token velocity passes guard_tpm tokens per minute, or
     # guard_jump times its own baseline.
     guard_tpm: int | None = None

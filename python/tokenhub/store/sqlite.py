@@ -75,7 +75,7 @@ from tokenhub.store.base import (
     event_problem,
     iter_chunks,
 )
-from tokenhub.store.schema import CREATE_MIGRATIONS_TABLE, LATEST_VERSION, MIGRATIONS
+from tokenhub.db.schema import CREATE_MIGRATIONS_TABLE, LATEST_VERSION, MIGRATIONS
 from tokenhub.usage import EVENT_FIELDS, MAX_TOKENS, UsageEvent
 
 _COLS = ", ".join(EVENT_FIELDS)

@@ -54,7 +54,7 @@ from aiohttp import web
 from tokenhub.config import Config, ConfigError, from_mapping, load_config
 
 if TYPE_CHECKING:
-    from tokenhub.journal import Journal
+    from tokenhub.runtime.journal import Journal
     from tokenhub.quota import Quota
     from tokenhub.store import Store
     from tokenhub.usage import UsageEvent
@@ -127,7 +127,7 @@ def demo_config(mock_port: int, database: str) -> Config:
 
 
 def _journal_dir(cfg: Config) -> str:
-    from tokenhub.journal import default_journal_dir
+    from tokenhub.runtime.journal import default_journal_dir
 
     return cfg.server.journal_dir or default_journal_dir(cfg.server.database)
 
@@ -157,7 +157,7 @@ class SharedState:
     # The quota table (tokenhub.quota): a file each worker attaches, so that the key and
     # tenant limits hold across all workers. "" = none (limits are not enforced).
     quota_path: str = ""
-    # Where the workers publish their metrics for one another (tokenhub.server.metrics.Share),
+    # Where the workers publish their metrics for one another (tokenhub.gateway.telemetry.Share),
     # so that one scrape of /metrics describes the whole server. "" = each answers for itself.
     metrics_dir: str = ""
 
@@ -218,7 +218,7 @@ def before_fork(cfg: Config) -> SharedState:
     too, where the one process is parent and worker both, so there is a single code path).
     Must not start threads or event loops: the children would inherit them broken."""
     from tokenhub.quota import Quota
-    from tokenhub.server.contracts import new_epoch
+    from tokenhub.billing.pots import new_epoch
 
     path = quota_path(cfg)
     remove_stale_quota_tables(path.parent)
@@ -277,7 +277,7 @@ def _insert_replayed(store: Store, journal: Journal, events: list[UsageEvent]) -
 def replay_journal_dir(store: Store, directory: Path, *, why: str) -> int:
     """Insert what the journal in `directory` holds and delete its segments once durable.
     JournalError if another process holds it. Returns the number of events replayed."""
-    from tokenhub.journal import Journal
+    from tokenhub.runtime.journal import Journal
 
     # Small segments: this journal only reads; its (empty) new segment is deleted on close.
     journal = Journal(directory, segment_bytes=4096)
@@ -310,7 +310,7 @@ def replay_stale_worker_journals(store: Store, root: str | os.PathLike[str], kee
     """Replay `root/worker-k` for every k > `keep` (every one with keep=0: a single-process
     server), left by an earlier run with more workers, and remove those left empty. The
     caller holds root's LOCK, so no other server is doing the same. Returns events replayed."""
-    from tokenhub.journal import JournalError
+    from tokenhub.runtime.journal import JournalError
 
     root = Path(root)
     if not root.is_dir():
@@ -348,16 +348,16 @@ async def serve(
     """Run the gateway until SIGTERM/SIGINT. Alone (`worker` None) it binds its socket, uses
     the journal dir itself and prints where it serves; as a worker it takes its socket and
     journal dir from `worker`, and the parent has created the demo key (`demo_key`) already."""
-    from tokenhub import mock_upstream
-    from tokenhub.journal import Journal
+    from tokenhub import mock as mock_upstream
+    from tokenhub.runtime.journal import Journal
     from tokenhub.quota import Quota
-    from tokenhub.server.app import create_app
-    from tokenhub.server.auth import KeyCache
-    from tokenhub.server.contracts import Contracts
-    from tokenhub.server.limits import LimitSync
-    from tokenhub.server.protocol import ConnectionLimits, GatewayRunner, connection_cap
-    from tokenhub.server.state import GATEWAY, METRICS
-    from tokenhub.sink import UsageSink
+    from tokenhub.gateway.app import create_app
+    from tokenhub.gateway.auth import KeyCache
+    from tokenhub.billing.pots import Contracts
+    from tokenhub.gateway.limits import LimitSync
+    from tokenhub.gateway.protocol import ConnectionLimits, GatewayRunner, connection_cap
+    from tokenhub.gateway.state import GATEWAY, METRICS
+    from tokenhub.runtime.sink import UsageSink
     from tokenhub.store import open_store
 
     mock_runner: web.AppRunner | None = None
@@ -422,7 +422,7 @@ async def serve(
         settler = await _start_settler(cfg, demo=demo, quota=admission) if settles else None
         contracts_db = None
         if admission is not None:
-            from tokenhub.billing.db import open_database
+            from tokenhub.db.database import open_database
 
             contracts_db = await open_database(cfg.server.database)
             contracts = Contracts(admission, contracts_db, refresh_s=cfg.server.key_refresh_s)
@@ -451,7 +451,7 @@ async def serve(
 
     app[METRICS].on_collect(collect_sink_stats)
     if worker is not None and shared is not None and shared.metrics_dir:
-        from tokenhub.server.metrics import Share
+        from tokenhub.gateway.telemetry import Share
 
         app.cleanup_ctx.append(Share(app[METRICS], shared.metrics_dir, worker.index).context)
     if worker is not None:
@@ -549,12 +549,12 @@ async def _start_settler(
     dies, and stopped (after a last pass) with the server; it stops by itself if the server
     is killed. With admission (`quota`) it also keeps the table's pots equal to the ledger, and
     this returns once it has settled what was pending and published them
-    (tokenhub.server.contracts). Returns the function that stops it."""
+    (tokenhub.billing.pots). Returns the function that stops it."""
     interval = cfg.billing.settle_interval_s
     if interval <= 0:
         return None
     if demo:
-        from tokenhub.billing.db import open_database
+        from tokenhub.db.database import open_database
         from tokenhub.billing.service import Billing
 
         db = await open_database(cfg.server.database)
@@ -584,7 +584,7 @@ async def _start_settler(
 
     task = asyncio.create_task(supervise(), name="tokenhub-settler")
     if quota is not None:
-        from tokenhub.server.contracts import READY_ACCOUNT
+        from tokenhub.billing.pots import READY_ACCOUNT
 
         deadline = time.monotonic() + SETTLER_READY_S
         while not quota.limits(READY_ACCOUNT)["requests"]:
@@ -624,7 +624,7 @@ async def _spawn_settler(
     # settler itself (after its last pass), not both at once. The database goes in the
     # environment, not the command line, which any local user can read (a PostgreSQL URL
     # may carry a password).
-    from tokenhub.admin_cli import ENV_DB
+    from tokenhub.cli.admin import ENV_DB
 
     return await asyncio.create_subprocess_exec(
         *argv,
@@ -815,7 +815,7 @@ def _listeners(host: str, port: int, count: int) -> list[socket.socket]:
 def _lock_journal_root(root: Path) -> int:
     """Hold `root/LOCK` (the journal's own lock file) for the server's lifetime: a second
     server on the same journal dir fails to start, whether it runs one worker or many."""
-    from tokenhub.journal import JournalError
+    from tokenhub.runtime.journal import JournalError
 
     fd = os.open(root / "LOCK", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
@@ -857,8 +857,8 @@ def serve_workers(cfg: Config, count: int, *, demo: bool, demo_key: str | None) 
     # The app and the sink are imported once here, so that every fork (and restart) starts
     # with them in memory. Importing starts no thread and no loop; nothing here may
     # (vocabularies load in the workers: the meter's thread pool would not survive a fork).
-    import tokenhub.server.app
-    import tokenhub.sink  # noqa: F401
+    import tokenhub.gateway.app
+    import tokenhub.runtime.sink  # noqa: F401
     from tokenhub.cli import CliError
     from tokenhub.store import open_store
 
@@ -1097,7 +1097,7 @@ class _Supervisor:
     # -- the child's side ----------------------------------------------------------------------
 
     def _child(self, index: int) -> NoReturn:
-        from tokenhub.journal import JournalError
+        from tokenhub.runtime.journal import JournalError
         from tokenhub.store import StoreError
 
         status = 1
@@ -1151,8 +1151,8 @@ class _Supervisor:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from tokenhub.cli import PROG, CliError
-    from tokenhub.journal import JournalError
-    from tokenhub.server.protocol import raise_fd_limit
+    from tokenhub.runtime.journal import JournalError
+    from tokenhub.gateway.protocol import raise_fd_limit
     from tokenhub.store import StoreError
 
     workers: int = args.workers
@@ -1212,10 +1212,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def _apply_config_prices(cfg: Config) -> None:
     """The config's prices bill without a `prices import`: a model's first price is in force
-    from the epoch, a changed one from now (tokenhub.billing.cli.apply_config_prices); each
+    from the epoch, a changed one from now (tokenhub.cli.billing.apply_config_prices); each
     price written is said on stderr."""
-    from tokenhub.billing.cli import apply_config_prices
-    from tokenhub.billing.db import DatabaseError
+    from tokenhub.cli.billing import apply_config_prices
+    from tokenhub.db.database import DatabaseError
     from tokenhub.cli import CliError
 
     try:

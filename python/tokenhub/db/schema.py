@@ -85,7 +85,7 @@ MIGRATIONS: tuple[Migration, ...] = (
         "billing: profiles, prices, fx, plans, lots, codes, accounts, transactions, postings",
         (
             # A tenant's billing profile (tenants without one settle in USD, wallet then
-            # postpaid with no credit). Amounts are integer nanos (tokenhub.billing.money).
+            # postpaid with no credit). Amounts are integer nanos (tokenhub.money).
             """CREATE TABLE billing_profiles (
                 tenant TEXT NOT NULL PRIMARY KEY,
                 currency TEXT NOT NULL,

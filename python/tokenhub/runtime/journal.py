@@ -83,7 +83,7 @@ import msgspec
 
 from tokenhub.usage import UsageEvent
 
-log = logging.getLogger("tokenhub.journal")
+log = logging.getLogger("tokenhub.runtime.journal")
 
 SEGMENT_BYTES = 8 * 1024 * 1024
 DEFAULT_DIR = "tokenhub-journal"  # next to the default ./tokenhub.db

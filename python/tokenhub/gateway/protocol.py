@@ -37,10 +37,10 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 
-from tokenhub.server.errors import ApiError
-from tokenhub.server.gateway import new_request_id
+from tokenhub.gateway.errors import ApiError
+from tokenhub.gateway.service import new_request_id
 
-log = logging.getLogger("tokenhub.server")
+log = logging.getLogger("tokenhub.gateway")
 
 SERVER_NAME = "tokenhub"  # the Server header: no version for a scanner to match
 FD_HEADROOM = 256  # descriptors kept for the database, journal, settler pipes, logs

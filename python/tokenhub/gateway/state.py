@@ -7,8 +7,8 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 
 if TYPE_CHECKING:
-    from tokenhub.server.gateway import Gateway
-    from tokenhub.server.metrics import Registry
+    from tokenhub.gateway.service import Gateway
+    from tokenhub.gateway.telemetry import Registry
 
 GATEWAY: web.AppKey[Gateway] = web.AppKey("gateway")
 METRICS: web.AppKey[Registry] = web.AppKey("metrics")

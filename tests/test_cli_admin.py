@@ -14,7 +14,7 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from tokenhub import admin_cli
+from tokenhub.cli import admin as admin_cli
 from tokenhub.store.sqlite import SQLiteStore
 from tokenhub.usage import EVENT_FIELDS, UsageEvent
 
@@ -250,7 +250,7 @@ def test_real_process(tmp_path: Path) -> None:
     db = str(tmp_path / "p.db")
 
     def cli(*argv: str) -> subprocess.CompletedProcess[str]:
-        code = "import sys; from tokenhub.admin_cli import main; sys.exit(main(sys.argv[1:]))"
+        code = "import sys; from tokenhub.cli.admin import main; sys.exit(main(sys.argv[1:]))"
         return subprocess.run(
             [sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=60
         )

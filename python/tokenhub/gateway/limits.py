@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 
 from tokenhub.quota import Quota, Refusal, Reservation
-from tokenhub.server.guard import SAMPLE_S, Audit, Guard, GuardConfig
+from tokenhub.gateway.guard import SAMPLE_S, Audit, Guard, GuardConfig
 from tokenhub.store import LimitRow
 
 log = logging.getLogger("tokenhub.limits")

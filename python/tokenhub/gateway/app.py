@@ -10,16 +10,16 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 
 from tokenhub.config import Config
-from tokenhub.server.auth import KeyCache
-from tokenhub.server.errors import ApiError, from_http_exception
-from tokenhub.server.gateway import Gateway, Sink, new_request_id
-from tokenhub.server.limits import LimitSync
-from tokenhub.server.metrics import Registry
-from tokenhub.server.protocol import SERVER_NAME
-from tokenhub.server.routes import setup_routes
-from tokenhub.server.state import GATEWAY, METRICS, REQUEST_ID
+from tokenhub.gateway.auth import KeyCache
+from tokenhub.gateway.errors import ApiError, from_http_exception
+from tokenhub.gateway.service import Gateway, Sink, new_request_id
+from tokenhub.gateway.limits import LimitSync
+from tokenhub.gateway.telemetry import Registry
+from tokenhub.gateway.protocol import SERVER_NAME
+from tokenhub.gateway.routes import setup_routes
+from tokenhub.gateway.state import GATEWAY, METRICS, REQUEST_ID
 
-log = logging.getLogger("tokenhub.server")
+log = logging.getLogger("tokenhub.gateway")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 

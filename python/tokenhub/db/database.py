@@ -20,8 +20,9 @@ Isolation and concurrency:
   order so that two settlements cannot deadlock) and by a conditional update that refuses to go
   below an account's floor. Deadlocks and serialization failures are retried.
 
-Both run the same migrations (`tokenhub.store.schema.MIGRATIONS`), so a database made by the
-gateway's store and one made here are the same database.
+Both run the same migrations (`tokenhub.db.schema.MIGRATIONS`, applied by
+`tokenhub.db.migrate`), so a database made by the gateway's store and one made here are the
+same database.
 """
 
 from __future__ import annotations
@@ -34,8 +35,6 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from concurrent.futures import Future
 from typing import Any, Protocol, TypeVar
-
-from tokenhub.store.schema import CREATE_MIGRATIONS_TABLE, MIGRATIONS
 
 T = TypeVar("T")
 Row = tuple[Any, ...]
@@ -84,32 +83,6 @@ async def open_database(url: str, *, migrate: bool = True) -> Database:
             await db.close()
             raise
     return db
-
-
-async def _apply_migrations(db: Database) -> list[int]:
-    async def current(tx: Tx) -> set[int]:
-        await tx.execute(CREATE_MIGRATIONS_TABLE)
-        return {r[0] for r in await tx.fetch("SELECT version FROM schema_migrations")}
-
-    done = await db.transaction(current)
-    applied: list[int] = []
-    for m in MIGRATIONS:
-        if m.version in done:
-            continue
-
-        async def apply(tx: Tx, m: Any = m) -> None:
-            for stmt in m.statements:
-                await tx.execute(stmt)
-            await tx.execute(
-                "INSERT INTO schema_migrations (version, name, applied_ms) VALUES ($1, $2, $3)",
-                m.version,
-                m.name,
-                int(time.time() * 1000),
-            )
-
-        await db.transaction(apply)
-        applied.append(m.version)
-    return applied
 
 
 # -- SQLite ------------------------------------------------------------------------------------
@@ -245,7 +218,9 @@ class SqliteDatabase:
         return asyncio.run_coroutine_threadsafe(self._in_thread(fn), self._loop).result()
 
     async def migrate(self) -> list[int]:
-        return await _apply_migrations(self)
+        from tokenhub.db.migrate import apply_migrations
+
+        return await apply_migrations(self)
 
     async def close(self) -> None:
         loop = self._loop
@@ -331,7 +306,9 @@ class PgDatabase:
         return await self.transaction(fn)
 
     async def migrate(self) -> list[int]:
-        return await _apply_migrations(self)
+        from tokenhub.db.migrate import apply_migrations
+
+        return await apply_migrations(self)
 
     async def close(self) -> None:
         await self._pool.close()

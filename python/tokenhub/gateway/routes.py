@@ -7,9 +7,9 @@ import time
 import msgspec
 from aiohttp import web
 
-from tokenhub.server.errors import ApiError
-from tokenhub.server.gateway import CHAT, COMPLETIONS, EMBEDDINGS
-from tokenhub.server.state import GATEWAY, METRICS
+from tokenhub.gateway.errors import ApiError
+from tokenhub.gateway.service import CHAT, COMPLETIONS, EMBEDDINGS
+from tokenhub.gateway.state import GATEWAY, METRICS
 
 _encode = msgspec.json.Encoder().encode
 

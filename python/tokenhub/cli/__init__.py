@@ -146,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     from tokenhub import admin_cli, mock_upstream
     from tokenhub.billing import cli as billing_cli
     from tokenhub.routing_bench import cli as routing_bench_cli
-    from tokenhub.server import run as serve_cmd
+    from tokenhub.gateway import run as serve_cmd
 
     serve_cmd.add_cli(sub)
     mock_upstream.add_cli(sub)

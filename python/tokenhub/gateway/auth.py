@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable
 
 import msgspec
 
-from tokenhub.server.errors import ApiError
+from tokenhub.gateway.errors import ApiError
 
 log = logging.getLogger("tokenhub.auth")
 

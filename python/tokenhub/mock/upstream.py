@@ -59,7 +59,6 @@ from msgspec import UNSET, UnsetType
 
 from tokenhub import vocabs
 from tokenhub.meter import Meter
-from tokenhub.server.errors import ApiError
 
 __all__ = [
     "DEFAULT_MODELS",
@@ -68,13 +67,10 @@ __all__ = [
     "Ledger",
     "MockError",
     "MockOptions",
-    "add_cli",
     "build_app",
-    "options_from_args",
-    "run",
 ]
 
-log = logging.getLogger("tokenhub.mock_upstream")
+log = logging.getLogger("tokenhub.mock")
 
 DEFAULT_PORT: Final = 9999
 
@@ -184,12 +180,54 @@ def _validated(options: MockOptions) -> MockOptions:
 # -- errors: the one place they become OpenAI's error body -------------------------------------
 
 
-class MockError(ApiError):
-    """An error answered in OpenAI's shape: ``{"error": {message, type, param, code}}`` (the
-    gateway's own error type, so both sides of a test speak the identical shape)."""
+class _ErrorBody(msgspec.Struct, kw_only=True):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class _ErrorEnvelope(msgspec.Struct, kw_only=True):
+    error: _ErrorBody
+
+
+_encode_error = msgspec.json.Encoder().encode
+
+
+class MockError(Exception):
+    """An error answered in OpenAI's shape: ``{"error": {message, type, param, code}}``. Its
+    own type, not the gateway's: the simulator stands for a provider and imports nothing of
+    the gateway, so a test compares the gateway's error bodies with an independent source."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        code: str | None = None,
+        param: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.code = code
+        self.param = param
+        self.headers = headers or {}
+
+    def body(self) -> bytes:
+        err = _ErrorBody(message=self.message, type=self.type, param=self.param, code=self.code)
+        return _encode_error(_ErrorEnvelope(error=err))
 
     def response(self, request_id: str | None = None) -> web.Response:
-        resp = super().response()
+        resp = web.Response(
+            status=self.status,
+            body=self.body(),
+            content_type="application/json",
+            headers=self.headers,
+        )
         if request_id:
             resp.headers["x-request-id"] = request_id
         return resp
@@ -1322,238 +1360,3 @@ def build_app(options: MockOptions | None = None) -> web.Application:
     r.add_get("/mock/ledger", ledger_get)
     r.add_post("/mock/reset", ledger_reset)
     return app
-
-
-# -- command line -------------------------------------------------------------------------------
-
-_DESCRIPTION = """\
-An OpenAI-compatible upstream simulator for the demo, tests and benchmarks. It serves
-POST /v1/chat/completions, /v1/completions and /v1/embeddings (streaming included), and
-GET /v1/models. Replies are deterministic text whose token counts are exact under a real
-vocabulary. GET /mock/ledger lists every request served with its tokens (streams cut short
-count what was written); POST /mock/reset clears it.
-"""
-
-_EPILOG = """\
-Per-request overrides: send x-mock-<option> headers, e.g. x-mock-latency-ms: 200,
-x-mock-ttft-ms, x-mock-tokens-per-second, x-mock-completion-tokens, x-mock-error-rate-429,
-x-mock-error-rate-500, x-mock-status: 429, x-mock-omit-usage: true, x-mock-stall: 3 (or 0 or
-null), x-mock-seed, x-mock-vocab.
-
-Examples:
-  tokenhub mock-upstream --port 9999
-  tokenhub mock-upstream --latency-ms 50 --ttft-ms 200 --tokens-per-second 60
-  tokenhub mock-upstream --error-rate-429 0.05 --seed 7 --model my-model=qwen --any-model
-"""
-
-
-def _model_arg(value: str) -> tuple[str, str]:
-    name, _, vocab = value.partition("=")
-    if not name:
-        raise argparse.ArgumentTypeError(f"expected NAME or NAME=VOCAB, got {value!r}")
-    return name, vocab
-
-
-def add_cli(sub: Any) -> argparse.ArgumentParser:
-    """Adds the ``mock-upstream`` subcommand to an argparse subparsers object."""
-    d = MockOptions()
-    p: argparse.ArgumentParser = sub.add_parser(
-        "mock-upstream",
-        help="run an OpenAI-compatible mock upstream with exact token counts",
-        description=_DESCRIPTION,
-        epilog=_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument(
-        "--host", default="127.0.0.1", help="address to listen on (default: %(default)s)"
-    )
-    p.add_argument("--port", type=int, default=DEFAULT_PORT, help="port (default: %(default)s)")
-    p.add_argument(
-        "--vocab",
-        default=d.vocab,
-        metavar="NAME",
-        help="default vocabulary for counting (default: %(default)s); Qwen and "
-        "DeepSeek models keep their own",
-    )
-    p.add_argument(
-        "--model",
-        action="append",
-        type=_model_arg,
-        metavar="NAME[=VOCAB]",
-        help="serve this model (repeatable); replaces the built-in list of "
-        "OpenAI, Qwen and DeepSeek model ids",
-    )
-    p.add_argument(
-        "--any-model",
-        action="store_true",
-        help="serve any model id (with the default vocabulary) instead of 404",
-    )
-    p.add_argument(
-        "--completion-tokens",
-        type=int,
-        default=d.completion_tokens,
-        metavar="N",
-        help="reply length in tokens before max_tokens caps it (default: %(default)s)",
-    )
-    p.add_argument(
-        "--latency-ms", type=float, default=0.0, metavar="MS", help="delay before each response"
-    )
-    p.add_argument(
-        "--ttft-ms",
-        type=float,
-        default=0.0,
-        metavar="MS",
-        help="further delay before the first token (streams: after the headers)",
-    )
-    p.add_argument(
-        "--tokens-per-second",
-        type=float,
-        default=0.0,
-        metavar="R",
-        help="stream pace per choice (default: 0 = as fast as possible)",
-    )
-    p.add_argument(
-        "--error-rate-429",
-        type=float,
-        default=0.0,
-        metavar="P",
-        help="share of requests answered 429 rate_limit_exceeded (with retry-after)",
-    )
-    p.add_argument(
-        "--error-rate-500",
-        type=float,
-        default=0.0,
-        metavar="P",
-        help="share of requests answered 500 server_error",
-    )
-    p.add_argument(
-        "--status",
-        type=int,
-        default=None,
-        metavar="CODE",
-        help="answer every request with this error status",
-    )
-    p.add_argument(
-        "--omit-usage", action="store_true", help="never send usage (no usage key, no usage chunk)"
-    )
-    p.add_argument(
-        "--stall",
-        type=int,
-        nargs="?",
-        const=0,
-        default=None,
-        metavar="K",
-        help="stall until the client gives up: before any byte (no K, or 0), or "
-        "after K stream events",
-    )
-    p.add_argument(
-        "--seed",
-        type=int,
-        default=d.seed,
-        help="seed for error injection and reply text (default: %(default)s)",
-    )
-    p.add_argument(
-        "--require-key",
-        default=None,
-        metavar="KEY",
-        help="accept only 'Authorization: Bearer KEY' (default: any or none)",
-    )
-    p.add_argument(
-        "--embedding-dim",
-        type=int,
-        default=d.embedding_dim,
-        metavar="N",
-        help="embedding length when a request has no 'dimensions' (default: %(default)s)",
-    )
-    p.add_argument(
-        "--ledger-size",
-        type=int,
-        default=d.ledger_size,
-        metavar="N",
-        help="ledger entries kept; totals never drop (default: %(default)s)",
-    )
-    p.set_defaults(func=run)
-    return p
-
-
-def options_from_args(args: argparse.Namespace) -> MockOptions:
-    models = dict(args.model) if args.model else dict(DEFAULT_MODELS)
-    if args.any_model:
-        models[ANY_MODEL] = ""
-    return MockOptions(
-        models=models,
-        vocab=args.vocab,
-        completion_tokens=args.completion_tokens,
-        latency_ms=args.latency_ms,
-        ttft_ms=args.ttft_ms,
-        tokens_per_second=args.tokens_per_second,
-        error_rate_429=args.error_rate_429,
-        error_rate_500=args.error_rate_500,
-        status=args.status,
-        omit_usage=args.omit_usage,
-        stall=args.stall,
-        seed=args.seed,
-        require_key=args.require_key,
-        embedding_dim=args.embedding_dim,
-        ledger_size=args.ledger_size,
-    )
-
-
-async def _serve(app: web.Application, host: str, port: int) -> None:
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
-    await runner.setup()
-    try:
-        site = web.TCPSite(runner, host, port, reuse_address=True, backlog=4096)
-        await site.start()
-        addrs = runner.addresses
-        bound = addrs[0][1] if addrs else port
-        models = [m for m in app[MOCK].options.models if m != ANY_MODEL]
-        print(
-            f"tokenhub mock-upstream: listening on http://{host}:{bound}/v1 "
-            f"({len(models)} models; ledger at /mock/ledger)",
-            flush=True,
-        )
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            # Not on Windows, nor outside the main thread.
-            with contextlib.suppress(NotImplementedError, RuntimeError):
-                loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
-    finally:
-        await runner.cleanup()
-
-
-def run(args: argparse.Namespace) -> int:
-    """Serves until SIGINT/SIGTERM; returns the exit status."""
-    try:
-        app = build_app(options_from_args(args))
-    except ValueError as e:
-        print(f"tokenhub mock-upstream: error: {e}", file=sys.stderr)
-        return 1
-    loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None
-    try:
-        import uvloop
-
-        loop_factory = uvloop.new_event_loop
-    except ImportError:  # uvloop is not built for Windows
-        pass
-    try:
-        with asyncio.Runner(loop_factory=loop_factory) as runner:
-            runner.run(_serve(app, args.host, args.port))
-    except OSError as e:
-        print(
-            f"tokenhub mock-upstream: error: cannot listen on {args.host}:{args.port}: {e}",
-            file=sys.stderr,
-        )
-        return 1
-    except KeyboardInterrupt:
-        pass
-    return 0
-
-
-if __name__ == "__main__":
-    _parser = argparse.ArgumentParser(prog="python -m tokenhub.mock_upstream")
-    add_cli(_parser.add_subparsers(dest="command", required=True))
-    _args = _parser.parse_args(["mock-upstream", *sys.argv[1:]])
-    sys.exit(_args.func(_args))

@@ -43,27 +43,27 @@ import msgspec
 from aiohttp import web
 
 from tokenhub._core import SseRelay, StreamCounter
-from tokenhub.billing.money import NANOS
+from tokenhub.money import NANOS
 from tokenhub.config import Config, Deployment, Model, Provider
 from tokenhub.meter import Meter
 from tokenhub.quota import Refusal, Reservation, format_reset
 from tokenhub.router import Contract, DeploymentSpec, Router, TierScorer
-from tokenhub.server import usage_check
-from tokenhub.server.auth import KeyCache, Principal
-from tokenhub.server.contracts import TRANCHE, Contracts, Hold, NotPriced, NotReady, Shortfall
-from tokenhub.server.errors import ApiError
-from tokenhub.server.guard import Audit
-from tokenhub.server.limits import LimitSync
-from tokenhub.server.metrics import Registry
-from tokenhub.server.state import REQUEST_ID
-from tokenhub.server.upstream_http import ClientError, Pool, Response, TLSError
+from tokenhub.gateway import usage_check
+from tokenhub.gateway.auth import KeyCache, Principal
+from tokenhub.billing.pots import TRANCHE, Contracts, Hold, NotPriced, NotReady, Shortfall
+from tokenhub.gateway.errors import ApiError
+from tokenhub.gateway.guard import Audit
+from tokenhub.gateway.limits import LimitSync
+from tokenhub.gateway.telemetry import Registry
+from tokenhub.gateway.state import REQUEST_ID
+from tokenhub.gateway.providers.http import ClientError, Pool, Response, TLSError
 from tokenhub.usage import UsageEvent, billed_lines
 
 log = logging.getLogger("tokenhub.gateway")
 
 
 class Sink(Protocol):
-    """Where usage goes (tokenhub.sink.UsageSink); both calls are cheap and never raise.
+    """Where usage goes (tokenhub.runtime.sink.UsageSink); both calls are cheap and never raise.
     `begin` is False when the usage cannot be persisted (`unavailable` says why): the request
     must not go upstream."""
 
@@ -285,7 +285,7 @@ class Gateway:
         self.m_anomalies = m.counter(
             "tokenhub_usage_anomalies_total",
             "Upstream usage blocks not believed (the meter's count billed instead), by model "
-            "and kind (tokenhub.server.usage_check).",
+            "and kind (tokenhub.gateway.usage_check).",
         )
         m.on_collect(self.fold_metrics)
         if limits is not None:
@@ -648,7 +648,7 @@ class Gateway:
         prompt_tokens: int,
         finish: _Finish,
     ) -> None:
-        """Reserves the request's worst case on its tenant's contracts (tokenhub.server.
+        """Reserves the request's worst case on its tenant's contracts (tokenhub.gateway.
         contracts) or answers 429 insufficient_quota. A stream reserves its output a tranche
         at a time (`_relay_stream` takes more as tokens flow)."""
         assert self.contracts is not None
@@ -815,7 +815,7 @@ class Gateway:
 
     def _take_usage(self, usage: Any, event: UsageEvent, bounds: usage_check.Bounds | None) -> bool:
         """Records the upstream's usage on the event when it is plausible for what the request
-        allowed (tokenhub.server.usage_check). Else False: the event is flagged
+        allowed (tokenhub.gateway.usage_check). Else False: the event is flagged
         (`usage_anomaly`), counted in /metrics and written to the audit log, and the caller
         records the meter's count instead."""
         verdict = usage_check.check(usage, bounds or usage_check.Bounds(0, usage_check.MAX_TOKENS))

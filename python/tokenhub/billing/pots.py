@@ -70,8 +70,8 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
-from tokenhub.billing.db import Database, Tx
-from tokenhub.billing.money import convert, div_half_even, fmt, fmt_units, rate
+from tokenhub.db.database import Database, Tx
+from tokenhub.money import convert, div_half_even, fmt, fmt_units, rate
 from tokenhub.billing.service import (
     PPM,
     PRICE_COLS,

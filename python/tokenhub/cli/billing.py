@@ -37,7 +37,7 @@ from typing import Any
 
 import msgspec
 
-from tokenhub.admin_cli import (
+from tokenhub.cli.admin import (
     ENV_DB,
     AdminError,
     Command,
@@ -47,13 +47,13 @@ from tokenhub.admin_cli import (
     parse_time,
     print_table,
 )
-from tokenhub.billing import io_cli
+from tokenhub.cli import billing_io as io_cli
 from tokenhub.billing import ledger as L
 from tokenhub.billing import settler as Q
 from tokenhub.billing import statements as S
-from tokenhub.billing.db import DatabaseError, Tx, open_database
+from tokenhub.db.database import DatabaseError, Tx, open_database
 from tokenhub.billing.ledger import LedgerError
-from tokenhub.billing.money import (
+from tokenhub.money import (
     POINTS,
     TOKENS,
     MoneyError,
@@ -976,7 +976,7 @@ def cmd_billing_settle(args: argparse.Namespace) -> int:
             pots = None
             if args.quota:
                 from tokenhub.quota import Quota, QuotaFileError
-                from tokenhub.server.contracts import PotSync
+                from tokenhub.billing.pots import PotSync
 
                 try:
                     pots = PotSync(Quota.attach(args.quota), b.db)

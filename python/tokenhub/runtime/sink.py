@@ -50,11 +50,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
-from tokenhub.journal import Journal, JournalWriteError
+from tokenhub.runtime.journal import Journal, JournalWriteError
 from tokenhub.store import InsertResult, InvalidEvents, Store
 from tokenhub.usage import UsageEvent
 
-log = logging.getLogger("tokenhub.sink")
+log = logging.getLogger("tokenhub.runtime.sink")
 
 _REPLAYED = -1  # the ticket of replayed events (not in a live segment)
 

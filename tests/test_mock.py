@@ -23,13 +23,8 @@ from aiohttp.test_utils import TestServer
 from openai.types.chat import ChatCompletionMessageParam
 
 from tokenhub import Meter
-from tokenhub.mock_upstream import (
-    DEFAULT_MODELS,
-    MockOptions,
-    add_cli,
-    build_app,
-    options_from_args,
-)
+from tokenhub.cli.mock import add_cli, options_from_args
+from tokenhub.mock import DEFAULT_MODELS, MockOptions, build_app
 
 CHAT: list[ChatCompletionMessageParam] = [
     {"role": "system", "content": "You are a terse assistant."},
@@ -803,7 +798,7 @@ def test_cli_flags_map_to_options() -> None:
 
 def test_cli_serves_until_interrupted() -> None:
     with subprocess.Popen(
-        [sys.executable, "-m", "tokenhub.mock_upstream", "--port", "0"],
+        [sys.executable, "-m", "tokenhub.mock", "--port", "0"],
         stdout=subprocess.PIPE,
         text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},

@@ -525,7 +525,7 @@ def add_cli(sub: Any) -> None:
     )
     events.set_defaults(func=group_help(events))
     es = events.add_subparsers(dest="action", metavar="ACTION")
-    from tokenhub.billing import io_cli
+    from tokenhub.cli import billing_io as io_cli
 
     io_cli.add_commands(es, None)  # ingest
     p = es.add_parser(
@@ -564,7 +564,7 @@ def add_cli(sub: Any) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """The admin commands on their own (`python -m tokenhub.admin_cli ...`)."""
+    """The admin commands on their own (`python -m tokenhub.cli.admin ...`)."""
     parser = argparse.ArgumentParser(prog=PROG)
     add_cli(parser.add_subparsers(dest="command", metavar="COMMAND"))
     args = parser.parse_args(argv)

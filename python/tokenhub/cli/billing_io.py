@@ -8,7 +8,7 @@ group and `reconcile` and `export` to the `billing` group, each with `func` set 
 `admin_cli.add_cli`, after `es = events.add_subparsers(dest="action", metavar="ACTION")` and
 wherever the `billing` group's `bs = billing.add_subparsers(...)` is made:
 
-    from tokenhub.billing import io_cli
+    from tokenhub.cli import billing_io as io_cli
     io_cli.add_commands(es, bs)
 
 Either argument may be None to add only the other group's commands. Import this module lazily
@@ -36,9 +36,9 @@ from typing import IO, Any
 import msgspec
 
 from tokenhub.billing import io as bio
-from tokenhub.billing.db import Database, DatabaseError, open_database
+from tokenhub.db.database import Database, DatabaseError, open_database
 from tokenhub.billing.ledger import LedgerError
-from tokenhub.billing.money import MoneyError
+from tokenhub.money import MoneyError
 from tokenhub.store import DEFAULT_DATABASE, StoreError, database_path
 
 PROG = "tokenhub"

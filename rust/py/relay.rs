@@ -1,0 +1,114 @@
+//! `SseRelay`: the glue over `rust/relay`.
+
+use super::{PyMeter, DETACH_BYTES};
+use crate::relay::{SseScanner, DEFAULT_MAX_EVENT};
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyDict};
+use std::sync::Arc;
+
+/// One upstream event stream, scanned as it is relayed (see `rust/relay`).
+#[pyclass(module = "tokenhub._core", name = "SseRelay")]
+struct PySseRelay {
+    inner: SseScanner,
+}
+
+#[pymethods]
+impl PySseRelay {
+    #[new]
+    #[pyo3(signature = (keep_usage, meter=None, max_event=DEFAULT_MAX_EVENT))]
+    fn new(keep_usage: bool, meter: Option<Bound<'_, PyMeter>>, max_event: usize) -> Self {
+        let inner = match meter {
+            Some(m) => SseScanner::with_meter(keep_usage, Arc::clone(&m.get().inner), max_event),
+            None => SseScanner::new(keep_usage),
+        };
+        PySseRelay { inner }
+    }
+
+    /// Takes one upstream read; returns the whole events to forward (possibly empty). Raises
+    /// ValueError when an event grows past `max_event` bytes without ending.
+    fn feed<'py>(&mut self, py: Python<'py>, data: &[u8]) -> PyResult<Bound<'py, PyBytes>> {
+        let out = if data.len() < DETACH_BYTES {
+            self.inner.feed(data)
+        } else {
+            let inner = &mut self.inner;
+            py.detach(|| inner.feed(data))
+        };
+        match out {
+            Ok(out) => Ok(PyBytes::new(py, &out)),
+            Err(e) => Err(PyValueError::new_err(e.to_string())),
+        }
+    }
+
+    /// The upstream closed: the held-back rest as a last event, terminated (or empty).
+    fn finish<'py>(&mut self, py: Python<'py>) -> Bound<'py, PyBytes> {
+        PyBytes::new(py, &self.inner.finish())
+    }
+
+    /// The `[DONE]` event has been seen.
+    #[getter]
+    fn done(&self) -> bool {
+        self.inner.done()
+    }
+
+    /// A chunk with generated text (content, reasoning, tool call or legacy text) was seen.
+    #[getter]
+    fn first_token(&self) -> bool {
+        self.inner.first_token()
+    }
+
+    /// The data payload (JSON) of the last chunk that carried usage, if any.
+    #[getter]
+    fn usage<'py>(&self, py: Python<'py>) -> Option<Bound<'py, PyBytes>> {
+        self.inner.usage().map(|u| PyBytes::new(py, u))
+    }
+
+    /// A JSON object with the first chunk's id, object, created and model (those it has).
+    #[getter]
+    fn head<'py>(&self, py: Python<'py>) -> Option<Bound<'py, PyBytes>> {
+        self.inner.head().map(|h| PyBytes::new(py, h))
+    }
+
+    /// Output tokens so far, all choices together (0 without a meter).
+    #[getter]
+    fn output_tokens(&self) -> usize {
+        self.inner.output_tokens()
+    }
+
+    /// {choice index: output tokens so far} for each choice counted apart.
+    fn choice_tokens<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let d = PyDict::new(py);
+        for (index, tokens) in self.inner.choice_tokens() {
+            d.set_item(index, tokens)?;
+        }
+        Ok(d)
+    }
+
+    /// Without a meter, every data payload so far; with one, none are kept (empty).
+    fn payloads<'py>(&self, py: Python<'py>) -> Vec<Bound<'py, PyBytes>> {
+        self.inner.payloads().map(|p| PyBytes::new(py, p)).collect()
+    }
+
+    /// Whole events seen so far.
+    #[getter]
+    fn events(&self) -> u64 {
+        self.inner.events()
+    }
+
+    /// The client asked for usage, none came, and `[DONE]` was held back: the gateway sends a
+    /// usage chunk of its own, then `[DONE]`.
+    #[getter]
+    fn held_done(&self) -> bool {
+        self.inner.held_done()
+    }
+
+    /// Bytes held back until their event's blank line arrives.
+    #[getter]
+    fn pending(&self) -> usize {
+        self.inner.pending()
+    }
+}
+
+pub(super) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<PySseRelay>()
+}
