@@ -88,8 +88,8 @@ def prepare(db: Path, billing: bool, admission: bool) -> str:
     finally:
         store.close()
     if billing:
-        from tokenhub.db.database import open_database
         from tokenhub.billing.service import Billing
+        from tokenhub.db.database import open_database
 
         async def fund() -> None:
             d = await open_database(str(db))

@@ -74,8 +74,8 @@ DEFAULT_CONNECTIONS = (1, 16, 64, 256)
 SETTLE_S = 0.3  # after each load run: in-flight requests finish, CPU counters go quiet
 LEDGER_WAIT_S = 10.0  # longest wait for the sink to commit a run's events
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-# Listen backlog of the mock and the bare proxy, as tokenhub's own listener (run.py). aiohttp's
-# default of 128 overflows when 256 connections open at once: the kernel then drops the
+# Listen backlog of the mock and the bare proxy, as tokenhub's own listener (runtime/serve.py).
+# aiohttp's default of 128 overflows when 256 connections open at once: the kernel then drops the
 # handshake's last ACK, and those requests wait 1-3 s for the SYN-ACK to be retransmitted.
 LISTEN_BACKLOG = 4096
 
@@ -159,9 +159,9 @@ def serve_mock(port: int) -> None:
     import uvloop
     from aiohttp import web
 
-    from tokenhub import mock as mock_upstream
+    from tokenhub import mock
 
-    app = mock_upstream.build_app(mock_upstream.MockOptions())
+    app = mock.build_app(mock.MockOptions())
 
     async def main() -> None:
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
@@ -727,7 +727,7 @@ def pick_cpus() -> tuple[str, str, str]:
 
 def tokenhub_argv() -> list[str]:
     exe = Path(sys.executable).with_name("tokenhub")
-    return [str(exe)] if exe.exists() else [sys.executable, "-m", "tokenhub.cli"]
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "tokenhub"]
 
 
 def write_config(path: Path, port: int, mock_port: int, db: str) -> None:

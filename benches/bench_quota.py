@@ -434,8 +434,8 @@ def contracts_latency(samples: int) -> dict[str, dict[str, float]]:
     and reserving it, and the settle that charges the actual usage back."""
     from decimal import Decimal
 
-    from tokenhub.billing.service import Lot, Price, Profile
     from tokenhub.billing.pots import Contracts, Terms, lot_pot, money_pot, new_epoch
+    from tokenhub.billing.service import Lot, Price, Profile
 
     q = Quota.anonymous(accounts=64, reservations=1024)
     new_epoch(q)

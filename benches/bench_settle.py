@@ -49,8 +49,8 @@ from pathlib import Path
 from typing import Any
 
 from tokenhub.billing import ledger as L
-from tokenhub.db.database import Database, PgDatabase, open_database
 from tokenhub.billing.service import Billing
+from tokenhub.db.database import Database, PgDatabase, open_database
 from tokenhub.usage import UsageEvent
 
 NANOS = 10**9

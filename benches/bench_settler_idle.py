@@ -44,10 +44,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from tokenhub.db.database import Database, Tx, open_database
 from tokenhub.billing.io import store_events
 from tokenhub.billing.service import Billing
 from tokenhub.billing.settler import settle_pending
+from tokenhub.db.database import Database, Tx, open_database
 from tokenhub.usage import UsageEvent
 
 T0 = 1_790_000_000_000  # 2026-09: the history's first event

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from test_admin_cli import run
+from test_cli_admin import run
 
 from tokenhub.store import Limits
 from tokenhub.store.sqlite import SQLiteStore
@@ -52,7 +52,7 @@ def test_key_limits(capsys: pytest.CaptureFixture[str], db: str) -> None:
         assert s.get_limits("key", key_id) == Limits() and s.all_limits() == []
 
     code, _, err = run(capsys, "keys", "limit", "key_ffffffffffff", "--rpm", "1", "--db", db)
-    assert (code, err) == (1, "tokenhub: error: no API key 'key_ffffffffffff'\n")
+    assert (code, err) == (2, "tokenhub: error: no API key 'key_ffffffffffff'\n")
 
 
 def test_tenant_limits(capsys: pytest.CaptureFixture[str], db: str) -> None:
@@ -73,10 +73,10 @@ def test_tenant_limits(capsys: pytest.CaptureFixture[str], db: str) -> None:
     assert (code, out) == (0, "tenant 'acme' limits: rpm=60 tokens_per_day=100000 "
                               "strong_share_pct=30\n")  # fmt: skip
     code, _, err = run(capsys, "tenants", "limit", "acme", "--strong-share-pct", "101", "--db", db)
-    assert (code, err) == (1, "tokenhub: error: strong_share_pct is a percentage, 0 to 100 "
+    assert (code, err) == (2, "tokenhub: error: strong_share_pct is a percentage, 0 to 100 "
                               "(got 101)\n")  # fmt: skip
     code, _, err = run(capsys, "tenants", "limit", "nope", "--rpm", "1", "--db", db)
-    assert (code, err) == (1, "tokenhub: error: no tenant 'nope'\n")
+    assert (code, err) == (2, "tokenhub: error: no tenant 'nope'\n")
 
 
 @pytest.mark.parametrize(

@@ -20,8 +20,8 @@ import msgspec
 import pytest
 
 from tokenhub import cli
-from tokenhub.cli import billing as billing_cli
 from tokenhub.billing.settler import event_from_row
+from tokenhub.cli import billing as billing_cli
 from tokenhub.store.sqlite import SQLiteStore
 from tokenhub.usage import BILLED_FIELDS, EVENT_FIELDS, UsageEvent
 
@@ -665,12 +665,12 @@ def test_group_and_command_help(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_real_process(tmp_path: Path) -> None:
-    """As a user runs it: `python -m tokenhub.cli`, exit statuses, one-line errors."""
+    """As a user runs it: `python -m tokenhub`, exit statuses, one-line errors."""
     db = str(tmp_path / "p.db")
 
     def run(*argv: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [sys.executable, "-m", "tokenhub.cli", *argv, "--db", db],
+            [sys.executable, "-m", "tokenhub", *argv, "--db", db],
             capture_output=True, text=True, timeout=120, check=False,
         )  # fmt: skip
 
@@ -689,7 +689,7 @@ def test_real_process(tmp_path: Path) -> None:
     r = run("billing", "check")
     assert r.returncode == 0 and r.stdout.startswith("ledger OK: 1 transactions, 2 postings")
     r = subprocess.run(
-        [sys.executable, "-m", "tokenhub.cli", "wallet", "show", "acme", "--db",
+        [sys.executable, "-m", "tokenhub", "wallet", "show", "acme", "--db",
          "mysql://x/y"], capture_output=True, text=True, timeout=120, check=False,
     )  # fmt: skip
     assert r.returncode == 2 and "Traceback" not in r.stderr

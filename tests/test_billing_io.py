@@ -1,4 +1,4 @@
-"""CloudEvents ingest, provider reconciliation and exports (tokenhub.billing.io and io_cli),
+"""CloudEvents ingest, provider reconciliation and exports (tokenhub.billing.io and billing_io),
 through the commands on real files and databases: SQLite, and PostgreSQL when there is one."""
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from typing import Any, TypeVar
 import pytest
 
 from tokenhub.billing import io as bio
-from tokenhub.cli import billing_io as io_cli
-from tokenhub.db.database import Tx, open_database
 from tokenhub.billing.service import Billing
+from tokenhub.cli import billing_io
+from tokenhub.db.database import Tx, open_database
 from tokenhub.usage import BILLED_FIELDS, UsageEvent
 
 T = TypeVar("T")
@@ -64,7 +64,7 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command")
     es = sub.add_parser("events").add_subparsers(dest="action")
     bs = sub.add_parser("billing").add_subparsers(dest="action")
-    io_cli.add_commands(es, bs)
+    billing_io.add_commands(es, bs)
     return p
 
 
@@ -353,7 +353,8 @@ def test_ingest_text_output_and_exit_status(
         (5,)
     ]
     code, _, err = run(capsys, "events", "ingest", str(tmp_path / "nope.jsonl"), "--db", url)
-    assert code == 2 and err.startswith("tokenhub: error: ") and "nope.jsonl" in err
+    # A file that cannot be read failed (1); what is refused as given is 2.
+    assert code == 1 and err.startswith("tokenhub: error: ") and "nope.jsonl" in err
 
 
 def test_ingest_progress(tmp_path: Path) -> None:

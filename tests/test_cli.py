@@ -28,8 +28,11 @@ def run(*args: str, stdin: bytes = b"") -> subprocess.CompletedProcess[str]:
     )
 
 
-def assert_one_line_error(proc: subprocess.CompletedProcess[str], *needles: str) -> None:
-    assert proc.returncode == 1, proc
+def assert_one_line_error(
+    proc: subprocess.CompletedProcess[str], *needles: str, status: int = 1
+) -> None:
+    """One line on stderr; exit status 1 (failed) or 2 (refused as given: `status=2`)."""
+    assert proc.returncode == status, proc
     assert proc.stdout == ""
     lines = proc.stderr.splitlines()
     assert len(lines) == 1, proc.stderr
@@ -156,22 +159,22 @@ def test_directory_instead_of_file(tmp_path):
 
 def test_unknown_vocabulary(files):
     proc = run("count", "--vocab", "gpt-9", str(files["english"]))
-    assert_one_line_error(proc, "gpt-9", *vocabs.VOCABS)
+    assert_one_line_error(proc, "gpt-9", *vocabs.VOCABS, status=2)
 
 
 def test_unknown_vocabulary_in_a_list(files):
     proc = run("count", "--vocab", "qwen,nope", str(files["english"]))
-    assert_one_line_error(proc, "nope")
+    assert_one_line_error(proc, "nope", status=2)
 
 
 def test_non_utf8_file(files):
     proc = run("count", "--vocab", "cl100k_base", str(files["latin1"]))
-    assert_one_line_error(proc, str(files["latin1"]), "UTF-8")
+    assert_one_line_error(proc, str(files["latin1"]), "UTF-8", status=2)
 
 
 def test_non_utf8_stdin():
     proc = run("count", "--vocab", "cl100k_base", stdin=b"ok \xff\xfe bad")
-    assert_one_line_error(proc, "UTF-8")
+    assert_one_line_error(proc, "UTF-8", status=2)
 
 
 def test_help():

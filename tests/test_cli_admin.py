@@ -14,14 +14,14 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from tokenhub.cli import admin as admin_cli
+from tokenhub.cli import admin
 from tokenhub.store.sqlite import SQLiteStore
 from tokenhub.usage import EVENT_FIELDS, UsageEvent
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tokenhub")
-    admin_cli.add_cli(p.add_subparsers(dest="command", metavar="COMMAND"))
+    admin.add_cli(p.add_subparsers(dest="command", metavar="COMMAND"))
     return p
 
 
@@ -57,13 +57,13 @@ def db(tmp_path: Path) -> str:
 
 def test_tenants(capsys: pytest.CaptureFixture[str], db: str) -> None:
     code, out, err = run(capsys, "tenants", "list", "--db", db)
-    assert code == 1 and err == f"tokenhub: error: no database at '{db}'\n"
+    assert code == 2 and err == f"tokenhub: error: no database at '{db}'\n"
     code, out, _ = run(capsys, "tenants", "create", "acme", "--db", db)
     assert code == 0 and out.startswith("created tenant 'acme' (ten_")
     code, _, err = run(capsys, "tenants", "create", "acme", "--db", db)
-    assert (code, err) == (1, "tokenhub: error: tenant 'acme' already exists\n")
+    assert (code, err) == (2, "tokenhub: error: tenant 'acme' already exists\n")
     code, _, err = run(capsys, "tenants", "create", "bad name", "--db", db)
-    assert code == 1 and err.startswith("tokenhub: error: invalid tenant name 'bad name'")
+    assert code == 2 and err.startswith("tokenhub: error: invalid tenant name 'bad name'")
     assert err.count("\n") == 1
     run(capsys, "keys", "create", "--tenant", "acme", "--db", db)
     code, out, _ = run(capsys, "tenants", "list", "--db", db)
@@ -105,16 +105,16 @@ def test_keys(capsys: pytest.CaptureFixture[str], db: str) -> None:
     code, out, _ = run(capsys, "keys", "list", "--tenant", "acme", "--json", "--db", db)
     assert {k["id"] for k in json.loads(out)} == {key_id, created["id"]}
     code, _, err = run(capsys, "keys", "list", "--tenant", "nope", "--db", db)
-    assert (code, err) == (1, "tokenhub: error: no tenant 'nope'\n")
+    assert (code, err) == (2, "tokenhub: error: no tenant 'nope'\n")
     code, _, err = run(capsys, "keys", "create", "--tenant", "nope", "--db", db)
-    assert (code, err) == (1, "tokenhub: error: no tenant 'nope'\n")
+    assert (code, err) == (2, "tokenhub: error: no tenant 'nope'\n")
 
     code, out, _ = run(capsys, "keys", "revoke", key_id, "--db", db)
     assert code == 0 and out.startswith(f"revoked API key {key_id} (tenant 'acme'")
     code, _, err = run(capsys, "keys", "revoke", key_id, "--db", db)
-    assert (code, err) == (1, f"tokenhub: error: API key '{key_id}' is already revoked\n")
+    assert (code, err) == (2, f"tokenhub: error: API key '{key_id}' is already revoked\n")
     code, _, err = run(capsys, "keys", "revoke", "key_ffffffffffff", "--db", db)
-    assert (code, err) == (1, "tokenhub: error: no API key 'key_ffffffffffff'\n")
+    assert (code, err) == (2, "tokenhub: error: no API key 'key_ffffffffffff'\n")
     code, out, _ = run(capsys, "keys", "list", "--db", db)
     [row] = [line for line in out.splitlines() if line.startswith(key_id)]
     assert row.split()[-2].endswith("Z") and row.split()[-1] == "-"  # revoked, no limits
@@ -193,11 +193,11 @@ def test_export_time_forms(capsys: pytest.CaptureFixture[str], filled: str) -> N
     assert ids("--until", "2025-01-01T03:30+02:00") == ["req_0000", "req_0001"]
     assert ids("--since", "2025-01-02T22:00") == ["req_0046", "req_0047"]  # naive: UTC
     code, _, err = run(capsys, "events", "export", "--format", "csv", "--since", "yesterday")
-    assert code == 1 and err.startswith("tokenhub: error: bad time 'yesterday'")
+    assert code == 2 and err.startswith("tokenhub: error: bad time 'yesterday'")
     code, _, err = run(
         capsys, "events", "export", "--format", "csv", "--since", "2", "--until", "1"
     )
-    assert (code, err) == (1, "tokenhub: error: --until must be later than --since\n")
+    assert (code, err) == (2, "tokenhub: error: --until must be later than --since\n")
 
 
 def test_export_to_file(capsys: pytest.CaptureFixture[str], filled: str, tmp_path: Path) -> None:
@@ -223,7 +223,7 @@ def test_export_streams() -> None:
         assert written.getvalue().count(b"\n") == 2  # both rows are out already
         yield event(2)
 
-    assert admin_cli.write_jsonl(events(), written) == 3
+    assert admin.write_jsonl(events(), written) == 3
 
 
 def test_group_commands_show_help(capsys: pytest.CaptureFixture[str]) -> None:
@@ -262,7 +262,7 @@ def test_real_process(tmp_path: Path) -> None:
     r = cli("keys", "revoke", key["id"], "--db", db)
     assert r.returncode == 0 and key["secret"] not in r.stdout + r.stderr
     r = cli("keys", "revoke", key["id"], "--db", db)
-    assert r.returncode == 1
+    assert r.returncode == 2
     assert r.stderr == f"tokenhub: error: API key '{key['id']}' is already revoked\n"
     r = cli("events", "export", "--format", "csv", "--db", db)
     assert (r.returncode, r.stdout) == (0, ",".join(EVENT_FIELDS) + "\n")

@@ -8,9 +8,6 @@ from decimal import Decimal
 
 import pytest
 
-from tokenhub.money import convert, rate
-from tokenhub.billing.service import Lot, Price, Profile
-from tokenhub.quota import Quota
 from tokenhub.billing.pots import (
     Contracts,
     Draw,
@@ -26,6 +23,9 @@ from tokenhub.billing.pots import (
     plan,
     replay,
 )
+from tokenhub.billing.service import Lot, Price, Profile
+from tokenhub.money import convert, rate
+from tokenhub.quota import Quota
 from tokenhub.usage import UsageEvent
 
 T = "acme"

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import pytest
 
-from tokenhub.quota import Quota
 from tokenhub.gateway.guard import (
     MIN_BASELINE_TPM,
     SAMPLE_S,
@@ -15,6 +14,7 @@ from tokenhub.gateway.guard import (
     Guard,
     GuardConfig,
 )
+from tokenhub.quota import Quota
 
 
 def steady(g: Guard, key: str, tpm: float, seconds: float, t0: float, tenant: str = "t") -> float:

@@ -16,6 +16,7 @@ import msgspec
 import pytest
 from factories import usage_event
 
+from tokenhub.db.schema import MIGRATIONS
 from tokenhub.store import (
     AlreadyExists,
     InvalidEvents,
@@ -24,7 +25,6 @@ from tokenhub.store import (
     database_path,
     open_store,
 )
-from tokenhub.db.schema import MIGRATIONS
 from tokenhub.store.sqlite import SQLiteStore
 from tokenhub.usage import UsageEvent
 

@@ -309,7 +309,9 @@ def validate(cfg: Config, *, environ: dict[str, str] | None = None) -> Config:
 
 def _check_egress(src: str, where: str, p: Provider, env: Mapping[str, str]) -> None:
     """ca_file loads, and the proxy (configured or from the environment) is one we can use."""
-    from tokenhub.gateway.providers import http as upstream_http  # late: keeps `import tokenhub.config` light
+    from tokenhub.gateway.providers import (
+        http as upstream_http,  # late: keeps `import tokenhub.config` light
+    )
 
     if p.ca_file:
         if not p.base_url.startswith("https://"):

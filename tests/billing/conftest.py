@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from tokenhub.db.database import open_database
 from tokenhub.billing.service import Billing
+from tokenhub.db.database import open_database
 
 
 @pytest.fixture(

@@ -8,8 +8,8 @@ from typing import Any
 
 from tokenhub.billing import ledger as L
 from tokenhub.billing import statements
-from tokenhub.db.database import Database, Tx
 from tokenhub.billing.service import Billing
+from tokenhub.db.database import Database, Tx
 from tokenhub.usage import UsageEvent
 
 _seq = itertools.count()

@@ -14,8 +14,8 @@ import json
 import sys
 import time
 
-from tokenhub.db.database import open_database
 from tokenhub.billing.service import Billing
+from tokenhub.db.database import open_database
 from tokenhub.usage import UsageEvent
 
 TENANT = "shared"

@@ -21,9 +21,9 @@ from ledger_kit import closing, ms, opening, statement, tx, usage
 
 from tokenhub.billing import ledger as L
 from tokenhub.billing import statements
-from tokenhub.db.database import Database, PgDatabase, open_database
 from tokenhub.billing.ledger import InsufficientFunds
 from tokenhub.billing.service import Billing, BillingError
+from tokenhub.db.database import Database, PgDatabase, open_database
 
 HERE = Path(__file__).parent
 NANOS = 10**9

@@ -36,9 +36,9 @@ from hypothesis.stateful import (
 from ledger_kit import ms, statement
 
 from tokenhub.billing import ledger as L
-from tokenhub.db.database import open_database
 from tokenhub.billing.ledger import InsufficientFunds, period_of
 from tokenhub.billing.service import Billing, BillingError
+from tokenhub.db.database import open_database
 from tokenhub.usage import UsageEvent
 
 NANOS = 10**9

@@ -6,8 +6,8 @@ import pytest
 from ledger_kit import balance, ms, statement, usage
 
 from tokenhub.billing import ledger as L
-from tokenhub.money import NANOS, rate
 from tokenhub.billing.service import Billing, BillingError
+from tokenhub.money import NANOS, rate
 
 IN, OUT = 150_000_000, 600_000_000  # 0.15 / 0.60 USD per 1M tokens, in nanos
 

@@ -15,10 +15,10 @@ from ledger_kit import ms, usage
 from tokenhub import cli
 from tokenhub.billing import io as bio
 from tokenhub.billing import settler as Q
-from tokenhub.db.database import open_database
-from tokenhub.money import MAX_AMOUNT, AmountRangeError, convert, rate
 from tokenhub.billing.service import Billing
 from tokenhub.billing.settler import settle_pending
+from tokenhub.db.database import open_database
+from tokenhub.money import MAX_AMOUNT, AmountRangeError, convert, rate
 from tokenhub.usage import MAX_TOKENS, UsageEvent
 
 TS = ms(2026, 11, 3)

@@ -12,10 +12,10 @@ from typing import Any
 
 from ledger_kit import ms, usage
 
-from tokenhub.db.database import Database, Tx, open_database
 from tokenhub.billing.io import store_events
 from tokenhub.billing.service import Billing
 from tokenhub.billing.settler import settle_pending
+from tokenhub.db.database import Database, Tx, open_database
 from tokenhub.db.schema import CREATE_MIGRATIONS_TABLE, MIGRATIONS
 from tokenhub.usage import UsageEvent
 

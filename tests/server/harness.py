@@ -8,9 +8,10 @@ A `Hub` runs, in one background thread with its own (uvloop) event loop:
   byte, for disconnects before the first chunk);
 - a small scripted upstream whose usage blocks are fixed per model (explicit zero usage, cached
   tokens in OpenAI's and DeepSeek's spelling), which the mock cannot produce;
-- the gateway, wired exactly as `tokenhub.runtime.serve.serve()` wires it: SQLite store, journal,
-  `UsageSink`, `KeyCache`, `create_app`, `GatewayRunner(handler_cancellation=False)` on a
-  SO_REUSEPORT socket (a test may swap the journal for a subclass, e.g. a stalling disk).
+- the gateway, built by the composition root `tokenhub serve` uses
+  (`tokenhub.runtime.resources.build_app` and `build_runner`) on a SQLite store, a journal and
+  an anonymous quota table, served on a SO_REUSEPORT socket (a test may swap the journal for a
+  subclass, e.g. a stalling disk).
 
 Because the servers have their own loop, the test thread can use the official synchronous
 `openai.OpenAI` client, and async tests can use `openai.AsyncOpenAI` on theirs.
@@ -24,7 +25,7 @@ import socket
 import threading
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -34,16 +35,14 @@ import uvloop
 from aiohttp import web
 
 from tokenhub.config import Config, from_mapping
-from tokenhub.runtime.journal import Journal
-from tokenhub.mock import MockOptions, build_app
-from tokenhub.quota import Quota
-from tokenhub.gateway.app import create_app
-from tokenhub.gateway.auth import KeyCache
-from tokenhub.gateway.limits import LimitSync
-from tokenhub.gateway.protocol import ConnectionLimits, GatewayRunner
-from tokenhub.runtime.serve import _reuse_port_socket
 from tokenhub.gateway.state import GATEWAY
-from tokenhub.runtime.sink import UsageSink
+from tokenhub.mock import MockOptions
+from tokenhub.mock import build_app as mock_app
+from tokenhub.quota import Quota
+from tokenhub.runtime.journal import Journal
+from tokenhub.runtime.resources import RESOURCES, build_app, build_runner
+from tokenhub.runtime.serve import reuse_port_socket
+from tokenhub.runtime.shared import SharedState
 from tokenhub.store import Store, open_store
 from tokenhub.usage import UsageEvent
 
@@ -312,7 +311,7 @@ class Hub:
 
     async def _start(self) -> None:
         for name, options in MOCKS.items():
-            runner, base = await _serve(build_app(options), handler_cancellation=False)
+            runner, base = await _serve(mock_app(options), handler_cancellation=False)
             self._runners.append(runner)
             self.mock_base[name] = base
         runner, scripted = await _serve(scripted_app())
@@ -327,39 +326,23 @@ class Hub:
         await self._start_gateway()
 
     async def _start_gateway(self) -> None:
-        # As tokenhub.runtime.serve.serve() does it (the store is opened in __init__).
+        # Through the composition root `tokenhub serve` uses (the store is opened in __init__).
         cfg = self.config
         self.journal = self.journal_cls(cfg.server.journal_dir)
-        self.sink = UsageSink(self.store, self.journal)
-        self.keys = KeyCache(self.store.key_digests, self.store.change_marker, refresh_s=0.2)
-        # An anonymous table: one process, so nothing needs to attach it.
-        self.quota = Quota.anonymous()
-        self.limits = LimitSync(
-            self.quota, self.store.all_limits, self.store.change_marker, refresh_s=0.2
-        )
-        sink, keys, limits = self.sink, self.keys, self.limits
-
-        async def lifecycle(app: web.Application) -> AsyncIterator[None]:
-            await sink.start()
-            await keys.start()
-            await limits.start()
-            yield
-            await limits.close()
-            await keys.close()
-            await sink.close()
-
-        app = create_app(cfg, keys=keys, sink=sink, limits=limits, extra_cleanup=[lifecycle])
+        # An anonymous quota table: one process, so nothing needs to attach it.
+        app = build_app(
+            cfg, SharedState(), None, store=self.store, journal=self.journal,
+            quota=Quota.anonymous(),
+        )  # fmt: skip
+        res = app[RESOURCES]
+        self.sink, self.keys = res.sink, res.keys
+        assert res.quota is not None and res.limits is not None
+        self.quota, self.limits = res.quota, res.limits
         self.gateway = app[GATEWAY]
         # shutdown_timeout only bounds the teardown of a test run.
-        self.gateway_runner = GatewayRunner(
-            app,
-            ConnectionLimits(),  # the [server] defaults
-            access_log=None,
-            handler_cancellation=False,
-            shutdown_timeout=5.0,
-        )
+        self.gateway_runner = build_runner(app, cfg, shutdown_timeout=5.0)
         await self.gateway_runner.setup()
-        sock = _reuse_port_socket("127.0.0.1", 0)
+        sock = reuse_port_socket("127.0.0.1", 0)
         await web.SockSite(self.gateway_runner, sock).start()
         self.port = int(sock.getsockname()[1])
         self.base = f"http://127.0.0.1:{self.port}"

@@ -24,13 +24,13 @@ import pytest
 from harness import free_port, http_json, wait_until
 from procs import Proc, Procs, admitted_and_refused, children, fire, mock_process, write_config
 
-from tokenhub.db.database import open_database
 from tokenhub.billing.ledger import balances
-from tokenhub.money import rate
-from tokenhub.billing.service import Billing
-from tokenhub.meter import Meter
-from tokenhub.quota import Quota
 from tokenhub.billing.pots import money_pot
+from tokenhub.billing.service import Billing
+from tokenhub.db.database import open_database
+from tokenhub.meter import Meter
+from tokenhub.money import rate
+from tokenhub.quota import Quota
 from tokenhub.store import Store, open_store
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="SO_REUSEPORT balancing, /proc")
@@ -106,6 +106,10 @@ def site(tmp_path: Path, mock: str) -> Iterator[Site]:
         store.close()
 
 
+# How the server starts its settler: the billing package's daemon, never the CLI.
+SETTLER = b"-m\x00tokenhub.billing.settler\x00"
+
+
 def _serve(site: Site, procs: Procs, workers: int = 1) -> Proc:
     args = ["serve", "--config", str(site.config)]
     if workers > 1:
@@ -115,7 +119,7 @@ def _serve(site: Site, procs: Procs, workers: int = 1) -> Proc:
     # The settler runs in a process of its own, a child of the serving process (worker 1).
     serving = children(gw.pid) if workers > 1 else [gw.pid]
     assert len(serving) == workers
-    settlers = [c for c in children(serving[0]) if b"billing\x00settle" in _cmdline(c)]
+    settlers = [c for c in children(serving[0]) if SETTLER in _cmdline(c)]
     assert len(settlers) == 1, [_cmdline(c) for c in children(serving[0])]
     assert b"--quota" in _cmdline(settlers[0])
     # The database (a PostgreSQL URL may carry a password) is not on its command line.
@@ -332,7 +336,7 @@ def test_the_settler_process_is_restarted_and_follows_its_server(site: Site, pro
     gw = _serve(site, procs)
 
     def settlers() -> list[int]:
-        return [c for c in children(gw.pid) if b"billing\x00settle" in _cmdline(c)]
+        return [c for c in children(gw.pid) if SETTLER in _cmdline(c)]
 
     (first,) = settlers()
     os.kill(first, signal.SIGKILL)

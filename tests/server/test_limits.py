@@ -17,8 +17,8 @@ import openai
 import pytest
 from harness import IGNORE_REQUEST_KEY_WARNING, Hub, wait_until
 
-from tokenhub.quota import Quota
 from tokenhub.gateway.limits import DAY_ACCOUNT, LimitSync
+from tokenhub.quota import Quota
 
 pytestmark = IGNORE_REQUEST_KEY_WARNING
 

@@ -27,8 +27,8 @@ from openai.types.chat import ChatCompletionMessageParam
 from procs import Proc, Procs, no_traceback
 
 from tokenhub.config import ConfigError, from_mapping
-from tokenhub.mock import MockOptions, build_app
 from tokenhub.gateway.providers.http import ClientProxyConnectionError, Pool, TLSError, find_proxy
+from tokenhub.mock import MockOptions, build_app
 from tokenhub.store import open_store
 
 MESSAGES: list[ChatCompletionMessageParam] = [

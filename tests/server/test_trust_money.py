@@ -32,13 +32,13 @@ from aiohttp import web
 from harness import LoopThread, _serve, free_port, wait_until
 from procs import Proc, Procs
 
-from tokenhub.db.database import open_database
 from tokenhub.billing.ledger import balances
-from tokenhub.money import rate
-from tokenhub.billing.service import Billing
-from tokenhub.meter import Meter
-from tokenhub.quota import Quota
 from tokenhub.billing.pots import TRANCHE, money_pot
+from tokenhub.billing.service import Billing
+from tokenhub.db.database import open_database
+from tokenhub.meter import Meter
+from tokenhub.money import rate
+from tokenhub.quota import Quota
 from tokenhub.store import Store, open_store
 from tokenhub.usage import UsageEvent
 

@@ -293,8 +293,8 @@ async def test_a_daily_budget_starts_despite_absurd_usage_in_the_database(tmp_pa
     not stop the server from starting, nor wrap the tenant's budget back to "unused"."""
     import time
 
-    from tokenhub.quota import Quota
     from tokenhub.gateway.limits import LimitSync
+    from tokenhub.quota import Quota
     from tokenhub.store import open_store
 
     store = open_store(str(tmp_path / "t.db"))

@@ -2,7 +2,8 @@
 own token counts, and exports (the event log with its settlements; a FOCUS cost export).
 
 Everything here talks to the database through `tokenhub.db.database` (SQLite or PostgreSQL, the
-same migrations), so it runs wherever the ledger runs. The command line is in `io_cli`.
+same migrations), so it runs wherever the ledger runs. The command line is in
+`tokenhub.cli.billing_io`.
 
 **Ingest** (`ingest`): one CloudEvents 1.0 JSON object per line (structured mode). The
 envelope must have `specversion` "1.0", `id`, `source`, `type`, `time` (RFC 3339 with an
@@ -78,10 +79,10 @@ from typing import IO, Annotated, Any, Literal, TypeVar
 
 import msgspec
 
-from tokenhub.db.database import Database, Row, Tx
 from tokenhub.billing.ledger import LedgerError, period_bounds
-from tokenhub.money import POINTS, TOKENS, allocate, convert, decimal_str, rate
 from tokenhub.billing.service import Billing, BillingError
+from tokenhub.db.database import Database, Row, Tx
+from tokenhub.money import POINTS, TOKENS, allocate, convert, decimal_str, rate
 from tokenhub.usage import BILLED_FIELDS, EVENT_FIELDS, MAX_TOKENS, UsageEvent
 
 T = TypeVar("T")

@@ -35,7 +35,7 @@ what is left.
 
 **Keeping the pots equal to the ledger.** Each pot's limit is the ledger's available balance;
 its `used` is what the gateway charged and the ledger has not posted yet. Only the server's
-settler (`tokenhub billing settle --follow --quota`, a process that worker 1 starts when
+settler (`python -m tokenhub.billing.settler --quota`, a process that worker 1 starts when
 `[billing] settle_interval_s` is set) writes pots, so the two never race:
 
 - after each settled batch it sets the batch's tenants' pot limits from the ledger, *then*
@@ -70,8 +70,6 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
-from tokenhub.db.database import Database, Tx
-from tokenhub.money import convert, div_half_even, fmt, fmt_units, rate
 from tokenhub.billing.service import (
     PPM,
     PRICE_COLS,
@@ -83,6 +81,8 @@ from tokenhub.billing.service import (
     price_in,
     profile_from_row,
 )
+from tokenhub.db.database import Database, Tx
+from tokenhub.money import convert, div_half_even, fmt, fmt_units, rate
 from tokenhub.quota import UNLIMITED, Quota, Refusal, Reservation
 from tokenhub.usage import UsageEvent
 

@@ -49,8 +49,8 @@ from typing import Any
 import msgspec
 
 from tokenhub.billing import ledger as L
-from tokenhub.db.database import Database, DatabaseError, Tx
 from tokenhub.billing.ledger import AccountSpec, Book, LedgerError, Txn
+from tokenhub.db.database import Database, DatabaseError, Tx
 from tokenhub.money import (
     NANOS,
     POINTS,

@@ -1,8 +1,11 @@
 """Settling the gateway's usage events: read what is not settled yet, settle it in batches.
 
 `settle_pending` is one pass (what `tokenhub billing settle` runs); `follow` repeats it every
-few seconds (`tokenhub billing settle --follow`, which `tokenhub serve` also starts as a process
-of its own when `[billing] settle_interval_s` is set, as the demo does).
+few seconds; `run_daemon` is the settle daemon around it (signals, the money pots, the parent
+watch, a last pass), which `python -m tokenhub.billing.settler` runs: `tokenhub serve` starts
+it as a process of its own when `[billing] settle_interval_s` is set, as the demo does
+(tokenhub.runtime.settler_proc), and `tokenhub billing settle --follow` runs the same loop in
+the foreground.
 
 Pending events are found through the partial index `usage_events_pending` (ts_ms, request_id)
 WHERE settled_ms IS NULL, which holds only the unsettled ones, read in export order with a
@@ -34,16 +37,18 @@ import collections
 import contextlib
 import json
 import logging
+import os
 import re
 import secrets
+import signal
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
-from tokenhub.db.database import Tx
 from tokenhub.billing.service import Billing, BillingError, _payload_hash
+from tokenhub.db.database import Tx
 from tokenhub.usage import EVENT_FIELDS, UsageEvent
 
 log = logging.getLogger("tokenhub.billing")
@@ -217,6 +222,112 @@ async def follow(
             await asyncio.wait_for(stop.wait(), interval_s)
 
 
+async def _watch_parent(parent: int, stop: asyncio.Event) -> None:
+    """A settler started by a server stops (after a last pass) once that server is gone."""
+    while not stop.is_set():
+        await asyncio.sleep(1.0)
+        if os.getppid() != parent:
+            stop.set()
+
+
+async def run_daemon(
+    billing: Billing,
+    *,
+    interval_s: float,
+    batch: int = 1000,
+    quota_path: str | None = None,
+    parent: int | None = None,
+    started: Callable[[], None] | None = None,
+) -> None:
+    """The settle daemon: `follow` until SIGINT/SIGTERM (or until process `parent` is no
+    longer this one's parent), then a last pass, so that what was served before the stop is
+    billed. With `quota_path` it also keeps that quota table's money pots equal to the ledger
+    (tokenhub.billing.pots.PotSync): what is pending is settled, and the pots published,
+    before the first interval, since a gateway's money admission waits for them.
+    QuotaFileError if `quota_path` is not a quota table; `started` is called once it is
+    attached."""
+    from tokenhub.billing.pots import PotSync
+    from tokenhub.quota import Quota
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    pots = PotSync(Quota.attach(quota_path), billing.db) if quota_path else None
+    if started is not None:
+        started()
+    on_batch = pots.after_batch if pots is not None else None
+    watch = asyncio.create_task(_watch_parent(parent, stop)) if parent else None
+    try:
+        if pots is not None:
+            await settle_pending(billing, batch=batch, on_batch=on_batch)
+            await pots.after_pass()
+        await follow(
+            billing,
+            interval_s=interval_s,
+            stop=stop,
+            batch=batch,
+            on_batch=on_batch,
+            after_pass=pots.after_pass if pots is not None else None,
+        )
+        await settle_pending(billing, batch=batch, on_batch=on_batch)
+    finally:
+        if watch is not None:
+            watch.cancel()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m tokenhub.billing.settler --interval S [--batch N] [--quota PATH]
+    [--parent PID]`: the settle daemon on the database in $TOKENHUB_DB (in the environment,
+    not on the command line, which any local user can read: a PostgreSQL URL may carry a
+    password). Exit status 0 once stopped, 1 when it failed, 2 when refused as given."""
+    import argparse
+    import os
+    import sys
+
+    from tokenhub.db.database import DatabaseError, open_database
+    from tokenhub.quota import QuotaFileError
+    from tokenhub.store import ENV_DB
+
+    prog = "python -m tokenhub.billing.settler"
+    parser = argparse.ArgumentParser(prog=prog, description=main.__doc__)
+    parser.add_argument("--interval", type=float, required=True, metavar="SECONDS")
+    parser.add_argument("--batch", type=int, default=1000, metavar="N")
+    parser.add_argument("--quota", metavar="PATH", help="the quota table's money pots to keep")
+    parser.add_argument("--parent", type=int, metavar="PID", help="stop when PID is gone")
+    args = parser.parse_args(argv)  # exits 2 on a bad option
+    url = os.environ.get(ENV_DB)
+    if not url or args.interval <= 0 or not 1 <= args.batch <= 100_000:
+        print(f"{prog}: error: needs ${ENV_DB}, --interval > 0 and --batch 1..100000",
+              file=sys.stderr)  # fmt: skip
+        return 2
+
+    async def run() -> None:
+        db = await open_database(url)
+        try:
+            await run_daemon(
+                Billing(db),
+                interval_s=args.interval,
+                batch=args.batch,
+                quota_path=args.quota,
+                parent=args.parent,
+            )
+        finally:
+            await db.close()
+
+    try:
+        asyncio.run(run())
+    except QuotaFileError as e:
+        print(f"{prog}: error: --quota: {e}", file=sys.stderr)
+        return 2
+    except DatabaseError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
 # -- quarantine -----------------------------------------------------------------------------
 
 
@@ -300,3 +411,7 @@ async def void(tx: Tx, ids: Sequence[str], memo: str = "") -> list[str]:
             json.dumps(details, sort_keys=True),
         )
     return [q.event_id for q in found]
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

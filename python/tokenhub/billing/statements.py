@@ -24,8 +24,8 @@ import time
 from collections import defaultdict
 from typing import Any
 
-from tokenhub.db.database import Tx
 from tokenhub.billing.ledger import LedgerError, lock_tenants, period_bounds
+from tokenhub.db.database import Tx
 from tokenhub.money import TOKENS, fmt, fmt_units
 from tokenhub.usage import BILLED_STATUSES
 

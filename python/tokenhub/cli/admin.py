@@ -22,18 +22,18 @@ from typing import IO, Any
 
 import msgspec
 
-from tokenhub.cli import quiet_broken_pipe
-from tokenhub.store import DEFAULT_DATABASE, ApiKey, Limits, Store, StoreError, open_store
+from tokenhub.cli import EXIT_FAILED, EXIT_REFUSED, Refused, quiet_broken_pipe
+from tokenhub.store import DEFAULT_DATABASE, ENV_DB, ApiKey, Limits, Store, StoreError, open_store
 from tokenhub.usage import EVENT_FIELDS, UsageEvent
 
 PROG = "tokenhub"
-ENV_DB = "TOKENHUB_DB"
 
 Command = Callable[[argparse.Namespace], int]
 
 
-class AdminError(Exception):
-    """A user error (bad argument): one line, exit status 1."""
+class AdminError(Refused):
+    """A value the command line gets wrong (a bad argument, a bad limit): one line, exit
+    status 2 (refused as given)."""
 
 
 class UsageError(AdminError):
@@ -41,17 +41,17 @@ class UsageError(AdminError):
 
 
 def _command(fn: Command) -> Command:
-    """Turn the errors a user can cause into `tokenhub: error: ...` and exit status 1."""
+    """Turn the errors a user can cause into `tokenhub: error: ...` and the exit status of the
+    table in tokenhub.cli: 2 for what is refused as given (a bad argument; the store refusing
+    a name, a key or a database as given), 1 for what failed (a file that cannot be written)."""
 
     @functools.wraps(fn)
     def run(args: argparse.Namespace) -> int:
-        status = 1
+        status = EXIT_FAILED
         try:
             return fn(args)
-        except UsageError as e:
-            msg, status = str(e), 2
         except (AdminError, StoreError) as e:
-            msg = str(e)
+            msg, status = str(e), EXIT_REFUSED
         except BrokenPipeError:  # `| head`: stop quietly, as other tools do
             return quiet_broken_pipe()
         except OSError as e:
@@ -525,9 +525,9 @@ def add_cli(sub: Any) -> None:
     )
     events.set_defaults(func=group_help(events))
     es = events.add_subparsers(dest="action", metavar="ACTION")
-    from tokenhub.cli import billing_io as io_cli
+    from tokenhub.cli import billing_io
 
-    io_cli.add_commands(es, None)  # ingest
+    billing_io.add_commands(es, None)  # ingest
     p = es.add_parser(
         "export",
         help="export usage events as JSON lines or CSV",

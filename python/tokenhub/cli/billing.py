@@ -25,7 +25,6 @@ import asyncio
 import json
 import os
 import re
-import signal
 import sys
 import time
 import tomllib
@@ -37,8 +36,23 @@ from typing import Any
 
 import msgspec
 
+from tokenhub.billing import ledger as L
+from tokenhub.billing import settler as Q
+from tokenhub.billing import statements as S
+from tokenhub.billing.ledger import LedgerError
+from tokenhub.billing.service import (
+    DRAW_ORDER,
+    PERIODS,
+    Billing,
+    Lot,
+    Plan,
+    Price,
+    Profile,
+    get_profile,
+)
+from tokenhub.billing.settler import SettleSummary, run_daemon, settle_pending
+from tokenhub.cli import EXIT_FAILED, EXIT_REFUSED, Refused, billing_io, quiet_broken_pipe
 from tokenhub.cli.admin import (
-    ENV_DB,
     AdminError,
     Command,
     db_url,
@@ -47,12 +61,8 @@ from tokenhub.cli.admin import (
     parse_time,
     print_table,
 )
-from tokenhub.cli import billing_io as io_cli
-from tokenhub.billing import ledger as L
-from tokenhub.billing import settler as Q
-from tokenhub.billing import statements as S
+from tokenhub.config import Config, ConfigError, Model
 from tokenhub.db.database import DatabaseError, Tx, open_database
-from tokenhub.billing.ledger import LedgerError
 from tokenhub.money import (
     POINTS,
     TOKENS,
@@ -64,19 +74,8 @@ from tokenhub.money import (
     parse_amount,
     parse_price,
 )
-from tokenhub.billing.service import (
-    DRAW_ORDER,
-    PERIODS,
-    Billing,
-    Lot,
-    Plan,
-    Price,
-    Profile,
-    get_profile,
-)
-from tokenhub.billing.settler import SettleSummary, follow, settle_pending
-from tokenhub.config import Config, ConfigError, Model
-from tokenhub.store import DEFAULT_DATABASE, StoreError, database_path
+from tokenhub.quota import QuotaFileError
+from tokenhub.store import DEFAULT_DATABASE, ENV_DB, StoreError, database_path
 from tokenhub.store.base import check_tenant_name
 
 PROG = "tokenhub"
@@ -105,7 +104,7 @@ DATES = (
 PERIOD = "A period is a calendar month in UTC: YYYY-MM."
 
 
-class UsageError(Exception):
+class UsageError(Refused):
     """A bad argument found by the command line itself (exit status 2)."""
 
 
@@ -138,12 +137,10 @@ def _command(fn: Command) -> Command:
                 check_tenant_name(args.tenant)
             return fn(args)
         except _BAD_INPUT as e:
-            status, msg = 2, str(e)
+            status, msg = EXIT_REFUSED, str(e)
         except DatabaseError as e:
-            status, msg = 1, str(e)
+            status, msg = EXIT_FAILED, str(e)
         except BrokenPipeError:  # `| head`: stop quietly, as other tools do
-            from tokenhub.cli import quiet_broken_pipe
-
             return quiet_broken_pipe()
         except OSError as e:
             status = 1
@@ -946,14 +943,6 @@ def cmd_billing_split(args: argparse.Namespace) -> int:
 # -- billing: settle ----------------------------------------------------------------------------
 
 
-async def _watch_parent(parent: int, stop: asyncio.Event) -> None:
-    """A settler started by a server stops (after a last pass) once that server is gone."""
-    while not stop.is_set():
-        await asyncio.sleep(1.0)
-        if os.getppid() != parent:
-            stop.set()
-
-
 PROGRESS_EVERY_S = 2.0  # a progress line on stderr at most this often
 
 
@@ -969,44 +958,23 @@ def cmd_billing_settle(args: argparse.Namespace) -> int:
 
     async def body(b: Billing) -> int:
         if args.follow is not None:
-            stop = asyncio.Event()
-            loop = asyncio.get_running_loop()
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.add_signal_handler(sig, stop.set)
-            pots = None
-            if args.quota:
-                from tokenhub.quota import Quota, QuotaFileError
-                from tokenhub.billing.pots import PotSync
 
-                try:
-                    pots = PotSync(Quota.attach(args.quota), b.db)
-                except QuotaFileError as e:
-                    raise UsageError(f"--quota: {e}") from None
-            if args.parent is None:
-                print(f"{PROG} billing settle: settling every {args.follow:g} s (Ctrl-C stops)",
-                      file=sys.stderr, flush=True)  # fmt: skip
-            watch = asyncio.create_task(_watch_parent(args.parent, stop)) if args.parent else None
-            if pots is not None:
-                # What is pending is settled, and the pots published, before the gateway
-                # admits against them (it waits for this).
-                await settle_pending(b, batch=args.batch, on_batch=pots.after_batch)
-                await pots.after_pass()
+            def started() -> None:
+                if args.parent is None:
+                    print(f"{PROG} billing settle: settling every {args.follow:g} s "
+                          "(Ctrl-C stops)", file=sys.stderr, flush=True)  # fmt: skip
+
             try:
-                await follow(
+                await run_daemon(
                     b,
                     interval_s=args.follow,
-                    stop=stop,
                     batch=args.batch,
-                    on_batch=pots.after_batch if pots is not None else None,
-                    after_pass=pots.after_pass if pots is not None else None,
+                    quota_path=args.quota,
+                    parent=args.parent,
+                    started=started,
                 )
-                # A last pass, so that what was served before the stop is billed.
-                await settle_pending(
-                    b, batch=args.batch, on_batch=pots.after_batch if pots is not None else None
-                )
-            finally:
-                if watch is not None:
-                    watch.cancel()
+            except QuotaFileError as e:
+                raise UsageError(f"--quota: {e}") from None
             return 0
         last = [time.monotonic()]
 
@@ -1607,7 +1575,7 @@ def _add_billing(sub: Any) -> None:
         "and a consistency check. Exit status: 0 done, 2 refused as given (nothing changed), "
         "1 operational failure.",
     )
-    io_cli.add_commands(None, g)  # reconcile, export
+    billing_io.add_commands(None, g)  # reconcile, export
     p = _cmd(
         g,
         "profile",
@@ -1690,7 +1658,7 @@ def _add_billing(sub: Any) -> None:
         "--quota",
         metavar="PATH",
         help="with --follow: also keep this quota table's money pots equal to the ledger, for "
-        "a gateway's money admission (tokenhub serve starts its settler so)",
+        "a gateway's money admission (tokenhub serve's settler process runs this loop so)",
     )
     p.add_argument(
         "--parent",

@@ -5,20 +5,22 @@ The work is in `tokenhub.billing.io`; this module parses arguments and prints.
 Wiring: `add_commands(events_subparsers, billing_subparsers)` adds `ingest` to the `events`
 group and `reconcile` and `export` to the `billing` group, each with `func` set to a handler
 `(args) -> int`. Pass the objects that `add_subparsers()` returned for the two groups, e.g. in
-`admin_cli.add_cli`, after `es = events.add_subparsers(dest="action", metavar="ACTION")` and
-wherever the `billing` group's `bs = billing.add_subparsers(...)` is made:
+`tokenhub.cli.admin.add_cli`, after
+`es = events.add_subparsers(dest="action", metavar="ACTION")` and wherever the `billing`
+group's `bs = billing.add_subparsers(...)` is made:
 
-    from tokenhub.cli import billing_io as io_cli
-    io_cli.add_commands(es, bs)
+    from tokenhub.cli import billing_io
+    billing_io.add_commands(es, bs)
 
 Either argument may be None to add only the other group's commands. Import this module lazily
-or at the top of admin_cli as you like: it does not import admin_cli (no cycle).
+or at the top of tokenhub.cli.admin as you like: it does not import it (no cycle).
 
 Every command takes `--database URL` (alias `--db`; default $TOKENHUB_DB, else
 ./tokenhub.db): a SQLite path or `sqlite:///ABS/PATH`, or `postgresql://...`. Exit statuses
-are those of diff: 0 all good; 1 the run completed and found something (a line not stored or
-not settled, a discrepancy); 2 it could not run (bad arguments, unreadable file, database
-error), with one line `tokenhub: error: ...` on stderr.
+are the table of tokenhub.cli: 0 all good; 1 the run found something (a line not stored or
+not settled, a discrepancy) or failed (the database, a file that cannot be read or written);
+2 refused as given (bad arguments, an input that is not what the command takes), with one
+line `tokenhub: error: ...` on stderr.
 """
 
 from __future__ import annotations
@@ -36,36 +38,41 @@ from typing import IO, Any
 import msgspec
 
 from tokenhub.billing import io as bio
-from tokenhub.db.database import Database, DatabaseError, open_database
 from tokenhub.billing.ledger import LedgerError
+from tokenhub.cli import EXIT_FAILED, EXIT_REFUSED, quiet_broken_pipe
+from tokenhub.db.database import Database, DatabaseError, open_database
 from tokenhub.money import MoneyError
-from tokenhub.store import DEFAULT_DATABASE, StoreError, database_path
+from tokenhub.store import DEFAULT_DATABASE, ENV_DB, StoreError, database_path
 
 PROG = "tokenhub"
-ENV_DB = "TOKENHUB_DB"
 
 Command = Callable[[argparse.Namespace], int]
 
 
 def _command(fn: Command) -> Command:
-    """Errors that stop a command become one line on stderr and exit status 2."""
+    """Errors that stop a command become one line on stderr and the exit status of the table
+    in tokenhub.cli (2 refused as given, 1 failed)."""
 
     @functools.wraps(fn)
     def run(args: argparse.Namespace) -> int:
         try:
             return fn(args)
-        except (bio.BillingIOError, DatabaseError, StoreError, LedgerError, MoneyError) as e:
-            msg = str(e)
+        except (bio.BillingIOError, StoreError, LedgerError, MoneyError) as e:
+            msg, status = str(e), EXIT_REFUSED
+        except DatabaseError as e:
+            msg, status = str(e), EXIT_FAILED
         except BrokenPipeError:
             return _quiet_broken_pipe()
         except OSError as e:
             msg = f"{e.filename}: {e.strerror}" if e.filename and e.strerror else str(e)
+            status = EXIT_FAILED
         except Exception as e:
             if not type(e).__module__.startswith("asyncpg"):
                 raise
             msg = f"database: {' '.join(str(e).split()) or type(e).__name__}"
+            status = EXIT_FAILED
         print(f"{PROG}: error: {msg}", file=sys.stderr)
-        return 2
+        return status
 
     return run
 
@@ -97,8 +104,6 @@ def _output(path: str | None) -> Iterator[IO[str]]:
 
 def _quiet_broken_pipe() -> int:
     """`... | head`: stop quietly, as other tools do."""
-    from tokenhub.cli import quiet_broken_pipe
-
     return quiet_broken_pipe()
 
 

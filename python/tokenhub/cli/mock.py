@@ -12,6 +12,7 @@ from typing import Any
 
 from aiohttp import web
 
+from tokenhub.cli import EXIT_FAILED, EXIT_REFUSED
 from tokenhub.mock.upstream import (
     ANY_MODEL,
     DEFAULT_MODELS,
@@ -223,9 +224,9 @@ def run(args: argparse.Namespace) -> int:
     """Serves until SIGINT/SIGTERM; returns the exit status."""
     try:
         app = build_app(options_from_args(args))
-    except ValueError as e:
+    except ValueError as e:  # options refused as given
         print(f"tokenhub mock-upstream: error: {e}", file=sys.stderr)
-        return 1
+        return EXIT_REFUSED
     loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None
     try:
         import uvloop
@@ -241,7 +242,7 @@ def run(args: argparse.Namespace) -> int:
             f"tokenhub mock-upstream: error: cannot listen on {args.host}:{args.port}: {e}",
             file=sys.stderr,
         )
-        return 1
+        return EXIT_FAILED
     except KeyboardInterrupt:
         pass
     return 0

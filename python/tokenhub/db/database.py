@@ -31,7 +31,6 @@ import asyncio
 import re
 import sqlite3
 import threading
-import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from concurrent.futures import Future
 from typing import Any, Protocol, TypeVar

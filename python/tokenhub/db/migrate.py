@@ -18,6 +18,7 @@ from tokenhub.db.schema import CREATE_MIGRATIONS_TABLE, MIGRATIONS
 async def apply_migrations(db: Database) -> list[int]:
     """Applies the migrations `db` has not recorded, each in a transaction of its own; returns
     the versions applied now."""
+
     async def current(tx: Tx) -> set[int]:
         await tx.execute(CREATE_MIGRATIONS_TABLE)
         return {r[0] for r in await tx.fetch("SELECT version FROM schema_migrations")}

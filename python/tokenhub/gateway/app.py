@@ -12,12 +12,12 @@ from aiohttp.typedefs import Middleware
 from tokenhub.config import Config
 from tokenhub.gateway.auth import KeyCache
 from tokenhub.gateway.errors import ApiError, from_http_exception
-from tokenhub.gateway.service import Gateway, Sink, new_request_id
 from tokenhub.gateway.limits import LimitSync
-from tokenhub.gateway.telemetry import Registry
 from tokenhub.gateway.protocol import SERVER_NAME
 from tokenhub.gateway.routes import setup_routes
+from tokenhub.gateway.service import Gateway, Sink, new_request_id
 from tokenhub.gateway.state import GATEWAY, METRICS, REQUEST_ID
+from tokenhub.gateway.telemetry import Registry
 
 log = logging.getLogger("tokenhub.gateway")
 

@@ -30,8 +30,8 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
 
-from tokenhub.quota import Quota, Refusal, Reservation
 from tokenhub.gateway.guard import SAMPLE_S, Audit, Guard, GuardConfig
+from tokenhub.quota import Quota, Refusal, Reservation
 from tokenhub.store import LimitRow
 
 log = logging.getLogger("tokenhub.limits")

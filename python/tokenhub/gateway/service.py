@@ -43,20 +43,20 @@ import msgspec
 from aiohttp import web
 
 from tokenhub._core import SseRelay, StreamCounter
-from tokenhub.money import NANOS
+from tokenhub.billing.pots import TRANCHE, Contracts, Hold, NotPriced, NotReady, Shortfall
 from tokenhub.config import Config, Deployment, Model, Provider
-from tokenhub.meter import Meter
-from tokenhub.quota import Refusal, Reservation, format_reset
-from tokenhub.router import Contract, DeploymentSpec, Router, TierScorer
 from tokenhub.gateway import usage_check
 from tokenhub.gateway.auth import KeyCache, Principal
-from tokenhub.billing.pots import TRANCHE, Contracts, Hold, NotPriced, NotReady, Shortfall
 from tokenhub.gateway.errors import ApiError
 from tokenhub.gateway.guard import Audit
 from tokenhub.gateway.limits import LimitSync
-from tokenhub.gateway.telemetry import Registry
-from tokenhub.gateway.state import REQUEST_ID
 from tokenhub.gateway.providers.http import ClientError, Pool, Response, TLSError
+from tokenhub.gateway.state import REQUEST_ID
+from tokenhub.gateway.telemetry import Registry
+from tokenhub.meter import Meter
+from tokenhub.money import NANOS
+from tokenhub.quota import Refusal, Reservation, format_reset
+from tokenhub.router import Contract, DeploymentSpec, Router, TierScorer
 from tokenhub.usage import UsageEvent, billed_lines
 
 log = logging.getLogger("tokenhub.gateway")

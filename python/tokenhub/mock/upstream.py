@@ -33,7 +33,6 @@ at 55-70% (about 75 us each; 115 us before stream chunks were spliced from cache
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import base64
 import contextlib
@@ -44,9 +43,7 @@ import logging
 import math
 import os
 import random
-import signal
 import struct
-import sys
 import time
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Mapping

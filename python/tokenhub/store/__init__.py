@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from tokenhub.store.base import (
     DEFAULT_DATABASE,
+    ENV_DB,
     ActiveKey,
     AlreadyExists,
     ApiKey,
@@ -27,6 +28,7 @@ from tokenhub.store.base import (
 
 __all__ = [
     "DEFAULT_DATABASE",
+    "ENV_DB",
     "ActiveKey",
     "AlreadyExists",
     "ApiKey",

@@ -16,6 +16,8 @@ import msgspec
 from tokenhub.usage import EVENT_FIELDS, UsageEvent
 
 DEFAULT_DATABASE = "tokenhub.db"
+# The variable naming the database for the commands (and the settler process) not given one.
+ENV_DB = "TOKENHUB_DB"
 
 TENANT_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 KEY_ID = re.compile(r"key_[0-9a-f]{12}")

@@ -52,6 +52,7 @@ from typing import Any
 
 import msgspec
 
+from tokenhub.db.schema import CREATE_MIGRATIONS_TABLE, LATEST_VERSION, MIGRATIONS
 from tokenhub.store.base import (
     DISPLAY_PREFIX_LEN,
     KEY_LIMIT_FIELDS,
@@ -75,7 +76,6 @@ from tokenhub.store.base import (
     event_problem,
     iter_chunks,
 )
-from tokenhub.db.schema import CREATE_MIGRATIONS_TABLE, LATEST_VERSION, MIGRATIONS
 from tokenhub.usage import EVENT_FIELDS, MAX_TOKENS, UsageEvent
 
 _COLS = ", ".join(EVENT_FIELDS)

@@ -1,0 +1,195 @@
+"""The one composition root: what a gateway process is made of, wired in one place.
+
+`build_app(cfg, shared, worker, store=..., journal=...)` returns the aiohttp application with
+its resources (usage sink, key cache, limit sync, settler, pots) opened and closed in its
+cleanup context, in that order and the reverse; `build_runner(app, cfg)` the runner that serves
+it with the [server] connection limits. `tokenhub serve` (runtime/serve.py), every forked
+worker, the tests' harness (tests/server/harness.py) and the benches build their gateway
+through these two, never through a copy of the wiring.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+from tokenhub.config import Config
+from tokenhub.runtime.shared import SHARED_STATE, SharedState, Worker
+
+if TYPE_CHECKING:
+    from tokenhub.gateway.auth import KeyCache
+    from tokenhub.gateway.limits import LimitSync
+    from tokenhub.gateway.protocol import GatewayRunner
+    from tokenhub.quota import Quota
+    from tokenhub.runtime.journal import Journal
+    from tokenhub.runtime.sink import UsageSink
+    from tokenhub.store import Store
+
+WORKER_HEADER = "x-tokenhub-worker"
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What `build_app` wired, for whoever runs the app (and the tests) to reach."""
+
+    store: Store
+    journal: Journal
+    sink: UsageSink
+    keys: KeyCache
+    quota: Quota | None  # the shared quota table; None: limits are not enforced
+    limits: LimitSync | None
+
+
+RESOURCES = web.AppKey("tokenhub_resources", Resources)
+
+
+def build_app(
+    cfg: Config,
+    shared: SharedState,
+    worker: Worker | None = None,
+    *,
+    store: Store,
+    journal: Journal,
+    demo: bool = False,
+    quota: Quota | None = None,
+) -> web.Application:
+    """The gateway app of one process. `store` (migrated) and `journal` are the caller's: it
+    opened them, it closes the store after the app's cleanup. The quota table is `quota` if
+    given (the tests pass an anonymous one), else the one `shared` names, else none. Worker 1
+    (or a process serving alone) starts new days in the limits and runs the settler."""
+    from tokenhub.billing.pots import Contracts
+    from tokenhub.gateway.app import create_app
+    from tokenhub.gateway.auth import KeyCache
+    from tokenhub.gateway.limits import LimitSync
+    from tokenhub.gateway.state import GATEWAY, METRICS
+    from tokenhub.quota import Quota
+    from tokenhub.runtime.sink import UsageSink
+
+    sink = UsageSink(store, journal)
+    keys = KeyCache(store.key_digests, store.change_marker, refresh_s=cfg.server.key_refresh_s)
+    # Settling is idempotent, so N settlers would bill nothing twice, but they would race to
+    # seed the demo's prices and wallet: one settler per server, in worker 1.
+    settles = worker is None or worker.index == 1
+    limits: LimitSync | None = None
+    contracts: Contracts | None = None
+    if quota is None and shared.quota_path:
+        quota = Quota.attach(shared.quota_path)
+    if quota is not None:
+        limits = LimitSync(
+            quota,
+            store.all_limits,
+            store.change_marker,
+            refresh_s=cfg.server.key_refresh_s,
+            daily_reset=settles,  # one process per server starts new days
+            audit=store.add_audit,
+            usage_since=store.tokens_since,
+        )
+
+    async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+        nonlocal contracts
+        await sink.start()
+        await keys.start()
+        if limits is not None:
+            await limits.start()
+        admission = quota if cfg.billing.admission else None
+        # Worker 1 settles what is pending and publishes the pots before it serves.
+        settler = await _start_settler(cfg, demo=demo, quota=admission) if settles else None
+        contracts_db = None
+        if admission is not None:
+            from tokenhub.db.database import open_database
+
+            contracts_db = await open_database(cfg.server.database)
+            contracts = Contracts(admission, contracts_db, refresh_s=cfg.server.key_refresh_s)
+            await contracts.start()
+            app[GATEWAY].contracts = contracts
+        yield
+        if contracts is not None:
+            await contracts.close()
+        if settler is not None:
+            await settler()
+        if contracts_db is not None:
+            await contracts_db.close()
+        if limits is not None:
+            await limits.close()
+        await keys.close()
+        # Bounded: whatever the database cannot take now stays in the journal for next start.
+        await sink.close(timeout=30)
+
+    app = create_app(cfg, keys=keys, sink=sink, limits=limits, extra_cleanup=[lifecycle])
+    app[SHARED_STATE] = shared
+    app[RESOURCES] = Resources(
+        store=store, journal=journal, sink=sink, keys=keys, quota=quota, limits=limits
+    )
+    stats = app[METRICS].gauge("tokenhub_usage_sink", "Usage sink counters by name.")
+
+    def collect_sink_stats() -> None:
+        for name, value in sink.stats().items():
+            stats.set(value, name=name)
+
+    app[METRICS].on_collect(collect_sink_stats)
+    if worker is not None and shared.metrics_dir:
+        from tokenhub.gateway.telemetry import Share
+
+        app.cleanup_ctx.append(Share(app[METRICS], shared.metrics_dir, worker.index).context)
+    if worker is not None:
+        tag = str(worker.index)
+
+        async def tag_response(request: web.Request, response: web.StreamResponse) -> None:
+            response.headers[WORKER_HEADER] = tag
+
+        app.on_response_prepare.append(tag_response)
+    return app
+
+
+def build_runner(app: web.Application, cfg: Config, **runner_kw: Any) -> GatewayRunner:
+    """The runner that serves `app` (not set up yet) with the [server] connection limits, and
+    its connection counts on /metrics."""
+    from tokenhub.gateway.protocol import ConnectionLimits, GatewayRunner, connection_cap
+    from tokenhub.gateway.state import METRICS
+
+    upstream_fds = sum(p.max_connections for p in cfg.providers)
+    conn_limits = ConnectionLimits(
+        header_timeout_s=cfg.server.header_timeout_s,
+        keepalive_timeout_s=cfg.server.keepalive_timeout_s,
+        max_connections=connection_cap(cfg.server.max_connections, upstream_fds),
+    )
+    runner = GatewayRunner(
+        app, conn_limits, access_log=None, handler_cancellation=False, **runner_kw
+    )
+    conns = app[METRICS].gauge(
+        "tokenhub_connections",
+        "Client connections: open now, and (counters) refused over server.max_connections "
+        "and closed for headers that did not arrive within server.header_timeout_s.",
+    )
+
+    def collect_connections() -> None:
+        if (ws := runner.web_server) is not None:
+            conns.set(ws.open, state="open")
+            conns.set(ws.refused, state="refused")
+            conns.set(ws.head_timeouts, state="header_timeout")
+
+    app[METRICS].on_collect(collect_connections)
+    return runner
+
+
+async def _start_settler(cfg: Config, *, demo: bool, quota: Quota | None) -> Any:
+    """The settler process when `[billing] settle_interval_s` is set (the demo's prices and
+    wallet seeded first); None otherwise. Returns the function that stops it."""
+    if cfg.billing.settle_interval_s <= 0:
+        return None
+    from tokenhub.runtime.settler_proc import start_settler
+
+    if demo:
+        from tokenhub.billing.service import Billing
+        from tokenhub.db.database import open_database
+        from tokenhub.runtime.demo import seed_demo_billing
+
+        db = await open_database(cfg.server.database)
+        try:
+            await seed_demo_billing(Billing(db), cfg)
+        finally:
+            await db.close()
+    return await start_settler(cfg, quota=quota)
