@@ -8,10 +8,11 @@ Handlers in `routes.py` only call `Gateway.proxy`. Everything a request touches 
    a connect error, 5xx or timeout before any byte reached the client moves on to the next.
 4. Non-streamed replies are passed through as the upstream sent them, once checked to be
    completions (a JSON object with `choices`, or `data` for embeddings, and no `error`).
-   Streams are relayed a read at a time, as whole SSE events (split and inspected in Rust:
-   `tokenhub._core.SseRelay`);
+   Streams are relayed a read at a time, as whole SSE events (split, inspected and metered
+   per choice as they pass, in Rust: `tokenhub._core.SseRelay`, which keeps no payloads);
    tokenhub always asks the upstream for a usage chunk and strips it when the client did not
-   ask for one. Without upstream usage the meter counts what was streamed (`metered`).
+   ask for one. Without upstream usage the meter's count of what was streamed is billed
+   (`metered`).
 5. Exactly one `UsageEvent` per request goes to the sink (journal + batched database writes,
    off the response path).
 
@@ -42,7 +43,7 @@ import aiohttp
 import msgspec
 from aiohttp import web
 
-from tokenhub._core import SseRelay, StreamCounter
+from tokenhub._core import SseRelay
 from tokenhub.billing.pots import TRANCHE, Contracts, Hold, NotPriced, NotReady, Shortfall
 from tokenhub.config import Config, Deployment, Model, Provider
 from tokenhub.gateway import usage_check
@@ -900,13 +901,14 @@ class Gateway:
         client_wants_usage: bool,
     ) -> web.StreamResponse:
         """Relays SSE events as the upstream sends them: each upstream read goes to the client
-        in one write, as whole events (the Rust `SseRelay` splits, inspects and filters them).
+        in one write, as whole events (the Rust `SseRelay` splits, inspects and filters them,
+        and counts each choice's output as it passes).
         Nothing is sent to the client before the upstream's first event, so a failure until
         then can still go to another deployment. The usage event is finished before the write
         that carries `[DONE]`: once a client has the whole stream, its usage is journaled."""
         t0 = finish.t0
         secret = self.upstreams[dep.provider].secret
-        relay = SseRelay(client_wants_usage)
+        relay = SseRelay(client_wants_usage, self.meter(dep.vocab)._core)
         out: web.StreamResponse | None = None
         client_gone = False
         eof_sent = False
@@ -919,16 +921,7 @@ class Gateway:
                 with contextlib.suppress(msgspec.DecodeError, msgspec.ValidationError):
                     usage = _decode_reply(data).usage
             if usage is None or not self._take_usage(usage, event, finish.bounds):
-                texts: dict[int, list[str]] = {}
-                for data in relay.payloads():
-                    try:
-                        chunk = _decode_reply(data)
-                    except (msgspec.DecodeError, msgspec.ValidationError):
-                        continue
-                    for c in chunk.choices:
-                        texts.setdefault(c.index, []).extend(_choice_texts(c, c.delta))
-                meter = self.meter(dep.vocab)
-                event.output_tokens = sum(meter.count_batch(["".join(v) for v in texts.values()]))
+                event.output_tokens = relay.output_tokens
                 event.source = "metered"
             if client_gone:
                 event.status, event.error = 499, "client_disconnected"
@@ -938,22 +931,14 @@ class Gateway:
                 event.status, event.error = 200, ""
 
         hold = finish.hold
-        counters: dict[int, StreamCounter] = {}
         delivered = 0  # output tokens in what the client has been sent (money admission)
 
-        def pay_for(events: bytes) -> bool:
-            """Counts the output in `events` and extends the hold when they run past it:
-            a tranche, or at least what they need. False: the contracts cannot pay."""
+        def pay_for() -> bool:
+            """Extends the hold when the output relayed so far runs past it: a tranche, or at
+            least what it needs. False: the contracts cannot pay."""
             nonlocal delivered
             assert hold is not None
-            total = 0
-            for c in _stream_choices(events):
-                counter = counters.get(c.index)
-                if counter is None:
-                    counter = counters[c.index] = self.meter(dep.vocab).stream_counter()
-                for text in _choice_texts(c, c.delta):
-                    counter.feed(text)
-            total = sum(x.total for x in counters.values())
+            total = relay.output_tokens
             need = total - hold.output_reserved
             if need > 0 and not hold.extend(max(need, TRANCHE)) and not hold.extend(need):
                 return False
@@ -1031,12 +1016,15 @@ class Gateway:
                     data = await resp.readany()
                 if not data:
                     break  # upstream closed
-                events = relay.feed(data)
+                try:
+                    events = relay.feed(data)
+                except ValueError as e:  # an event past the relay's bound: not a token stream
+                    raise aiohttp.ClientPayloadError(str(e)) from None
                 if event.ttft_ms is None and relay.first_token:
                     event.ttft_ms = round((time.perf_counter() - t0) * 1000, 3)
                 # A client that left is not sent more, so its hold is not extended either:
                 # what the drain reads beyond the hold is the operator's cost (_Finish caps it).
-                if hold is not None and events and not client_left() and not pay_for(events):
+                if hold is not None and events and not client_left() and not pay_for():
                     await cut()
                     return out if out is not None else web.Response(status=499)
                 if relay.done and not client_left():
@@ -1224,21 +1212,6 @@ def _tier_input(endpoint: Endpoint, payload: dict[str, Any]) -> tuple[str, int, 
     return text, max(0, len(turns) - 1), tools
 
 
-def _stream_choices(events: bytes) -> Iterator[Choice]:
-    """The choices of whole SSE events (as `SseRelay.feed` returns them)."""
-    for block in events.split(b"\n\n"):
-        for line in block.split(b"\n"):
-            if not line.startswith(b"data:"):
-                continue
-            data = line[5:].strip()
-            if data == b"[DONE]":
-                continue
-            try:
-                yield from _decode_reply(data).choices
-            except (msgspec.DecodeError, msgspec.ValidationError):
-                continue
-
-
 def _usage_tail(relay: SseRelay, event: UsageEvent) -> bytes:
     """What ends a stream whose client asked for usage and got none from the upstream (the
     relay held its `[DONE]` back): a usage chunk of the gateway's own, in OpenAI's shape
@@ -1247,14 +1220,8 @@ def _usage_tail(relay: SseRelay, event: UsageEvent) -> bytes:
     if not relay.held_done:
         return b""
     chunk: dict[str, Any] = {"id": event.request_id, "object": "chat.completion.chunk"}
-    for data in relay.payloads():
-        try:
-            first = _decode_any(data)
-        except msgspec.DecodeError:
-            continue
-        if isinstance(first, dict):
-            chunk |= {k: first[k] for k in ("id", "object", "created", "model") if k in first}
-            break
+    if (head := relay.head) is not None:
+        chunk |= _decode_any(head)  # the first chunk's id, object, created and model
     chunk.setdefault("created", event.ts_ms // 1000)
     chunk.setdefault("model", event.upstream_model)
     chunk["choices"] = []
