@@ -100,7 +100,6 @@ def test_each_choice_counts_like_its_joined_text(
     assert relay.choice_tokens() == want
     assert relay.output_tokens == sum(want.values())
     assert relay.done and relay.held_done is not usage
-    assert relay.payloads() == []
     assert json.loads(relay.head or b"") == {
         "id": "chatcmpl-1",
         "object": "chat.completion.chunk",
@@ -127,13 +126,13 @@ def test_the_running_total_grows_as_events_pass(meters):
 
 
 def test_a_long_stream_keeps_nothing(meters):
-    """50,000 events: nothing held back between events, no payloads kept."""
+    """50,000 events: nothing held back between events, every one counted."""
     meter = meters["cl100k_base"]
     relay = SseRelay(True, meter._core)
     event = b'data: {"id":"c","choices":[{"index":0,"delta":{"content":" word"}}]}\n\n'
     for _ in range(500):
         relay.feed(event * 100)
-    assert relay.pending == 0 and relay.payloads() == [] and relay.events == 50_000
+    assert relay.pending == 0 and relay.events == 50_000
     assert relay.output_tokens == meter.count(" word" * 50_000)
 
 
@@ -145,8 +144,8 @@ def test_an_event_past_max_event_is_refused(meters):
     assert relay.pending == 0
 
 
-def test_without_a_meter_payloads_are_kept_and_nothing_is_counted():
+def test_without_a_meter_nothing_is_counted():
     relay = SseRelay(False)
     relay.feed(b'data: {"choices":[{"index":0,"delta":{"content":"hi"}}]}\n\ndata: [DONE]\n\n')
-    assert relay.payloads() == [b'{"choices":[{"index":0,"delta":{"content":"hi"}}]}']
+    assert relay.first_token and relay.done
     assert relay.output_tokens == 0 and relay.choice_tokens() == {}

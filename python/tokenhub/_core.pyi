@@ -62,8 +62,8 @@ class SseRelay:
     def __new__(
         cls, keep_usage: bool, meter: CoreMeter | None = None, max_event: int = ...
     ) -> SseRelay:
-        """With a meter, each choice's output is counted as events pass and no payload is
-        kept; an event longer than `max_event` bytes (default 4 MiB) is refused (`feed` raises
+        """With a meter, each choice's output is counted as events pass; no payload is ever
+        kept. An event longer than `max_event` bytes (default 4 MiB) is refused (`feed` raises
         ValueError)."""
     def feed(self, data: bytes) -> bytes:
         """Takes one upstream read; returns the whole events to forward (possibly empty).
@@ -88,8 +88,6 @@ class SseRelay:
     def choice_tokens(self) -> dict[int, int]:
         """{choice index: output tokens so far} for each choice counted apart (at most 128;
         text of further indexes counts only towards `output_tokens`)."""
-    def payloads(self) -> list[bytes]:
-        """Without a meter, every data payload so far; with one, none are kept (empty)."""
     @property
     def events(self) -> int:
         """Whole events seen so far."""

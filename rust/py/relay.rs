@@ -84,11 +84,6 @@ impl PySseRelay {
         Ok(d)
     }
 
-    /// Without a meter, every data payload so far; with one, none are kept (empty).
-    fn payloads<'py>(&self, py: Python<'py>) -> Vec<Bound<'py, PyBytes>> {
-        self.inner.payloads().map(|p| PyBytes::new(py, p)).collect()
-    }
-
     /// Whole events seen so far.
     #[getter]
     fn events(&self) -> u64 {

@@ -297,9 +297,6 @@ pub struct SseScanner {
     /// Text of choice indexes beyond the first MAX_CHOICES.
     overflow: Option<Counter>,
     events: u64,
-    /// Legacy (no meter): every data payload, back to back, and where each one ends.
-    payload_bytes: Vec<u8>,
-    payload_ends: Vec<usize>,
 }
 
 /// What to do with one event.
@@ -334,14 +331,13 @@ fn head_of(data: &[u8]) -> Option<Vec<u8>> {
 }
 
 impl SseScanner {
-    /// A scanner that does not count output (and, for the gateway before it counted in Rust,
-    /// keeps every payload: see [`SseScanner::payloads`]).
+    /// A scanner that does not count output.
     pub fn new(keep_usage: bool) -> Self {
         Self::build(keep_usage, None, DEFAULT_MAX_EVENT)
     }
 
-    /// A scanner that counts each choice's output with `meter` as events pass, and keeps no
-    /// payloads. An event longer than `max_event` bytes is refused.
+    /// A scanner that counts each choice's output with `meter` as events pass. An event
+    /// longer than `max_event` bytes is refused.
     pub fn with_meter(keep_usage: bool, meter: Arc<Meter>, max_event: usize) -> Self {
         Self::build(keep_usage, Some(meter), max_event)
     }
@@ -360,8 +356,6 @@ impl SseScanner {
             counters: Vec::new(),
             overflow: None,
             events: 0,
-            payload_bytes: Vec::new(),
-            payload_ends: Vec::new(),
         }
     }
 
@@ -395,15 +389,6 @@ impl SseScanner {
         let mut v: Vec<(i64, usize)> = self.counters.iter().map(|c| (c.index, c.total)).collect();
         v.sort_unstable();
         v
-    }
-
-    /// Without a meter: every data payload seen (other than `[DONE]`), in order. With one,
-    /// none are kept.
-    pub fn payloads(&self) -> impl Iterator<Item = &[u8]> {
-        let starts = std::iter::once(0).chain(self.payload_ends.iter().copied());
-        starts
-            .zip(self.payload_ends.iter().copied())
-            .map(|(a, b)| &self.payload_bytes[a..b])
     }
 
     /// Whole events seen so far (forwarded or dropped).
@@ -537,10 +522,6 @@ impl SseScanner {
     /// Notes what one data payload says. The client must not see usage it did not ask for:
     /// a usage-only chunk drops its event, usage beside choices is re-encoded away.
     fn inspect_data(&mut self, data: &[u8]) -> Verdict {
-        if self.meter.is_none() {
-            self.payload_bytes.extend_from_slice(data);
-            self.payload_ends.push(self.payload_bytes.len());
-        }
         if self.head.is_none() {
             self.head = head_of(data);
         }
@@ -615,8 +596,13 @@ mod tests {
     const CL100K: &str = r"'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s";
 
     /// A small tiktoken vocabulary (every byte plus a few merges), so that counts depend on
-    /// where texts join.
+    /// where texts join. Built once: the tests run in parallel.
     fn toy_meter() -> Arc<Meter> {
+        static TOY: std::sync::OnceLock<Arc<Meter>> = std::sync::OnceLock::new();
+        Arc::clone(TOY.get_or_init(build_toy_meter))
+    }
+
+    fn build_toy_meter() -> Arc<Meter> {
         let mut tokens: Vec<Vec<u8>> = (0..=255u8).map(|b| vec![b]).collect();
         for t in [
             "he", "ll", "llo", "hello", " w", " wor", " world", "  ", "'l", "'ll", "12", "123",
@@ -674,8 +660,6 @@ mod tests {
         assert_eq!(keep.feed_ok(s.as_bytes()), s.as_bytes());
         assert!(keep.done() && keep.first_token());
         assert_eq!(keep.usage(), Some(trim(&USAGE.as_bytes()[5..])));
-        // Every payload but [DONE], the usage chunk's included (its choices may carry text).
-        assert_eq!(keep.payloads().count(), 4);
         assert_eq!(keep.events(), 5);
 
         let mut drop = SseScanner::new(false);
@@ -729,12 +713,11 @@ mod tests {
     }
 
     #[test]
-    fn without_usage_payloads_are_kept_and_garbage_is_forwarded() {
+    fn garbage_is_forwarded() {
         let mut sc = SseScanner::new(false);
         let s = format!("{}data: not json\n\n{}{DONE}", chunk("a"), chunk("b"));
         assert_eq!(sc.feed_ok(s.as_bytes()), s.as_bytes());
-        assert_eq!(sc.payloads().count(), 3);
-        assert_eq!(sc.payloads().nth(1), Some(&b"not json"[..]));
+        assert_eq!(sc.events(), 4);
         assert!(sc.usage().is_none() && sc.done());
     }
 
@@ -924,7 +907,7 @@ mod tests {
                 sc.output_tokens(),
                 texts.iter().map(|t| meter.count(t)).sum::<usize>()
             );
-            assert!(sc.done() && sc.usage().is_some() && sc.payloads().count() == 0);
+            assert!(sc.done() && sc.usage().is_some());
             assert_eq!(
                 sc.head(),
                 Some(&b"{\"created\":7,\"id\":\"c1\",\"model\":\"m\",\"object\":\"chat.completion.chunk\"}"[..])
