@@ -3,6 +3,8 @@
     .venv/bin/python benches/bench_gateway.py                  # full run, ~3 minutes on 2 cores
     .venv/bin/python benches/bench_gateway.py --quick          # smoke test, under ~30 s
     .venv/bin/python benches/bench_gateway.py --connections 1,64 --duration 10 --json out.json
+    .venv/bin/python benches/bench_gateway.py --connections 64 --repeat 5 \
+        --baseline-tree /tmp/tokenhub-old                      # this tree against another one
 
 Three targets get the same POST /v1/chat/completions (a 2-message prompt; the mock's default
 32-token reply), non-streamed and streamed (``stream_options.include_usage``), at each number of
@@ -18,6 +20,11 @@ keep-alive connections:
 * ``tokenhub``: ``tokenhub serve --config`` with a fresh SQLite database in a temp dir, a tenant
   and key made with the store API, auth, prompt metering, the usage journal and the batched
   sink all on.
+* ``baseline`` (with ``--baseline-tree DIR``): the same, served by the tokenhub of another
+  checkout (e.g. a ``git worktree`` of an older commit with a built ``_core`` in it), run with
+  ``PYTHONPATH=DIR/python`` and its own database, made by that tree's store API. It takes its
+  turn beside ``tokenhub`` in every row, so a change's cost is read within one run; the report
+  then compares the two (medians over ``--repeat`` rounds).
 
 Placement (as in ../shared/ANCHORS.md, "Gateway cost"): the mock is pinned to one core and both
 proxies to the other with ``taskset``; the load generator (``wrk`` with a Lua script, or the raw
@@ -70,6 +77,7 @@ MESSAGES = [
 ]
 MODES = ("json", "stream")
 TARGETS = ("direct", "bare-proxy", "tokenhub")
+TOKENHUBS = ("tokenhub", "baseline")  # the targets that are a tokenhub gateway (with a ledger)
 DEFAULT_CONNECTIONS = (1, 16, 64, 256)
 SETTLE_S = 0.3  # after each load run: in-flight requests finish, CPU counters go quiet
 LEDGER_WAIT_S = 10.0  # longest wait for the sink to commit a run's events
@@ -393,10 +401,12 @@ class Processes:
         self.tmp = tmp
         self.servers: list[Server] = []
 
-    def start(self, name: str, argv: list[str], url: str, cpu: str) -> Server:
+    def start(
+        self, name: str, argv: list[str], url: str, cpu: str, env: dict[str, str] | None = None
+    ) -> Server:
         log_path = self.tmp / f"{name}.log"
         cmd = ["taskset", "-c", cpu, *argv] if cpu else argv
-        env = {**os.environ, "TOKENHUB_LOG_LEVEL": "WARNING", "HF_HUB_OFFLINE": "1"}
+        env = {**os.environ, "TOKENHUB_LOG_LEVEL": "WARNING", "HF_HUB_OFFLINE": "1", **(env or {})}
         with open(log_path, "wb") as out:
             proc = subprocess.Popen(
                 cmd,
@@ -568,10 +578,9 @@ class Bench:
     procs: Processes
     load: LoadGen
     mock: Server
-    proxies: dict[str, Server]  # bare-proxy, tokenhub
-    key: str
-    db: str
-    store: Any = None
+    proxies: dict[str, Server]  # bare-proxy, tokenhub (and baseline)
+    keys: dict[str, str]  # API key per tokenhub target
+    stores: dict[str, Any]  # the ledger (a store) per tokenhub target
     checks_sent: int = 0  # tokenhub requests outside the measured runs (the pre-flight checks)
     results: list[Result] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
@@ -597,18 +606,19 @@ class Bench:
             "served": self.mock_totals()["requests"],
         }
 
-    def ledger_rows(self) -> int:
-        count = getattr(self.store, "count_events", None)
-        return int(count()) if count else sum(1 for _ in self.store.iter_events())
+    def ledger_rows(self, target: str) -> int:
+        store = self.stores[target]
+        count = getattr(store, "count_events", None)
+        return int(count()) if count else sum(1 for _ in store.iter_events())
 
     def measure(self, target: str, mode: str, connections: int) -> Result:
         a = self.args
         url = self.mock.url if target == "direct" else self.proxies[target].url
-        key = self.key if target == "tokenhub" else ""
-        th = target == "tokenhub"
+        key = self.keys.get(target, "")
+        th = target in TOKENHUBS
         if th:
             http("POST", self.mock.url.rsplit("/v1/", 1)[0] + "/mock/reset", b"")
-            rows0 = self.ledger_rows()
+            rows0 = self.ledger_rows(target)
             start_ms = int(time.time() * 1000) - 1
         warm = self.load.run(url, mode, key, connections, a.warmup) if a.warmup else None
         time.sleep(SETTLE_S)
@@ -633,10 +643,8 @@ class Bench:
         if served:
             res.upstream_cpu_ms_per_req = d_mock / served * 1000
             res.loadgen_cpu_ms_per_req = r["cpu_s"] / served * 1000
-            if not th and target != "direct":
+            if target != "direct":
                 res.cpu_ms_per_req = d_prox[target] / served * 1000
-            elif th:
-                res.cpu_ms_per_req = d_prox["tokenhub"] / served * 1000
         res.idle_cpu = {n: round(d / wall, 4) for n, d in d_prox.items() if n != target}
         ours = d_mock + sum(d_prox.values()) + r["cpu_s"] + (s1["self"] - s0["self"])
         res.other_load_cores = max(0.0, (s1["busy"] - s0["busy"] - ours) / wall)
@@ -648,11 +656,12 @@ class Bench:
                 f"{res.socket_errors} socket errors"
             )
         if th:
-            res.ledger = self.check_ledger(rows0, start_ms, warm, r, connections, mode)
+            res.ledger = self.check_ledger(target, rows0, start_ms, warm, r, connections, mode)
         return res
 
     def check_ledger(
         self,
+        target: str,
         rows0: int,
         start_ms: int,
         warm: dict[str, Any] | None,
@@ -663,9 +672,9 @@ class Bench:
         """The run's ledger rows against what the mock served (exact) and what the client got."""
         served = self.mock_totals()
         deadline = time.monotonic() + LEDGER_WAIT_S
-        while self.ledger_rows() - rows0 < served["requests"] and time.monotonic() < deadline:
+        while self.ledger_rows(target) - rows0 < served["requests"] and time.monotonic() < deadline:
             time.sleep(0.05)
-        events = list(self.store.iter_events(since_ms=start_ms))
+        events = list(self.stores[target].iter_events(since_ms=start_ms))
         responses = r["requests"] + (warm["requests"] if warm else 0)
         runs = 2 if warm else 1
         statuses: dict[str, int] = {}
@@ -706,7 +715,7 @@ class Bench:
         led["ok"] = not bad
         if bad:
             self.problems.append(
-                f"LEDGER MISMATCH tokenhub {mode} c={connections}: " + "; ".join(bad)
+                f"LEDGER MISMATCH {target} {mode} c={connections}: " + "; ".join(bad)
             )
         return led
 
@@ -812,11 +821,27 @@ def stopped_on_sigterm() -> Iterator[None]:
         signal.signal(signal.SIGTERM, old)
 
 
+BASELINE_SETUP = """\
+import sys
+from tokenhub.store import open_store
+store = open_store(sys.argv[1])
+store.migrate()
+store.create_tenant("bench")
+print(store.create_key("bench")[1])
+"""
+
+
+def baseline_env(tree: Path) -> dict[str, str]:
+    """How a process runs the tokenhub of another tree: its package first on the path."""
+    return {"PYTHONPATH": str(tree / "python")}
+
+
 def run_bench(args: argparse.Namespace) -> int:
     from tokenhub.store import open_store
 
     load_kind = args.loadgen or ("wrk" if shutil.which("wrk") else "python")
     mock_cpu, proxy_cpu, placement = pick_cpus()
+    targets = [*TARGETS, "baseline"] if args.baseline_tree else list(TARGETS)
     info = {
         "machine": machine(),
         "versions": versions(load_kind),
@@ -826,13 +851,20 @@ def run_bench(args: argparse.Namespace) -> int:
         "warmup_s": args.warmup,
         "connections": args.connections,
         "modes": args.modes,
+        "repeat": args.repeat,
+        "tree": tree_info(Path(__file__).resolve().parent.parent),
     }
+    if args.baseline_tree:
+        info["baseline_tree"] = tree_info(args.baseline_tree)
     log(f"bench_gateway: {placement}; load generator {load_kind}")
     with tempfile.TemporaryDirectory(prefix="tokenhub-bench-gw-") as tmpdir:
         tmp = Path(tmpdir)
         procs = Processes(tmp)
+        stores: dict[str, Any] = {}
+        final: dict[str, Any] = {}
+        bench = None
         try:
-            mock_port, bare_port, th_port = free_port(), free_port(), free_port()
+            mock_port, bare_port = free_port(), free_port()
             mock = procs.start(
                 "mock",
                 [sys.executable, __file__, "--serve-mock", str(mock_port)],
@@ -846,24 +878,45 @@ def run_bench(args: argparse.Namespace) -> int:
                 f"http://{HOST}:{bare_port}/v1/chat/completions",
                 proxy_cpu,
             )  # fmt: skip
-            db = str(tmp / "tokenhub.db")
-            store = open_store(db)
-            store.migrate()
-            store.create_tenant("bench")
-            _, key = store.create_key("bench")
-            cfg = tmp / "tokenhub.toml"
-            write_config(cfg, th_port, mock_port, db)
-            th = procs.start(
-                "tokenhub",
-                [*tokenhub_argv(), "serve", "--config", str(cfg)],
-                f"http://{HOST}:{th_port}/v1/chat/completions",
-                proxy_cpu,
-            )
+            servers: dict[str, tuple[Server, int]] = {}
+            keys: dict[str, str] = {}
+            for name in (t for t in targets if t in TOKENHUBS):
+                port = free_port()
+                db = str(tmp / f"{name}.db")
+                env: dict[str, str] = {}
+                if name == "baseline":
+                    env = baseline_env(args.baseline_tree)
+                    out = subprocess.run(
+                        [sys.executable, "-c", BASELINE_SETUP, db],
+                        env={**os.environ, **env}, capture_output=True, text=True, timeout=60,
+                        check=True,
+                    )  # fmt: skip
+                    keys[name] = out.stdout.strip().splitlines()[-1]
+                    stores[name] = open_store(db, create=False)  # read only: its rows
+                else:
+                    store = stores[name] = open_store(db)
+                    store.migrate()
+                    store.create_tenant("bench")
+                    keys[name] = str(store.create_key("bench")[1])
+                cfg = tmp / f"{name}.toml"
+                write_config(cfg, port, mock_port, db)
+                servers[name] = (
+                    procs.start(
+                        name,
+                        [*tokenhub_argv(), "serve", "--config", str(cfg)],
+                        f"http://{HOST}:{port}/v1/chat/completions",
+                        proxy_cpu,
+                        env,
+                    ),
+                    port,
+                )
             wait_ready(mock, f"http://{HOST}:{mock_port}/v1/models")
             wait_ready(bare, f"http://{HOST}:{bare_port}/")
-            wait_ready(th, f"http://{HOST}:{th_port}/healthz")
+            for server, port in servers.values():
+                wait_ready(server, f"http://{HOST}:{port}/healthz")
             backlogs = {}
-            for s, port in ((mock, mock_port), (bare, bare_port), (th, th_port)):
+            listeners = [(mock, mock_port), (bare, bare_port), *servers.values()]
+            for s, port in listeners:
                 backlogs[s.name] = listen_backlog(port)
                 log(
                     f"  {s.name}: pid {s.pid}, CPUs {sorted(os.sched_getaffinity(s.pid))}, "
@@ -872,45 +925,55 @@ def run_bench(args: argparse.Namespace) -> int:
             info["listen_backlog"] = backlogs
             check_target("direct", mock.url, "")
             check_target("bare-proxy", bare.url, "")
-            check_target("tokenhub", th.url, str(key))
+            for name, (server, _) in servers.items():
+                check_target(name, server.url, keys[name])
+            proxies = {"bare-proxy": bare, **{n: s for n, (s, _) in servers.items()}}
             bench = Bench(
-                args, procs, LoadGen(load_kind, tmp), mock,
-                {"bare-proxy": bare, "tokenhub": th}, str(key), db, store, checks_sent=2,
+                args, procs, LoadGen(load_kind, tmp), mock, proxies, keys, stores, checks_sent=2,
             )  # fmt: skip
-            total = len(args.modes) * len(args.connections) * len(TARGETS)
+            total = len(args.modes) * len(args.connections) * len(targets) * args.repeat
             n = 0
             for mode in args.modes:
                 for c in args.connections:
-                    row: dict[str, Result] = {}
-                    for target in TARGETS:
-                        n += 1
-                        log(f"[{n}/{total}] {target} {mode} c={c} ...")
-                        res = bench.measure(target, mode, c)
-                        row[target] = res
-                        bench.results.append(res)
-                        cpu = f"{res.cpu_ms_per_req:.3f}" if res.cpu_ms_per_req else "-"
-                        log(
-                            f"         {res.rps:8.0f} req/s  p50 {res.p50_ms:.2f} ms  "
-                            f"p99 {res.p99_ms:.2f} ms  CPU {cpu} ms/req  "
-                            f"other load {res.other_load_cores:.2f} cores"
-                        )
-                    bare_rps = row["bare-proxy"].rps
-                    for res in row.values():
-                        res.ratio_vs_bare = res.rps / bare_rps if bare_rps else None
-            expected_rows = sum(r.ledger["rows"] for r in bench.results if r.ledger)
-            expected_rows += bench.checks_sent
-            log("stopping tokenhub (the sink drains on SIGTERM) ...")
-            code = procs.stop(th)
-            final = final_ledger(store, expected_rows, code, tmp)
-            store.close()
-            if not final["ok"]:
-                bench.problems.append("LEDGER MISMATCH after shutdown: " + final["note"])
+                    for _ in range(args.repeat):
+                        row: dict[str, Result] = {}
+                        for target in targets:
+                            n += 1
+                            log(f"[{n}/{total}] {target} {mode} c={c} ...")
+                            res = bench.measure(target, mode, c)
+                            row[target] = res
+                            bench.results.append(res)
+                            cpu = f"{res.cpu_ms_per_req:.3f}" if res.cpu_ms_per_req else "-"
+                            log(
+                                f"         {res.rps:8.0f} req/s  p50 {res.p50_ms:.2f} ms  "
+                                f"p99 {res.p99_ms:.2f} ms  CPU {cpu} ms/req  "
+                                f"other load {res.other_load_cores:.2f} cores"
+                            )
+                        bare_rps = row["bare-proxy"].rps
+                        for res in row.values():
+                            res.ratio_vs_bare = res.rps / bare_rps if bare_rps else None
+            for name, (server, _) in servers.items():
+                expected_rows = sum(
+                    r.ledger["rows"] for r in bench.results if r.ledger and r.target == name
+                )
+                expected_rows += bench.checks_sent
+                log(f"stopping {name} (the sink drains on SIGTERM) ...")
+                code = procs.stop(server)
+                final[name] = final_ledger(stores[name], expected_rows, code, tmp / f"{name}.db")
+                if not final[name]["ok"]:
+                    bench.problems.append(
+                        f"LEDGER MISMATCH after shutdown ({name}): " + final[name]["note"]
+                    )
         except KeyboardInterrupt:
             log("interrupted: stopping the servers")
             return 130
         finally:
             procs.stop_all()
+            for store in stores.values():
+                with contextlib.suppress(Exception):
+                    store.close()
 
+    assert bench is not None
     report = render(info, bench.results, final, bench.problems)
     print(report)
     if args.json:
@@ -920,15 +983,30 @@ def run_bench(args: argparse.Namespace) -> int:
             "ledger_after_shutdown": final,
             "problems": bench.problems,
         }
-        Path(args.json).write_text(json.dumps(data, indent=2) + "\n")
+        Path(args.json).write_text(json.dumps(data, indent=2, default=str) + "\n")
         log(f"wrote {args.json}")
     return 1 if bench.problems else 0
 
 
-def final_ledger(store: Any, expected: int, exit_code: int | None, tmp: Path) -> dict[str, Any]:
+def tree_info(tree: Path) -> str:
+    """The tree's path and its git commit (with "+changes" when its tracked files differ)."""
+    try:
+        rev = subprocess.run(
+            ["git", "-C", str(tree), "rev-parse", "--short", "HEAD"],
+            capture_output=True, text=True, timeout=10, check=True,
+        ).stdout.strip()  # fmt: skip
+        dirty = subprocess.run(
+            ["git", "-C", str(tree), "diff", "--quiet", "HEAD", "--", "python"], timeout=10
+        ).returncode
+    except (OSError, subprocess.SubprocessError):
+        return str(tree)
+    return f"{tree} at {rev}{'+changes' if dirty else ''}"
+
+
+def final_ledger(store: Any, expected: int, exit_code: int | None, db: Path) -> dict[str, Any]:
     """After a clean shutdown every event is in the database and nothing waits in the journal."""
     events = list(store.iter_events())
-    journal = tmp / "tokenhub.db-journal"
+    journal = db.with_name(db.name + "-journal")
     rejected = journal / "rejected.jsonl"
     final: dict[str, Any] = {
         "rows": len(events),
@@ -940,7 +1018,7 @@ def final_ledger(store: Any, expected: int, exit_code: int | None, tmp: Path) ->
     final["ok"] = final["rows"] == expected and final["rejected_in_journal"] == 0
     final["note"] = (
         f"{final['rows']} rows in the ledger after shutdown, {expected} expected "
-        f"(sum of the runs' rows + {2} pre-flight checks); tokenhub exit code {exit_code}"
+        f"(sum of the runs' rows + {2} pre-flight checks); exit code {exit_code}"
     )
     return final
 
@@ -1022,12 +1100,13 @@ def render(
                 f"proxy {min(cpu_b):.3f}-{max(cpu_b):.3f} ms "
                 f"({sum(cpu_t) / sum(cpu_b):.1f}x). Context: {CONTEXT}."
             )
+    out += baseline_section(info, results)
     out += ["", "### Metering under load: ledger rows vs responses", ""]
     out.append(
-        "| mode | conns | client responses | upstream requests | ledger rows | tokens in/out "
-        "match | statuses |"
+        "| target | mode | conns | client responses | upstream requests | ledger rows "
+        "| tokens in/out match | statuses |"
     )
-    out.append("|---|---:|---:|---:|---:|---|---|")
+    out.append("|---|---|---:|---:|---:|---:|---|---|")
     for r in results:
         if r.ledger:
             led = r.ledger
@@ -1036,7 +1115,7 @@ def render(
             )
             st = ", ".join(f"{k}: {n:,}" for k, n in sorted(led["statuses"].items()))
             out.append(
-                f"| {r.mode} | {r.connections} | {led['responses']:,} "
+                f"| {r.target} | {r.mode} | {r.connections} | {led['responses']:,} "
                 f"| {led['upstream_served']:,} | {led['rows']:,} | {'yes' if tok else 'NO'} "
                 f"| {st} |"
             )
@@ -1046,9 +1125,12 @@ def render(
         "requests = served by the mock; the two differ by the requests in flight when the load "
         "generator stopped, which tokenhub still finishes and records (streams whose client "
         "left are recorded as 499).",
-        f"After shutdown: {final.get('note', '?')}; "
-        f"{final.get('rejected_in_journal', '?')} events rejected.",
     ]
+    for name, fin in final.items():
+        out.append(
+            f"After shutdown ({name}): {fin.get('note', '?')}; "
+            f"{fin.get('rejected_in_journal', '?')} events rejected."
+        )
     overflowed = [r for r in results if r.listen_overflows]
     if overflowed:
         out.append(
@@ -1077,6 +1159,43 @@ def render(
     return "\n".join(out)
 
 
+def _median(xs: list[float]) -> float:
+    xs = sorted(xs)
+    mid = len(xs) // 2
+    return xs[mid] if len(xs) % 2 else (xs[mid - 1] + xs[mid]) / 2
+
+
+def baseline_section(info: dict[str, Any], results: list[Result]) -> list[str]:
+    """This tree against the baseline tree, per (mode, connections): medians over the rounds."""
+    if "baseline_tree" not in info:
+        return []
+    out = [
+        "",
+        "### This tree against the baseline (medians over the rounds, same run)",
+        "",
+        f"This tree: {info['tree']}; baseline: {info['baseline_tree']}.",
+        "",
+        "| mode | conns | rounds | req/s new | req/s old | new/old | CPU ms/req new "
+        "| CPU ms/req old | new/old |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for mode in info["modes"]:
+        for c in info["connections"]:
+            new = [r for r in results if (r.target, r.mode, r.connections) == ("tokenhub", mode, c)]
+            old = [r for r in results if (r.target, r.mode, r.connections) == ("baseline", mode, c)]
+            if not new or not old:
+                continue
+            rps_n, rps_o = _median([r.rps for r in new]), _median([r.rps for r in old])
+            cpu_n = _median([r.cpu_ms_per_req or 0.0 for r in new])
+            cpu_o = _median([r.cpu_ms_per_req or 0.0 for r in old])
+            out.append(
+                f"| {mode} | {c} | {len(new)} | {rps_n:,.0f} | {rps_o:,.0f} "
+                f"| {rps_n / rps_o if rps_o else 0:.3f} | {cpu_n:.3f} | {cpu_o:.3f} "
+                f"| {cpu_n / cpu_o if cpu_o else 0:.3f} |"
+            )
+    return out
+
+
 # -- command line ----------------------------------------------------------------------------------
 
 
@@ -1092,6 +1211,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=None, help="warm-up per row, s (default 1)")
     p.add_argument("--modes", default="json,stream", help="json,stream (default: both)")
     p.add_argument("--json", metavar="PATH", help="write every result to this JSON file")
+    p.add_argument(
+        "--baseline-tree",
+        type=Path,
+        metavar="DIR",
+        help="also run the tokenhub of this checkout (PYTHONPATH=DIR/python, its _core built "
+        "in it) as target 'baseline', interleaved with this tree's",
+    )
+    p.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="rounds of every (mode, connections) row, targets taking turns (default 1)",
+    )
     p.add_argument(
         "--loadgen",
         choices=("wrk", "python"),
@@ -1120,6 +1252,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.warmup = args.warmup if args.warmup is not None else 1
     if not 1 <= args.duration <= 600 or not 0 <= args.warmup <= 60:
         p.error("--duration: 1-600 s, --warmup: 0-60 s")
+    if not 1 <= args.repeat <= 100:
+        p.error("--repeat: 1-100")
+    if args.baseline_tree is not None:
+        args.baseline_tree = args.baseline_tree.resolve()
+        if not (args.baseline_tree / "python" / "tokenhub").is_dir():
+            p.error(f"--baseline-tree: no python/tokenhub under {args.baseline_tree}")
     args.modes = [m for m in args.modes.split(",") if m]
     if not args.modes or any(m not in MODES for m in args.modes):
         p.error(f"--modes: a comma-separated subset of {','.join(MODES)}")
