@@ -323,6 +323,20 @@ MIGRATIONS: tuple[Migration, ...] = (
             "ALTER TABLE settlement_failures ADD COLUMN quarantined BOOLEAN NOT NULL DEFAULT FALSE",
         ),
     ),
+    Migration(
+        9,
+        "terms_version: the billing terms' change marker",
+        (
+            # Bumped in the same transaction by every write to billing_profiles, prices,
+            # fx_rates and lots (tokenhub.billing.terms.bump): workers poll this one row and
+            # reload prices, FX, lots and profiles only when it moved.
+            """CREATE TABLE terms_version (
+                id INTEGER NOT NULL PRIMARY KEY,
+                value BIGINT NOT NULL
+            )""",
+            "INSERT INTO terms_version (id, value) VALUES (1, 0)",
+        ),
+    ),
 )
 
 LATEST_VERSION = MIGRATIONS[-1].version
