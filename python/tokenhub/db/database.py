@@ -20,9 +20,9 @@ Isolation and concurrency:
   order so that two settlements cannot deadlock) and by a conditional update that refuses to go
   below an account's floor. Deadlocks and serialization failures are retried.
 
-Both run the same migrations (`tokenhub.db.schema.MIGRATIONS`, applied by
+Both run the same migrations (`tokenhub.db.schema.MIGRATIONS`, applied by the one runner,
 `tokenhub.db.migrate`), so a database made by the gateway's store and one made here are the
-same database.
+same database. The URL rules (`is_postgres`, `sqlite_path`) live here too, for every opener.
 """
 
 from __future__ import annotations
@@ -38,9 +38,50 @@ from typing import Any, Protocol, TypeVar
 T = TypeVar("T")
 Row = tuple[Any, ...]
 
+DEFAULT_DATABASE = "tokenhub.db"
+
 
 class DatabaseError(Exception):
     """The database could not be opened or a statement failed (the message says which)."""
+
+
+def is_postgres(url: str | None) -> bool:
+    """A `postgresql://` or `postgres://` URL (anything else names a SQLite file)."""
+    return url is not None and url.startswith(("postgresql://", "postgres://"))
+
+
+def sqlite_path(url: str | None) -> str:
+    """The SQLite file for a `sqlite:///abs/path.db` URL or a plain path (default
+    ./tokenhub.db). `sqlite:///x.db` is the absolute path /x.db, as in any file URL."""
+    url = url or DEFAULT_DATABASE
+    if "://" not in url:
+        if url == ":memory:":
+            raise DatabaseError("an in-memory database cannot be shared; give a file path")
+        return url
+    scheme, _, rest = url.partition("://")
+    if scheme.lower() != "sqlite":
+        raise DatabaseError(
+            f"unsupported database URL scheme {scheme!r} for a SQLite file "
+            "(PostgreSQL: postgresql://...)"
+        )
+    if not rest.startswith("/") or rest == "/":
+        shown = repr(url[:80]) + ("..." if len(url) > 80 else "")
+        raise DatabaseError(
+            f"bad database URL {shown}: use sqlite:///ABSOLUTE/PATH.db or a plain path"
+        )
+    return rest
+
+
+def drive(coro: Awaitable[T]) -> T:
+    """Run a coroutine that never suspends (store logic over a `_SqliteTx`, whose methods
+    are synchronous underneath) to its result, without an event loop."""
+    it = coro.__await__()
+    try:
+        it.send(None)
+    except StopIteration as done:
+        return done.value  # type: ignore[no-any-return]
+    it.close()
+    raise RuntimeError("drive(): the coroutine suspended (it awaited real I/O)")
 
 
 class Tx(Protocol):
@@ -71,7 +112,7 @@ async def open_database(url: str, *, migrate: bool = True) -> Database:
     """SQLite for a path or `sqlite:///...` URL, PostgreSQL for `postgresql://` /
     `postgres://`. Applies pending migrations unless `migrate=False`."""
     db: Database
-    if url.startswith(("postgresql://", "postgres://")):
+    if is_postgres(url):
         db = await PgDatabase.connect(url)
     else:
         db = SqliteDatabase(url)
@@ -128,6 +169,15 @@ class _SqliteTx:
         return None if row is None else row[0]
 
 
+_SHARED_CACHE: dict[str, str] = {}
+
+
+def sqlite_tx(conn: sqlite3.Connection) -> Tx:
+    """A `Tx` over a sqlite3 connection the caller holds (and has begun a transaction on, if
+    it writes): for synchronous code, with `drive`."""
+    return _SqliteTx(conn, _SHARED_CACHE)
+
+
 class SqliteDatabase:
     """See the module docstring. `url` is a path, `sqlite:///abs`, `sqlite:///./rel` or
     `:memory:`."""
@@ -135,10 +185,8 @@ class SqliteDatabase:
     dialect = "sqlite"
 
     def __init__(self, url: str, *, busy_timeout_ms: int = 10_000) -> None:
-        from tokenhub.store import database_path
-
         self.url = url
-        self.path = database_path(url) if url != ":memory:" else url
+        self.path = sqlite_path(url) if url != ":memory:" else url
         self._busy_timeout_ms = busy_timeout_ms
         self._cache: dict[str, str] = {}
         self._ready = threading.Event()

@@ -188,9 +188,17 @@ def _reserve(fd: int, size: int) -> None:
 
 
 def default_journal_dir(database: str | None) -> str:
-    """`<database path without suffix>-journal`, e.g. ./tokenhub.db -> ./tokenhub-journal."""
+    """`<database path without suffix>-journal`, e.g. ./tokenhub.db -> ./tokenhub-journal;
+    for a PostgreSQL URL `./<database name>-journal` (postgresql://h/billing ->
+    ./billing-journal), in the working directory, as it names no file."""
+    from tokenhub.db.database import is_postgres
     from tokenhub.store import database_path
 
+    if database is not None and is_postgres(database):
+        from urllib.parse import unquote, urlsplit
+
+        name = unquote(urlsplit(database).path.lstrip("/")) or "tokenhub"
+        return name.replace("/", "_") + "-journal"
     return str(Path(database_path(database)).with_suffix("")) + "-journal"
 
 

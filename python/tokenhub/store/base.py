@@ -1,8 +1,9 @@
 """The `Store` interface, its records and errors, and `open_store`.
 
-Every method is synchronous and may block on disk or on another writer: the server calls the
-store from worker threads (usage writes from the sink's dedicated writer thread, key reloads
-from `asyncio.to_thread`), never from the event loop.
+Every method is synchronous and may block on disk, the network or another writer: the server
+calls the store from worker threads (usage writes from the sink's dedicated writer thread, key
+reloads from `asyncio.to_thread`), never from the event loop. Two engines implement it over the
+one database layer (tokenhub.db): store/sqlite.py and store/postgres.py, sharing store/sql.py.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import msgspec
 
 from tokenhub.usage import EVENT_FIELDS, UsageEvent
 
-DEFAULT_DATABASE = "tokenhub.db"
+DEFAULT_DATABASE = "tokenhub.db"  # as tokenhub.db.database.DEFAULT_DATABASE
 # The variable naming the database for the commands (and the settler process) not given one.
 ENV_DB = "TOKENHUB_DB"
 
@@ -258,24 +259,24 @@ def _quote(s: str, limit: int = 80) -> str:
 def database_path(url: str | None) -> str:
     """The SQLite file for a `sqlite:///abs/path.db` URL or a plain path (default
     ./tokenhub.db). `sqlite:///x.db` is the absolute path /x.db, as in any file URL."""
-    url = url or DEFAULT_DATABASE
-    if "://" not in url:
-        if url == ":memory:":
-            raise StoreError("an in-memory database cannot be shared; give a file path")
-        return url
-    scheme, _, rest = url.partition("://")
-    if scheme.lower() != "sqlite":
-        raise StoreError(f"unsupported database URL scheme {scheme!r} (only sqlite for now)")
-    if not rest.startswith("/") or rest == "/":
-        raise StoreError(
-            f"bad database URL {_quote(url)}: use sqlite:///ABSOLUTE/PATH.db or a plain path"
-        )
-    return rest
+    from tokenhub.db.database import DatabaseError, sqlite_path
+
+    try:
+        return sqlite_path(url)
+    except DatabaseError as e:
+        raise StoreError(str(e)) from None
 
 
 def open_store(url: str | None = None, *, create: bool = True) -> Store:
-    """Open the store at `url` (see `database_path`). With create=False a missing database
-    is an error instead of a new empty file. Call `migrate()` before first use."""
+    """Open the store at `url`: a SQLite file (see `database_path`; with create=False a
+    missing file is an error instead of a new empty database) or a `postgresql://` URL (the
+    database must exist; `create` does not apply). Call `migrate()` before first use."""
+    from tokenhub.db.database import is_postgres
+
+    if url is not None and is_postgres(url):
+        from tokenhub.store.postgres import PgStore
+
+        return PgStore(url)
     from tokenhub.store.sqlite import SQLiteStore
 
     return SQLiteStore(database_path(url), create=create)

@@ -1,5 +1,9 @@
 """The SQLite store: stdlib sqlite3, WAL, one connection per thread.
 
+Tenants, keys, limits, the audit log and migrations are store/sql.py's, written once over
+`db.Tx` for both engines and run here over this thread's connection (`drive`: the sqlite3
+calls underneath never suspend); usage inserts, export and `sync` are SQLite's own.
+
 Thread-safety: a `SQLiteStore` is shared freely between threads; each thread gets its own
 connection on first use (threading.local), so threads never share a cursor or a transaction.
 SQLite serialises writers itself: every write is `BEGIN IMMEDIATE` (take the write lock up
@@ -40,46 +44,31 @@ the 36-byte key), page_size 2048 or 8192, mmap_size, temp_store=MEMORY, wal_auto
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import itertools
 import os
-import secrets
 import sqlite3
 import threading
-import time
-from collections.abc import Iterator, Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from typing import Any, TypeVar
 
 import msgspec
 
-from tokenhub.db.schema import CREATE_MIGRATIONS_TABLE, LATEST_VERSION, MIGRATIONS
+from tokenhub.db.database import DatabaseError, Tx, drive, sqlite_tx
+from tokenhub.db.migrate import migrate_tx, up_to_date
 from tokenhub.store.base import (
-    DISPLAY_PREFIX_LEN,
-    KEY_LIMIT_FIELDS,
-    LIMIT_FIELDS,
-    NO_LIMITS,
-    SECRET_PREFIX,
-    ActiveKey,
-    AlreadyExists,
-    ApiKey,
-    AuditEntry,
     InsertResult,
     InvalidEvents,
-    LimitRow,
-    Limits,
-    NotFound,
     StoreError,
-    Tenant,
     _quote,
-    check_secret,
-    check_tenant_name,
     event_problem,
     iter_chunks,
 )
-from tokenhub.usage import EVENT_FIELDS, MAX_TOKENS, UsageEvent
+from tokenhub.store.sql import TxStore
+from tokenhub.usage import EVENT_FIELDS, UsageEvent
+
+T = TypeVar("T")
 
 _COLS = ", ".join(EVENT_FIELDS)
-_LIMIT_COLS = ", ".join(LIMIT_FIELDS)
 _ROW = f"({', '.join('?' * len(EVENT_FIELDS))})"
 _INSERT_EVENT = (
     f"INSERT INTO usage_events ({_COLS}) VALUES {_ROW} ON CONFLICT (request_id) DO NOTHING"
@@ -103,18 +92,6 @@ def _insert_rows(n: int) -> str:
 
 
 _IN_CHUNK = 500  # ids per IN (...) list: well under every SQLite build's variable limit
-_KEY_SELECT = (
-    "SELECT k.id, k.tenant_id, t.name, k.prefix, k.created_ms, k.revoked_ms, k.updated_ms "
-    "FROM api_keys k JOIN tenants t ON t.id = k.tenant_id"
-)
-
-
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
-
-
-def _digest(secret: str) -> str:
-    return hashlib.sha256(secret.encode("utf-8")).hexdigest()
 
 
 def _one_line(e: BaseException) -> str:
@@ -127,7 +104,7 @@ def _row_event(row: Sequence[Any]) -> UsageEvent:
     return UsageEvent(**fields)
 
 
-class SQLiteStore:
+class SQLiteStore(TxStore):
     """`Store` on one SQLite file. See the module docstring for threads and pragmas."""
 
     def __init__(self, path: str, *, create: bool = True, busy_timeout_ms: int = 5000) -> None:
@@ -197,6 +174,8 @@ class SQLiteStore:
             if msg.startswith("no such table"):
                 msg = f"{msg} (the database has no tokenhub schema: run migrate)"
             raise StoreError(f"database {_quote(self.path)}: {msg}") from e
+        except DatabaseError as e:  # the migration runner's (a newer schema)
+            raise StoreError(str(e)) from e
 
     def _drop_conn(self) -> None:
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
@@ -223,264 +202,23 @@ class SQLiteStore:
                     conn.execute("ROLLBACK")
                 raise
 
-    @staticmethod
-    def _bump_marker(conn: sqlite3.Connection) -> None:
-        conn.execute("UPDATE change_marker SET value = value + 1 WHERE id = 1")
+    def _write(self, fn: Callable[[Tx], Awaitable[T]]) -> T:
+        with self._tx() as conn:
+            return drive(fn(sqlite_tx(conn)))
 
-    @staticmethod
-    def _new_id(conn: sqlite3.Connection, table: str, prefix: str) -> str:
-        # 48 random bits: collisions are rare, not impossible (1M keys: ~0.2%), so check.
-        while True:
-            new = prefix + secrets.token_hex(6)
-            if conn.execute(f"SELECT 1 FROM {table} WHERE id = ?", (new,)).fetchone() is None:
-                return new
+    def _read(self, fn: Callable[[Tx], Awaitable[T]]) -> T:
+        with self._errors():
+            return drive(fn(sqlite_tx(self._conn())))
 
     # -- schema ----------------------------------------------------------------------------
 
-    def _applied(self, conn: sqlite3.Connection) -> set[int]:
-        return {v for (v,) in conn.execute("SELECT version FROM schema_migrations")}
-
     def migrate(self) -> list[int]:
-        with self._errors():
-            conn = self._conn()
-            has_table = conn.execute(
-                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_migrations'"
-            ).fetchone()
-            if has_table and self._applied(conn) >= {m.version for m in MIGRATIONS}:
-                self._check_not_newer(self._applied(conn))
-                return []
-        done: list[int] = []
-        with self._tx() as conn:
-            conn.execute(CREATE_MIGRATIONS_TABLE)
-            applied = self._applied(conn)  # again, under the write lock: another process
-            self._check_not_newer(applied)  # may have migrated in between
-            for m in MIGRATIONS:
-                if m.version in applied:
-                    continue
-                for statement in m.statements:
-                    conn.execute(statement)
-                conn.execute(
-                    "INSERT INTO schema_migrations (version, name, applied_ms) VALUES (?, ?, ?)",
-                    (m.version, m.name, now_ms()),
-                )
-                done.append(m.version)
-        return done
-
-    def _check_not_newer(self, applied: set[int]) -> None:
-        if applied and max(applied) > LATEST_VERSION:
-            raise StoreError(
-                f"database {_quote(self.path)} has schema version {max(applied)}, newer than "
-                f"this tokenhub knows ({LATEST_VERSION}): upgrade tokenhub"
-            )
-
-    # -- tenants ---------------------------------------------------------------------------
-
-    def create_tenant(self, name: str) -> Tenant:
-        check_tenant_name(name)
-        with self._tx() as conn:
-            if conn.execute("SELECT 1 FROM tenants WHERE name = ?", (name,)).fetchone():
-                raise AlreadyExists(f"tenant {_quote(name)} already exists")
-            tenant = Tenant(
-                id=self._new_id(conn, "tenants", "ten_"), name=name, created_ms=now_ms()
-            )
-            conn.execute(
-                "INSERT INTO tenants (id, name, created_ms) VALUES (?, ?, ?)",
-                (tenant.id, tenant.name, tenant.created_ms),
-            )
-            self._bump_marker(conn)
-        return tenant
-
-    def _tenant(self, conn: sqlite3.Connection, name: str) -> Tenant:
-        row = conn.execute(
-            "SELECT id, name, created_ms FROM tenants WHERE name = ?", (name,)
-        ).fetchone()
-        if row is None:
-            raise NotFound(f"no tenant {_quote(name)}")
-        return Tenant(id=row[0], name=row[1], created_ms=row[2])
-
-    def get_tenant(self, name: str) -> Tenant:
-        with self._errors():
-            return self._tenant(self._conn(), name)
-
-    def list_tenants(self) -> list[Tenant]:
-        with self._errors():
-            rows = self._conn().execute("SELECT id, name, created_ms FROM tenants ORDER BY name")
-            return [Tenant(id=r[0], name=r[1], created_ms=r[2]) for r in rows]
-
-    # -- API keys --------------------------------------------------------------------------
-
-    def create_key(self, tenant_name: str, *, secret: str | None = None) -> tuple[ApiKey, str]:
-        if secret is None:
-            secret = SECRET_PREFIX + secrets.token_urlsafe(32)
-        else:
-            check_secret(secret)
-        digest = _digest(secret)
-        with self._tx() as conn:
-            tenant = self._tenant(conn, tenant_name)
-            if conn.execute("SELECT 1 FROM api_keys WHERE sha256 = ?", (digest,)).fetchone():
-                raise AlreadyExists("this API key already exists")
-            now = now_ms()
-            key = ApiKey(
-                id=self._new_id(conn, "api_keys", "key_"),
-                tenant_id=tenant.id,
-                tenant=tenant.name,
-                prefix=secret[:DISPLAY_PREFIX_LEN],
-                created_ms=now,
-                updated_ms=now,
-            )
-            conn.execute(
-                "INSERT INTO api_keys (id, tenant_id, prefix, sha256, created_ms, updated_ms) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
-                (key.id, key.tenant_id, key.prefix, digest, now, now),
-            )
-            self._bump_marker(conn)
-        return key, secret
-
-    @staticmethod
-    def _key(row: Sequence[Any]) -> ApiKey:
-        return ApiKey(
-            id=row[0],
-            tenant_id=row[1],
-            tenant=row[2],
-            prefix=row[3],
-            created_ms=row[4],
-            revoked_ms=row[5],
-            updated_ms=row[6],
-        )
-
-    def list_keys(self, tenant: str | None = None) -> list[ApiKey]:
-        with self._errors():
-            conn = self._conn()
-            if tenant is None:
-                rows = conn.execute(f"{_KEY_SELECT} ORDER BY t.name, k.created_ms, k.id")
-            else:
-                t = self._tenant(conn, tenant)
-                rows = conn.execute(
-                    f"{_KEY_SELECT} WHERE k.tenant_id = ? ORDER BY k.created_ms, k.id", (t.id,)
-                )
-            return [self._key(r) for r in rows]
-
-    def revoke_key(self, key_id: str) -> ApiKey:
-        with self._tx() as conn:
-            row = conn.execute(f"{_KEY_SELECT} WHERE k.id = ?", (key_id,)).fetchone()
-            if row is None:
-                raise NotFound(f"no API key {_quote(key_id)}")
-            if row[5] is not None:
-                raise StoreError(f"API key {_quote(key_id)} is already revoked")
-            now = now_ms()
-            conn.execute(
-                "UPDATE api_keys SET revoked_ms = ?, updated_ms = ? WHERE id = ?",
-                (now, now, key_id),
-            )
-            self._bump_marker(conn)
-        return msgspec.structs.replace(self._key(row), revoked_ms=now, updated_ms=now)
-
-    def active_keys(self) -> list[ActiveKey]:
-        with self._errors():
-            rows = self._conn().execute(
-                "SELECT k.sha256, k.id, t.name FROM api_keys k "
-                "JOIN tenants t ON t.id = k.tenant_id WHERE k.revoked_ms IS NULL"
-            )
-            return [ActiveKey(*r) for r in rows]
-
-    key_digests = active_keys
-
-    def change_marker(self) -> int:
-        with self._errors():
-            row = self._conn().execute("SELECT value FROM change_marker WHERE id = 1").fetchone()
-            return int(row[0]) if row else 0
-
-    # -- limits ----------------------------------------------------------------------------
-
-    def set_limits(self, scope: str, name: str, **changes: int | None) -> Limits:
-        fields = KEY_LIMIT_FIELDS if scope == "key" else LIMIT_FIELDS
-        if scope not in ("key", "tenant"):
-            raise StoreError(f"unknown limit scope {_quote(scope)}")
-        for field, value in changes.items():
-            if field not in fields:
-                raise StoreError(f"a {scope} has no limit {_quote(field)}")
-            if value is not None and (
-                isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**63
-            ):
-                raise StoreError(f"{field} must be a whole number >= 0 (got {value!r})")
-            if field == "strong_share_pct" and value is not None and value > 100:
-                raise StoreError(f"strong_share_pct is a percentage, 0 to 100 (got {value})")
-        with self._tx() as conn:
-            if scope == "key":
-                found = conn.execute("SELECT 1 FROM api_keys WHERE id = ?", (name,)).fetchone()
-                if found is None:
-                    raise NotFound(f"no API key {_quote(name)}")
-            else:
-                self._tenant(conn, name)
-            current = self._limits(conn, scope, name)
-            merged = msgspec.structs.replace(current, **changes)
-            conn.execute("DELETE FROM limits WHERE scope = ? AND name = ?", (scope, name))
-            if merged.any():
-                conn.execute(
-                    f"INSERT INTO limits (scope, name, {_LIMIT_COLS}, updated_ms) "
-                    f"VALUES (?, ?, {', '.join('?' * len(LIMIT_FIELDS))}, ?)",
-                    (scope, name, *(getattr(merged, f) for f in LIMIT_FIELDS), now_ms()),
-                )
-            self._bump_marker(conn)
-        return merged
-
-    @staticmethod
-    def _limits(conn: sqlite3.Connection, scope: str, name: str) -> Limits:
-        row = conn.execute(
-            f"SELECT {_LIMIT_COLS} FROM limits WHERE scope = ? AND name = ?",
-            (scope, name),
-        ).fetchone()
-        return NO_LIMITS if row is None else Limits(**dict(zip(LIMIT_FIELDS, row, strict=True)))
-
-    def get_limits(self, scope: str, name: str) -> Limits:
-        with self._errors():
-            return self._limits(self._conn(), scope, name)
-
-    def all_limits(self) -> list[LimitRow]:
-        with self._errors():
-            rows = self._conn().execute(
-                f"SELECT scope, name, {_LIMIT_COLS} FROM limits ORDER BY scope, name"
-            )
-            return [
-                LimitRow(r[0], r[1], Limits(**dict(zip(LIMIT_FIELDS, r[2:], strict=True))))
-                for r in rows
-            ]
-
-    def tokens_since(self, since_ms: int) -> dict[str, int]:
-        with self._errors():
-            # Each count clamped to the bounds every event obeys (tokenhub.usage.MAX_TOKENS):
-            # a row written before they were checked cannot overflow the sum (which would stop
-            # a server with daily budgets from starting) nor subtract from it.
-            rows = self._conn().execute(
-                "SELECT tenant, SUM(MIN(MAX(input_tokens, 0), ?) + MIN(MAX(output_tokens, 0), ?)) "
-                "FROM usage_events WHERE ts_ms >= ? GROUP BY tenant",
-                (MAX_TOKENS, MAX_TOKENS, since_ms),
-            )
-            return {t: int(n or 0) for t, n in rows}
-
-    # -- audit log -------------------------------------------------------------------------
-
-    def add_audit(self, kind: str, tenant: str, key_id: str, details: dict[str, Any]) -> str:
-        ts = now_ms()
-        entry_id = f"aud_{ts:012x}{secrets.token_hex(8)}"  # time-ordered, unique
-        with self._tx() as conn:
-            conn.execute(
-                "INSERT INTO audit_log (id, ts_ms, kind, tenant, key_id, details) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
-                (entry_id, ts, kind, tenant, key_id, msgspec.json.encode(details).decode()),
-            )
-        return entry_id
-
-    def audit_entries(self, since_ms: int | None = None, limit: int = 1000) -> list[AuditEntry]:
-        with self._errors():
-            rows = self._conn().execute(
-                "SELECT id, ts_ms, kind, tenant, key_id, details FROM audit_log "
-                "WHERE ts_ms >= ? ORDER BY ts_ms, id LIMIT ?",
-                (since_ms or 0, limit),
-            )
-            return [
-                AuditEntry(r[0], r[1], r[2], r[3], r[4], msgspec.json.decode(r[5])) for r in rows
-            ]
+        """The one runner (tokenhub.db.migrate) over this store's connection: a read first,
+        the write lock only when something is missing."""
+        where = _quote(self.path)
+        if self._read(lambda tx: up_to_date(tx, where)):
+            return []
+        return self._write(lambda tx: migrate_tx(tx, where))
 
     # -- usage events ----------------------------------------------------------------------
 
