@@ -14,6 +14,7 @@ import unicodedata
 import uuid
 from collections.abc import Callable, Coroutine, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -198,7 +199,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 # TOKENHUB_TEST_PG_DSN. Without one the tests that need it skip, except where a missing server
 # is a broken set-up: TOKENHUB_REQUIRE_PG=1 (.ci/run sets it) or CI, and there they fail.
 
-PG_FIXTURES = {"pg_dsn", "pg_database"}
+PG_FIXTURES = {"pg_dsn", "pg_database", "pg_databases"}
 T = TypeVar("T")
 
 
@@ -255,10 +256,10 @@ def pg_dsn() -> str:
     return dsn
 
 
-@pytest.fixture
-def pg_database(pg_dsn: str) -> Iterator[str]:
-    """A fresh, empty database for one test; yields its DSN and drops it afterwards, along with
-    any connections the test left open."""
+@contextmanager
+def fresh_pg_database(pg_dsn: str) -> Iterator[str]:
+    """A fresh, empty database on the test server; yields its DSN and drops it afterwards, along
+    with any connections left open (for fixtures of any scope)."""
     name = f"tokenhub_t_{os.getpid()}_{uuid.uuid4().hex[:12]}"
 
     async def execute(sql: str) -> None:
@@ -273,3 +274,18 @@ def pg_database(pg_dsn: str) -> Iterator[str]:
         yield _with_database(pg_dsn, name)
     finally:
         _run(execute(f"DROP DATABASE IF EXISTS {_quote_ident(name)} WITH (FORCE)"))
+
+
+@pytest.fixture
+def pg_database(pg_dsn: str) -> Iterator[str]:
+    """A fresh, empty database for one test; yields its DSN and drops it afterwards, along with
+    any connections the test left open."""
+    with fresh_pg_database(pg_dsn) as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def pg_databases(pg_dsn: str) -> Callable[[], AbstractContextManager[str]]:
+    """`fresh_pg_database` on the test server, for fixtures wider than one test: `with
+    pg_databases() as url: ...`."""
+    return lambda: fresh_pg_database(pg_dsn)

@@ -20,6 +20,39 @@ def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hub]:
         h.close()
 
 
+# The database engines the end-to-end tests run on: SQLite, and PostgreSQL on a fresh database
+# of the test server (TOKENHUB_TEST_PG_DSN; without one the postgresql cases skip, see
+# tests/conftest.py).
+ENGINES = ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)]
+
+
+@pytest.fixture(scope="module", params=ENGINES)
+def engine_hub(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Hub]:
+    """The session's hub (SQLite), then a hub of the module's own on PostgreSQL: a module
+    that defines `hub` as this fixture runs every test on both engines."""
+    if request.param == "sqlite":
+        yield request.getfixturevalue("hub")
+        return
+    with request.getfixturevalue("pg_databases")() as url:
+        h = Hub(tmp_path_factory.mktemp("pghub"), database=url)
+        try:
+            yield h
+        finally:
+            h.close()
+
+
+@pytest.fixture(params=ENGINES)
+def database(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """The database of a test run on both engines: a SQLite file in tmp_path, or the URL of
+    a fresh PostgreSQL database."""
+    if request.param == "sqlite":
+        yield str(tmp_path / "hub.db")
+    else:
+        yield request.getfixturevalue("pg_database")
+
+
 @pytest.fixture(autouse=True)
 def _fresh_routing(request: pytest.FixtureRequest) -> None:
     """Router state (circuit breakers, affinity, SWRR positions) starts afresh for each test

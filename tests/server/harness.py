@@ -9,9 +9,9 @@ A `Hub` runs, in one background thread with its own (uvloop) event loop:
 - a small scripted upstream whose usage blocks are fixed per model (explicit zero usage, cached
   tokens in OpenAI's and DeepSeek's spelling), which the mock cannot produce;
 - the gateway, built by the composition root `tokenhub serve` uses
-  (`tokenhub.runtime.resources.build_app` and `build_runner`) on a SQLite store, a journal and
-  an anonymous quota table, served on a SO_REUSEPORT socket (a test may swap the journal for a
-  subclass, e.g. a stalling disk).
+  (`tokenhub.runtime.resources.build_app` and `build_runner`) on a store (SQLite, or the
+  PostgreSQL database given), a journal and an anonymous quota table, served on a SO_REUSEPORT
+  socket (a test may swap the journal for a subclass, e.g. a stalling disk).
 
 Because the servers have their own loop, the test thread can use the official synchronous
 `openai.OpenAI` client, and async tests can use `openai.AsyncOpenAI` on theirs.
@@ -289,16 +289,21 @@ async def _serve(app: web.Application, **runner_kw: Any) -> tuple[web.AppRunner,
 class Hub:
     """Mock upstreams plus a gateway on ephemeral ports, and what tests need to inspect them."""
 
-    def __init__(self, tmp: Path, *, journal_cls: type[Journal] = Journal) -> None:
+    def __init__(
+        self, tmp: Path, *, journal_cls: type[Journal] = Journal, database: str | None = None
+    ) -> None:
+        """`database`: a PostgreSQL URL (an empty database) for a hub on PostgreSQL; by
+        default a SQLite file in `tmp`."""
         self.tmp = tmp
         self.journal_cls = journal_cls
         self.db_path = tmp / "tokenhub.db"
+        self.database = database or str(self.db_path)
         self.journal_dir = tmp / "journal"
         self._thread = LoopThread()
         self._runners: list[web.AppRunner] = []
         self.mock_base: dict[str, str] = {}  # provider name -> http://127.0.0.1:port
         self.dead_port = free_port()
-        self.store: Store = open_store(str(self.db_path))
+        self.store: Store = open_store(self.database)
         self.store.migrate()
         self.store.create_tenant(TENANT)
         api_key, self.secret = self.store.create_key(TENANT)
@@ -320,7 +325,7 @@ class Hub:
             {n: b + "/v1" for n, b in self.mock_base.items()},
             scripted + "/v1",
             f"http://127.0.0.1:{self.dead_port}/v1",
-            str(self.db_path),
+            self.database,
             str(self.journal_dir),
         )
         await self._start_gateway()

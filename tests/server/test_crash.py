@@ -3,9 +3,9 @@ is lost, doubled or invented. And the order that makes this possible: a request'
 the journal before its client has the whole response.
 
 Real processes: `tokenhub mock-upstream` (150 ms per request, so requests overlap) and
-`tokenhub serve --config FILE` on a SQLite file prepared with the store API. 200 requests, 32
-at a time; the gateway is SIGKILLed once 48 complete responses have arrived, then started
-again on the same database.
+`tokenhub serve --config FILE` on a database prepared with the store API: a SQLite file, and
+a PostgreSQL database. 200 requests, 32 at a time; the gateway is SIGKILLed once 48 complete
+responses have arrived, then started again on the same database.
 """
 
 from __future__ import annotations
@@ -136,7 +136,9 @@ async def burst(url: str, secret: str, kill: Any) -> list[Outcome]:
     return outcomes
 
 
-def test_kill_9_mid_burst_loses_and_doubles_nothing(tmp_path: Path, processes: Processes) -> None:
+def test_kill_9_mid_burst_loses_and_doubles_nothing(
+    tmp_path: Path, processes: Processes, database: str
+) -> None:
     mock_port, port = free_port(), free_port()
     mock = processes.start(
         "mock",
@@ -146,7 +148,9 @@ def test_kill_9_mid_burst_loses_and_doubles_nothing(tmp_path: Path, processes: P
         "--model", "gpt-4o-mini",
     )  # fmt: skip
     mock_base = f"http://127.0.0.1:{mock_port}"
-    db = tmp_path / "hub.db"
+    db = database  # a SQLite file in tmp_path, or a PostgreSQL URL
+    # SQLite: the journal beside the file, by default; a URL names no directory.
+    journal = "" if db.endswith(".db") else f'journal_dir = "{tmp_path / "journal"}"'
     config = tmp_path / "tokenhub.toml"
     config.write_text(
         f"""
@@ -154,6 +158,7 @@ def test_kill_9_mid_burst_loses_and_doubles_nothing(tmp_path: Path, processes: P
 host = "127.0.0.1"
 port = {port}
 database = "{db}"
+{journal}
 key_refresh_s = 0.2
 
 [[providers]]
@@ -169,7 +174,7 @@ id = "gpt-4o-mini"
 """,
         encoding="utf-8",
     )
-    store: Store = open_store(str(db))
+    store: Store = open_store(db)
     try:
         store.migrate()
         store.create_tenant("crash")

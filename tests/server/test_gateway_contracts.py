@@ -81,10 +81,20 @@ class Site:
 
 
 @pytest.fixture
-def site(tmp_path: Path, mock: str) -> Iterator[Site]:
+def site_db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """The site's database: a SQLite file, or with `indirect` parameter "postgresql" a fresh
+    PostgreSQL database (the burst runs on both)."""
+    if getattr(request, "param", "sqlite") == "sqlite":
+        yield str(tmp_path / "hub.db")
+    else:
+        yield request.getfixturevalue("pg_database")
+
+
+@pytest.fixture
+def site(tmp_path: Path, mock: str, site_db: str) -> Iterator[Site]:
     http_json(mock + "/mock/reset", method="POST")
     port = free_port()
-    db = str(tmp_path / "hub.db")
+    db = site_db
     billing = "[billing]\nsettle_interval_s = 0.3\nadmission = true\n"
     models = {"gpt-4o-mini": VOCAB, "unpriced": VOCAB}
     config = write_config(tmp_path, port, db, mock, models=models, extra=billing)
@@ -184,6 +194,9 @@ def _table(gw: Proc) -> Quota:
     return Quota.attach(f"/dev/shm/tokenhub-quota-{gw.pid}")
 
 
+@pytest.mark.parametrize(
+    "site_db", ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)], indirect=True
+)
 @pytest.mark.parametrize("workers", [1, 2])
 def test_a_wallet_under_a_burst_is_never_overdrawn(site: Site, procs: Procs, workers: int) -> None:
     prompt = Meter.load(VOCAB).count_messages(MESSAGES)

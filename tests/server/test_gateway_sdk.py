@@ -1,5 +1,6 @@
 """The official openai SDK, sync and async, through the gateway: every request's usage event
-equals the usage the client saw and the mock upstream's own record of what it served."""
+equals the usage the client saw and the mock upstream's own record of what it served. Every
+test runs twice: on the session's hub (SQLite) and on a hub whose store is PostgreSQL."""
 
 from __future__ import annotations
 
@@ -17,6 +18,12 @@ MESSAGES: list[ChatCompletionMessageParam] = [
 pytestmark = IGNORE_REQUEST_KEY_WARNING
 
 CHAT_MODELS = {"gpt-4o-mini": "cl100k_base", "qwen-plus": "qwen", "deepseek-chat": "deepseek-v4"}
+
+
+@pytest.fixture(scope="module")
+def hub(engine_hub: Hub) -> Hub:
+    """This module's tests run on both engines (tests/server/conftest.py: engine_hub)."""
+    return engine_hub
 
 
 @pytest.fixture(scope="module")
