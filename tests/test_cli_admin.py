@@ -15,7 +15,7 @@ import msgspec
 import pytest
 
 from tokenhub.cli import admin
-from tokenhub.store.sqlite import SQLiteStore
+from tokenhub.store import open_store
 from tokenhub.usage import EVENT_FIELDS, UsageEvent
 
 
@@ -137,13 +137,15 @@ def test_db_defaults_to_env_then_cwd(
     assert code == 0 and "here" in out and "there" not in out
 
 
-@pytest.fixture
-def filled(db: str) -> str:
-    s = SQLiteStore(db)
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def filled(request: pytest.FixtureRequest, db: str) -> str:
+    """A database with 48 events: the SQLite file `db`, or a fresh PostgreSQL database."""
+    url = db if request.param == "sqlite" else request.getfixturevalue("pg_database")
+    s = open_store(url)
     s.migrate()
     s.insert_events([event(i) for i in range(48)])  # two days, one per hour
     s.close()
-    return db
+    return url
 
 
 def test_export_jsonl(capsysbinary: pytest.CaptureFixture[bytes], filled: str) -> None:
@@ -266,3 +268,50 @@ def test_real_process(tmp_path: Path) -> None:
     assert r.stderr == f"tokenhub: error: API key '{key['id']}' is already revoked\n"
     r = cli("events", "export", "--format", "csv", "--db", db)
     assert (r.returncode, r.stdout) == (0, ",".join(EVENT_FIELDS) + "\n")
+
+
+def test_tenants_keys_limits_and_audit_on_postgresql(
+    capsys: pytest.CaptureFixture[str], pg_database: str
+) -> None:
+    """The admin commands on a PostgreSQL URL: the same outputs and errors as on SQLite."""
+    db = pg_database
+    code, out, _ = run(capsys, "tenants", "create", "acme", "--db", db)
+    assert code == 0 and out.startswith("created tenant 'acme' (ten_")
+    code, _, err = run(capsys, "tenants", "create", "acme", "--db", db)
+    assert (code, err) == (2, "tokenhub: error: tenant 'acme' already exists\n")
+    code, out, _ = run(capsys, "keys", "create", "--tenant", "acme", "--json", "--db", db)
+    key = json.loads(out)
+    assert code == 0 and key["secret"].startswith("th-")
+    code, out, _ = run(capsys, "keys", "limit", key["id"], "--rpm", "5", "--db", db)
+    assert code == 0, out
+    code, out, _ = run(capsys, "tenants", "limit", "acme", "--tpm", "1000", "--db", db)
+    assert code == 0, out
+    code, out, _ = run(capsys, "keys", "list", "--json", "--db", db)
+    [listed] = json.loads(out)
+    assert (listed["id"], listed["limits"]["rpm"]) == (key["id"], 5)
+    assert key["secret"] not in out
+    code, out, _ = run(capsys, "tenants", "list", "--json", "--db", db)
+    [t] = json.loads(out)
+    assert (t["name"], t["active_keys"], t["limits"]["tpm"]) == ("acme", 1, 1000)
+    code, out, _ = run(capsys, "keys", "revoke", key["id"], "--db", db)
+    assert code == 0 and out.startswith(f"revoked API key {key['id']} (tenant 'acme'")
+    code, _, err = run(capsys, "keys", "revoke", key["id"], "--db", db)
+    assert (code, err) == (2, f"tokenhub: error: API key '{key['id']}' is already revoked\n")
+
+    s = open_store(db)
+    s.add_audit("guard_throttle", "acme", key["id"], {"tpm": 9000})
+    s.close()
+    code, out, err = run(capsys, "audit", "--json", "--db", db)
+    assert code == 0, err
+    [entry] = [json.loads(line) for line in out.splitlines()]
+    assert (entry["kind"], entry["key_id"], entry["details"]) == (
+        "guard_throttle", key["id"], {"tpm": 9000})  # fmt: skip
+
+
+def test_a_postgresql_server_that_does_not_answer(capsys: pytest.CaptureFixture[str]) -> None:
+    """One line, exit 2, and never the password of the URL."""
+    url = "postgresql://someone:s3cret@127.0.0.1:1/nothing"
+    code, _, err = run(capsys, "tenants", "list", "--db", url)
+    assert code == 2 and err.count("\n") == 1, err
+    assert err.startswith("tokenhub: error: ") and "cannot connect to PostgreSQL" in err, err
+    assert "s3cret" not in err

@@ -1,7 +1,8 @@
 """Admin commands: `tokenhub tenants ...`, `tokenhub keys ...`, `tokenhub events export`.
 
 `add_cli(sub)` adds them to the `tokenhub` argparse subparsers. Every command takes
-`--db URL_OR_PATH` (default: $TOKENHUB_DB, else ./tokenhub.db), returns an exit status, and
+`--db URL_OR_PATH` (a SQLite path or a postgresql:// URL; default: $TOKENHUB_DB, else
+./tokenhub.db), returns an exit status, and
 reports errors as one line `tokenhub: error: ...` on stderr with status 1 (2 for a bad limit
 value, with nothing changed). Running gateways pick up new and revoked keys, and limits set with
 `keys limit` / `tenants limit`, within about a second (they poll the store's change marker).
@@ -69,7 +70,8 @@ def db_url(args: argparse.Namespace) -> str:
 
 @contextmanager
 def _store(args: argparse.Namespace, *, create: bool = False) -> Iterator[Store]:
-    """The migrated store; only commands that create something may create the database."""
+    """The migrated store (SQLite or PostgreSQL); only commands that create something may
+    create a SQLite file (a PostgreSQL database must exist: its tables are created)."""
     store = open_store(db_url(args), create=create)
     try:
         store.migrate()
@@ -411,8 +413,8 @@ def _add_db(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--db",
         metavar="URL_OR_PATH",
-        help=f"database: a path or sqlite:///ABSOLUTE/PATH (default: ${ENV_DB}, else "
-        f"./{DEFAULT_DATABASE})",
+        help="database: a SQLite path or sqlite:///ABSOLUTE/PATH, or a PostgreSQL URL "
+        f"postgresql://USER@HOST/DB (default: ${ENV_DB}, else ./{DEFAULT_DATABASE})",
     )
 
 
