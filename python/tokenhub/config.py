@@ -131,8 +131,8 @@ class Model(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 class ServerSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     host: str = "127.0.0.1"
     port: int = 8080
-    database: str = "tokenhub.db"  # path or sqlite:/// URL
-    journal_dir: str = ""  # default: "<database path>-journal"
+    database: str = "tokenhub.db"  # SQLite path, sqlite:/// URL or postgresql:// URL
+    journal_dir: str = ""  # default: "<database path>-journal" (PostgreSQL: "./<db name>-journal")
     # Size of a usage-journal segment, reserved on disk when it starts (smaller for a small
     # disk: the journal refuses requests once it cannot start the next one).
     journal_segment_bytes: int = 8 * 1024 * 1024

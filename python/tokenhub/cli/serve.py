@@ -123,17 +123,23 @@ def add_cli(sub: Any) -> None:
         description="Run the gateway: an OpenAI-compatible API in front of the providers and "
         "models of the config file, routing each request (the models' policies, health and "
         "affinity), enforcing the keys' and tenants' limits, and metering every request into "
-        "the database. With [billing] settle_interval_s it also starts a settler process that "
-        "bills the usage into the ledger, and with [billing] admission = true it admits a "
-        "request only if the tenant's contracts can pay for it. The deployments' prices in "
-        "the config go into the price book at start where they differ from it (a model's "
-        "first price in force from the epoch, a changed one from now; each said on stderr). "
-        "Tenants, keys and limits are managed with 'tokenhub tenants' and 'tokenhub keys'.",
+        "the database (SQLite or PostgreSQL). With [billing] settle_interval_s it also starts "
+        "a settler process that bills the usage into the ledger, and with [billing] "
+        "admission = true it admits a request only if the tenant's contracts can pay for it. "
+        "The deployments' prices in the config go into the price book at start where they "
+        "differ from it (a model's first price in force from the epoch, a changed one from "
+        "now; each said on stderr). Tenants, keys and limits are managed with "
+        "'tokenhub tenants' and 'tokenhub keys'.",
     )
     p.add_argument("--config", metavar="FILE", help="TOML config: server, providers, models")
     p.add_argument("--host", help="address to listen on (default from config: 127.0.0.1)")
     p.add_argument("--port", type=int, help="port to listen on (default from config: 8080)")
-    p.add_argument("--db", metavar="URL_OR_PATH", help="database (overrides server.database)")
+    p.add_argument(
+        "--db",
+        metavar="URL_OR_PATH",
+        help="database: a SQLite path (or sqlite:///ABSOLUTE/PATH) or a PostgreSQL URL "
+        "postgresql://USER@HOST/DB (overrides server.database)",
+    )
     p.add_argument(
         "--workers",
         type=int,

@@ -50,6 +50,19 @@ def is_postgres(url: str | None) -> bool:
     return url is not None and url.startswith(("postgresql://", "postgres://"))
 
 
+def redacted(url: str) -> str:
+    """`url` for a message or a log line: a URL's password replaced by ***."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    if "://" not in url:
+        return url
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
+
+
 def sqlite_path(url: str | None) -> str:
     """The SQLite file for a `sqlite:///abs/path.db` URL or a plain path (default
     ./tokenhub.db). `sqlite:///x.db` is the absolute path /x.db, as in any file URL."""

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import time
 
-from tokenhub.db.database import Database, DatabaseError, Tx
+from tokenhub.db.database import Database, DatabaseError, Tx, redacted
 from tokenhub.db.schema import CREATE_MIGRATIONS_TABLE, LATEST_VERSION, MIGRATIONS
 
 # pg_advisory_xact_lock key of the runner: "tokenhub" read as a number, unlikely to collide.
@@ -96,13 +96,4 @@ async def apply_migrations(db: Database) -> list[int]:
 
 def where_is(url: str) -> str:
     """The database for a message: quoted, a URL without its password."""
-    from urllib.parse import urlsplit, urlunsplit
-
-    if "://" in url:
-        parts = urlsplit(url)
-        if parts.password:
-            netloc = parts.netloc.rpartition("@")
-            host = netloc[2]
-            user = parts.username or ""
-            return repr(urlunsplit(parts._replace(netloc=f"{user}:***@{host}")))
-    return repr(url)
+    return repr(redacted(url))

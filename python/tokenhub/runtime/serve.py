@@ -8,9 +8,11 @@ With `--workers N` (N > 1) the process started becomes a supervisor that serves 
       └─ ...    then: forward SIGTERM/SIGINT, restart a worker that dies, give up on a crash loop
 
 Each worker is the whole gateway (event loop, upstream pools, key cache, usage sink); they share
-the database, the port and whatever `before_fork()` returns (the seam for the shared-memory
-quota table). The parent creates no event loop and no thread, and closes its database connection
-before the first fork, so a worker (and one restarted later) starts from a clean process. Every
+the database (a SQLite file or PostgreSQL), the port and whatever `before_fork()` returns (the
+seam for the shared-memory quota table). The parent creates no event loop and no thread that
+outlives its preparation (the PostgreSQL store's loop thread stops when the store closes), and
+closes its database connections before the first fork, so a worker (and one restarted later)
+starts from a clean process. Every
 response of a worker carries `x-tokenhub-worker: k`. The parent exits 0 when every worker shut
 down cleanly after SIGTERM/SIGINT (a second one kills them: their journals keep the rest); 1 when
 a worker failed to start or to shut down, or when workers exit more than MAX_CRASHES times in
@@ -114,8 +116,11 @@ async def serve(
     sys.setswitchinterval(SWITCH_INTERVAL_S)
     host, port = sock.getsockname()[:2]
     if worker is None:
+        from tokenhub.db.database import redacted
+
         print(
-            f"tokenhub: serving on http://{host}:{port}/v1 (database {cfg.server.database})",
+            f"tokenhub: serving on http://{host}:{port}/v1 "
+            f"(database {redacted(cfg.server.database)})",
             flush=True,
         )
         if demo:

@@ -111,7 +111,7 @@ def serve_workers(cfg: Config, count: int, *, demo: bool, demo_key: str | None) 
             os.close(lock_fd)
         raise
     finally:
-        store.close()  # an SQLite connection must not cross a fork
+        store.close()  # no connection (nor the PostgreSQL store's thread) may cross a fork
     shared = SharedState()
     try:
         shared = before_fork(cfg)
