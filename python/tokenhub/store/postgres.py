@@ -21,6 +21,12 @@ What differs from SQLite, and why:
   commit under the default synchronous_commit), so the journal may drop what it committed.
 - Values PostgreSQL refuses that SQLite takes (status or attempts beyond 32 bits, NUL in text)
   make an event unstorable for good: InvalidEvents names them, the sink sets them aside.
+
+Performance notes (benches/bench_store_engines.py, 20k events, 2-core VM, PostgreSQL 15 on the
+same machine; CPU of the gateway's process, all threads): 26 µs per event in batches of 50 and
+9.2 µs in batches of 1000, against SQLite's 13.9 and 5.3 in the same run; wall time 80 / 33 µs
+(a round trip per batch, the server's work). Off the response path, as on SQLite: the sink's
+writer thread waits, the event loop does not. Not tried yet: COPY into a temporary table.
 """
 
 from __future__ import annotations
