@@ -65,9 +65,9 @@ def test_packages_first_then_the_wallet_at_the_list_price() -> None:
     t = terms(lot("L1", qty=300), lot("L2", qty=200))
     avail = {lot_pot(t.lots[T][0]): 300, lot_pot(t.lots[T][1]): 150, money_pot(T): 10**12}
     lines = [400, 0, 600]
-    draws, rest = plan(t, T, "m", 1, lines, avail.__getitem__)
-    assert rest == [0, 0, 0]
-    assert [(d.pot, d.amount) for d in draws] == [
+    o = plan(t, T, "m", 1, lines, avail.__getitem__)
+    assert o.paid
+    assert [(d.pot, d.amount) for d in o.draws] == [
         ("pot:t:L1", 300),
         ("pot:t:L2", 150),
         # The packages take the 400 input tokens and 50 output ones; 550 output tokens are
@@ -82,8 +82,9 @@ def test_exhausted_package_with_overage_in_another_currency() -> None:
         cur="CNY",
         fx={("USD", "CNY"): "7.1"},
     )
-    draws, rest = plan(t, T, "m", 1, [50, 0, 250], {"pot:t:L1": 100, "pot:m:acme": 10**12}.get)
-    assert rest == [0, 0, 0]
+    o = plan(t, T, "m", 1, [50, 0, 250], {"pot:t:L1": 100, "pot:m:acme": 10**12}.get)
+    draws = o.draws
+    assert o.paid
     assert draws[0].amount == 100
     # Overage prices the lines' sum (as settlement does), converted at the FX rate.
     assert draws[1].amount == convert(rate(200, 3 * USD_1M), Decimal("7.1"))
@@ -95,28 +96,40 @@ def test_points_then_discounted_wallet_and_what_is_short() -> None:
     t = terms(pts, discount=100_000, prices=(price(points=4 * 10**9),))
     # 0.5 points: at 4 points per 1M tokens, 125,000 tokens.
     avail = {"pot:p:P1": 500_000_000, "pot:m:acme": 0}
-    draws, rest = plan(t, T, "m", 1, [100_000, 0, 100_000], avail.get)
-    assert [(d.pot, d.amount) for d in draws] == [("pot:p:P1", 500_000_000)]
-    assert rest == [0, 0, 75_000]
+    o = plan(t, T, "m", 1, [100_000, 0, 100_000], avail.get)
+    gross = rate(75_000, 8 * USD_1M)
+    assert [(d.pot, d.amount) for d in o.draws] == [
+        ("pot:p:P1", 500_000_000),
+        ("pot:m:acme", gross - gross // 10),
+    ]
+    # The wallet takes the 75,000 output tokens the points could not pay, and can pay none.
+    assert o.draws[1].tokens == (0, 0, 75_000)
+    assert o.overrun == o.draws[1].unpaid == gross - gross // 10 and not o.paid
     # With money, the rest goes there at the discounted price.
     avail["pot:m:acme"] = 10**12
-    draws, rest = plan(t, T, "m", 1, [100_000, 0, 100_000], avail.get)
-    gross = rate(75_000, 8 * USD_1M)
-    assert draws[1].amount == gross - gross // 10 and rest == [0, 0, 0]
+    o = plan(t, T, "m", 1, [100_000, 0, 100_000], avail.get)
+    assert o.draws[1].amount == gross - gross // 10 and o.paid
 
 
 def test_a_model_without_a_price_cannot_be_paid_from_money() -> None:
     t = terms(lot("L1", qty=100), prices=())
-    draws, rest = plan(t, T, "m", 1, [60, 0, 40], {"pot:t:L1": 100}.get)
-    assert rest == [0, 0, 0] and len(draws) == 1  # the package needs no price
+    o = plan(t, T, "m", 1, [60, 0, 40], {"pot:t:L1": 100}.get)
+    assert o.paid and len(o.draws) == 1  # the package needs no price
     with pytest.raises(NotPriced, match="no price for tenant acme"):
         plan(t, T, "m", 1, [60, 0, 41], {"pot:t:L1": 100, "pot:m:acme": 10**9}.get)
 
 
 def test_lots_outside_their_scope_or_window_are_not_drawn() -> None:
     t = terms(lot("L1", models=("other",)), lot("L2", start_ms=10), order=("package",))
-    draws, rest = plan(t, T, "m", 5, [10, 0, 0], {"pot:t:L1": 100, "pot:t:L2": 100}.get)
-    assert (draws, rest) == ([], [10, 0, 0])
+    o = plan(t, T, "m", 5, [10, 0, 0], {"pot:t:L1": 100, "pot:t:L2": 100}.get)
+    # Nothing in the order takes them: priced, and unpaid (what settlement posts as overrun).
+    assert [(d.source, d.tokens, d.unpaid) for d in o.draws] == [
+        ("overrun", (10, 0, 0), rate(10, 2 * USD_1M))
+    ]
+    assert not o.paid
+    t.prices.clear()  # without a price, the tokens are left as they are
+    o = plan(t, T, "m", 5, [10, 0, 0], {"pot:t:L1": 100, "pot:t:L2": 100}.get)
+    assert (o.draws, o.rest) == ([], [10, 0, 0])
 
 
 def test_replay_fills_the_draws_in_order_and_puts_overruns_on_the_last() -> None:

@@ -60,29 +60,34 @@ than was reserved (it is refused when the wallet cannot, and the rest is drawn a
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import os
 import time
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
-from decimal import Decimal
-from typing import Any
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 
-from tokenhub.billing.service import (
-    PPM,
-    PRICE_COLS,
+from tokenhub.billing.draw import (
+    NotPriced,
+    Outcome,
+    Rule,
+    draw,
+    lot_pot,
+    money_pot,
+    pot_dim,
+    take_lines,
+)
+from tokenhub.billing.terms import (
+    LOT_COLS,
     PROFILE_COLS,
-    Lot,
-    Price,
     Profile,
-    fx_in,
-    price_in,
+    Terms,
+    TermsCache,
+    load_terms,
+    lot_from_row,
     profile_from_row,
 )
 from tokenhub.db.database import Database, Tx
-from tokenhub.money import convert, div_half_even, fmt, fmt_units, rate
+from tokenhub.money import fmt, fmt_units
 from tokenhub.quota import UNLIMITED, Quota, Refusal, Reservation
 from tokenhub.usage import UsageEvent
 
@@ -91,77 +96,12 @@ log = logging.getLogger("tokenhub.contracts")
 EPOCH_ACCOUNT = "meta:epoch"  # its requests limit: the table's epoch
 READY_ACCOUNT = "meta:contracts"  # its requests limit: 1 once worker 1 has published the pots
 TRANCHE = 1024  # output tokens a stream reserves at a time
-LINES = 3  # uncached input, cached input, output
-
-
-def money_pot(tenant: str) -> str:
-    return f"pot:m:{tenant}"
-
-
-def lot_pot(lot: Lot) -> str:
-    return f"pot:{'t' if lot.kind == 'package' else 'p'}:{lot.id}"
-
-
-def pot_dim(pot: str) -> str:
-    """The table budget a pot uses: tokens for packages, money for points and money."""
-    return "tokens" if pot.startswith("pot:t:") else "money"
-
-
-def _take_lines(remaining: list[int], n: int) -> list[int]:
-    """Takes n tokens from the lines in order (uncached input, cached input, output)."""
-    took = [0, 0, 0]
-    for i in range(LINES):
-        k = min(remaining[i], n)
-        took[i] = k
-        remaining[i] -= k
-        n -= k
-    return took
-
-
-@dataclass(frozen=True, slots=True)
-class Rule:
-    """How tokens cost in a pot's unit: 1 per token (package), or priced per line."""
-
-    kind: str  # package | points | price | overage | topup
-    per_1m: tuple[int, int, int] = (0, 0, 0)
-    discount_ppm: int = 0
-    fx: Decimal | None = None  # into the tenant's currency
-    whole: bool = False  # price the lines' sum at per_1m[0] (overage, as settlement does)
-
-    def cost(self, lines: Sequence[int]) -> int:
-        if self.kind == "package":
-            return sum(lines)
-        if self.whole:
-            gross = rate(sum(lines), self.per_1m[0])
-        else:
-            gross = sum(rate(n, p) for n, p in zip(lines, self.per_1m, strict=True))
-        if self.discount_ppm:
-            gross -= div_half_even(gross * self.discount_ppm, PPM)
-        return convert(gross, self.fx) if self.fx is not None else gross
-
-    def afford(self, lines: Sequence[int], budget: int) -> tuple[int, int]:
-        """The most tokens (taken from the lines in order) whose cost fits `budget`, and that
-        cost."""
-        total = sum(lines)
-        if self.kind == "package":
-            n = max(0, min(total, budget))
-            return n, n
-        whole = self.cost(lines)
-        if whole <= budget:
-            return total, whole  # the usual case: one pricing, no search
-        lo, hi, cost_lo = 0, total, 0  # cost(lo) <= budget < cost(hi)
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            c = self.cost(_take_lines(list(lines), mid))
-            if c <= budget:
-                lo, cost_lo = mid, c
-            else:
-                hi = mid
-        return lo, cost_lo
 
 
 @dataclass(slots=True)
 class Draw:
+    """What a hold reserved on one pot, priced by `rule` (for charging the actual usage)."""
+
     pot: str
     rule: Rule
     amount: int  # reserved, in the pot's unit
@@ -189,70 +129,7 @@ class NotReady(Exception):
     """Worker 1 has not published the pots yet (the server is starting)."""
 
 
-class NotPriced(Exception):
-    def __init__(self, model: str, tenant: str) -> None:
-        super().__init__(
-            f"The model '{model}' has no price for tenant {tenant} yet, so it cannot be "
-            "charged; ask the operator to set one (tokenhub prices set)."
-        )
-
-
-# -- what the contracts are (loaded from the billing database) --------------------------------
-
-
-@dataclass
-class Terms:
-    """Profiles, active lots, prices and FX rates: everything pricing needs, per worker."""
-
-    profiles: dict[str, Profile] = field(default_factory=dict)
-    lots: dict[str, list[Lot]] = field(default_factory=dict)
-    prices: dict[tuple[str, str], list[Price]] = field(default_factory=dict)
-    fx: dict[tuple[str, str], list[tuple[int, Decimal]]] = field(default_factory=dict)
-
-    def profile(self, tenant: str) -> Profile:
-        return self.profiles.get(tenant) or Profile(tenant)
-
-    def price(self, model: str, tenant: str, ts_ms: int) -> Price | None:
-        return price_in(self.prices, model, tenant, ts_ms)
-
-    def rate(self, base: str, quote: str, ts_ms: int) -> Decimal | None:
-        """base -> quote as settlement finds it (None: the same currency)."""
-        if base == quote:
-            return None
-        found = fx_in(self.fx, base, quote, ts_ms)
-        if found is None:
-            raise LookupError(f"no FX rate {base}->{quote}")
-        return found[0]
-
-
-async def load_terms(db: Database) -> Terms:
-    from tokenhub.billing.service import _LOT_COLS, _lot
-
-    async def run(tx: Tx) -> Terms:
-        t = Terms()
-        for row in await tx.fetch(f"SELECT {PROFILE_COLS} FROM billing_profiles"):
-            t.profiles[row[0]] = profile_from_row(row)
-        for r in await tx.fetch(
-            f"SELECT {_LOT_COLS} FROM lots WHERE status = 'active' "
-            "ORDER BY end_ms IS NULL, end_ms, start_ms, id"
-        ):
-            lot = _lot(r)
-            t.lots.setdefault(lot.tenant, []).append(lot)
-        for r in await tx.fetch(
-            f"SELECT {PRICE_COLS} FROM prices ORDER BY effective_ms DESC, version DESC"
-        ):
-            p = Price(*r)
-            t.prices.setdefault((p.model, p.tenant), []).append(p)
-        for base, quote, eff, r in await tx.fetch(
-            "SELECT base, quote, effective_ms, rate FROM fx_rates ORDER BY effective_ms DESC"
-        ):
-            t.fx.setdefault((base, quote), []).append((eff, Decimal(r)))
-        return t
-
-    return await db.transaction(run)
-
-
-# -- planning: which pots pay for how much ----------------------------------------------------
+# -- planning: the draw order (tokenhub.billing.draw) over the pots ---------------------------
 
 
 def _avail(quota: Quota, pot: str) -> int:
@@ -269,75 +146,37 @@ def plan(
     tenant: str,
     model: str,
     ts_ms: int,
-    lines: list[int],
-    avail: Any,
-) -> tuple[list[Draw], list[int]]:
-    """Splits `lines` over the tenant's pots in its draw order, each up to `avail(pot)`.
-    Returns the draws and what is left uncovered (all zero when the contracts can pay).
-    `lines` is consumed."""
-    prof = terms.profile(tenant)
-    cur = prof.currency
-    lots = [x for x in terms.lots.get(tenant, ()) if x.covers(model, ts_ms)]
-    draws: list[Draw] = []
-    spent: dict[str, int] = {}
+    lines: Sequence[int],
+    avail: Callable[[str], int],
+) -> Outcome:
+    """The draw order over the tenant's pots, each up to `avail(pot)`: the same function
+    settlement posts with (`tokenhub.billing.draw.draw`)."""
+    return draw(
+        terms.profile(tenant),
+        terms.lots.get(tenant, ()),
+        terms.price(model, tenant, ts_ms),
+        lambda b, q: terms.rate(b, q, ts_ms),
+        model,
+        ts_ms,
+        lines,
+        avail,
+    )
 
-    def left(pot: str) -> int:
-        return int(avail(pot)) - spent.get(pot, 0)
 
-    def take(pot: str, rule: Rule) -> None:
-        budget = left(pot)
-        if budget <= 0 or not sum(lines):
-            return
-        n, cost = rule.afford(lines, budget)
-        if not n:
-            return
-        _take_lines(lines, n)
-        spent[pot] = spent.get(pot, 0) + cost
-        if cost or rule.kind == "package":
-            draws.append(Draw(pot, rule, cost))
-
-    price: Price | None = None
-    priced = False
-    uses_money = any(s in ("wallet", "postpaid") for s in prof.draw_order)
-    for source in prof.draw_order:
-        if not sum(lines):
-            break
-        if source == "package":
-            last: Lot | None = None
-            for lot in (x for x in lots if x.kind == "package"):
-                last = lot
-                take(lot_pot(lot), Rule("package"))
-            if last is None or not sum(lines) or not uses_money:
-                continue
-            if last.exhaustion == "overage" and last.overage_per_1m is not None:
-                o = last.overage_per_1m
-                fx = terms.rate(last.overage_currency, cur, ts_ms)
-                take(money_pot(tenant), Rule("overage", (o, o, o), fx=fx, whole=True))
-            elif last.exhaustion == "auto_topup" and last.auto_topup and last.currency == cur:
-                unit = div_half_even(last.price * 1_000_000, max(1, last.quantity))
-                take(money_pot(tenant), Rule("topup", (unit, unit, unit)))
-        elif source == "points":
-            if not priced:
-                price, priced = terms.price(model, tenant, ts_ms), True
-            if price is not None and price.points_per_1m:
-                pp = price.points_per_1m
-                for lot in (x for x in lots if x.kind == "points"):
-                    take(lot_pot(lot), Rule("points", (pp, pp, pp)))
-        elif source in ("wallet", "postpaid"):
-            if any(d.rule.kind == "price" for d in draws):
-                continue  # one money pot serves both
-            if not priced:
-                price, priced = terms.price(model, tenant, ts_ms), True
-            if price is None:
-                raise NotPriced(model, tenant)
-            rule = Rule(
-                "price",
-                (price.input_per_1m, price.cached_input_per_1m, price.output_per_1m),
-                prof.discount_ppm,
-                terms.rate(price.currency, cur, ts_ms),
-            )
-            take(money_pot(tenant), rule)
-    return draws, lines
+def holds(outcome: Outcome) -> list[Draw]:
+    """What admission reserves for a paid outcome: each pot's draws in order, one entry per
+    (pot, rule). A top-up's block is held on the money pot at the lot's unit price; the tokens
+    drawn from that block are not held on the lot (its pot does not have them yet)."""
+    out: list[Draw] = []
+    for d in outcome.draws:
+        if not d.held or (not d.amount and d.source != "package"):
+            continue
+        mine = next((x for x in out if x.pot == d.pot and x.rule == d.rule), None)
+        if mine is not None:
+            mine.amount += d.amount
+        else:
+            out.append(Draw(d.pot, d.rule, d.amount))
+    return out
 
 
 def replay(draws: Sequence[Draw], lines: Sequence[int]) -> list[int]:
@@ -350,7 +189,7 @@ def replay(draws: Sequence[Draw], lines: Sequence[int]) -> list[int]:
         if not sum(rest):
             break
         n, out[i] = d.rule.afford(rest, d.amount)
-        _take_lines(rest, n)
+        take_lines(rest, n)
     if sum(rest) and draws:
         last = len(draws) - 1
         out[last] += draws[last].rule.cost(rest)
@@ -391,12 +230,10 @@ class Hold:
         the client can tell: False when the contracts cannot pay for them. Parts taken before
         a refusal stay on the hold and are released when it settles."""
         c = self.contracts
-        draws, rest = plan(
-            c.terms, self.tenant, self.model, self.ts_ms, [0, 0, tokens], c.available
-        )
-        if sum(rest):
+        outcome = plan(c.terms, self.tenant, self.model, self.ts_ms, [0, 0, tokens], c.available)
+        if not outcome.paid:
             return False
-        for d in draws:
+        for d in holds(outcome):
             mine = next((x for x in self.draws if x.pot == d.pot and x.rule == d.rule), None)
             if mine is not None and mine.res is not None:
                 extra = {pot_dim(d.pot): d.amount}
@@ -438,48 +275,38 @@ class Hold:
 
 class Contracts:
     """Admission against the tenants' contracts for one worker; the pot sync runs in the
-    settling worker only (`PotSync`)."""
+    settling worker only (`PotSync`). The terms (prices, FX, lots, profiles) are a snapshot
+    reloaded when their change marker moves (`tokenhub.billing.terms.TermsCache`)."""
 
-    def __init__(self, quota: Quota, db: Database, *, refresh_s: float = 1.0) -> None:
+    def __init__(self, quota: Quota, db: Database, *, refresh_s: float = 0.5) -> None:
         self.quota = quota
         self.db = db
         self.refresh_s = refresh_s
-        self._terms = Terms()
+        self.cache = TermsCache(db, refresh_s=refresh_s)
+        self.cache.on_change(self._changed)
         self.epoch = quota.limits(EPOCH_ACCOUNT)["requests"] or 0
         self._ready = False
-        self._task: asyncio.Task[None] | None = None
         # The fast path's first pot per (tenant, model) under the current terms: (pot, rule,
         # until_ms), the pot the draw order reaches first, usable until its lot ends.
         self._first: dict[tuple[str, str], tuple[str, Rule, int | None]] = {}
         self._published: set[str] = set()
 
+    def _changed(self, terms: Terms) -> None:
+        self._first = {}
+
     @property
     def terms(self) -> Terms:
-        return self._terms
+        return self.cache.terms
 
     @terms.setter
     def terms(self, terms: Terms) -> None:
-        self._terms = terms
-        self._first = {}
+        self.cache._set(terms)
 
     async def start(self) -> None:
-        self.terms = await load_terms(self.db)
-        self._task = asyncio.create_task(self._refresh(), name="tokenhub-contracts-refresh")
+        await self.cache.start()
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-
-    async def _refresh(self) -> None:
-        while True:
-            await asyncio.sleep(self.refresh_s)
-            try:
-                self.terms = await load_terms(self.db)
-            except Exception:  # keep pricing with the last good terms
-                log.exception("reloading billing terms failed; keeping the previous ones")
+        await self.cache.close()
 
     def available(self, pot: str) -> int:
         return _avail(self.quota, pot)
@@ -498,19 +325,21 @@ class Contracts:
     def admit(
         self, tenant: str, model: str, ts_ms: int, lines: list[int], ttl_ms: int
     ) -> Hold | Shortfall:
-        """Reserves `lines` (the worst case) on the tenant's pots, all or nothing. Raises
-        NotReady before the pots are published, NotPriced for a model without a price."""
+        """Reserves `lines` (the worst case) on the tenant's pots, all or nothing: what the
+        draw order takes from each pot when nothing overruns. Raises NotReady before the pots
+        are published, NotPriced for usage only money can pay of a model without a price (or
+        an FX rate)."""
         if not self.ready():
             raise NotReady
         hold = self._admit_first(tenant, model, ts_ms, lines, ttl_ms)
         if hold is not None:
             return hold
+        outcome = plan(self.terms, tenant, model, ts_ms, lines, self.available)
         for _ in range(3):  # a concurrent request can take a pot between plan and reserve
-            draws, rest = plan(self.terms, tenant, model, ts_ms, list(lines), self.available)
-            if sum(rest):
-                return self._shortfall(tenant, model, ts_ms, lines, rest, draws)
+            if not outcome.paid:
+                return self._shortfall(tenant, model, ts_ms, outcome)
             hold = Hold(self, tenant, model, ts_ms, list(lines), ttl_ms)
-            for d in draws:
+            for d in holds(outcome):
                 d.res = self.reserve(d.pot, d.amount, ttl_ms)
                 if d.res is None:
                     hold.cancel()
@@ -518,26 +347,30 @@ class Contracts:
                 hold.draws.append(d)
             else:
                 return hold
-        draws, rest = plan(self.terms, tenant, model, ts_ms, list(lines), self.available)
-        return self._shortfall(tenant, model, ts_ms, lines, rest or list(lines), draws)
+            outcome = plan(self.terms, tenant, model, ts_ms, lines, self.available)
+        return self._shortfall(tenant, model, ts_ms, outcome)
 
     def _admit_first(
         self, tenant: str, model: str, ts_ms: int, lines: list[int], ttl_ms: int
     ) -> Hold | None:
         """The usual case in one reservation: the first pot of the draw order pays for all of
-        it. The reservation itself is the check (it is refused, with no side effect, when the
-        pot cannot pay), so nothing is read first. None: not so, plan it in full."""
+        it (then the draw order takes it all from that pot). The reservation itself is the
+        check (it is refused, with no side effect, when the pot cannot pay), so nothing is
+        read first. None: not so, plan it in full."""
         key = (tenant, model)
         first = self._first.get(key)
         if first is None:
-            draws, _ = plan(self.terms, tenant, model, ts_ms, [1, 0, 0], lambda pot: 1 << 62)
-            if not draws:
+            # Every line priced, so a money rule carries its FX rate whatever the lines.
+            probe = [1_000_000, 1_000_000, 1_000_000]
+            try:
+                outcome = plan(self.terms, tenant, model, ts_ms, probe, lambda pot: 1 << 62)
+            except NotPriced:
                 return None
-            lot_end = next(
-                (x.end_ms for x in self.terms.lots.get(tenant, ()) if lot_pot(x) == draws[0].pot),
-                None,
-            )
-            first = self._first[key] = (draws[0].pot, draws[0].rule, lot_end)
+            d = outcome.draws[0] if outcome.draws else None
+            if d is None or d.source in ("overrun", "topup") or not d.held:
+                return None
+            lot_end = d.lot.end_ms if d.lot is not None and d.source != "overage" else None
+            first = self._first[key] = (d.pot, d.rule, lot_end)
         pot, rule, until = first
         if until is not None and ts_ms >= until:
             return None
@@ -554,45 +387,30 @@ class Contracts:
         hold.draws.append(Draw(pot, rule, amount, res))
         return hold
 
-    def _shortfall(
-        self,
-        tenant: str,
-        model: str,
-        ts_ms: int,
-        lines: Sequence[int],
-        rest: Sequence[int],
-        draws: Sequence[Draw],
-    ) -> Shortfall:
+    def _shortfall(self, tenant: str, model: str, ts_ms: int, outcome: Outcome) -> Shortfall:
         prof = self.terms.profile(tenant)
-        price = self.terms.price(model, tenant, ts_ms)
-        uncovered = f"{sum(rest):,} tokens"
-        if price is not None:
-            with contextlib.suppress(LookupError):
-                fx = self.terms.rate(price.currency, prof.currency, ts_ms)
-                rule = Rule(
-                    "price",
-                    (price.input_per_1m, price.cached_input_per_1m, price.output_per_1m),
-                    prof.discount_ppm,
-                    fx,
-                )
-                uncovered = (
-                    f"{fmt(rule.cost(rest), prof.currency, exact=True)} ({sum(rest):,} tokens)"
-                )
+        unpaid = [d for d in outcome.draws if d.unpaid]
+        tokens = sum(outcome.rest) + sum(sum(d.tokens) for d in unpaid)
+        uncovered = f"{tokens:,} tokens"
+        if unpaid:
+            money = fmt(outcome.overrun, prof.currency, exact=True)
+            uncovered = f"{money} ({tokens:,} tokens)"
         parts: list[str] = []
-        pkg = sum(
-            self.available(lot_pot(x))
-            for x in self.terms.lots.get(tenant, ())
-            if x.kind == "package" and x.covers(model, ts_ms)
-        )
-        if any(x.kind == "package" for x in self.terms.lots.get(tenant, ())):
+        lots = self.terms.lots.get(tenant, ())
+        if any(x.kind == "package" for x in lots):
+            pkg = sum(
+                self.available(lot_pot(x))
+                for x in lots
+                if x.kind == "package" and x.covers(model, ts_ms)
+            )
             parts.append(f"package tokens left {pkg:,}")
-        pts = [x for x in self.terms.lots.get(tenant, ()) if x.kind == "points"]
+        pts = [x for x in lots if x.kind == "points"]
         if pts:
             left = sum(self.available(lot_pot(x)) for x in pts)
             parts.append(f"points left {fmt_units(left, 'POINTS')}")
         if any(s in ("wallet", "postpaid") for s in prof.draw_order):
-            money = self.available(money_pot(tenant))
-            parts.append(f"wallet and credit left {fmt(money, prof.currency, exact=True)}")
+            money_left = self.available(money_pot(tenant))
+            parts.append(f"wallet and credit left {fmt(money_left, prof.currency, exact=True)}")
         if not parts:
             parts.append("no package, points, wallet or credit line")
         return Shortfall(tenant, uncovered, ", ".join(parts))
@@ -611,8 +429,6 @@ def new_epoch(quota: Quota) -> int:
 async def _ledger_pots(tx: Tx, tenants: Sequence[str] | None) -> dict[str, int]:
     """Each pot's available balance in the ledger (for `tenants`, or every tenant with a
     profile or a balance)."""
-    from tokenhub.billing.service import _LOT_COLS, _lot
-
     where: str = ""
     args: tuple[str, ...] = ()
     if tenants is not None:
@@ -628,8 +444,8 @@ async def _ledger_pots(tx: Tx, tenants: Sequence[str] | None) -> dict[str, int]:
         bal[acc] = int(b)
         names.add(tenant)
     out: dict[str, int] = {}
-    for r in await tx.fetch(f"SELECT {_LOT_COLS} FROM lots WHERE status = 'active'{where}", *args):
-        lot = _lot(r)
+    for r in await tx.fetch(f"SELECT {LOT_COLS} FROM lots WHERE status = 'active'{where}", *args):
+        lot = lot_from_row(r)
         out[lot_pot(lot)] = max(0, -bal.get(f"t:{lot.tenant}:lot:{lot.id}", 0))
     profiles: dict[str, Profile] = {}
     for row in await tx.fetch(
@@ -711,6 +527,7 @@ __all__ = [
     "Rule",
     "Shortfall",
     "Terms",
+    "holds",
     "load_terms",
     "new_epoch",
     "plan",

@@ -40,7 +40,7 @@ import hashlib
 import json
 import secrets
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from functools import partial
@@ -49,7 +49,22 @@ from typing import Any
 import msgspec
 
 from tokenhub.billing import ledger as L
+from tokenhub.billing import terms as terms_sql
+from tokenhub.billing.draw import PPM, Draw, NoRate, draw, lot_pot, money_pot
 from tokenhub.billing.ledger import AccountSpec, Book, LedgerError, Txn
+from tokenhub.billing.terms import (
+    DRAW_ORDER,
+    LOT_COLS,
+    PROFILE_COLS,
+    Lot,
+    Price,
+    Profile,
+    bump,
+    fx_in,
+    lot_from_row,
+    price_in,
+    profile_from_row,
+)
 from tokenhub.db.database import Database, DatabaseError, Tx
 from tokenhub.money import (
     NANOS,
@@ -59,21 +74,17 @@ from tokenhub.money import (
     MoneyError,
     allocate,
     check_currency,
-    convert,
     div_half_even,
     fmt,
     minor_units,
     parse_amount,
     parse_price,
     parse_rate,
-    rate,
 )
 from tokenhub.usage import BILLED_FIELDS, LATER_FIELDS, UsageEvent, billed_lines, usage_problem
 
-DRAW_ORDER = ("package", "points", "wallet", "postpaid")
 PERIODS = ("month", "week", "day", "none")
 EXHAUSTION = ("overage", "hard_stop", "auto_topup")
-PPM = 1_000_000
 
 
 class BillingError(LedgerError):
@@ -88,29 +99,6 @@ class Quarantine(BillingError):
 
 
 # -- records -----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Profile:
-    tenant: str
-    currency: str = "USD"
-    draw_order: tuple[str, ...] = DRAW_ORDER
-    credit_limit: int = 0
-    low_balance: int | None = None
-    discount_ppm: int = 0
-
-
-@dataclass(frozen=True)
-class Price:
-    model: str
-    tenant: str
-    version: int
-    effective_ms: int
-    currency: str
-    input_per_1m: int
-    cached_input_per_1m: int
-    output_per_1m: int
-    points_per_1m: int | None
 
 
 @dataclass(frozen=True)
@@ -129,56 +117,10 @@ class Plan:
     models: tuple[str, ...]  # empty: every model
 
 
-@dataclass
-class Lot:
-    id: str
-    tenant: str
-    plan: str
-    kind: str
-    quantity: int
-    price: int
-    currency: str
-    start_ms: int
-    end_ms: int | None
-    exhaustion: str
-    overage_per_1m: int | None
-    overage_currency: str
-    auto_topup: int | None
-    rollover: bool
-    models: tuple[str, ...]
-    consumed: int
-    recognized: int
-    status: str
-
-    def covers(self, model: str, ts_ms: int) -> bool:
-        return (
-            self.status == "active"
-            and self.start_ms <= ts_ms
-            and (self.end_ms is None or ts_ms < self.end_ms)
-            and (not self.models or model in self.models)
-        )
-
-
-_LOT_COLS = (
-    "id, tenant, plan, kind, quantity, price, currency, start_ms, end_ms, exhaustion, "
-    "overage_per_1m, overage_currency, auto_topup, rollover, models, consumed, recognized, status"
-)
-PROFILE_COLS = "tenant, currency, draw_order, credit_limit, low_balance, discount_ppm"
-PRICE_COLS = (
-    "model, tenant, version, effective_ms, currency, input_per_1m, cached_input_per_1m, "
-    "output_per_1m, points_per_1m"
-)
 _PLAN_COLS = (
     "name, kind, price, currency, quantity, period, exhaustion, overage_per_1m, "
     "overage_currency, auto_topup, rollover, models"
 )
-
-
-def _lot(row: Sequence[Any]) -> Lot:
-    r = list(row)
-    r[13] = bool(r[13])
-    r[14] = tuple(m for m in r[14].split(",") if m)
-    return Lot(*r)
 
 
 @dataclass
@@ -319,6 +261,7 @@ class Billing:
                     limit,
                     L.receivable(tenant, new.currency),
                 )
+            await bump(tx)
             return new
 
         return await self.db.transaction(run)
@@ -357,29 +300,14 @@ class Billing:
         eff = now_ms() if effective_ms is None else effective_ms
 
         async def run(tx: Tx) -> Price:
-            v = await tx.fetchval(
-                "SELECT MAX(version) FROM prices WHERE model = $1 AND tenant = $2", model, tenant
+            return await terms_sql.insert_price(
+                tx, model, tenant, eff, cur, inp, cached, out, pts, now_ms()
             )
-            p = Price(model, tenant, (v or 0) + 1, eff, cur, inp, cached, out, pts)
-            await tx.execute(
-                "INSERT INTO prices (model, tenant, version, effective_ms, currency, "
-                "input_per_1m, cached_input_per_1m, output_per_1m, points_per_1m, created_ms) "
-                "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
-                p.model, p.tenant, p.version, p.effective_ms, p.currency, p.input_per_1m,
-                p.cached_input_per_1m, p.output_per_1m, p.points_per_1m, now_ms(),
-            )  # fmt: skip
-            return p
 
         return await self.db.transaction(run)
 
     async def prices(self) -> list[Price]:
-        async def run(tx: Tx) -> list[Price]:
-            rows = await tx.fetch(
-                f"SELECT {PRICE_COLS} FROM prices ORDER BY model, tenant, version"
-            )
-            return [Price(*r) for r in rows]
-
-        return await self.db.transaction(run)
+        return await self.db.transaction(terms_sql.all_prices)
 
     async def set_fx(
         self, base: str, quote: str, fx_rate: str | Decimal, *, effective_ms: int | None = None
@@ -391,15 +319,7 @@ class Billing:
         eff = now_ms() if effective_ms is None else effective_ms
 
         async def run(tx: Tx) -> Decimal:
-            await tx.execute(
-                "DELETE FROM fx_rates WHERE base = $1 AND quote = $2 AND effective_ms = $3",
-                b, q, eff,
-            )  # fmt: skip
-            await tx.execute(
-                "INSERT INTO fx_rates (base, quote, effective_ms, rate, created_ms) "
-                "VALUES ($1, $2, $3, $4, $5)",
-                b, q, eff, str(r), now_ms(),
-            )  # fmt: skip
+            await terms_sql.set_fx_rate(tx, b, q, eff, r, now_ms())
             return r
 
         return await self.db.transaction(run)
@@ -524,6 +444,7 @@ class Billing:
             txn.move(L.op("issued", unit), L.lot_units(tenant, lot.id), unit, plan.quantity)
             book.post(txn)
             await _insert_lot(tx, lot)
+            await bump(tx)
             await book.flush()
             return lot
 
@@ -532,13 +453,13 @@ class Billing:
     async def lots(self, tenant: str | None = None) -> list[Lot]:
         async def run(tx: Tx) -> list[Lot]:
             if tenant is None:
-                rows = await tx.fetch(f"SELECT {_LOT_COLS} FROM lots ORDER BY start_ms, id")
+                rows = await tx.fetch(f"SELECT {LOT_COLS} FROM lots ORDER BY start_ms, id")
             else:
                 rows = await tx.fetch(
-                    f"SELECT {_LOT_COLS} FROM lots WHERE tenant = $1 ORDER BY start_ms, id",
+                    f"SELECT {LOT_COLS} FROM lots WHERE tenant = $1 ORDER BY start_ms, id",
                     tenant,
                 )
-            return [_lot(r) for r in rows]
+            return [lot_from_row(r) for r in rows]
 
         return await self.db.transaction(run)
 
@@ -828,10 +749,12 @@ class Billing:
         async def run(tx: Tx) -> list[str]:
             due = "FROM lots WHERE status = 'active' AND end_ms IS NOT NULL AND end_ms <= $1"
             await L.lock_tenants(tx, [r[0] for r in await tx.fetch(f"SELECT tenant {due}", at)])
-            rows = await tx.fetch(f"SELECT {_LOT_COLS} {due} ORDER BY end_ms, id", at)
+            rows = await tx.fetch(f"SELECT {LOT_COLS} {due} ORDER BY end_ms, id", at)
             out = []
-            for lot in map(_lot, rows):
+            for lot in map(lot_from_row, rows):
                 out.append(await _expire_lot(tx, lot))
+            if out:
+                await bump(tx)
             return out
 
         return await self.db.transaction(run)
@@ -856,12 +779,6 @@ async def get_profile(tx: Tx, tenant: str) -> Profile:
         f"SELECT {PROFILE_COLS} FROM billing_profiles WHERE tenant = $1", tenant
     )
     return Profile(tenant) if row is None else profile_from_row(row)
-
-
-def profile_from_row(row: Sequence[Any]) -> Profile:
-    """A billing_profiles row, columns in PROFILE_COLS order."""
-    tenant, cur, order, limit, low, disc = row
-    return Profile(tenant, cur, tuple(order.split(",")), limit, low, disc)
 
 
 async def _locked_profile(tx: Tx, tenant: str, cur: str, verb: str) -> Profile:
@@ -911,7 +828,7 @@ def _lot_specs(lot: Lot) -> dict[str, AccountSpec]:
 
 async def _insert_lot(tx: Tx, lot: Lot) -> None:
     await tx.execute(
-        f"INSERT INTO lots ({_LOT_COLS}, created_ms) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, "
+        f"INSERT INTO lots ({LOT_COLS}, created_ms) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, "
         "$10, $11, $12, $13, $14, $15, $16, $17, $18, $19)",
         lot.id, lot.tenant, lot.plan, lot.kind, lot.quantity, lot.price, lot.currency,
         lot.start_ms, lot.end_ms, lot.exhaustion, lot.overage_per_1m, lot.overage_currency,
@@ -921,17 +838,25 @@ async def _insert_lot(tx: Tx, lot: Lot) -> None:
 
 
 def _pay(
-    book: Book, txn: Txn, prof: Profile, cur: str, amount: int, credit: str
+    book: Book,
+    txn: Txn,
+    prof: Profile,
+    cur: str,
+    amount: int,
+    credit: str,
+    *,
+    order: Sequence[str] = ("wallet", "postpaid"),
 ) -> list[tuple[str, int]]:
     """Debits `amount` (in `cur`, the tenant's currency) from the wallet, then the credit
-    line, per the draw order; credits `credit`. Raises InsufficientFunds when they cannot
-    cover it (purchases are refused rather than overrun)."""
+    line (`order`: an automatic top-up pays from those the usage draw order names); credits
+    `credit`. Raises InsufficientFunds when they cannot cover it (purchases are refused rather
+    than overrun)."""
     if cur != prof.currency:
         raise BillingError(
             f"tenant {prof.tenant} settles in {prof.currency}; this costs {cur} "
             "(set the plan's currency to the tenant's)"
         )
-    legs = _draw_money(book, prof, cur, amount, allow_overrun=False, order=("wallet", "postpaid"))
+    legs = _draw_money(book, prof, cur, amount, allow_overrun=False, order=order)
     for acc, x in legs:
         txn.add(acc, cur, x)
     txn.add(credit, cur, -amount)
@@ -981,65 +906,7 @@ class _Ctx:
     prices: dict[tuple[str, str], list[Price]] = field(default_factory=dict)
     fx: dict[tuple[str, str], list[tuple[int, Decimal]]] = field(default_factory=dict)
     splits: dict[str, list[tuple[int, int, int]]] = field(default_factory=dict)
-
-
-def price_in(
-    prices: Mapping[tuple[str, str], Sequence[Price]], model: str, tenant: str, ts: int
-) -> Price | None:
-    """The price of `model` for `tenant` at `ts`: the tenant's own, else the list price (each
-    list newest first)."""
-    for who in (tenant, ""):
-        for p in prices.get((model, who), ()):
-            if p.effective_ms <= ts:
-                return p
-    return None
-
-
-def fx_in(
-    fx: Mapping[tuple[str, str], Sequence[tuple[int, Decimal]]], base: str, quote: str, ts: int
-) -> tuple[Decimal, str] | None:
-    """The rate converting base -> quote at `ts` from the rates set (each list newest first),
-    and how it was found (for the record); the inverse of quote -> base when only that is
-    set. None: no rate."""
-    for b, q, inverse in ((base, quote, False), (quote, base, True)):
-        for eff, r in fx.get((b, q), ()):
-            if eff <= ts:
-                if not inverse:
-                    return r, f"{b}/{q} {r} from {eff}"
-                # Only the opposite direction is set: 1/r, to 12 significant decimals.
-                inv = (Decimal(1) / r).quantize(Decimal("1e-12"))
-                return inv, f"1/({b}/{q} {r}) from {eff}"
-    return None
-
-
-async def _price_at(tx: Tx, ctx: _Ctx, model: str, tenant: str, ts: int) -> Price | None:
-    for who in (tenant, ""):
-        key = (model, who)
-        if key not in ctx.prices:
-            rows = await tx.fetch(
-                f"SELECT {PRICE_COLS} FROM prices "
-                "WHERE model = $1 AND tenant = $2 ORDER BY effective_ms DESC, version DESC",
-                model,
-                who,
-            )
-            ctx.prices[key] = [Price(*r) for r in rows]
-    return price_in(ctx.prices, model, tenant, ts)
-
-
-async def _fx_at(tx: Tx, ctx: _Ctx, base: str, quote: str, ts: int) -> tuple[Decimal, str]:
-    """The rate converting base -> quote at ts, and how it was found (for the record)."""
-    for key in ((base, quote), (quote, base)):
-        if key not in ctx.fx:
-            rows = await tx.fetch(
-                "SELECT effective_ms, rate FROM fx_rates WHERE base = $1 AND quote = $2 "
-                "ORDER BY effective_ms DESC",
-                *key,
-            )
-            ctx.fx[key] = [(e, Decimal(r)) for e, r in rows]
-    found = fx_in(ctx.fx, base, quote, ts)
-    if found is None:
-        raise BillingError(f"no FX rate {base}->{quote} effective at {ts} (tokenhub fx set ...)")
-    return found
+    topped_up: bool = False  # an automatic top-up grew a lot: the terms changed
 
 
 async def _split_at(tx: Tx, ctx: _Ctx, provider: str, ts: int) -> tuple[int, int]:
@@ -1178,6 +1045,8 @@ async def _settle(tx: Tx, events: list[UsageEvent]) -> SettleResult:
             else:
                 res.conflicts.append(eid)
     await book.flush()
+    if ctx.topped_up:
+        await bump(tx)
     for lot in ctx.dirty_lots.values():
         await tx.execute(
             "UPDATE lots SET quantity = $1, price = $2, consumed = $3, recognized = $4, "
@@ -1196,50 +1065,14 @@ def _marks(n: int, start: int = 1) -> str:
 
 
 async def _prefetch(tx: Tx, ctx: _Ctx, todo: Sequence[tuple[UsageEvent, str]]) -> None:
-    """Profiles, active lots and prices of the whole batch in a few queries (not a few per
-    tenant and model: on PostgreSQL every statement is a round trip)."""
+    """Profiles, active lots, prices and FX rates of the whole batch in a few queries (not a
+    few per tenant and model: on PostgreSQL every statement is a round trip)."""
     tenants = sorted({ev.tenant for ev, _ in todo})
     models = sorted({ev.model for ev, _ in todo})
-    for t in tenants:
-        ctx.profiles[t] = Profile(t)
-        ctx.lots[t] = []
-    for i in range(0, len(tenants), 500):
-        chunk = tenants[i : i + 500]
-        for row in await tx.fetch(
-            f"SELECT {PROFILE_COLS} FROM billing_profiles WHERE tenant IN ({_marks(len(chunk))})",
-            *chunk,
-        ):
-            ctx.profiles[row[0]] = profile_from_row(row)
-        for r in await tx.fetch(
-            f"SELECT {_LOT_COLS} FROM lots WHERE status = 'active' AND tenant IN "
-            f"({_marks(len(chunk))}) ORDER BY end_ms IS NULL, end_ms, start_ms, id",
-            *chunk,
-        ):
-            ctx.lots[r[1]].append(_lot(r))
-    for who in ("", *tenants):
-        for m in models:
-            ctx.prices[(m, who)] = []
-    for i in range(0, len(models), 500):
-        chunk = models[i : i + 500]
-        for r in await tx.fetch(
-            f"SELECT {PRICE_COLS} FROM prices WHERE model IN ({_marks(len(chunk))}) "
-            "ORDER BY effective_ms DESC, version DESC",
-            *chunk,
-        ):
-            p = Price(*r)
-            if (p.model, p.tenant) in ctx.prices:
-                ctx.prices[(p.model, p.tenant)].append(p)
-
-
-def _take_lines(remaining: list[int], n: int) -> list[int]:
-    """Takes n tokens from the lines in order (uncached input, cached input, output)."""
-    took = [0, 0, 0]
-    for i in range(3):
-        k = min(remaining[i], n)
-        took[i] = k
-        remaining[i] -= k
-        n -= k
-    return took
+    ctx.profiles = {t: Profile(t) for t in tenants} | await terms_sql.profiles_of(tx, tenants)
+    ctx.lots = {t: [] for t in tenants} | await terms_sql.active_lots(tx, tenants)
+    ctx.prices = await terms_sql.prices_of(tx, models)
+    ctx.fx = await terms_sql.fx_rates(tx)
 
 
 def _no_price(ctx: _Ctx, ev: UsageEvent) -> str:
@@ -1269,14 +1102,41 @@ def _recognize(lot: Lot, used: int) -> int:
     return lot.recognized - before
 
 
+def _money_accounts(prof: Profile) -> list[str]:
+    """The money pot's ledger accounts, in the draw order: the wallet, the receivable."""
+    t, cur = prof.tenant, prof.currency
+    names = {"wallet": L.wallet(t, cur), "postpaid": L.receivable(t, cur)}
+    return [names[s] for s in prof.draw_order if s in names]
+
+
+def ledger_avail(book: Book, prof: Profile, lots: Sequence[Lot]) -> Any:
+    """What each of the tenant's pots has available in the ledger (`book`), as the draw order
+    reads it: a lot's units left; the money pot's wallet and credit headroom (as far as the
+    draw order names them)."""
+    by_pot = {lot_pot(lot): lot for lot in lots}
+    mpot = money_pot(prof.tenant)
+
+    def avail(pot: str) -> int:
+        if pot == mpot:
+            total = 0
+            for acc in _money_accounts(prof):
+                a = book.available(acc)
+                total += 1 << 62 if a is None else max(0, a)
+            return total
+        lot = by_pot[pot]
+        return -book.balance[L.lot_units(lot.tenant, lot.id)]
+
+    return avail
+
+
 async def _settle_event(tx: Tx, ctx: _Ctx, book: Book, ev: UsageEvent) -> Txn | None:
     prof = ctx.profiles[ev.tenant]
     # Only what the upstream served (tokenhub.usage.billed_lines): a failed or interrupted
     # request is settled as posting nothing.
-    remaining = list(billed_lines(ev))
-    if not sum(remaining):
+    lines = list(billed_lines(ev))
+    if not sum(lines):
         return None
-    price = await _price_at(tx, ctx, ev.model, ev.tenant, ev.ts_ms)
+    price = price_in(ctx.prices, ev.model, ev.tenant, ev.ts_ms)
     if price is None:
         raise BillingError(_no_price(ctx, ev))
     split = await _split_at(tx, ctx, ev.provider, ev.ts_ms)
@@ -1284,59 +1144,61 @@ async def _settle_event(tx: Tx, ctx: _Ctx, book: Book, ev: UsageEvent) -> Txn | 
     d: dict[str, Any] = {
         "model": ev.model,
         "provider": ev.provider,
-        "tokens": dict(zip(_LINES, remaining, strict=True)),
+        "tokens": dict(zip(_LINES, lines, strict=True)),
         "price": {"version": price.version, "tenant_override": bool(price.tenant),
                   "currency": price.currency},
         "split_ppm": list(split),
         "draws": [],
     }  # fmt: skip
     txn.details = d
-    lots = [lot for lot in ctx.lots[ev.tenant] if lot.covers(ev.model, ev.ts_ms)]
-
-    for source in prof.draw_order:
-        if not sum(remaining):
-            break
-        if source == "package":
-            last: Lot | None = None
-            for lot in (x for x in lots if x.kind == "package"):
-                last = lot
-                await _draw_lot(book, ctx, txn, lot, remaining, ev, split, d)
-                if not sum(remaining):
-                    break
-            if last is not None and sum(remaining) > 0:
-                await _exhausted(tx, ctx, book, txn, prof, last, remaining, ev, split, d)
-        elif source == "points":
-            if price.points_per_1m:
-                for lot in (x for x in lots if x.kind == "points"):
-                    _draw_points(book, ctx, txn, lot, remaining, price, ev, split, d)
-                    if not sum(remaining):
-                        break
-        elif source in ("wallet", "postpaid"):
-            await _draw_priced(tx, ctx, book, txn, prof, price, remaining, ev, split, d)
-    if sum(remaining):
-        # Nothing in the draw order could pay (e.g. packages only, hard stop): priced, and
-        # posted as debt rather than lost.
-        await _draw_priced(tx, ctx, book, txn, prof, price, remaining, ev, split, d, overrun=True)
+    lots = ctx.lots[ev.tenant]
+    try:
+        # The draw order (tokenhub.billing.draw), the same code money admission reserves by.
+        outcome = draw(
+            prof,
+            lots,
+            price,
+            lambda b, q: fx_in(ctx.fx, b, q, ev.ts_ms),
+            ev.model,
+            ev.ts_ms,
+            lines,
+            ledger_avail(book, prof, lots),
+        )
+    except NoRate as e:
+        raise BillingError(str(e)) from None
+    for dr in outcome.draws:
+        if dr.source == "package":
+            _post_lot(ctx, txn, dr, ev, split, d)
+        elif dr.source == "points":
+            _post_points(ctx, txn, dr, ev, split, d)
+        elif dr.source == "topup":
+            _post_topup(book, ctx, prof, dr, ev, d)
+        elif dr.source == "overage":
+            assert dr.lot is not None and dr.lot.overage_per_1m is not None
+            d["overage"] = {"lot": dr.lot.id, "tokens": sum(dr.tokens),
+                            "per_1m": dr.lot.overage_per_1m, "amount": dr.native,
+                            "currency": dr.currency}  # fmt: skip
+            _charge(book, txn, prof, dr, ev, split, d, "overage")
+        else:  # wallet (and postpaid), or what nothing in the order could pay
+            d["priced"] = {"tokens": list(dr.tokens), "amounts": list(dr.lines),
+                           "gross": dr.gross, "net": dr.native}  # fmt: skip
+            _charge(book, txn, prof, dr, ev, split, d, dr.source)
     book.post(txn)
     return txn
 
 
-async def _draw_lot(
-    book: Book, ctx: _Ctx, txn: Txn, lot: Lot, remaining: list[int], ev: UsageEvent,
-    split: tuple[int, int], d: dict[str, Any],
-) -> None:  # fmt: skip
-    acc = L.lot_units(lot.tenant, lot.id)
-    held = -(book.balance[acc] + _pending(txn, acc))
-    take = min(held, sum(remaining))
-    if take <= 0:
-        return
-    took = _take_lines(remaining, take)
-    txn.move(acc, L.op("issued", TOKENS), TOKENS, take)
+def _post_lot(
+    ctx: _Ctx, txn: Txn, dr: Draw, ev: UsageEvent, split: tuple[int, int], d: dict[str, Any]
+) -> None:
+    lot = dr.lot
+    assert lot is not None
+    take = dr.amount
+    txn.move(L.lot_units(lot.tenant, lot.id), L.op("issued", TOKENS), TOKENS, take)
     earned = _recognize(lot, take)
     ctx.dirty_lots[lot.id] = lot
     txn.add(L.lot_deferred(lot.tenant, lot.id), lot.currency, earned)
     legs = _split_legs(txn, lot.currency, earned, ev.provider, split)
-    d["draws"].append({"from": "package", "lot": lot.id, "tokens": took,
+    d["draws"].append({"from": "package", "lot": lot.id, "tokens": list(dr.tokens),
                        "earned": earned, "currency": lot.currency, "split": legs})  # fmt: skip
 
 
@@ -1345,130 +1207,81 @@ def _pending(txn: Txn, account: str) -> int:
     return sum(p.amount for p in txn.postings if p.account == account)
 
 
-def _draw_points(
-    book: Book, ctx: _Ctx, txn: Txn, lot: Lot, remaining: list[int], price: Price,
-    ev: UsageEvent, split: tuple[int, int], d: dict[str, Any],
-) -> None:  # fmt: skip
-    pp = price.points_per_1m
-    assert pp
-    acc = L.lot_units(lot.tenant, lot.id)
-    held = -(book.balance[acc] + _pending(txn, acc))
-    if held <= 0:
-        return
-    took = [0, 0, 0]
-    points = 0
-    for i in range(3):
-        n = remaining[i]
-        need = rate(n, pp)
-        if need > held - points:
-            # As many tokens as the points left can pay for.
-            n = (held - points) * 1_000_000 // pp
-            while n > 0 and rate(n, pp) > held - points:
-                n -= 1
-            need = rate(n, pp)
-        took[i] = n
-        remaining[i] -= n
-        points += need
-        if remaining[i]:
-            break
-    if not points and not sum(took):
-        return
-    txn.move(acc, L.op("issued", POINTS), POINTS, points)
+def _post_points(
+    ctx: _Ctx, txn: Txn, dr: Draw, ev: UsageEvent, split: tuple[int, int], d: dict[str, Any]
+) -> None:
+    lot = dr.lot
+    assert lot is not None
+    points = dr.amount
+    txn.move(L.lot_units(lot.tenant, lot.id), L.op("issued", POINTS), POINTS, points)
     earned = _recognize(lot, points)
     ctx.dirty_lots[lot.id] = lot
     txn.add(L.lot_deferred(lot.tenant, lot.id), lot.currency, earned)
     legs = _split_legs(txn, lot.currency, earned, ev.provider, split)
-    d["draws"].append({"from": "points", "lot": lot.id, "tokens": took, "points": points,
-                       "earned": earned, "currency": lot.currency, "split": legs})  # fmt: skip
+    d["draws"].append({"from": "points", "lot": lot.id, "tokens": list(dr.tokens),
+                       "points": points, "earned": earned, "currency": lot.currency,
+                       "split": legs})  # fmt: skip
 
 
-async def _charge(
-    tx: Tx, ctx: _Ctx, book: Book, txn: Txn, prof: Profile, cur: str, amount: int,
-    ev: UsageEvent, split: tuple[int, int], d: dict[str, Any], what: str, *, overrun: bool,
+def _charge(
+    book: Book, txn: Txn, prof: Profile, dr: Draw, ev: UsageEvent, split: tuple[int, int],
+    d: dict[str, Any], what: str,
 ) -> None:  # fmt: skip
-    """`amount` in `cur` paid from the tenant's money accounts (converted to the tenant's
-    currency when they differ), split as revenue in `cur`."""
-    if amount <= 0:
+    """A money draw: `dr.native` in `dr.currency`, `dr.amount` in the tenant's currency, paid
+    from the money accounts in the draw order, its `unpaid` part posted to the overrun
+    account; split as revenue in `dr.currency`."""
+    if dr.native <= 0:
         return
     tc = prof.currency
-    rec: dict[str, Any] = {"from": what, "amount": amount, "currency": cur}
-    if cur != tc:
-        fx_rate, how = await _fx_at(tx, ctx, cur, tc, ev.ts_ms)
-        paid = convert(amount, fx_rate)
-        rec |= {"fx_rate": str(fx_rate), "fx": how, "converted": paid, "tenant_currency": tc}
-        txn.add(L.op("fx", tc), tc, -paid)
-        txn.add(L.op("fx", cur), cur, amount)
-    else:
-        paid = amount
-    pending = {a: _pending(txn, a) for a in (L.wallet(prof.tenant, tc),
-                                             L.receivable(prof.tenant, tc))}  # fmt: skip
+    cur = dr.currency
+    rec: dict[str, Any] = {"from": what, "amount": dr.native, "currency": cur}
+    if dr.fx is not None:
+        fx_rate, how = dr.fx
+        rec |= {"fx_rate": str(fx_rate), "fx": how, "converted": dr.amount,
+                "tenant_currency": tc}  # fmt: skip
+        txn.add(L.op("fx", tc), tc, -dr.amount)
+        txn.add(L.op("fx", cur), cur, dr.native)
+    accounts = _money_accounts(prof)
     # Debit what this transaction has not already taken.
+    pending = {a: _pending(txn, a) for a in accounts}
     for a, p in pending.items():
         book.balance[a] += p
     try:
-        legs = _draw_money(book, prof, tc, paid, allow_overrun=True)
+        legs = _draw_money(book, prof, tc, dr.amount - dr.unpaid, allow_overrun=False)
     finally:
         for a, p in pending.items():
             book.balance[a] -= p
-    if not overrun and len(legs) and legs[-1][0] == L.overrun(prof.tenant, tc):
-        rec["overrun"] = legs[-1][1]
+    if dr.unpaid:
+        legs.append((L.overrun(prof.tenant, tc), dr.unpaid))
+        if what != "overrun":
+            rec["overrun"] = dr.unpaid
     for acc, x in legs:
         txn.add(acc, tc, x)
     rec["paid_by"] = legs
-    rec["split"] = _split_legs(txn, cur, amount, ev.provider, split)
+    rec["split"] = _split_legs(txn, cur, dr.native, ev.provider, split)
     d["draws"].append(rec)
 
 
-async def _draw_priced(
-    tx: Tx, ctx: _Ctx, book: Book, txn: Txn, prof: Profile, price: Price, remaining: list[int],
-    ev: UsageEvent, split: tuple[int, int], d: dict[str, Any], *, overrun: bool = False,
-) -> None:  # fmt: skip
-    lines = [price.input_per_1m, price.cached_input_per_1m, price.output_per_1m]
-    amounts = [rate(n, p) for n, p in zip(remaining, lines, strict=True)]
-    gross = sum(amounts)
-    net = gross - div_half_even(gross * prof.discount_ppm, PPM) if prof.discount_ppm else gross
-    d["priced"] = {"tokens": list(remaining), "amounts": amounts, "gross": gross, "net": net}
-    remaining[:] = [0, 0, 0]
-    await _charge(tx, ctx, book, txn, prof, price.currency, net, ev, split, d,
-                  "wallet" if not overrun else "overrun", overrun=overrun)  # fmt: skip
-
-
-async def _exhausted(
-    tx: Tx, ctx: _Ctx, book: Book, txn: Txn, prof: Profile, lot: Lot, remaining: list[int],
-    ev: UsageEvent, split: tuple[int, int], d: dict[str, Any],
-) -> None:  # fmt: skip
-    """The package lots in scope are used up: apply the last one's exhaustion rule."""
-    if lot.exhaustion == "overage" and lot.overage_per_1m is not None:
-        n = sum(remaining)
-        amount = rate(n, lot.overage_per_1m)
-        d["overage"] = {"lot": lot.id, "tokens": n, "per_1m": lot.overage_per_1m,
-                        "amount": amount, "currency": lot.overage_currency}  # fmt: skip
-        remaining[:] = [0, 0, 0]
-        await _charge(tx, ctx, book, txn, prof, lot.overage_currency, amount, ev, split, d,
-                      "overage", overrun=False)  # fmt: skip
-    elif lot.exhaustion == "auto_topup" and lot.auto_topup:
-        # Buy top-up blocks (pro rata of the plan price) while the money contracts can pay.
-        block = lot.auto_topup
-        cost = div_half_even(lot.price * block, lot.quantity)
-        while sum(remaining):
-            legs_avail = sum(
-                max(0, book.available(a) or 0) - _pending(txn, a)
-                for a in (L.wallet(prof.tenant, lot.currency),)
-            )
-            credit = book.available(L.receivable(prof.tenant, lot.currency)) or 0
-            if lot.currency != prof.currency or legs_avail + max(0, credit) < cost:
-                break
-            t = Txn("purchase", prof.tenant, ev.ts_ms, ref=lot.id, memo="auto top-up")
-            t.details = {"lot": lot.id, "tokens": block, "price": cost, "currency": lot.currency}
-            _pay(book, t, prof, lot.currency, cost, L.lot_deferred(lot.tenant, lot.id))
-            t.move(L.op("issued", TOKENS), L.lot_units(lot.tenant, lot.id), TOKENS, block)
-            book.post(t)
-            # The lot grows; its deferred revenue is earned at the blended rate.
-            lot.quantity += block
-            lot.price += cost
-            ctx.dirty_lots[lot.id] = lot
-            d.setdefault("auto_topups", []).append({"lot": lot.id, "tokens": block, "price": cost})
-            await _draw_lot(book, ctx, txn, lot, remaining, ev, split, d)
+def _post_topup(
+    book: Book, ctx: _Ctx, prof: Profile, dr: Draw, ev: UsageEvent, d: dict[str, Any]
+) -> None:
+    """An automatic top-up: the lot's block bought from the money pot; the tokens drawn from
+    it are the next draw's. The lot grows; its deferred revenue is earned at the blended
+    rate."""
+    lot = dr.lot
+    assert lot is not None
+    block, cost = dr.bought, dr.amount
+    t = Txn("purchase", prof.tenant, ev.ts_ms, ref=lot.id, memo="auto top-up")
+    t.details = {"lot": lot.id, "tokens": block, "price": cost, "currency": lot.currency}
+    order = [s for s in prof.draw_order if s in ("wallet", "postpaid")]
+    _pay(book, t, prof, lot.currency, cost, L.lot_deferred(lot.tenant, lot.id), order=order)
+    t.move(L.op("issued", TOKENS), L.lot_units(lot.tenant, lot.id), TOKENS, block)
+    book.post(t)
+    lot.quantity += block
+    lot.price += cost
+    ctx.dirty_lots[lot.id] = lot
+    ctx.topped_up = True
+    d.setdefault("auto_topups", []).append({"lot": lot.id, "tokens": block, "price": cost})
 
 
 async def _restore_lots(
@@ -1484,10 +1297,10 @@ async def _restore_lots(
             lot_id = acc.rsplit(":", 1)[1]
             used[lot_id] = used.get(lot_id, 0) + amt
     for lot_id, amt in used.items():
-        row = await tx.fetchrow(f"SELECT {_LOT_COLS} FROM lots WHERE id = $1", lot_id)
+        row = await tx.fetchrow(f"SELECT {LOT_COLS} FROM lots WHERE id = $1", lot_id)
         if row is None:
             continue
-        lot = _lot(row)
+        lot = lot_from_row(row)
         deferred_legs = sum(x for a, _, x in legs if a == L.lot_deferred(tenant, lot_id))
         if lot.status != "active":
             unit = TOKENS if lot.kind == "package" else POINTS
@@ -1551,4 +1364,14 @@ def as_json(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, default=str)
 
 
-__all__ = ["NANOS", "Billing", "BillingError", "Lot", "Plan", "Price", "Profile", "SettleResult"]
+__all__ = [
+    "DRAW_ORDER",
+    "NANOS",
+    "Billing",
+    "BillingError",
+    "Lot",
+    "Plan",
+    "Price",
+    "Profile",
+    "SettleResult",
+]
