@@ -79,6 +79,7 @@ from typing import IO, Annotated, Any, Literal, TypeVar
 
 import msgspec
 
+from tokenhub.billing import terms
 from tokenhub.billing.ledger import LedgerError, period_bounds
 from tokenhub.billing.service import Billing, BillingError
 from tokenhub.db.database import Database, Row, Tx
@@ -1279,7 +1280,7 @@ class _Lookups:
     def __init__(self) -> None:
         self.versions: dict[tuple[str, str, int], Row | None] = {}
         self.lists: dict[str, list[Row]] = {}
-        self.fx: dict[tuple[str, str], list[tuple[int, Decimal]]] = {}
+        self.fx: dict[tuple[str, str], list[tuple[int, Decimal]]] | None = None
         self.lots: dict[str, tuple[str, str]] = {}  # lot id -> (plan, kind)
         self.currencies: dict[str, str] = {}
 
@@ -1287,42 +1288,22 @@ class _Lookups:
         """(currency, input, cached input, output per 1M) of one price-book version."""
         key = (model, tenant, version)
         if key not in self.versions:
-            self.versions[key] = await tx.fetchrow(
-                "SELECT currency, input_per_1m, cached_input_per_1m, output_per_1m FROM prices "
-                "WHERE model = $1 AND tenant = $2 AND version = $3",
-                model,
-                tenant,
-                version,
-            )
+            self.versions[key] = await terms.price_version(tx, model, tenant, version)
         return self.versions[key]
 
     async def listed(self, tx: Tx, model: str, ts: int) -> Row | None:
         """The public (not a tenant's) price effective at ts, as `applied` gives it."""
         if model not in self.lists:
-            self.lists[model] = await tx.fetch(
-                "SELECT effective_ms, currency, input_per_1m, cached_input_per_1m, "
-                "output_per_1m FROM prices WHERE model = $1 AND tenant = '' "
-                "ORDER BY effective_ms DESC, version DESC",
-                model,
-            )
+            self.lists[model] = await terms.list_prices(tx, model)
         return next((r[1:] for r in self.lists[model] if r[0] <= ts), None)
 
     async def rate(self, tx: Tx, base: str, quote: str, ts: int) -> Decimal | None:
         """The FX rate base -> quote at ts, as settlement finds it (direct, else the inverse
         to 12 decimals)."""
-        for b, q, inverse in ((base, quote, False), (quote, base, True)):
-            if (b, q) not in self.fx:
-                rows = await tx.fetch(
-                    "SELECT effective_ms, rate FROM fx_rates WHERE base = $1 AND quote = $2 "
-                    "ORDER BY effective_ms DESC",
-                    b,
-                    q,
-                )
-                self.fx[(b, q)] = [(int(e), Decimal(r)) for e, r in rows]
-            for eff, r in self.fx[(b, q)]:
-                if eff <= ts:
-                    return (Decimal(1) / r).quantize(Decimal("1e-12")) if inverse else r
-        return None
+        if self.fx is None:
+            self.fx = await terms.fx_rates(tx)
+        found = terms.fx_in(self.fx, base, quote, ts)
+        return None if found is None else found[0]
 
     async def load(self, tx: Tx, lot_ids: set[str], tenants: set[str]) -> None:
         for lid, plan, kind in await _fetch_in(

@@ -39,6 +39,7 @@ import msgspec
 from tokenhub.billing import ledger as L
 from tokenhub.billing import settler as Q
 from tokenhub.billing import statements as S
+from tokenhub.billing import terms
 from tokenhub.billing.ledger import LedgerError
 from tokenhub.billing.service import (
     DRAW_ORDER,
@@ -626,12 +627,7 @@ def cmd_fx_set(args: argparse.Namespace) -> int:
 @_command
 def cmd_fx_list(args: argparse.Namespace) -> int:
     async def body(b: Billing) -> int:
-        rows = await b.db.transaction(
-            lambda tx: tx.fetch(
-                "SELECT base, quote, effective_ms, rate FROM fx_rates "
-                "ORDER BY base, quote, effective_ms"
-            )
-        )
+        rows = await b.db.transaction(terms.fx_list)
         if args.json:
             _json(
                 [
@@ -792,17 +788,7 @@ async def apply_prices(
     async def current(tx: Tx) -> dict[str, tuple[tuple[Any, ...] | None, bool]]:
         out: dict[str, tuple[tuple[Any, ...] | None, bool]] = {}
         for model, *_ in wanted:
-            row = await tx.fetchrow(
-                "SELECT currency, input_per_1m, cached_input_per_1m, output_per_1m, "
-                "points_per_1m FROM prices WHERE model = $1 AND tenant = '' "
-                "AND effective_ms <= $2 ORDER BY effective_ms DESC, version DESC LIMIT 1",
-                model,
-                at,
-            )
-            ever = await tx.fetchval(
-                "SELECT count(*) FROM prices WHERE model = $1 AND tenant = ''", model
-            )
-            out[model] = (None if row is None else tuple(row), bool(ever))
+            out[model] = await terms.list_price_at(tx, model, at)
         return out
 
     now = await b.db.transaction(current)
