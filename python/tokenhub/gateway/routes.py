@@ -8,7 +8,7 @@ import msgspec
 from aiohttp import web
 
 from tokenhub.gateway.errors import ApiError
-from tokenhub.gateway.service import CHAT, COMPLETIONS, EMBEDDINGS
+from tokenhub.gateway.request import CHAT, COMPLETIONS, EMBEDDINGS
 from tokenhub.gateway.state import GATEWAY, METRICS
 
 _encode = msgspec.json.Encoder().encode
