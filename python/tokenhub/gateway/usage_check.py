@@ -19,7 +19,7 @@ from typing import Any
 
 from tokenhub.usage import MAX_TOKENS
 
-__all__ = ["KINDS", "MAX_TOKENS", "Anomaly", "Bounds", "Counts", "check", "output_bound"]
+__all__ = ["KINDS", "MAX_TOKENS", "Anomaly", "Bounds", "Counts", "check"]
 
 # The kinds of anomaly, as the metric labels them.
 KINDS = ("not_integer", "negative", "cached_over_input", "over_context", "over_output", "huge")
@@ -28,7 +28,7 @@ KINDS = ("not_integer", "negative", "cached_over_input", "over_context", "over_o
 @dataclass(frozen=True, slots=True)
 class Bounds:
     """What a request allowed: its deployment's context window (0: unknown) and the most
-    output tokens it could produce over all its choices."""
+    output tokens it could produce over all its choices (`ParsedRequest.output_bound`)."""
 
     context_window: int
     output: int
@@ -52,31 +52,6 @@ class Anomaly:
 
 def _int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _ints(payload: dict[str, Any], keys: tuple[str, ...]) -> list[int]:
-    return [v for v in (payload.get(k) for k in keys) if isinstance(v, int) and v >= 0]
-
-
-def output_bound(payload: dict[str, Any], default_cap: int, embeddings: bool = False) -> int:
-    """The most output tokens the request sent upstream allows: prompts (a legacy completions
-    batch) x n (or best_of, when larger: the upstream generates and bills them all) x its
-    output cap, the larger of max_tokens and max_completion_tokens when it sent both (an
-    upstream honours one), else `default_cap` (the deployment's max_output_tokens)."""
-    if embeddings:
-        return 0
-    caps = _ints(payload, ("max_tokens", "max_completion_tokens"))
-    choices = _ints(payload, ("n", "best_of"))
-    return _prompts(payload) * max([1, *choices]) * (max(caps) if caps else default_cap)
-
-
-def _prompts(payload: dict[str, Any]) -> int:
-    """How many prompts a legacy completions request carries: a batch (an array of strings or
-    of token arrays) gets n completions for each."""
-    prompt = payload.get("prompt")
-    if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
-        return len(prompt)
-    return 1
 
 
 def check(usage: Any, bounds: Bounds) -> Counts | Anomaly:
