@@ -373,3 +373,45 @@ def _zombie(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
     except OSError:
         return True
+
+
+def test_admission_reloads_the_terms_only_when_their_marker_moves(site: Site, procs: Procs) -> None:
+    """A price set through the CLI reaches a running gateway's admission within the poll
+    interval (`server.key_refresh_s`, 0.5 s): the unpriced model goes from 403 to served. An
+    idle gateway polls the terms' change marker and reloads nothing."""
+    import subprocess
+    import time
+
+    from procs import TOKENHUB
+
+    site.billing(lambda b: b.topup(TENANT, "5.00", "USD"))
+    gw = procs.start("gateway", "serve", "--config", str(site.config),
+                     env={"TOKENHUB_LOG_LEVEL": "INFO"})  # fmt: skip
+    gw.wait_serving()
+
+    def reloads() -> int:
+        return gw.stderr().count("billing terms changed")
+
+    body = {"model": "gpt-4o-mini", "messages": MESSAGES, "max_tokens": 5}
+    wait_until(lambda: _post(site, body)[0] == 200, 10.0, what="the pots published")
+    unpriced = {**body, "model": "unpriced"}
+    status, err = _post(site, unpriced)
+    assert (status, err["error"]["code"]) == (403, "model_not_priced"), err
+    # Idle (and serving): six polls of the marker, and no reload.
+    time.sleep(3.0)
+    assert _post(site, body)[0] == 200
+    assert reloads() == 0, gw.stderr()
+
+    r = subprocess.run(
+        [TOKENHUB, "prices", "set", "unpriced", "--currency", "USD", "--input", "1",
+         "--output", "1", "--db", site.db],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    t0 = time.monotonic()
+    wait_until(lambda: _post(site, unpriced)[0] == 200, 5.0, interval=0.05, what="the new price")
+    seen = time.monotonic() - t0
+    assert seen < 1.5, seen  # one poll interval (0.5 s), plus requests on a busy machine
+    assert reloads() == 1, gw.stderr()
+    time.sleep(2.0)
+    assert reloads() == 1, gw.stderr()

@@ -406,6 +406,7 @@ class TermsCache:
             return False
         self._set(await load_terms(self.db))
         self.reloads += 1
+        log.info("billing terms changed (marker %d): reloaded", self.terms.version)
         return True
 
     async def _poll(self) -> None:
