@@ -26,12 +26,13 @@ drains the upstream (its cost, paid to the provider) but the event, status 499, 
 what was held when the client left. A failed request bills nothing (`usage.billed_lines`), so
 its hold is given back whole.
 
-**Draw order** mirrors settlement (`billing.service._settle_event`): package lots that cover the
-model (tokens), then on exhaustion the last lot's rule (overage priced in its currency and
-converted, or auto top-up at the lot's unit price, both paid from the money pot); point packs at
-the model's points price; wallet and credit line at the model's price for the tenant (discount
-and FX included). What no pot can pay: 429 insufficient_quota, saying how much is needed and
-what is left.
+**Draw order** is `tokenhub.billing.draw.draw`, the function settlement posts with: package
+lots that cover the model (tokens), then on exhaustion the last lot's rule (overage priced in
+its currency and converted, or auto top-up blocks, both paid from the money pot); point packs
+at the model's points price; wallet and credit line at the model's price for the tenant
+(discount and FX included). Admission reserves its draws when nothing in them is unpaid, i.e.
+exactly when settlement, given the pots' balances, would post no overrun. Otherwise: 429
+insufficient_quota, saying how much is needed and what is left.
 
 **Keeping the pots equal to the ledger.** Each pot's limit is the ledger's available balance;
 its `used` is what the gateway charged and the ledger has not posted yet. Only the server's
@@ -53,9 +54,10 @@ idempotent, and a pot set from a stale read is corrected by the next pass.
 
 Bounds, stated: a purchase paid from the wallet by another process can be admitted against for
 up to one settle interval (the ledger still posts the difference to overrun, never loses it);
-prices and FX are those loaded within the last `refresh_s`; an auto top-up is reserved at the
-lot's unit price, while settlement buys whole blocks, so the wallet can pay up to one block more
-than was reserved (it is refused when the wallet cannot, and the rest is drawn as usual).
+prices, FX, lots and profiles are those of the last poll of their change marker
+(`tokenhub.billing.terms`, every `refresh_s`); a stream's tranches are drawn one at a time, so
+a stream's draws can differ from settlement's single draw of its total where a lot ends inside
+it (the total is what the ledger posts).
 """
 
 from __future__ import annotations

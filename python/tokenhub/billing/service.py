@@ -3,7 +3,8 @@ redemption codes, usage settlement, expiry, refunds.
 
 `Billing(db)` wraps a `tokenhub.db.database.Database`; every method is one database transaction.
 Usage settlement (`settle`) rates each event and draws it down from the tenant's contracts in
-the tenant's order (default: package, points, wallet, postpaid):
+the tenant's order (default: package, points, wallet, postpaid), as `tokenhub.billing.draw`
+(the function money admission reserves by too) decides, and posts the draws:
 
 1. **package** lots (token packages) active at the event's time whose model scope includes the
    event's model, soonest-expiring first. Tokens are taken from the event's lines in the order
@@ -11,7 +12,8 @@ the tenant's order (default: package, points, wallet, postpaid):
    (deferred revenue -> revenue split); cumulative rounding makes a fully used lot earn exactly
    its price. When the lots in scope run out, the last one's exhaustion rule applies to the rest:
    `overage` bills the remaining tokens at the plan's overage price, `auto_topup` adds the plan's
-   top-up block to the lot (paid pro rata from the money contracts) and keeps drawing, and
+   top-up block to the lot (paid pro rata from the wallet and credit line, as far as the draw
+   order names them, while they can pay a whole block) and keeps drawing, and
    `hard_stop` passes the rest on to the next contract (admission stops such traffic earlier;
    see the quota issue).
 2. **points** lots: the model's points per 1M tokens (price book) are drawn from point packs.
