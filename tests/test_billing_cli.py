@@ -694,7 +694,8 @@ def test_real_process(tmp_path: Path) -> None:
     )  # fmt: skip
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr == (
-        "tokenhub: error: unsupported database URL scheme 'mysql' (only sqlite for now)\n"
+        "tokenhub: error: unsupported database URL scheme 'mysql' (use a SQLite path, "
+        "sqlite:///ABSOLUTE/PATH or postgresql://...)\n"
     )
 
 

@@ -74,8 +74,8 @@ def sqlite_path(url: str | None) -> str:
     scheme, _, rest = url.partition("://")
     if scheme.lower() != "sqlite":
         raise DatabaseError(
-            f"unsupported database URL scheme {scheme!r} for a SQLite file "
-            "(PostgreSQL: postgresql://...)"
+            f"unsupported database URL scheme {scheme!r} (use a SQLite path, "
+            "sqlite:///ABSOLUTE/PATH or postgresql://...)"
         )
     if not rest.startswith("/") or rest == "/":
         shown = repr(url[:80]) + ("..." if len(url) > 80 else "")
