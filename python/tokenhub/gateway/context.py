@@ -37,6 +37,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("tokenhub.gateway")
 
+_NO_BOUNDS = usage_check.Bounds(0, usage_check.MAX_TOKENS)
+
 
 class RequestContext:
     __slots__ = (
@@ -72,7 +74,7 @@ class RequestContext:
         self.admission: Admission | None = None  # what admission reserved (None: nothing)
         self.rate_headers: dict[str, str] = {}  # x-ratelimit-* for a success response
         # What the upstream's usage may claim (set before each attempt; usage_check).
-        self.bounds = usage_check.Bounds(0, usage_check.MAX_TOKENS)
+        self.bounds = _NO_BOUNDS
         self.prompt_counts: dict[str, int] = {}
 
     def prompt_tokens(self, vocab: str) -> int:
