@@ -533,8 +533,10 @@ def test_a_client_that_leaves_is_499_and_billed_within_its_reservation(
     ev = t.settled({rid})[rid]
     assert (ev.status, ev.error) == (499, "client_disconnected"), ev
     # Billed what was held when the client left (whole tranches), not the 6,000 generated.
+    # How many tranches were held by then depends on how soon the gateway saw the client go
+    # (one or two on an idle machine; more on a loaded one), never on what the drain read.
     assert ev.input_tokens == prompt
-    assert ev.output_tokens % TRANCHE == 0 and TRANCHE <= ev.output_tokens <= 3 * TRANCHE, ev
+    assert ev.output_tokens % TRANCHE == 0 and TRANCHE <= ev.output_tokens < PACED_OUT, ev
     t.check_books(_price(prompt + ev.output_tokens))
 
 
