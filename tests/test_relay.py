@@ -1,6 +1,6 @@
 """The SSE relay (``tokenhub._core.SseRelay``) with a meter: each choice's output is counted as
-events pass, equal to the meter's count of the choice's texts joined, however the stream's bytes
-are split; nothing of the stream is kept."""
+events pass (in batches of at most 32 KiB of payloads, and whenever a count is read), equal to
+the meter's count of the choice's texts joined, however the stream's bytes are split."""
 
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ from tokenhub import Meter
 from tokenhub._core import SseRelay
 
 STREAMED = ["cl100k_base", "qwen", "deepseek-v4", "deepseek-v4-fallback"]
-KINDS = ("content", "reasoning", "both", "tool", "function_call", "text")
+# "beside": content with a usage object beside the choices (LiteLLM's shape), mid-stream.
+KINDS = ("content", "reasoning", "both", "tool", "function_call", "text", "beside")
 
 
 @pytest.fixture(scope="session")
@@ -27,7 +28,7 @@ def stream_meters(meters: dict[str, Meter], fallback_meter: Meter) -> dict[str, 
 
 def choice(index: int, kind: str, a: str, b: str) -> tuple[dict[str, Any], str]:
     """One chunk choice of the given kind, and its output text in the order it is counted."""
-    if kind == "content":
+    if kind in ("content", "beside"):
         return {"index": index, "delta": {"content": a}}, a
     if kind == "reasoning":
         return {"index": index, "delta": {"reasoning_content": a}}, a
@@ -46,6 +47,7 @@ def build_stream(
 ) -> tuple[bytes, dict[int, str]]:
     """An upstream stream of the given deltas (with a role chunk, keep-alives, a usage chunk
     when asked and [DONE]), and each choice's joined text."""
+    u = {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3}
     joined: dict[int, str] = {}
     sep = "\r\n\r\n" if crlf else "\n\n"
     head = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 7, "model": "m"}
@@ -53,11 +55,11 @@ def build_stream(
     for i, (index, kind, a, b) in enumerate(steps):
         c, text = choice(index, kind, a, b)
         joined[index] = joined.get(index, "") + text
-        events.append(json.dumps({**head, "choices": [c]}, ensure_ascii=ascii_only))
+        extra = {"usage": u} if kind == "beside" else {}
+        events.append(json.dumps({**head, "choices": [c], **extra}, ensure_ascii=ascii_only))
         if i % 7 == 3:
             events.append(": keep-alive")
     if usage:
-        u = {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3}
         events.append(json.dumps({**head, "choices": [], "usage": u}))
     events.append("[DONE]")
     body = "".join(e + sep if e.startswith(":") else f"data: {e}{sep}" for e in events)
@@ -99,6 +101,7 @@ def test_each_choice_counts_like_its_joined_text(
     want.setdefault(0, 0)  # the role chunk's choice
     assert relay.choice_tokens() == want
     assert relay.output_tokens == sum(want.values())
+    usage = usage or any(kind == "beside" for _, kind, _, _ in steps)
     assert relay.done and relay.held_done is not usage
     assert json.loads(relay.head or b"") == {
         "id": "chatcmpl-1",

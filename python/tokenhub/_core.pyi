@@ -62,9 +62,9 @@ class SseRelay:
     def __new__(
         cls, keep_usage: bool, meter: CoreMeter | None = None, max_event: int = ...
     ) -> SseRelay:
-        """With a meter, each choice's output is counted as events pass; no payload is ever
-        kept. An event longer than `max_event` bytes (default 4 MiB) is refused (`feed` raises
-        ValueError)."""
+        """With a meter, each choice's output is counted as events pass (payloads wait in
+        batches of at most 32 KiB, decoded when the batch fills or a count is read). An event
+        longer than `max_event` bytes (default 4 MiB) is refused (`feed` raises ValueError)."""
     def feed(self, data: bytes) -> bytes:
         """Takes one upstream read; returns the whole events to forward (possibly empty).
         Raises ValueError when an event grows past `max_event` bytes without ending."""

@@ -71,12 +71,12 @@ impl PySseRelay {
 
     /// Output tokens so far, all choices together (0 without a meter).
     #[getter]
-    fn output_tokens(&self) -> usize {
+    fn output_tokens(&mut self) -> usize {
         self.inner.output_tokens()
     }
 
     /// {choice index: output tokens so far} for each choice counted apart.
-    fn choice_tokens<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+    fn choice_tokens<'py>(&mut self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let d = PyDict::new(py);
         for (index, tokens) in self.inner.choice_tokens() {
             d.set_item(index, tokens)?;
