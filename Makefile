@@ -76,6 +76,8 @@ bench: build ## run the benchmarks (installs the optional baselines)
 	  echo "note: apt-get install fortunes-zh wrk (the benches skip or fall back without them)"
 	$(BIN)/python benches/bench_meter.py
 	$(BIN)/python benches/bench_gateway.py
+	@# Resident memory per concurrent long stream (200 streams x 20k tokens).
+	$(BIN)/python benches/bench_stream_memory.py
 	$(BIN)/python benches/bench_store.py
 	@# Quota admission; starts (and installs, as root) a private redis-server for its baseline.
 	$(BIN)/python benches/bench_quota.py

@@ -24,6 +24,14 @@ wall time, and the bytes of one stream. Cases: ``usage`` (the upstream sends a u
 gateway bills it) and ``no-usage`` (``mock-upstream --omit-usage``: the gateway meters each
 choice's output itself and sends the client a usage chunk of its own).
 
+The gateway's figure includes the I/O path's buffers, which a paced reader keeps full: unread
+upstream bytes (up to the HTTP client's high-water mark plus one socket read), the client
+transport's write buffer, and the copies in between. The ``relay`` case isolates the parser:
+in this process, ``--streams`` ``SseRelay`` objects (with the cl100k_base meter, as the gateway
+makes them) are fed a synthetic stream of ``--tokens`` chunks in 16 KiB reads, round-robin so
+all are in flight, and the process's RSS growth per relay is reported (the output count is
+checked against the meter's count of the text).
+
 Correctness: every stream must be a 200 that ends with ``data: [DONE]`` after a usage chunk whose
 ``completion_tokens`` is the mock's exact count; anything else is printed and makes the script exit
 with status 1. Memory figures are the kernel's resident set: allocator caching and page
@@ -52,7 +60,8 @@ from typing import Any
 
 HOST = "127.0.0.1"
 MODEL = "gpt-4o-mini"
-CASES = ("usage", "no-usage")
+CASES = ("relay", "usage", "no-usage")
+WORDS = (" the", " quick", " brown", " fox", " jumps", " over", " lazy", " dog")
 READ_BYTES = 16 * 1024
 SAMPLE_S = 0.05
 
@@ -343,6 +352,79 @@ async def run_case(
     return res, problems
 
 
+def synthetic_stream(tokens: int) -> tuple[bytes, str]:
+    """A chat completion stream of `tokens` one-token deltas (cl100k_base) with a usage chunk,
+    shaped like the mock's, and its text."""
+    head = (
+        b'data: {"id":"chatcmpl-bench","object":"chat.completion.chunk","created":1700000000,'
+        b'"model":"gpt-4o-mini","system_fingerprint":"fp_bench","choices":[{"index":0,'
+        b'"delta":{"content":"'
+    )
+    tail = b'"},"logprobs":null,"finish_reason":null}],"usage":null}\n\n'
+    words = [WORDS[k % len(WORDS)] for k in range(tokens)]
+    body = b"".join(head + w.encode() + tail for w in words)
+    usage = (
+        b'data: {"id":"chatcmpl-bench","object":"chat.completion.chunk","choices":[],'
+        b'"usage":{"prompt_tokens":9,"completion_tokens":%d,"total_tokens":%d}}\n\n'
+        % (tokens, tokens + 9)
+    )
+    return body + usage + b"data: [DONE]\n\n", "".join(words)
+
+
+def relay_case(args: argparse.Namespace) -> tuple[Result, list[str]]:
+    """The parser alone: RSS growth of this process per SseRelay fed a whole stream."""
+    import gc
+
+    from tokenhub import Meter
+    from tokenhub._core import SseRelay
+
+    meter = Meter.load("cl100k_base")
+    data, text = synthetic_stream(args.tokens)
+
+    def make() -> Any:
+        try:
+            return SseRelay(True, meter._core)
+        except TypeError:  # a relay from before it counted output (it kept the payloads)
+            return SseRelay(True)
+
+    make().feed(data)  # warm-up: lazily built state
+    gc.collect()
+    me = os.getpid()
+    idle = status_kb(me)["VmRSS"]
+    t0 = time.monotonic()
+    relays = [make() for _ in range(args.streams)]
+    peak = idle
+    for k, at in enumerate(range(0, len(data), READ_BYTES)):
+        piece = data[at : at + READ_BYTES]
+        for r in relays:
+            r.feed(piece)
+        if k % 64 == 0:
+            peak = max(peak, status_kb(me)["VmRSS"])
+    peak = max(peak, status_kb(me)["VmRSS"])
+    wall = time.monotonic() - t0
+    problems = []
+    want = meter.count(text)
+    for i, r in enumerate(relays):
+        counted = getattr(r, "output_tokens", want)
+        if not r.done or r.usage is None or counted != want:
+            problems.append(f"relay: relay {i}: done {r.done}, output_tokens {counted} != {want}")
+    del relays
+    res = Result(
+        case="relay",
+        streams=args.streams,
+        tokens=want,
+        stream_bytes=len(data),
+        idle_rss_kb=idle,
+        peak_rss_kb=peak,
+        per_stream_kb=(peak - idle) / args.streams,
+        max_in_flight=args.streams,
+        wall_s=wall,
+        usage_source="",
+        errors=len(problems),
+    )
+    return res, problems
+
+
 def render(results: list[Result]) -> str:
     rows = [
         "| case | streams | tokens/stream | MB/stream | in flight | idle RSS MiB | peak RSS MiB "
@@ -365,7 +447,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--seconds", type=float, default=20.0, help="how long the client takes to read a stream"
     )
-    p.add_argument("--cases", default=",".join(CASES), help="comma-separated: usage,no-usage")
+    p.add_argument("--cases", default=",".join(CASES), help="comma-separated: relay,usage,no-usage")
     p.add_argument("--quick", action="store_true", help="20 streams x 2,000 tokens over 5 s")
     p.add_argument("--json", metavar="PATH", help="write every result as JSON")
     args = p.parse_args(argv)
@@ -390,7 +472,10 @@ def main(argv: list[str] | None = None) -> int:
         procs = Processes(tmp)
         try:
             for case in args.cases:
-                res, found = asyncio.run(run_case(case, args, procs, tmp))
+                if case == "relay":
+                    res, found = relay_case(args)
+                else:
+                    res, found = asyncio.run(run_case(case, args, procs, tmp))
                 results.append(res)
                 problems += found
         finally:
