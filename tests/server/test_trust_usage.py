@@ -47,6 +47,7 @@ USAGE: dict[str, Any] = {
     },
     "litellm": {"prompt_tokens": 12, "completion_tokens": 6, "total_tokens": 18},
     "none": None,
+    "endless": None,  # one event that never ends: 5 MiB without its blank line
 }
 
 
@@ -73,6 +74,10 @@ def scripted() -> web.Application:
             return web.json_response(reply)
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
+        if model == "endless":
+            await resp.write(b'data: {"choices":[{"index":0,"delta":{"content":"')
+            await resp.write_eof(b"x" * (5 << 20))
+            return resp
         chunk = {**base, "object": "chat.completion.chunk"}
         words = TEXT.split(" ")
         for i, w in enumerate(words):
@@ -268,6 +273,19 @@ def test_a_client_that_asked_for_usage_gets_it_when_the_upstream_sent_none(
     # Not asked: no usage chunk at all.
     _, plain = _request(uclient, "none", True)
     assert all(c.usage is None and c.choices for c in plain)
+
+
+def test_an_event_past_the_relays_bound_fails_the_stream_and_bills_nothing(
+    uhub: UsageHub, uclient: openai.OpenAI
+) -> None:
+    """The relay holds at most 4 MiB of an unfinished event: beyond that the upstream is not
+    sending a token stream, and the request fails as a broken upstream read does."""
+    with pytest.raises(openai.APIStatusError) as e:
+        _request(uclient, "endless", True)
+    assert e.value.status_code == 502
+    assert e.value.response.json()["error"]["code"] == "upstream_error"
+    ev = uhub.event(e.value.response.headers["x-request-id"])
+    assert (ev.status, ev.output_tokens) == (502, 0)
 
 
 def test_tpm_after_an_absurd_overrun_waits_at_most_a_minute(tmp_path: Path) -> None:

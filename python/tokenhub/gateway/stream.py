@@ -29,7 +29,7 @@ from tokenhub.billing.pots import TRANCHE
 from tokenhub.config import Deployment
 from tokenhub.gateway.context import RequestContext
 from tokenhub.gateway.errors import ApiError
-from tokenhub.gateway.providers.http import ClientError, Response
+from tokenhub.gateway.providers.http import ClientError, ClientPayloadError, Response
 from tokenhub.gateway.upstream import Retry, Upstream, scrub
 
 if TYPE_CHECKING:
@@ -158,7 +158,7 @@ async def relay_stream(
             try:
                 events = relay.feed(data)
             except ValueError as e:  # an event past the relay's bound: not a token stream
-                raise aiohttp.ClientPayloadError(str(e)) from None
+                raise ClientPayloadError(str(e)) from None
             if event.ttft_ms is None and relay.first_token:
                 ctx.first_token()
             # A client that left is not sent more, so its hold is not extended either:
