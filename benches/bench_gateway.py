@@ -1173,11 +1173,14 @@ def baseline_section(info: dict[str, Any], results: list[Result]) -> list[str]:
         "",
         "### This tree against the baseline (medians over the rounds, same run)",
         "",
+        "new/old: the ratio of the medians; paired: the median of each round's ratio (the two "
+        "ran back to back, so a round's noise hits both).",
+        "",
         f"This tree: {info['tree']}; baseline: {info['baseline_tree']}.",
         "",
-        "| mode | conns | rounds | req/s new | req/s old | new/old | CPU ms/req new "
-        "| CPU ms/req old | new/old |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| mode | conns | rounds | req/s new | req/s old | new/old | paired | CPU ms/req new "
+        "| CPU ms/req old | new/old | paired |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for mode in info["modes"]:
         for c in info["connections"]:
@@ -1188,10 +1191,14 @@ def baseline_section(info: dict[str, Any], results: list[Result]) -> list[str]:
             rps_n, rps_o = _median([r.rps for r in new]), _median([r.rps for r in old])
             cpu_n = _median([r.cpu_ms_per_req or 0.0 for r in new])
             cpu_o = _median([r.cpu_ms_per_req or 0.0 for r in old])
+            pairs = list(zip(new, old, strict=False))
+            rps_p = _median([n.rps / o.rps for n, o in pairs if o.rps])
+            cpu_p = _median([(n.cpu_ms_per_req or 0) / o.cpu_ms_per_req for n, o in pairs
+                             if o.cpu_ms_per_req])  # fmt: skip
             out.append(
                 f"| {mode} | {c} | {len(new)} | {rps_n:,.0f} | {rps_o:,.0f} "
-                f"| {rps_n / rps_o if rps_o else 0:.3f} | {cpu_n:.3f} | {cpu_o:.3f} "
-                f"| {cpu_n / cpu_o if cpu_o else 0:.3f} |"
+                f"| {rps_n / rps_o if rps_o else 0:.3f} | {rps_p:.3f} | {cpu_n:.3f} | {cpu_o:.3f} "
+                f"| {cpu_n / cpu_o if cpu_o else 0:.3f} | {cpu_p:.3f} |"
             )
     return out
 
