@@ -28,6 +28,24 @@ error: `tokenhub.billing.service.Quarantine`) is recorded in `settlement_failure
 `quarantined` set and skipped even by `retry_failed`; `tokenhub billing check` names it, and
 `tokenhub billing quarantine` lists, releases (settle it again) or voids it (never billed:
 settled with no charge, recorded in the audit log).
+
+Partitions (several hosts, one PostgreSQL): with `partitions` N, tenants fall into N partitions
+(`partition_of`: the first 28 bits of md5(tenant) mod N, the same in SQL and Python) and a
+settler settles only the events of the partitions it holds (`PartitionLocks`): session
+advisory locks (`pg_try_advisory_lock`) on a connection of its own, so a settler that dies
+(kill -9, its host gone) loses its session and its locks with it, and the others take its
+partitions on their next pass. Each settler also holds a member lock, so that all can count
+the live settlers and hold about N / settlers partitions each: one that holds more than its
+share gives the extra ones back before a pass, one that holds fewer takes free ones. Every
+settler must be given the same N. A partition briefly held twice (a lock connection lost
+mid-pass) costs nothing: settling is idempotent. On SQLite there is one settler and
+partitions change nothing.
+
+The partition is a filter on the rows the pending index yields, not a new index: the pass
+still walks `usage_events_pending` in (ts_ms, request_id) order, reading the tenant of each
+pending event (the heap row is read anyway) and skipping the partitions held elsewhere. A
+pass so reads at most what is pending, never the settled history; a partial index per
+partition would fix N in the schema, and the pending set is what every settler is draining.
 """
 
 from __future__ import annotations
@@ -35,6 +53,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -58,6 +77,78 @@ _EVENT_COLS = ", ".join(f"e.{f}" for f in EVENT_FIELDS)
 _STREAM = EVENT_FIELDS.index("stream")
 # Called after each committed batch: (its events, the ids settled by it).
 OnBatch = Callable[[Sequence[UsageEvent], Iterable[str]], Awaitable[None]]
+MAX_PARTITIONS = 1024
+# Advisory lock keys (two int4 each): (_PARTITION_LOCK, partition) and (_MEMBER_LOCK, pid).
+_PARTITION_LOCK = 0x746B6801  # "tkh" 1
+_MEMBER_LOCK = 0x746B6802
+# The tenant's partition in SQL; `partition_of` is the same in Python.
+_PARTITION_SQL = "mod(('x' || substr(md5(e.tenant), 1, 7))::bit(28)::int, {n})"
+
+
+def partition_of(tenant: str, partitions: int) -> int:
+    """The partition of `tenant` among `partitions` (what the pending query computes in SQL)."""
+    return int(hashlib.md5(tenant.encode()).hexdigest()[:7], 16) % partitions
+
+
+class PartitionLocks:
+    """The tenant partitions this settler holds, as PostgreSQL session advisory locks on a
+    connection of its own (see the module docstring). `acquire` before each pass: it
+    (re)connects, counts the live settlers, gives back what is beyond this one's share and
+    takes free partitions up to it; the held partitions, () when the database is out of
+    reach (the pass then settles nothing, the next one tries again)."""
+
+    def __init__(self, url: str, partitions: int) -> None:
+        if not 1 <= partitions <= MAX_PARTITIONS:
+            raise ValueError(f"partitions must be from 1 to {MAX_PARTITIONS}")
+        self.url = url
+        self.partitions = partitions
+        self.held: set[int] = set()
+        self._conn: Any = None
+
+    async def _connect(self) -> Any:
+        import asyncpg  # type: ignore[import-untyped]
+
+        conn = await asyncpg.connect(
+            self.url, server_settings={"application_name": f"tokenhub-settler {os.getpid()}"}
+        )
+        await conn.execute(f"SELECT pg_advisory_lock({_MEMBER_LOCK}, pg_backend_pid())")
+        return conn
+
+    async def acquire(self) -> tuple[int, ...]:
+        try:
+            if self._conn is None or self._conn.is_closed():
+                self.held.clear()
+                self._conn = await self._connect()
+            conn = self._conn
+            members = await conn.fetchval(
+                "SELECT count(DISTINCT pid) FROM pg_locks WHERE locktype = 'advisory' "
+                f"AND classid = {_MEMBER_LOCK} AND objsubid = 2 AND granted "
+                "AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+            )
+            share = -(-self.partitions // max(1, int(members)))
+            for p in sorted(self.held, reverse=True)[: max(0, len(self.held) - share)]:
+                await conn.execute(f"SELECT pg_advisory_unlock({_PARTITION_LOCK}, $1)", p)
+                self.held.discard(p)
+            for p in range(self.partitions):
+                if len(self.held) >= share:
+                    break
+                if p not in self.held and await conn.fetchval(
+                    f"SELECT pg_try_advisory_lock({_PARTITION_LOCK}, $1)", p
+                ):
+                    self.held.add(p)
+        except Exception:
+            log.exception("settler partitions: cannot take locks; retrying next pass")
+            await self.close()
+            return ()
+        return tuple(sorted(self.held))
+
+    async def close(self) -> None:
+        """Gives every partition back (the session ends)."""
+        conn, self._conn = self._conn, None
+        self.held.clear()
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                await conn.close(timeout=5)
 
 
 @dataclass
@@ -133,11 +224,22 @@ async def settle_pending(
     retry_failed: bool = False,
     progress: Callable[[SettleSummary], None] | None = None,
     on_batch: OnBatch | None = None,
+    partitions: tuple[int, Sequence[int]] | None = None,
 ) -> SettleSummary:
     """One pass over the unsettled usage events (see the module docstring). `on_batch` runs
     after each committed batch with its events and the ids settled now (the gateway's
-    admission gives back what they held: tokenhub.billing.pots)."""
+    admission gives back what they held: tokenhub.billing.pots). `partitions` (N, held): on
+    PostgreSQL, only the events of tenants in the held partitions of N (none held: nothing);
+    ignored on SQLite."""
     db = billing.db
+    out = SettleSummary()
+    held: list[int] | None = None
+    if partitions is not None and db.dialect == "postgresql":
+        held = sorted(set(partitions[1]))
+        if not held:
+            return out
+        if len(held) >= partitions[0]:
+            held = None  # every partition: no filter
     # Quarantined events wait for `tokenhub billing quarantine release` even under
     # retry_failed: retrying them as they are cannot succeed.
     skip_failed = (
@@ -149,14 +251,25 @@ async def settle_pending(
     first = f"SELECT {_EVENT_COLS} FROM usage_events e WHERE e.settled_ms IS NULL{skip_failed}"
     after = f"{first} AND (e.ts_ms > $2 OR (e.ts_ms = $2 AND e.request_id > $3))"
     order = " ORDER BY e.ts_ms, e.request_id LIMIT $1"
+    first_args: tuple[Any, ...] = ()
+    after_args: tuple[Any, ...] = ()
+    if held is not None and partitions is not None:
+        # Applied to the rows the pending index yields (see the module docstring).
+        part = _PARTITION_SQL.format(n=int(partitions[0]))
+        first, after = (
+            f"{first} AND {part} = ANY($2::int[])",
+            f"{after} AND {part} = ANY($4::int[])",
+        )
+        first_args = after_args = (held,)
     cursor: tuple[int, str] | None = None
-    out = SettleSummary()
     started = time.monotonic()
     while True:
         if cursor is None:
-            rows = await db.read(partial(_fetch, sql=first + order, args=(batch,)))
+            rows = await db.read(partial(_fetch, sql=first + order, args=(batch, *first_args)))
         else:
-            rows = await db.read(partial(_fetch, sql=after + order, args=(batch, *cursor)))
+            rows = await db.read(
+                partial(_fetch, sql=after + order, args=(batch, *cursor, *after_args))
+            )
         if not rows:
             break
         events = [event_from_row(r) for r in rows]
@@ -202,14 +315,18 @@ async def follow(
     batch: int = 1000,
     on_batch: OnBatch | None = None,
     after_pass: Callable[[], Awaitable[None]] | None = None,
+    locks: PartitionLocks | None = None,
 ) -> None:
     """`settle_pending` every `interval_s` until `stop` is set, then `after_pass`; errors are
     logged and the next pass tries again (nothing is lost: unsettled events stay in
-    usage_events)."""
+    usage_events). With `locks`, each pass first takes its partitions and settles only
+    theirs."""
     reported: set[str] = set()
     while not stop.is_set():
         try:
-            s = await settle_pending(billing, batch=batch, on_batch=on_batch)
+            s = await settle_pending(
+                billing, batch=batch, on_batch=on_batch, partitions=await _held(locks)
+            )
             if after_pass is not None:
                 await after_pass()
             for reason in s.reasons:
@@ -220,6 +337,10 @@ async def follow(
             log.exception("settlement pass failed; retrying in %.1f s", interval_s)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), interval_s)
+
+
+async def _held(locks: PartitionLocks | None) -> tuple[int, Sequence[int]] | None:
+    return None if locks is None else (locks.partitions, await locks.acquire())
 
 
 async def _watch_parent(parent: int, stop: asyncio.Event) -> None:
@@ -238,6 +359,7 @@ async def run_daemon(
     quota_path: str | None = None,
     parent: int | None = None,
     started: Callable[[], None] | None = None,
+    partitions: int = 0,
 ) -> None:
     """The settle daemon: `follow` until SIGINT/SIGTERM (or until process `parent` is no
     longer this one's parent), then a last pass, so that what was served before the stop is
@@ -245,7 +367,9 @@ async def run_daemon(
     (tokenhub.billing.pots.PotSync): what is pending is settled, and the pots published,
     before the first interval, since a gateway's money admission waits for them.
     QuotaFileError if `quota_path` is not a quota table; `started` is called once it is
-    attached."""
+    attached. `partitions` N > 0 on PostgreSQL: this settler shares the work with the others
+    by tenant partition (`PartitionLocks`; the last pass settles the partitions still held);
+    on SQLite it changes nothing."""
     from tokenhub.billing.pots import PotSync
     from tokenhub.quota import Quota
 
@@ -258,9 +382,17 @@ async def run_daemon(
         started()
     on_batch = pots.after_batch if pots is not None else None
     watch = asyncio.create_task(_watch_parent(parent, stop)) if parent else None
+    url = getattr(billing.db, "url", "")
+    locks = (
+        PartitionLocks(url, partitions)
+        if partitions and billing.db.dialect == "postgresql"
+        else None
+    )
     try:
         if pots is not None:
-            await settle_pending(billing, batch=batch, on_batch=on_batch)
+            await settle_pending(
+                billing, batch=batch, on_batch=on_batch, partitions=await _held(locks)
+            )
             await pots.after_pass()
         await follow(
             billing,
@@ -269,9 +401,13 @@ async def run_daemon(
             batch=batch,
             on_batch=on_batch,
             after_pass=pots.after_pass if pots is not None else None,
+            locks=locks,
         )
-        await settle_pending(billing, batch=batch, on_batch=on_batch)
+        held = None if locks is None else (locks.partitions, tuple(sorted(locks.held)))
+        await settle_pending(billing, batch=batch, on_batch=on_batch, partitions=held)
     finally:
+        if locks is not None:
+            await locks.close()
         if watch is not None:
             watch.cancel()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -280,9 +416,10 @@ async def run_daemon(
 
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m tokenhub.billing.settler --interval S [--batch N] [--quota PATH]
-    [--parent PID]`: the settle daemon on the database in $TOKENHUB_DB (in the environment,
-    not on the command line, which any local user can read: a PostgreSQL URL may carry a
-    password). Exit status 0 once stopped, 1 when it failed, 2 when refused as given."""
+    [--parent PID] [--partitions N]`: the settle daemon on the database in $TOKENHUB_DB (in
+    the environment, not on the command line, which any local user can read: a PostgreSQL
+    URL may carry a password). Exit status 0 once stopped, 1 when it failed, 2 when refused
+    as given."""
     import argparse
     import os
     import sys
@@ -297,11 +434,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=1000, metavar="N")
     parser.add_argument("--quota", metavar="PATH", help="the quota table's money pots to keep")
     parser.add_argument("--parent", type=int, metavar="PID", help="stop when PID is gone")
+    parser.add_argument(
+        "--partitions",
+        type=int,
+        default=0,
+        metavar="N",
+        help="on PostgreSQL: share the work with the other settlers given the same N, by "
+        "tenant partition (advisory locks); no-op on SQLite",
+    )
     args = parser.parse_args(argv)  # exits 2 on a bad option
     url = os.environ.get(ENV_DB)
-    if not url or args.interval <= 0 or not 1 <= args.batch <= 100_000:
-        print(f"{prog}: error: needs ${ENV_DB}, --interval > 0 and --batch 1..100000",
-              file=sys.stderr)  # fmt: skip
+    if (
+        not url
+        or args.interval <= 0
+        or not 1 <= args.batch <= 100_000
+        or not 0 <= args.partitions <= MAX_PARTITIONS
+    ):
+        print(f"{prog}: error: needs ${ENV_DB}, --interval > 0, --batch 1..100000 and "
+              f"--partitions 0..{MAX_PARTITIONS}", file=sys.stderr)  # fmt: skip
         return 2
 
     async def run() -> None:
@@ -313,6 +463,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 batch=args.batch,
                 quota_path=args.quota,
                 parent=args.parent,
+                partitions=args.partitions,
             )
         finally:
             await db.close()
