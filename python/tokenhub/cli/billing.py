@@ -51,7 +51,7 @@ from tokenhub.billing.service import (
     Profile,
     get_profile,
 )
-from tokenhub.billing.settler import SettleSummary, run_daemon, settle_pending
+from tokenhub.billing.settler import MAX_PARTITIONS, SettleSummary, run_daemon, settle_pending
 from tokenhub.cli import EXIT_FAILED, EXIT_REFUSED, Refused, billing_io, quiet_broken_pipe
 from tokenhub.cli.admin import (
     AdminError,
@@ -941,6 +941,10 @@ def cmd_billing_settle(args: argparse.Namespace) -> int:
 
     if (args.quota or args.parent) and args.follow is None:
         raise UsageError("--quota and --parent go with --follow")
+    if args.partitions and args.follow is None:
+        raise UsageError("--partitions goes with --follow")
+    if not 0 <= args.partitions <= MAX_PARTITIONS:
+        raise UsageError(f"--partitions must be from 0 to {MAX_PARTITIONS}")
 
     async def body(b: Billing) -> int:
         if args.follow is not None:
@@ -958,6 +962,7 @@ def cmd_billing_settle(args: argparse.Namespace) -> int:
                     quota_path=args.quota,
                     parent=args.parent,
                     started=started,
+                    partitions=args.partitions,
                 )
             except QuotaFileError as e:
                 raise UsageError(f"--quota: {e}") from None
@@ -1651,6 +1656,16 @@ def _add_billing(sub: Any) -> None:
         type=int,
         metavar="PID",
         help="with --follow: stop (after a last pass) when process PID is no longer the parent",
+    )
+    p.add_argument(
+        "--partitions",
+        type=int,
+        default=0,
+        metavar="N",
+        help="with --follow, on PostgreSQL: share the work with the other settlers given the "
+        "same N (one per host), each settling the tenant partitions it holds through advisory "
+        "locks; a dead settler's partitions go to the others on their next pass (no-op on "
+        "SQLite)",
     )
     _add_db(p)
 
