@@ -40,11 +40,12 @@ demo: build ## build, then run the gateway demo (SQLite, built-in mock upstream,
 	$(BIN)/tokenhub serve --demo $(if $(PORT),--port $(PORT),)
 
 .PHONY: test
-test: build ## build, then run the Rust and Python test suites (with a throwaway PostgreSQL)
+test: build ## build, then run the Rust and Python test suites (with a throwaway PostgreSQL and Redis)
 	cargo test --release --quiet
 	@# The PostgreSQL tests use TOKENHUB_TEST_PG_DSN when it is set, else a server started here
 	@# (installed as root if missing) and stopped afterwards unless it was already running.
 	@# Without one they skip, or fail when TOKENHUB_REQUIRE_PG=1 (as .ci/run sets) or CI is set.
+	@# The same for Redis (scripts/test-redis, TOKENHUB_TEST_REDIS_URL, TOKENHUB_REQUIRE_REDIS).
 	@if [ -z "$${TOKENHUB_TEST_PG_DSN:-}" ]; then \
 	  scripts/test-postgres status || pg_started=1; \
 	  if TOKENHUB_TEST_PG_DSN=$$(scripts/test-postgres start); then \
@@ -53,8 +54,17 @@ test: build ## build, then run the Rust and Python test suites (with a throwaway
 	    echo "warning: no PostgreSQL (see above): its tests skip, or fail in CI" >&2; \
 	  fi; \
 	fi; \
+	if [ -z "$${TOKENHUB_TEST_REDIS_URL:-}" ]; then \
+	  scripts/test-redis status || redis_started=1; \
+	  if TOKENHUB_TEST_REDIS_URL=$$(scripts/test-redis start); then \
+	    export TOKENHUB_TEST_REDIS_URL; \
+	  else \
+	    echo "warning: no Redis (see above): its tests skip, or fail in CI" >&2; \
+	  fi; \
+	fi; \
 	rc=0; $(BIN)/pytest -q || rc=$$?; \
 	if [ -n "$${pg_started:-}" ]; then scripts/test-postgres stop; fi; \
+	if [ -n "$${redis_started:-}" ]; then scripts/test-redis stop; fi; \
 	exit $$rc
 
 .PHONY: pg-start
@@ -64,6 +74,14 @@ pg-start: ## start the tests' throwaway PostgreSQL and print its DSN
 .PHONY: pg-stop
 pg-stop: ## stop the tests' throwaway PostgreSQL
 	scripts/test-postgres stop
+
+.PHONY: redis-start
+redis-start: ## start the tests' throwaway redis-server and print its URL
+	@scripts/test-redis start
+
+.PHONY: redis-stop
+redis-stop: ## stop the tests' throwaway redis-server
+	scripts/test-redis stop
 
 .PHONY: bench
 bench: build ## run the benchmarks (installs the optional baselines)

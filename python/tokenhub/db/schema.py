@@ -337,6 +337,40 @@ MIGRATIONS: tuple[Migration, ...] = (
             "INSERT INTO terms_version (id, value) VALUES (1, 0)",
         ),
     ),
+    Migration(
+        11,
+        "budget_pots and budget_leases: the scale-out lease coordinator",
+        (
+            # One row per budget that hosts lease slices of (tokenhub.billing.leases). Amounts
+            # are integers in the pot's unit (tokens or nanos). No CHECK on granted +
+            # spent_unposted <= cap: settlement may lower cap below what is already out, and
+            # `tokenhub billing check` is what reports it.
+            """CREATE TABLE budget_pots (
+                pot TEXT NOT NULL PRIMARY KEY,
+                tenant TEXT NOT NULL,
+                unit TEXT NOT NULL,
+                cap BIGINT NOT NULL,
+                granted BIGINT NOT NULL DEFAULT 0,
+                spent_unposted BIGINT NOT NULL DEFAULT 0,
+                updated_ms BIGINT NOT NULL
+            )""",
+            # The lease id is the idempotency key: the host journals it before asking. state:
+            # open, expired (counted as fully spent), returned, refused (granted nothing).
+            """CREATE TABLE budget_leases (
+                id TEXT NOT NULL PRIMARY KEY,
+                pot TEXT NOT NULL REFERENCES budget_pots (pot),
+                host TEXT NOT NULL,
+                amount BIGINT NOT NULL,
+                used BIGINT,
+                state TEXT NOT NULL,
+                expires_at BIGINT NOT NULL,
+                created_ms BIGINT NOT NULL,
+                closed_ms BIGINT
+            )""",
+            "CREATE INDEX budget_leases_open ON budget_leases (pot, expires_at) "
+            "WHERE state = 'open'",
+        ),
+    ),
 )
 
 LATEST_VERSION = MIGRATIONS[-1].version
