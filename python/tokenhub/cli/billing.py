@@ -36,6 +36,7 @@ from typing import Any
 
 import msgspec
 
+from tokenhub.billing import leases as LS
 from tokenhub.billing import ledger as L
 from tokenhub.billing import settler as Q
 from tokenhub.billing import statements as S
@@ -1135,6 +1136,8 @@ def cmd_billing_check(args: argparse.Namespace) -> int:
     async def body(b: Billing) -> int:
         async def run(tx: Tx) -> tuple[list[str], int, int]:
             problems = await L.check_invariants(tx)
+            # The scale-out lease invariant: granted + spent_unposted <= cap for every pot.
+            problems += await LS.check(tx)
             # Usage that will not be billed until someone decides: as much a problem of the
             # books as a posting that does not balance.
             for q in await Q.quarantined(tx):
@@ -1152,7 +1155,7 @@ def cmd_billing_check(args: argparse.Namespace) -> int:
             print(
                 f"ledger OK: {n_txns} transactions, {n_postings} postings; every transaction "
                 "balances per unit and every constrained account matches its postings and "
-                "stays within its limit"
+                "stays within its limit; every budget pot within its cap"
             )
             return 0
         for p in problems:
