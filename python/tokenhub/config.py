@@ -149,6 +149,11 @@ class ServerSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     header_timeout_s: float = 10.0
     keepalive_timeout_s: float = 75.0
     max_connections: int = 10_000
+    # This host's name among the hosts on one database (`tokenhub cluster status`); default
+    # the machine's hostname. Its heartbeat is written every heartbeat_s seconds; a host
+    # silent for more than 3 heartbeats is shown down.
+    host_id: str = ""
+    heartbeat_s: float = 5.0
 
 
 class BillingSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -182,6 +187,16 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@-]{0,127}$")
 _CURRENCY = re.compile(r"^[A-Z]{3}$")
 
 
+_HOST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+
+def host_id_problem(host_id: str) -> str | None:
+    """Why `host_id` cannot name a host (None: it can): 1 to 64 of [A-Za-z0-9._-]."""
+    if _HOST_ID.fullmatch(host_id):
+        return None
+    return f"{host_id[:80]!r} is not a host id (1 to 64 of A-Z a-z 0-9 . _ -)"
+
+
 def _fail(source: str, where: str, message: str) -> ConfigError:
     return ConfigError(f"{source}: {where}: {message}")
 
@@ -202,6 +217,10 @@ def validate(cfg: Config, *, environ: dict[str, str] | None = None) -> Config:
             raise _fail(src, f"server.{field}", "must be positive")
     if s.max_connections < 1:
         raise _fail(src, "server.max_connections", "must be at least 1")
+    if s.host_id and (problem := host_id_problem(s.host_id)):
+        raise _fail(src, "server.host_id", problem)
+    if not 0.05 <= s.heartbeat_s <= 3600:
+        raise _fail(src, "server.heartbeat_s", "must be from 0.05 to 3600")
     if cfg.billing.settle_interval_s < 0:
         raise _fail(src, "billing.settle_interval_s", "must be zero (off) or positive")
     if cfg.billing.admission and cfg.billing.settle_interval_s <= 0:

@@ -2,7 +2,8 @@
 
 Each command lives in a module of this package (meter.py: count, vocabs; serve.py; mock.py:
 mock-upstream; admin.py: tenants, keys, events, audit; billing.py and billing_io.py: the
-ledger's commands; bench-routing is tokenhub.routing_bench.cli). Every command exits with
+ledger's commands; cluster.py: cluster status; bench-routing is tokenhub.routing_bench.cli).
+Every command exits with
 
     0  ok
     1  failed (the database, a file, the network, a server that could not start or stopped
@@ -74,13 +75,14 @@ def build_parser() -> argparse.ArgumentParser:
     meter.add_cli(sub)
 
     # Gateway commands pull in aiohttp; imported here so `import tokenhub.cli` stays light.
-    from tokenhub.cli import admin, billing, mock, serve
+    from tokenhub.cli import admin, billing, cluster, mock, serve
     from tokenhub.routing_bench import cli as routing_bench_cli
 
     serve.add_cli(sub)
     mock.add_cli(sub)
     admin.add_cli(sub)
     billing.add_cli(sub)
+    cluster.add_cli(sub)
     routing_bench_cli.add_cli(sub)
     meter.add_vocabs_cli(sub)
 

@@ -10,6 +10,7 @@ from typing import Any
 
 from tokenhub.cli import EXIT_REFUSED, PROG, CliError, Refused
 from tokenhub.config import Config, ConfigError, from_mapping, load_config
+from tokenhub.runtime.cluster import HostIdError, host_id
 from tokenhub.runtime.demo import DEMO_DB, DEMO_KEY_ENV
 from tokenhub.runtime.resources import WORKER_HEADER
 from tokenhub.runtime.supervisor import CRASH_WINDOW_S, MAX_CRASHES, MAX_WORKERS
@@ -73,6 +74,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         cfg.server.port = args.port
     if args.db and not args.demo:
         cfg.server.database = args.db
+    if args.host_id is not None:
+        cfg.server.host_id = args.host_id
+    try:
+        host_id(cfg)
+    except HostIdError as e:
+        raise Refused(str(e)) from None
     demo_key = _demo_key(args) if args.demo else None
     if not args.demo:  # the demo seeds its own prices (and the wallet that goes with them)
         _apply_config_prices(cfg)
@@ -139,6 +146,13 @@ def add_cli(sub: Any) -> None:
         metavar="URL_OR_PATH",
         help="database: a SQLite path (or sqlite:///ABSOLUTE/PATH) or a PostgreSQL URL "
         "postgresql://USER@HOST/DB (overrides server.database)",
+    )
+    p.add_argument(
+        "--host-id",
+        metavar="ID",
+        help="this host's name among the hosts on one database, 1 to 64 of [A-Za-z0-9._-] "
+        "(default from config, else the machine's hostname); its heartbeat goes into the "
+        "database every [server] heartbeat_s seconds (default 5) for 'tokenhub cluster status'",
     )
     p.add_argument(
         "--workers",

@@ -338,6 +338,26 @@ MIGRATIONS: tuple[Migration, ...] = (
         ),
     ),
     Migration(
+        10,
+        "cluster_hosts: each serving host's heartbeat",
+        (
+            # One row per `tokenhub serve --host-id`, upserted every [server] heartbeat_s by
+            # the host's heartbeat task (tokenhub.runtime.cluster); `tokenhub cluster status`
+            # reads it. Rows stay after a host stops: a host silent for more than 3 of its
+            # own heartbeat intervals (interval_ms) is shown down.
+            """CREATE TABLE cluster_hosts (
+                host_id TEXT NOT NULL PRIMARY KEY,
+                started_ms BIGINT NOT NULL,
+                heartbeat_ms BIGINT NOT NULL,
+                interval_ms BIGINT NOT NULL,
+                pid BIGINT NOT NULL,
+                workers BIGINT NOT NULL,
+                version TEXT NOT NULL,
+                journal_backlog BIGINT NOT NULL
+            )""",
+        ),
+    ),
+    Migration(
         11,
         "budget_pots and budget_leases: the scale-out lease coordinator",
         (

@@ -1,7 +1,7 @@
 """The one composition root: what a gateway process is made of, wired in one place.
 
 `build_app(cfg, shared, worker, store=..., journal=...)` returns the aiohttp application with
-its resources (usage sink, key cache, limit sync, settler, pots) opened and closed in its
+its resources (usage sink, heartbeat, key cache, limit sync, settler, pots) opened and closed in its
 cleanup context, in that order and the reverse; `build_runner(app, cfg)` the runner that serves
 it with the [server] connection limits. `tokenhub serve` (runtime/serve.py), every forked
 worker, the tests' harness (tests/server/harness.py) and the benches build their gateway
@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from tokenhub.gateway.limits import LimitSync
     from tokenhub.gateway.protocol import GatewayRunner
     from tokenhub.quota import Quota
+    from tokenhub.runtime.cluster import Heartbeat
     from tokenhub.runtime.journal import Journal
     from tokenhub.runtime.sink import UsageSink
     from tokenhub.store import Store
@@ -88,9 +89,14 @@ def build_app(
             usage_since=store.tokens_since,
         )
 
+    # One beat per host: from the process that serves alone, or worker 1.
+    heartbeat = _heartbeat(cfg, store, sink, worker) if settles else None
+
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         nonlocal contracts
         await sink.start()
+        if heartbeat is not None:
+            await heartbeat.start()
         await keys.start()
         if limits is not None:
             await limits.start()
@@ -115,6 +121,8 @@ def build_app(
         if limits is not None:
             await limits.close()
         await keys.close()
+        if heartbeat is not None:
+            await heartbeat.close()
         # Bounded: whatever the database cannot take now stays in the journal for next start.
         await sink.close(timeout=30)
 
@@ -130,6 +138,20 @@ def build_app(
             stats.set(value, name=name)
 
     app[METRICS].on_collect(collect_sink_stats)
+    # Registered in every worker, set in the one that beats: the sum over workers is its value.
+    beats = app[METRICS].gauge(
+        "tokenhub_cluster_heartbeat_age_seconds",
+        "Seconds since each host's last heartbeat in cluster_hosts (as of this host's last "
+        "tick); a host is down past 3 of its heartbeat intervals.",
+    )
+    if heartbeat is not None:
+        beating = heartbeat
+
+        def collect_heartbeats() -> None:
+            for host, age in beating.ages_s().items():
+                beats.set(age, host=host)
+
+        app[METRICS].on_collect(collect_heartbeats)
     if worker is not None and shared.metrics_dir:
         from tokenhub.gateway.telemetry import Share
 
@@ -142,6 +164,22 @@ def build_app(
 
         app.on_response_prepare.append(tag_response)
     return app
+
+
+def _heartbeat(cfg: Config, store: Store, sink: UsageSink, worker: Worker | None) -> Heartbeat:
+    from tokenhub.runtime.cluster import Heartbeat, HostIdError, host_id
+
+    try:
+        host = host_id(cfg)
+    except HostIdError:  # `tokenhub serve` refuses this before; an embedder gets a stand-in
+        host = "unnamed"
+    return Heartbeat(
+        store,
+        host,
+        interval_s=cfg.server.heartbeat_s,
+        workers=worker.count if worker is not None else 1,
+        backlog=lambda: int(sink.backlog),
+    )
 
 
 def build_runner(app: web.Application, cfg: Config, **runner_kw: Any) -> GatewayRunner:

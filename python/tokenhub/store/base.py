@@ -133,6 +133,19 @@ class InsertResult(NamedTuple):
     conflict_ids: tuple[str, ...] = ()
 
 
+class HostBeat(NamedTuple):
+    """A serving host's row in cluster_hosts: what its last heartbeat said."""
+
+    host_id: str
+    started_ms: int
+    heartbeat_ms: int
+    interval_ms: int  # how often it beats: silent for more than 3 intervals is down
+    pid: int
+    workers: int
+    version: str
+    journal_backlog: int  # usage events accepted but not yet in the database
+
+
 class Store(Protocol):
     """Tenants, API keys and usage events. Implementations are safe to share between threads."""
 
@@ -183,6 +196,14 @@ class Store(Protocol):
 
     def audit_entries(self, since_ms: int | None = None, limit: int = 1000) -> list[AuditEntry]:
         """The audit log from `since_ms` on, oldest first."""
+        ...
+
+    def heartbeat(self, beat: HostBeat) -> None:
+        """Writes (inserts or replaces) the host's row in cluster_hosts."""
+        ...
+
+    def cluster_hosts(self) -> list[HostBeat]:
+        """Every host that ever sent a heartbeat, by host id."""
         ...
 
     def insert_events(self, events: Sequence[UsageEvent]) -> InsertResult:

@@ -1,5 +1,6 @@
 """The store's logic, written once over `tokenhub.db.database.Tx` for SQLite and PostgreSQL:
-tenants, API keys, the change marker, limits, the audit log, daily token sums and migrations.
+tenants, API keys, the change marker, limits, the audit log, daily token sums, the cluster's
+host heartbeats and migrations.
 
 `TxStore` implements those `Store` methods on two primitives an engine provides: `_write(fn)`
 runs `fn(tx)` in a write transaction, `_read(fn)` in a read. The engines (store/sqlite.py over
@@ -28,6 +29,7 @@ from tokenhub.store.base import (
     AlreadyExists,
     ApiKey,
     AuditEntry,
+    HostBeat,
     LimitRow,
     Limits,
     NotFound,
@@ -332,5 +334,32 @@ class TxStore:
             return [
                 AuditEntry(r[0], r[1], r[2], r[3], r[4], msgspec.json.decode(r[5])) for r in found
             ]
+
+        return self._read(rows)
+
+    # -- cluster hosts ---------------------------------------------------------------------
+
+    def heartbeat(self, beat: HostBeat) -> None:
+        async def upsert(tx: Tx) -> None:
+            await tx.execute(
+                "INSERT INTO cluster_hosts (host_id, started_ms, heartbeat_ms, interval_ms, pid, "
+                "workers, version, journal_backlog) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) "
+                "ON CONFLICT (host_id) DO UPDATE SET started_ms = excluded.started_ms, "
+                "heartbeat_ms = excluded.heartbeat_ms, interval_ms = excluded.interval_ms, "
+                "pid = excluded.pid, "
+                "workers = excluded.workers, version = excluded.version, "
+                "journal_backlog = excluded.journal_backlog",
+                *beat,
+            )
+
+        self._write(upsert)
+
+    def cluster_hosts(self) -> list[HostBeat]:
+        async def rows(tx: Tx) -> list[HostBeat]:
+            found = await tx.fetch(
+                "SELECT host_id, started_ms, heartbeat_ms, interval_ms, pid, workers, "
+                "version, journal_backlog FROM cluster_hosts ORDER BY host_id"
+            )
+            return [HostBeat(*r) for r in found]
 
         return self._read(rows)

@@ -1,0 +1,151 @@
+"""Host identity, heartbeats and `tokenhub cluster status` (issue 13's first piece): two real
+`tokenhub serve` processes, hosts A and B, on one database (SQLite, and PostgreSQL when
+TOKENHUB_TEST_PG_DSN is set) list as up; after kill -9 of A it is shown down (exit 1) while B
+stays up, and B's /metrics carries each host's heartbeat age."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent / "server"))
+
+from harness import free_port, wait_until
+from procs import TOKENHUB, Procs, write_config
+
+# Down after 3 silent beats: 1.5 s. Short for the test, long enough that a loaded machine's
+# live host does not miss 3 in a row often (and the assertions wait for the state they want).
+BEAT_S = 0.5
+NO_UPSTREAM = "http://127.0.0.1:9"  # the servers start and beat; no request is sent
+
+
+def cluster(db: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [TOKENHUB, "cluster", "status", "--db", db, *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def states(db: str) -> dict[str, dict[str, Any]]:
+    out = cluster(db, "--json")
+    assert out.returncode in (0, 1), out.stderr
+    hosts = {h["host_id"]: h for h in json.loads(out.stdout)}
+    assert out.returncode == (1 if any(h["state"] == "down" for h in hosts.values()) else 0)
+    return hosts
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def database(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    if request.param == "sqlite":
+        yield str(tmp_path / "hub.db")
+    else:
+        yield request.getfixturevalue("pg_database")
+
+
+def test_two_hosts_then_one_killed(database: str, tmp_path: Path) -> None:
+    procs = Procs(tmp_path)
+    try:
+        started = {}
+        for host in ("A", "B"):
+            home = tmp_path / host
+            home.mkdir()
+            port = free_port()
+            config = write_config(
+                home, port, database, NO_UPSTREAM, extra=f"heartbeat_s = {BEAT_S}"
+            )
+            p = procs.start(f"serve-{host}", "serve", "--config", str(config), "--host-id", host)
+            p.wait_serving()
+            started[host] = (p, port)
+
+        def both_up() -> dict[str, dict[str, Any]] | None:
+            hosts = states(database)
+            ok = set(hosts) == {"A", "B"} and all(h["state"] == "up" for h in hosts.values())
+            return hosts if ok else None
+
+        hosts = wait_until(both_up, 60, interval=0.2, what="hosts A and B up")
+        for host, (p, _) in started.items():
+            assert hosts[host]["pid"] == p.pid
+            assert hosts[host]["workers"] == 1
+            assert hosts[host]["journal_backlog"] == 0
+            assert hosts[host]["interval_ms"] == BEAT_S * 1000
+        table = cluster(database)
+        assert table.returncode == 0, table.stderr
+        lines = table.stdout.splitlines()
+        assert lines[0].split()[:5] == [
+            "HOST",
+            "STATE",
+            "HEARTBEAT_AGE",
+            "WORKERS",
+            "JOURNAL_BACKLOG",
+        ]
+        assert [ln.split()[:2] for ln in lines[1:]] == [["A", "up"], ["B", "up"]]
+
+        started["A"][0].kill_group()  # kill -9: no last word from A
+
+        def a_down() -> dict[str, dict[str, Any]] | None:
+            hosts = states(database)
+            return hosts if hosts["A"]["state"] == "down" and hosts["B"]["state"] == "up" else None
+
+        hosts = wait_until(a_down, 60, interval=0.2, what="host A down, B up")
+        assert hosts["A"]["heartbeat_age_ms"] > 3 * BEAT_S * 1000
+        table = cluster(database)
+        assert table.returncode == 1
+        assert [ln.split()[:2] for ln in table.stdout.splitlines()[1:]] == [
+            ["A", "down"],
+            ["B", "up"],
+        ]
+
+        port_b = started["B"][1]
+        with urllib.request.urlopen(f"http://127.0.0.1:{port_b}/metrics", timeout=30) as r:
+            metrics = r.read().decode()
+        ages = {
+            line.split('"')[1]: float(line.rsplit(" ", 1)[1])
+            for line in metrics.splitlines()
+            if line.startswith("tokenhub_cluster_heartbeat_age_seconds{")
+        }
+        assert set(ages) == {"A", "B"}
+        assert ages["A"] > 3 * BEAT_S
+
+        assert started["B"][0].stop() == 0
+    finally:
+        procs.close()
+
+
+def test_usage_errors(tmp_path: Path) -> None:
+    missing = cluster(str(tmp_path / "nothing.db"))
+    assert missing.returncode == 2
+    assert missing.stderr.startswith("tokenhub: error: ") and missing.stderr.count("\n") == 1
+
+    config = write_config(tmp_path, free_port(), tmp_path / "hub.db", NO_UPSTREAM)
+    bad = subprocess.run(
+        [TOKENHUB, "serve", "--config", str(config), "--host-id", "a b"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert bad.returncode == 2
+    assert bad.stderr.startswith("tokenhub: error: --host-id: 'a b' is not a host id")
+
+    bad_config = write_config(
+        tmp_path, free_port(), tmp_path / "hub.db", NO_UPSTREAM, extra='host_id = "x/y"'
+    )
+    bad = subprocess.run(
+        [TOKENHUB, "serve", "--config", str(bad_config)], capture_output=True, text=True, timeout=60
+    )
+    assert bad.returncode == 2
+    assert "server.host_id" in bad.stderr
+
+    subprocess.run(
+        [TOKENHUB, "tenants", "create", "t", "--db", str(tmp_path / "hub.db")], check=True
+    )
+    empty = cluster(str(tmp_path / "hub.db"), "--json")
+    assert (empty.returncode, empty.stdout.strip()) == (0, "[]")
