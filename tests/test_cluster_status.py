@@ -129,6 +129,11 @@ def test_usage_errors(tmp_path: Path) -> None:
     assert missing.returncode == 2
     assert missing.stderr.startswith("tokenhub: error: ") and missing.stderr.count("\n") == 1
 
+    # A database that fails (nothing listens on port 1) is a failure, not a refusal.
+    down = cluster("postgresql://nobody@127.0.0.1:1/none")
+    assert down.returncode == 1
+    assert down.stderr.startswith("tokenhub: error: ") and down.stderr.count("\n") == 1
+
     config = write_config(tmp_path, free_port(), tmp_path / "hub.db", NO_UPSTREAM)
     bad = subprocess.run(
         [TOKENHUB, "serve", "--config", str(config), "--host-id", "a b"],

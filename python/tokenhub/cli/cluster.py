@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import os
 import sys
 from typing import Any
 
@@ -17,8 +18,9 @@ import msgspec
 
 from tokenhub.cli import EXIT_FAILED, EXIT_OK, CliError, Refused
 from tokenhub.cli.admin import db_url, group_help
+from tokenhub.db.database import is_postgres
 from tokenhub.runtime.cluster import DOWN_AFTER_BEATS, age_ms, is_down, now_ms
-from tokenhub.store import ENV_DB, HostBeat, StoreError, open_store
+from tokenhub.store import ENV_DB, HostBeat, StoreError, database_path, open_store
 
 
 def _host_json(b: HostBeat, now: int) -> dict[str, Any]:
@@ -41,10 +43,18 @@ def _when(ms: int) -> str:
 
 
 def cmd_cluster_status(args: argparse.Namespace) -> int:
+    url = db_url(args)
     try:
-        store = open_store(db_url(args), create=False)
+        # A SQLite file that is not there, or a URL that names none, is refused as given; a
+        # database that fails (PostgreSQL down) is a failure.
+        if not is_postgres(url) and not os.path.exists(database_path(url)):
+            raise Refused(f"no database at {url!r}")
     except StoreError as e:
         raise Refused(str(e)) from None
+    try:
+        store = open_store(url, create=False)
+    except StoreError as e:
+        raise CliError(str(e)) from None
     try:
         store.migrate()
         hosts = store.cluster_hosts()
