@@ -383,7 +383,7 @@ def relay_case(args: argparse.Namespace) -> tuple[Result, list[str]]:
 
     def make() -> Any:
         try:
-            return SseRelay(True, meter._core)
+            return SseRelay(True, meter.core)
         except TypeError:  # a relay from before it counted output (it kept the payloads)
             return SseRelay(True)
 

@@ -95,7 +95,7 @@ def test_each_choice_counts_like_its_joined_text(
 ):
     meter = stream_meters[name]
     data, joined = build_stream(steps, usage, ascii_only, crlf)
-    relay = SseRelay(True, meter._core)
+    relay = SseRelay(True, meter.core)
     out = relay_in_pieces(relay, data, random.Random(seed))
     want = {i: meter.count(t) for i, t in joined.items()}
     want.setdefault(0, 0)  # the role chunk's choice
@@ -118,7 +118,7 @@ def test_the_running_total_grows_as_events_pass(meters):
     """What money admission reads after each upstream read: the output so far."""
     meter = meters["cl100k_base"]
     text = "The quick brown fox jumps over the lazy dog. " * 20
-    relay = SseRelay(False, meter._core)
+    relay = SseRelay(False, meter.core)
     sent = ""
     for k in range(0, len(text), 9):
         piece = text[k : k + 9]
@@ -131,7 +131,7 @@ def test_the_running_total_grows_as_events_pass(meters):
 def test_a_long_stream_keeps_nothing(meters):
     """50,000 events: nothing held back between events, every one counted."""
     meter = meters["cl100k_base"]
-    relay = SseRelay(True, meter._core)
+    relay = SseRelay(True, meter.core)
     event = b'data: {"id":"c","choices":[{"index":0,"delta":{"content":" word"}}]}\n\n'
     for _ in range(500):
         relay.feed(event * 100)
@@ -140,7 +140,7 @@ def test_a_long_stream_keeps_nothing(meters):
 
 
 def test_an_event_past_max_event_is_refused(meters):
-    relay = SseRelay(False, meters["cl100k_base"]._core, 1024)
+    relay = SseRelay(False, meters["cl100k_base"].core, 1024)
     relay.feed(b'data: {"choices":[{"index":0,"delta":{"content":"')
     with pytest.raises(ValueError, match="exceeds 1024 bytes"):
         relay.feed(b"x" * 2048)

@@ -139,6 +139,11 @@ class Meter:
         runs, overhead = templates.plan(self.template, messages, self._specials)
         return overhead + sum(self._core.count_cached_many(runs))
 
+    @property
+    def core(self) -> _core.CoreMeter:
+        """The Rust meter itself, for the Rust types that meter with it (`SseRelay`)."""
+        return self._core
+
     def stream_counter(self) -> StreamCounter:
         """An incremental counter: ``feed(delta)`` returns the running total, and the total
         after feeding any split of a text equals ``count`` of the whole text."""

@@ -138,7 +138,7 @@ class OpenAIWire:
             return Reply()
 
     def scanner(self, keep_usage: bool, meter: Meter) -> SseRelay:
-        return SseRelay(keep_usage, meter._core)
+        return SseRelay(keep_usage, meter.core)
 
     def stream_usage(self, chunk: bytes) -> Any:
         with contextlib.suppress(msgspec.DecodeError, msgspec.ValidationError):
