@@ -136,7 +136,7 @@ class Upstream:
                 return resp  # the gateway went away: stop generating
             sent += k
             seen.generated = n * sent
-            if model == "paced":
+            if model in ("paced", "fcall"):  # separate reads at the gateway, even on a slow box
                 await asyncio.sleep(0.01)
         if (body.get("stream_options") or {}).get("include_usage"):
             await resp.write(f"data: {json.dumps({'choices': [], 'usage': usage})}\n\n".encode())
@@ -486,7 +486,8 @@ def test_streamed_legacy_function_call_is_counted(gateway: Gateway, tenant: Any)
         for ch in chunks[:-1]
         for c in ch["choices"]
     )
-    received = Meter.load(VOCAB).count("f" + args)
+    # The name arrives with the first chunk; nothing at all if the first read was already too big.
+    received = Meter.load(VOCAB).count("f" + args) if chunks[:-1] else 0
     # Cut short (uncounted, the call ran to its 3,000 tokens and the wallet into overrun), at
     # a read boundary: a read the contracts cannot pay for in full is not sent.
     assert 0 < received < 2_000, received
