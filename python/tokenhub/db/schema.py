@@ -391,6 +391,30 @@ MIGRATIONS: tuple[Migration, ...] = (
             "WHERE state = 'open'",
         ),
     ),
+    Migration(
+        12,
+        "budget_usage and lease instances: what each host incarnation spent and what is posted",
+        (
+            # A lease belongs to one incarnation of a host ("<host id>/<epoch>", the epoch of
+            # its quota table): a restarted host is a new instance, and the old one's leases
+            # are reconciled against what its events charged (tokenhub.billing.leases).
+            "ALTER TABLE budget_leases ADD COLUMN instance TEXT NOT NULL DEFAULT ''",
+            # Per pot and host instance: `used` is what its closed leases spent (returned:
+            # their used; expired or written off: their whole amount until reconciled),
+            # `posted` what settlement has posted of its events' charges on the pot. A pot's
+            # spent_unposted is the sum over its instances of max(0, used - posted).
+            """CREATE TABLE budget_usage (
+                pot TEXT NOT NULL REFERENCES budget_pots (pot),
+                instance TEXT NOT NULL,
+                host TEXT NOT NULL,
+                used BIGINT NOT NULL DEFAULT 0,
+                posted BIGINT NOT NULL DEFAULT 0,
+                updated_ms BIGINT NOT NULL,
+                PRIMARY KEY (pot, instance)
+            )""",
+            "CREATE INDEX budget_leases_instance ON budget_leases (instance, state)",
+        ),
+    ),
 )
 
 LATEST_VERSION = MIGRATIONS[-1].version
