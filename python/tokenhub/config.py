@@ -169,9 +169,28 @@ class BillingSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     admission: bool = False
 
 
+class ClusterSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    # Several hosts on one PostgreSQL (`serve --host-id`, issue 13): what each host leases and
+    # shares. Cluster mode is on when server.host_id is set, the database is PostgreSQL and
+    # billing.admission is on.
+    # Redis for rate-limit shares ("" = none: static shares floor(R / hosts)).
+    redis_url: str = ""
+    # The planned number of hosts, for static shares (0: the hosts alive in cluster_hosts).
+    hosts: int = 0
+    # Settler partitions of the tenants (0: every settler settles every tenant).
+    partitions: int = 0
+    # A budget lease's time to live; a host renews its leases well before.
+    lease_ttl_s: float = 30.0
+    # How long a request waits for its host to lease more budget before a 429.
+    acquire_wait_ms: int = 1000
+    # Expired leases of a host that never came back are reconciled after this long.
+    write_off_s: float = 600.0
+
+
 class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     server: ServerSettings = msgspec.field(default_factory=ServerSettings)
     billing: BillingSettings = msgspec.field(default_factory=BillingSettings)
+    cluster: ClusterSettings = msgspec.field(default_factory=ClusterSettings)
     providers: list[Provider] = msgspec.field(default_factory=list)
     models: list[Model] = msgspec.field(default_factory=list)
     source: str = ""  # where the config was read from, for messages
@@ -232,6 +251,19 @@ def validate(cfg: Config, *, environ: dict[str, str] | None = None) -> Config:
         )
     if not 1 <= cfg.billing.settle_batch <= 100_000:
         raise _fail(src, "billing.settle_batch", "must be from 1 to 100000")
+    c = cfg.cluster
+    if c.redis_url and not c.redis_url.startswith(("redis://", "rediss://", "unix://")):
+        raise _fail(src, "cluster.redis_url", "must be a redis://, rediss:// or unix:// URL")
+    if not 0 <= c.hosts <= 1024:
+        raise _fail(src, "cluster.hosts", "must be from 0 (the live hosts) to 1024")
+    if not 0 <= c.partitions <= 1024:
+        raise _fail(src, "cluster.partitions", "must be from 0 (none) to 1024")
+    if not 1 <= c.lease_ttl_s <= 3600:
+        raise _fail(src, "cluster.lease_ttl_s", "must be from 1 to 3600")
+    if not 0 <= c.acquire_wait_ms <= 60_000:
+        raise _fail(src, "cluster.acquire_wait_ms", "must be from 0 to 60000")
+    if not c.lease_ttl_s < c.write_off_s <= 30 * 86400:
+        raise _fail(src, "cluster.write_off_s", "must be more than lease_ttl_s, at most 30 days")
     names: set[str] = set()
     for i, p in enumerate(cfg.providers):
         where = f"providers[{i}]"
