@@ -42,7 +42,7 @@ import hashlib
 import json
 import secrets
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from functools import partial
@@ -133,6 +133,10 @@ class SettleResult:
     failed: list[tuple[str, str]] = field(default_factory=list)  # (event id, reason)
     txn_ids: dict[str, str] = field(default_factory=dict)
     quarantined: set[str] = field(default_factory=set)  # of the failed: set aside (Quarantine)
+
+
+# Work done in a settling transaction after its postings: (tx, its events, its result).
+AlsoInTx = Callable[[Tx, list[UsageEvent], SettleResult], Awaitable[None]]
 
 
 def now_ms() -> int:
@@ -652,13 +656,24 @@ class Billing:
 
     # -- usage ------------------------------------------------------------------------------
 
-    async def settle(self, events: Iterable[UsageEvent]) -> SettleResult:
+    async def settle(
+        self, events: Iterable[UsageEvent], *, also: AlsoInTx | None = None
+    ) -> SettleResult:
         """Settles a batch of usage events in one transaction (see the module docstring). An
         event that cannot be rated (no price, no FX rate) is reported in `failed` and left
-        unsettled, to be settled again once the price exists; the rest go on."""
+        unsettled, to be settled again once the price exists; the rest go on. `also` runs in
+        each settling transaction after its postings, with its events and result (the lease
+        coordinator's accounting: tokenhub.billing.settler)."""
         evs = list(events)
+
+        async def run(tx: Tx, events: list[UsageEvent]) -> SettleResult:
+            res = await _settle(tx, events)
+            if also is not None:
+                await also(tx, events, res)
+            return res
+
         try:
-            return await self.db.transaction(lambda tx: _settle(tx, evs))
+            return await self.db.transaction(partial(run, events=evs))
         except LedgerError:
             if len(evs) == 1:
                 raise
@@ -672,7 +687,7 @@ class Billing:
         total = SettleResult()
         for ev in evs:
             try:
-                r = await self.db.transaction(partial(_settle, events=[ev]))
+                r = await self.db.transaction(partial(run, events=[ev]))
             except LedgerError as e:
                 total.failed.append((ev.request_id, str(e)))
                 if isinstance(e, Quarantine):

@@ -46,6 +46,17 @@ still walks `usage_events_pending` in (ts_ms, request_id) order, reading the ten
 pending event (the heap row is read anyway) and skipping the partitions held elsewhere. A
 pass so reads at most what is pending, never the settled history; a partial index per
 partition would fix N in the schema, and the pending set is what every settler is draining.
+
+Cluster mode (`cluster=True`: hosts lease budget slices, tokenhub.billing.leases): in the
+transaction that settles a batch, after its postings, the charges of the events it settled
+(their holds "@<instance>|pot=amount;...") are added to the pots' `posted` and the caps of the
+batch's tenants' pots are set from the ledger as that transaction leaves it, so a pot equals
+the ledger at every commit. After each pass the pots of every tenant of the held partitions
+are set from the ledger (what changed it outside settlement; new tenants and lots get their
+pots, an expired lot's pot cap 0), and the settler holding partition 0 (or all of them)
+expires the leases past their time and writes off the instances silent past the write-off
+window. Lock order: the tenants' ledger locks, then the pots in pot order. A voided event's
+charges are posted too (cluster or not): they are final, and the ledger charges nothing.
 """
 
 from __future__ import annotations
@@ -66,8 +77,10 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
-from tokenhub.billing.service import Billing, BillingError, _payload_hash
-from tokenhub.db.database import Tx
+from tokenhub.billing import leases as LS
+from tokenhub.billing.ledger import lock_tenants
+from tokenhub.billing.service import Billing, BillingError, SettleResult, _payload_hash
+from tokenhub.db.database import Database, Tx
 from tokenhub.usage import EVENT_FIELDS, UsageEvent
 
 log = logging.getLogger("tokenhub.billing")
@@ -161,6 +174,12 @@ class SettleSummary:
     quarantined: int = 0  # of the failed: set aside until released or voided
     reasons: collections.Counter[str] = field(default_factory=collections.Counter)
     elapsed_s: float = 0.0
+    # Cluster mode (tokenhub.billing.leases): hosts' charges posted to the pots, pot caps
+    # written, leases expired, instances written off.
+    posted: int = 0
+    caps: int = 0
+    expired: int = 0
+    written_off: list[str] = field(default_factory=list)
 
 
 def event_from_row(row: Sequence[Any]) -> UsageEvent:
@@ -225,12 +244,16 @@ async def settle_pending(
     progress: Callable[[SettleSummary], None] | None = None,
     on_batch: OnBatch | None = None,
     partitions: tuple[int, Sequence[int]] | None = None,
+    cluster: bool = False,
+    write_off_ms: int = LS.WRITE_OFF_MS,
 ) -> SettleSummary:
     """One pass over the unsettled usage events (see the module docstring). `on_batch` runs
     after each committed batch with its events and the ids settled now (the gateway's
     admission gives back what they held: tokenhub.billing.pots). `partitions` (N, held): on
     PostgreSQL, only the events of tenants in the held partitions of N (none held: nothing);
-    ignored on SQLite."""
+    ignored on SQLite. `cluster`: also keep the lease coordinator's pots equal to the ledger
+    (see "Cluster mode" in the module docstring), writing off instances silent for more than
+    `write_off_ms`."""
     db = billing.db
     out = SettleSummary()
     held: list[int] | None = None
@@ -261,6 +284,7 @@ async def settle_pending(
             f"{after} AND {part} = ANY($4::int[])",
         )
         first_args = after_args = (held,)
+    also = partial(_post_cluster, out=out) if cluster else None
     cursor: tuple[int, str] | None = None
     started = time.monotonic()
     while True:
@@ -274,7 +298,7 @@ async def settle_pending(
             break
         events = [event_from_row(r) for r in rows]
         cursor = (events[-1].ts_ms, events[-1].request_id)
-        res = await billing.settle(events)
+        res = await billing.settle(events, also=also)
         if on_batch is not None:
             await on_batch(events, res.txn_ids)
         out.read += len(events)
@@ -303,8 +327,114 @@ async def settle_pending(
             progress(out)
         if len(rows) < batch:
             break
+    if cluster:
+        await _cluster_pass(db, out, partitions, held, write_off_ms)
     out.elapsed_s = time.monotonic() - started
     return out
+
+
+# -- cluster mode: the lease coordinator's pots (tokenhub.billing.leases) ---------------------
+
+
+async def _ledger_caps(tx: Tx, tenants: Sequence[str]) -> dict[str, tuple[str, str, int]]:
+    """The caps of these tenants' pots from the ledger (pot -> (tenant, unit, cap)), as the
+    gateway's money admission reads them (tokenhub.billing.pots)."""
+    from tokenhub.billing.draw import pot_dim
+    from tokenhub.billing.pots import _ledger_pots
+
+    if not tenants:
+        return {}
+    avail = await _ledger_pots(tx, tenants)
+    lot_tenant: dict[str, str] = {}
+    if any(not pot.startswith("pot:m:") for pot in avail):
+        marks = ",".join(f"${i + 1}" for i in range(len(tenants)))
+        lot_tenant = dict(
+            await tx.fetch(f"SELECT id, tenant FROM lots WHERE tenant IN ({marks})", *tenants)
+        )
+    caps: dict[str, tuple[str, str, int]] = {}
+    for pot, cap in avail.items():
+        tenant = pot[6:] if pot.startswith("pot:m:") else lot_tenant.get(pot[6:])
+        if tenant is not None:
+            caps[pot] = (tenant, pot_dim(pot), cap)
+    return caps
+
+
+async def _post_cluster(
+    tx: Tx, events: list[UsageEvent], res: SettleResult, *, out: SettleSummary
+) -> None:
+    """In the transaction that settles `events`, after their postings: adds the cluster
+    charges of the events it settled (their holds, "@<instance>|pot=amount;...", whatever
+    their status: a hold charges what the request used, 0 for a failed one) to the pots'
+    `posted`, and sets their tenants' pot caps from the ledger as it now stands. The
+    settlement holds the tenants' ledger locks, so the caps read are the commit's."""
+    charges: list[tuple[str, str, int]] = []
+    tenants: set[str] = set()
+    seen: set[str] = set()
+    for ev in events:
+        if ev.request_id not in res.txn_ids or ev.request_id in seen:
+            continue  # not settled by this transaction (a duplicate, a failure), or a repeat
+        seen.add(ev.request_id)
+        tenants.add(ev.tenant)
+        parsed = LS.parse_holds(ev.holds)
+        if parsed is not None:
+            instance, parts = parsed
+            charges += [(pot, instance, amount) for pot, amount in parts]
+    if not tenants:
+        return
+    caps = await _ledger_caps(tx, sorted(tenants))
+    await LS.lock_pots(tx, {pot for pot, _, _ in charges} | caps.keys())
+    out.posted += await LS.post(tx, charges)
+    out.caps += await LS.set_caps(tx, caps)
+
+
+_TENANTS_SQL = (
+    "SELECT tenant FROM accounts WHERE kind IN ('wallet', 'receivable', 'lot') "
+    "UNION SELECT tenant FROM billing_profiles UNION SELECT tenant FROM budget_pots"
+)
+_CAPS_CHUNK = 200  # tenants per transaction of the pass's cap sync
+
+
+async def _sync_caps(
+    tx: Tx, *, tenants: Sequence[str], pots: Sequence[tuple[str, str, str]]
+) -> int:
+    """Sets the pots of `tenants` from the ledger under their ledger locks (the order a
+    settlement takes them in): what the ledger names, created if new; `pots` (pot, tenant,
+    unit) it no longer names (an expired lot) get cap 0."""
+    await lock_tenants(tx, tenants)
+    caps = await _ledger_caps(tx, tenants)
+    for pot, tenant, unit in pots:
+        caps.setdefault(pot, (tenant, unit, 0))
+    return await LS.set_caps(tx, caps)
+
+
+async def _cluster_pass(
+    db: Database,
+    out: SettleSummary,
+    partitions: tuple[int, Sequence[int]] | None,
+    held: list[int] | None,
+    write_off_ms: int,
+) -> None:
+    """After a pass in cluster mode: every pot of the tenants of the held partitions (all
+    when unpartitioned) set from the ledger, which picks up what changed it outside
+    settlement (top-ups, purchases, credit limits, expiries) and creates the pots of new
+    tenants and lots; then, by the settler that holds partition 0 (or every partition),
+    expiry of the leases past their time and the write-off of silent instances."""
+    tenants = sorted(t for (t,) in await db.read(partial(_fetch, sql=_TENANTS_SQL, args=())))
+    pots = await db.read(partial(_fetch, sql="SELECT pot, tenant, unit FROM budget_pots", args=()))
+    if held is not None and partitions is not None:
+        mine = set(held)
+        tenants = [t for t in tenants if partition_of(t, partitions[0]) in mine]
+    by_tenant: dict[str, list[tuple[str, str, str]]] = collections.defaultdict(list)
+    for pot, tenant, unit in pots:
+        by_tenant[tenant].append((pot, tenant, unit))
+    for i in range(0, len(tenants), _CAPS_CHUNK):
+        chunk = tenants[i : i + _CAPS_CHUNK]
+        out.caps += await db.transaction(
+            partial(_sync_caps, tenants=chunk, pots=[p for t in chunk for p in by_tenant[t]])
+        )
+    if held is None or 0 in held:
+        out.expired += await db.transaction(LS.expire)
+        out.written_off += await db.transaction(lambda tx: LS.write_off(tx, write_off_ms))
 
 
 async def follow(
@@ -316,16 +446,23 @@ async def follow(
     on_batch: OnBatch | None = None,
     after_pass: Callable[[], Awaitable[None]] | None = None,
     locks: PartitionLocks | None = None,
+    cluster: bool = False,
+    write_off_ms: int = LS.WRITE_OFF_MS,
 ) -> None:
     """`settle_pending` every `interval_s` until `stop` is set, then `after_pass`; errors are
     logged and the next pass tries again (nothing is lost: unsettled events stay in
     usage_events). With `locks`, each pass first takes its partitions and settles only
-    theirs."""
+    theirs. `cluster` and `write_off_ms`: as for `settle_pending`."""
     reported: set[str] = set()
     while not stop.is_set():
         try:
             s = await settle_pending(
-                billing, batch=batch, on_batch=on_batch, partitions=await _held(locks)
+                billing,
+                batch=batch,
+                on_batch=on_batch,
+                partitions=await _held(locks),
+                cluster=cluster,
+                write_off_ms=write_off_ms,
             )
             if after_pass is not None:
                 await after_pass()
@@ -550,6 +687,9 @@ async def void(tx: Tx, ids: Sequence[str], memo: str = "") -> list[str]:
                 now,
             )
             await _mark_settled(tx, ids=[q.event_id], now=now)
+            parsed = LS.parse_holds(ev.holds)
+            if parsed is not None:  # a host's charges, final: the ledger charges nothing
+                await LS.post(tx, [(pot, parsed[0], amount) for pot, amount in parsed[1]])
         await tx.execute("DELETE FROM settlement_failures WHERE event_id = $1", q.event_id)
         details = {"event_id": q.event_id, "reason": q.reason, "memo": memo}
         await tx.execute(
