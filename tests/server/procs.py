@@ -11,7 +11,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,14 +31,25 @@ class Proc:
     """A subprocess in a process group of its own, with its output in files."""
 
     def __init__(
-        self, tmp: Path, name: str, args: list[str], env: dict[str, str] | None = None
+        self,
+        tmp: Path,
+        name: str,
+        args: list[str],
+        env: dict[str, str] | None = None,
+        prefix: Sequence[str] = (),
     ) -> None:
+        """`tokenhub ARGS`, run through `prefix` if given (e.g. `ip netns exec NS`, which execs
+        it in place: the pid is tokenhub's)."""
         self.out = tmp / f"{name}.out"
         self.err = tmp / f"{name}.err"
         env = {**os.environ, "TOKENHUB_LOG_LEVEL": "WARNING", **(env or {})}
         with open(self.out, "wb") as out, open(self.err, "wb") as err:
             self.popen = subprocess.Popen(
-                [TOKENHUB, *args], stdout=out, stderr=err, env=env, start_new_session=True
+                [*prefix, TOKENHUB, *args],
+                stdout=out,
+                stderr=err,
+                env=env,
+                start_new_session=True,
             )
         self.pid = self.popen.pid
 
