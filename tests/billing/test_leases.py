@@ -278,10 +278,10 @@ async def test_concurrent_batches_in_any_pot_order_do_not_deadlock(pg_database: 
     """Three hosts' ticks, each over the same 30 pots listed in its own order, concurrently:
     the pots are locked in pot order, so none waits on another in a cycle (PostgreSQL would
     abort one with a deadlock error, which the transactions here do not retry)."""
+    await (await open_database(pg_database)).close()  # migrated
     pool = await asyncpg.create_pool(pg_database, min_size=1, max_size=6)
     c = Coordinator(_NoRetry(pool))  # type: ignore[arg-type]
     pots = [f"pot:m:t{i:02d}" for i in range(30)]
-    await c.set_caps({p: (p[6:], "money", 100_000) for p in pots})
     rng = random.Random(5)
 
     async def host(name: str) -> None:
@@ -297,6 +297,7 @@ async def test_concurrent_batches_in_any_pot_order_do_not_deadlock(pg_database: 
             prev = [a.lease_id for a in asks]
 
     try:
+        await c.set_caps({p: (p[6:], "money", 100_000) for p in pots})
         await asyncio.wait_for(asyncio.gather(*(host(h) for h in "ABC")), 60)
         for p in pots:
             assert await totals(c, p) == (3_000, 3 * 7 * 10)
