@@ -52,6 +52,14 @@ it serves; other workers answer 503 until then. If the settler is replaced (it d
 worker did), the old one may settle a last batch while the new one starts: settlement is
 idempotent, and a pot set from a stale read is corrected by the next pass.
 
+**Cluster mode** (several hosts on one PostgreSQL, `[server] host_id`: issue 13): the pots hold
+what this host LEASED from the coordinator (`tokenhub.billing.leasing`, whose agent runs in the
+settler), not the ledger's balance, and nobody releases their `used`. Holds are tagged
+`@<instance>|pot=amount;...` (instance "<host id>/<epoch>"), which the settler posts to the
+coordinator and `PotSync.release` ignores. When `admit` finds the pool short, `acquire` sends the
+agent a want and retries every POLL_S for up to `[cluster] acquire_wait_ms` (a stream's
+`extend_wait` likewise); the single-host path is unchanged.
+
 Bounds, stated: a purchase paid from the wallet by another process can be admitted against for
 up to one settle interval (the ledger still posts the difference to overrun, never loses it);
 prices, FX, lots and profiles are those of the last poll of their change marker
@@ -62,11 +70,13 @@ it (the total is what the ledger posts).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from tokenhub.billing.draw import (
     NotPriced,
@@ -93,11 +103,16 @@ from tokenhub.money import fmt, fmt_units
 from tokenhub.quota import UNLIMITED, Quota, Refusal, Reservation
 from tokenhub.usage import UsageEvent
 
+if TYPE_CHECKING:
+    from tokenhub.billing.leasing import WantLink
+
 log = logging.getLogger("tokenhub.contracts")
 
 EPOCH_ACCOUNT = "meta:epoch"  # its requests limit: the table's epoch
 READY_ACCOUNT = "meta:contracts"  # its requests limit: 1 once worker 1 has published the pots
 TRANCHE = 1024  # output tokens a stream reserves at a time
+POLL_S = 0.01  # cluster mode: how often a request waiting for a lease looks at the pool again
+RESEND_S = 0.2  # cluster mode: how often it sends its want again (a full socket drops one)
 
 
 @dataclass(slots=True)
@@ -250,6 +265,22 @@ class Hold:
         self.lines[2] += tokens
         return True
 
+    async def extend_wait(self, tokens: int, need: int) -> bool:
+        """Cluster mode: `extend(tokens)` or at least `extend(need)` once the host's agent has
+        leased more, waiting up to `[cluster] acquire_wait_ms`; False on one host (nothing to
+        wait for) or when no lease came."""
+        link = self.contracts.cluster
+        if link is None:
+            return False
+        return await _waiting(
+            link,
+            self.tenant,
+            self.model,
+            self.ts_ms,
+            [0, 0, tokens],
+            lambda: self.extend(tokens) or self.extend(need),
+        )
+
     def settle(self, lines: Sequence[int]) -> str:
         """Charges the actual usage and releases the rest; returns `UsageEvent.holds`."""
         charged = replay(self.draws, lines)
@@ -267,7 +298,7 @@ class Hold:
                 continue
             if amount:
                 parts.append(f"{d.pot}={amount}")
-        return f"{self.contracts.epoch}|{';'.join(parts)}" if parts else ""
+        return f"{self.contracts.tag}|{';'.join(parts)}" if parts else ""
 
     def cancel(self) -> None:
         for d in self.draws:
@@ -280,13 +311,23 @@ class Contracts:
     settling worker only (`PotSync`). The terms (prices, FX, lots, profiles) are a snapshot
     reloaded when their change marker moves (`tokenhub.billing.terms.TermsCache`)."""
 
-    def __init__(self, quota: Quota, db: Database, *, refresh_s: float = 0.5) -> None:
+    def __init__(
+        self,
+        quota: Quota,
+        db: Database,
+        *,
+        refresh_s: float = 0.5,
+        cluster: WantLink | None = None,
+    ) -> None:
         self.quota = quota
         self.db = db
         self.refresh_s = refresh_s
         self.cache = TermsCache(db, refresh_s=refresh_s)
         self.cache.on_change(self._changed)
         self.epoch = quota.limits(EPOCH_ACCOUNT)["requests"] or 0
+        # Cluster mode: the line to this host's lease agent; holds carry its instance.
+        self.cluster = cluster
+        self.tag = f"@{cluster.instance}" if cluster is not None else str(self.epoch)
         self._ready = False
         # The fast path's first pot per (tenant, model) under the current terms: (pot, rule,
         # until_ms), the pot the draw order reaches first, usable until its lot ends.
@@ -352,6 +393,26 @@ class Contracts:
             outcome = plan(self.terms, tenant, model, ts_ms, lines, self.available)
         return self._shortfall(tenant, model, ts_ms, outcome)
 
+    async def acquire(
+        self, tenant: str, model: str, ts_ms: int, lines: list[int], ttl_ms: int
+    ) -> Hold | Shortfall:
+        """Cluster mode, after `admit` found the pool short: asks the host's lease agent for
+        more and admits again every POLL_S until admitted, the agent could not lease enough,
+        or `[cluster] acquire_wait_ms` passed (the last Shortfall). On one host: `admit`."""
+        got: Hold | Shortfall | None = None
+
+        def again() -> bool:
+            nonlocal got
+            got = self.admit(tenant, model, ts_ms, lines, ttl_ms)
+            return isinstance(got, Hold)
+
+        if self.cluster is None or not await _waiting(
+            self.cluster, tenant, model, ts_ms, lines, again
+        ):
+            return self.admit(tenant, model, ts_ms, lines, ttl_ms) if got is None else got
+        assert isinstance(got, Hold)
+        return got
+
     def _admit_first(
         self, tenant: str, model: str, ts_ms: int, lines: list[int], ttl_ms: int
     ) -> Hold | None:
@@ -416,6 +477,33 @@ class Contracts:
         if not parts:
             parts.append("no package, points, wallet or credit line")
         return Shortfall(tenant, uncovered, ", ".join(parts))
+
+
+async def _waiting(
+    link: WantLink,
+    tenant: str,
+    model: str,
+    ts_ms: int,
+    lines: Sequence[int],
+    again: Callable[[], bool],
+) -> bool:
+    """Sends a want and calls `again` every POLL_S until it succeeds (True), the agent
+    refused the want, or the wait is over (False). The want goes again every RESEND_S."""
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    end = start + link.wait_s
+    first = want = link.send(tenant, model, ts_ms, lines)
+    resend = start + RESEND_S
+    while True:
+        await asyncio.sleep(POLL_S)
+        if again():
+            return True
+        now = loop.time()
+        if now >= end or link.refused(tenant, want):
+            return False
+        if now >= resend:
+            want = link.send(tenant, model, ts_ms, lines, first)
+            resend = now + RESEND_S
 
 
 # -- keeping the pots equal to the ledger (the settling worker) ------------------------------

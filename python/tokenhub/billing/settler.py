@@ -497,6 +497,11 @@ async def run_daemon(
     parent: int | None = None,
     started: Callable[[], None] | None = None,
     partitions: int = 0,
+    host_id: str = "",
+    shared_dir: str = "",
+    workers: int = 0,
+    lease_ttl_s: float = 30.0,
+    write_off_ms: int = LS.WRITE_OFF_MS,
 ) -> None:
     """The settle daemon: `follow` until SIGINT/SIGTERM (or until process `parent` is no
     longer this one's parent), then a last pass, so that what was served before the stop is
@@ -506,7 +511,15 @@ async def run_daemon(
     QuotaFileError if `quota_path` is not a quota table; `started` is called once it is
     attached. `partitions` N > 0 on PostgreSQL: this settler shares the work with the others
     by tenant partition (`PartitionLocks`; the last pass settles the partitions still held);
-    on SQLite it changes nothing."""
+    on SQLite it changes nothing.
+
+    Cluster mode (`host_id` and `quota_path` on PostgreSQL): the table's pots hold what the
+    host leased, so no PotSync; the host's lease agent (tokenhub.billing.leasing.LeaseAgent:
+    its want socket and leaser.json in `shared_dir`, the replay marks of `workers` workers,
+    leases of `lease_ttl_s`) runs here from after the first pass until after the last, when it
+    gives every lease back; settlement posts the hosts' charges to the coordinator and
+    writes off instances silent for `write_off_ms`."""
+    from tokenhub.billing.leasing import LeaseAgent
     from tokenhub.billing.pots import PotSync
     from tokenhub.quota import Quota
 
@@ -514,7 +527,20 @@ async def run_daemon(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    pots = PotSync(Quota.attach(quota_path), billing.db) if quota_path else None
+    quota = Quota.attach(quota_path) if quota_path else None
+    cluster = bool(host_id) and quota is not None and billing.db.dialect == "postgresql"
+    pots = PotSync(quota, billing.db) if quota is not None and not cluster else None
+    agent = None
+    if cluster:
+        assert quota is not None
+        agent = LeaseAgent(
+            quota,
+            billing.db,
+            host=host_id,
+            shared_dir=shared_dir or None,
+            ttl_s=lease_ttl_s,
+            workers=workers,
+        )
     if started is not None:
         started()
     on_batch = pots.after_batch if pots is not None else None
@@ -525,12 +551,21 @@ async def run_daemon(
         if partitions and billing.db.dialect == "postgresql"
         else None
     )
+    settle = partial(
+        settle_pending,
+        billing,
+        batch=batch,
+        on_batch=on_batch,
+        cluster=cluster,
+        write_off_ms=write_off_ms,
+    )
     try:
-        if pots is not None:
-            await settle_pending(
-                billing, batch=batch, on_batch=on_batch, partitions=await _held(locks)
-            )
-            await pots.after_pass()
+        if quota is not None:
+            await settle(partitions=await _held(locks))
+            if pots is not None:
+                await pots.after_pass()
+            if agent is not None:
+                await agent.start()
         await follow(
             billing,
             interval_s=interval_s,
@@ -539,10 +574,14 @@ async def run_daemon(
             on_batch=on_batch,
             after_pass=pots.after_pass if pots is not None else None,
             locks=locks,
+            cluster=cluster,
+            write_off_ms=write_off_ms,
         )
         held = None if locks is None else (locks.partitions, tuple(sorted(locks.held)))
-        await settle_pending(billing, batch=batch, on_batch=on_batch, partitions=held)
+        await settle(partitions=held)
     finally:
+        if agent is not None:
+            await agent.close()
         if locks is not None:
             await locks.close()
         if watch is not None:
@@ -553,7 +592,8 @@ async def run_daemon(
 
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m tokenhub.billing.settler --interval S [--batch N] [--quota PATH]
-    [--parent PID] [--partitions N]`: the settle daemon on the database in $TOKENHUB_DB (in
+    [--parent PID] [--partitions N] [--host-id H --shared-dir DIR [--workers N]
+    [--lease-ttl S] [--write-off S]]`: the settle daemon on the database in $TOKENHUB_DB (in
     the environment, not on the command line, which any local user can read: a PostgreSQL
     URL may carry a password). Exit status 0 once stopped, 1 when it failed, 2 when refused
     as given."""
@@ -561,6 +601,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import os
     import sys
 
+    from tokenhub.config import host_id_problem
     from tokenhub.db.database import DatabaseError, open_database
     from tokenhub.quota import QuotaFileError
     from tokenhub.store import ENV_DB
@@ -579,6 +620,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="on PostgreSQL: share the work with the other settlers given the same N, by "
         "tenant partition (advisory locks); no-op on SQLite",
     )
+    parser.add_argument(
+        "--host-id",
+        default="",
+        metavar="ID",
+        help="cluster mode (with --quota, on PostgreSQL): run this host's lease agent",
+    )
+    parser.add_argument(
+        "--shared-dir", default="", metavar="DIR", help="the server's dir for want.sock"
+    )
+    parser.add_argument(
+        "--workers", type=int, default=0, metavar="N", help="workers whose replay to await"
+    )
+    parser.add_argument("--lease-ttl", type=float, default=30.0, metavar="SECONDS")
+    parser.add_argument(
+        "--write-off", type=float, default=LS.WRITE_OFF_MS / 1000, metavar="SECONDS"
+    )
     args = parser.parse_args(argv)  # exits 2 on a bad option
     url = os.environ.get(ENV_DB)
     if (
@@ -586,9 +643,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         or args.interval <= 0
         or not 1 <= args.batch <= 100_000
         or not 0 <= args.partitions <= MAX_PARTITIONS
+        or not 0 <= args.workers <= 1024
+        or not 1 <= args.lease_ttl <= 3600
+        or args.write_off <= 0
+        or (args.host_id and host_id_problem(args.host_id) is not None)
     ):
-        print(f"{prog}: error: needs ${ENV_DB}, --interval > 0, --batch 1..100000 and "
-              f"--partitions 0..{MAX_PARTITIONS}", file=sys.stderr)  # fmt: skip
+        print(f"{prog}: error: needs ${ENV_DB}, --interval > 0, --batch 1..100000, "
+              f"--partitions 0..{MAX_PARTITIONS}, --workers 0..1024, --lease-ttl 1..3600, "
+              "--write-off > 0 and a valid --host-id", file=sys.stderr)  # fmt: skip
         return 2
 
     async def run() -> None:
@@ -601,6 +663,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 quota_path=args.quota,
                 parent=args.parent,
                 partitions=args.partitions,
+                host_id=args.host_id,
+                shared_dir=args.shared_dir,
+                workers=args.workers,
+                lease_ttl_s=args.lease_ttl,
+                write_off_ms=int(args.write_off * 1000),
             )
         finally:
             await db.close()

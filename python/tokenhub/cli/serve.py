@@ -76,6 +76,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         cfg.server.database = args.db
     if args.host_id is not None:
         cfg.server.host_id = args.host_id
+    if args.redis is not None:
+        if args.redis and not args.redis.startswith(("redis://", "rediss://", "unix://")):
+            raise Refused("--redis must be a redis://, rediss:// or unix:// URL")
+        cfg.cluster.redis_url = args.redis
     try:
         host_id(cfg)
     except HostIdError as e:
@@ -152,7 +156,17 @@ def add_cli(sub: Any) -> None:
         metavar="ID",
         help="this host's name among the hosts on one database, 1 to 64 of [A-Za-z0-9._-] "
         "(default from config, else the machine's hostname); its heartbeat goes into the "
-        "database every [server] heartbeat_s seconds (default 5) for 'tokenhub cluster status'",
+        "database every [server] heartbeat_s seconds (default 5) for 'tokenhub cluster status'. "
+        "Given (or set in config), on PostgreSQL and with [billing] admission: cluster mode, "
+        "where this host admits within budget it leases from the database (its settler's lease "
+        "agent), so several hosts enforce one budget; each host needs its own id",
+    )
+    p.add_argument(
+        "--redis",
+        metavar="URL",
+        help="with --host-id: the Redis (redis://HOST:PORT/DB) where the hosts split each "
+        "key's and tenant's rate limits by demand (overrides [cluster] redis_url); without "
+        "one, or while it is down, each host takes floor(limit / hosts)",
     )
     p.add_argument(
         "--workers",

@@ -285,7 +285,11 @@ class Gateway:
         ctx.begin(model.id, prompt_tokens, reason, tier)
         try:
             default_cap = candidates[0].max_output_tokens
-            admit(ctx, prompt_tokens, req.max_output(default_cap), self._ttl_ms(candidates))
+            waiting = admit(
+                ctx, prompt_tokens, req.max_output(default_cap), self._ttl_ms(candidates)
+            )
+            if waiting is not None:  # cluster mode: the host is leasing more budget
+                await waiting
             # What admission reserved is the most the upstream is asked for (None: no
             # admission, the client's own caps).
             cap: int | None = None

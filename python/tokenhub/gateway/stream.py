@@ -12,7 +12,9 @@ Client disconnects mid-stream: tokenhub keeps reading the upstream to its end (b
 `server.drain_timeout_s`), so the event records what the upstream generated and will bill, with
 status 499. Cancelling instead would save upstream tokens but leave the count unknowable.
 Under money admission the hold is not extended once the client is gone, and the event is
-capped at what was held when it left: the tenant pays at most that, the operator the rest.
+capped at what was held when it left: the tenant pays at most that, the operator the rest. In
+cluster mode a tranche the host's leased pool cannot pay waits for its lease agent (up to
+`[cluster] acquire_wait_ms`) before the stream is cut.
 """
 
 from __future__ import annotations
@@ -83,6 +85,18 @@ async def relay_stream(
         total = relay.output_tokens
         need = total - hold.output_reserved
         if need > 0 and not hold.extend(max(need, TRANCHE)) and not hold.extend(need):
+            return False
+        delivered = total
+        return True
+
+    async def pay_later() -> bool:
+        """Cluster mode: the host's pool was short; waits for its lease agent to lease more
+        (`Hold.extend_wait`). On one host: False at once."""
+        nonlocal delivered
+        assert hold is not None
+        total = relay.output_tokens
+        need = total - hold.output_reserved
+        if need > 0 and not await hold.extend_wait(max(need, TRANCHE), need):
             return False
         delivered = total
         return True
@@ -163,7 +177,12 @@ async def relay_stream(
                 ctx.first_token()
             # A client that left is not sent more, so its hold is not extended either:
             # what the drain reads beyond the hold is the operator's cost (ctx.finish caps it).
-            if hold is not None and events and not client_left() and not pay_for():
+            if (
+                hold is not None
+                and events
+                and not client_left()
+                and not (pay_for() or await pay_later())
+            ):
                 await cut()
                 return out if out is not None else web.Response(status=499)
             if relay.done and not client_left():

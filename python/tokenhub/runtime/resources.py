@@ -6,10 +6,19 @@ cleanup context, in that order and the reverse; `build_runner(app, cfg)` the run
 it with the [server] connection limits. `tokenhub serve` (runtime/serve.py), every forked
 worker, the tests' harness (tests/server/harness.py) and the benches build their gateway
 through these two, never through a copy of the wiring.
+
+Cluster mode (`settler_proc.cluster_mode`: a host id, PostgreSQL, money admission): the
+settler that worker 1 starts runs the host's lease agent (tokenhub.billing.leasing), its want
+socket in the server's shared dir (`SharedState.metrics_dir`); every worker's contracts send it
+wants (`WantLink`), and every worker marks the table once its replayed journal is in the
+database, after which the agent reconciles the host's earlier instances.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -26,8 +35,11 @@ if TYPE_CHECKING:
     from tokenhub.quota import Quota
     from tokenhub.runtime.cluster import Heartbeat
     from tokenhub.runtime.journal import Journal
+    from tokenhub.runtime.settler_proc import ClusterHost
     from tokenhub.runtime.sink import UsageSink
     from tokenhub.store import Store
+
+log = logging.getLogger("tokenhub.serve")
 
 WORKER_HEADER = "x-tokenhub-worker"
 
@@ -101,19 +113,47 @@ def build_app(
         if limits is not None:
             await limits.start()
         admission = quota if cfg.billing.admission else None
+        cluster = _cluster_host(cfg, shared, worker) if admission is not None else None
+        replayed = None
+        if cluster is not None:
+            assert admission is not None
+            index = worker.index if worker is not None else 1
+            replayed = asyncio.create_task(_mark_replayed(sink, admission, index))
         # Worker 1 settles what is pending and publishes the pots before it serves.
-        settler = await _start_settler(cfg, demo=demo, quota=admission) if settles else None
+        settler = (
+            await _start_settler(cfg, demo=demo, quota=admission, cluster=cluster)
+            if settles
+            else None
+        )
         contracts_db = None
+        link = None
         if admission is not None:
             from tokenhub.db.database import open_database
 
+            if cluster is not None:
+                from tokenhub.billing.leasing import WantLink
+
+                link = WantLink(
+                    admission,
+                    cluster.shared_dir,
+                    cluster.host_id,
+                    wait_ms=cfg.cluster.acquire_wait_ms,
+                )
             contracts_db = await open_database(cfg.server.database)
-            contracts = Contracts(admission, contracts_db, refresh_s=cfg.server.key_refresh_s)
+            contracts = Contracts(
+                admission, contracts_db, refresh_s=cfg.server.key_refresh_s, cluster=link
+            )
             await contracts.start()
             app[GATEWAY].contracts = contracts
         yield
+        if replayed is not None:
+            replayed.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await replayed
         if contracts is not None:
             await contracts.close()
+        if link is not None:
+            link.close()
         if settler is not None:
             await settler()
         if contracts_db is not None:
@@ -152,6 +192,10 @@ def build_app(
                 beats.set(age, host=host)
 
         app[METRICS].on_collect(collect_heartbeats)
+    if cfg.server.host_id:  # cluster mode: rate shares and the cluster's figures
+        from tokenhub.runtime.cluster_metrics import attach
+
+        attach(app, cfg, shared, registry=app[METRICS], limits=limits, heartbeat=heartbeat)
     if worker is not None and shared.metrics_dir:
         from tokenhub.gateway.telemetry import Share
 
@@ -164,6 +208,28 @@ def build_app(
 
         app.on_response_prepare.append(tag_response)
     return app
+
+
+def _cluster_host(cfg: Config, shared: SharedState, worker: Worker | None) -> ClusterHost | None:
+    from tokenhub.runtime.settler_proc import ClusterHost, cluster_mode
+
+    if not cluster_mode(cfg):
+        return None
+    if not shared.metrics_dir:
+        # Never one host's whole budget on each: a cluster host without its agent refuses.
+        raise RuntimeError("cluster mode needs the server's shared dir (made by tokenhub serve)")
+    return ClusterHost(cfg.server.host_id, shared.metrics_dir, worker.count if worker else 1)
+
+
+async def _mark_replayed(sink: UsageSink, quota: Quota, worker: int) -> None:
+    """Once this worker's replayed journal is in the database (its sink flushed), says so in
+    the table: the lease agent reconciles the host's earlier instances after every worker
+    has."""
+    from tokenhub.billing.leasing import mark_replayed
+
+    while not await sink.flush(timeout=5.0):
+        log.info("worker %d: the replayed journal is not in the database yet", worker)
+    mark_replayed(quota, worker)
 
 
 def _heartbeat(cfg: Config, store: Store, sink: UsageSink, worker: Worker | None) -> Heartbeat:
@@ -213,7 +279,9 @@ def build_runner(app: web.Application, cfg: Config, **runner_kw: Any) -> Gateway
     return runner
 
 
-async def _start_settler(cfg: Config, *, demo: bool, quota: Quota | None) -> Any:
+async def _start_settler(
+    cfg: Config, *, demo: bool, quota: Quota | None, cluster: ClusterHost | None = None
+) -> Any:
     """The settler process when `[billing] settle_interval_s` is set (the demo's prices and
     wallet seeded first); None otherwise. Returns the function that stops it."""
     if cfg.billing.settle_interval_s <= 0:
@@ -230,4 +298,4 @@ async def _start_settler(cfg: Config, *, demo: bool, quota: Quota | None) -> Any
             await seed_demo_billing(Billing(db), cfg)
         finally:
             await db.close()
-    return await start_settler(cfg, quota=quota)
+    return await start_settler(cfg, quota=quota, cluster=cluster)

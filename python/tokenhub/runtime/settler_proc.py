@@ -11,6 +11,7 @@ import os
 import sys
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from tokenhub.config import Config
@@ -26,8 +27,25 @@ SETTLER_READY_S = 60  # how long a server waits for its settler to publish the p
 SETTLER_STOP_S = 60  # how long the settler's last pass may take at shutdown
 
 
+@dataclass(frozen=True)
+class ClusterHost:
+    """Cluster mode: what the settler's lease agent needs (tokenhub.billing.leasing)."""
+
+    host_id: str
+    shared_dir: str  # the server's shared dir (want.sock, leaser.json)
+    workers: int  # the server's workers, each of which marks its journal replayed
+
+
+def cluster_mode(cfg: Config) -> bool:
+    """Several hosts share one budget (issue 13): `[server] host_id` set (`serve --host-id`),
+    the database PostgreSQL and `[billing] admission` on."""
+    from tokenhub.db.database import is_postgres
+
+    return bool(cfg.server.host_id) and is_postgres(cfg.server.database) and cfg.billing.admission
+
+
 async def start_settler(
-    cfg: Config, *, quota: Quota | None = None
+    cfg: Config, *, quota: Quota | None = None, cluster: ClusterHost | None = None
 ) -> Callable[[], Awaitable[None]] | None:
     """Settles usage into the ledger when `[billing] settle_interval_s` is set (the demo sets
     it, and prices its models): in a process of its own, `python -m tokenhub.billing.settler`,
@@ -35,7 +53,9 @@ async def start_settler(
     dies, and stopped (after a last pass) with the server; it stops by itself if the server
     is killed. With admission (`quota`) it also keeps the table's pots equal to the ledger, and
     this returns once it has settled what was pending and published them
-    (tokenhub.billing.pots). Returns the function that stops it."""
+    (tokenhub.billing.pots). With `cluster` (and `quota`) it runs the host's lease agent
+    instead, which makes admission ready once it runs. `[cluster] partitions` > 0: the settlers
+    of all hosts share the tenants by partition. Returns the function that stops it."""
     interval = cfg.billing.settle_interval_s
     if interval <= 0:
         return None
@@ -45,6 +65,15 @@ async def start_settler(
     ]  # fmt: skip
     if quota is not None and quota.table.path:
         argv += ["--quota", quota.table.path]
+        if cluster is not None:
+            c = cfg.cluster
+            argv += [
+                "--host-id", cluster.host_id, "--shared-dir", cluster.shared_dir,
+                "--workers", str(cluster.workers), "--lease-ttl", f"{c.lease_ttl_s:g}",
+                "--write-off", f"{c.write_off_s:g}",
+            ]  # fmt: skip
+    if cfg.cluster.partitions > 0:
+        argv += ["--partitions", str(cfg.cluster.partitions)]
     stopping = False
     secret_vars = [p.api_key_env for p in cfg.providers if p.api_key_env]
     proc = await _spawn_settler(argv, cfg.server.database, secret_vars)

@@ -10,12 +10,16 @@ tokens, never billed), so refusals show in exports.
   in the shared quota table;
 - money (`money.py`): the worst case priced and reserved on the tenant's contracts
   (`tokenhub.billing.pots`), a stream's output a tranche at a time.
+
+`admit` is synchronous (one host: nothing on it waits), except in cluster mode when the host's
+leased pool is short: then it returns the wait for the host's lease agent, which the caller
+awaits (it refuses, or admits, as `admit` would have).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from tokenhub.gateway.admission import guard, limits, money
@@ -50,14 +54,18 @@ class Admission:
             self.reservation = None
 
 
-def admit(ctx: RequestContext, prompt_tokens: int, max_output: int, ttl_ms: int) -> None:
-    """Admits the request or raises the refusal's ApiError (recorded). `max_output`: the most
-    output it may produce, all choices together; `ttl_ms`: how long reservations are held
-    before the table may reclaim them (every candidate's timeout)."""
+def admit(
+    ctx: RequestContext, prompt_tokens: int, max_output: int, ttl_ms: int
+) -> Awaitable[None] | None:
+    """Admits the request or raises the refusal's ApiError (recorded); in cluster mode it may
+    return an awaitable that does so once the host's lease agent answered (see the module
+    docstring). `max_output`: the most output it may produce, all choices together; `ttl_ms`:
+    how long reservations are held before the table may reclaim them (every candidate's
+    timeout)."""
     gw = ctx.gw
     lim, contracts = gw.limits, gw.contracts
     if lim is None and contracts is None:
-        return
+        return None
     t0 = time.perf_counter()
     adm = Admission()
     try:
@@ -65,10 +73,33 @@ def admit(ctx: RequestContext, prompt_tokens: int, max_output: int, ttl_ms: int)
             guard.check(lim, ctx.event)
             limits.reserve(lim, ctx, adm, prompt_tokens + max_output, ttl_ms)
         if contracts is not None:
-            money.reserve(contracts, ctx.event, adm, prompt_tokens, max_output, ttl_ms)
+            wait = money.reserve(contracts, ctx.event, adm, prompt_tokens, max_output, ttl_ms)
+            if wait is not None:
+                return _admit_later(ctx, adm, wait, t0)
     except ApiError as e:
         adm.unwind()
         raise ctx.refuse(e) from None
+    _admitted(ctx, adm, t0)
+    return None
+
+
+def _admitted(ctx: RequestContext, adm: Admission, t0: float) -> None:
     if adm.reservation is not None or adm.hold is not None:
         ctx.admission = adm
-        gw.count_admission(time.perf_counter() - t0, admitted=1)
+        ctx.gw.count_admission(time.perf_counter() - t0, admitted=1)
+
+
+async def _admit_later(
+    ctx: RequestContext, adm: Admission, wait: Awaitable[None], t0: float
+) -> None:
+    """The money step waiting for a lease (cluster mode); the earlier steps' reservations
+    are kept meanwhile, and given back on a refusal (or a cancelled request)."""
+    try:
+        await wait
+    except ApiError as e:
+        adm.unwind()
+        raise ctx.refuse(e) from None
+    except BaseException:
+        adm.unwind()
+        raise
+    _admitted(ctx, adm, t0)
