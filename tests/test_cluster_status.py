@@ -39,7 +39,7 @@ def cluster(db: str, *args: str) -> subprocess.CompletedProcess[str]:
 def states(db: str) -> dict[str, dict[str, Any]]:
     out = cluster(db, "--json")
     assert out.returncode in (0, 1), out.stderr
-    hosts = {h["host_id"]: h for h in json.loads(out.stdout)}
+    hosts = {h["host_id"]: h for h in json.loads(out.stdout)["hosts"]}
     assert out.returncode == (1 if any(h["state"] == "down" for h in hosts.values()) else 0)
     return hosts
 
@@ -84,7 +84,7 @@ def test_two_hosts_then_one_killed(database: str, tmp_path: Path) -> None:
             assert hosts[host]["journal_backlog"] == 0
             assert hosts[host]["interval_ms"] == BEAT_S * 1000
         table = cluster(database)
-        lines = table.stdout.splitlines()
+        lines = table.stdout.split("\n\n")[0].splitlines()  # the hosts' section
         assert lines[0].split()[:5] == [
             "HOST",
             "STATE",
@@ -157,4 +157,23 @@ def test_usage_errors(tmp_path: Path) -> None:
         [TOKENHUB, "tenants", "create", "t", "--db", str(tmp_path / "hub.db")], check=True
     )
     empty = cluster(str(tmp_path / "hub.db"), "--json")
-    assert (empty.returncode, empty.stdout.strip()) == (0, "[]")
+    assert empty.returncode == 0
+    status = json.loads(empty.stdout)
+    assert status["hosts"] == [] and status["pots"] == []
+    assert status["coordinator"]["reachable"] and status["coordinator"]["dialect"] == "sqlite"
+    assert status["settlers"]["lag"] == [
+        {
+            "partition": None,
+            "pending": 0,
+            "failed": 0,
+            "oldest_ms": None,
+            "lag_ms": None,
+            "holder_pid": None,
+            "holder_backend_pid": None,
+        }
+    ]
+    # A database that fails: with --json the coordinator says so too.
+    down = cluster("postgresql://nobody@127.0.0.1:1/none", "--json")
+    assert down.returncode == 1
+    assert json.loads(down.stdout)["coordinator"]["reachable"] is False
+    assert cluster(str(tmp_path / "hub.db"), "--partitions", "-1").returncode == 2

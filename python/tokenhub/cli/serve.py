@@ -76,6 +76,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         cfg.server.database = args.db
     if args.host_id is not None:
         cfg.server.host_id = args.host_id
+    if args.redis is not None:
+        if args.redis and not args.redis.startswith(("redis://", "rediss://", "unix://")):
+            raise Refused("--redis must be a redis://, rediss:// or unix:// URL")
+        cfg.cluster.redis_url = args.redis
     try:
         host_id(cfg)
     except HostIdError as e:
@@ -156,6 +160,13 @@ def add_cli(sub: Any) -> None:
         "Given (or set in config), on PostgreSQL and with [billing] admission: cluster mode, "
         "where this host admits within budget it leases from the database (its settler's lease "
         "agent), so several hosts enforce one budget; each host needs its own id",
+    )
+    p.add_argument(
+        "--redis",
+        metavar="URL",
+        help="with --host-id: the Redis (redis://HOST:PORT/DB) where the hosts split each "
+        "key's and tenant's rate limits by demand (overrides [cluster] redis_url); without "
+        "one, or while it is down, each host takes floor(limit / hosts)",
     )
     p.add_argument(
         "--workers",

@@ -20,6 +20,13 @@ database (`carry_today`), so a restart does not grant a second day's budget.
 
 Every process sweeps expired reservations (`expire_due`) about once a second; concurrent sweeps
 are fine.
+
+Cluster mode (`[server] host_id`): the table's rate limits (rpm, tpm, concurrent) hold this
+host's share of each limit, not the whole R (tokenhub.runtime.shares). The mirror then writes a
+rate limit only through `rate_share(account, kind, R)`: worker 1's ShareKeeper answers with the
+host's current share (a safe start for a new or changed R), the other workers' hook answers None
+and they leave rate limits to worker 1. A removed rate limit is unset by every process. So a
+reload never overwrites a share with R; `rate_totals` is what the keeper splits.
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ from tokenhub.store import LimitRow
 log = logging.getLogger("tokenhub.limits")
 
 DAY_ACCOUNT = "meta:utc-day"
+RATE_KINDS = ("rpm", "tpm", "concurrent")
 _UNSET = {"rpm": None, "tpm": None, "concurrent": None, "tokens": None}
 
 
@@ -95,6 +103,9 @@ class LimitSync:
         self.strong_share: dict[str, int] = {}
         self.guard = Guard(quota, audit)
         self._sampled = time.monotonic()
+        # Cluster mode (see the module docstring): None mirrors R as it is.
+        self.rate_share: Callable[[str, str, int], int | None] | None = None
+        self.rate_totals: dict[str, dict[str, int]] = {}  # account -> {kind: R}
 
     # -- mirroring ----------------------------------------------------------------------------
 
@@ -115,9 +126,18 @@ class LimitSync:
             for r in rows
             if r.scope == "tenant" and (r.limits.guard_tpm or r.limits.guard_jump)
         }
+        # Published before the writes: the share keeper never splits a total it missed.
+        totals: dict[str, dict[str, int]] = {}
+        for n, lim in wanted.items():
+            rates = {k: v for k in RATE_KINDS if (v := lim[k]) is not None}
+            if rates:
+                totals[n] = rates
+        self.rate_totals = totals
         for name in self.limited - wanted.keys():
             self.quota.set_limits(name, **_UNSET)  # removed since: unlimited again
         for name, limits in wanted.items():
+            if self.rate_share is not None:
+                limits = self._shared(name, limits)
             self.quota.set_limits(name, **limits)
         self.limited = frozenset(wanted)
         # Which rate limits each account has (1: rpm, 2: tpm), for the response headers.
@@ -126,6 +146,20 @@ class LimitSync:
         }
         self._tenants = frozenset(n for n in wanted if n.startswith("tenant:"))
         self._seen_marker = marker
+
+    def _shared(self, name: str, limits: dict[str, int | None]) -> dict[str, int | None]:
+        assert self.rate_share is not None
+        out = dict(limits)
+        for kind in RATE_KINDS:
+            total = limits[kind]
+            if total is None:
+                continue  # unset everywhere
+            local = self.rate_share(name, kind, total)
+            if local is None:
+                del out[kind]  # worker 1 writes it
+            else:
+                out[kind] = local
+        return out
 
     def start_day(self, day: int | None = None) -> bool:
         """Starts a new UTC day for every tenant's tokens budget if the table's day is older;
