@@ -67,6 +67,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from tokenhub.db.database import Database, Tx
 
@@ -133,13 +134,20 @@ def _marks(n: int, start: int = 1) -> str:
     return ",".join(f"${i}" for i in range(start, start + n))
 
 
+def _in(tx: Tx, column: str, values: Sequence[str], start: int = 1) -> tuple[str, list[Any]]:
+    """`column` is one of `values`: one array parameter on PostgreSQL (one plan whatever the
+    count), a list of them on SQLite."""
+    if tx.dialect == "postgresql":
+        return f"{column} = ANY(${start}::text[])", [list(values)]
+    return f"{column} IN ({_marks(len(values), start)})", list(values)
+
+
 def _chunks(items: Sequence[str]) -> Iterable[Sequence[str]]:
     for i in range(0, len(items), _CHUNK):
         yield items[i : i + _CHUNK]
 
 
 _LEASE_COLS = "id, pot, host, amount, used, state, expires_at, instance"
-_LEASE = f"SELECT {_LEASE_COLS} FROM budget_leases WHERE id = $1"
 _POT_COLS = "pot, tenant, unit, cap, granted, spent_unposted"
 _POT = f"SELECT {_POT_COLS} FROM budget_pots WHERE pot = $1"
 
@@ -157,7 +165,7 @@ _UNPOSTED_SUM = (
 )
 _REFRESH = (
     f"UPDATE budget_pots SET granted = {_OPEN_SUM}, spent_unposted = {_UNPOSTED_SUM}, "
-    "updated_ms = $1 WHERE pot IN ({marks})"
+    "updated_ms = $1 WHERE {where} RETURNING " + _POT_COLS
 )
 # Adds to an instance's usage of a pot (creating the row).
 _USAGE_ADD = (
@@ -173,11 +181,6 @@ def host_of(instance: str) -> str:
     return instance.split("/", 1)[0]
 
 
-async def _lease(tx: Tx, lease_id: str, *, lock: bool = False) -> Lease | None:
-    row = await tx.fetchrow(_LEASE + (tx.for_update if lock else ""), lease_id)
-    return None if row is None else Lease(*row)
-
-
 async def _pot(tx: Tx, pot: str, *, lock: bool = False) -> Pot | None:
     row = await tx.fetchrow(_POT + (tx.for_update if lock else ""), pot)
     return None if row is None else Pot(*row)
@@ -189,20 +192,23 @@ async def lock_pots(tx: Tx, pots: Iterable[str]) -> dict[str, Pot]:
     names = sorted(set(pots))
     out: dict[str, Pot] = {}
     for chunk in _chunks(names):
+        where, args = _in(tx, "pot", chunk)
         for row in await tx.fetch(
-            f"SELECT {_POT_COLS} FROM budget_pots WHERE pot IN ({_marks(len(chunk))}) "
-            f"ORDER BY pot{tx.for_update}",
-            *chunk,
+            f"SELECT {_POT_COLS} FROM budget_pots WHERE {where} ORDER BY pot{tx.for_update}",
+            *args,
         ):
             out[row[0]] = Pot(*row)
     return out
 
 
-async def _refresh(tx: Tx, pots: Iterable[str], now: int) -> None:
-    """Recomputes the pots' granted and spent_unposted (their locks are held)."""
-    names = sorted(set(pots))
-    for chunk in _chunks(names):
-        await tx.execute(_REFRESH.format(marks=_marks(len(chunk), 2)), now, *chunk)
+async def _refresh(tx: Tx, pots: Iterable[str], now: int) -> dict[str, Pot]:
+    """Recomputes the pots' granted and spent_unposted (their locks are held); returns them."""
+    out: dict[str, Pot] = {}
+    for chunk in _chunks(sorted(set(pots))):
+        where, args = _in(tx, "pot", chunk, 2)
+        for row in await tx.fetch(_REFRESH.format(where=where), now, *args):
+            out[row[0]] = Pot(*row)
+    return out
 
 
 async def _add_usage(
@@ -283,93 +289,21 @@ async def grant(
     within the room, else a refusal (amount 0, state refused). A known `lease_id` returns the
     stored lease (replay-safe); reused for another pot, host or instance, it is refused with
     LeaseError."""
-    _int("want", want)
-    _int("minimum", minimum)
-    _int("ttl_ms", ttl_ms)
-    if minimum > want:
-        raise LeaseError(f"minimum ({minimum}) is more than want ({want})")
-    locked = await _pot(tx, pot, lock=True)
-    # Read after the pot's lock: a concurrent grant of the same id has committed or not started.
-    known = await _lease(tx, lease_id)
-    if known is not None:
-        if (known.pot, known.host, known.instance) != (pot, host, instance):
-            raise LeaseError(
-                f"lease {lease_id!r} was asked for by {known.host!r} ({known.instance!r}) on "
-                f"pot {known.pot!r}"
-            )
-        return known
-    if locked is None:
-        raise LeaseError(f"no pot {pot!r}")
-    now = _now_ms() if now_ms is None else now_ms
-    room = locked.cap - locked.granted - locked.spent_unposted
-    amount = min(want, max(minimum, room // 2))
-    if amount <= 0 or amount < minimum or amount > room:
-        amount, state = 0, REFUSED
-    else:
-        state = OPEN
-    used = None if state == OPEN else 0
-    await tx.execute(
-        "INSERT INTO budget_leases (id, pot, host, amount, used, state, expires_at, created_ms, "
-        "closed_ms, instance) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
-        lease_id,
-        pot,
-        host,
-        amount,
-        used,
-        state,
-        now + ttl_ms,
-        now,
-        None if state == OPEN else now,
-        instance,
-    )
-    if amount:
-        await _refresh(tx, [pot], now)
-    return Lease(lease_id, pot, host, amount, used, state, now + ttl_ms, instance)
+    ask = Ask(lease_id, pot, host, want, minimum, ttl_ms, instance)
+    (out,), _ = await batch(tx, [ask], now_ms=now_ms)
+    if isinstance(out, LeaseError):
+        raise out
+    return out
 
 
 async def give_back(tx: Tx, lease_id: str, used: int, *, now_ms: int | None = None) -> Lease:
     """Closes a lease: `used` stays spent (unposted, on its instance's usage), the rest is free
     again. Giving back a returned lease with the same `used` changes nothing and returns it;
     another `used` is refused (LeaseError). A written-off lease is returned unchanged."""
-    _int("used", used)
-    first = await _lease(tx, lease_id)
-    if first is None:
-        raise LeaseError(f"no lease {lease_id!r}")
-    await _pot(tx, first.pot, lock=True)
-    lease = await _lease(tx, lease_id, lock=True)
-    assert lease is not None
-    if lease.state == WRITTEN_OFF:
-        return lease
-    if lease.state in (RETURNED, REFUSED):
-        if lease.used != used:
-            raise LeaseError(
-                f"lease {lease_id!r} was already given back with used={lease.used}, not {used}"
-            )
-        return lease
-    if used > lease.amount:
-        raise LeaseError(f"used ({used}) is more than lease {lease_id!r} holds ({lease.amount})")
-    now = _now_ms() if now_ms is None else now_ms
-    # Open: `used` becomes usage. Expired: all of it was counted used, only `used` stays so.
-    delta = used if lease.state == OPEN else used - lease.amount
-    await _add_usage(tx, lease.pot, lease.instance, now, used=delta)
-    await tx.execute(
-        "UPDATE budget_leases SET state = $2, used = $3, closed_ms = $4 WHERE id = $1",
-        lease_id,
-        RETURNED,
-        used,
-        now,
-    )
-    await _refresh(tx, [lease.pot], now)
-    return Lease(
-        lease.id,
-        lease.pot,
-        lease.host,
-        lease.amount,
-        used,
-        RETURNED,
-        lease.expires_at,
-        lease.instance,
-    )
+    _, (out,) = await batch(tx, give_backs=[(lease_id, used)], now_ms=now_ms)
+    if isinstance(out, LeaseError):
+        raise out
+    return out
 
 
 async def expire(tx: Tx, now_ms: int | None = None) -> int:
@@ -508,6 +442,9 @@ async def reconcile(tx: Tx, instance: str, *, now_ms: int | None = None) -> int:
             now,
         )
     await _refresh(tx, found, now)
+    # What it charged is all posted: its rows count 0 now and forever (a late posting makes a
+    # row again, floored at 0), and every refresh of their pots would read them.
+    await tx.execute("DELETE FROM budget_usage WHERE instance = $1 AND used = posted", instance)
     return written
 
 
@@ -543,45 +480,135 @@ async def batch(
     *,
     now_ms: int | None = None,
 ) -> tuple[list[Lease | LeaseError], list[Lease | LeaseError]]:
-    """A host's tick in one transaction: the give-backs (lease id, used), then the grants,
-    after locking every pot they touch in pot order. Each item's result in its place: the
-    lease, or the LeaseError that refused it (which changed nothing)."""
+    """A host's tick in one transaction: the give-backs (lease id, used), then the grants
+    (`grant` and `give_back` are a batch of one). Each item's result in its place: the lease,
+    or the LeaseError that refused it (which changed nothing); the others apply.
+
+    A handful of statements whatever the size: the pots locked in pot order, then the leases
+    named (read after the pots' locks: a concurrent call with the same id has committed or
+    not started), the give-backs written, their pots refreshed, the grants decided in order
+    against each pot's room as the batch leaves it, written, their pots refreshed."""
     now = _now_ms() if now_ms is None else now_ms
+    back_ids = sorted({lease_id for lease_id, _ in give_backs})
     pots = {a.pot for a in grants}
-    ids = sorted({lease_id for lease_id, _ in give_backs})
-    for chunk in _chunks(ids):
+    for chunk in _chunks(back_ids):
+        where, args = _in(tx, "id", chunk)
         pots.update(
-            p
-            for (p,) in await tx.fetch(
-                f"SELECT pot FROM budget_leases WHERE id IN ({_marks(len(chunk))})", *chunk
-            )
+            p for (p,) in await tx.fetch(f"SELECT pot FROM budget_leases WHERE {where}", *args)
         )
-    await lock_pots(tx, pots)
+    locked = await lock_pots(tx, pots)
+    known: dict[str, Lease] = {}
+    for chunk in _chunks(sorted({*back_ids, *(a.lease_id for a in grants)})):
+        where, args = _in(tx, "id", chunk)
+        for row in await tx.fetch(
+            f"SELECT {_LEASE_COLS} FROM budget_leases WHERE {where}{tx.for_update}", *args
+        ):
+            known[row[0]] = Lease(*row)
+
     backs: list[Lease | LeaseError] = []
+    closes: list[tuple[str, int, int]] = []
+    usage: dict[tuple[str, str], int] = {}
     for lease_id, used in give_backs:
         try:
-            backs.append(await give_back(tx, lease_id, used, now_ms=now))
+            lease = _give_back_one(known.get(lease_id), lease_id, used)
         except LeaseError as e:
             backs.append(e)
+            continue
+        if lease is not known[lease_id]:  # it closes now
+            old = known[lease_id]
+            # Open: `used` becomes usage. Expired: all of it was counted used, only `used`
+            # stays so.
+            delta = used if old.state == OPEN else used - old.amount
+            key = (lease.pot, lease.instance)
+            usage[key] = usage.get(key, 0) + delta
+            closes.append((lease_id, used, now))
+            known[lease_id] = lease
+        backs.append(lease)
+    if closes:
+        await tx.executemany(
+            f"UPDATE budget_leases SET state = '{RETURNED}', used = $2, closed_ms = $3 "
+            "WHERE id = $1",
+            closes,
+        )
+        await tx.executemany(
+            _USAGE_ADD,
+            [(p, i, host_of(i), d, 0, now) for (p, i), d in sorted(usage.items())],
+        )
+        locked.update(await _refresh(tx, {p for p, _ in usage}, now))
+
     granted: list[Lease | LeaseError] = []
+    inserts: list[tuple[Any, ...]] = []
     for a in grants:
         try:
-            granted.append(
-                await grant(
-                    tx,
-                    a.lease_id,
-                    a.pot,
-                    a.host,
-                    a.want,
-                    a.minimum,
-                    a.ttl_ms,
-                    instance=a.instance,
-                    now_ms=now,
-                )
-            )
+            lease = _grant_one(known.get(a.lease_id), locked.get(a.pot), a, now)
         except LeaseError as e:
             granted.append(e)
+            continue
+        if a.lease_id not in known:
+            known[a.lease_id] = lease
+            inserts.append(
+                (lease.id, lease.pot, lease.host, lease.amount, lease.used, lease.state,
+                 lease.expires_at, now, None if lease.state == OPEN else now, lease.instance)
+            )  # fmt: skip
+            if lease.amount:
+                p = locked[a.pot]
+                locked[a.pot] = Pot(p.pot, p.tenant, p.unit, p.cap, p.granted + lease.amount,
+                                    p.spent_unposted)  # fmt: skip
+        granted.append(lease)
+    if inserts:
+        await tx.executemany(
+            "INSERT INTO budget_leases (id, pot, host, amount, used, state, expires_at, "
+            "created_ms, closed_ms, instance) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+            inserts,
+        )
+        opened = {row[1] for row in inserts if row[3]}
+        if opened:
+            await _refresh(tx, opened, now)
     return granted, backs
+
+
+def _give_back_one(lease: Lease | None, lease_id: str, used: int) -> Lease:
+    """The lease once given back (the same object: nothing to change), or LeaseError."""
+    _int("used", used)
+    if lease is None:
+        raise LeaseError(f"no lease {lease_id!r}")
+    if lease.state == WRITTEN_OFF:
+        return lease
+    if lease.state in (RETURNED, REFUSED):
+        if lease.used != used:
+            raise LeaseError(
+                f"lease {lease_id!r} was already given back with used={lease.used}, not {used}"
+            )
+        return lease
+    if used > lease.amount:
+        raise LeaseError(f"used ({used}) is more than lease {lease_id!r} holds ({lease.amount})")
+    return Lease(lease.id, lease.pot, lease.host, lease.amount, used, RETURNED,
+                 lease.expires_at, lease.instance)  # fmt: skip
+
+
+def _grant_one(known: Lease | None, pot: Pot | None, a: Ask, now: int) -> Lease:
+    """The stored lease of a known id, or the new lease (or refusal) from `pot`'s room."""
+    _int("want", a.want)
+    _int("minimum", a.minimum)
+    _int("ttl_ms", a.ttl_ms)
+    if a.minimum > a.want:
+        raise LeaseError(f"minimum ({a.minimum}) is more than want ({a.want})")
+    if known is not None:
+        if (known.pot, known.host, known.instance) != (a.pot, a.host, a.instance):
+            raise LeaseError(
+                f"lease {a.lease_id!r} was asked for by {known.host!r} ({known.instance!r}) "
+                f"on pot {known.pot!r}"
+            )
+        return known
+    if pot is None:
+        raise LeaseError(f"no pot {a.pot!r}")
+    # A grant may lower spent_unposted (an instance's overrun is covered first), never raise
+    # it: the room read before this batch's grants is never too large.
+    room = pot.cap - pot.granted - pot.spent_unposted
+    amount = min(a.want, max(a.minimum, room // 2))
+    if amount <= 0 or amount < a.minimum or amount > room:
+        return Lease(a.lease_id, a.pot, a.host, 0, 0, REFUSED, now + a.ttl_ms, a.instance)
+    return Lease(a.lease_id, a.pot, a.host, amount, None, OPEN, now + a.ttl_ms, a.instance)
 
 
 async def check(tx: Tx) -> list[str]:
