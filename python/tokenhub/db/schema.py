@@ -402,7 +402,8 @@ MIGRATIONS: tuple[Migration, ...] = (
             # Per pot and host instance: `used` is what its closed leases spent (returned:
             # their used; expired or written off: their whole amount until reconciled),
             # `posted` what settlement has posted of its events' charges on the pot. A pot's
-            # spent_unposted is the sum over its instances of max(0, used - posted).
+            # spent_unposted is the sum over its instances of max(used - posted, -open), open
+            # being what the instance's open leases hold (tokenhub.billing.leases says why).
             """CREATE TABLE budget_usage (
                 pot TEXT NOT NULL REFERENCES budget_pots (pot),
                 instance TEXT NOT NULL,
