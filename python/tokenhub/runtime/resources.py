@@ -192,6 +192,10 @@ def build_app(
                 beats.set(age, host=host)
 
         app[METRICS].on_collect(collect_heartbeats)
+    if cfg.server.host_id:  # cluster mode: rate shares and the cluster's figures
+        from tokenhub.runtime.cluster_metrics import attach
+
+        attach(app, cfg, shared, registry=app[METRICS], limits=limits, heartbeat=heartbeat)
     if worker is not None and shared.metrics_dir:
         from tokenhub.gateway.telemetry import Share
 
