@@ -147,6 +147,11 @@ async def test_a_want_gets_a_lease_and_the_waiting_admit_succeeds(kit: Kit) -> N
             return limit_and_charged(q)[0] == leased == (await kit.pot()).granted
 
         await until(pool_is_granted, 2.0, "the pool to hold what is granted")
+        # A stream's next tranche the pool cannot pay waits for a lease the same way.
+        more = 10_000  # 1 USD of output, far beyond the pool
+        assert not hold.extend(more)
+        assert await hold.extend_wait(more, more)
+        assert hold.output_reserved == WORST[2] + more
         # The hold is tagged with the instance, so settlement posts it to the coordinator.
         assert hold.settle(ACTUAL) == f"@{agent.instance}|{POT}={150 * TOKEN}"
 
@@ -206,6 +211,7 @@ async def test_slices_follow_consumption_and_idle_pots_give_back(kit: Kit) -> No
         assert refused == 0 and admitted >= 200
         # Slices grow with consumption: one lease per call at most, far fewer than requests.
         assert calls / admitted < 0.2, (calls, admitted)
+        print(f"coordinator calls per request: {calls / admitted:.3f} ({calls}/{admitted})")
         amounts = [a for _, a in await kit.fetch(
             "SELECT id, amount FROM budget_leases WHERE instance = $1 AND amount > 0 "
             "ORDER BY created_ms, id", agent.instance)]  # fmt: skip

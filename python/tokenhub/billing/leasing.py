@@ -393,11 +393,11 @@ class LeaseAgent:
 
     async def _run(self) -> None:
         while not self._stop.is_set():
+            self._wake.clear()  # a want that comes during the tick wakes the next one
             try:
                 await self.tick()
             except Exception:
                 log.exception("lease agent tick failed")
-            self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.tick_s)
 
@@ -477,7 +477,11 @@ class LeaseAgent:
         lease.state = RETURNING
 
     def _sample(self, now: float) -> None:
-        for pot, st in self.pots.items():
+        leased = {x.pot for x in self.leases.values()}
+        for pot, st in list(self.pots.items()):
+            if pot not in leased and now - st.active_at > WORST_WINDOW_S:
+                del self.pots[pot]  # long idle, nothing leased: forgotten until wanted again
+                continue
             _, charged = self._charged(pot)
             if charged != st.charged:
                 if st.charged >= 0:
@@ -507,16 +511,28 @@ class LeaseAgent:
                 continue
             self._shrink(lease)
 
+    def _by_pot(self) -> dict[str, dict[str, list[Lease]]]:
+        """The leases by pot and state."""
+        out: dict[str, dict[str, list[Lease]]] = {}
+        for x in self.leases.values():
+            out.setdefault(x.pot, {}).setdefault(x.state, []).append(x)
+        return out
+
     def _short(self, now: float) -> set[str]:
         """Pots in use whose free is below ~1 s of consumption (or the largest recent worst
-        case), with no grant on the way."""
-        asking = {x.pot for x in self.leases.values() if x.state == ASKING}
+        case), with no grant on the way. Only pots with an open lease: a pot is leased on
+        demand (wants) first, and slices keep it going."""
         out = set()
-        for pot, st in self.pots.items():
-            if pot in asking or now < st.quiet_until or now - st.active_at >= self.idle_s:
+        for pot, states in self._by_pot().items():
+            st = self.pots.get(pot)
+            if (
+                st is None
+                or ASKING in states
+                or OPEN not in states
+                or now < st.quiet_until
+                or now - st.active_at >= self.idle_s
+            ):
                 continue
-            if not any(x.pot == pot and x.state == OPEN for x in self.leases.values()):
-                continue  # leased on demand (wants) first; slices keep a pot in use going
             if self.free(pot) < max(st.rate(), st.largest(now), 1):
                 out.add(pot)
         return out
@@ -770,8 +786,9 @@ class LeaseAgent:
     def figures(self) -> dict[str, Any]:
         """What leaser.json holds (the module docstring)."""
         pots: dict[str, dict[str, Any]] = {}
+        by_pot = self._by_pot()
         for pot, st in sorted(self.pots.items()):
-            mine = [x for x in self.leases.values() if x.pot == pot and x.state == OPEN]
+            mine = by_pot.get(pot, {}).get(OPEN, [])
             limit, charged = self._charged(pot)
             pots[pot] = {
                 "leases": len(mine),
