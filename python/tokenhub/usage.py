@@ -45,8 +45,9 @@ class UsageEvent(msgspec.Struct, kw_only=True, omit_defaults=True):
     usage_anomaly: str = ""
     # What admission drew from the tenant's contracts in the gateway's quota table (its money
     # pots), "<table epoch>|<pot>=<amount>;...": the in-process settler gives it back to the
-    # table once the ledger has posted the event (tokenhub.billing.pots). Not billing data:
-    # the settlement's payload hash leaves it out.
+    # table once the ledger has posted the event (tokenhub.billing.pots). In cluster mode
+    # "@<host id>/<epoch>|<pot>=<amount>;...": settlement posts it to the lease coordinator
+    # (tokenhub.billing.leases). Not billing data: the settlement's payload hash leaves it out.
     holds: str = ""
 
 
