@@ -12,7 +12,7 @@ at least 1, and never fewer than the hosts the board sees alive.
              stamp this host alive and its demands with an expiry (Redis's own clock), drop the
              expired, return the live hosts and each limit's live demands
       <── board_shares(R, N, present, demands)[this host]      (tokenhub.gateway.shares)
-      write the share into the local table: cuts at once, raises one tick later
+      write the share into the local table: cuts at once, raises 1.5 ticks later
 
 Which limits are reported: only those near this host's share (demand at least half the quiet
 share, or a request refused). A host quiet on a limit keeps `quiet_share(R, N)` (an eighth of
@@ -39,16 +39,19 @@ The share-shift bound. Each local rate limit is a GCRA (rust/quota): a bucket of
 r_i per minute, whose fill fraction is kept when r_i changes. So a host whose share rises by D
 gains at most D of immediate room (less the emptier its bucket: a busy host, the one a
 rebalance raises, gains almost nothing at once), and one whose share falls loses room at once.
-Raises are applied one tick after they were computed while cuts apply at once, so as long as
-every host ticks once a second the shares in force sum to R at every moment. Then over any
-window of W seconds the hosts together admit at most
+Cuts apply at once; a raise waits RAISE_AFTER (1.5) ticks, by which time every other host has
+ticked once (they tick every TICK_S) and cut what the same board told it to. The shares of one
+board sum to R; the hosts read the board at different moments, so while demands move the
+shares in force can exceed R by what the last rebalance moved, for less than a tick, and not
+at all once demands have been steady for two ticks. Over any window of W seconds the hosts
+together admit at most
 
     B0 + R * W / 60 + sum of D_k
 
 B0 (<= R) being what their buckets held at the window's start (GCRA's burst, as one host with
 the whole R has) and D_k the share moved onto a host by rebalance k within the window. In a
 minute of steady overload (empty buckets, no moves) that is R; each rebalance adds at most the
-share it moved. A host that stalls past a tick while others raise (SIGSTOP) adds D * stall / 60
+share it moved. A host that stalls past a tick (SIGSTOP) while others raise adds D * stall / 60
 per stall. Membership changes are the exception: a joining host is seen through the board's
 presence set at the others' next tick (without Redis, at their next heartbeat read of
 cluster_hosts: until then the sum can exceed R by the newcomer's floor(R / N)).
@@ -81,6 +84,7 @@ log = logging.getLogger("tokenhub.shares")
 RATE_KINDS = ("rpm", "tpm", "concurrent")
 TICK_S = 1.0
 LEAVE_AFTER_S = 10.0  # quiet this long on a limit: cut to the quiet share and leave its board
+RAISE_AFTER = 1.5  # ticks a raise waits: every other host ticks (and cuts) in between
 DECAY = 0.5  # a limit's demand at most halves per tick (it rises at once)
 CHUNK = 500  # limits per script call: one call holds Redis for a few ms at most
 
@@ -247,8 +251,8 @@ class _Limit:
     demand: float = 0.0  # smoothed: per minute (rpm, tpm) or in flight (concurrent)
     reporting: bool = False
     quiet_since: float | None = None
-    raise_to: int | None = None  # a raise computed last tick, applied this tick if still due
-    raise_tick: int = 0  # the tick that computed it
+    raise_to: int | None = None  # a raise due (the lowest target since raise_since)
+    raise_since: float = 0.0
 
 
 @dataclass(slots=True)
@@ -300,7 +304,6 @@ class ShareKeeper:
         self.n = max(1, hosts())
         self.syncs = 0
         self.failures = 0
-        self._ticks = 0
         self._task: asyncio.Task[None] | None = None
 
     # -- the LimitSync's hook ----------------------------------------------------------------
@@ -385,7 +388,6 @@ class ShareKeeper:
     async def tick(self) -> None:
         """One round: measure, sync with the board (or not), write the shares."""
         now = self.clock()
-        self._ticks += 1
         self.n = n = max(1, self.hosts())
         with self._lock:
             # Read under the lock: the hook admits a limit only once its total is published.
@@ -475,9 +477,11 @@ class ShareKeeper:
         self._apply(targets)
 
     def _apply(self, targets: Mapping[tuple[str, str], tuple[int, int]]) -> None:
-        """Writes each (total, target) into the table: a cut at once, a raise only if it was
-        due last tick too (the lower of the two), so the others have cut before this host
-        raises. A target computed for a total changed since is dropped."""
+        """Writes each (total, target) into the table: a cut at once, a raise once it has been
+        due for RAISE_AFTER ticks (the lowest target seen meanwhile), so that every other host
+        has ticked, and cut, since the board said so. A target computed for a total changed
+        since is dropped."""
+        now = self.clock()
         with self._lock:
             for key, (total, target) in targets.items():
                 lim = self._limits.get(key)
@@ -487,15 +491,13 @@ class ShareKeeper:
                     lim.raise_to = None
                     self._write(key, target)
                 elif target > lim.local:
-                    if lim.raise_to is not None and lim.raise_tick < self._ticks:
-                        value = min(lim.raise_to, target)
-                        self._write(key, value)
-                        lim.raise_to = target if target > value else None
-                        lim.raise_tick = self._ticks
-                    elif lim.raise_to is None:
-                        lim.raise_to, lim.raise_tick = target, self._ticks
-                    else:  # computed twice in this tick: the lower, still not before the next
-                        lim.raise_to = min(lim.raise_to, target)
+                    if lim.raise_to is None:
+                        lim.raise_to, lim.raise_since = target, now
+                        continue
+                    lim.raise_to = min(lim.raise_to, target)
+                    if now - lim.raise_since >= RAISE_AFTER * self.tick_s:
+                        self._write(key, lim.raise_to)
+                        lim.raise_to = None
                 else:
                     lim.raise_to = None
 
