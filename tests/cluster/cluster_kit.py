@@ -39,6 +39,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
@@ -304,11 +305,16 @@ class Redis:
             )  # fmt: skip
         wait_until(self.ping, 20, interval=0.05, what="redis-server to answer")
 
+    def command(self, *args: str) -> bytes:
+        """One command in RESP, its raw reply (enough for PING, SET, EXISTS)."""
+        req = f"*{len(args)}\r\n" + "".join(f"${len(a.encode())}\r\n{a}\r\n" for a in args)
+        with socket.create_connection(("127.0.0.1", self.port), timeout=2) as s:
+            s.sendall(req.encode())
+            return s.recv(256)
+
     def ping(self) -> bool:
         try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
-                s.sendall(b"PING\r\n")
-                return s.recv(16).startswith(b"+PONG")
+            return self.command("PING").startswith(b"+PONG")
         except OSError:
             return False
 
@@ -323,10 +329,8 @@ class Redis:
                 self.proc.wait(10)
         self.proc = None
 
-    def keys(self) -> int:
-        with socket.create_connection(("127.0.0.1", self.port), timeout=2) as s:
-            s.sendall(b"DBSIZE\r\n")
-            return int(s.recv(64).strip().lstrip(b":"))
+    def has(self, key: str) -> bool:
+        return self.command("EXISTS", key).strip() == b":1"
 
 
 # -- the network namespace ----------------------------------------------------------------------
@@ -406,6 +410,42 @@ class Netns:
             self.run(self.iptables, "-w", "5", "-D", *rule)
             self.rules.remove(rule)
 
+    @contextlib.contextmanager
+    def armed_drop(self, address: str, port: int) -> Iterator[Callable[[], None]]:
+        """The rule of `drop`, loaded into an iptables-restore ahead of time and committed by
+        the function this yields, so that the cut lands within a millisecond or so of the
+        moment a test chooses; deleted when the block ends if it was committed."""
+        assert self.iptables, "iptables was not set up (scripts/test-iptables ensure)"
+        rule = ["OUTPUT", "-d", address, "-p", "tcp", "--dport", str(port), "-j", "DROP"]
+        restore = subprocess.Popen(
+            [*self.prefix, self.iptables + "-restore", "--noflush", "-w", "5"],
+            stdin=subprocess.PIPE,
+            text=True,
+        )
+        assert restore.stdin is not None
+        restore.stdin.write("*filter\n" + " ".join(["-A", *rule]) + "\n")
+        restore.stdin.flush()
+        fired = False
+
+        def fire() -> None:
+            nonlocal fired
+            assert restore.stdin is not None and not fired
+            restore.stdin.write("COMMIT\n")
+            restore.stdin.close()
+            assert restore.wait(10) == 0, "iptables-restore failed"
+            fired = True
+            self.rules.append(rule)
+
+        try:
+            yield fire
+        finally:
+            if fired:
+                self.run(self.iptables, "-w", "5", "-D", *rule)
+                self.rules.remove(rule)
+            elif restore.poll() is None:
+                restore.kill()
+                restore.wait(10)
+
     def close(self) -> None:
         for rule in list(self.rules):
             sh(*self.prefix, self.iptables, "-w", "5", "-D", *rule, check=False)
@@ -449,6 +489,10 @@ def start_mock(procs: Procs, address: str) -> str:
 
 
 # -- the hosts ----------------------------------------------------------------------------------
+
+
+class NotQuiescent(AssertionError):
+    """What the clients were served did not all get recorded and settled in time."""
 
 
 @dataclass
@@ -671,13 +715,35 @@ hosts = {len(HOSTS)}
             pending = self.query("SELECT COUNT(*) FROM usage_events WHERE settled_ms IS NULL")
             return ids <= have and pending[0][0] == 0
 
-        wait_until(done, timeout, interval=0.2, what=f"{len(ids)} events recorded and settled")
+        try:
+            wait_until(done, timeout, interval=0.2, what=f"{len(ids)} events recorded, settled")
+        except AssertionError as e:
+            raise NotQuiescent(f"{e}\n{self.diagnosis(ids)}") from None
 
-    def quiesce(self, served_ok: set[str]) -> dict[str, int]:
-        """Everything served is recorded and settled by the live hosts; then the hosts stop
-        (their leases go back) and one more settlement pass (`tokenhub billing settle`)
-        settles what their journals flushed last. Returns the hosts' exit statuses."""
-        self.wait_recorded(served_ok)
+    def diagnosis(self, ids: set[str]) -> str:
+        """What is missing, what PostgreSQL is doing, and what the hosts said."""
+        have = {r[0] for r in self.query("SELECT request_id FROM usage_events")}
+        pending = self.query(
+            "SELECT tenant, status, COUNT(*) FROM usage_events WHERE settled_ms IS NULL "
+            "GROUP BY tenant, status"
+        )
+        activity = self.query(
+            "SELECT client_addr::text, state, wait_event_type, wait_event, now() - xact_start, "
+            "left(query, 100) FROM pg_stat_activity WHERE datname = current_database() AND "
+            "state <> 'idle' AND pid <> pg_backend_pid()"
+        )
+        failures = self.query("SELECT event_id, reason, attempts FROM settlement_failures")
+        return (
+            f"not recorded: {len(ids - have)}; unsettled: {pending}; failures: {failures[:5]}\n"
+            f"sessions: " + "\n  ".join(map(str, activity)) + "\n" + self.stderr()
+        )
+
+    def quiesce(self, served_ok: set[str], timeout: float = 90.0) -> dict[str, int]:
+        """Everything served is recorded and settled by the live hosts (within `timeout`);
+        then the hosts stop (their leases go back) and one more settlement pass (`tokenhub
+        billing settle`) settles what their journals flushed last. Returns the hosts' exit
+        statuses."""
+        self.wait_recorded(served_ok, timeout)
         codes = self.stop()
         out = self.cli("billing", "settle")
         assert out.returncode == 0, out.stdout + out.stderr
@@ -685,6 +751,36 @@ hosts = {len(HOSTS)}
 
     def books(self) -> Books:
         return Books.read(self)
+
+    def when_in_transaction(
+        self, client: str, like: str, then: Callable[[], None], timeout: float = 20.0
+    ) -> tuple[str, str]:
+        """Polls pg_stat_activity until a backend of `client` (an address) is inside a
+        transaction whose current statement matches `like`, calls `then` at once, and
+        returns (that statement, the statement the same backend is in 1 s later, still inside
+        the transaction, or "" if it is not)."""
+
+        async def watch() -> tuple[str, str]:
+            conn = await asyncpg.connect(self.url, timeout=10)
+            sql = (
+                "SELECT pid, left(query, 100) FROM pg_stat_activity WHERE datname = "
+                "current_database() AND client_addr = $1::inet AND xact_start IS NOT NULL"
+            )
+            try:
+                deadline = time.monotonic() + timeout
+                while time.monotonic() < deadline:
+                    rows = await conn.fetch(sql + " AND query ILIKE $2", client, like)
+                    if rows:
+                        then()
+                        await asyncio.sleep(1.0)
+                        pid, caught = rows[0]
+                        later = {r[0]: r[1] for r in await conn.fetch(sql, client)}
+                        return caught, later.get(pid, "")
+                raise AssertionError(f"no transaction of {client} matched {like!r}")
+            finally:
+                await conn.close()
+
+        return run_async(watch())
 
 
 # -- the load client ----------------------------------------------------------------------------
@@ -1025,3 +1121,88 @@ class Figures:
             self.rows["leases"] = dict(books.leases)
             self.rows["pots"] = {p: v[1:] for p, v in books.pots.items()}
         print(f"\n[cluster figures] {self.scenario}: {json.dumps(self.rows, sort_keys=True)}")
+
+
+# -- rate limits --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RateSample:
+    t: float  # on the load client's clock
+    limit: dict[str, int]  # host -> its local rpm limit (its share)
+    remaining: dict[str, int]  # host -> what its bucket held (GCRA remaining)
+
+
+class RateSampler:
+    """Reads one account's rpm limit and remaining on every host's quota table every
+    `interval` s, on a thread, until stopped: the shares in force and the buckets' contents,
+    for the share-shift bound (tokenhub.runtime.shares)."""
+
+    def __init__(self, cluster: Cluster, load: Load, account: str, interval: float = 0.2):
+        from tokenhub.quota import Quota
+
+        self.samples: list[RateSample] = []
+        self._stop = False
+        self._tables: dict[str, Any] = {}
+        for h in cluster.hosts.values():
+            assert h.proc is not None
+            path = Path(f"/dev/shm/tokenhub-quota-{h.proc.pid}")
+            wait_until(path.exists, 10, what=f"host {h.name}'s quota table")
+            self._tables[h.name] = Quota.attach(str(path))
+        self.account, self.load, self.interval = account, load, interval
+        self.thread = threading.Thread(target=self._run, name="rate-sampler", daemon=True)
+
+    def start(self) -> RateSampler:
+        self.thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop:
+            t = self.load.now()
+            limit, remaining = {}, {}
+            for host, table in self._tables.items():
+                s = table.state(self.account).rpm
+                limit[host] = s.limit if s.limit is not None else UNLIMITED_RPM
+                remaining[host] = s.remaining if s.remaining is not None else UNLIMITED_RPM
+            self.samples.append(RateSample(t, limit, remaining))
+            time.sleep(self.interval)
+
+    def stop(self) -> None:
+        self._stop = True
+        self.thread.join(10)
+
+
+UNLIMITED_RPM = 1 << 62  # an unlimited local limit: any bound with it in is no bound
+
+
+@dataclass(frozen=True)
+class Window:
+    start: float
+    admitted: int  # 200s sent within [start, start + 60)
+    bucket: int  # B0: what the hosts' buckets held at the start
+    moved: int  # sum of D_k: share raised onto hosts by rebalances within the window
+
+    def bound(self, rpm: int, slack: int) -> int:
+        return self.bucket + rpm + self.moved + slack
+
+
+def windows(samples: Sequence[RateSample], shots: Sequence[Shot], start: float,
+            end: float) -> list[Window]:  # fmt: skip
+    """Every 60 s window [a, a + 60) with a a sample time in [start, end - 60]: the requests
+    admitted in it (by the client's send time), the buckets' contents at a, and the share
+    moved onto hosts within it (each host's rises of its local limit between samples)."""
+    sent = sorted(s.sent for s in shots if s.status == 200 and not s.code and not s.error)
+    out = []
+    for j, a in enumerate(samples):
+        if not start <= a.t <= end - 60:
+            continue
+        admitted = sum(1 for t in sent if a.t <= t < a.t + 60)
+        moved = 0
+        prev = a
+        for b in samples[j + 1 :]:
+            if b.t >= a.t + 60:
+                break
+            moved += sum(max(0, b.limit[h] - prev.limit[h]) for h in b.limit)
+            prev = b
+        out.append(Window(a.t, admitted, sum(a.remaining.values()), moved))
+    return out
