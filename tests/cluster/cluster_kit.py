@@ -738,16 +738,69 @@ hosts = {len(HOSTS)}
             f"sessions: " + "\n  ".join(map(str, activity)) + "\n" + self.stderr()
         )
 
-    def quiesce(self, served_ok: set[str], timeout: float = 90.0) -> dict[str, int]:
+    def quiesce(self, served_ok: set[str], timeout: float = 90.0) -> list[str]:
         """Everything served is recorded and settled by the live hosts (within `timeout`);
-        then the hosts stop (their leases go back) and one more settlement pass (`tokenhub
-        billing settle`) settles what their journals flushed last. Returns the hosts' exit
-        statuses."""
+        their leased pools are compared with the coordinator (`pool_mismatches`); then the
+        hosts stop (their leases go back) and one more settlement pass (`tokenhub billing
+        settle`) settles what their journals flushed last. Returns the pools' mismatches."""
         self.wait_recorded(served_ok, timeout)
+        mismatches = self.pool_mismatches()
         codes = self.stop()
+        assert set(codes.values()) <= {0}, codes
         out = self.cli("billing", "settle")
         assert out.returncode == 0, out.stdout + out.stderr
-        return codes
+        return mismatches
+
+    def pool_mismatches(self, settle_s: float = 10.0) -> list[str]:
+        """Each live host's leased pool (its quota table's pot limits) against what the
+        coordinator holds for its instance: the amounts of its open leases plus what its
+        returned leases used (a give-back keeps in the pool what its charges still need). A
+        grant applied twice (a lost reply, replayed) or a give-back lost shows here. Read
+        until two reads of a table agree with the database in between (the agent ticks every
+        0.2 s), for at most `settle_s`; the mismatches of the last read."""
+        from tokenhub.billing.draw import pot_dim
+        from tokenhub.billing.leasing import table_instance
+        from tokenhub.quota import Quota
+
+        def local(q: Quota, pots: Sequence[str]) -> dict[str, int]:
+            out = {}
+            for pot in pots:
+                if q.table.find_account(pot) is None:
+                    out[pot] = 0
+                else:
+                    out[pot] = getattr(q.state(pot), pot_dim(pot)).limit or 0
+            return out
+
+        problems: list[str] = []
+        deadline = time.monotonic() + settle_s
+        for h in self.hosts.values():
+            if h.proc is None or h.proc.popen.poll() is not None:
+                continue
+            q = Quota.attach(f"/dev/shm/tokenhub-quota-{h.proc.pid}")
+            instance = table_instance(q, h.name)
+            while True:
+                coord = {
+                    r[0]: int(r[1])
+                    for r in self.query(
+                        "SELECT pot, SUM(CASE state WHEN 'open' THEN amount WHEN 'returned' "
+                        "THEN COALESCE(used, 0) ELSE 0 END) FROM budget_leases "
+                        "WHERE instance = $1 AND state <> 'refused' GROUP BY pot",
+                        instance,
+                    )
+                }
+                before = local(q, list(coord))
+                after = local(q, list(coord))
+                bad = [
+                    f"host {h.name} ({instance}) {pot}: pool limit {before[pot]}, the "
+                    f"coordinator's open amounts and returned uses {want}"
+                    for pot, want in coord.items()
+                    if before[pot] != want or after[pot] != want
+                ]
+                if not bad or time.monotonic() > deadline:
+                    problems += bad
+                    break
+                time.sleep(0.2)
+        return problems
 
     def books(self) -> Books:
         return Books.read(self)

@@ -94,7 +94,7 @@ def run(
         steady.result(180)
         ok = {s.request_id for s in load.shots if s.status == 200 and s.request_id}
         quiet_from = load.now()
-        cluster.quiesce(ok, settle_within)
+        pools = cluster.quiesce(ok, settle_within)
         quiesced_s = load.now() - quiet_from
         books = cluster.books()
     finally:
@@ -107,6 +107,7 @@ def run(
     figures.show(books)
     problems = usage_problems(books, load.shots)
     assert not problems, "\n".join(problems[:40]) + "\n" + cluster.stderr()
+    assert not pools, "\n".join(pools)
     return books, figures, load.shots
 
 

@@ -82,7 +82,7 @@ def test_rpm_600_across_three_hosts(cluster: Cluster) -> None:
         finally:
             sampler.stop()
         shots = load.of(tenant)
-        cluster.quiesce({s.request_id for s in shots if s.status == 200 and s.request_id})
+        pools = cluster.quiesce({s.request_id for s in shots if s.status == 200 and s.request_id})
         books = cluster.books()
     finally:
         load.close()
@@ -116,8 +116,8 @@ def test_rpm_600_across_three_hosts(cluster: Cluster) -> None:
     assert not [s for s in shots if s.error or (s.status == 200 and s.code)]
     problems = usage_problems(books, shots)
     assert not problems, "\n".join(problems[:40])
-    if books.leases:
-        assert not money_problems(books, [tenant])
+    assert not money_problems(books, [tenant])
+    assert not pools, pools
 
     over = [w for w in shared if w.admitted > w.bound(RPM, EDGE * len(SKEW))]
     assert not over, f"windows over B0 + R + moved: {over[:5]}"
