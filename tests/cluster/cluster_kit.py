@@ -539,9 +539,14 @@ class Host:
                     self.settlers.add(pid)
 
     def kill9(self) -> None:
-        """kill -9 of the gateway (its settler, in a session of its own, notices and stops)."""
+        """kill -9 of the whole host: the gateway's process group and its settler (in a
+        session of its own, where the lease agent lives), as when the machine dies: nothing
+        is given back, nothing flushed."""
         assert self.proc is not None
         self.note_settlers()
+        for pid in self.settlers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         self.proc.kill_group()
 
     def reap_settlers(self, timeout: float = 15.0) -> list[int]:
