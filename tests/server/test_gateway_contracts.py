@@ -415,3 +415,17 @@ def test_admission_reloads_the_terms_only_when_their_marker_moves(site: Site, pr
     assert reloads() == 1, gw.stderr()
     time.sleep(2.0)
     assert reloads() == 1, gw.stderr()
+
+
+def test_a_clean_stop_settles_its_last_requests(site: Site, procs: Procs) -> None:
+    """SIGTERM right after a burst: the server's last events reach the database before its
+    settler's last pass, so the stop leaves nothing unsettled (it used to leave the events of
+    its last moments for the next start)."""
+    site.billing(lambda b: b.topup(TENANT, "100.00", "USD"))
+    gw = _serve(site, procs)
+    outcomes = asyncio.run(fire(site.url, site.secret, 60, MESSAGES, MAX_TOKENS))
+    assert all(o.status == 200 for o in outcomes), [o.status for o in outcomes]
+    assert gw.stop() == 0, gw.stderr()
+    ids = {str(o.request_id) for o in outcomes}
+    assert {e.request_id for e in site.store.iter_events()} >= ids
+    assert set(_settled(site)) >= ids, len(ids - set(_settled(site)))

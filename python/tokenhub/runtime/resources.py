@@ -155,6 +155,9 @@ def build_app(
         if link is not None:
             link.close()
         if settler is not None:
+            # This process's last events reach the database before the settler's last pass
+            # (bounded: a database that cannot take them leaves them to the next start).
+            await sink.flush(timeout=10)
             await settler()
         if contracts_db is not None:
             await contracts_db.close()
