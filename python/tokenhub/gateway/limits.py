@@ -21,12 +21,17 @@ database (`carry_today`), so a restart does not grant a second day's budget.
 Every process sweeps expired reservations (`expire_due`) about once a second; concurrent sweeps
 are fine.
 
-Cluster mode (`[server] host_id`): the table's rate limits (rpm, tpm, concurrent) hold this
-host's share of each limit, not the whole R (tokenhub.runtime.shares). The mirror then writes a
-rate limit only through `rate_share(account, kind, R)`: worker 1's ShareKeeper answers with the
-host's current share (a safe start for a new or changed R), the other workers' hook answers None
-and they leave rate limits to worker 1. A removed rate limit is unset by every process. So a
-reload never overwrites a share with R; `rate_totals` is what the keeper splits.
+Cluster mode (`[server] host_id`): the table's rate limits (rpm, tpm, concurrent) and the
+tenants' tokens budget hold this host's share of each limit, not the whole R or B
+(tokenhub.runtime.shares). The mirror then writes them only through `rate_share(account, kind,
+total)`: worker 1's ShareKeeper answers with the host's current share (a safe start for a new or
+changed total), the other workers' hook answers None and they leave them to worker 1. A removed
+limit is unset by every process. So a reload never overwrites a share with the whole; the
+`rate_totals` (named for the rates they first held; the tokens budget is among them) are what
+the keeper splits. At a new day worker 1 cuts each tokens budget to 0 before it resets it, then
+writes what the keeper answers for the new period: no host starts a day with the last day's
+share. A restarted server carries every host's usage since 00:00 (the database does not say
+which host served what); `carried` tells the keeper how much, so its share counts only its own.
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ log = logging.getLogger("tokenhub.limits")
 
 DAY_ACCOUNT = "meta:utc-day"
 RATE_KINDS = ("rpm", "tpm", "concurrent")
+SHARED_KINDS = (*RATE_KINDS, "tokens")  # split across hosts in cluster mode
 _UNSET = {"rpm": None, "tpm": None, "concurrent": None, "tokens": None}
 
 
@@ -105,7 +111,10 @@ class LimitSync:
         self._sampled = time.monotonic()
         # Cluster mode (see the module docstring): None mirrors R as it is.
         self.rate_share: Callable[[str, str, int], int | None] | None = None
-        self.rate_totals: dict[str, dict[str, int]] = {}  # account -> {kind: R}
+        self.rate_totals: dict[str, dict[str, int]] = {}  # account -> {kind: R or B}
+        # (day, {tenant account: tokens}) charged into a table this process started; None when
+        # the table was already there (a restarted worker) or no day has been started.
+        self.carried: tuple[int, dict[str, int]] | None = None
 
     # -- mirroring ----------------------------------------------------------------------------
 
@@ -129,7 +138,7 @@ class LimitSync:
         # Published before the writes: the share keeper never splits a total it missed.
         totals: dict[str, dict[str, int]] = {}
         for n, lim in wanted.items():
-            rates = {k: v for k in RATE_KINDS if (v := lim[k]) is not None}
+            rates = {k: v for k in SHARED_KINDS if (v := lim[k]) is not None}
             if rates:
                 totals[n] = rates
         self.rate_totals = totals
@@ -150,7 +159,7 @@ class LimitSync:
     def _shared(self, name: str, limits: dict[str, int | None]) -> dict[str, int | None]:
         assert self.rate_share is not None
         out = dict(limits)
-        for kind in RATE_KINDS:
+        for kind in SHARED_KINDS:
             total = limits[kind]
             if total is None:
                 continue  # unset everywhere
@@ -168,10 +177,20 @@ class LimitSync:
         seen = self.quota.limits(DAY_ACCOUNT)["requests"]
         if seen is not None and seen >= today:
             return False
+        shared: dict[str, int] = {}
+        if seen is not None and self.rate_share is not None:
+            shared = {n: k["tokens"] for n, k in self.rate_totals.items() if "tokens" in k}
+        for name in shared:  # cluster mode: the old day's share must not spend the new day
+            self.quota.set_limits(name, tokens=0)
         if seen is not None:
             for name in self._tenants:
                 self.quota.reset_used(name, "tokens")
         self.quota.set_limits(DAY_ACCOUNT, requests=today)
+        for name, total in shared.items():
+            assert self.rate_share is not None
+            local = self.rate_share(name, "tokens", total)  # the new period's start
+            if local is not None:
+                self.quota.set_limits(name, tokens=local)
         return seen is not None
 
     async def start(self) -> None:
@@ -179,6 +198,8 @@ class LimitSync:
         if self.daily_reset:
             fresh = self.quota.limits(DAY_ACCOUNT)["requests"] is None
             self.start_day()
+            if fresh:
+                self.carried = (utc_day(), {})  # this process's table, nothing carried (yet)
             if fresh and self._usage_since is not None and self._tenants:
                 await self.carry_today()
         self._tasks = [
@@ -191,13 +212,17 @@ class LimitSync:
         since 00:00 UTC by the database, so a restart does not hand out a second budget.
         Returns the tokens carried."""
         assert self._usage_since is not None
-        used = await asyncio.to_thread(self._usage_since, utc_day() * 86_400_000)
+        day = utc_day()
+        used = await asyncio.to_thread(self._usage_since, day * 86_400_000)
         carried = 0
+        per: dict[str, int] = {}
         for name in self._tenants:
             tokens = max(0, used.get(name.removeprefix("tenant:"), 0))
             if tokens:
                 self.quota.charge(name, tokens=tokens)
                 carried += tokens
+                per[name] = tokens
+        self.carried = (day, per)
         if carried:
             log.info("carried %d tokens of today's usage into the new quota table", carried)
         return carried

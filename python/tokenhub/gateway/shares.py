@@ -24,11 +24,32 @@ snapshots a share can move, which is the "share moved in one rebalance" bound of
   see at all (N - present: cut off from the board, or not started yet) are assumed to take the
   static share, as a host that cannot reach the board does. The reporters split what is left
   with `fair_shares`, so the shares of every host of a snapshot sum to R at most.
+
+Period budgets (a tenant's tokens per UTC day, B) are a stock, not a flow: what a host has
+spent this period stays spent. Each host's board entry for a budget holds its `used` (spent
+this period, by its own table) and its `claim` (the most it may hold in force until its next
+entry), and lives for the whole period, so a host that dies or cannot reach the board still
+counts with what it spent and may spend.
+
+- `budget_targets(B, N, present, demands, entries)`: where the shares should be, as absolute
+  limits (used + share) of every present host, and the quiet floor. The room is B minus the
+  used of the present hosts, minus what each absent host with an entry may hold (max(used,
+  claim)), minus floor(B/N) for every other unseen host (what a host without the board
+  takes). Quiet hosts (present, not reporting demand) get `period_floor(room, N)` above their
+  used; the reporters split the rest with `fair_shares` on their demands.
+- `budget_cap(B, N, present, entries, me)`: the most `me` may hold now: B minus what every
+  other host may hold (its claim or used, the start floor for a present host without an
+  entry, floor(B/N) for an unseen one). A host raises only up to it, and only up to a claim
+  the board has taken before it reads the others' claims (one atomic script call), so the
+  limits in force never sum over B (see tokenhub.runtime.shares for the argument).
+- `period_floor(room, N)`: the quiet share of what is left, rounded down to a power of two
+  (it changes rarely, so quiet hosts rarely need to write their entry).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
+from typing import NamedTuple
 
 QUIET_PART = 8
 
@@ -91,3 +112,99 @@ def fair_shares(limit: int, demands: Mapping[str, int]) -> dict[str, int]:
     for i, host in enumerate(sorted(hosts)):
         shares[host] += each + (1 if i < odd else 0)
     return shares
+
+
+# -- period budgets ------------------------------------------------------------------------------
+
+
+class Entry(NamedTuple):
+    """A host's word on one period budget: spent this period, and the most it may hold."""
+
+    used: int
+    claim: int
+
+    @property
+    def held(self) -> int:
+        """What the host may have spent by the end of the period, as far as the board knows."""
+        return max(self.used, self.claim, 0)
+
+
+def period_floor(room: int, hosts: int) -> int:
+    """`quiet_share(room, hosts)` rounded down to a power of two (0 for none)."""
+    q = quiet_share(room, hosts)
+    return 1 << (q.bit_length() - 1) if q > 0 else 0
+
+
+def _census(
+    budget: int, hosts: int, present: Collection[str], entries: Mapping[str, Entry]
+) -> tuple[int, frozenset[str], list[str], int]:
+    """(the cluster's size, the present hosts, the absent ones with an entry, the unseen
+    hosts without one) of one budget's board."""
+    seen = frozenset(present)
+    away = sorted(h for h in entries if h not in seen)
+    n = max(hosts, len(seen), 1)
+    return n, seen, away, max(0, n - len(seen) - len(away))
+
+
+class Split(NamedTuple):
+    """One period budget's split as a host reads it off the board."""
+
+    targets: dict[str, int]
+    """The limits (used + share) the present hosts should hold."""
+    floor: int
+    """What a quiet host gets above its used (period_floor of the room)."""
+
+
+def budget_targets(
+    budget: int,
+    hosts: int,
+    present: Collection[str],
+    demands: Mapping[str, int],
+    entries: Mapping[str, Entry],
+) -> Split:
+    """Where the limits of the present hosts should be for a period budget of `budget`, when
+    `demands` are the reporting hosts' demands (all present) and `entries` the board's entries
+    of this period. With the absent hosts' `held` and floor(B/N) per unseen host they sum to
+    `budget` at most (to what is already used, when that is more)."""
+    n, seen, away, unseen = _census(budget, hosts, frozenset(present) | frozenset(demands), entries)
+    total = max(budget, 0)
+
+    def used(h: str) -> int:
+        e = entries.get(h)
+        return max(e.used, 0) if e is not None else 0
+
+    room = (
+        total
+        - sum(used(h) for h in seen)
+        - sum(entries[h].held for h in away)
+        - unseen * static_share(total, n)
+    )
+    floor = period_floor(max(room, 0), n)
+    quiet = [h for h in seen if h not in demands]
+    pool = max(room - len(quiet) * floor, 0)
+    out = {h: used(h) + floor for h in quiet}
+    for h, share in fair_shares(pool, demands).items():
+        out[h] = used(h) + share
+    return Split(out, floor)
+
+
+def budget_cap(
+    budget: int,
+    hosts: int,
+    present: Collection[str],
+    entries: Mapping[str, Entry],
+    me: str,
+) -> int:
+    """The most host `me` may hold in force for a period budget: `budget` minus what every
+    other host may (its entry's `held`; a present host without an entry holds at most the
+    start floor, period_floor(B, N); an unseen one floor(B/N)). May be negative."""
+    n, seen, away, unseen = _census(budget, hosts, frozenset(present) | {me}, entries)
+    total = max(budget, 0)
+    start = period_floor(total, n)
+    others = 0
+    for h in seen | frozenset(away):
+        if h == me:
+            continue
+        e = entries.get(h)
+        others += e.held if e is not None else start
+    return total - others - unseen * static_share(total, n)

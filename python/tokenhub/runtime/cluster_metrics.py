@@ -337,4 +337,6 @@ def _keeper(cfg: Config, limits: LimitSync, heartbeat: Heartbeat | None) -> Shar
     if cfg.cluster.redis_url:
         host = heartbeat.host if heartbeat is not None else cfg.server.host_id
         board = ShareBoard(cfg.cluster.redis_url, host, hosts=hosts())
-    return ShareKeeper(limits.quota, lambda: limits.rate_totals, hosts, board)
+    return ShareKeeper(
+        limits.quota, lambda: limits.rate_totals, hosts, board, carried=lambda: limits.carried
+    )
