@@ -10,8 +10,8 @@ Session-wide (conftest.py), because they are slow to make and a test may break t
 - `Netns` (root only): a network namespace joined to this one by a veth pair whose /30 the
   session picked from 10.213.0.0/16 (one not in use on the machine). Host C runs inside it,
   so an iptables DROP rule in the namespace's own OUTPUT chain partitions C from PostgreSQL
-  silently (packets vanish: no RST, no ICMP) and leaves the machine's own tables alone. The
-  servers (PostgreSQL, Redis, the mock upstream) listen on the veth's address too;
+  silently (packets vanish: no RST, no ICMP) and leaves the machine's own tables alone.
+  PostgreSQL and Redis listen on the veth's address too, the mock upstream only there;
 - one mock upstream (`tokenhub mock-upstream`), whose ledger lists every request it served by
   the gateway's x-request-id.
 
@@ -22,10 +22,16 @@ redis_url set. `Load` is the bounded client (aiohttp, on a loop thread of its ow
 requests over the hosts by weight; `Books` is what the database holds after quiescence, and
 `usage_problems` / `money_problems` are the oracles of the issue:
 
-- every request the mock served is a usage event, settled once, and (if it was served in full)
-  in the ledger exactly once, billed exactly its tokens;
+- every request the mock served is a usage event, settled once, and (if the gateway finished
+  it: one cut off by a kill is recorded as interrupted and billed nothing) in the ledger
+  exactly once, billed exactly its tokens;
 - nothing the client saw refused (any non-200) is billed;
-- no wallet overdrawn (no overrun), every budget pot equal to the ledger, no lease open.
+- no wallet overdrawn (no overrun), every budget pot equal to the ledger, no lease open;
+- each live host's leased pool equals the coordinator's record of its instance
+  (`Cluster.pool_mismatches`).
+
+`RateSampler` reads a key's rpm share and bucket off every host's quota table, for the
+share-shift bound of tokenhub.runtime.shares (test_cluster_rates.py).
 """
 
 from __future__ import annotations
@@ -746,14 +752,14 @@ hosts = {len(HOSTS)}
     def quiesce(self, served_ok: set[str], timeout: float = 90.0) -> list[str]:
         """Everything served is recorded and settled by the live hosts (within `timeout`);
         their leased pools are compared with the coordinator (`pool_mismatches`); then the
-        hosts stop (their leases go back) and one more settlement pass (`tokenhub billing
-        settle`) settles what their journals flushed last. Returns the pools' mismatches."""
+        hosts stop cleanly (their leases go back, each flushes its journal before its
+        settler's last pass), leaving nothing unsettled. Returns the pools' mismatches."""
         self.wait_recorded(served_ok, timeout)
         mismatches = self.pool_mismatches()
         codes = self.stop()
         assert set(codes.values()) <= {0}, codes
-        out = self.cli("billing", "settle")
-        assert out.returncode == 0, out.stdout + out.stderr
+        pending = self.query("SELECT request_id FROM usage_events WHERE settled_ms IS NULL")
+        assert not pending, f"{len(pending)} events left unsettled by a clean stop"
         return mismatches
 
     def pool_mismatches(self, settle_s: float = 10.0) -> list[str]:

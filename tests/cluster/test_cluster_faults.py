@@ -5,8 +5,9 @@ Every scenario runs the same two loads on a fresh three-host cluster:
 - a *slack* tenant (a wallet of 100 USD) under a steady stream of requests spread round-robin
   over A, B and C for the whole scenario, before, during and after the fault: the usage
   oracles (every request the mock served is a usage event, settled once and billed once,
-  exactly; nothing refused is billed; `tokenhub billing check` passes; no lease open once the
-  hosts stop) must hold whatever the fault;
+  exactly; nothing refused is billed; `tokenhub billing check` passes; each live host's leased
+  pool equals the coordinator's record of it; nothing unsettled and no lease open once the
+  hosts stop cleanly) must hold whatever the fault;
 - a *tight* tenant whose wallet covers about 50 requests, hit by 600 concurrent requests while
   the fault is on: on top of the usage oracles, the money oracles (no overdraw, the wallet paid
   exactly the charges, the budget pot equal to the ledger with nothing granted or unposted).
@@ -15,10 +16,11 @@ Without leased admission (issue 13's host side, `tokenhub.billing.leasing`) each
 admit against the whole wallet: about three times what the tight tenant can pay, the rest
 posted to overrun. With it the hosts lease slices of one budget pot in PostgreSQL.
 
-The faults: kill -9 of host B mid-burst, then its restart (journal replayed, leases returned);
-a 10 s SIGSTOP of PostgreSQL; Redis stopped and restarted empty; host C cut off PostgreSQL for
-~10 s by a silent DROP in its own network namespace. Figures are printed per scenario
-(`pytest -s`).
+The faults: kill -9 of host B (gateway and settler) mid-burst, then its restart (journal
+replayed, its old instance's leases written off and reconciled); a 10 s SIGSTOP of PostgreSQL;
+Redis stopped and restarted empty; host C cut off PostgreSQL for ~10 s by a silent DROP in its
+own network namespace, at a random moment and inside a budget transaction. Figures are printed
+per scenario (`pytest -s`).
 """
 
 from __future__ import annotations
@@ -130,9 +132,11 @@ def test_burst_against_a_small_wallet(cluster: Cluster) -> None:
 
 
 def test_kill_9_of_a_host_mid_burst(cluster: Cluster) -> None:
-    """B dies with requests in flight and comes back on the same journal: what it served
-    before dying is replayed from its journal and billed once (a request cut off upstream is
-    recorded as interrupted: not billed); its old instance's leases are returned."""
+    """B (gateway and settler) dies with requests in flight and comes back on the same
+    journal: what it served before dying is replayed from its journal and billed once (a
+    request cut off mid-flight is recorded as interrupted and billed nothing, though the mock
+    served it: `served_not_billed` in the figures); its old instance's leases are written off
+    and its usage reconciled from its events."""
 
     def kill_and_restart(load: Load) -> None:
         time.sleep(0.1)
