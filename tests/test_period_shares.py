@@ -307,7 +307,7 @@ async def test_a_new_day_starts_every_host_over_from_the_floor(
 
 
 async def test_redis_stopped_keeps_every_host_within_its_claim_and_restarted_empty_recovers(
-    tmp_path: Path,
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     server = RedisServer(tmp_path)
     server.start()
@@ -339,6 +339,8 @@ async def test_redis_stopped_keeps_every_host_within_its_claim_and_restarted_emp
         for _ in range(25):
             await second(clock, hosts, {"A": 20})
         assert all(h.keeper.coordinated for h in hosts.values())
+        lost = [r for r in caplog.records if "board was lost" in r.getMessage()]
+        assert len(lost) == 3  # each host saw the new generation once
         assert admitted(hosts) >= B * 0.9, [h.admitted for h in hosts.values()]
     finally:
         for host in hosts.values():

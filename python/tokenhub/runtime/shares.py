@@ -359,7 +359,6 @@ class ShareBoard:
         # Script.__call__ reloads the script when Redis answers NOSCRIPT (restarted empty).
         self._script = self._redis.register_script(_SYNC)
         self._peek = self._redis.register_script(_PEEK)
-        self._token = uuid.uuid4().hex  # this board's generation, if it is the first to write
 
     @property
     def ttl_s(self) -> float:
@@ -386,7 +385,9 @@ class ShareBoard:
             these = budgets[b : b + CHUNK - len(rates)]
             r, b = r + len(rates), b + len(these)
             args: list[str | int] = [self.host_id, self.ttl_ms, self.prefix, len(rates)]
-            args.append(self._token)
+            # A generation of its own for the board, if none is: a new one every call, so
+            # the board's changes only when Redis lost it (whoever wrote first, and when).
+            args.append(uuid.uuid4().hex)
             for key, demand in rates:
                 args += [key, "" if demand is None else max(int(demand), 0)]
             for rep in these:
