@@ -245,3 +245,45 @@ def test_what_postgresql_refuses_is_named_and_nothing_written(store: PgStore) ->
     with pytest.raises(InvalidEvents):
         store.insert_events([msgspec.structs.replace(event(4), input_tokens=2**64)])
     assert store.insert_events([event(1)]).inserted == 1
+
+
+def test_a_session_idle_in_a_transaction_is_ended_and_frees_its_locks(
+    pg_database: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client that stops talking in the middle of a transaction (a silent partition) must not
+    hold its row locks until TCP keepalive notices: PostgreSQL ends its session after
+    IDLE_IN_TRANSACTION_MS (shortened here) and another client takes the lock."""
+    from tokenhub.db import database
+    from tokenhub.db.database import DatabaseError, PgDatabase
+
+    monkeypatch.setattr(database, "IDLE_IN_TRANSACTION_MS", 300)
+
+    async def run() -> float:
+        stuck = await PgDatabase.connect(pg_database, max_size=1)
+        other = await asyncpg.connect(pg_database)
+        try:
+            await other.execute("CREATE TABLE t (id INT PRIMARY KEY, v INT)")
+            await other.execute("INSERT INTO t VALUES (1, 0)")
+            locked = asyncio.Event()
+
+            async def hold(tx: database.Tx) -> None:
+                await tx.fetchrow("SELECT v FROM t WHERE id = 1 FOR UPDATE")
+                locked.set()
+                await asyncio.sleep(3)  # silent, as a partitioned client is
+                await tx.execute("UPDATE t SET v = 1 WHERE id = 1")
+
+            task = asyncio.create_task(stuck.transaction(hold))
+            await locked.wait()
+            t0 = asyncio.get_running_loop().time()
+            await other.execute("SET lock_timeout = '2s'")  # without the fix: 3 s, refused
+            await other.execute("UPDATE t SET v = 2 WHERE id = 1")
+            waited = asyncio.get_running_loop().time() - t0
+            with pytest.raises(DatabaseError):
+                await task
+            assert await other.fetchval("SELECT v FROM t WHERE id = 1") == 2
+            return waited
+        finally:
+            await other.close()
+            await stuck.close()
+
+    assert asyncio.run(run()) < 2

@@ -18,7 +18,13 @@ Isolation and concurrency:
 - **PostgreSQL**: a pool of connections, each transaction READ COMMITTED on its own connection.
   Constrained balances are protected by row locks (`SELECT ... FOR UPDATE`, taken in account-id
   order so that two settlements cannot deadlock) and by a conditional update that refuses to go
-  below an account's floor. Deadlocks and serialization failures are retried.
+  below an account's floor. Deadlocks and serialization failures are retried. Every session
+  has `idle_in_transaction_session_timeout` (IDLE_IN_TRANSACTION_MS): a client cut off in the
+  middle of a transaction (a silent network partition drops its packets, its FIN too) would
+  otherwise leave PostgreSQL waiting for it, holding its row locks, until TCP keepalive
+  notices (hours by default), stalling every other host; this way PostgreSQL ends the session
+  and frees them. tokenhub never idles in a transaction: its transactions are a few
+  statements with Python work between them, not user think time.
 
 Both run the same migrations (`tokenhub.db.schema.MIGRATIONS`, applied by the one runner,
 `tokenhub.db.migrate`), so a database made by the gateway's store and one made here are the
@@ -37,6 +43,8 @@ from typing import Any, Protocol, TypeVar
 
 T = TypeVar("T")
 Row = tuple[Any, ...]
+
+IDLE_IN_TRANSACTION_MS = 10_000
 
 DEFAULT_DATABASE = "tokenhub.db"
 
@@ -341,7 +349,14 @@ class PgDatabase:
                 "PostgreSQL needs the asyncpg package: pip install 'tokenhub[postgres]'"
             ) from None
         try:
-            pool = await asyncpg.create_pool(url, min_size=min_size, max_size=max_size)
+            pool = await asyncpg.create_pool(
+                url,
+                min_size=min_size,
+                max_size=max_size,
+                server_settings={
+                    "idle_in_transaction_session_timeout": str(IDLE_IN_TRANSACTION_MS)
+                },
+            )
         except (OSError, asyncpg.PostgresError) as e:
             raise DatabaseError(f"cannot connect to PostgreSQL: {e}") from e
         return cls(url, pool)
