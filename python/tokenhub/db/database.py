@@ -46,6 +46,20 @@ Row = tuple[Any, ...]
 
 IDLE_IN_TRANSACTION_MS = 10_000
 
+
+def pg_session_settings() -> dict[str, str]:
+    """What every tokenhub session on PostgreSQL sets: the idle-in-transaction timeout above,
+    and TCP keepalives that find a client gone silent (a partitioned host) within about 25 s,
+    so PostgreSQL ends its session and frees what it holds (row locks, a settler's advisory
+    locks on its tenant partitions) instead of waiting hours for the kernel's default."""
+    return {
+        "idle_in_transaction_session_timeout": str(IDLE_IN_TRANSACTION_MS),
+        "tcp_keepalives_idle": "10",
+        "tcp_keepalives_interval": "5",
+        "tcp_keepalives_count": "3",
+    }
+
+
 DEFAULT_DATABASE = "tokenhub.db"
 
 
@@ -353,9 +367,7 @@ class PgDatabase:
                 url,
                 min_size=min_size,
                 max_size=max_size,
-                server_settings={
-                    "idle_in_transaction_session_timeout": str(IDLE_IN_TRANSACTION_MS)
-                },
+                server_settings=pg_session_settings(),
             )
         except (OSError, asyncpg.PostgresError) as e:
             raise DatabaseError(f"cannot connect to PostgreSQL: {e}") from e
