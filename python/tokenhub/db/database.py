@@ -44,7 +44,34 @@ from typing import Any, Protocol, TypeVar
 T = TypeVar("T")
 Row = tuple[Any, ...]
 
-IDLE_IN_TRANSACTION_MS = 10_000
+IDLE_IN_TRANSACTION_MS = 5_000
+
+
+# The client's side of the same: a connection whose data goes unacknowledged this long
+# (TCP_USER_TIMEOUT), or that answers no keepalive probe, is closed, so a call made just before
+# a silent partition fails instead of waiting forever for its reply (a server-side timeout ends
+# the session, but its FIN is dropped too). A long query is not cut: its bytes are acknowledged.
+CLIENT_USER_TIMEOUT_MS = 15_000
+
+
+def tune_pg_socket(conn: Any) -> None:
+    """Keepalives and TCP_USER_TIMEOUT on an asyncpg connection's socket (Linux; elsewhere,
+    whatever of it the platform has)."""
+    import socket
+
+    transport = getattr(conn, "_transport", None)
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for name, value in (
+        ("TCP_KEEPIDLE", 10),
+        ("TCP_KEEPINTVL", 5),
+        ("TCP_KEEPCNT", 3),
+        ("TCP_USER_TIMEOUT", CLIENT_USER_TIMEOUT_MS),
+    ):
+        if hasattr(socket, name):
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
 
 
 def pg_session_settings() -> dict[str, str]:
@@ -347,6 +374,10 @@ class _PgTx:
         return await self._conn.fetchval(sql, *args)
 
 
+async def _init_connection(conn: Any) -> None:
+    tune_pg_socket(conn)
+
+
 class PgDatabase:
     dialect = "postgresql"
 
@@ -368,6 +399,7 @@ class PgDatabase:
                 min_size=min_size,
                 max_size=max_size,
                 server_settings=pg_session_settings(),
+                init=_init_connection,
             )
         except (OSError, asyncpg.PostgresError) as e:
             raise DatabaseError(f"cannot connect to PostgreSQL: {e}") from e
