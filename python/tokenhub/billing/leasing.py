@@ -28,7 +28,9 @@ transaction, and only when something is due:
 - *retries*: lease ids ("<instance>:<seq>") are kept in memory before they are sent; a call
   that fails or times out leaves its grants and give-backs pending, retried next tick with the
   SAME ids and amounts (a replayed grant applies once: the pool grows only when an id is first
-  seen granted, and one seen after its local deadline is given back unused).
+  seen granted, and one seen after its local deadline is given back unused); while a grant
+  is unanswered, the wants it was asked for (their requests send them again as they wait)
+  are not planned again, or a lost reply would lease twice for one request.
 
 Giving back shrinks the pool first: the limit drops by the lease's amount; if it fell below
 the pool's charges (held + used), the difference is added back; what stayed removed (g) is the
@@ -227,6 +229,7 @@ class Lease:
     amount: int = 0
     used: int = 0  # fixed when it leaves the pool (the give_back's argument)
     expired: bool = False  # it left the pool at its local deadline
+    waits: frozenset[int] = frozenset()  # the waiting requests (wait ids) it was asked for
 
 
 @dataclass(slots=True)
@@ -278,11 +281,15 @@ class _Call:
     dropped_after: list[str] = field(default_factory=list)  # replayed grants given back unused
 
 
+def _wait_of(w: Want) -> int:
+    return w.wait_id or w.want_id
+
+
 def _once(wants: list[Want]) -> list[Want]:
     """One want per waiting request (its latest), in the order they came."""
     latest: dict[int, Want] = {}
     for w in wants:
-        latest[w.wait_id or w.want_id] = w
+        latest[_wait_of(w)] = w
     return list(latest.values())
 
 
@@ -637,6 +644,10 @@ class LeaseAgent:
             pots.update(lot_pot(x) for x in terms.lots.get(w.tenant, ()))
         pending = [x for x in self.leases.values() if x.state != OPEN]
         pots |= {x.pot for x in pending}
+        # A request whose want is in a grant still unanswered (a lost reply, retried below
+        # with its id) sends it again meanwhile: planned again, it would be leased twice.
+        asked_for = {i for x in pending if x.state == ASKING for i in x.waits}
+        wants = [w for w in wants if _wait_of(w) not in asked_for]
         found = await leases.lock_pots(tx, pots)
         room = {p: max(0, r.cap - r.granted - r.spent_unposted) for p, r in found.items()}
         left = dict(room)
@@ -687,6 +698,7 @@ class LeaseAgent:
                 need,
                 sent=now,
                 deadline=now + self.ttl_s - self.margin_s,
+                waits=frozenset(_wait_of(w) for w in call.needs.get(pot, ())),
             )
             # Known before it is sent: a lost reply is asked again with this id.
             self.leases[lease.id] = lease
