@@ -417,10 +417,11 @@ class Netns:
             self.rules.remove(rule)
 
     @contextlib.contextmanager
-    def armed_drop(self, address: str, port: int) -> Iterator[Callable[[], None]]:
+    def armed_drop(self, address: str, port: int) -> Iterator[ArmedDrop]:
         """The rule of `drop`, loaded into an iptables-restore ahead of time and committed by
-        the function this yields, so that the cut lands within a millisecond or so of the
-        moment a test chooses; deleted when the block ends if it was committed."""
+        the `fire` of what this yields, so that the cut lands within a millisecond or so of
+        the moment a test chooses; its `heal` deletes the rule (the partition is over); the
+        block's end deletes it if it was committed and not healed yet."""
         assert self.iptables, "iptables was not set up (scripts/test-iptables ensure)"
         rule = ["OUTPUT", "-d", address, "-p", "tcp", "--dport", str(port), "-j", "DROP"]
         restore = subprocess.Popen(
@@ -431,23 +432,12 @@ class Netns:
         assert restore.stdin is not None
         restore.stdin.write("*filter\n" + " ".join(["-A", *rule]) + "\n")
         restore.stdin.flush()
-        fired = False
-
-        def fire() -> None:
-            nonlocal fired
-            assert restore.stdin is not None and not fired
-            restore.stdin.write("COMMIT\n")
-            restore.stdin.close()
-            assert restore.wait(10) == 0, "iptables-restore failed"
-            fired = True
-            self.rules.append(rule)
-
+        armed = ArmedDrop(self, rule, restore)
         try:
-            yield fire
+            yield armed
         finally:
-            if fired:
-                self.run(self.iptables, "-w", "5", "-D", *rule)
-                self.rules.remove(rule)
+            if armed.fired:
+                armed.heal()
             elif restore.poll() is None:
                 restore.kill()
                 restore.wait(10)
@@ -458,6 +448,31 @@ class Netns:
         self.rules.clear()
         sh("ip", "netns", "del", self.name, check=False)  # takes the inner end with it
         sh("ip", "link", "del", self.outer, check=False)
+
+
+class ArmedDrop:
+    """`Netns.armed_drop`'s rule: `fire()` commits it (the cut), `heal()` deletes it."""
+
+    def __init__(self, netns: Netns, rule: list[str], restore: subprocess.Popen[str]) -> None:
+        self.netns = netns
+        self.rule = rule
+        self.restore = restore
+        self.fired = False
+        self.healed = False
+
+    def fire(self) -> None:
+        assert self.restore.stdin is not None and not self.fired
+        self.restore.stdin.write("COMMIT\n")
+        self.restore.stdin.close()
+        assert self.restore.wait(10) == 0, "iptables-restore failed"
+        self.fired = True
+        self.netns.rules.append(self.rule)
+
+    def heal(self) -> None:
+        if self.fired and not self.healed:
+            self.netns.run(self.netns.iptables, "-w", "5", "-D", *self.rule)
+            self.netns.rules.remove(self.rule)
+            self.healed = True
 
 
 # -- the session's servers ----------------------------------------------------------------------
@@ -754,6 +769,8 @@ hosts = {len(HOSTS)}
         their leased pools are compared with the coordinator (`pool_mismatches`); then the
         hosts stop cleanly (their leases go back, each flushes its journal before its
         settler's last pass), leaving nothing unsettled. Returns the pools' mismatches."""
+        netns = self.services.netns
+        assert not (netns and netns.rules), f"a partition is still on: {netns and netns.rules}"
         self.wait_recorded(served_ok, timeout)
         mismatches = self.pool_mismatches()
         codes = self.stop()
