@@ -121,12 +121,12 @@ class PartitionLocks:
     async def _connect(self) -> Any:
         import asyncpg  # type: ignore[import-untyped]
 
-        from tokenhub.db.database import pg_session_settings, tune_pg_socket
+        from tokenhub.db.database import CONNECT_TIMEOUT_S, pg_session_settings, tune_pg_socket
 
         # Keepalives: a settler cut off by a partition loses its locks within about 25 s, and
         # the other settlers take its partitions over.
         settings = {**pg_session_settings(), "application_name": f"tokenhub-settler {os.getpid()}"}
-        conn = await asyncpg.connect(self.url, server_settings=settings)
+        conn = await asyncpg.connect(self.url, server_settings=settings, timeout=CONNECT_TIMEOUT_S)
         tune_pg_socket(conn)
         await conn.execute(f"SELECT pg_advisory_lock({_MEMBER_LOCK}, pg_backend_pid())")
         return conn

@@ -52,6 +52,9 @@ IDLE_IN_TRANSACTION_MS = 5_000
 # a silent partition fails instead of waiting forever for its reply (a server-side timeout ends
 # the session, but its FIN is dropped too). A long query is not cut: its bytes are acknowledged.
 CLIENT_USER_TIMEOUT_MS = 15_000
+# A connection attempt gives up after this (asyncpg's default, 60 s, would leave a host that
+# started connecting during a partition waiting long after the network is back).
+CONNECT_TIMEOUT_S = 10.0
 
 
 def tune_pg_socket(conn: Any) -> None:
@@ -400,6 +403,7 @@ class PgDatabase:
                 max_size=max_size,
                 server_settings=pg_session_settings(),
                 init=_init_connection,
+                timeout=CONNECT_TIMEOUT_S,
             )
         except (OSError, asyncpg.PostgresError) as e:
             raise DatabaseError(f"cannot connect to PostgreSQL: {e}") from e
