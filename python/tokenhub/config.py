@@ -38,6 +38,7 @@ from typing import Any
 import msgspec
 
 __all__ = [
+    "AdminSettings",
     "Config",
     "ConfigError",
     "Deployment",
@@ -187,8 +188,28 @@ class ClusterSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     write_off_s: float = 600.0
 
 
+class AdminSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    # The admin API (/admin/v1, tokenhub.admin): HOST:PORT of its own listener, served by the
+    # single process or worker 1 ("" = off). Loopback by default: it changes money and keys.
+    listen: str = "127.0.0.1:8081"
+    max_body_bytes: int = 1024 * 1024
+
+
+def split_listen(listen: str) -> tuple[str, int]:
+    """HOST:PORT (IPv6 as [::1]:8081) as (host, port); ValueError if it is not one."""
+    host, sep, port = listen.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{listen!r} is not HOST:PORT")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise ValueError(f"{listen!r}: write an IPv6 address in brackets, [::1]:8081")
+    return host, int(port)
+
+
 class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     server: ServerSettings = msgspec.field(default_factory=ServerSettings)
+    admin: AdminSettings = msgspec.field(default_factory=AdminSettings)
     billing: BillingSettings = msgspec.field(default_factory=BillingSettings)
     cluster: ClusterSettings = msgspec.field(default_factory=ClusterSettings)
     providers: list[Provider] = msgspec.field(default_factory=list)
@@ -240,6 +261,13 @@ def validate(cfg: Config, *, environ: dict[str, str] | None = None) -> Config:
         raise _fail(src, "server.host_id", problem)
     if not 0.05 <= s.heartbeat_s <= 3600:
         raise _fail(src, "server.heartbeat_s", "must be from 0.05 to 3600")
+    if cfg.admin.listen:
+        try:
+            split_listen(cfg.admin.listen)
+        except ValueError as e:
+            raise _fail(src, "admin.listen", f'{e} (or "" for no admin listener)') from None
+    if cfg.admin.max_body_bytes < 1024:
+        raise _fail(src, "admin.max_body_bytes", "must be at least 1024")
     if cfg.billing.settle_interval_s < 0:
         raise _fail(src, "billing.settle_interval_s", "must be zero (off) or positive")
     if cfg.billing.admission and cfg.billing.settle_interval_s <= 0:

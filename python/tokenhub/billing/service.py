@@ -473,23 +473,9 @@ class Billing:
         self, tenant: str, amount: str, currency: str, *, ts_ms: int | None = None, ref: str = ""
     ) -> str:
         """Money received into the tenant's wallet; returns the transaction id."""
-        cur = check_currency(currency)
-        value = parse_amount(amount, cur)
-        if value <= 0:
-            raise BillingError("a top-up must be positive")
-        ts = now_ms() if ts_ms is None else ts_ms
-
-        async def run(tx: Tx) -> str:
-            prof = await _locked_profile(tx, tenant, cur, "top up")
-            book = Book(tx)
-            await book.load(_tenant_specs(prof, cur))
-            txn = Txn("topup", tenant, ts, ref=ref, memo=f"top-up {amount} {cur}")
-            txn.move(L.op("cash", cur), L.wallet(tenant, cur), cur, value)
-            book.post(txn)
-            await book.flush()
-            return txn.id
-
-        return await self.db.transaction(run)
+        return await self.db.transaction(
+            lambda tx: topup_in(tx, tenant, amount, currency, ts_ms=ts_ms, ref=ref)
+        )
 
     async def create_codes(
         self, count: int, amount: str, currency: str, *, expires_ms: int | None = None
@@ -781,6 +767,26 @@ class Billing:
 
 
 # -- helpers used inside transactions ---------------------------------------------------------
+
+
+async def topup_in(
+    tx: Tx, tenant: str, amount: str, currency: str, *, ts_ms: int | None = None, ref: str = ""
+) -> str:
+    """`Billing.topup` inside the caller's transaction (the admin API records its
+    Idempotency-Key and audit entry in the same one); returns the transaction id."""
+    cur = check_currency(currency)
+    value = parse_amount(amount, cur)
+    if value <= 0:
+        raise BillingError("a top-up must be positive")
+    ts = now_ms() if ts_ms is None else ts_ms
+    prof = await _locked_profile(tx, tenant, cur, "top up")
+    book = Book(tx)
+    await book.load(_tenant_specs(prof, cur))
+    txn = Txn("topup", tenant, ts, ref=ref, memo=f"top-up {amount} {cur}")
+    txn.move(L.op("cash", cur), L.wallet(tenant, cur), cur, value)
+    book.post(txn)
+    await book.flush()
+    return txn.id
 
 
 def _plan(r: Sequence[Any]) -> Plan:

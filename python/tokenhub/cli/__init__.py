@@ -1,8 +1,9 @@
 """The `tokenhub` command line: `main()`, the one error hierarchy and the one exit-code table.
 
 Each command lives in a module of this package (meter.py: count, vocabs; serve.py; mock.py:
-mock-upstream; admin.py: tenants, keys, events, audit; billing.py and billing_io.py: the
-ledger's commands; cluster.py: cluster status; bench-routing is tokenhub.routing_bench.cli).
+mock-upstream; admin.py: tenants, keys, events, audit; admin_tokens.py: admin-tokens, the admin
+API's tokens; billing.py and billing_io.py: the ledger's commands; cluster.py: cluster status;
+bench-routing is tokenhub.routing_bench.cli).
 Every command exits with
 
     0  ok
@@ -75,12 +76,13 @@ def build_parser() -> argparse.ArgumentParser:
     meter.add_cli(sub)
 
     # Gateway commands pull in aiohttp; imported here so `import tokenhub.cli` stays light.
-    from tokenhub.cli import admin, billing, cluster, mock, serve
+    from tokenhub.cli import admin, admin_tokens, billing, cluster, mock, serve
     from tokenhub.routing_bench import cli as routing_bench_cli
 
     serve.add_cli(sub)
     mock.add_cli(sub)
     admin.add_cli(sub)
+    admin_tokens.add_cli(sub)
     billing.add_cli(sub)
     cluster.add_cli(sub)
     routing_bench_cli.add_cli(sub)

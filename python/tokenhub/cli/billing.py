@@ -36,11 +36,11 @@ from typing import Any
 
 import msgspec
 
-from tokenhub.billing import leases as LS
 from tokenhub.billing import ledger as L
 from tokenhub.billing import settler as Q
 from tokenhub.billing import statements as S
 from tokenhub.billing import terms
+from tokenhub.billing.check import ledger_check
 from tokenhub.billing.ledger import LedgerError
 from tokenhub.billing.service import (
     DRAW_ORDER,
@@ -1134,23 +1134,7 @@ def cmd_billing_settlement(args: argparse.Namespace) -> int:
 @_command
 def cmd_billing_check(args: argparse.Namespace) -> int:
     async def body(b: Billing) -> int:
-        async def run(tx: Tx) -> tuple[list[str], int, int]:
-            problems = await L.check_invariants(tx)
-            # The scale-out lease invariant: granted + spent_unposted <= cap for every pot.
-            problems += await LS.check(tx)
-            # Usage that will not be billed until someone decides: as much a problem of the
-            # books as a posting that does not balance.
-            for q in await Q.quarantined(tx):
-                problems.append(
-                    f"usage event {q.event_id} ({q.tenant or '?'}, {q.model or '?'}) is "
-                    f"quarantined, not settled: {q.reason} (tokenhub billing quarantine "
-                    "release|void)"
-                )
-            n_txns = await tx.fetchval("SELECT COUNT(*) FROM ledger_txns")
-            n_postings = await tx.fetchval("SELECT COUNT(*) FROM postings")
-            return problems, int(n_txns), int(n_postings)
-
-        problems, n_txns, n_postings = await b.db.transaction(run)
+        problems, n_txns, n_postings = await b.db.transaction(ledger_check)
         if not problems:
             print(
                 f"ledger OK: {n_txns} transactions, {n_postings} postings; every transaction "

@@ -416,6 +416,48 @@ MIGRATIONS: tuple[Migration, ...] = (
             "CREATE INDEX budget_leases_instance ON budget_leases (instance, state)",
         ),
     ),
+    Migration(
+        13,
+        "admin_tokens, admin_audit and idempotency_keys: the admin API (/admin/v1)",
+        (
+            # Bearer tokens of the admin listener (tokenhub.admin), hashed like API keys
+            # (SHA-256 of a 32-byte random secret). scope: read < billing < admin.
+            """CREATE TABLE admin_tokens (
+                id TEXT NOT NULL PRIMARY KEY,
+                name TEXT NOT NULL,
+                digest TEXT NOT NULL UNIQUE,
+                prefix TEXT NOT NULL,
+                scope TEXT NOT NULL,
+                created_ms BIGINT NOT NULL,
+                revoked_ms BIGINT
+            )""",
+            # Every write through the admin API, in the write's own transaction: who (the
+            # token's name), what (action, target), before/after as JSON text ('null': none).
+            # The id is time-ordered, so (ts_ms, id) pages stably.
+            """CREATE TABLE admin_audit (
+                id TEXT NOT NULL PRIMARY KEY,
+                ts_ms BIGINT NOT NULL,
+                actor TEXT NOT NULL,
+                action TEXT NOT NULL,
+                target TEXT NOT NULL,
+                before TEXT NOT NULL,
+                after TEXT NOT NULL
+            )""",
+            "CREATE INDEX admin_audit_ts ON admin_audit (ts_ms, id)",
+            # Idempotency-Key of a money-moving POST: recorded in the transaction that moves
+            # the money, with the response it got, so a replay returns that response and
+            # another body under the same key (request_digest differs) is refused.
+            """CREATE TABLE idempotency_keys (
+                key TEXT NOT NULL,
+                actor TEXT NOT NULL,
+                request_digest TEXT NOT NULL,
+                status INTEGER NOT NULL,
+                response TEXT NOT NULL,
+                created_ms BIGINT NOT NULL,
+                PRIMARY KEY (actor, key)
+            )""",
+        ),
+    ),
 )
 
 LATEST_VERSION = MIGRATIONS[-1].version

@@ -24,6 +24,8 @@ Directories no current process owns are replayed before anything serves: by the 
 journal dir's own segments, left by a single-process run, and `worker-k` for k > N) or, with one
 worker, by the process itself (every `worker-k`). Whoever does it holds the journal dir's LOCK,
 so two servers on one journal dir still refuse to start.
+
+The admin API (tokenhub.admin, [admin] listen) is served by the single process or worker 1.
 """
 
 from __future__ import annotations
@@ -103,6 +105,7 @@ async def serve(
     sock = worker.sock if worker else reuse_port_socket(cfg.server.host, cfg.server.port)
     site = web.SockSite(runner, sock, backlog=4096)  # aiohttp's default 128 drops bursts
     await site.start()
+    admin_runner = await _start_admin(cfg, worker)
     # Everything loaded so far (vocabularies' Python side, config, aiohttp internals) lives for
     # the whole run: move it out of the cyclic collector's sight so collections stay short.
     gc.collect()
@@ -123,6 +126,8 @@ async def serve(
             f"(database {redacted(cfg.server.database)})",
             flush=True,
         )
+        if admin_runner is not None:
+            print(f"tokenhub: admin API on http://{cfg.admin.listen}/admin/v1", flush=True)
         if demo:
             print_demo(host, port, secret, cfg.server.database)
 
@@ -146,9 +151,26 @@ async def serve(
         if worker is None:
             print("tokenhub: shutting down (flushing usage events)", file=sys.stderr, flush=True)
         await runner.cleanup()
+        if admin_runner is not None:
+            await admin_runner.cleanup()
         if mock_runner is not None:
             await mock_runner.cleanup()
         store.close()
+
+
+async def _start_admin(cfg: Config, worker: Worker | None) -> web.AppRunner | None:
+    """The admin API (tokenhub.admin) on [admin] listen, in the single process or worker 1
+    only (one listener per host; "" turns it off). A port taken is a warning, not a failure:
+    the gateway serves on without it."""
+    if not cfg.admin.listen or (worker is not None and worker.index != 1):
+        return None
+    from tokenhub.admin.app import start_admin_listener
+    from tokenhub.config import split_listen
+
+    host, port = split_listen(cfg.admin.listen)
+    return await start_admin_listener(
+        cfg.server.database, host, port, max_body_bytes=cfg.admin.max_body_bytes
+    )
 
 
 async def _watch_parent(worker: Worker, stop: asyncio.Event) -> None:

@@ -101,6 +101,31 @@ class Limits(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
 NO_LIMITS = Limits()
 
 
+ADMIN_SCOPES = ("read", "billing", "admin")  # each allows what the ones before it do
+ADMIN_SECRET_PREFIX = "tha-"  # admin tokens; API keys are "th-"
+
+
+class AdminToken(msgspec.Struct, frozen=True, kw_only=True):
+    """An admin token as listed: never its secret, never its digest."""
+
+    id: str
+    name: str
+    prefix: str
+    scope: str
+    created_ms: int
+    revoked_ms: int | None = None
+
+
+class AdminAudit(msgspec.Struct, frozen=True, kw_only=True):
+    id: str
+    ts_ms: int
+    actor: str
+    action: str
+    target: str
+    before: Any
+    after: Any
+
+
 class AuditEntry(NamedTuple):
     id: str
     ts_ms: int
@@ -196,6 +221,19 @@ class Store(Protocol):
 
     def audit_entries(self, since_ms: int | None = None, limit: int = 1000) -> list[AuditEntry]:
         """The audit log from `since_ms` on, oldest first."""
+        ...
+
+    def create_admin_token(self, name: str, scope: str) -> tuple[AdminToken, str]:
+        """A new admin token and its secret, shown this once: only its
+        SHA-256 is stored. Audited (actor `cli`)."""
+        ...
+
+    def admin_tokens(self) -> list[AdminToken]:
+        """Every admin token (never a secret), oldest first."""
+        ...
+
+    def revoke_admin_token(self, token_id: str) -> AdminToken:
+        """Revokes an admin token for good (NotFound; StoreError if it was already)."""
         ...
 
     def heartbeat(self, beat: HostBeat) -> None:

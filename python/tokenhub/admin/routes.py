@@ -1,0 +1,355 @@
+"""The admin API's route table and its handlers: decode, call the service functions the CLI
+calls (tokenhub.store.sql, tokenhub.billing) in one transaction with the audit entry, encode.
+
+A handler's scope is the least an admin token needs: read < billing < admin (None: no token).
+Tenants are addressed by id in paths (`ten_...`) and by name in filters and bodies, as usage
+events and the CLI name them.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, NamedTuple
+
+import msgspec
+from aiohttp import web
+
+from tokenhub.admin.web import (
+    DatabaseOpener,
+    Idempotency,
+    decode_cursor,
+    json_response,
+    money,
+    page,
+    page_limit,
+    read_json,
+)
+from tokenhub.billing import ledger as L
+from tokenhub.billing.check import ledger_check
+from tokenhub.billing.service import get_profile, topup_in
+from tokenhub.db.database import Database, Tx
+from tokenhub.gateway.errors import ApiError
+from tokenhub.money import parse_amount
+from tokenhub.store import sql
+from tokenhub.store.base import KEY_LIMIT_FIELDS, LIMIT_FIELDS, AdminToken, ApiKey, Limits, Tenant
+
+log = logging.getLogger("tokenhub.admin")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+DB = web.AppKey("admin_db", DatabaseOpener)
+ACTOR = web.RequestKey("admin_actor", AdminToken)  # who authenticated
+
+
+class Route(NamedTuple):
+    method: str
+    path: str
+    scope: str | None
+    handler: Handler
+
+
+async def _db(request: web.Request) -> Database:
+    return await request.app[DB]()
+
+
+def _actor(request: web.Request) -> str:
+    token: AdminToken = request[ACTOR]
+    return token.name
+
+
+# -- bodies and records -------------------------------------------------------------------------
+
+
+class TenantCreate(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    name: str
+
+
+class KeyCreate(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    tenant: str  # the tenant's name
+    rpm: int | None = None
+    tpm: int | None = None
+    max_concurrency: int | None = None
+
+
+class TopUp(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    amount: str  # exact decimal in the currency's major unit: "12.34"
+    currency: str
+
+
+def _limits_json(limits: Limits, fields: tuple[str, ...]) -> dict[str, int | None]:
+    return {f: getattr(limits, f) for f in fields}
+
+
+def _tenant_json(t: Tenant, active_keys: int, limits: Limits) -> dict[str, Any]:
+    return {
+        "id": t.id,
+        "object": "tenant",
+        "name": t.name,
+        "created_ms": t.created_ms,
+        "active_keys": active_keys,
+        "limits": _limits_json(limits, LIMIT_FIELDS),
+    }
+
+
+def _key_json(k: ApiKey, limits: Limits) -> dict[str, Any]:
+    return {
+        "id": k.id,
+        "object": "api_key",
+        "tenant": k.tenant,
+        "tenant_id": k.tenant_id,
+        "prefix": k.prefix,
+        "created_ms": k.created_ms,
+        "revoked_ms": k.revoked_ms,
+        "limits": _limits_json(limits, KEY_LIMIT_FIELDS),
+    }
+
+
+async def _wallet(tx: Tx, tenant: str, currency: str) -> dict[str, str]:
+    acc = L.wallet(tenant, currency)
+    bals = await L.balances(tx, tenant=tenant, prefix=acc)
+    return money(-bals.get(acc, 0), currency)  # the ledger is debit-positive
+
+
+def _time_param(request: web.Request, name: str) -> int | None:
+    """Unix milliseconds, or an ISO 8601 date or datetime (UTC unless it has an offset)."""
+    raw = request.query.get(name)
+    if raw is None:
+        return None
+    if raw.lstrip("-").isdigit() and raw.isascii():
+        if not -(2**63) <= int(raw) < 2**63:
+            raise ApiError.bad_request(f"{name} is out of range", param=name)
+        return int(raw)
+    try:
+        t = dt.datetime.fromisoformat(raw)
+    except ValueError:
+        raise ApiError.bad_request(
+            f"{name}: give Unix milliseconds or an ISO 8601 date or datetime", param=name
+        ) from None
+    if t.tzinfo is None:
+        t = t.replace(tzinfo=dt.UTC)
+    return (t - dt.datetime(1970, 1, 1, tzinfo=dt.UTC)) // dt.timedelta(milliseconds=1)
+
+
+# -- tenants ------------------------------------------------------------------------------------
+
+
+async def list_tenants(request: web.Request) -> web.Response:
+    limit = page_limit(request)
+    after = decode_cursor(request, (str,))
+
+    async def run(tx: Tx) -> dict[str, Any]:
+        rows = await sql.tenants_page_in(tx, after[0] if after else None, limit + 1)
+        active = await sql.active_key_counts_in(tx, [t.id for t in rows])
+        limits = {r.name: r.limits for r in await sql.all_limits_in(tx) if r.scope == "tenant"}
+        data = [_tenant_json(t, active.get(t.id, 0), limits.get(t.name, Limits())) for t in rows]
+        return page(data, rows, limit, lambda t: [t.name])
+
+    return json_response(await (await _db(request)).read(run))
+
+
+async def create_tenant(request: web.Request) -> web.Response:
+    body = await read_json(request, TenantCreate)
+    actor = _actor(request)
+
+    async def run(tx: Tx) -> dict[str, Any]:
+        tenant = await sql.create_tenant_in(tx, body.name)
+        out = _tenant_json(tenant, 0, Limits())
+        await sql.add_admin_audit(tx, actor, "tenant.create", tenant.id, None, out)
+        return out
+
+    return json_response(await (await _db(request)).transaction(run), status=201)
+
+
+async def get_tenant(request: web.Request) -> web.Response:
+    tenant_id = request.match_info["id"]
+
+    async def run(tx: Tx) -> dict[str, Any]:
+        t = await sql.tenant_by_id_in(tx, tenant_id)
+        active = await sql.active_key_counts_in(tx, [t.id])
+        out = _tenant_json(t, active.get(t.id, 0), await sql.limits_in(tx, "tenant", t.name))
+        prof = await get_profile(tx, t.name)
+        out["billing"] = {
+            "currency": prof.currency,
+            "draw_order": list(prof.draw_order),
+            "credit_limit": money(prof.credit_limit, prof.currency),
+            "low_balance": None
+            if prof.low_balance is None
+            else money(prof.low_balance, prof.currency),
+            "wallet": await _wallet(tx, t.name, prof.currency),
+        }
+        return out
+
+    return json_response(await (await _db(request)).read(run))
+
+
+async def create_topup(request: web.Request) -> web.Response:
+    body = await read_json(request, TopUp)
+    tenant_id = request.match_info["id"]
+    actor = _actor(request)
+    idem = Idempotency(request, actor, body)
+
+    async def run(tx: Tx) -> web.Response:
+        replayed = await idem.replay(tx)
+        if replayed is not None:
+            return replayed
+        t = await sql.tenant_by_id_in(tx, tenant_id)
+        before = await _wallet(tx, t.name, body.currency)
+        txn = await topup_in(tx, t.name, body.amount, body.currency, ref=f"idem:{idem.key}")
+        after = await _wallet(tx, t.name, body.currency)
+        out = {
+            "object": "topup",
+            "transaction": txn,
+            "tenant_id": t.id,
+            "tenant": t.name,
+            "amount": money(parse_amount(body.amount, body.currency), body.currency),
+            "wallet": after,
+        }
+        await sql.add_admin_audit(
+            tx, actor, "wallet.topup", t.id, {"wallet": before}, {"wallet": after, "txn": txn}
+        )
+        return await idem.record(tx, 201, out)
+
+    db = await _db(request)
+    try:
+        return await db.transaction(run)
+    except ApiError:
+        raise
+    except Exception:
+        # A concurrent twin under the same key committed first (PostgreSQL: this one failed
+        # on the key's primary key and rolled back): answer as a replay would.
+        replayed = await db.read(idem.replay)
+        if replayed is None:
+            raise
+        return replayed
+
+
+# -- keys ---------------------------------------------------------------------------------------
+
+
+async def list_keys(request: web.Request) -> web.Response:
+    limit = page_limit(request)
+    after = decode_cursor(request, (str,))
+    tenant = request.query.get("tenant")
+
+    async def run(tx: Tx) -> dict[str, Any]:
+        rows = await sql.keys_page_in(tx, tenant, after[0] if after else None, limit + 1)
+        limits = {r.name: r.limits for r in await sql.all_limits_in(tx) if r.scope == "key"}
+        data = [_key_json(k, limits.get(k.id, Limits())) for k in rows]
+        return page(data, rows, limit, lambda k: [k.id])
+
+    return json_response(await (await _db(request)).read(run))
+
+
+async def create_key(request: web.Request) -> web.Response:
+    body = await read_json(request, KeyCreate)
+    actor = _actor(request)
+    changes = {f: v for f in KEY_LIMIT_FIELDS if (v := getattr(body, f)) is not None}
+    secret = sql.new_key_secret()
+
+    async def run(tx: Tx) -> dict[str, Any]:
+        key = await sql.create_key_in(tx, body.tenant, secret)
+        limits = await sql.set_limits_in(tx, "key", key.id, **changes) if changes else Limits()
+        out = _key_json(key, limits)
+        await sql.add_admin_audit(tx, actor, "key.create", key.id, None, out)
+        return out
+
+    out = await (await _db(request)).transaction(run)
+    # The secret is in this response only: tokenhub keeps its SHA-256, and the audit log and
+    # every listing leave it out.
+    return json_response({**out, "secret": secret}, status=201)
+
+
+async def revoke_key(request: web.Request) -> web.Response:
+    key_id = request.match_info["id"]
+    actor = _actor(request)
+
+    async def run(tx: Tx) -> dict[str, Any]:
+        limits = await sql.limits_in(tx, "key", key_id)
+        before = _key_json(await sql.key_in(tx, key_id), limits)
+        after = _key_json(await sql.revoke_key_in(tx, key_id), limits)
+        await sql.add_admin_audit(tx, actor, "key.revoke", key_id, before, after)
+        return after
+
+    return json_response(await (await _db(request)).transaction(run))
+
+
+# -- usage, billing, audit, health -------------------------------------------------------------
+
+
+async def list_usage_events(request: web.Request) -> web.Response:
+    limit = page_limit(request)
+    after = decode_cursor(request, (int, str))
+    since, until = _time_param(request, "since"), _time_param(request, "until")
+    if since is not None and until is not None and until <= since:
+        raise ApiError.bad_request("until must be later than since", param="until")
+    tenant = request.query.get("tenant")
+
+    async def run(tx: Tx) -> dict[str, Any]:
+        rows = await sql.usage_page_in(
+            tx,
+            tenant=tenant,
+            since_ms=since,
+            until_ms=until,
+            after=(after[0], after[1]) if after else None,
+            limit=limit + 1,
+        )
+        data = [msgspec.structs.asdict(e) for e in rows]
+        return page(data, rows, limit, lambda e: [e.ts_ms, e.request_id])
+
+    return json_response(await (await _db(request)).read(run))
+
+
+async def billing_check(request: web.Request) -> web.Response:
+    result = await (await _db(request)).read(ledger_check)
+    return json_response(
+        {
+            "object": "billing_check",
+            "ok": not result.problems,
+            "problems": result.problems,
+            "transactions": result.transactions,
+            "postings": result.postings,
+        }
+    )
+
+
+async def list_audit(request: web.Request) -> web.Response:
+    limit = page_limit(request)
+    after = decode_cursor(request, (int, str))
+
+    async def run(tx: Tx) -> dict[str, Any]:
+        rows = await sql.admin_audit_page(tx, (after[0], after[1]) if after else None, limit + 1)
+        data = [{"object": "audit_entry", **msgspec.structs.asdict(e)} for e in rows]
+        return page(data, rows, limit, lambda e: [e.ts_ms, e.id])
+
+    return json_response(await (await _db(request)).read(run))
+
+
+async def health(request: web.Request) -> web.Response:
+    async def ping(tx: Tx) -> Any:
+        return await tx.fetchval("SELECT 1")
+
+    try:
+        await (await _db(request)).read(ping)
+    except Exception:  # no token here: the reason goes to the log, not to the caller
+        log.exception("admin API: health check: the database is unavailable")
+        return json_response({"status": "unavailable", "database": "unavailable"}, status=503)
+    return json_response({"status": "ok", "database": "ok"})
+
+
+V1 = "/admin/v1"
+
+ROUTES: tuple[Route, ...] = (
+    Route("GET", f"{V1}/health", None, health),
+    Route("GET", f"{V1}/tenants", "read", list_tenants),
+    Route("POST", f"{V1}/tenants", "admin", create_tenant),
+    Route("GET", f"{V1}/tenants/{{id}}", "read", get_tenant),
+    Route("POST", f"{V1}/tenants/{{id}}/topups", "billing", create_topup),
+    Route("GET", f"{V1}/keys", "read", list_keys),
+    Route("POST", f"{V1}/keys", "admin", create_key),
+    Route("POST", f"{V1}/keys/{{id}}/revoke", "admin", revoke_key),
+    Route("GET", f"{V1}/usage/events", "read", list_usage_events),
+    Route("GET", f"{V1}/billing/check", "read", billing_check),
+    Route("GET", f"{V1}/audit", "read", list_audit),
+)
