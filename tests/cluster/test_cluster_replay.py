@@ -12,9 +12,11 @@ coordinator answers with the stored lease. Asserted:
 - during the outage the lease is in budget_leases (open) and the host's pool holds none of it;
 - once the agent has counted a failure and then a success (leaser.json: failures, grants,
   last_error cleared, last_tick_ms after the heal), its instance has exactly the lost lease
-  ids, each once, open or given back (an agent that retried with a new id would have a second
-  lease here, for the same want), and its pool equals what PostgreSQL says it holds
-  (`Cluster.pool_mismatches`: open amounts plus returned uses; twice or never shows);
+  ids, each once, open or given back (an agent that retried with a new id, or leased again
+  for the want its waiting request sent again during the outage, would have a second lease
+  here); its pool equals what PostgreSQL says it holds (`Cluster.pool_mismatches`: open
+  amounts plus returned uses), and the pool's limit, watched every 5 ms (`PoolWatch`), went
+  0 -> the lost amount (-> 0 once given back idle): applied once, not twice, not never;
 - requests then succeed; after a clean stop the usage and money oracles hold, `tokenhub
   billing check` is clean and no lease is open.
 
@@ -24,6 +26,7 @@ Figures are printed (`pytest -s`): time to heal, time to the replay, the lease i
 from __future__ import annotations
 
 import json
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -51,6 +54,7 @@ pytestmark = pytest.mark.cluster
 HEAL_AFTER_S = 3.0  # under the agent's call timeout (leasing.CALL_TIMEOUT_S, 5 s)
 TRIES = 10  # requests sent one by one until one's grant is cut (the pot may not exist yet)
 AFTER = 12  # requests at once after the heal: all admitted
+WATCH_S = 0.005
 
 
 def leaser(host: Host) -> dict[str, Any]:
@@ -66,6 +70,32 @@ def pool_limit(quota: Quota, pot: str) -> int:
     if quota.table.find_account(pot) is None:
         return 0
     return getattr(quota.state(pot), pot_dim(pot)).limit or 0
+
+
+class PoolWatch:
+    """The pot's pool limit read off the host's table every WATCH_S on a thread, until
+    stopped: the values it took, in order (each change once). With no request in flight
+    the pool only changes when the agent applies a grant or shrinks for a give-back, and it
+    holds a grant for at least a tick (0.2 s) before an idle give-back: read every 5 ms, a
+    grant applied once is seen once, twice or never shows."""
+
+    def __init__(self, quota: Quota, pot: str) -> None:
+        self.quota, self.pot = quota, pot
+        self.values: list[int] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="pool-watch", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(WATCH_S):
+            v = pool_limit(self.quota, self.pot)
+            if not self.values or self.values[-1] != v:
+                self.values.append(v)
+
+    def stop(self) -> list[int]:
+        self._stop.set()
+        self._thread.join(5)
+        return self.values
 
 
 def test_lost_grant_reply_is_replayed_once(cluster: Cluster) -> None:
@@ -94,6 +124,7 @@ hosts = 1
         assert a.proc is not None
         quota = Quota.attach(f"/dev/shm/tokenhub-quota-{a.proc.pid}")
         load = Load(cluster)
+        watch = PoolWatch(quota, pot)
         try:
             proxy.arm()
             for _ in range(TRIES):
@@ -148,6 +179,12 @@ hosts = 1
             mismatches = cluster.pool_mismatches()
             assert not mismatches, "\n".join(mismatches)
             held = pool_limit(quota, pot)
+            time.sleep(0.5)  # a tick or two more: an idle give-back shows too
+            pool = watch.stop()
+            total = sum(amounts.values())
+            assert pool in ([0, total], [0, total, 0]), (
+                f"the pool took {pool}; the lost grants total {total}"
+            )
             assert after["grants"] == len(lost), after
 
             # Requests then succeed.
@@ -157,13 +194,13 @@ hosts = 1
                 (s.status, s.code, s.error) for s in later
             ]
             ok = {s.request_id for s in load.shots if s.status == 200 and s.request_id}
-            final = leaser(a)
             pools = cluster.quiesce(ok)
             books = cluster.books()
             closed = cluster.query(
                 "SELECT id, state, used FROM budget_leases WHERE id = ANY($1::text[])", lost
             )
         finally:
+            watch.stop()
             load.close()
     assert a.proc is not None
     failed = [x for x in a.proc.stderr().splitlines() if x.startswith(f"lease agent {instance}:")]
@@ -178,14 +215,12 @@ hosts = 1
                 "request_cost_nanos": request_cost(),
                 "states_after_replay": states,
                 "pool_limit_after_replay": held,
+                "pool_limits_seen": pool,
                 "requests_until_cut": len(load.shots) - AFTER,
                 "heal_after_s": round(cut.healed_at - cut.at, 2),
                 "server_bytes_dropped": cut.dropped,
                 "replay_after_heal_s": round(replay_s, 3),
                 "leaser_after_replay": {k: after[k] for k in ("calls", "failures", "grants")},
-                "leaser_before_stop": {
-                    k: final[k] for k in ("calls", "failures", "grants", "give_backs")
-                },
                 "leases": dict(books.leases),
                 "lost_after_stop": {r[0]: (r[1], r[2]) for r in closed},
                 "agent_failure": failed[0] if failed else "",
