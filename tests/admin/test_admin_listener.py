@@ -4,8 +4,10 @@ same database as the CLI."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -80,6 +82,15 @@ class Server:
                 raise AssertionError(f"no {text!r}:\n{self.err.read_text(errors='replace')}")
             time.sleep(0.05)
 
+    def wait_serving(self) -> None:
+        """Until the gateway answers a request: it has then installed its SIGTERM handler
+        (it prints "serving on" just before), so stop() is a clean shutdown."""
+        self.wait("serving on")
+        found = re.search(r"serving on (http://\S+/v1)", self.out.read_text())
+        assert found is not None
+        with contextlib.suppress(urllib.error.HTTPError):  # any answer will do
+            urllib.request.urlopen(f"{found.group(1)}/models", timeout=10).close()
+
     def stop(self) -> int:
         self.popen.send_signal(signal.SIGTERM)
         try:
@@ -144,7 +155,7 @@ def test_serve_runs_the_admin_api_on_loopback_over_the_clis_database(tmp_path: P
     port = _free_port()
     server = Server(tmp_path, _config(tmp_path, db, f"127.0.0.1:{port}"))
     try:
-        server.wait("admin API on")
+        server.wait_serving()
         assert f"admin API on http://127.0.0.1:{port}/admin/v1" in server.out.read_text()
         assert _listeners(port) == {"127.0.0.1"}
         base = f"http://127.0.0.1:{port}/admin/v1"
@@ -171,7 +182,7 @@ def test_with_workers_only_worker_1_listens_and_empty_listen_turns_it_off(
     port = _free_port()
     server = Server(tmp_path, _config(tmp_path, db, f"127.0.0.1:{port}"), "--workers", "2")
     try:
-        server.wait("serving on")
+        server.wait_serving()
         deadline = time.monotonic() + 10
         while not _listeners(port) and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -188,7 +199,7 @@ def test_with_workers_only_worker_1_listens_and_empty_listen_turns_it_off(
     config = _config(off, off / "hub.db", "")
     server = Server(off, config)
     try:
-        server.wait("serving on")
+        server.wait_serving()
         assert "admin API" not in server.out.read_text()
     finally:
         assert server.stop() == 0

@@ -27,11 +27,12 @@ from tokenhub.admin.web import (
     read_json,
 )
 from tokenhub.billing import ledger as L
+from tokenhub.billing import terms
 from tokenhub.billing.check import ledger_check
-from tokenhub.billing.service import get_profile, topup_in
+from tokenhub.billing.service import Billing, get_profile, topup_in
 from tokenhub.db.database import Database, Tx
 from tokenhub.gateway.errors import ApiError
-from tokenhub.money import parse_amount
+from tokenhub.money import decimal_str, parse_amount
 from tokenhub.store import sql
 from tokenhub.store.base import KEY_LIMIT_FIELDS, LIMIT_FIELDS, AdminToken, ApiKey, Limits, Tenant
 
@@ -71,6 +72,24 @@ class KeyCreate(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     rpm: int | None = None
     tpm: int | None = None
     max_concurrency: int | None = None
+
+
+class LimitsChange(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """A limit given a whole number is set, given null is removed; one left out stays."""
+
+    rpm: int | msgspec.UnsetType | None = msgspec.UNSET
+    tpm: int | msgspec.UnsetType | None = msgspec.UNSET
+    max_concurrency: int | msgspec.UnsetType | None = msgspec.UNSET
+    tokens_per_day: int | msgspec.UnsetType | None = msgspec.UNSET
+    guard_tpm: int | msgspec.UnsetType | None = msgspec.UNSET
+    guard_jump: int | msgspec.UnsetType | None = msgspec.UNSET
+    strong_share_pct: int | msgspec.UnsetType | None = msgspec.UNSET
+
+    def changes(self) -> dict[str, int | None]:
+        out = {f: v for f in LIMIT_FIELDS if (v := getattr(self, f)) is not msgspec.UNSET}
+        if not out:
+            raise ApiError.bad_request(f"give at least one of {', '.join(LIMIT_FIELDS)}")
+        return out
 
 
 class TopUp(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -275,6 +294,95 @@ async def revoke_key(request: web.Request) -> web.Response:
     return json_response(await (await _db(request)).transaction(run))
 
 
+async def set_tenant_limits(request: web.Request) -> web.Response:
+    changes = (await read_json(request, LimitsChange)).changes()
+    tenant_id = request.match_info["id"]
+    actor = _actor(request)
+
+    async def run(tx: Tx) -> dict[str, Any]:
+        t = await sql.tenant_by_id_in(tx, tenant_id)
+        before = _limits_json(await sql.limits_in(tx, "tenant", t.name), LIMIT_FIELDS)
+        limits = await sql.set_limits_in(tx, "tenant", t.name, **changes)
+        after = _limits_json(limits, LIMIT_FIELDS)
+        await sql.add_admin_audit(tx, actor, "tenant.limits", t.id, before, after)
+        return {"object": "limits", "tenant_id": t.id, "tenant": t.name, "limits": after}
+
+    return json_response(await (await _db(request)).transaction(run))
+
+
+async def set_key_limits(request: web.Request) -> web.Response:
+    changes = (await read_json(request, LimitsChange)).changes()
+    key_id = request.match_info["id"]
+    actor = _actor(request)
+
+    async def run(tx: Tx) -> dict[str, Any]:
+        key = await sql.key_in(tx, key_id)  # 404 before a refused field (a key has 3 limits)
+        before = _limits_json(await sql.limits_in(tx, "key", key.id), KEY_LIMIT_FIELDS)
+        limits = await sql.set_limits_in(tx, "key", key.id, **changes)
+        after = _limits_json(limits, KEY_LIMIT_FIELDS)
+        await sql.add_admin_audit(tx, actor, "key.limits", key.id, before, after)
+        return {"object": "limits", "key_id": key.id, "limits": after}
+
+    return json_response(await (await _db(request)).transaction(run))
+
+
+# -- price book, FX, plans (read) -------------------------------------------------------------
+
+
+def _per_1m(nanos: int | None, currency: str) -> dict[str, str] | None:
+    return None if nanos is None else money(nanos, currency)
+
+
+async def list_prices(request: web.Request) -> web.Response:
+    prices = await Billing(await _db(request)).prices()
+    data = [
+        {
+            "object": "price",
+            "model": p.model,
+            "tenant": p.tenant or None,
+            "version": p.version,
+            "effective_ms": p.effective_ms,
+            "input_per_1m": money(p.input_per_1m, p.currency),
+            "cached_input_per_1m": money(p.cached_input_per_1m, p.currency),
+            "output_per_1m": money(p.output_per_1m, p.currency),
+            "points_per_1m": None if p.points_per_1m is None else decimal_str(p.points_per_1m),
+        }
+        for p in prices
+    ]
+    return json_response({"object": "list", "data": data, "has_more": False, "next_cursor": None})
+
+
+async def list_fx(request: web.Request) -> web.Response:
+    rows = await (await _db(request)).read(terms.fx_list)
+    data = [
+        {"object": "fx_rate", "base": b, "quote": q, "effective_ms": e, "rate": str(r)}
+        for b, q, e, r in rows
+    ]
+    return json_response({"object": "list", "data": data, "has_more": False, "next_cursor": None})
+
+
+async def list_plans(request: web.Request) -> web.Response:
+    plans = await Billing(await _db(request)).plans()
+    data = [
+        {
+            "object": "plan",
+            "name": p.name,
+            "kind": p.kind,
+            "price": money(p.price, p.currency),
+            "quantity": p.quantity if p.kind == "package" else decimal_str(p.quantity),
+            "unit": "tokens" if p.kind == "package" else "points",
+            "period": p.period,
+            "exhaustion": p.exhaustion,
+            "overage_per_1m": _per_1m(p.overage_per_1m, p.overage_currency),
+            "auto_topup": p.auto_topup,
+            "rollover": p.rollover,
+            "models": list(p.models),
+        }
+        for p in plans
+    ]
+    return json_response({"object": "list", "data": data, "has_more": False, "next_cursor": None})
+
+
 # -- usage, billing, audit, health -------------------------------------------------------------
 
 
@@ -326,6 +434,18 @@ async def list_audit(request: web.Request) -> web.Response:
     return json_response(await (await _db(request)).read(run))
 
 
+async def list_guard_audit(request: web.Request) -> web.Response:
+    limit = page_limit(request)
+    after = decode_cursor(request, (int, str))
+
+    async def run(tx: Tx) -> dict[str, Any]:
+        rows = await sql.guard_audit_page(tx, (after[0], after[1]) if after else None, limit + 1)
+        data = [{"object": "guard_audit_entry", **e._asdict()} for e in rows]
+        return page(data, rows, limit, lambda e: [e.ts_ms, e.id])
+
+    return json_response(await (await _db(request)).read(run))
+
+
 async def health(request: web.Request) -> web.Response:
     async def ping(tx: Tx) -> Any:
         return await tx.fetchval("SELECT 1")
@@ -349,7 +469,13 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", f"{V1}/keys", "read", list_keys),
     Route("POST", f"{V1}/keys", "admin", create_key),
     Route("POST", f"{V1}/keys/{{id}}/revoke", "admin", revoke_key),
+    Route("PATCH", f"{V1}/tenants/{{id}}/limits", "admin", set_tenant_limits),
+    Route("PATCH", f"{V1}/keys/{{id}}/limits", "admin", set_key_limits),
+    Route("GET", f"{V1}/prices", "read", list_prices),
+    Route("GET", f"{V1}/fx", "read", list_fx),
+    Route("GET", f"{V1}/plans", "read", list_plans),
     Route("GET", f"{V1}/usage/events", "read", list_usage_events),
     Route("GET", f"{V1}/billing/check", "read", billing_check),
     Route("GET", f"{V1}/audit", "read", list_audit),
+    Route("GET", f"{V1}/audit/guard", "read", list_guard_audit),
 )

@@ -664,3 +664,17 @@ async def usage_page_in(
         fields["stream"] = bool(fields["stream"])
         out.append(UsageEvent(**fields))
     return out
+
+
+async def guard_audit_page(tx: Tx, after: tuple[int, str] | None, limit: int) -> list[AuditEntry]:
+    """The gateway's audit log (`Store.audit_entries`: guard throttles, ...), `limit` entries
+    after the (ts_ms, id) position `after`, oldest first."""
+    ts, last = after or (-1, "")
+    found = await tx.fetch(
+        "SELECT id, ts_ms, kind, tenant, key_id, details FROM audit_log "
+        "WHERE ts_ms > $1 OR (ts_ms = $1 AND id > $2) ORDER BY ts_ms, id LIMIT $3",
+        ts,
+        last,
+        limit,
+    )
+    return [AuditEntry(r[0], r[1], r[2], r[3], r[4], msgspec.json.decode(r[5])) for r in found]

@@ -1,0 +1,114 @@
+"""Limits (PATCH, audited), the price book, FX, plans and the guard's audit log through the
+admin API: the same rows the CLI's service functions write, read back exactly."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from admin_kit import Admin
+
+from tokenhub.billing.service import Billing
+from tokenhub.db.database import open_database
+
+V1 = "/admin/v1"
+
+
+async def _call(admin: Admin, method: str, path: str, scope: str = "admin", **kw: Any) -> Any:
+    async with admin.client.request(method, path, headers=admin.auth(scope), **kw) as r:
+        return r.status, await r.json()
+
+
+async def test_limits_set_remove_refuse_and_audit(admin: Admin) -> None:
+    tenant = admin.store.create_tenant("acme")
+    key, _ = admin.store.create_key("acme")
+    path = f"{V1}/tenants/{tenant.id}/limits"
+    status, body = await _call(admin, "PATCH", path, json={"rpm": 60, "tokens_per_day": 10_000})
+    assert status == 200 and body["limits"]["rpm"] == 60
+    status, body = await _call(admin, "PATCH", path, json={"rpm": None, "tpm": 5000})
+    assert status == 200
+    assert (body["limits"]["rpm"], body["limits"]["tpm"], body["limits"]["tokens_per_day"]) == (
+        None,
+        5000,
+        10_000,
+    )
+    # What the gateway reads (the store) is what the API wrote.
+    limits = admin.store.get_limits("tenant", "acme")
+    assert (limits.rpm, limits.tpm, limits.tokens_per_day) == (None, 5000, 10_000)
+    kpath = f"{V1}/keys/{key.id}/limits"
+    status, body = await _call(admin, "PATCH", kpath, json={"max_concurrency": 3})
+    assert status == 200 and body["limits"] == {"rpm": None, "tpm": None, "max_concurrency": 3}
+    # Refused as given, nothing changed: a tenant-only limit on a key, a negative number, a
+    # percentage over 100, nothing to change; read and billing tokens; unknown ids.
+    for p, payload in (
+        (kpath, {"tokens_per_day": 5}),
+        (path, {"rpm": -1}),
+        (path, {"strong_share_pct": 101}),
+        (path, {}),
+        (path, {"rpm": "60"}),
+    ):
+        status, body = await _call(admin, "PATCH", p, json=payload)
+        assert status == 400 and "error" in body, payload
+    for scope in ("read", "billing"):
+        status, _ = await _call(admin, "PATCH", path, scope=scope, json={"rpm": 1})
+        assert status == 403
+    assert (await _call(admin, "PATCH", f"{V1}/keys/key_000000000000/limits", json={"rpm": 1}))[
+        0
+    ] == 404
+    assert admin.store.get_limits("tenant", "acme") == limits
+    assert admin.store.get_limits("key", key.id).max_concurrency == 3
+    status, audit = await _call(admin, "GET", f"{V1}/audit", scope="read")
+    changes = [e for e in audit["data"] if e["action"].endswith(".limits")]
+    assert [(e["action"], e["target"]) for e in changes] == [
+        ("tenant.limits", tenant.id),
+        ("tenant.limits", tenant.id),
+        ("key.limits", key.id),
+    ]
+    assert changes[1]["before"]["rpm"] == 60 and changes[1]["after"]["rpm"] is None
+
+
+async def test_prices_fx_plans_and_guard_audit(admin: Admin) -> None:
+    db = await open_database(admin.db)
+    try:
+        b = Billing(db)
+        await b.set_price(
+            "gpt-4o-mini",
+            currency="CNY",
+            input_per_1m="1.5",
+            output_per_1m="6.000000001",
+            effective_ms=1_700_000_000_000,
+        )
+        await b.set_fx("USD", "CNY", "7.1234", effective_ms=1_700_000_000_000)
+        await b.create_plan("starter", price="9.90", currency="CNY", tokens=1_000_000)
+    finally:
+        await db.close()
+    status, prices = await _call(admin, "GET", f"{V1}/prices", scope="read")
+    assert status == 200
+    [p] = prices["data"]
+    assert p["model"] == "gpt-4o-mini" and p["effective_ms"] == 1_700_000_000_000
+    assert p["input_per_1m"] == {"amount": "1.50", "currency": "CNY"}
+    assert p["cached_input_per_1m"] == {"amount": "1.50", "currency": "CNY"}
+    assert p["output_per_1m"] == {"amount": "6.000000001", "currency": "CNY"}  # never rounded
+    status, fx = await _call(admin, "GET", f"{V1}/fx", scope="read")
+    assert [(r["base"], r["quote"], r["rate"]) for r in fx["data"]] == [("USD", "CNY", "7.1234")]
+    status, plans = await _call(admin, "GET", f"{V1}/plans", scope="read")
+    [plan] = plans["data"]
+    assert plan["price"] == {"amount": "9.90", "currency": "CNY"}
+    assert (plan["quantity"], plan["unit"]) == (1_000_000, "tokens")
+    # The gateway's own audit log (guard throttles), paged like the admin log.
+    for i in range(5):
+        admin.store.add_audit("guard_throttle", "acme", f"key_{i:012x}", {"tpm": 1000 + i})
+    seen: list[str] = []
+    cursor = ""
+    while True:
+        url = f"{V1}/audit/guard?limit=2" + (f"&cursor={cursor}" if cursor else "")
+        status, page = await _call(admin, "GET", url, scope="read")
+        assert status == 200
+        seen += [e["key_id"] for e in page["data"]]
+        if not page["has_more"]:
+            break
+        cursor = page["next_cursor"]
+    # In the log's order (time, then id), each once: the order `tokenhub audit` prints.
+    assert seen == [e.key_id for e in admin.store.audit_entries()]
+    assert sorted(seen) == [f"key_{i:012x}" for i in range(5)]
+    last = admin.store.audit_entries()[-1]
+    assert page["data"][-1]["details"] == last.details
