@@ -106,3 +106,21 @@ def billed_lines(ev: UsageEvent) -> tuple[int, int, int]:
         return 0, 0, 0
     cached = max(0, min(ev.cached_input_tokens, ev.input_tokens))
     return max(0, ev.input_tokens - cached), cached, max(0, ev.output_tokens)
+
+
+# -- export rows: `tokenhub events export` and GET /admin/v1/usage/events/export write the same --
+
+_encode_event = msgspec.json.Encoder().encode
+
+
+def event_jsonl(e: UsageEvent) -> bytes:
+    """One JSON line with every field (defaults included, unlike the wire form)."""
+    return _encode_event(msgspec.structs.asdict(e)) + b"\n"
+
+
+def event_csv_row(e: UsageEvent) -> list[object]:
+    """The CSV row under the header EVENT_FIELDS: None empty, booleans true/false."""
+    return [
+        "" if v is None else ("true" if v else "false") if isinstance(v, bool) else v
+        for v in msgspec.structs.astuple(e)
+    ]

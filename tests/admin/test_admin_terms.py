@@ -1,13 +1,18 @@
-"""Limits (PATCH, audited), the price book, FX, plans and the guard's audit log through the
-admin API: the same rows the CLI's service functions write, read back exactly."""
+"""Limits (PATCH, audited), the price book, FX, plans, the guard's audit log and the usage
+export through the admin API: the same rows the CLI's service functions write, read back
+exactly, and the export byte for byte the CLI's."""
 
 from __future__ import annotations
 
 from typing import Any
 
+import pytest
 from admin_kit import Admin
+from factories import usage_event
 
+from tokenhub.admin.routes import EXPORT_PAGE
 from tokenhub.billing.service import Billing
+from tokenhub.cli import main
 from tokenhub.db.database import open_database
 
 V1 = "/admin/v1"
@@ -112,3 +117,42 @@ async def test_prices_fx_plans_and_guard_audit(admin: Admin) -> None:
     assert sorted(seen) == [f"key_{i:012x}" for i in range(5)]
     last = admin.store.audit_entries()[-1]
     assert page["data"][-1]["details"] == last.details
+
+
+async def test_export_streams_what_the_cli_exports(
+    admin: Admin, capsysbinary: pytest.CaptureFixture[bytes]
+) -> None:
+    # More than two export pages, with ties in time, odd characters and a None (ttft_ms).
+    events = [
+        usage_event(
+            i,
+            ts_ms=1_700_000_000_000 + i // 5,
+            tenant="acme" if i % 3 else "beta",
+            model='gpt "4o", mini\n' if i % 7 == 0 else "gpt-4o-mini",
+            stream=i % 2 == 0,
+            ttft_ms=None if i % 2 else 12.5,
+        )
+        for i in range(2 * EXPORT_PAGE + 17)
+    ]
+    admin.store.insert_events(events)
+    since, until = "1700000000003", "2023-11-14T22:13:20.400Z"  # ms and ISO 8601
+    for fmt in ("jsonl", "csv"):
+        assert main(["events", "export", "--format", fmt, "--db", admin.db,
+                     "--since", since, "--until", until]) == 0  # fmt: skip
+        cli = capsysbinary.readouterr().out
+        url = f"{V1}/usage/events/export?format={fmt}&since={since}&until={until}"
+        async with admin.client.get(url, headers=admin.auth("read")) as r:
+            assert r.status == 200
+            api = await r.read()
+        assert api == cli and len(cli.splitlines()) > EXPORT_PAGE + 300, fmt
+    # A tenant's events only; the filters are checked.
+    async with admin.client.get(
+        f"{V1}/usage/events/export?format=jsonl&tenant=beta", headers=admin.auth("read")
+    ) as r:
+        lines = (await r.read()).splitlines()
+    assert len(lines) == sum(e.tenant == "beta" for e in events)
+    for bad in ("format=xml", "format=csv&since=yesterday", "format=csv&since=5&until=5"):
+        async with admin.client.get(
+            f"{V1}/usage/events/export?{bad}", headers=admin.auth("read")
+        ) as r:
+            assert r.status == 400, bad

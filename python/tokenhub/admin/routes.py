@@ -8,9 +8,12 @@ events and the CLI name them.
 
 from __future__ import annotations
 
+import csv
 import datetime as dt
+import io
 import logging
 from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Any, NamedTuple
 
 import msgspec
@@ -35,6 +38,7 @@ from tokenhub.gateway.errors import ApiError
 from tokenhub.money import decimal_str, parse_amount
 from tokenhub.store import sql
 from tokenhub.store.base import KEY_LIMIT_FIELDS, LIMIT_FIELDS, AdminToken, ApiKey, Limits, Tenant
+from tokenhub.usage import EVENT_FIELDS, event_csv_row, event_jsonl
 
 log = logging.getLogger("tokenhub.admin")
 
@@ -409,6 +413,59 @@ async def list_usage_events(request: web.Request) -> web.Response:
     return json_response(await (await _db(request)).read(run))
 
 
+EXPORT_PAGE = 1000  # events per read transaction: an export of any size holds no long snapshot
+
+
+async def export_usage_events(request: web.Request) -> web.StreamResponse:
+    """The events `tokenhub events export` writes for the same range (since inclusive, until
+    exclusive), in the same order and bytes, streamed a page at a time; `tenant` narrows it."""
+    fmt_ = request.query.get("format", "")
+    if fmt_ not in ("jsonl", "csv"):
+        raise ApiError.bad_request("format must be jsonl or csv", param="format")
+    since, until = _time_param(request, "since"), _time_param(request, "until")
+    if since is not None and until is not None and until <= since:
+        raise ApiError.bad_request("until must be later than since", param="until")
+    tenant = request.query.get("tenant")
+    db = await _db(request)
+    page_of = partial(sql.usage_page_in, tenant=tenant, since_ms=since, until_ms=until)
+    first = await db.read(partial(page_of, after=None, limit=EXPORT_PAGE))
+    resp = web.StreamResponse(
+        headers={
+            "Content-Type": "text/csv; charset=utf-8" if fmt_ == "csv" else "application/x-ndjson",
+            "Content-Disposition": f'attachment; filename="usage-events.{fmt_}"',
+        }
+    )
+    await resp.prepare(request)
+    rows = first
+    try:
+        if fmt_ == "csv":
+            await resp.write(_csv_lines([list(EVENT_FIELDS)]))
+        while rows:
+            if fmt_ == "csv":
+                await resp.write(_csv_lines([event_csv_row(e) for e in rows]))
+            else:
+                await resp.write(b"".join(event_jsonl(e) for e in rows))
+            if len(rows) < EXPORT_PAGE:
+                break
+            last = (rows[-1].ts_ms, rows[-1].request_id)
+            rows = await db.read(partial(page_of, after=last, limit=EXPORT_PAGE))
+    except Exception:
+        # The status line is sent: cut the connection, so that the reader sees a chunked body
+        # that never ended, never an export that looks complete.
+        log.exception("admin API: usage export failed midway")
+        if request.transport is not None:
+            request.transport.close()
+        return resp
+    await resp.write_eof()
+    return resp
+
+
+def _csv_lines(rows: list[list[object]]) -> bytes:
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\n").writerows(rows)
+    return buf.getvalue().encode()
+
+
 async def billing_check(request: web.Request) -> web.Response:
     result = await (await _db(request)).read(ledger_check)
     return json_response(
@@ -475,6 +532,7 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", f"{V1}/fx", "read", list_fx),
     Route("GET", f"{V1}/plans", "read", list_plans),
     Route("GET", f"{V1}/usage/events", "read", list_usage_events),
+    Route("GET", f"{V1}/usage/events/export", "read", export_usage_events),
     Route("GET", f"{V1}/billing/check", "read", billing_check),
     Route("GET", f"{V1}/audit", "read", list_audit),
     Route("GET", f"{V1}/audit/guard", "read", list_guard_audit),

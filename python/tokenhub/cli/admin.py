@@ -25,7 +25,7 @@ import msgspec
 
 from tokenhub.cli import EXIT_FAILED, EXIT_REFUSED, Refused, quiet_broken_pipe
 from tokenhub.store import DEFAULT_DATABASE, ENV_DB, ApiKey, Limits, Store, StoreError, open_store
-from tokenhub.usage import EVENT_FIELDS, UsageEvent
+from tokenhub.usage import EVENT_FIELDS, UsageEvent, event_csv_row, event_jsonl
 
 PROG = "tokenhub"
 
@@ -323,21 +323,11 @@ def cmd_keys_revoke(args: argparse.Namespace) -> int:
 # -- events ------------------------------------------------------------------------------
 
 
-def _csv_cell(v: object) -> object:
-    if v is None:
-        return ""
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    return v
-
-
 def write_jsonl(events: Iterator[UsageEvent], out: IO[bytes]) -> int:
     """One JSON object per line with every field (defaults included, unlike the wire form)."""
-    encode = msgspec.json.Encoder().encode
     n = 0
     for e in events:
-        out.write(encode(msgspec.structs.asdict(e)))
-        out.write(b"\n")
+        out.write(event_jsonl(e))
         n += 1
     return n
 
@@ -347,7 +337,7 @@ def write_csv(events: Iterator[UsageEvent], out: IO[str]) -> int:
     w.writerow(EVENT_FIELDS)
     n = 0
     for e in events:
-        w.writerow([_csv_cell(v) for v in msgspec.structs.astuple(e)])
+        w.writerow(event_csv_row(e))
         n += 1
     return n
 
