@@ -156,3 +156,48 @@ async def test_export_streams_what_the_cli_exports(
             f"{V1}/usage/events/export?{bad}", headers=admin.auth("read")
         ) as r:
             assert r.status == 400, bad
+
+
+async def _post(admin: Admin, path: str, key: str, payload: Any) -> tuple[int, bytes, Any]:
+    headers = {**admin.auth("billing"), "Idempotency-Key": key}
+    async with admin.client.post(path, json=payload, headers=headers) as r:
+        raw = await r.read()
+        return r.status, raw, r.headers.get("Idempotent-Replayed")
+
+
+async def test_redeem_and_plan_assign_are_idempotent(admin: Admin) -> None:
+    tenant = admin.store.create_tenant("acme")
+    db = await open_database(admin.db)
+    try:
+        b = Billing(db)
+        code_a, code_b = await b.create_codes(2, "5.00", "USD")
+        await b.topup("acme", "20.00", "USD")
+        await b.create_plan("starter", price="9.90", currency="USD", tokens=1_000_000)
+        redeem = f"{V1}/tenants/{tenant.id}/redemptions"
+        first = await _post(admin, redeem, "r1", {"code": code_a})
+        assert first[0] == 201 and first[2] is None
+        again = await _post(admin, redeem, "r1", {"code": code_a})
+        assert again == (201, first[1], "true")  # the first response, nothing redeemed twice
+        assert (await _post(admin, redeem, "r1", {"code": code_b}))[0] == 409
+        used = await _post(admin, redeem, "r2", {"code": code_a})  # a new key, a used code
+        assert used[0] == 400 and b"already been used" in used[1]
+        assert (await _post(admin, redeem, "r3", {"code": "nope"}))[0] == 400
+        plans = f"{V1}/tenants/{tenant.id}/plans"
+        sold = await _post(admin, plans, "p1", {"plan": "starter"})
+        assert sold[0] == 201
+        again = await _post(admin, plans, "p1", {"plan": "starter"})
+        assert again == (201, sold[1], "true")
+        lots = await b.lots("acme")
+        assert len(lots) == 1 and lots[0].quantity == 1_000_000
+        # 20 topped up + 5 redeemed once - 9.90 for one plan.
+        async with admin.client.get(f"{V1}/tenants/{tenant.id}", headers=admin.auth("read")) as r:
+            assert (await r.json())["billing"]["wallet"] == {"amount": "15.10", "currency": "USD"}
+        assert (await _post(admin, plans, "p2", {"plan": "gold"}))[0] == 400  # no such plan
+        async with admin.client.get(f"{V1}/billing/check", headers=admin.auth("read")) as r:
+            assert (await r.json())["ok"] is True
+        async with admin.client.get(f"{V1}/audit", headers=admin.auth("read")) as r:
+            audit = [e for e in (await r.json())["data"] if e["actor"] == "ops-billing"]
+        assert [e["action"] for e in audit] == ["code.redeem", "plan.assign"]
+        assert code_a not in str(audit)  # a code is a bearer secret
+    finally:
+        await db.close()

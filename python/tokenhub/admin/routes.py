@@ -32,7 +32,7 @@ from tokenhub.admin.web import (
 from tokenhub.billing import ledger as L
 from tokenhub.billing import terms
 from tokenhub.billing.check import ledger_check
-from tokenhub.billing.service import Billing, get_profile, topup_in
+from tokenhub.billing.service import Billing, Lot, assign_in, get_profile, redeem_in, topup_in
 from tokenhub.db.database import Database, Tx
 from tokenhub.gateway.errors import ApiError
 from tokenhub.money import decimal_str, parse_amount
@@ -234,6 +234,13 @@ async def create_topup(request: web.Request) -> web.Response:
         )
         return await idem.record(tx, 201, out)
 
+    return await _money_moving(request, idem, run)
+
+
+async def _money_moving(
+    request: web.Request, idem: Idempotency, run: Callable[[Tx], Awaitable[web.Response]]
+) -> web.Response:
+    """Runs a money-moving POST's transaction (which replays, moves, audits and records)."""
     db = await _db(request)
     try:
         return await db.transaction(run)
@@ -246,6 +253,80 @@ async def create_topup(request: web.Request) -> web.Response:
         if replayed is None:
             raise
         return replayed
+
+
+class PlanAssign(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    plan: str
+    start_ms: int | None = None  # default: now
+
+
+class Redeem(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    code: str
+
+
+def _lot_json(lot: Lot) -> dict[str, Any]:
+    return {
+        "object": "lot",
+        "id": lot.id,
+        "plan": lot.plan,
+        "kind": lot.kind,
+        "quantity": lot.quantity if lot.kind == "package" else decimal_str(lot.quantity),
+        "price": money(lot.price, lot.currency),
+        "start_ms": lot.start_ms,
+        "end_ms": lot.end_ms,
+        "status": lot.status,
+    }
+
+
+async def assign_plan(request: web.Request) -> web.Response:
+    body = await read_json(request, PlanAssign)
+    tenant_id = request.match_info["id"]
+    actor = _actor(request)
+    idem = Idempotency(request, actor, body)
+
+    async def run(tx: Tx) -> web.Response:
+        replayed = await idem.replay(tx)
+        if replayed is not None:
+            return replayed
+        t = await sql.tenant_by_id_in(tx, tenant_id)
+        prof = await get_profile(tx, t.name)
+        before = await _wallet(tx, t.name, prof.currency)
+        lot = await assign_in(tx, t.name, body.plan, start_ms=body.start_ms)
+        after = await _wallet(tx, t.name, prof.currency)
+        out = {"object": "plan_assignment", "tenant_id": t.id, "tenant": t.name,
+               "lot": _lot_json(lot), "wallet": after}  # fmt: skip
+        await sql.add_admin_audit(
+            tx, actor, "plan.assign", t.id, {"wallet": before}, {"wallet": after, "lot": out["lot"]}
+        )
+        return await idem.record(tx, 201, out)
+
+    return await _money_moving(request, idem, run)
+
+
+async def redeem_code(request: web.Request) -> web.Response:
+    body = await read_json(request, Redeem)
+    tenant_id = request.match_info["id"]
+    actor = _actor(request)
+    idem = Idempotency(request, actor, body)
+
+    async def run(tx: Tx) -> web.Response:
+        replayed = await idem.replay(tx)
+        if replayed is not None:
+            return replayed
+        t = await sql.tenant_by_id_in(tx, tenant_id)
+        prof = await get_profile(tx, t.name)
+        before = await _wallet(tx, t.name, prof.currency)
+        txn = await redeem_in(tx, t.name, body.code)
+        after = await _wallet(tx, t.name, prof.currency)
+        out = {"object": "redemption", "transaction": txn, "tenant_id": t.id,
+               "tenant": t.name, "wallet": after}  # fmt: skip
+        # The code is a bearer secret: the log keeps the transaction, not the code.
+        await sql.add_admin_audit(
+            tx, actor, "code.redeem", t.id, {"wallet": before}, {"wallet": after, "txn": txn}
+        )
+        return await idem.record(tx, 201, out)
+
+    return await _money_moving(request, idem, run)
 
 
 # -- keys ---------------------------------------------------------------------------------------
@@ -523,6 +604,8 @@ ROUTES: tuple[Route, ...] = (
     Route("POST", f"{V1}/tenants", "admin", create_tenant),
     Route("GET", f"{V1}/tenants/{{id}}", "read", get_tenant),
     Route("POST", f"{V1}/tenants/{{id}}/topups", "billing", create_topup),
+    Route("POST", f"{V1}/tenants/{{id}}/plans", "billing", assign_plan),
+    Route("POST", f"{V1}/tenants/{{id}}/redemptions", "billing", redeem_code),
     Route("GET", f"{V1}/keys", "read", list_keys),
     Route("POST", f"{V1}/keys", "admin", create_key),
     Route("POST", f"{V1}/keys/{{id}}/revoke", "admin", revoke_key),

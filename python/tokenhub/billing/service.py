@@ -423,38 +423,9 @@ class Billing:
     async def assign(self, tenant: str, plan_name: str, *, start_ms: int | None = None) -> Lot:
         """Sells a plan to a tenant: a new lot valid from `start_ms` for the plan's period,
         paid from the wallet (else the credit line) in the plan's currency."""
-        start = now_ms() if start_ms is None else start_ms
-
-        async def run(tx: Tx) -> Lot:
-            row = await tx.fetchrow(
-                f"SELECT {_PLAN_COLS} FROM plans WHERE name = $1",
-                plan_name,
-            )
-            if row is None:
-                raise BillingError(f"no plan named {plan_name!r}")
-            plan = _plan(row)
-            await L.lock_tenants(tx, [tenant])
-            prof = await get_profile(tx, tenant)
-            lot = Lot(
-                L.new_id("lot"), tenant, plan.name, plan.kind, plan.quantity, plan.price,
-                plan.currency, start, add_period(start, plan.period), plan.exhaustion,
-                plan.overage_per_1m, plan.overage_currency, plan.auto_topup, plan.rollover,
-                plan.models, 0, 0, "active",
-            )  # fmt: skip
-            book = Book(tx)
-            unit = TOKENS if plan.kind == "package" else POINTS
-            await book.load(_tenant_specs(prof, plan.currency) | _lot_specs(lot))
-            txn = Txn("purchase", tenant, start, ref=lot.id, memo=f"plan {plan.name}")
-            txn.details = {"plan": plan.name, "price": plan.price, "currency": plan.currency}
-            _pay(book, txn, prof, plan.currency, plan.price, L.lot_deferred(tenant, lot.id))
-            txn.move(L.op("issued", unit), L.lot_units(tenant, lot.id), unit, plan.quantity)
-            book.post(txn)
-            await _insert_lot(tx, lot)
-            await bump(tx)
-            await book.flush()
-            return lot
-
-        return await self.db.transaction(run)
+        return await self.db.transaction(
+            lambda tx: assign_in(tx, tenant, plan_name, start_ms=start_ms)
+        )
 
     async def lots(self, tenant: str | None = None) -> list[Lot]:
         async def run(tx: Tx) -> list[Lot]:
@@ -503,43 +474,7 @@ class Billing:
         return await self.db.transaction(run)
 
     async def redeem(self, tenant: str, code: str, *, ts_ms: int | None = None) -> str:
-        digest = hashlib.sha256(code.strip().encode()).hexdigest()
-        ts = now_ms() if ts_ms is None else ts_ms
-
-        async def run(tx: Tx) -> str:
-            row = await tx.fetchrow(
-                "SELECT amount, currency, expires_ms, redeemed_by FROM redemption_codes "
-                f"WHERE sha256 = $1{tx.for_update}",
-                digest,
-            )
-            if row is None:
-                raise BillingError("unknown redemption code")
-            value, cur, expires, used = row
-            await L.lock_tenants(tx, [tenant])
-            if used is not None:
-                raise BillingError("this redemption code has already been used")
-            if expires is not None and ts >= expires:
-                raise BillingError("this redemption code has expired")
-            prof = await get_profile(tx, tenant)
-            if cur != prof.currency:
-                raise BillingError(f"this code is in {cur}; tenant {tenant} settles in "
-                                   f"{prof.currency}")  # fmt: skip
-            book = Book(tx)
-            await book.load(_tenant_specs(prof, cur))
-            txn = Txn("redeem", tenant, ts, ref=digest[:16], memo="redemption code")
-            txn.move(L.op("promotions", cur), L.wallet(tenant, cur), cur, value)
-            book.post(txn)
-            n = await tx.execute(
-                "UPDATE redemption_codes SET redeemed_by = $1, redeemed_ms = $2, txn_id = $3 "
-                "WHERE sha256 = $4 AND redeemed_by IS NULL",
-                tenant, ts, txn.id, digest,
-            )  # fmt: skip
-            if n != 1:
-                raise BillingError("this redemption code has already been used")
-            await book.flush()
-            return txn.id
-
-        return await self.db.transaction(run)
+        return await self.db.transaction(lambda tx: redeem_in(tx, tenant, code, ts_ms=ts_ms))
 
     async def adjust(
         self, tenant: str, amount: str, currency: str, memo: str, *, ts_ms: int | None = None
@@ -785,6 +720,76 @@ async def topup_in(
     txn = Txn("topup", tenant, ts, ref=ref, memo=f"top-up {amount} {cur}")
     txn.move(L.op("cash", cur), L.wallet(tenant, cur), cur, value)
     book.post(txn)
+    await book.flush()
+    return txn.id
+
+
+async def assign_in(tx: Tx, tenant: str, plan_name: str, *, start_ms: int | None = None) -> Lot:
+    """`Billing.assign` inside the caller's transaction (the admin API's plan assignment)."""
+    start = now_ms() if start_ms is None else start_ms
+    row = await tx.fetchrow(
+        f"SELECT {_PLAN_COLS} FROM plans WHERE name = $1",
+        plan_name,
+    )
+    if row is None:
+        raise BillingError(f"no plan named {plan_name!r}")
+    plan = _plan(row)
+    await L.lock_tenants(tx, [tenant])
+    prof = await get_profile(tx, tenant)
+    lot = Lot(
+        L.new_id("lot"), tenant, plan.name, plan.kind, plan.quantity, plan.price,
+        plan.currency, start, add_period(start, plan.period), plan.exhaustion,
+        plan.overage_per_1m, plan.overage_currency, plan.auto_topup, plan.rollover,
+        plan.models, 0, 0, "active",
+    )  # fmt: skip
+    book = Book(tx)
+    unit = TOKENS if plan.kind == "package" else POINTS
+    await book.load(_tenant_specs(prof, plan.currency) | _lot_specs(lot))
+    txn = Txn("purchase", tenant, start, ref=lot.id, memo=f"plan {plan.name}")
+    txn.details = {"plan": plan.name, "price": plan.price, "currency": plan.currency}
+    _pay(book, txn, prof, plan.currency, plan.price, L.lot_deferred(tenant, lot.id))
+    txn.move(L.op("issued", unit), L.lot_units(tenant, lot.id), unit, plan.quantity)
+    book.post(txn)
+    await _insert_lot(tx, lot)
+    await bump(tx)
+    await book.flush()
+    return lot
+
+
+async def redeem_in(tx: Tx, tenant: str, code: str, *, ts_ms: int | None = None) -> str:
+    """`Billing.redeem` inside the caller's transaction: the code's amount into the tenant's
+    wallet, once; returns the transaction id."""
+    digest = hashlib.sha256(code.strip().encode()).hexdigest()
+    ts = now_ms() if ts_ms is None else ts_ms
+    row = await tx.fetchrow(
+        "SELECT amount, currency, expires_ms, redeemed_by FROM redemption_codes "
+        f"WHERE sha256 = $1{tx.for_update}",
+        digest,
+    )
+    if row is None:
+        raise BillingError("unknown redemption code")
+    value, cur, expires, used = row
+    await L.lock_tenants(tx, [tenant])
+    if used is not None:
+        raise BillingError("this redemption code has already been used")
+    if expires is not None and ts >= expires:
+        raise BillingError("this redemption code has expired")
+    prof = await get_profile(tx, tenant)
+    if cur != prof.currency:
+        raise BillingError(f"this code is in {cur}; tenant {tenant} settles in "
+                           f"{prof.currency}")  # fmt: skip
+    book = Book(tx)
+    await book.load(_tenant_specs(prof, cur))
+    txn = Txn("redeem", tenant, ts, ref=digest[:16], memo="redemption code")
+    txn.move(L.op("promotions", cur), L.wallet(tenant, cur), cur, value)
+    book.post(txn)
+    n = await tx.execute(
+        "UPDATE redemption_codes SET redeemed_by = $1, redeemed_ms = $2, txn_id = $3 "
+        "WHERE sha256 = $4 AND redeemed_by IS NULL",
+        tenant, ts, txn.id, digest,
+    )  # fmt: skip
+    if n != 1:
+        raise BillingError("this redemption code has already been used")
     await book.flush()
     return txn.id
 
