@@ -3,6 +3,7 @@ refusals, the Idempotency-Key on top-ups, malformed bodies, 404s, the audit log,
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from typing import Any
 
@@ -320,3 +321,20 @@ async def test_tenant_detail_and_billing_check(admin: Admin) -> None:
         json={"amount": "3", "currency": "CNY"}, headers={"Idempotency-Key": "c2"},
     )  # fmt: skip
     assert status == 400 and "settles in USD" in body["error"]["message"]
+
+
+async def test_concurrent_twins_under_one_key_top_up_once(admin: Admin) -> None:
+    t = await _tenant(admin)
+    path = f"{V1}/tenants/{t['id']}/topups"
+    headers = {**admin.auth("billing"), "Idempotency-Key": "twin"}
+
+    async def post() -> tuple[int, bytes]:
+        async with admin.client.post(
+            path, json={"amount": "7.00", "currency": "USD"}, headers=headers
+        ) as r:
+            return r.status, await r.read()
+
+    results = await asyncio.gather(*(post() for _ in range(8)))
+    assert {s for s, _ in results} == {201}
+    assert len({body for _, body in results}) == 1  # every twin got the first response
+    assert await _wallet(admin, t["id"]) == "7.00"
