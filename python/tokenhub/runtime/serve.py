@@ -117,6 +117,11 @@ async def serve(
     # settler's): after a socket call the loop waits for the GIL, by default up to 5 ms while a
     # thread runs Python (the convoy effect). A shorter switch interval bounds that wait.
     sys.setswitchinterval(SWITCH_INTERVAL_S)
+    # Before "serving on": whoever reads that line may stop the server at once, cleanly.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
     host, port = sock.getsockname()[:2]
     if worker is None:
         from tokenhub.db.database import redacted
@@ -131,10 +136,6 @@ async def serve(
         if demo:
             print_demo(host, port, secret, cfg.server.database)
 
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
     watcher: asyncio.Task[None] | None = None
     if worker is not None:
         # Blocked since the fork, so that a stop asked for during start-up waits for the
