@@ -1,0 +1,494 @@
+"""The tenant API: what a tenant may read and change with its own API key, on the gateway's
+listener (the OpenAI-compatible one), through the service functions the CLI and the admin API
+use (tokenhub.store.sql's `*_in`, tokenhub.billing).
+
+- `GET /v1/tokenhub/balance`: wallet, credit headroom, packages left with expiry, points.
+- `GET /v1/tokenhub/usage?since=&until=&group_by=day|model|key`: the tenant's own usage.
+- `GET|POST /v1/tokenhub/keys`, `POST /v1/tokenhub/keys/{id}/revoke`: its own keys.
+- `POST /v1/tokenhub/redeem`: a redemption code, under an Idempotency-Key (the admin API's).
+- `GET /v1/dashboard/billing/subscription` and `/usage`: OpenAI's legacy billing endpoints.
+
+The caller is authenticated exactly as `/v1/chat/completions` is (the gateway's in-memory key
+table, `auth.KeyCache`: 401 invalid_api_key otherwise) and sees only its own tenant: another
+tenant's key id is 404, as one that does not exist. Errors are OpenAI-shaped (the gateway's
+middleware renders `ApiError`; this module maps the store's and billing's errors to it).
+
+None of this is on the completions' request path: the routes only add entries to the URL map,
+and the database is opened on the first tenant-API request (one pool per process), so a gateway
+whose tenant API is never called holds no extra connection.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from collections.abc import Awaitable, Callable
+from decimal import Decimal
+from functools import wraps
+from typing import Any
+
+import msgspec
+from aiohttp import web
+
+from tokenhub.admin.web import DatabaseOpener, Idempotency, json_response, money, read_json
+from tokenhub.billing import ledger as L
+from tokenhub.billing import terms
+from tokenhub.billing.ledger import LedgerError
+from tokenhub.billing.service import get_profile, redeem_in
+from tokenhub.db.database import Database, DatabaseError, Tx
+from tokenhub.gateway.auth import Principal
+from tokenhub.gateway.errors import ApiError
+from tokenhub.gateway.state import GATEWAY
+from tokenhub.money import MoneyError, decimal_str
+from tokenhub.store import sql
+from tokenhub.store.base import ApiKey, NotFound, StoreError
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+TENANT_DB = web.AppKey("tenant_db", DatabaseOpener)
+
+MAX_KEYS_PER_TENANT = 20  # the operator's policy: active keys a tenant may hold at once
+USAGE_DEFAULT_DAYS = 31
+USAGE_MAX_DAYS = 92
+USAGE_MAX_ROWS = 200_000  # events one usage request reads at most (then "truncated": true)
+DAY_MS = 86_400_000
+GROUPS = ("day", "model", "key")
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _handler(fn: Callable[[web.Request, Principal], Awaitable[web.Response]]) -> Handler:
+    """Authenticates the caller by its API key, then maps the store's and billing's errors to
+    the OpenAI error body (the gateway's middleware renders ApiError)."""
+
+    @wraps(fn)
+    async def run(request: web.Request) -> web.Response:
+        who = request.app[GATEWAY].keys.authenticate(request.headers.get("Authorization"))
+        try:
+            return await fn(request, who)
+        except NotFound as e:
+            raise ApiError(404, _one_line(str(e)), code="not_found") from None
+        except (StoreError, MoneyError, LedgerError) as e:
+            raise ApiError.bad_request(_one_line(str(e))) from None
+        except DatabaseError:
+            raise ApiError(
+                503, "The database is unavailable.", type="server_error", code="database_error"
+            ) from None
+
+    return run
+
+
+async def _db(request: web.Request) -> Database:
+    return await request.app[TENANT_DB]()
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+# -- balance ------------------------------------------------------------------------------------
+
+
+class _Money(msgspec.Struct, frozen=True):
+    currency: str
+    wallet: int  # what the prepaid wallet holds
+    receivable: int  # what the tenant owes on its credit line
+    overrun: int  # usage no contract covered
+    credit_limit: int
+
+    @property
+    def credit_available(self) -> int:
+        return max(0, self.credit_limit - self.receivable)
+
+    def spendable(self, draw_order: tuple[str, ...]) -> int:
+        """The money usage can still draw: the wallet and the credit headroom, as far as the
+        tenant's draw order names them."""
+        return (max(0, self.wallet) if "wallet" in draw_order else 0) + (
+            self.credit_available if "postpaid" in draw_order else 0
+        )
+
+
+async def _money_of(tx: Tx, tenant: str) -> tuple[terms.Profile, _Money, dict[str, int]]:
+    prof = await get_profile(tx, tenant)
+    bals = await L.balances(tx, tenant=tenant)
+    cur = prof.currency
+    m = _Money(
+        currency=cur,
+        wallet=-bals.get(L.wallet(tenant, cur), 0),  # the ledger is debit-positive
+        receivable=bals.get(L.receivable(tenant, cur), 0),
+        overrun=bals.get(L.overrun(tenant, cur), 0),
+        credit_limit=prof.credit_limit,
+    )
+    return prof, m, bals
+
+
+async def balance(request: web.Request, who: Principal) -> web.Response:
+    """Wallet, credit headroom and overrun in the tenant's currency; token packages and point
+    packs left, with their expiry (active lots, soonest to expire first)."""
+    tenant = who.tenant
+
+    async def run(tx: Tx) -> dict[str, Any]:
+        prof, m, bals = await _money_of(tx, tenant)
+        lots = (await terms.active_lots(tx, [tenant])).get(tenant, [])
+        now = _now_ms()
+        packages, packs = [], []
+        points_left = 0
+        for lot in lots:
+            if lot.end_ms is not None and lot.end_ms <= now:
+                continue  # ended, not expired by the settler yet: nothing left to draw
+            left = -bals.get(L.lot_units(tenant, lot.id), 0)
+            row: dict[str, Any] = {
+                "id": lot.id,
+                "plan": lot.plan,
+                "valid_from_ms": lot.start_ms,
+                "expires_ms": lot.end_ms,
+                "models": list(lot.models),
+            }
+            if lot.kind == "package":
+                packages.append(row | {"tokens_left": left, "tokens_total": lot.quantity})
+            else:
+                points_left += left
+                packs.append(
+                    row
+                    | {"points_left": decimal_str(left), "points_total": decimal_str(lot.quantity)}
+                )
+        cur = m.currency
+        return {
+            "object": "tokenhub.balance",
+            "tenant": tenant,
+            "currency": cur,
+            "draw_order": list(prof.draw_order),
+            "wallet": money(m.wallet, cur),
+            "credit_limit": money(m.credit_limit, cur),
+            "credit_used": money(m.receivable, cur),
+            "credit_available": money(m.credit_available, cur),
+            "overrun": money(m.overrun, cur),
+            "low_balance": None if prof.low_balance is None else money(prof.low_balance, cur),
+            "low_balance_warning": prof.low_balance is not None and m.wallet < prof.low_balance,
+            "packages": packages,
+            "points": {"left": decimal_str(points_left), "packs": packs},
+        }
+
+    return json_response(await (await _db(request)).read(run))
+
+
+# -- usage --------------------------------------------------------------------------------------
+
+
+def _time_param(request: web.Request, name: str) -> int | None:
+    """Unix milliseconds, or an ISO 8601 date or datetime (UTC unless it has an offset)."""
+    raw = request.query.get(name)
+    if raw is None:
+        return None
+    if raw.isascii() and raw.isdigit() and len(raw) <= 15:
+        return int(raw)
+    try:
+        t = dt.datetime.fromisoformat(raw)
+    except ValueError:
+        raise ApiError.bad_request(
+            f"{name}: give Unix milliseconds or an ISO 8601 date or datetime", param=name
+        ) from None
+    if t.tzinfo is None:
+        t = t.replace(tzinfo=dt.UTC)
+    return (t - dt.datetime(1970, 1, 1, tzinfo=dt.UTC)) // dt.timedelta(milliseconds=1)
+
+
+_GROUP_EXPR = {"day": f"ts_ms / {DAY_MS}", "model": "model", "key": "key_id"}
+
+
+async def usage(request: web.Request, who: Principal) -> web.Response:
+    """The tenant's usage in [since, until), grouped by UTC day, model or key: requests, the
+    successful ones (status 200), tokens in / cached in / out.
+
+    Bounded, since it reads the raw usage events for now (rollup tables will replace this):
+    the window defaults to the last 31 days and may span at most 92; at most USAGE_MAX_ROWS
+    events are read (the earliest first), and `truncated` says when the window held more.
+    Cost is not reported here: it lives in the ledger (see /v1/tokenhub/balance and the
+    statements)."""
+    group_by = request.query.get("group_by", "day")
+    if group_by not in GROUPS:
+        raise ApiError.bad_request(f"group_by must be one of {', '.join(GROUPS)}", param="group_by")
+    until = _time_param(request, "until")
+    until = _now_ms() if until is None else until
+    since = _time_param(request, "since")
+    since = until - USAGE_DEFAULT_DAYS * DAY_MS if since is None else since
+    if until <= since:
+        raise ApiError.bad_request("until must be later than since", param="until")
+    if until - since > USAGE_MAX_DAYS * DAY_MS:
+        raise ApiError.bad_request(
+            f"the window may span at most {USAGE_MAX_DAYS} days", param="since"
+        )
+    expr = _GROUP_EXPR[group_by]
+    query = (
+        f"SELECT {expr} AS g, COUNT(*), SUM(CASE WHEN status = 200 THEN 1 ELSE 0 END), "
+        "SUM(input_tokens), SUM(cached_input_tokens), SUM(output_tokens) FROM ("
+        "SELECT ts_ms, model, key_id, status, input_tokens, cached_input_tokens, output_tokens "
+        "FROM usage_events WHERE tenant = $1 AND ts_ms >= $2 AND ts_ms < $3 "
+        "ORDER BY ts_ms LIMIT $4) AS e GROUP BY g ORDER BY g"
+    )
+
+    async def run(tx: Tx) -> list[Any]:
+        return list(await tx.fetch(query, who.tenant, since, until, USAGE_MAX_ROWS))
+
+    rows = await (await _db(request)).read(run)
+    data = []
+    total = 0
+    for g, n, ok, tin, tcached, tout in rows:
+        total += int(n)
+        key: dict[str, Any]
+        if group_by == "day":
+            day = dt.datetime.fromtimestamp(int(g) * DAY_MS / 1000, dt.UTC).date()
+            key = {"day": day.isoformat()}
+        else:
+            key = {"model": g} if group_by == "model" else {"key_id": g}
+        data.append(
+            key
+            | {
+                "requests": int(n),
+                "ok": int(ok),
+                "input_tokens": int(tin),
+                "cached_input_tokens": int(tcached),
+                "output_tokens": int(tout),
+            }
+        )
+    return json_response(
+        {
+            "object": "list",
+            "group_by": group_by,
+            "since_ms": since,
+            "until_ms": until,
+            "truncated": total >= USAGE_MAX_ROWS,
+            "data": data,
+        }
+    )
+
+
+# -- keys ---------------------------------------------------------------------------------------
+
+
+def _key_json(k: ApiKey) -> dict[str, Any]:
+    """A key as its tenant sees it: never its secret (tokenhub keeps only its SHA-256)."""
+    return {
+        "id": k.id,
+        "object": "api_key",
+        "prefix": k.prefix,
+        "created_ms": k.created_ms,
+        "revoked_ms": k.revoked_ms,
+    }
+
+
+async def list_keys(request: web.Request, who: Principal) -> web.Response:
+    async def run(tx: Tx) -> list[ApiKey]:
+        return await sql.keys_in(tx, who.tenant)
+
+    keys = await (await _db(request)).read(run)
+    return json_response({"object": "list", "data": [_key_json(k) for k in keys]})
+
+
+async def create_key(request: web.Request, who: Principal) -> web.Response:
+    """A new key for the caller's tenant, within the operator's policy (at most
+    MAX_KEYS_PER_TENANT active keys); the secret is in this response only."""
+    if await request.read():
+        raise ApiError.bad_request("this request takes no body")
+    secret = sql.new_key_secret()
+    actor = f"tenant:{who.tenant}"
+
+    async def run(tx: Tx) -> dict[str, Any]:
+        t = await sql.tenant_in(tx, who.tenant)
+        active = (await sql.active_key_counts_in(tx, [t.id])).get(t.id, 0)
+        if active >= MAX_KEYS_PER_TENANT:
+            raise ApiError(
+                403,
+                f"This tenant already has {active} active API keys, the most the operator "
+                "allows; revoke one first.",
+                type="permission_error",
+                code="key_limit_reached",
+            )
+        key = await sql.create_key_in(tx, who.tenant, secret)
+        out = _key_json(key)
+        await sql.add_admin_audit(tx, actor, "key.create", key.id, None, out)
+        return out
+
+    out = await (await _db(request)).transaction(run)
+    return json_response({**out, "secret": secret}, status=201)
+
+
+async def revoke_key(request: web.Request, who: Principal) -> web.Response:
+    """Revokes one of the caller's tenant's keys (the calling key too, if asked); another
+    tenant's key is 404, exactly as a key that does not exist."""
+    key_id = request.match_info["id"]
+    actor = f"tenant:{who.tenant}"
+
+    async def run(tx: Tx) -> dict[str, Any]:
+        try:
+            key = await sql.key_in(tx, key_id)
+        except NotFound:
+            key = None
+        if key is None or key.tenant != who.tenant:
+            raise NotFound(f"no API key {key_id!r}")
+        after = _key_json(await sql.revoke_key_in(tx, key_id))
+        await sql.add_admin_audit(tx, actor, "key.revoke", key_id, _key_json(key), after)
+        return after
+
+    return json_response(await (await _db(request)).transaction(run))
+
+
+# -- redeem -------------------------------------------------------------------------------------
+
+
+class Redeem(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    code: str
+
+
+async def redeem(request: web.Request, who: Principal) -> web.Response:
+    """Redeems a code for the caller's tenant. Money-moving: an Idempotency-Key is required
+    (the admin API's helper, keyed per tenant): a replay returns the first response, another
+    body under the same key is 409."""
+    body = await read_json(request, Redeem)
+    actor = f"tenant:{who.tenant}"
+    idem = Idempotency(request, actor, body)
+
+    async def run(tx: Tx) -> web.Response:
+        replayed = await idem.replay(tx)
+        if replayed is not None:
+            return replayed
+        prof = await get_profile(tx, who.tenant)
+        txn = await redeem_in(tx, who.tenant, body.code)
+        _, m, _ = await _money_of(tx, who.tenant)
+        out = {"object": "redemption", "transaction": txn, "wallet": money(m.wallet, prof.currency)}
+        await sql.add_admin_audit(tx, actor, "code.redeem", who.tenant, None, {"txn": txn})
+        return await idem.record(tx, 201, out)
+
+    db = await _db(request)
+    try:
+        return await db.transaction(run)
+    except ApiError:
+        raise
+    except Exception:
+        replayed = await db.read(idem.replay)  # a concurrent twin committed first
+        if replayed is None:
+            raise
+        return replayed
+
+
+# -- OpenAI's legacy billing endpoints -----------------------------------------------------------
+#
+# Shapes as OpenAI served them and as the client apps that still read them expect, followed
+# from one-api's controller/billing.go (songquanpeng/one-api; New API's is the same):
+#   subscription: {"object": "billing_subscription", "has_payment_method": true,
+#                  "soft_limit_usd", "hard_limit_usd", "system_hard_limit_usd", "access_until"}
+#   usage:        {"object": "list", "total_usage": <US cents>}
+# Clients (ChatGPT-Next-Web, one-api's own channel balance check) show the balance as
+# hard_limit_usd - total_usage / 100, so as one-api does, hard_limit_usd is the whole line
+# (what can still be spent + all usage so far) and total_usage is the usage in the window.
+
+
+_MONEY_ACCOUNTS_SQL = (
+    "SELECT COALESCE(SUM(p.amount), 0) FROM postings p JOIN ledger_txns t ON t.id = p.txn_id "
+    "WHERE t.tenant = $1 AND t.kind IN ('usage', 'refund') AND p.account IN ($2, $3, $4) "
+    "AND t.ts_ms >= $5 AND t.ts_ms < $6"
+)
+
+
+async def _spent(tx: Tx, tenant: str, cur: str, since: int, until: int) -> int:
+    """Money (tenant's currency, nanos) usage drew from the wallet, the credit line and the
+    overrun in [since, until), less refunds."""
+    accounts = (L.wallet(tenant, cur), L.receivable(tenant, cur), L.overrun(tenant, cur))
+    return int(await tx.fetchval(_MONEY_ACCOUNTS_SQL, tenant, *accounts, since, until))
+
+
+async def _to_usd(tx: Tx, cur: str) -> Decimal:
+    """The rate converting the tenant's currency to USD now (the billing terms' FX); 503
+    fx_rate_missing when the operator set none (no guess, no number in another currency)."""
+    if cur == "USD":
+        return Decimal(1)
+    found = terms.fx_in(await terms.fx_rates(tx), cur, "USD", _now_ms())
+    if found is None:
+        raise ApiError(
+            503,
+            f"This tenant is billed in {cur} and no {cur}/USD rate is set, so no USD figure "
+            "can be given; ask the operator to set one (tokenhub billing fx set).",
+            type="server_error",
+            code="fx_rate_missing",
+        )
+    return found[0]
+
+
+def _usd(nanos: int, rate: Decimal) -> float:
+    return float((Decimal(nanos) * rate / 10**9).quantize(Decimal("0.000001")))
+
+
+async def legacy_subscription(request: web.Request, who: Principal) -> web.Response:
+    async def run(tx: Tx) -> dict[str, Any]:
+        prof, m, _ = await _money_of(tx, who.tenant)
+        rate = await _to_usd(tx, m.currency)
+        used = await _spent(tx, who.tenant, m.currency, -(2**62), 2**62)
+        line = _usd(m.spendable(prof.draw_order) + used, rate)
+        return {
+            "object": "billing_subscription",
+            "has_payment_method": True,
+            "soft_limit_usd": line,
+            "hard_limit_usd": line,
+            "system_hard_limit_usd": line,
+            "access_until": 0,  # tokenhub keys do not expire
+        }
+
+    return json_response(await (await _db(request)).read(run))
+
+
+def _date_param(request: web.Request, name: str, default: dt.date) -> dt.date:
+    raw = request.query.get(name)
+    if raw is None:
+        return default
+    try:
+        return dt.date.fromisoformat(raw)
+    except ValueError:
+        raise ApiError.bad_request(f"{name} must be a date, YYYY-MM-DD", param=name) from None
+
+
+def _day_ms(d: dt.date) -> int:
+    return int(dt.datetime(d.year, d.month, d.day, tzinfo=dt.UTC).timestamp() * 1000)
+
+
+async def legacy_usage(request: web.Request, who: Principal) -> web.Response:
+    """total_usage: US cents the tenant's usage cost from start_date to end_date (UTC days,
+    end exclusive, as OpenAI's; default: this month so far)."""
+    today = dt.datetime.now(dt.UTC).date()
+    start = _date_param(request, "start_date", today.replace(day=1))
+    end = _date_param(request, "end_date", today + dt.timedelta(days=1))
+    if end <= start:
+        raise ApiError.bad_request("end_date must be later than start_date", param="end_date")
+
+    async def run(tx: Tx) -> dict[str, Any]:
+        prof = await get_profile(tx, who.tenant)
+        rate = await _to_usd(tx, prof.currency)
+        used = await _spent(tx, who.tenant, prof.currency, _day_ms(start), _day_ms(end))
+        return {"object": "list", "total_usage": _usd(used * 100, rate)}
+
+    return json_response(await (await _db(request)).read(run))
+
+
+# -- the URL map --------------------------------------------------------------------------------
+
+
+ROUTES: tuple[tuple[str, str, Handler], ...] = (
+    ("GET", "/v1/tokenhub/balance", _handler(balance)),
+    ("GET", "/v1/tokenhub/usage", _handler(usage)),
+    ("GET", "/v1/tokenhub/keys", _handler(list_keys)),
+    ("POST", "/v1/tokenhub/keys", _handler(create_key)),
+    ("POST", "/v1/tokenhub/keys/{id}/revoke", _handler(revoke_key)),
+    ("POST", "/v1/tokenhub/redeem", _handler(redeem)),
+    ("GET", "/v1/dashboard/billing/subscription", _handler(legacy_subscription)),
+    ("GET", "/v1/dashboard/billing/usage", _handler(legacy_usage)),
+)
+
+
+def setup_tenant_routes(app: web.Application, database_url: str) -> None:
+    """Adds the tenant API to the gateway app; its database opens on first use."""
+    opener = DatabaseOpener(database_url)
+    app[TENANT_DB] = opener
+    for method, path, handler in ROUTES:
+        app.router.add_route(method, path, handler)
+    app.on_cleanup.append(opener.close)
