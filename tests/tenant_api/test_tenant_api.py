@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 import openai
 import pytest
@@ -224,3 +225,19 @@ def test_openai_client_on_the_same_server(world: World) -> None:
     assert world.call("GET", "/v1/tokenhub/balance", "acme").status == 200
     unknown = world.call("GET", "/v1/tokenhub/nothing", "acme")
     assert unknown.status == 404 and unknown.json["error"]["code"] == "unknown_url"
+
+
+def test_key_count_policy_holds_under_concurrent_creates(world: World) -> None:
+    """8 creations at once for a tenant one key below the limit: exactly one gets through."""
+    world.hub.store.create_tenant("echo")
+    _, secret = world.hub.store.create_key("echo")
+    for _ in range(MAX_KEYS_PER_TENANT - 2):
+        world.hub.store.create_key("echo")
+    wait_until(lambda: world.hub.knows(secret), 5.0, what="echo's key")
+    with ThreadPoolExecutor(8) as pool:
+        replies = list(
+            pool.map(lambda _: world.call("POST", "/v1/tokenhub/keys", secret=secret), range(8))
+        )
+    assert sorted(r.status for r in replies) == [201] + [403] * 7
+    keys = world.call("GET", "/v1/tokenhub/keys", secret=secret).json["data"]
+    assert len(keys) == MAX_KEYS_PER_TENANT

@@ -296,6 +296,9 @@ async def create_key(request: web.Request, who: Principal) -> web.Response:
     actor = f"tenant:{who.tenant}"
 
     async def run(tx: Tx) -> dict[str, Any]:
+        # One key creation per tenant at a time (PostgreSQL; SQLite writes one at a time), so
+        # concurrent requests cannot pass the count together.
+        await L.lock_tenants(tx, [who.tenant])
         t = await sql.tenant_in(tx, who.tenant)
         active = (await sql.active_key_counts_in(tx, [t.id])).get(t.id, 0)
         if active >= MAX_KEYS_PER_TENANT:
