@@ -51,6 +51,7 @@ from typing import Any
 import msgspec
 
 from tokenhub.billing import ledger as L
+from tokenhub.billing import rollups
 from tokenhub.billing import terms as terms_sql
 from tokenhub.billing.draw import PPM, Draw, NoRate, draw, lot_pot, money_pot
 from tokenhub.billing.ledger import AccountSpec, Book, LedgerError, Txn
@@ -582,13 +583,16 @@ class Billing:
     ) -> SettleResult:
         """Settles a batch of usage events in one transaction (see the module docstring). An
         event that cannot be rated (no price, no FX rate) is reported in `failed` and left
-        unsettled, to be settled again once the price exists; the rest go on. `also` runs in
-        each settling transaction after its postings, with its events and result (the lease
-        coordinator's accounting: tokenhub.billing.settler)."""
+        unsettled, to be settled again once the price exists; the rest go on. Each settling
+        transaction also adds what it settled to the hourly rollups (tokenhub.billing.rollups)
+        and then runs `also`, with its events and result (the lease coordinator's accounting:
+        tokenhub.billing.settler)."""
         evs = list(events)
 
         async def run(tx: Tx, events: list[UsageEvent]) -> SettleResult:
             res = await _settle(tx, events)
+            # The hourly rollups, in the same transaction (tokenhub.billing.rollups).
+            await rollups.apply_settled(tx, events, res.txn_ids)
             if also is not None:
                 await also(tx, events, res)
             return res
@@ -637,7 +641,8 @@ class Billing:
         return False
 
     async def refund(self, event_id: str, *, memo: str = "", ts_ms: int | None = None) -> str:
-        """Reverses a settled usage event's postings (one refund per event)."""
+        """Reverses a settled usage event's postings (one refund per event); its cost leaves
+        the hourly rollups in the same transaction."""
         ts = now_ms() if ts_ms is None else ts_ms
 
         async def run(tx: Tx) -> str:
@@ -674,6 +679,7 @@ class Billing:
                 txn.details.setdefault("to_breakage", []).append(lot_id)
             book.post(txn)
             await book.flush()
+            await rollups.apply_refund(tx, event_id, row[0])
             return txn.id
 
         return await self.db.transaction(run)

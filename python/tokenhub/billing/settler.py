@@ -78,6 +78,7 @@ from functools import partial
 from typing import Any
 
 from tokenhub.billing import leases as LS
+from tokenhub.billing import rollups
 from tokenhub.billing.ledger import lock_tenants
 from tokenhub.billing.service import Billing, BillingError, SettleResult, _payload_hash
 from tokenhub.db.database import Database, Tx
@@ -737,11 +738,13 @@ async def release(tx: Tx, ids: Sequence[str]) -> list[str]:
 
 
 async def void(tx: Tx, ids: Sequence[str], memo: str = "") -> list[str]:
-    """Settles quarantined events with no charge (they are never billed) and records each in
-    the audit log (kind `usage_voided`, with the quarantine's reason and `memo`). BillingError
-    if one is not quarantined."""
+    """Settles quarantined events with no charge (they are never billed; they count in the
+    hourly rollups with cost 0) and records each in the audit log (kind `usage_voided`, with
+    the quarantine's reason and `memo`). BillingError if one is not quarantined."""
     found = await _quarantined_ids(tx, ids)
     now = int(time.time() * 1000)
+    voided: dict[str, str] = {}
+    evs: list[UsageEvent] = []
     for q in found:
         row = await tx.fetchrow(
             f"SELECT {_EVENT_COLS} FROM usage_events e WHERE e.request_id = $1", q.event_id
@@ -750,13 +753,16 @@ async def void(tx: Tx, ids: Sequence[str], memo: str = "") -> list[str]:
         if row is not None:
             ev = event_from_row(row)
             key_id = ev.key_id
-            await tx.execute(
+            added = await tx.execute(
                 "INSERT INTO settlements (event_id, payload_sha256, txn_id, settled_ms) "
                 "VALUES ($1, $2, '', $3) ON CONFLICT (event_id) DO NOTHING",
                 q.event_id,
                 _payload_hash(ev),
                 now,
             )
+            if added:
+                voided[q.event_id] = ""
+                evs.append(ev)
             await _mark_settled(tx, ids=[q.event_id], now=now)
             parsed = LS.parse_holds(ev.holds)
             if parsed is not None:  # a host's charges, final: the ledger charges nothing
@@ -772,6 +778,8 @@ async def void(tx: Tx, ids: Sequence[str], memo: str = "") -> list[str]:
             key_id,
             json.dumps(details, sort_keys=True),
         )
+    # Settled with no charge: they count in the hourly rollups with cost 0.
+    await rollups.apply_settled(tx, evs, voided)
     return [q.event_id for q in found]
 
 

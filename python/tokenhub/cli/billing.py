@@ -37,6 +37,7 @@ from typing import Any
 import msgspec
 
 from tokenhub.billing import ledger as L
+from tokenhub.billing import rollups as R
 from tokenhub.billing import settler as Q
 from tokenhub.billing import statements as S
 from tokenhub.billing import terms
@@ -1195,6 +1196,26 @@ def cmd_quarantine_void(args: argparse.Namespace) -> int:
     return _run(args, body)
 
 
+# -- billing: rollups -----------------------------------------------------------------------
+
+
+@_command
+def cmd_rollups_rebuild(args: argparse.Namespace) -> int:
+    since = _time(args.since)
+
+    def progress(n: int) -> None:
+        print(f"rollups rebuild: {n} events read", file=sys.stderr, flush=True)
+
+    async def body(b: Billing) -> int:
+        n, rows = await b.db.transaction(
+            lambda tx: R.rebuild(tx, dialect=b.db.dialect, since=since, progress=progress)
+        )
+        print(f"rebuilt usage rollups from {n} settled events ({rows} rows)")
+        return 0
+
+    return _run(args, body)
+
+
 # -- wiring -----------------------------------------------------------------------------------
 
 
@@ -1802,4 +1823,20 @@ def _add_billing(sub: Any) -> None:
              "(tokenhub audit) with its quarantine reason and --memo.")  # fmt: skip
     p.add_argument("event_ids", nargs="+", metavar="EVENT_ID")
     p.add_argument("--memo", metavar="TEXT", help="why (kept in the audit log)")
+    _add_db(p)
+
+    r = g.add_parser(
+        "rollups",
+        help="the hourly usage rollups: rebuild",
+        description="The hourly usage rollups (tokenhub.billing.rollups) are kept by the "
+        "transaction that settles usage; rebuild recomputes them from the settled events "
+        "(the backfill of a database settled before they existed).",
+    )
+    r.set_defaults(func=group_help(r))
+    rs = r.add_subparsers(dest="rollups_action", metavar="ACTION")
+    p = _cmd(rs, "rebuild", cmd_rollups_rebuild, "recompute from the settled events",
+             "Recompute the usage rollups of the hours from --since (all when absent) from "
+             "the settled events, in one transaction; one progress line per 100000 events on "
+             "stderr.")  # fmt: skip
+    p.add_argument("--since", metavar="TIME", help="ISO date/time or Unix ms (default: all)")
     _add_db(p)

@@ -458,6 +458,33 @@ MIGRATIONS: tuple[Migration, ...] = (
             )""",
         ),
     ),
+    Migration(
+        14,
+        "usage_rollups: settled usage per hour, kept by the settling transaction",
+        (
+            # tokenhub.billing.rollups: per UTC hour and dimension, the settled events' counts
+            # and cost (integer nanos per currency; '' when none), upserted in the transaction
+            # that settles them, so they equal the settled events at every commit. A database
+            # settled before this migration is backfilled by `tokenhub billing rollups rebuild`.
+            """CREATE TABLE usage_rollups (
+                hour_ms BIGINT NOT NULL,
+                tenant TEXT NOT NULL,
+                key_id TEXT NOT NULL,
+                model TEXT NOT NULL,
+                deployment TEXT NOT NULL,
+                status TEXT NOT NULL,
+                currency TEXT NOT NULL,
+                requests BIGINT NOT NULL,
+                ok BIGINT NOT NULL,
+                input_tokens BIGINT NOT NULL,
+                cached_tokens BIGINT NOT NULL,
+                output_tokens BIGINT NOT NULL,
+                cost BIGINT NOT NULL,
+                PRIMARY KEY (hour_ms, tenant, key_id, model, deployment, status, currency)
+            )""",
+            "CREATE INDEX usage_rollups_tenant ON usage_rollups (tenant, hour_ms)",
+        ),
+    ),
 )
 
 LATEST_VERSION = MIGRATIONS[-1].version

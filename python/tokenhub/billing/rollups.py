@@ -1,0 +1,300 @@
+"""Usage rollups: settled usage per hour, kept in the transaction that settles it.
+
+`usage_rollups` holds, per UTC hour, tenant, key, model, deployment, status class (`ok`: an
+HTTP 2xx, else `error`) and currency, the settled events' requests, ok, input / cached / output
+tokens and cost. Pages and `usage_summary` read it, never the raw events.
+
+Kept equal to the settled events at every commit: `apply_settled` runs inside every settling
+transaction (Billing.settle, after its postings and beside its `also`), and adds exactly the
+events that transaction settled (`SettleResult.txn_ids`), so a replayed or duplicate batch adds
+nothing. A voided event (tokenhub.billing.settler.void) is settled with no charge and counts
+with cost 0; a refund (Billing.refund) takes the event's cost back out in the refund's own
+transaction, as the ledger reverses its postings (the request and its tokens still count).
+
+Cost is what the event's usage transaction charged the tenant, per money unit: the sum of its
+postings on the tenant's own accounts (`t:<tenant>:...`: wallet, receivable, overrun, a lot's
+deferred price earned) in a currency, tokens and points left out; integer nanos. The counts of
+an event go on the row of its first currency ('' when it charged nothing; a refund leaves them
+there); a charge in another currency too goes on a row of that currency with counts 0, so sums
+over rows never count a request twice. Rows whose every sum is 0 may stay.
+
+Rows are upserted with `INSERT ... ON CONFLICT DO UPDATE SET x = x + excluded.x` (SQLite and
+PostgreSQL), in key order: two settlers that touch the same rows are serialized by the tenant
+locks they hold already, and the order keeps anything else from deadlocking.
+
+`rebuild` recomputes the rollups from settlements, usage events and postings (the backfill of
+a database settled before migration 14, `tokenhub billing rollups rebuild`); on PostgreSQL it
+holds the table in EXCLUSIVE mode, so a settlement that commits meanwhile adds its events after
+the rebuild, never twice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from tokenhub.db.database import Tx
+from tokenhub.money import POINTS, TOKENS
+from tokenhub.usage import UsageEvent
+
+HOUR_MS = 3_600_000
+DAY_MS = 86_400_000
+PERIODS = ("hour", "day")
+DIMENSIONS = {"tenant": "tenant", "key": "key_id", "model": "model", "deployment": "deployment"}
+PROGRESS_EVERY = 100_000
+_CHUNK = 500
+_READ = 10_000
+
+# (hour_ms, tenant, key_id, model, deployment, status, currency)
+Key = tuple[int, str, str, str, str, str, str]
+_COLS = (
+    "hour_ms", "tenant", "key_id", "model", "deployment", "status", "currency",
+    "requests", "ok", "input_tokens", "cached_tokens", "output_tokens", "cost",
+)  # fmt: skip
+_UPSERT = (
+    f"INSERT INTO usage_rollups ({', '.join(_COLS)}) "
+    f"VALUES ({', '.join(f'${i + 1}' for i in range(len(_COLS)))}) "
+    "ON CONFLICT (hour_ms, tenant, key_id, model, deployment, status, currency) DO UPDATE SET "
+    + ", ".join(f"{c} = usage_rollups.{c} + excluded.{c}" for c in _COLS[7:])
+)
+# The tenant's side of a usage transaction, in money units.
+_COST_SQL = (
+    "SELECT txn_id, unit, SUM(amount) FROM postings WHERE txn_id IN ({marks}) "
+    f"AND account LIKE 't:%' AND unit NOT IN ('{TOKENS}', '{POINTS}') GROUP BY txn_id, unit"
+)
+
+
+def hour_of(ts_ms: int) -> int:
+    return ts_ms - ts_ms % HOUR_MS
+
+
+def status_class(status: int) -> str:
+    return "ok" if 200 <= status < 300 else "error"
+
+
+class _Acc:
+    """Rollup deltas keyed by row, then written in key order."""
+
+    def __init__(self) -> None:
+        self.rows: dict[Key, list[int]] = {}
+
+    def add(
+        self,
+        hour: int,
+        tenant: str,
+        key_id: str,
+        model: str,
+        deployment: str,
+        status: int,
+        counts: tuple[int, int, int],
+        cost: dict[str, int],
+    ) -> None:
+        cls = status_class(status)
+        currencies = sorted(cost) or [""]
+        for i, cur in enumerate(currencies):
+            row = self.rows.setdefault((hour, tenant, key_id, model, deployment, cls, cur), [0] * 6)
+            if i == 0:
+                row[0] += 1
+                row[1] += cls == "ok"
+                row[2] += counts[0]
+                row[3] += counts[1]
+                row[4] += counts[2]
+            row[5] += cost.get(cur, 0)
+
+    async def write(self, tx: Tx) -> int:
+        rows = [(*k, *v) for k, v in sorted(self.rows.items()) if any(v)]
+        for i in range(0, len(rows), 5000):
+            await tx.executemany(_UPSERT, rows[i : i + 5000])
+        return len(rows)
+
+
+async def _costs(tx: Tx, txn_ids: Iterable[str]) -> dict[str, dict[str, int]]:
+    """Per usage transaction, what it charged the tenant per currency."""
+    ids = sorted({t for t in txn_ids if t})
+    out: dict[str, dict[str, int]] = {}
+    for i in range(0, len(ids), _CHUNK):
+        chunk = ids[i : i + _CHUNK]
+        marks = ",".join(f"${j + 1}" for j in range(len(chunk)))
+        for tid, unit, amount in await tx.fetch(_COST_SQL.format(marks=marks), *chunk):
+            out.setdefault(tid, {})[unit] = int(amount)
+    return out
+
+
+async def apply_settled(tx: Tx, events: Sequence[UsageEvent], txn_ids: dict[str, str]) -> int:
+    """Adds to the rollups the `events` this transaction settled (`txn_ids`: event id ->
+    usage transaction id, '' for no charge; the others are left out: duplicates, conflicts,
+    failures). Returns the rows written."""
+    if not txn_ids:
+        return 0
+    costs = await _costs(tx, txn_ids.values())
+    acc = _Acc()
+    seen: set[str] = set()
+    for ev in events:
+        # An in-batch repeat: the first copy is the one settled.
+        if ev.request_id not in txn_ids or ev.request_id in seen:
+            continue
+        seen.add(ev.request_id)
+        acc.add(
+            hour_of(ev.ts_ms),
+            ev.tenant,
+            ev.key_id,
+            ev.model,
+            ev.deployment,
+            ev.status,
+            (ev.input_tokens, ev.cached_input_tokens, ev.output_tokens),
+            costs.get(txn_ids[ev.request_id], {}),
+        )
+    return await acc.write(tx)
+
+
+async def apply_refund(tx: Tx, event_id: str, txn_id: str) -> None:
+    """Takes a refunded event's cost (that of its usage transaction `txn_id`) back out. The
+    event's dimensions come from usage_events: one settled without being stored there (only
+    tests settle events straight from memory) is left as it is."""
+    row = await tx.fetchrow(
+        "SELECT ts_ms, tenant, key_id, model, deployment, status FROM usage_events "
+        "WHERE request_id = $1",
+        event_id,
+    )
+    if row is None:
+        return
+    cost = (await _costs(tx, [txn_id])).get(txn_id, {})
+    acc = _Acc()
+    for cur, amount in sorted(cost.items()):
+        if amount:
+            hour, cls = hour_of(int(row[0])), status_class(int(row[5]))
+            acc.rows[(hour, row[1], row[2], row[3], row[4], cls, cur)] = [0, 0, 0, 0, 0, -amount]
+    await acc.write(tx)
+
+
+async def rebuild(
+    tx: Tx,
+    *,
+    dialect: str,
+    since: int | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> tuple[int, int]:
+    """Recomputes the rollups of the hours from `since` (all when None) from the settled
+    events, inside the caller's transaction on a database of `dialect` (Database.dialect).
+    `progress(events read)` every PROGRESS_EVERY events. Returns (events, rows written)."""
+    if dialect == "postgresql":
+        await tx.execute("LOCK TABLE usage_rollups IN EXCLUSIVE MODE")
+    start = hour_of(since) if since is not None else None
+    if start is None:
+        await tx.execute("DELETE FROM usage_rollups")
+    else:
+        await tx.execute("DELETE FROM usage_rollups WHERE hour_ms >= $1", start)
+    cols = (
+        "e.ts_ms, e.request_id, e.tenant, e.key_id, e.model, e.deployment, e.status, "
+        "e.input_tokens, e.cached_input_tokens, e.output_tokens, s.txn_id"
+    )
+    base = f"SELECT {cols} FROM usage_events e JOIN settlements s ON s.event_id = e.request_id"
+    acc = _Acc()
+    n = 0
+    cursor: tuple[int, str] | None = None
+    while True:
+        where: list[str] = []
+        args: list[Any] = []
+        if start is not None:
+            args.append(start)
+            where.append(f"e.ts_ms >= ${len(args)}")
+        if cursor is not None:
+            args += [cursor[0], cursor[0], cursor[1]]
+            a, b, c = len(args) - 2, len(args) - 1, len(args)
+            where.append(f"(e.ts_ms > ${a} OR (e.ts_ms = ${b} AND e.request_id > ${c}))")
+        sql = base + (" WHERE " + " AND ".join(where) if where else "")
+        args.append(_READ)
+        rows = await tx.fetch(f"{sql} ORDER BY e.ts_ms, e.request_id LIMIT ${len(args)}", *args)
+        if not rows:
+            break
+        cursor = (int(rows[-1][0]), rows[-1][1])
+        charged = [r[10] for r in rows if r[10]]
+        costs = await _costs(tx, charged)
+        refunded = await _refunded(tx, [r[1] for r in rows if r[10]])
+        for r in rows:
+            cost = costs.get(r[10], {})
+            if r[1] in refunded:  # the rows the charge went to, with its cost taken out
+                cost = dict.fromkeys(cost, 0)
+            acc.add(
+                hour_of(int(r[0])), r[2], r[3], r[4], r[5], int(r[6]),
+                (int(r[7]), int(r[8]), int(r[9])), cost,
+            )  # fmt: skip
+            n += 1
+            if progress is not None and n % PROGRESS_EVERY == 0:
+                progress(n)
+    return n, await acc.write(tx)
+
+
+async def _refunded(tx: Tx, event_ids: Sequence[str]) -> set[str]:
+    out: set[str] = set()
+    for i in range(0, len(event_ids), _CHUNK):
+        chunk = event_ids[i : i + _CHUNK]
+        marks = ",".join(f"${j + 1}" for j in range(len(chunk)))
+        out |= {
+            r[0]
+            for r in await tx.fetch(
+                f"SELECT ref FROM ledger_txns WHERE kind = 'refund' AND ref IN ({marks})", *chunk
+            )
+        }
+    return out
+
+
+# -- reading ------------------------------------------------------------------------------------
+
+
+@dataclass
+class SummaryRow:
+    bucket_ms: int  # the start of the hour or UTC day
+    group: str  # the tenant, key id, model or deployment
+    requests: int = 0
+    ok: int = 0
+    input_tokens: int = 0
+    cached_tokens: int = 0
+    output_tokens: int = 0
+    cost: dict[str, int] = field(default_factory=dict)  # currency -> nanos
+
+
+async def usage_summary(
+    tx: Tx,
+    *,
+    since: int,
+    until: int,
+    group_by: tuple[str, str] = ("day", "model"),
+    tenant: str | None = None,
+) -> list[SummaryRow]:
+    """Settled usage from the rollups only: per (`group_by[0]` in PERIODS, `group_by[1]` in
+    DIMENSIONS), the hours h with hour_of(since) <= h < until (rollups are hourly: bounds
+    fall on hours), of one `tenant` or all; ordered by bucket, then group. ValueError on an
+    unknown group_by."""
+    period, dim = group_by
+    if period not in PERIODS or dim not in DIMENSIONS:
+        raise ValueError(
+            f"group_by must be one of {PERIODS} x {tuple(DIMENSIONS)} (got {group_by!r})"
+        )
+    bucket = "hour_ms" if period == "hour" else f"(hour_ms / {DAY_MS}) * {DAY_MS}"
+    col = DIMENSIONS[dim]
+    args: list[Any] = [hour_of(since), until]
+    where = "hour_ms >= $1 AND hour_ms < $2"
+    if tenant is not None:
+        args.append(tenant)
+        where += " AND tenant = $3"
+    rows = await tx.fetch(
+        f"SELECT {bucket} AS b, {col} AS g, currency, SUM(requests), SUM(ok), "
+        "SUM(input_tokens), SUM(cached_tokens), SUM(output_tokens), SUM(cost) "
+        f"FROM usage_rollups WHERE {where} GROUP BY b, g, currency ORDER BY b, g, currency",
+        *args,
+    )
+    out: list[SummaryRow] = []
+    for b, g, cur, req, ok, i, c, o, cost in rows:
+        if not out or (out[-1].bucket_ms, out[-1].group) != (int(b), g):
+            out.append(SummaryRow(int(b), g))
+        s = out[-1]
+        s.requests += int(req)
+        s.ok += int(ok)
+        s.input_tokens += int(i)
+        s.cached_tokens += int(c)
+        s.output_tokens += int(o)
+        if cur and int(cost):
+            s.cost[cur] = s.cost.get(cur, 0) + int(cost)
+    return out
