@@ -86,12 +86,18 @@ _BUCKET = {"hour": "(e.ts_ms / 3600000) * 3600000", "day": "(e.ts_ms / 86400000)
 _SETTLED = "FROM usage_events e JOIN settlements s ON s.event_id = e.request_id"
 
 
-async def _group_by(db: Database, period: str, dim: str, tenant: str | None) -> Summary:
+async def _group_by(
+    db: Database, period: str, dim: str, tenant: str | None, span: tuple[int, int] = (0, 2**62)
+) -> Summary:
     """The reference: a GROUP BY over the settled raw events (counts), and over their usage
     transactions' postings on the tenant's money accounts, unless refunded (cost)."""
     b, g = _BUCKET[period], f"e.{R.DIMENSIONS[dim]}"
-    where, args = ("WHERE e.tenant = $1", [tenant]) if tenant else ("", [])
-    and_t = "AND e.tenant = $1" if tenant else ""
+    args: list[Any] = list(span)
+    where = "WHERE e.ts_ms >= $1 AND e.ts_ms < $2"
+    if tenant:
+        args.append(tenant)
+        where += " AND e.tenant = $3"
+    and_t = where.replace("WHERE", "AND", 1)
 
     async def run(tx: Tx) -> Summary:
         counts = await tx.fetch(
@@ -121,10 +127,16 @@ async def _group_by(db: Database, period: str, dim: str, tenant: str | None) -> 
     return await db.transaction(run)
 
 
-async def _summary(db: Database, period: str, dim: str, tenant: str | None) -> Summary:
+async def _summary(
+    db: Database,
+    period: str,
+    dim: str,
+    tenant: str | None,
+    span: tuple[int, int] = (START, START + 10 * 24 * HOUR),
+) -> Summary:
     rows = await db.read(
-        lambda tx: R.usage_summary(
-            tx, since=START, until=START + 10 * 24 * HOUR, group_by=(period, dim), tenant=tenant
+        partial(
+            R.usage_summary, since=span[0], until=span[1], group_by=(period, dim), tenant=tenant
         )
     )
     return {
@@ -140,14 +152,20 @@ async def _assert_equal(db: Database) -> None:
         for tenant in (None, "usd"):
             want = await _group_by(db, period, dim, tenant)
             assert await _summary(db, period, dim, tenant) == want, (period, dim, tenant)
+            # Hours on either side of whole days: daily rows between hourly ones.
+            span = (START + 5 * HOUR + 17, START + 53 * HOUR)
+            want = await _group_by(db, period, dim, tenant, (START + 5 * HOUR, span[1]))
+            assert await _summary(db, period, dim, tenant, span) == want, (period, dim, span)
 
 
 async def _raw_rollups(db: Database) -> list[tuple[Any, ...]]:
-    sql = (
-        "SELECT * FROM usage_rollups WHERE cost <> 0 OR requests <> 0 ORDER BY 1, 2, 3, 4, 5, 6, 7"
-    )
-    rows = await db.read(lambda tx: tx.fetch(sql))
-    return [tuple(int(v) if isinstance(v, int) else v for v in r) for r in rows]
+    """Both tables' nonzero rows."""
+    out: list[tuple[Any, ...]] = []
+    for table in R.TABLES:
+        sql = f"SELECT * FROM {table} WHERE cost <> 0 OR requests <> 0 ORDER BY 1, 2, 3, 4, 5, 6, 7"
+        rows = await db.read(lambda tx, sql=sql: tx.fetch(sql))
+        out += [(table, *(int(v) if isinstance(v, int) else v for v in r)) for r in rows]
+    return out
 
 
 @pytest.mark.parametrize("seed", [14, 15, 16])
@@ -216,14 +234,15 @@ async def test_rollups_equal_group_by_over_settled_events(billing: Billing, seed
     n, _ = await db.transaction(lambda tx: R.rebuild(tx, dialect=db.dialect))
     assert n == await db.read(lambda tx: tx.fetchval("SELECT COUNT(*) FROM settlements"))
     assert await _raw_rollups(db) == incremental
-    await db.transaction(lambda tx: tx.execute("UPDATE usage_rollups SET requests = 0"))
-    since = START + 36 * HOUR + 1234  # mid-hour: rounds down to the hour
+    for table in R.TABLES:
+        await db.transaction(lambda tx, t=table: tx.execute(f"UPDATE {t} SET requests = 0"))
+    since = START + 36 * HOUR + 1234  # mid-day: rounds down to the day
+    day = since - since % (24 * HOUR)
     await db.transaction(lambda tx: R.rebuild(tx, dialect=db.dialect, since=since))
     mixed = await _raw_rollups(db)
-    assert [r for r in mixed if r[0] >= since - since % HOUR] == [
-        r for r in incremental if r[0] >= since - since % HOUR
-    ]
-    assert all(r[7] == 0 for r in mixed if r[0] < since - since % HOUR)
+    assert [r for r in mixed if r[1] >= day] == [r for r in incremental if r[1] >= day]
+    assert [r for r in mixed if r[1] < day]  # the earlier days are left as they were
+    assert all(r[8] == 0 for r in mixed if r[1] < day)
 
 
 async def test_summary_refuses_unknown_group_by(billing: Billing) -> None:

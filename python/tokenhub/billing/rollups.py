@@ -2,7 +2,8 @@
 
 `usage_rollups` holds, per UTC hour, tenant, key, model, deployment, status class (`ok`: an
 HTTP 2xx, else `error`) and currency, the settled events' requests, ok, input / cached / output
-tokens and cost. Pages and `usage_summary` read it, never the raw events.
+tokens and cost; `usage_rollups_daily` the same per UTC day (written beside it, in the same
+statements' transaction). Pages and `usage_summary` read them, never the raw events.
 
 Kept equal to the settled events at every commit: `apply_settled` runs inside every settling
 transaction (Billing.settle, after its postings and beside its `also`), and adds exactly the
@@ -52,12 +53,18 @@ _COLS = (
     "hour_ms", "tenant", "key_id", "model", "deployment", "status", "currency",
     "requests", "ok", "input_tokens", "cached_tokens", "output_tokens", "cost",
 )  # fmt: skip
-_UPSERT = (
-    f"INSERT INTO usage_rollups ({', '.join(_COLS)}) "
-    f"VALUES ({', '.join(f'${i + 1}' for i in range(len(_COLS)))}) "
-    "ON CONFLICT (hour_ms, tenant, key_id, model, deployment, status, currency) DO UPDATE SET "
-    + ", ".join(f"{c} = usage_rollups.{c} + excluded.{c}" for c in _COLS[7:])
-)
+TABLES = ("usage_rollups", "usage_rollups_daily")
+
+
+def _upsert(table: str) -> str:
+    return (
+        f"INSERT INTO {table} ({', '.join(_COLS)}) "
+        f"VALUES ({', '.join(f'${i + 1}' for i in range(len(_COLS)))}) "
+        "ON CONFLICT (hour_ms, tenant, key_id, model, deployment, status, currency) DO UPDATE "
+        "SET " + ", ".join(f"{c} = {table}.{c} + excluded.{c}" for c in _COLS[7:])
+    )
+
+
 # The tenant's side of a usage transaction, in money units.
 _COST_SQL = (
     "SELECT txn_id, unit, SUM(amount) FROM postings WHERE txn_id IN ({marks}) "
@@ -103,10 +110,19 @@ class _Acc:
             row[5] += cost.get(cur, 0)
 
     async def write(self, tx: Tx) -> int:
-        rows = [(*k, *v) for k, v in sorted(self.rows.items()) if any(v)]
-        for i in range(0, len(rows), 5000):
-            await tx.executemany(_UPSERT, rows[i : i + 5000])
-        return len(rows)
+        """Upserts the hourly rows, then the daily ones; returns the hourly rows written."""
+        daily: dict[Key, list[int]] = {}
+        for k, v in self.rows.items():
+            d = daily.setdefault((k[0] - k[0] % DAY_MS, *k[1:]), [0] * 6)
+            for j, x in enumerate(v):
+                d[j] += x
+        n = 0
+        for table, got in zip(TABLES, (self.rows, daily), strict=True):
+            rows = [(*k, *v) for k, v in sorted(got.items()) if any(v)]
+            for i in range(0, len(rows), 5000):
+                await tx.executemany(_upsert(table), rows[i : i + 5000])
+            n = n or len(rows)
+        return n
 
 
 async def _costs(tx: Tx, txn_ids: Iterable[str]) -> dict[str, dict[str, int]]:
@@ -175,16 +191,18 @@ async def rebuild(
     since: int | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> tuple[int, int]:
-    """Recomputes the rollups of the hours from `since` (all when None) from the settled
+    """Recomputes the rollups from the UTC day of `since` (all when None) from the settled
     events, inside the caller's transaction on a database of `dialect` (Database.dialect).
     `progress(events read)` every PROGRESS_EVERY events. Returns (events, rows written)."""
     if dialect == "postgresql":
-        await tx.execute("LOCK TABLE usage_rollups IN EXCLUSIVE MODE")
-    start = hour_of(since) if since is not None else None
-    if start is None:
-        await tx.execute("DELETE FROM usage_rollups")
-    else:
-        await tx.execute("DELETE FROM usage_rollups WHERE hour_ms >= $1", start)
+        await tx.execute("LOCK TABLE usage_rollups, usage_rollups_daily IN EXCLUSIVE MODE")
+    # From the start of since's UTC day, so that the daily rows are whole.
+    start = since - since % DAY_MS if since is not None else None
+    for table in TABLES:
+        if start is None:
+            await tx.execute(f"DELETE FROM {table}")
+        else:
+            await tx.execute(f"DELETE FROM {table} WHERE hour_ms >= $1", start)
     cols = (
         "e.ts_ms, e.request_id, e.tenant, e.key_id, e.model, e.deployment, e.status, "
         "e.input_tokens, e.cached_input_tokens, e.output_tokens, s.txn_id"
@@ -265,36 +283,46 @@ async def usage_summary(
 ) -> list[SummaryRow]:
     """Settled usage from the rollups only: per (`group_by[0]` in PERIODS, `group_by[1]` in
     DIMENSIONS), the hours h with hour_of(since) <= h < until (rollups are hourly: bounds
-    fall on hours), of one `tenant` or all; ordered by bucket, then group. ValueError on an
-    unknown group_by."""
+    fall on hours), of one `tenant` or all; ordered by bucket, then group. Grouped by day,
+    the whole UTC days inside the range are read from the daily rows, the hours at either
+    end from the hourly ones. ValueError on an unknown group_by."""
     period, dim = group_by
     if period not in PERIODS or dim not in DIMENSIONS:
         raise ValueError(
             f"group_by must be one of {PERIODS} x {tuple(DIMENSIONS)} (got {group_by!r})"
         )
+    start = hour_of(since)
+    spans = [(TABLES[0], start, until)]
+    if period == "day":
+        d0, d1 = start + (-start % DAY_MS), until - until % DAY_MS
+        if d0 < d1:
+            spans = [(TABLES[0], start, d0), (TABLES[1], d0, d1), (TABLES[0], d1, until)]
     bucket = "hour_ms" if period == "hour" else f"(hour_ms / {DAY_MS}) * {DAY_MS}"
     col = DIMENSIONS[dim]
-    args: list[Any] = [hour_of(since), until]
-    where = "hour_ms >= $1 AND hour_ms < $2"
-    if tenant is not None:
-        args.append(tenant)
-        where += " AND tenant = $3"
-    rows = await tx.fetch(
-        f"SELECT {bucket} AS b, {col} AS g, currency, SUM(requests), SUM(ok), "
-        "SUM(input_tokens), SUM(cached_tokens), SUM(output_tokens), SUM(cost) "
-        f"FROM usage_rollups WHERE {where} GROUP BY b, g, currency ORDER BY b, g, currency",
-        *args,
-    )
-    out: list[SummaryRow] = []
-    for b, g, cur, req, ok, i, c, o, cost in rows:
-        if not out or (out[-1].bucket_ms, out[-1].group) != (int(b), g):
-            out.append(SummaryRow(int(b), g))
-        s = out[-1]
-        s.requests += int(req)
-        s.ok += int(ok)
-        s.input_tokens += int(i)
-        s.cached_tokens += int(c)
-        s.output_tokens += int(o)
-        if cur and int(cost):
-            s.cost[cur] = s.cost.get(cur, 0) + int(cost)
-    return out
+    found: dict[tuple[int, str], SummaryRow] = {}
+    for table, lo, hi in spans:
+        if lo >= hi:
+            continue
+        args: list[Any] = [lo, hi]
+        where = "hour_ms >= $1 AND hour_ms < $2"
+        if tenant is not None:
+            args.append(tenant)
+            where += " AND tenant = $3"
+        rows = await tx.fetch(
+            f"SELECT {bucket} AS b, {col} AS g, currency, SUM(requests), SUM(ok), "
+            "SUM(input_tokens), SUM(cached_tokens), SUM(output_tokens), SUM(cost) "
+            f"FROM {table} WHERE {where} GROUP BY b, g, currency",
+            *args,
+        )
+        for b, g, cur, req, ok, i, c, o, cost in rows:
+            r = found.setdefault((int(b), g), SummaryRow(int(b), g))
+            r.requests += int(req)
+            r.ok += int(ok)
+            r.input_tokens += int(i)
+            r.cached_tokens += int(c)
+            r.output_tokens += int(o)
+            if cur and int(cost):
+                r.cost[cur] = r.cost.get(cur, 0) + int(cost)
+    for r in found.values():
+        r.cost = {c: v for c, v in sorted(r.cost.items()) if v}
+    return [found[k] for k in sorted(found)]

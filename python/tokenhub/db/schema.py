@@ -460,7 +460,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     ),
     Migration(
         14,
-        "usage_rollups: settled usage per hour, kept by the settling transaction",
+        "usage_rollups(_daily): settled usage per hour and day, kept by the settling transaction",
         (
             # tokenhub.billing.rollups: per UTC hour and dimension, the settled events' counts
             # and cost (integer nanos per currency; '' when none), upserted in the transaction
@@ -483,6 +483,25 @@ MIGRATIONS: tuple[Migration, ...] = (
                 PRIMARY KEY (hour_ms, tenant, key_id, model, deployment, status, currency)
             )""",
             "CREATE INDEX usage_rollups_tenant ON usage_rollups (tenant, hour_ms)",
+            # The same per UTC day (hour_ms holds the day's start), kept beside it: a month
+            # grouped by day reads ~24x fewer rows.
+            """CREATE TABLE usage_rollups_daily (
+                hour_ms BIGINT NOT NULL,
+                tenant TEXT NOT NULL,
+                key_id TEXT NOT NULL,
+                model TEXT NOT NULL,
+                deployment TEXT NOT NULL,
+                status TEXT NOT NULL,
+                currency TEXT NOT NULL,
+                requests BIGINT NOT NULL,
+                ok BIGINT NOT NULL,
+                input_tokens BIGINT NOT NULL,
+                cached_tokens BIGINT NOT NULL,
+                output_tokens BIGINT NOT NULL,
+                cost BIGINT NOT NULL,
+                PRIMARY KEY (hour_ms, tenant, key_id, model, deployment, status, currency)
+            )""",
+            "CREATE INDEX usage_rollups_daily_tenant ON usage_rollups_daily (tenant, hour_ms)",
         ),
     ),
 )
