@@ -10,8 +10,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import openai
 import pytest
-from conftest import DAY_MS, World, _day_ms
 from harness import wait_until
+from tenant_kit import DAY_MS, World, day_ms
 
 from tokenhub.tenant.routes import MAX_KEYS_PER_TENANT
 
@@ -50,7 +50,7 @@ def test_balance(world: World) -> None:
 
 
 def test_usage_grouped(world: World) -> None:
-    since = _day_ms(world.day0)
+    since = day_ms(world.day0)
     q = f"since={since}&until={since + 2 * DAY_MS}"
     by_day = world.call("GET", f"/v1/tokenhub/usage?{q}&group_by=day", "acme").json
     d0, d1 = world.day0.isoformat(), (world.day0 + dt.timedelta(days=1)).isoformat()
