@@ -11,6 +11,7 @@ transaction is run, the bulk usage insert, streaming export and `sync`.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -473,12 +474,16 @@ async def admin_token_by_digest(tx: Tx, sha256_hex: str) -> AdminToken | None:
     return None if row is None else _admin_token(row)
 
 
+_AUDIT_SEQ = itertools.count()
+
+
 async def add_admin_audit(
     tx: Tx, actor: str, action: str, target: str, before: Any, after: Any
 ) -> str:
     """Appends an admin write to the audit log, in the write's own transaction."""
     ts = now_ms()
-    entry_id = f"aa_{ts:012x}{secrets.token_hex(8)}"  # time-ordered, unique
+    # Time-ordered and unique; within one millisecond, in this process's order of writing.
+    entry_id = f"aa_{ts:012x}{next(_AUDIT_SEQ) & 0xFFFFFFFF:08x}{secrets.token_hex(4)}"
     enc = msgspec.json.encode
     await tx.execute(
         "INSERT INTO admin_audit (id, ts_ms, actor, action, target, before, after) "
