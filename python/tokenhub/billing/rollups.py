@@ -27,6 +27,14 @@ locks they hold already, and the order keeps anything else from deadlocking.
 a database settled before migration 14, `tokenhub billing rollups rebuild`); on PostgreSQL it
 holds the table in EXCLUSIVE mode, so a settlement that commits meanwhile adds its events after
 the rebuild, never twice.
+
+Performance notes (benches/bench_rollups.py, 1M settled events over 30 days, 50 tenants, 150
+keys, 6 models x 2 deployments: 384k hourly rows, 2-core VM): a 30-day day x model summary
+reads the daily rows in 53 ms on SQLite / 26 ms on PostgreSQL against 4.7 s / 1.1 s for the
+same GROUP BY over the raw events; one tenant's 30 days by key 1.6 / 2.0 ms (1.0 s / 0.5 s
+raw). Hourly rows alone were 594 / 159 ms for the 30-day query (the hourly key x model x
+deployment rows hardly compress at ~1,400 events an hour), hence the daily table. Rebuild
+runs at ~54k events/s on SQLite, ~12k on PostgreSQL (asyncpg's executemany of the upserts).
 """
 
 from __future__ import annotations
