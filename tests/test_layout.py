@@ -24,7 +24,7 @@ import tokenhub
 ROOT = Path(tokenhub.__file__).parent
 PACKAGES = (
     "money", "db", "store", "billing", "gateway", "runtime", "cli", "mock", "routing_bench",
-    "admin",
+    "admin", "tenant",
 )  # fmt: skip
 
 # (importing module, imported top-level package) pairs a later step removes.

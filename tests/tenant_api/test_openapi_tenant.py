@@ -30,15 +30,23 @@ def test_spec_paths_and_methods_are_the_routes() -> None:
     assert routed == {(m, p) for m, p, _ in ROUTES}
 
 
-def test_the_gateway_serves_them() -> None:
-    """The gateway app's URL map holds every tenant route (and OpenAI's own beside them)."""
+def test_the_gateway_serves_them(tmp_path: Path) -> None:
+    """The gateway app as serve builds it (runtime.resources.build_app) holds every tenant
+    route (and OpenAI's own beside them)."""
     from tokenhub.config import from_mapping
-    from tokenhub.gateway.app import create_app
-    from tokenhub.gateway.auth import KeyCache
+    from tokenhub.runtime.journal import Journal
+    from tokenhub.runtime.resources import build_app
+    from tokenhub.runtime.shared import SharedState
+    from tokenhub.store import open_store
 
-    cfg = from_mapping({"server": {"database": ":memory:"}, "models": []})
-    app = create_app(cfg, keys=KeyCache(lambda: [], lambda: 0), sink=None)  # type: ignore[arg-type]
-    routed = {(r.method, r.resource.canonical) for r in app.router.routes() if r.resource}
+    cfg = from_mapping({"server": {"database": str(tmp_path / "t.db")}, "models": []})
+    store = open_store(cfg.server.database)
+    store.migrate()
+    try:
+        app = build_app(cfg, SharedState(), store=store, journal=Journal(tmp_path / "journal"))
+        routed = {(r.method, r.resource.canonical) for r in app.router.routes() if r.resource}
+    finally:
+        store.close()
     assert {(m, p) for m, p, _ in ROUTES} <= routed
     assert ("POST", "/v1/chat/completions") in routed
 

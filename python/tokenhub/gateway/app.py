@@ -18,7 +18,6 @@ from tokenhub.gateway.routes import setup_routes
 from tokenhub.gateway.service import Gateway, Sink, new_request_id
 from tokenhub.gateway.state import GATEWAY, METRICS, REQUEST_ID
 from tokenhub.gateway.telemetry import Registry
-from tokenhub.tenant.routes import setup_tenant_routes
 
 log = logging.getLogger("tokenhub.gateway")
 
@@ -100,7 +99,4 @@ def create_app(
     for ctx in extra_cleanup or ():
         app.cleanup_ctx.append(ctx)
     setup_routes(app)
-    # The tenant's own API (balance, usage, keys, redeem, OpenAI's legacy billing endpoints):
-    # more URLs on this listener, nothing on the completions' path; its database opens lazily.
-    setup_tenant_routes(app, config.server.database)
     return app

@@ -170,6 +170,12 @@ def build_app(
         await sink.close(timeout=30)
 
     app = create_app(cfg, keys=keys, sink=sink, limits=limits, extra_cleanup=[lifecycle])
+    # The tenant's own API (balance, usage, keys, redeem, OpenAI's legacy billing endpoints):
+    # more URLs on this listener, nothing on the completions' path; its database opens lazily.
+    # Added here, the composition root, so that the gateway does not import tenant/.
+    from tokenhub.tenant.routes import setup_tenant_routes
+
+    setup_tenant_routes(app, cfg.server.database)
     app[SHARED_STATE] = shared
     app[RESOURCES] = Resources(
         store=store, journal=journal, sink=sink, keys=keys, quota=quota, limits=limits
