@@ -209,6 +209,28 @@ async def get_tenant(request: web.Request) -> web.Response:
 
 async def create_topup(request: web.Request) -> web.Response:
     body = await read_json(request, TopUp)
+
+    async def move(tx: Tx, t: Tenant, key: str) -> tuple[dict[str, Any], dict[str, Any]]:
+        txn = await topup_in(tx, t.name, body.amount, body.currency, ref=f"idem:{key}")
+        amount = money(parse_amount(body.amount, body.currency), body.currency)
+        return {"object": "topup", "transaction": txn, "amount": amount}, {"txn": txn}
+
+    return await _wallet_move(request, body, "wallet.topup", move, currency=body.currency)
+
+
+async def _wallet_move(
+    request: web.Request,
+    body: msgspec.Struct,
+    action: str,
+    move: Callable[[Tx, Tenant, str], Awaitable[tuple[dict[str, Any], dict[str, Any]]]],
+    *,
+    currency: str | None = None,
+) -> web.Response:
+    """A money-moving POST on the tenant of the URL, under its Idempotency-Key, in one
+    transaction: a replay answers as the first time did; else `move` (returning the response's
+    own fields and what the audit row adds after the move), with the tenant's wallet (in
+    `currency`, default the tenant's) before and after it in the audit row and the answer,
+    recorded as the key's 201."""
     tenant_id = request.match_info["id"]
     actor = _actor(request)
     idem = Idempotency(request, actor, body)
@@ -218,19 +240,13 @@ async def create_topup(request: web.Request) -> web.Response:
         if replayed is not None:
             return replayed
         t = await sql.tenant_by_id_in(tx, tenant_id)
-        before = await _wallet(tx, t.name, body.currency)
-        txn = await topup_in(tx, t.name, body.amount, body.currency, ref=f"idem:{idem.key}")
-        after = await _wallet(tx, t.name, body.currency)
-        out = {
-            "object": "topup",
-            "transaction": txn,
-            "tenant_id": t.id,
-            "tenant": t.name,
-            "amount": money(parse_amount(body.amount, body.currency), body.currency),
-            "wallet": after,
-        }
+        cur = currency or (await get_profile(tx, t.name)).currency
+        before = await _wallet(tx, t.name, cur)
+        fields, audited = await move(tx, t, idem.key)
+        after = await _wallet(tx, t.name, cur)
+        out = {**fields, "tenant_id": t.id, "tenant": t.name, "wallet": after}
         await sql.add_admin_audit(
-            tx, actor, "wallet.topup", t.id, {"wallet": before}, {"wallet": after, "txn": txn}
+            tx, actor, action, t.id, {"wallet": before}, {"wallet": after, **audited}
         )
         return await idem.record(tx, 201, out)
 
@@ -280,53 +296,23 @@ def _lot_json(lot: Lot) -> dict[str, Any]:
 
 async def assign_plan(request: web.Request) -> web.Response:
     body = await read_json(request, PlanAssign)
-    tenant_id = request.match_info["id"]
-    actor = _actor(request)
-    idem = Idempotency(request, actor, body)
 
-    async def run(tx: Tx) -> web.Response:
-        replayed = await idem.replay(tx)
-        if replayed is not None:
-            return replayed
-        t = await sql.tenant_by_id_in(tx, tenant_id)
-        prof = await get_profile(tx, t.name)
-        before = await _wallet(tx, t.name, prof.currency)
-        lot = await assign_in(tx, t.name, body.plan, start_ms=body.start_ms)
-        after = await _wallet(tx, t.name, prof.currency)
-        out = {"object": "plan_assignment", "tenant_id": t.id, "tenant": t.name,
-               "lot": _lot_json(lot), "wallet": after}  # fmt: skip
-        await sql.add_admin_audit(
-            tx, actor, "plan.assign", t.id, {"wallet": before}, {"wallet": after, "lot": out["lot"]}
-        )
-        return await idem.record(tx, 201, out)
+    async def move(tx: Tx, t: Tenant, key: str) -> tuple[dict[str, Any], dict[str, Any]]:
+        lot = _lot_json(await assign_in(tx, t.name, body.plan, start_ms=body.start_ms))
+        return {"object": "plan_assignment", "lot": lot}, {"lot": lot}
 
-    return await _money_moving(request, idem, run)
+    return await _wallet_move(request, body, "plan.assign", move)
 
 
 async def redeem_code(request: web.Request) -> web.Response:
     body = await read_json(request, Redeem)
-    tenant_id = request.match_info["id"]
-    actor = _actor(request)
-    idem = Idempotency(request, actor, body)
 
-    async def run(tx: Tx) -> web.Response:
-        replayed = await idem.replay(tx)
-        if replayed is not None:
-            return replayed
-        t = await sql.tenant_by_id_in(tx, tenant_id)
-        prof = await get_profile(tx, t.name)
-        before = await _wallet(tx, t.name, prof.currency)
+    async def move(tx: Tx, t: Tenant, key: str) -> tuple[dict[str, Any], dict[str, Any]]:
         txn = await redeem_in(tx, t.name, body.code)
-        after = await _wallet(tx, t.name, prof.currency)
-        out = {"object": "redemption", "transaction": txn, "tenant_id": t.id,
-               "tenant": t.name, "wallet": after}  # fmt: skip
         # The code is a bearer secret: the log keeps the transaction, not the code.
-        await sql.add_admin_audit(
-            tx, actor, "code.redeem", t.id, {"wallet": before}, {"wallet": after, "txn": txn}
-        )
-        return await idem.record(tx, 201, out)
+        return {"object": "redemption", "transaction": txn}, {"txn": txn}
 
-    return await _money_moving(request, idem, run)
+    return await _wallet_move(request, body, "code.redeem", move)
 
 
 # -- keys ---------------------------------------------------------------------------------------
