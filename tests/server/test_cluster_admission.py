@@ -156,7 +156,10 @@ def test_two_hosts_share_one_wallet(pg_database: str, mock: str, tmp_path: Path)
             assert charges[str(o.request_id)] == reservation
             assert holds.startswith("@") and holds.endswith(f"|{money_pot(TENANT)}={reservation}")
             instances.add(holds[1:].partition("|")[0].partition("/")[0])
-        assert instances == {"A", "B"}  # both hosts admitted some
+        # Held on these hosts' leases. Not asserted: that both admitted some. A host whose
+        # want reaches its agent after the other host has leased the rest (a slow start on a
+        # busy machine) fairly gets nothing within its wait: a false 429, never an overspend.
+        assert instances and instances <= {"A", "B"}, instances
         bal = run_db(url, lambda db: db.transaction(lambda tx: balances(tx, tenant=TENANT)))
         assert bal.get(f"t:{TENANT}:overrun:USD", 0) == 0
         assert -bal[f"t:{TENANT}:wallet:USD"] == wallet - len(admitted) * reservation >= 0
