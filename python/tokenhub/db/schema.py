@@ -504,6 +504,69 @@ MIGRATIONS: tuple[Migration, ...] = (
             "CREATE INDEX usage_rollups_daily_tenant ON usage_rollups_daily (tenant, hour_ms)",
         ),
     ),
+    Migration(
+        15,
+        "console_users and console_sessions: the web console's sign-in (tokenhub.console)",
+        (
+            # Who may sign in to /console: operators (role admin, billing or read; tenant
+            # NULL) and tenants' own users (role 'tenant', tenant set). password_hash is
+            # hashlib.scrypt's, with its salt and parameters ("scrypt$n$r$p$salt$hash").
+            """CREATE TABLE console_users (
+                name TEXT NOT NULL PRIMARY KEY,
+                password_hash TEXT NOT NULL,
+                role TEXT NOT NULL,
+                tenant TEXT,
+                lang TEXT NOT NULL,
+                created_ms BIGINT NOT NULL,
+                disabled_ms BIGINT
+            )""",
+            "CREATE INDEX console_users_tenant ON console_users (tenant)",
+            # A signed-in browser: the cookie holds a random secret, the table its SHA-256;
+            # csrf is the session's token every POST must carry.
+            """CREATE TABLE console_sessions (
+                digest TEXT NOT NULL PRIMARY KEY,
+                user_name TEXT NOT NULL,
+                csrf TEXT NOT NULL,
+                created_ms BIGINT NOT NULL,
+                expires_ms BIGINT NOT NULL
+            )""",
+            "CREATE INDEX console_sessions_user ON console_sessions (user_name)",
+        ),
+    ),
+    Migration(
+        16,
+        "balance_alerts and webhook_deliveries: low-balance warnings sent to a tenant's webhook",
+        (
+            # A tenant's low-balance threshold in one currency (integer nanos): when its
+            # spendable balance falls below it while armed, one alert is queued and the
+            # alert is disarmed until the balance is back at or above the threshold.
+            """CREATE TABLE balance_alerts (
+                tenant TEXT NOT NULL,
+                currency TEXT NOT NULL,
+                threshold BIGINT NOT NULL,
+                webhook_url TEXT NOT NULL,
+                armed BOOLEAN NOT NULL,
+                fired_ms BIGINT,
+                updated_ms BIGINT NOT NULL,
+                PRIMARY KEY (tenant, currency)
+            )""",
+            # The webhook outbox: a row per message, queued in the transaction that decided
+            # to send it, delivered (with retries) after commit; time-ordered ids.
+            """CREATE TABLE webhook_deliveries (
+                id TEXT NOT NULL PRIMARY KEY,
+                tenant TEXT NOT NULL,
+                url TEXT NOT NULL,
+                kind TEXT NOT NULL,
+                body TEXT NOT NULL,
+                created_ms BIGINT NOT NULL,
+                attempts INTEGER NOT NULL,
+                next_ms BIGINT NOT NULL,
+                delivered_ms BIGINT,
+                last_error TEXT
+            )""",
+            "CREATE INDEX webhook_deliveries_due ON webhook_deliveries (delivered_ms, next_ms)",
+        ),
+    ),
 )
 
 LATEST_VERSION = MIGRATIONS[-1].version
