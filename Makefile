@@ -39,8 +39,30 @@ demo: build ## build, then run the gateway demo (SQLite, built-in mock upstream,
 	@echo
 	$(BIN)/tokenhub serve --demo $(if $(PORT),--port $(PORT),)
 
+# The console's browser tests (tests/browser) drive Debian's chromium through Playwright (from
+# requirements-dev.txt; `playwright install` cannot download browsers here) and need a CJK font
+# for the zh-CN pages. Installed as root when missing, the way scripts/test-postgres installs
+# PostgreSQL: without them the browser tests skip, or fail when TOKENHUB_REQUIRE_BROWSER=1.
+BROWSER_DEBS := chromium fonts-wqy-zenhei
+
+.PHONY: browser-deps
+browser-deps: ## install chromium and a CJK font (Debian, as root) for the browser tests if missing
+	@missing=; for p in $(BROWSER_DEBS); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'ok installed' || missing="$$missing $$p"; \
+	done; \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then \
+	  echo "warning: missing$$missing; as root: apt-get install --no-install-recommends$$missing" \
+	    "(the browser tests skip without them, or fail in CI)" >&2; exit 0; fi; \
+	echo "installing$$missing from the Debian packages (apt-get install)" >&2; \
+	export DEBIAN_FRONTEND=noninteractive; \
+	apt="apt-get -o DPkg::Lock::Timeout=300 -y -qq --no-install-recommends"; \
+	$$apt install $$missing >/dev/null || \
+	  { apt-get -o DPkg::Lock::Timeout=300 update -qq && $$apt install $$missing >/dev/null; } || \
+	  echo "warning: apt-get install$$missing failed (the browser tests skip, or fail in CI)" >&2
+
 .PHONY: test
-test: build ## build, then run the Rust and Python test suites (with a throwaway PostgreSQL and Redis)
+test: build browser-deps ## build, then run the Rust and Python test suites (with a throwaway PostgreSQL and Redis)
 	cargo test --release --quiet
 	@# The PostgreSQL tests use TOKENHUB_TEST_PG_DSN when it is set, else a server started here
 	@# (installed as root if missing) and stopped afterwards unless it was already running.
