@@ -4,7 +4,8 @@
 - nothing outside cli/ imports cli/ (a `__main__` module may: it is a command);
 - gateway/ has no SQL: no sqlite3 or asyncpg import, no SELECT/INSERT/UPDATE/DELETE text;
 - mock/ imports nothing of the gateway (it stands for a provider);
-- admin/ (the admin API) imports nothing of runtime/ (serve starts it, not the reverse);
+- admin/ (the admin API) and console/ (the web console) import nothing of runtime/ (serve
+  starts them, not the reverse);
 - no import cycles between the top-level packages.
 
 An import inside a function counts as much as one at the top: it is still a dependency. A rule
@@ -24,7 +25,7 @@ import tokenhub
 ROOT = Path(tokenhub.__file__).parent
 PACKAGES = (
     "money", "db", "store", "billing", "gateway", "runtime", "cli", "mock", "routing_bench",
-    "admin", "tenant",
+    "admin", "tenant", "console",
 )  # fmt: skip
 
 # (importing module, imported top-level package) pairs a later step removes.
@@ -108,6 +109,10 @@ def test_mock_imports_nothing_of_the_gateway() -> None:
 
 def test_admin_imports_no_runtime() -> None:
     assert _violations("serve starts the admin API", "admin", {"runtime", "cli"}) == []
+
+
+def test_console_imports_no_runtime() -> None:
+    assert _violations("serve starts the console", "console", {"runtime", "cli"}) == []
 
 
 def test_gateway_has_no_sql() -> None:

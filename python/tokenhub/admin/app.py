@@ -8,6 +8,10 @@ request (one indexed read; admin traffic is light), so a revoked token is refuse
 
 The database is opened on the first request that needs it, so a gateway whose admin API is
 never called holds no extra connection.
+
+The web console (tokenhub.console) is mounted on the same app under /console: its own
+middleware (sessions, CSRF, security headers, HTML error pages) handles those paths, which the
+errors and auth middlewares pass through untouched.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from aiohttp import web
 from tokenhub.admin.routes import ACTOR, DB, ROUTES
 from tokenhub.admin.web import DatabaseOpener
 from tokenhub.billing.ledger import LedgerError
+from tokenhub.console.app import setup_console
 from tokenhub.db.database import DatabaseError
 from tokenhub.gateway.errors import ApiError, from_http_exception
 from tokenhub.money import MoneyError
@@ -33,6 +38,7 @@ log = logging.getLogger("tokenhub.admin")
 SCOPE: web.AppKey[dict[object, str | None]] = web.AppKey("admin_scopes")
 MAX_BODY = web.AppKey("admin_max_body", int)
 _RANK = {s: i for i, s in enumerate(ADMIN_SCOPES)}
+CONSOLE_PREFIX = "/console"
 
 
 def _unauthorized() -> ApiError:
@@ -52,6 +58,8 @@ def _one_line(text: str) -> str:
 async def errors(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
 ) -> web.StreamResponse:
+    if request.path.startswith(CONSOLE_PREFIX):  # the console renders its own error pages
+        return await handler(request)
     try:
         return await handler(request)
     except ApiError as e:
@@ -118,6 +126,7 @@ def build_admin_app(database_url: str, *, max_body_bytes: int = 1024 * 1024) -> 
     for r in ROUTES:
         app.router.add_route(r.method, r.path, r.handler)
     app.on_cleanup.append(lazy.close)
+    setup_console(app, lazy)
     return app
 
 
