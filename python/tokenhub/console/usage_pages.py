@@ -1,19 +1,30 @@
-"""The console's operations pages: routing health (`/console/routing`) and the audit logs
-(`/console/audit`), for operators with role read or above.
+"""The usage explorer (`/console/usage`, operators with role read or above).
 
-Routing health is what the database knows: the admin listener is built from the database URL
-alone (tokenhub.admin.app.build_admin_app) and holds no reference to the gateway's router,
-so live circuit states are not reachable from here. Per deployment it shows the settled
-requests and error rate of the last hour and 24 hours (the hourly rollups) and, from at most
-`SAMPLE` most recent usage events of the last hour (an indexed, bounded read), latency
-p50/p95, the router's decisions per reason (`route`: policy, affinity, fallback, probe,
-degraded) and the tier share. A deployment whose recent decisions include `probe` or whose
-traffic arrives as `fallback` is one the router has been steering around.
+- `/console/usage`: a time range (presets today / 7d / 30d, or since/until), filters (tenant,
+  key, model, deployment, status class; `stream` narrows the events and exports only, the
+  rollups do not keep it), group by hour|day x tenant|key|model|deployment: a stacked bar
+  chart and a table of the same rows (requests, ok, tokens in / cached / out, cost per
+  currency), with a totals row. Read from the rollups only (tokenhub.billing.reports).
+- `/console/usage/events`: the raw events of one bucket and group (or any filter), metadata
+  only (never a prompt: events hold none), keyset-paged on (ts_ms, request_id).
+- `/console/usage/export.csv|.jsonl`: the events in the filter, streamed a page per read
+  transaction, in the rows and columns of `tokenhub events export`; `export.focus.csv`:
+  `tokenhub billing export --format focus` for the window (and tenant).
+
+Time bounds: `since` inclusive, `until` exclusive (as the CLI's), ISO dates or datetimes (UTC)
+or Unix milliseconds; the explorer rounds them out to whole hours (the rollups' grain).
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import csv
+import datetime as dt
+import io
+import logging
 import time
+from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlencode
 
@@ -22,133 +33,391 @@ from aiohttp import web
 
 from tokenhub.billing import io as bio
 from tokenhub.billing import reports
+from tokenhub.billing.rollups import DAY_MS, DIMENSIONS, HOUR_MS, PERIODS, SummaryRow
 from tokenhub.console import charts
 from tokenhub.console.core import ConsoleError, PageRoute, Session, db, gettext, render
 from tokenhub.db.database import Tx
+from tokenhub.money import fmt
+from tokenhub.usage import EVENT_FIELDS, UsageEvent, event_csv_row, event_jsonl
 
-SAMPLE = 5000
-AUDIT_PAGE = 50
+log = logging.getLogger("tokenhub.console")
+
+PRESETS = ("today", "7d", "30d")
+DEFAULT_PRESET = "7d"
+MAX_RANGE_MS = 400 * DAY_MS  # a summary reads at most this much (daily rows: ~400 buckets)
+MAX_SERIES = 8  # chart series: the largest groups, the rest as one "other"
+EVENTS_PAGE = 100
+FILTER_KEYS = ("tenant", "key", "model", "deployment", "status", "stream")
 
 
 def _now() -> int:
     return int(time.time() * 1000)
 
 
-def _pct(x: float | None) -> str:
-    return "" if x is None else f"{x:.1f}%"
+def _ceil_hour(ms: int) -> int:
+    return ms + (-ms % HOUR_MS)
 
 
-async def routing(request: web.Request, session: Session) -> web.StreamResponse:
-    now = _now()
-    rows = await (await db(request)).read(
-        lambda tx: reports.deployment_health(tx, now=now, sample=SAMPLE)
+def _iso(ms: int) -> str:
+    return bio.iso_z(ms)
+
+
+def _parse_ms(request: web.Request, name: str) -> int | None:
+    raw = request.query.get(name, "").strip()
+    if not raw:
+        return None
+    try:
+        return bio.parse_time(raw)
+    except (bio.BillingIOError, OverflowError, ValueError):
+        raise ConsoleError(
+            gettext(request, "Bad time for {name}: give a date (2026-11-01), a datetime "
+                    "(2026-11-01T12:00:00Z) or Unix milliseconds.").format(name=name)
+        ) from None  # fmt: skip
+
+
+def window(request: web.Request, now: int | None = None) -> tuple[int, int, str]:
+    """(since, until, preset) of the request: a preset, or since/until ("custom"; either
+    missing takes the 7-day preset's bound). ConsoleError on a bad or empty range."""
+    now = _now() if now is None else now
+    today = now - now % DAY_MS
+    preset = request.query.get("range", "")
+    since, until = _parse_ms(request, "since"), _parse_ms(request, "until")
+    if preset not in PRESETS:
+        preset = "custom" if since is not None or until is not None else DEFAULT_PRESET
+    if preset != "custom":
+        days = {"today": 1, "7d": 7, "30d": 30}[preset]
+        return today - (days - 1) * DAY_MS, _ceil_hour(now + 1), preset
+    lo = since if since is not None else today - 6 * DAY_MS
+    hi = until if until is not None else _ceil_hour(now + 1)
+    if hi <= lo:
+        raise ConsoleError(gettext(request, "until must be later than since"))
+    if hi - lo > MAX_RANGE_MS:
+        raise ConsoleError(gettext(request, "The range is too long: at most 400 days."))
+    return lo, hi, preset
+
+
+def filters(request: web.Request) -> reports.Filters:
+    q = request.query
+
+    def opt(name: str) -> str | None:
+        v = q.get(name, "").strip()
+        return v or None
+
+    status = opt("status")
+    if status is not None and status not in reports.STATUS_CLASSES:
+        raise ConsoleError(gettext(request, "status must be ok or error"))
+    stream_raw = opt("stream")
+    if stream_raw is not None and stream_raw not in ("true", "false"):
+        raise ConsoleError(gettext(request, "stream must be true or false"))
+    return reports.Filters(
+        tenant=opt("tenant"),
+        key_id=opt("key"),
+        model=opt("model"),
+        deployment=opt("deployment"),
+        status=status,
+        stream=None if stream_raw is None else stream_raw == "true",
     )
-    reasons = sorted({r for d in rows for r in d.routes})
-    tiers = sorted({t for d in rows for t in d.tiers})
-    table = [
-        {
-            "d": d,
-            "err_1h": _pct(d.error_pct("1h")),
-            "err_24h": _pct(d.error_pct("24h")),
-            "p50": "" if d.latency_p50_ms is None else f"{d.latency_p50_ms:.0f}",
-            "p95": "" if d.latency_p95_ms is None else f"{d.latency_p95_ms:.0f}",
-            "routes": [d.routes.get(r, 0) for r in reasons],
-            "tiers": [
-                _pct(100.0 * d.tiers.get(t, 0) / d.sampled if d.sampled else None) for t in tiers
-            ],
-        }
-        for d in rows
-    ]
-    chart = None
-    if rows and reasons:
-        labels = [d.deployment or "-" for d in rows]
-        chart = charts.bar_chart(
-            labels, {r: [d.routes.get(r, 0) for d in rows] for r in reasons}, unit="requests"
+
+
+def _filter_params(f: reports.Filters) -> dict[str, str]:
+    out = {
+        "tenant": f.tenant,
+        "key": f.key_id,
+        "model": f.model,
+        "deployment": f.deployment,
+        "status": f.status,
+        "stream": None if f.stream is None else ("true" if f.stream else "false"),
+    }
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def _query(params: Mapping[str, Any]) -> str:
+    return urlencode({k: v for k, v in params.items() if v not in (None, "")})
+
+
+def _money_text(cost: Mapping[str, int]) -> list[str]:
+    return [fmt(v, c, exact=True) for c, v in sorted(cost.items())]
+
+
+def _bucket_label(ms: int, period: str) -> str:
+    t = dt.datetime.fromtimestamp(ms / 1000, tz=dt.UTC)
+    return t.strftime("%Y-%m-%d") if period == "day" else t.strftime("%m-%d %H:00")
+
+
+# -- the explorer -------------------------------------------------------------------------------
+
+
+def _chart(rows: list[SummaryRow], period: str, metric: str, other: str) -> Any:
+    buckets = sorted({r.bucket_ms for r in rows})
+    index = {b: i for i, b in enumerate(buckets)}
+
+    def value(r: SummaryRow) -> int:
+        return r.requests if metric == "requests" else r.input_tokens + r.output_tokens
+
+    totals: dict[str, int] = {}
+    for r in rows:
+        totals[r.group] = totals.get(r.group, 0) + value(r)
+    top = sorted(totals, key=lambda g: (-totals[g], g))
+    shown = set(top[:MAX_SERIES]) if len(top) > MAX_SERIES + 1 else set(top)
+    series: dict[str, list[int]] = {g: [0] * len(buckets) for g in sorted(shown)}
+    for r in rows:
+        g = r.group if r.group in shown else other
+        series.setdefault(g, [0] * len(buckets))[index[r.bucket_ms]] += value(r)
+    labels = [_bucket_label(b, period) for b in buckets]
+    unit = "requests" if metric == "requests" else "tokens"
+    return charts.bar_chart(labels, series, unit=unit)
+
+
+async def explorer(request: web.Request, session: Session | None) -> web.StreamResponse:
+    since, until, preset = window(request)
+    f = filters(request)
+    period = request.query.get("period", "day")
+    dim = request.query.get("group", "model")
+    if period not in PERIODS or dim not in DIMENSIONS:
+        raise ConsoleError(gettext(request, "Group by must be hour or day x tenant, key, model "
+                                   "or deployment."))  # fmt: skip
+    if period == "hour" and until - since > 31 * DAY_MS:
+        raise ConsoleError(gettext(request, "Group by hour covers at most 31 days."))
+    metric = request.query.get("metric", "tokens")
+    if metric not in ("tokens", "requests"):
+        metric = "tokens"
+    summary_filters = msgspec.structs.replace(f, stream=None)
+
+    async def run(tx: Tx) -> list[SummaryRow]:
+        return await reports.usage_explore(
+            tx, since=since, until=until, group_by=(period, dim), filters=summary_filters
         )
+
+    rows = await (await db(request)).read(run)
+    base = {"since": str(since), "until": str(until), **_filter_params(f)}
+    total = SummaryRow(0, "")
+    table = []
+    for r in rows:
+        total.requests += r.requests
+        total.ok += r.ok
+        total.input_tokens += r.input_tokens
+        total.cached_tokens += r.cached_tokens
+        total.output_tokens += r.output_tokens
+        for c, v in r.cost.items():
+            total.cost[c] = total.cost.get(c, 0) + v
+        drill = dict(base)
+        drill |= {"since": str(r.bucket_ms), "until": str(reports.bucket_end(r.bucket_ms, period))}
+        drill[{"key": "key"}.get(dim, dim)] = r.group
+        table.append(
+            {
+                "row": r,
+                "label": _bucket_label(r.bucket_ms, period),
+                "iso": _iso(r.bucket_ms),
+                "cost": _money_text(r.cost),
+                "cost_attr": ";".join(f"{c}:{v}" for c, v in sorted(r.cost.items())),
+                "events_url": "/console/usage/events?" + _query(drill),
+            }
+        )
+    total.cost = dict(sorted(total.cost.items()))
+    chart = _chart(rows, period, metric, gettext(request, "other")) if rows else None
+    export_q = _query(base)
     return render(
         request,
         session,
-        "ops_routing.html",
+        "usage_explorer.html",
         rows=table,
-        reasons=reasons,
-        tiers=tiers,
+        total=total,
+        total_cost=_money_text(total.cost),
+        total_cost_attr=";".join(f"{c}:{v}" for c, v in total.cost.items()),
         chart=chart,
-        sample=SAMPLE,
+        since=since,
+        until=until,
+        since_iso=_iso(since),
+        until_iso=_iso(until),
+        preset=preset,
+        presets=PRESETS,
+        period=period,
+        dim=dim,
+        metric=metric,
+        periods=PERIODS,
+        dims=tuple(DIMENSIONS),
+        f=_filter_params(f),
+        since_value=request.query.get("since", "") if preset == "custom" else "",
+        until_value=request.query.get("until", "") if preset == "custom" else "",
+        export_csv="/console/usage/export.csv?" + export_q,
+        export_jsonl="/console/usage/export.jsonl?" + export_q,
+        export_focus="/console/usage/export.focus.csv?"
+        + _query({"since": str(since), "until": str(until), "tenant": f.tenant}),
+        events_url="/console/usage/events?" + export_q,
     )
 
 
-def _position(request: web.Request) -> tuple[int, str] | None:
-    raw = request.query.get("before", "")
+# -- drill-down ----------------------------------------------------------------------------------
+
+
+def encode_cursor(ts_ms: int, request_id: str) -> str:
+    raw = msgspec.json.encode([ts_ms, request_id])
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(request: web.Request) -> tuple[int, str] | None:
+    raw = request.query.get("cursor", "")
     if not raw:
         return None
-    ts, _, entry = raw.partition(".")
-    if not ts.isdigit() or not entry:
-        raise ConsoleError(gettext(request, "Invalid cursor: follow the page links as given."))
-    return int(ts), entry
+    try:
+        pos = msgspec.json.decode(base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4)))
+    except (binascii.Error, ValueError, msgspec.DecodeError):
+        pos = None
+    if isinstance(pos, list) and len(pos) == 2 and type(pos[0]) is int and isinstance(pos[1], str):
+        return pos[0], pos[1]
+    raise ConsoleError(gettext(request, "Invalid cursor: follow the page links as given."))
 
 
-def _json(value: Any) -> str:
-    return "" if value is None else msgspec.json.encode(value).decode()
+async def events(request: web.Request, session: Session | None) -> web.StreamResponse:
+    since, until = _parse_ms(request, "since"), _parse_ms(request, "until")
+    if since is not None and until is not None and until <= since:
+        raise ConsoleError(gettext(request, "until must be later than since"))
+    if since is None and until is None:
+        since, until, _ = window(request)
+    f = filters(request)
+    after = decode_cursor(request)
 
+    async def run(tx: Tx) -> tuple[list[UsageEvent], dict[str, dict[str, int]], dict[str, str]]:
+        rows = await reports.events_page(
+            tx, since=since, until=until, filters=f, after=after, limit=EVENTS_PAGE + 1
+        )
+        shown = rows[:EVENTS_PAGE]
+        cost = await reports.charges(tx, [e.request_id for e in shown])
+        prefixes = await _key_prefixes(tx, sorted({e.key_id for e in shown}))
+        return rows, cost, prefixes
 
-async def audit(request: web.Request, session: Session) -> web.StreamResponse:
-    """Both logs, newest first, each paged on its own (`before` / `gbefore`) with filters:
-    the admin audit (actor, action prefix, target) and the guard's (kind, tenant, key)."""
-    q = request.query
-    log = q.get("log", "admin")
-    if log not in ("admin", "guard"):
-        log = "admin"
-    f = {k: q.get(k, "").strip() for k in ("actor", "action", "target", "kind", "tenant", "key")}
-    before = _position(request)
-
-    async def run(tx: Tx) -> list[Any]:
-        if log == "admin":
-            return list(
-                await reports.admin_audit(
-                    tx, actor=f["actor"] or None, action=f["action"] or None,
-                    target=f["target"] or None, before=before, limit=AUDIT_PAGE + 1,
-                )
-            )  # fmt: skip
-        return list(
-            await reports.guard_audit(
-                tx, kind=f["kind"] or None, tenant=f["tenant"] or None,
-                key_id=f["key"] or None, before=before, limit=AUDIT_PAGE + 1,
-            )
-        )  # fmt: skip
-
-    rows = await (await db(request)).read(run)
-    more = len(rows) > AUDIT_PAGE
-    rows = rows[:AUDIT_PAGE]
+    rows, cost, prefixes = await (await db(request)).read(run)
+    more = len(rows) > EVENTS_PAGE
+    rows = rows[:EVENTS_PAGE]
+    params = {k: v for k, v in request.query.items() if k != "cursor"}
     next_url = None
     if more:
         last = rows[-1]
-        params = {k: v for k, v in f.items() if v}
-        params |= {"log": log, "before": f"{last.ts_ms}.{last.id}"}
-        next_url = "/console/audit?" + urlencode(params)
-    if log == "admin":
-        entries = [
-            {
-                "e": e,
-                "time": bio.iso_z(e.ts_ms),
-                "before": _json(e.before),
-                "after": _json(e.after),
-            }
-            for e in rows
-        ]
-    else:
-        entries = [{"e": e, "time": bio.iso_z(e.ts_ms), "details": _json(e.details)} for e in rows]
+        next_url = "/console/usage/events?" + _query(
+            {**params, "cursor": encode_cursor(last.ts_ms, last.request_id)}
+        )
+    table = [
+        {
+            "e": e,
+            "time": _iso(e.ts_ms),
+            "prefix": prefixes.get(e.key_id, ""),
+            "settled": e.request_id in cost,
+            "cost": _money_text(cost.get(e.request_id, {})),
+            "latency": f"{e.latency_ms:.0f}",
+            "ttft": "" if e.ttft_ms is None else f"{e.ttft_ms:.0f}",
+        }
+        for e in rows
+    ]
     return render(
         request,
         session,
-        "ops_audit.html",
-        log=log,
-        f=f,
-        entries=entries,
+        "usage_events.html",
+        rows=table,
         next_url=next_url,
+        since_iso=_iso(since) if since is not None else "",
+        until_iso=_iso(until) if until is not None else "",
+        f=_filter_params(f),
+        back_url="/console/usage?"
+        + _query({"since": str(since or ""), "until": str(until or ""), **_filter_params(f)}),
     )
 
 
+async def _key_prefixes(tx: Tx, key_ids: list[str]) -> dict[str, str]:
+    if not key_ids:
+        return {}
+    marks = ", ".join(f"${i + 1}" for i in range(len(key_ids)))
+    rows = await tx.fetch(f"SELECT id, prefix FROM api_keys WHERE id IN ({marks})", *key_ids)
+    return {r[0]: r[1] for r in rows}
+
+
+# -- exports ---------------------------------------------------------------------------------
+
+
+def _csv_bytes(rows: list[list[object]]) -> bytes:
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\n").writerows(rows)
+    return buf.getvalue().encode()
+
+
+async def _export_window(request: web.Request) -> tuple[int | None, int | None]:
+    since, until = _parse_ms(request, "since"), _parse_ms(request, "until")
+    if since is not None and until is not None and until <= since:
+        raise ConsoleError(gettext(request, "until must be later than since"))
+    if since is None and until is None and request.query.get("range") in PRESETS:
+        lo, hi, _ = window(request)
+        return lo, hi
+    return since, until
+
+
+async def _export(request: web.Request, kind: str) -> web.StreamResponse:
+    since, until = await _export_window(request)
+    f = filters(request)
+    database = await db(request)
+    resp = web.StreamResponse(
+        headers={
+            "Content-Type": "text/csv; charset=utf-8" if kind == "csv" else "application/x-ndjson",
+            "Content-Disposition": f'attachment; filename="usage-events.{kind}"',
+        }
+    )
+    await resp.prepare(request)
+    try:
+        if kind == "csv":
+            await resp.write(_csv_bytes([list(EVENT_FIELDS)]))
+        async for page in reports.iter_events(database, since=since, until=until, filters=f):
+            if kind == "csv":
+                await resp.write(_csv_bytes([event_csv_row(e) for e in page]))
+            else:
+                await resp.write(b"".join(event_jsonl(e) for e in page))
+    except Exception:
+        # The status line is sent: cut the connection, so that no truncated export looks
+        # complete (as the admin API's export does).
+        log.exception("console: usage export failed midway")
+        if request.transport is not None:
+            request.transport.close()
+        return resp
+    await resp.write_eof()
+    return resp
+
+
+async def export_csv(request: web.Request, session: Session | None) -> web.StreamResponse:
+    return await _export(request, "csv")
+
+
+async def export_jsonl(request: web.Request, session: Session | None) -> web.StreamResponse:
+    return await _export(request, "jsonl")
+
+
+FOCUS_CHUNK = 500
+
+
+async def export_focus(request: web.Request, session: Session | None) -> web.StreamResponse:
+    """`tokenhub billing export --format focus --since --until [--tenant]`: the same rows
+    (bio.focus_rows), written in chunks."""
+    since, until = await _export_window(request)
+    tenant = request.query.get("tenant", "").strip() or None
+    rows = await bio.focus_rows(await db(request), since=since, until=until, tenant=tenant)
+    resp = web.StreamResponse(
+        headers={
+            "Content-Type": "text/csv; charset=utf-8",
+            "Content-Disposition": 'attachment; filename="focus.csv"',
+        }
+    )
+    await resp.prepare(request)
+    for i in range(0, max(len(rows), 1), FOCUS_CHUNK):
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, bio.FOCUS_COLUMNS, lineterminator="\n")
+        if i == 0:
+            w.writeheader()
+        w.writerows(rows[i : i + FOCUS_CHUNK])
+        await resp.write(buf.getvalue().encode())
+    await resp.write_eof()
+    return resp
+
+
 ROUTES: list[PageRoute] = [
-    PageRoute("GET", "/console/routing", "read", routing),
-    PageRoute("GET", "/console/audit", "read", audit),
+    PageRoute("GET", "/console/usage", "read", explorer),
+    PageRoute("GET", "/console/usage/events", "read", events),
+    PageRoute("GET", "/console/usage/export.csv", "read", export_csv),
+    PageRoute("GET", "/console/usage/export.jsonl", "read", export_jsonl),
+    PageRoute("GET", "/console/usage/export.focus.csv", "read", export_focus),
 ]

@@ -1,0 +1,229 @@
+"""The usage explorer (tokenhub.console.usage_pages) over plain HTTP on the seeded world: its
+numbers against the rollups, filters and group-by, drill-down, exports against the CLI's."""
+
+from __future__ import annotations
+
+import csv
+import html as htmllib
+import io
+import re
+from typing import Any
+
+import pytest
+from console_kit import DAY_MS, World, day_ms
+
+from tokenhub.billing import io as bio
+from tokenhub.billing.rollups import usage_summary
+from tokenhub.cli.admin import write_csv, write_jsonl
+from tokenhub.console import usage_pages
+from tokenhub.db.database import open_database
+from tokenhub.store import open_store
+
+_ROW = re.compile(r'<tr class="usage-row" ([^>]*)>')
+_ATTR = re.compile(r'data-([a-z-]+)="([^"]*)"')
+
+
+def usage_rows(page: str) -> list[dict[str, str]]:
+    return [dict(_ATTR.findall(m.group(1))) for m in _ROW.finditer(page)]
+
+
+def total_row(page: str) -> dict[str, str]:
+    m = re.search(r'<tr id="usage-total" ([^>]*)>', page)
+    assert m is not None, "no totals row"
+    return dict(_ATTR.findall(m.group(1)))
+
+
+def event_ids(page: str) -> list[str]:
+    return re.findall(r'class="event-row" data-request-id="([^"]+)"', page)
+
+
+def drill_links(page: str) -> list[str]:
+    return [htmllib.unescape(u) for u in re.findall(r'<a href="([^"]+)" class="drill">', page)]
+
+
+def window(world: World) -> tuple[int, int]:
+    start = day_ms(world.day0)
+    return start, start + 3 * DAY_MS
+
+
+async def test_explorer_equals_the_rollups(console_client: Any, world: World) -> None:
+    since, until = window(world)
+    read = await console_client("read")
+    resp = await read.get(f"/console/usage?since={since}&until={until}&period=day&group=model")
+    assert resp.status == 200
+    page = await resp.text()
+    rows = usage_rows(page)
+    db = await open_database(world.db)
+    try:
+        want = await db.read(
+            lambda tx: usage_summary(tx, since=since, until=until, group_by=("day", "model"))
+        )
+    finally:
+        await db.close()
+    assert len(want) == 2  # day0: gpt-4o-mini (acme + bravo); day0 + 1: qwen-plus (2 events)
+    got = [
+        (int(r["bucket"]), r["group"], int(r["requests"]), int(r["ok"]), int(r["in"]),
+         int(r["cached"]), int(r["out"]), r["cost"])
+        for r in rows
+    ]  # fmt: skip
+    assert got == [
+        (w.bucket_ms, w.group, w.requests, w.ok, w.input_tokens, w.cached_tokens,
+         w.output_tokens, ";".join(f"{c}:{v}" for c, v in w.cost.items()))
+        for w in want
+    ]  # fmt: skip
+    # Exact money: acme's 1M in at 2 CNY + 500k out at 8 CNY = 6 CNY; bravo's 7 in at
+    # 0.30 USD and 3 out at 1.20 USD per 1M = 0.0000057 USD.
+    gpt = next(r for r in rows if r["group"] == "gpt-4o-mini")
+    assert gpt["cost"] == "CNY:6000000000;USD:5700"
+    assert "6.000000000 CNY" in page or "6.00 CNY" in page
+    total = total_row(page)
+    assert int(total["requests"]) == 4 and int(total["ok"]) == 3
+    assert int(total["in"]) == 1_000_000 + 100 + 7 and int(total["out"]) == 500_000 + 50 + 3
+    assert "<svg" in page  # the chart beside the table
+
+
+async def test_filters_and_group_by_change_the_table(console_client: Any, world: World) -> None:
+    since, until = window(world)
+    read = await console_client("read")
+    base = f"/console/usage?since={since}&until={until}"
+
+    page = await (await read.get(base + "&group=tenant")).text()
+    assert sorted(r["group"] for r in usage_rows(page)) == ["acme", "acme", "bravo"]
+
+    page = await (await read.get(base + "&group=tenant&tenant=bravo")).text()
+    rows = usage_rows(page)
+    assert [(r["group"], r["requests"], r["in"], r["out"]) for r in rows] == [
+        ("bravo", "1", "7", "3")
+    ]
+    assert rows[0]["cost"] == "USD:5700"
+
+    page = await (await read.get(base + "&group=model&status=error")).text()
+    rows = usage_rows(page)
+    assert [(r["group"], r["requests"], r["ok"]) for r in rows] == [("qwen-plus", "1", "0")]
+
+    key = world.key_ids["acme"]
+    page = await (await read.get(base + f"&group=key&key={key}")).text()
+    assert {r["group"] for r in usage_rows(page)} == {key}
+    assert total_row(page)["requests"] == "3"
+
+    page = await (await read.get(base + "&group=deployment&model=qwen-plus&period=hour")).text()
+    rows = usage_rows(page)
+    assert [r["group"] for r in rows] == ["mock-a/qwen-plus"]
+    assert int(rows[0]["bucket"]) == day_ms(world.day0) + DAY_MS + 3_600_000  # the hour
+
+
+async def test_presets_and_bad_input(console_client: Any, world: World) -> None:
+    read = await console_client("read")
+    page = await (await read.get("/console/usage?range=7d&group=tenant")).text()
+    assert total_row(page)["requests"] == "4"
+    today = await (await read.get("/console/usage?range=today")).text()
+    assert 'id="usage-total"' not in today  # nothing settled today
+    for q in ("since=yesterday", "since=2026-11-02&until=2026-11-01", "group=colour",
+              "period=week", "status=maybe", "stream=perhaps"):  # fmt: skip
+        resp = await read.get(f"/console/usage?{q}")
+        assert resp.status == 400, q
+
+
+async def test_drill_down_lists_exactly_the_bucket(console_client: Any, world: World) -> None:
+    since, until = window(world)
+    read = await console_client("read")
+    page = await (await read.get(f"/console/usage?since={since}&until={until}&group=tenant")).text()
+    links = drill_links(page)
+    rows = usage_rows(page)
+    found = {}
+    for r, link in zip(rows, links, strict=True):
+        resp = await read.get(link)
+        assert resp.status == 200
+        found[(int(r["bucket"]), r["group"])] = event_ids(await resp.text())
+    d0 = day_ms(world.day0)
+    assert found == {
+        (d0, "acme"): ["req_a1"],
+        (d0, "bravo"): ["req_b1"],
+        (d0 + DAY_MS, "acme"): ["req_a2", "req_a3"],
+    }
+    # Metadata, never a prompt; the settled cost of each event.
+    ev = await (await read.get(links[0])).text()
+    assert "6.000000000 CNY" in ev or "6.00 CNY" in ev
+    assert world.secrets["acme"] not in ev
+
+
+async def test_events_filters_and_keyset_pages(
+    console_client: Any, world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    since, until = window(world)
+    read = await console_client("read")
+    q = f"/console/usage/events?since={since}&until={until}"
+    assert event_ids(await (await read.get(q)).text()) == ["req_a1", "req_b1", "req_a2", "req_a3"]
+    assert event_ids(await (await read.get(q + "&status=error")).text()) == ["req_a3"]
+    assert event_ids(await (await read.get(q + "&stream=true")).text()) == []
+    assert len(event_ids(await (await read.get(q + "&stream=false")).text())) == 4
+    monkeypatch.setattr(usage_pages, "EVENTS_PAGE", 1)
+    seen: list[str] = []
+    url: str | None = q
+    for _ in range(10):
+        assert url is not None
+        page = await (await read.get(url)).text()
+        seen += event_ids(page)
+        m = re.search(r'<a href="([^"]+)" id="next-page"', page)
+        url = htmllib.unescape(m.group(1)) if m else None
+        if url is None:
+            break
+    assert seen == ["req_a1", "req_b1", "req_a2", "req_a3"]
+    assert (await read.get(q + "&cursor=bogus")).status == 400
+
+
+async def test_csv_and_jsonl_exports_equal_the_cli(console_client: Any, world: World) -> None:
+    since, until = window(world)
+    read = await console_client("read")
+    store = open_store(world.db)
+    try:
+        want_csv = io.StringIO()
+        write_csv(store.iter_events(since, until), want_csv)
+        want_jsonl = io.BytesIO()
+        write_jsonl(store.iter_events(since, until), want_jsonl)
+        want_all = io.StringIO()
+        write_csv(store.iter_events(None, None), want_all)
+    finally:
+        store.close()
+    resp = await read.get(f"/console/usage/export.csv?since={since}&until={until}")
+    assert resp.status == 200 and resp.headers["Content-Type"].startswith("text/csv")
+    assert (await resp.read()).decode() == want_csv.getvalue()
+    resp = await read.get(f"/console/usage/export.jsonl?since={since}&until={until}")
+    assert await resp.read() == want_jsonl.getvalue()
+    assert len(want_jsonl.getvalue().splitlines()) == 4
+    # No window: every event, as `tokenhub events export` with no --since/--until.
+    assert (await (await read.get("/console/usage/export.csv")).read()).decode() == (
+        want_all.getvalue()
+    )
+    # A filter narrows it to the matching rows of the same export.
+    resp = await read.get(f"/console/usage/export.csv?since={since}&until={until}&tenant=bravo")
+    got = list(csv.reader(io.StringIO((await resp.read()).decode())))
+    want = list(csv.reader(io.StringIO(want_csv.getvalue())))
+    assert got == [want[0]] + [r for r in want[1:] if r[want[0].index("tenant")] == "bravo"]
+
+
+async def test_focus_export_equals_the_cli(console_client: Any, world: World) -> None:
+    since, until = window(world)
+    read = await console_client("read")
+    db = await open_database(world.db)
+    try:
+        rows = await bio.focus_rows(db, since=since, until=until)
+    finally:
+        await db.close()
+    want = io.StringIO()
+    w = csv.DictWriter(want, bio.FOCUS_COLUMNS, lineterminator="\n")
+    w.writeheader()
+    w.writerows(rows)
+    resp = await read.get(f"/console/usage/export.focus.csv?since={since}&until={until}")
+    assert resp.status == 200
+    assert (await resp.read()).decode() == want.getvalue()
+    assert len(rows) > 0
+
+
+async def test_roles(console_client: Any) -> None:
+    tenant = await console_client("tenant", tenant="acme")
+    assert (await tenant.get("/console/usage")).status == 403
+    assert (await tenant.get("/console/usage/export.csv")).status == 403
+    anon = await console_client(None)
+    resp = await anon.get("/console/usage", allow_redirects=False)
+    assert resp.status == 303 and resp.headers["Location"].startswith("/console/signin")
