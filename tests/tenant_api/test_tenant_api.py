@@ -19,10 +19,15 @@ GETS = [
     "/v1/tokenhub/balance",
     "/v1/tokenhub/usage",
     "/v1/tokenhub/keys",
+    "/v1/tokenhub/alerts",
+    "/v1/tokenhub/statements/2026-11",
+    "/v1/tokenhub/limits",
     "/v1/dashboard/billing/subscription",
     "/v1/dashboard/billing/usage",
 ]
+LEGACY = [p for p in GETS if p.startswith("/v1/dashboard/")]
 POSTS = ["/v1/tokenhub/keys", "/v1/tokenhub/keys/key_x/revoke", "/v1/tokenhub/redeem"]
+OTHERS = [("PUT", "/v1/tokenhub/alerts"), ("DELETE", "/v1/tokenhub/alerts")]
 
 
 def _cny(amount: str) -> dict[str, str]:
@@ -38,6 +43,7 @@ def test_balance(world: World) -> None:
     assert b["wallet"] == _cny("84.00")
     assert b["credit_limit"] == _cny("50.00") and b["credit_available"] == _cny("50.00")
     assert b["credit_used"] == _cny("0.00") and b["overrun"] == _cny("0.00")
+    assert b["spendable"] == _cny("134.00")  # what a low-balance alert compares
     [pkg] = b["packages"]
     assert pkg["id"] == world.lot_id and pkg["plan"] == "qwen-1k"
     assert (pkg["tokens_left"], pkg["tokens_total"]) == (1000 - 150, 1000)  # qwen-plus's 150
@@ -56,9 +62,9 @@ def test_usage_grouped(world: World) -> None:
     d0, d1 = world.day0.isoformat(), (world.day0 + dt.timedelta(days=1)).isoformat()
     assert by_day["data"] == [
         {"day": d0, "requests": 1, "ok": 1, "input_tokens": 1_000_000,
-         "cached_input_tokens": 0, "output_tokens": 500_000},
+         "cached_input_tokens": 0, "output_tokens": 500_000, "cost": [_cny("6.00")]},
         {"day": d1, "requests": 2, "ok": 1, "input_tokens": 100,
-         "cached_input_tokens": 20, "output_tokens": 50},
+         "cached_input_tokens": 20, "output_tokens": 50, "cost": [_cny("1.50")]},
     ]  # fmt: skip
     assert by_day["truncated"] is False
     by_model = world.call("GET", f"/v1/tokenhub/usage?{q}&group_by=model", "acme").json
@@ -125,7 +131,7 @@ def test_legacy_subscription_and_usage(world: World) -> None:
 
 
 def test_legacy_endpoints_without_a_usd_rate(world: World) -> None:
-    for path in GETS[3:]:
+    for path in LEGACY:
         r = world.call("GET", path, "charlie")
         assert r.status == 503, path
         assert r.json["error"]["code"] == "fx_rate_missing"
@@ -134,7 +140,7 @@ def test_legacy_endpoints_without_a_usd_rate(world: World) -> None:
 
 @pytest.mark.parametrize("secret", [None, "th-not-a-key-at-all-0123456789abcdef", "x"])
 def test_bad_key_is_401_on_every_route(world: World, secret: str | None) -> None:
-    for method, paths in (("GET", GETS), ("POST", POSTS)):
+    for method, paths in (("GET", GETS), ("POST", POSTS), *((m, [p]) for m, p in OTHERS)):
         for path in paths:
             r = world.call(method, path, secret=secret)
             assert r.status == 401, (method, path)

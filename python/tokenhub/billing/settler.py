@@ -57,6 +57,12 @@ pots, an expired lot's pot cap 0), and the settler holding partition 0 (or all o
 expires the leases past their time and writes off the instances silent past the write-off
 window. Lock order: the tenants' ledger locks, then the pots in pot order. A voided event's
 charges are posted too (cluster or not): they are final, and the ledger charges nothing.
+
+Low-balance alerts (tokenhub.billing.alerts): after each pass, `alerts.check` compares every
+alert (of the held partitions' tenants) with its tenant's spendable balance, in one query (an
+empty table when no tenant has one: nothing per event), and fires or re-arms it in a
+transaction of its own; the daemon also runs the webhook outbox's `DeliveryWorker` as a task
+beside `follow`.
 """
 
 from __future__ import annotations
@@ -77,8 +83,8 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
+from tokenhub.billing import alerts, rollups
 from tokenhub.billing import leases as LS
-from tokenhub.billing import rollups
 from tokenhub.billing.ledger import lock_tenants
 from tokenhub.billing.service import Billing, BillingError, SettleResult, _payload_hash
 from tokenhub.db.database import Database, Tx
@@ -185,6 +191,9 @@ class SettleSummary:
     caps: int = 0
     expired: int = 0
     written_off: list[str] = field(default_factory=list)
+    # Low-balance alerts (tokenhub.billing.alerts) after the pass: webhooks queued, re-armed.
+    alerts_fired: int = 0
+    alerts_rearmed: int = 0
 
 
 def event_from_row(row: Sequence[Any]) -> UsageEvent:
@@ -334,8 +343,31 @@ async def settle_pending(
             break
     if cluster:
         await _cluster_pass(db, out, partitions, held, write_off_ms)
+    await _check_alerts(db, out, partitions, held)
     out.elapsed_s = time.monotonic() - started
     return out
+
+
+async def _check_alerts(
+    db: Database,
+    out: SettleSummary,
+    partitions: tuple[int, Sequence[int]] | None,
+    held: list[int] | None,
+) -> None:
+    """After a pass: the low-balance alerts (tokenhub.billing.alerts; one query, nothing per
+    event), of the held partitions' tenants. A failure is logged, never the pass's: the
+    alerts are checked again after the next one."""
+    mine = None
+    if held is not None and partitions is not None:
+        n, own = partitions[0], set(held)
+        mine = lambda tenant: partition_of(tenant, n) in own  # noqa: E731
+    try:
+        res = await alerts.check(db, mine=mine)
+    except Exception:
+        log.exception("low-balance alerts: check failed; retrying after the next pass")
+        return
+    out.alerts_fired += res.fired
+    out.alerts_rearmed += res.rearmed
 
 
 # -- cluster mode: the lease coordinator's pots (tokenhub.billing.leases) ---------------------
@@ -564,6 +596,9 @@ async def run_daemon(
         cluster=cluster,
         write_off_ms=write_off_ms,
     )
+    # The low-balance webhooks' outbox, delivered beside settlement, never in its way.
+    webhooks = alerts.DeliveryWorker(billing.db)
+    delivering = asyncio.create_task(webhooks.run(stop), name="tokenhub-webhooks")
     try:
         if quota is not None:
             await settle(partitions=await _held(locks))
@@ -585,6 +620,12 @@ async def run_daemon(
         held = None if locks is None else (locks.partitions, tuple(sorted(locks.held)))
         await settle(partitions=held)
     finally:
+        # An in-flight delivery is cut off: its row stays claimed until its timeout passes,
+        # then the next settler sends it again (at least once).
+        delivering.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await delivering
+        await webhooks.close()
         if agent is not None:
             await agent.close()
         if locks is not None:

@@ -540,11 +540,14 @@ MIGRATIONS: tuple[Migration, ...] = (
             # A tenant's low-balance threshold in one currency (integer nanos): when its
             # spendable balance falls below it while armed, one alert is queued and the
             # alert is disarmed until the balance is back at or above the threshold.
+            # secret: the HMAC-SHA256 key that signs its webhook's bodies (shown to the
+            # tenant once; kept as is, since signing needs it: tokenhub.billing.alerts).
             """CREATE TABLE balance_alerts (
                 tenant TEXT NOT NULL,
                 currency TEXT NOT NULL,
                 threshold BIGINT NOT NULL,
                 webhook_url TEXT NOT NULL,
+                secret TEXT NOT NULL,
                 armed BOOLEAN NOT NULL,
                 fired_ms BIGINT,
                 updated_ms BIGINT NOT NULL,

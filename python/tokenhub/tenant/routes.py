@@ -2,10 +2,17 @@
 listener (the OpenAI-compatible one), through the service functions the CLI and the admin API
 use (tokenhub.store.sql's `*_in`, tokenhub.billing).
 
-- `GET /v1/tokenhub/balance`: wallet, credit headroom, packages left with expiry, points.
-- `GET /v1/tokenhub/usage?since=&until=&group_by=day|model|key`: the tenant's own usage.
+- `GET /v1/tokenhub/balance`: wallet, credit headroom, spendable, packages left with expiry,
+  points.
+- `GET /v1/tokenhub/usage?since=&until=&group_by=day|model|key`: the tenant's own settled
+  usage and its cost, from the rollups (tokenhub.billing.rollups).
 - `GET|POST /v1/tokenhub/keys`, `POST /v1/tokenhub/keys/{id}/revoke`: its own keys.
 - `POST /v1/tokenhub/redeem`: a redemption code, under an Idempotency-Key (the admin API's).
+- `GET|PUT|DELETE /v1/tokenhub/alerts`: its low-balance threshold and webhook
+  (tokenhub.billing.alerts; the signing secret is in the answer that made it, only).
+- `GET /v1/tokenhub/statements/{period}`: its statement of a month (YYYY-MM).
+- `GET /v1/tokenhub/limits`: its key's and its own configured rate limits, with the live
+  headroom from this gateway's quota table where one is enforced.
 - `GET /v1/dashboard/billing/subscription` and `/usage`: OpenAI's legacy billing endpoints.
 
 The caller is authenticated exactly as `/v1/chat/completions` is (the gateway's in-memory key
@@ -31,10 +38,11 @@ import msgspec
 from aiohttp import web
 
 from tokenhub.admin.web import DatabaseOpener, Idempotency, json_response, money, read_json
+from tokenhub.billing import alerts, rollups, terms
 from tokenhub.billing import ledger as L
-from tokenhub.billing import terms
 from tokenhub.billing.ledger import LedgerError
 from tokenhub.billing.service import get_profile, redeem_in
+from tokenhub.billing.statements import tenant_statement
 from tokenhub.db.database import Database, DatabaseError, Tx
 from tokenhub.gateway.auth import Principal
 from tokenhub.gateway.errors import ApiError
@@ -50,7 +58,6 @@ TENANT_DB = web.AppKey("tenant_db", DatabaseOpener)
 MAX_KEYS_PER_TENANT = 20  # the operator's policy: active keys a tenant may hold at once
 USAGE_DEFAULT_DAYS = 31
 USAGE_MAX_DAYS = 92
-USAGE_MAX_ROWS = 200_000  # events one usage request reads at most (then "truncated": true)
 DAY_MS = 86_400_000
 GROUPS = ("day", "model", "key")
 
@@ -70,7 +77,7 @@ def _handler(fn: Callable[[web.Request, Principal], Awaitable[web.Response]]) ->
             return await fn(request, who)
         except NotFound as e:
             raise ApiError(404, _one_line(str(e)), code="not_found") from None
-        except (StoreError, MoneyError, LedgerError) as e:
+        except (StoreError, MoneyError, LedgerError, alerts.AlertError) as e:
             raise ApiError.bad_request(_one_line(str(e))) from None
         except DatabaseError:
             raise ApiError(
@@ -104,10 +111,9 @@ class _Money(msgspec.Struct, frozen=True):
 
     def spendable(self, draw_order: tuple[str, ...]) -> int:
         """The money usage can still draw: the wallet and the credit headroom, as far as the
-        tenant's draw order names them."""
-        return (max(0, self.wallet) if "wallet" in draw_order else 0) + (
-            self.credit_available if "postpaid" in draw_order else 0
-        )
+        tenant's draw order names them (what a low-balance alert compares: one definition,
+        tokenhub.billing.alerts.spendable)."""
+        return alerts.spendable(self.wallet, self.receivable, self.credit_limit, draw_order)
 
 
 async def _money_of(tx: Tx, tenant: str) -> tuple[terms.Profile, _Money, dict[str, int]]:
@@ -165,6 +171,7 @@ async def balance(request: web.Request, who: Principal) -> web.Response:
             "credit_used": money(m.receivable, cur),
             "credit_available": money(m.credit_available, cur),
             "overrun": money(m.overrun, cur),
+            "spendable": money(m.spendable(prof.draw_order), cur),
             "low_balance": None if prof.low_balance is None else money(prof.low_balance, cur),
             "low_balance_warning": prof.low_balance is not None and m.wallet < prof.low_balance,
             "packages": packages,
@@ -195,18 +202,20 @@ def _time_param(request: web.Request, name: str) -> int | None:
     return (t - dt.datetime(1970, 1, 1, tzinfo=dt.UTC)) // dt.timedelta(milliseconds=1)
 
 
-_GROUP_EXPR = {"day": f"ts_ms / {DAY_MS}", "model": "model", "key": "key_id"}
+_GROUP_DIM = {"day": "model", "model": "model", "key": "key"}
 
 
 async def usage(request: web.Request, who: Principal) -> web.Response:
-    """The tenant's usage in [since, until), grouped by UTC day, model or key: requests, the
-    successful ones (status 200), tokens in / cached in / out.
+    """The tenant's settled usage in [since, until), grouped by UTC day, model or key:
+    requests, the successful ones (HTTP 2xx), tokens in / cached in / out, and what they cost
+    (`cost`: one amount per currency charged, usually the tenant's one; packages' tokens at
+    their price as earned).
 
-    Bounded, since it reads the raw usage events for now (rollup tables will replace this):
-    the window defaults to the last 31 days and may span at most 92; at most USAGE_MAX_ROWS
-    events are read (the earliest first), and `truncated` says when the window held more.
-    Cost is not reported here: it lives in the ledger (see /v1/tokenhub/balance and the
-    statements)."""
+    Read from the usage rollups (tokenhub.billing.rollups.usage_summary: whole UTC days from
+    the daily rows, the hours at either end from the hourly ones), never from the raw events:
+    a request counts once settled (within the settle interval). Rollups are hourly, so since
+    counts from the start of its hour. The window defaults to the last 31 days and may span at
+    most 92. `truncated` is always false (kept for the shape: nothing is cut any more)."""
     group_by = request.query.get("group_by", "day")
     if group_by not in GROUPS:
         raise ApiError.bad_request(f"group_by must be one of {', '.join(GROUPS)}", param="group_by")
@@ -220,37 +229,40 @@ async def usage(request: web.Request, who: Principal) -> web.Response:
         raise ApiError.bad_request(
             f"the window may span at most {USAGE_MAX_DAYS} days", param="since"
         )
-    expr = _GROUP_EXPR[group_by]
-    query = (
-        f"SELECT {expr} AS g, COUNT(*), SUM(CASE WHEN status = 200 THEN 1 ELSE 0 END), "
-        "SUM(input_tokens), SUM(cached_input_tokens), SUM(output_tokens) FROM ("
-        "SELECT ts_ms, model, key_id, status, input_tokens, cached_input_tokens, output_tokens "
-        "FROM usage_events WHERE tenant = $1 AND ts_ms >= $2 AND ts_ms < $3 "
-        "ORDER BY ts_ms LIMIT $4) AS e GROUP BY g ORDER BY g"
-    )
 
-    async def run(tx: Tx) -> list[Any]:
-        return list(await tx.fetch(query, who.tenant, since, until, USAGE_MAX_ROWS))
+    async def run(tx: Tx) -> list[rollups.SummaryRow]:
+        return await rollups.usage_summary(
+            tx, since=since, until=until, group_by=("day", _GROUP_DIM[group_by]), tenant=who.tenant
+        )
 
     rows = await (await _db(request)).read(run)
+    groups: dict[Any, rollups.SummaryRow] = {}
+    for r in rows:
+        g: Any = r.bucket_ms if group_by == "day" else r.group
+        acc = groups.setdefault(g, rollups.SummaryRow(r.bucket_ms, r.group))
+        acc.requests += r.requests
+        acc.ok += r.ok
+        acc.input_tokens += r.input_tokens
+        acc.cached_tokens += r.cached_tokens
+        acc.output_tokens += r.output_tokens
+        for cur, v in r.cost.items():
+            acc.cost[cur] = acc.cost.get(cur, 0) + v
     data = []
-    total = 0
-    for g, n, ok, tin, tcached, tout in rows:
-        total += int(n)
+    for g, acc in sorted(groups.items()):
         key: dict[str, Any]
         if group_by == "day":
-            day = dt.datetime.fromtimestamp(int(g) * DAY_MS / 1000, dt.UTC).date()
-            key = {"day": day.isoformat()}
+            key = {"day": dt.datetime.fromtimestamp(g / 1000, dt.UTC).date().isoformat()}
         else:
             key = {"model": g} if group_by == "model" else {"key_id": g}
         data.append(
             key
             | {
-                "requests": int(n),
-                "ok": int(ok),
-                "input_tokens": int(tin),
-                "cached_input_tokens": int(tcached),
-                "output_tokens": int(tout),
+                "requests": acc.requests,
+                "ok": acc.ok,
+                "input_tokens": acc.input_tokens,
+                "cached_input_tokens": acc.cached_tokens,
+                "output_tokens": acc.output_tokens,
+                "cost": [money(v, c) for c, v in sorted(acc.cost.items()) if v],
             }
         )
     return json_response(
@@ -259,7 +271,7 @@ async def usage(request: web.Request, who: Principal) -> web.Response:
             "group_by": group_by,
             "since_ms": since,
             "until_ms": until,
-            "truncated": total >= USAGE_MAX_ROWS,
+            "truncated": False,
             "data": data,
         }
     )
@@ -376,6 +388,166 @@ async def redeem(request: web.Request, who: Principal) -> web.Response:
         return replayed
 
 
+# -- low-balance alert --------------------------------------------------------------------------
+
+
+class _Amount(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    amount: str
+    currency: str
+
+
+class AlertBody(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    threshold: _Amount
+    webhook_url: str
+    rotate_secret: bool = False
+
+
+def _alert_json(a: alerts.Alert, spendable: int) -> dict[str, Any]:
+    return {
+        "object": "tokenhub.alert",
+        "threshold": money(a.threshold, a.currency),
+        "webhook_url": a.webhook_url,
+        "armed": a.armed,
+        "fired_ms": a.fired_ms,
+        "updated_ms": a.updated_ms,
+        "spendable": money(spendable, a.currency),
+    }
+
+
+async def get_alert(request: web.Request, who: Principal) -> web.Response:
+    """The tenant's low-balance alert (never its secret); 404 when none is set."""
+
+    async def run(tx: Tx) -> dict[str, Any]:
+        a = await alerts.get_alert(tx, who.tenant)
+        if a is None:
+            raise NotFound("no low-balance alert is set (PUT one)")
+        return _alert_json(a, await alerts.spendable_in(tx, who.tenant, a.currency))
+
+    return json_response(await (await _db(request)).read(run))
+
+
+async def put_alert(request: web.Request, who: Principal) -> web.Response:
+    """Sets (or replaces) the alert and arms it. The first one, or one with rotate_secret,
+    answers with `secret` (HMAC-SHA256 key of X-Tokenhub-Signature): shown here only."""
+    body = await read_json(request, AlertBody)
+    actor = f"tenant:{who.tenant}"
+
+    async def run(tx: Tx) -> dict[str, Any]:
+        before = await alerts.get_alert(tx, who.tenant)
+        a, secret = await alerts.set_alert(
+            tx,
+            who.tenant,
+            body.threshold.amount,
+            body.threshold.currency,
+            body.webhook_url,
+            rotate_secret=body.rotate_secret,
+        )
+        out = _alert_json(a, await alerts.spendable_in(tx, who.tenant, a.currency))
+        audit_before = None if before is None else {"threshold": before.threshold}
+        await sql.add_admin_audit(
+            tx, actor, "alert.set", who.tenant, audit_before, {"threshold": a.threshold}
+        )
+        return out if secret is None else out | {"secret": secret}
+
+    return json_response(await (await _db(request)).transaction(run))
+
+
+async def delete_alert(request: web.Request, who: Principal) -> web.Response:
+    """Removes the alert (what it queued and has not delivered is dropped); 404 if none."""
+    actor = f"tenant:{who.tenant}"
+
+    async def run(tx: Tx) -> dict[str, Any]:
+        if not await alerts.delete_alert(tx, who.tenant):
+            raise NotFound("no low-balance alert is set")
+        await sql.add_admin_audit(tx, actor, "alert.delete", who.tenant, None, None)
+        return {"object": "tokenhub.alert", "deleted": True}
+
+    return json_response(await (await _db(request)).transaction(run))
+
+
+# -- statements ---------------------------------------------------------------------------------
+
+
+async def statement(request: web.Request, who: Principal) -> web.Response:
+    """The tenant's own statement of a month (YYYY-MM; as stored once the period is closed):
+    opening and closing balances, purchases, usage by model, overage, breakage, what was not
+    billed. Amounts are integers in their unit's smallest step (nanos for money), each balance
+    with its text. 400 on a malformed period."""
+    period = request.match_info["period"]
+
+    async def run(tx: Tx) -> dict[str, Any]:
+        return await tenant_statement(tx, who.tenant, period)
+
+    st = await (await _db(request)).read(run)
+    return json_response({"object": "tokenhub.statement"} | st)
+
+
+# -- rate limits --------------------------------------------------------------------------------
+
+
+def _configured(lim: Any, fields: tuple[str, ...]) -> dict[str, int | None]:
+    return {f: getattr(lim, f) for f in fields}
+
+
+def _live(request: web.Request, account: str) -> dict[str, Any] | None:
+    """The account's headroom in this gateway's quota table (None when it enforces no limit
+    on it): what is left this minute, in flight, today's tokens. In cluster mode the table
+    holds this host's share of each limit."""
+    limits = request.app[GATEWAY].limits
+    if limits is None or account not in limits.limited:
+        return None  # never touch the table for an unlimited account (it would create it)
+    st = limits.quota.state(account)
+    return {
+        "requests_per_minute": {
+            "limit": st.rpm.limit, "remaining": st.rpm.remaining, "reset_ms": st.rpm.reset_ms,
+        },
+        "tokens_per_minute": {
+            "limit": st.tpm.limit, "remaining": st.tpm.remaining, "reset_ms": st.tpm.reset_ms,
+        },
+        "concurrent": {"limit": st.concurrent_limit, "in_flight": st.inflight},
+        "tokens_today": {
+            "limit": st.tokens.limit,
+            "used": st.tokens.used,
+            "held": st.tokens.held,
+            "remaining": None
+            if st.tokens.limit is None
+            else max(0, st.tokens.limit - st.tokens.used - st.tokens.held),
+        },
+    }  # fmt: skip
+
+
+KEY_LIMITS = ("rpm", "tpm", "max_concurrency")
+TENANT_LIMITS = ("rpm", "tpm", "max_concurrency", "tokens_per_day")
+
+
+async def limits(request: web.Request, who: Principal) -> web.Response:
+    """The calling key's and its tenant's configured limits (null: none), each with its live
+    headroom on this gateway (`live`, null where no limit is enforced)."""
+
+    async def run(tx: Tx) -> tuple[Any, Any]:
+        return (
+            await sql.limits_in(tx, "key", who.key_id),
+            await sql.limits_in(tx, "tenant", who.tenant),
+        )
+
+    key_lim, tenant_lim = await (await _db(request)).read(run)
+    return json_response(
+        {
+            "object": "tokenhub.limits",
+            "key": {
+                "id": who.key_id,
+                "limits": _configured(key_lim, KEY_LIMITS),
+                "live": _live(request, f"key:{who.key_id}"),
+            },
+            "tenant": {
+                "name": who.tenant,
+                "limits": _configured(tenant_lim, TENANT_LIMITS),
+                "live": _live(request, f"tenant:{who.tenant}"),
+            },
+        }
+    )
+
+
 # -- OpenAI's legacy billing endpoints -----------------------------------------------------------
 #
 # Shapes as OpenAI served them and as the client apps that still read them expect, followed
@@ -483,6 +655,11 @@ ROUTES: tuple[tuple[str, str, Handler], ...] = (
     ("POST", "/v1/tokenhub/keys", _handler(create_key)),
     ("POST", "/v1/tokenhub/keys/{id}/revoke", _handler(revoke_key)),
     ("POST", "/v1/tokenhub/redeem", _handler(redeem)),
+    ("GET", "/v1/tokenhub/alerts", _handler(get_alert)),
+    ("PUT", "/v1/tokenhub/alerts", _handler(put_alert)),
+    ("DELETE", "/v1/tokenhub/alerts", _handler(delete_alert)),
+    ("GET", "/v1/tokenhub/statements/{period}", _handler(statement)),
+    ("GET", "/v1/tokenhub/limits", _handler(limits)),
     ("GET", "/v1/dashboard/billing/subscription", _handler(legacy_subscription)),
     ("GET", "/v1/dashboard/billing/usage", _handler(legacy_usage)),
 )
