@@ -1,154 +1,694 @@
-"""The console's operations pages: routing health (`/console/routing`) and the audit logs
-(`/console/audit`), for operators with role read or above.
+"""The console's billing pages (`/console/billing/...`): price book, FX, plans, redemption
+codes, statements, invoices and payments, provider settlement, reconciliation, the ledger
+check and the overrun report.
 
-Routing health is what the database knows: the admin listener is built from the database URL
-alone (tokenhub.admin.app.build_admin_app) and holds no reference to the gateway's router,
-so live circuit states are not reachable from here. Per deployment it shows the settled
-requests and error rate of the last hour and 24 hours (the hourly rollups) and, from at most
-`SAMPLE` most recent usage events of the last hour (an indexed, bounded read), latency
-p50/p95, the router's decisions per reason (`route`: policy, affinity, fallback, probe,
-degraded) and the tier share. A deployment whose recent decisions include `probe` or whose
-traffic arrives as `fallback` is one the router has been steering around.
+Reads need role read; writes the role the admin API's scopes ask for the same act (prices, FX
+and plans: admin; codes, statements, invoices, payments, reconciliation: billing). A write
+calls the service function the CLI calls (tokenhub.billing.service.Billing,
+tokenhub.billing.statements) and appends its admin audit entry (actor `console:<user>`) in
+that function's own transaction: `_Audited` is the database handed to the service, whose
+`transaction` runs the service's work, then the audit entry (and, for a payment, the form's
+one-time token in idempotency_keys), and commits them together.
 """
 
 from __future__ import annotations
 
+import csv
+import dataclasses
+import hashlib
+import io
+import secrets
 import time
-from typing import Any
-from urllib.parse import urlencode
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import msgspec
 from aiohttp import web
 
 from tokenhub.billing import io as bio
-from tokenhub.billing import reports
-from tokenhub.console import charts
-from tokenhub.console.core import ConsoleError, PageRoute, Session, db, gettext, render
-from tokenhub.db.database import Tx
+from tokenhub.billing import reports, terms
+from tokenhub.billing import statements as ST
+from tokenhub.billing.check import ledger_check
+from tokenhub.billing.ledger import period_bounds, period_of
+from tokenhub.billing.service import PERIODS as PLAN_PERIODS
+from tokenhub.billing.service import Billing
+from tokenhub.console.core import (
+    ConsoleError,
+    PageRoute,
+    Session,
+    db,
+    form,
+    gettext,
+    redirect,
+    render,
+    show_once,
+    take_once,
+)
+from tokenhub.db.database import Database, Tx
+from tokenhub.money import TOKENS, decimal_str, fmt, fmt_units
+from tokenhub.store import sql
 
-SAMPLE = 5000
-AUDIT_PAGE = 50
+T = TypeVar("T")
+
+MAX_CODES = 1000  # codes per batch
+MAX_UPLOAD_BYTES = 512 * 1024  # a reconciliation CSV (the admin listener's body limit is 1 MiB)
+BATCH_TTL_S = 900.0
 
 
 def _now() -> int:
     return int(time.time() * 1000)
 
 
-def _pct(x: float | None) -> str:
-    return "" if x is None else f"{x:.1f}%"
+class _Replayed(Exception):
+    """The one-time form token was used before: this submission does nothing."""
+
+    def __init__(self, same: bool) -> None:
+        super().__init__("replayed")
+        self.same = same
 
 
-async def routing(request: web.Request, session: Session) -> web.StreamResponse:
-    now = _now()
-    rows = await (await db(request)).read(
-        lambda tx: reports.deployment_health(tx, now=now, sample=SAMPLE)
-    )
-    reasons = sorted({r for d in rows for r in d.routes})
-    tiers = sorted({t for d in rows for t in d.tiers})
-    table = [
+class _Audited:
+    """The database, as a service function sees it: its transaction also writes the admin
+    audit entry of what it did (`after(result)`), and, given `once` = (key, digest), the
+    form's one-time token: a token seen before rolls the work back (_Replayed)."""
+
+    def __init__(
+        self,
+        inner: Database,
+        actor: str,
+        action: str,
+        target: str,
+        after: Callable[[Any], Any],
+        *,
+        before: Any = None,
+        once: tuple[str, str] | None = None,
+    ) -> None:
+        self.inner = inner
+        self.dialect = inner.dialect
+        self.url = inner.url
+        self.actor, self.action, self.target = actor, action, target
+        self.after, self.before, self.once = after, before, once
+
+    async def transaction(self, fn: Callable[[Tx], Awaitable[T]]) -> T:
+        async def run(tx: Tx) -> T:
+            if self.once is not None:
+                prev = await sql.idempotent_response(tx, self.actor, self.once[0])
+                if prev is not None:
+                    raise _Replayed(prev.request_digest == self.once[1])
+            result = await fn(tx)
+            shown = self.after(result)
+            await sql.add_admin_audit(tx, self.actor, self.action, self.target, self.before, shown)
+            if self.once is not None:
+                body = msgspec.json.encode(shown).decode()
+                await sql.record_idempotent(tx, self.actor, self.once[0], self.once[1], 201, body)
+            return result
+
+        return await self.inner.transaction(run)
+
+    async def read(self, fn: Callable[[Tx], Awaitable[T]]) -> T:
+        return await self.inner.read(fn)
+
+    async def migrate(self) -> list[int]:
+        return await self.inner.migrate()
+
+    async def close(self) -> None:  # the app's database is not the page's to close
+        return None
+
+
+def _s(posted: Any, name: str) -> str:
+    v = posted.get(name, "")
+    return v.strip() if isinstance(v, str) else ""
+
+
+def _opt(posted: Any, name: str) -> str | None:
+    return _s(posted, name) or None
+
+
+def _when(request: web.Request, text: str | None) -> int | None:
+    if text is None:
+        return None
+    try:
+        return bio.parse_time(text)
+    except (bio.BillingIOError, OverflowError, ValueError):
+        raise ConsoleError(
+            gettext(request, "Bad date: give 2026-11-01 or 2026-11-01T12:00:00Z.")
+        ) from None
+
+
+def _period(request: web.Request, text: str) -> str:
+    try:
+        period_bounds(text)
+    except Exception:
+        raise ConsoleError(gettext(request, "Give the period as YYYY-MM.")) from None
+    return text
+
+
+def _require(request: web.Request, posted: Any, *names: str) -> None:
+    missing = [n for n in names if not _s(posted, n)]
+    if missing:
+        raise ConsoleError(gettext(request, "Fill in: {fields}.").format(fields=", ".join(missing)))
+
+
+def _audited(
+    request: web.Request,
+    session: Session,
+    action: str,
+    target: str,
+    after: Callable[[Any], Any],
+    **kw: Any,
+) -> Callable[[Database], _Audited]:
+    return lambda inner: _Audited(inner, session.actor, action, target, after, **kw)
+
+
+def _jsonable(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return msgspec.to_builtins(dataclasses.asdict(obj))
+    return msgspec.to_builtins(obj)
+
+
+def _price_text(nanos: int | None, currency: str) -> str:
+    return "" if nanos is None else fmt(nanos, currency, exact=True)
+
+
+# -- prices -----------------------------------------------------------------------------------
+
+
+async def prices_page(request: web.Request, session: Session) -> web.StreamResponse:
+    prices = await Billing(await db(request)).prices()
+    rows = [
         {
-            "d": d,
-            "err_1h": _pct(d.error_pct("1h")),
-            "err_24h": _pct(d.error_pct("24h")),
-            "p50": "" if d.latency_p50_ms is None else f"{d.latency_p50_ms:.0f}",
-            "p95": "" if d.latency_p95_ms is None else f"{d.latency_p95_ms:.0f}",
-            "routes": [d.routes.get(r, 0) for r in reasons],
-            "tiers": [
-                _pct(100.0 * d.tiers.get(t, 0) / d.sampled if d.sampled else None) for t in tiers
-            ],
+            "p": p,
+            "effective": bio.iso_z(p.effective_ms),
+            "input": _price_text(p.input_per_1m, p.currency),
+            "cached": _price_text(p.cached_input_per_1m, p.currency),
+            "output": _price_text(p.output_per_1m, p.currency),
+            "points": "" if p.points_per_1m is None else decimal_str(p.points_per_1m),
         }
-        for d in rows
+        for p in sorted(prices, key=lambda p: (p.model, p.tenant, -p.version))
     ]
-    chart = None
-    if rows and reasons:
-        labels = [d.deployment or "-" for d in rows]
-        chart = charts.bar_chart(
-            labels, {r: [d.routes.get(r, 0) for d in rows] for r in reasons}, unit="requests"
+    return render(request, session, "billing_prices.html", rows=rows)
+
+
+async def set_price(request: web.Request, session: Session) -> web.StreamResponse:
+    posted = await form(request)
+    _require(request, posted, "model", "currency", "input", "output")
+    model, tenant = _s(posted, "model"), _s(posted, "tenant")
+    eff = _when(request, _opt(posted, "effective"))
+    billing = Billing(
+        _audited(request, session, "price.set", f"{model}@{tenant}" if tenant else model,
+                 _jsonable)(await db(request))
+    )  # fmt: skip
+    p = await billing.set_price(
+        model,
+        currency=_s(posted, "currency").upper(),
+        input_per_1m=_s(posted, "input"),
+        output_per_1m=_s(posted, "output"),
+        cached_input_per_1m=_opt(posted, "cached_input"),
+        points_per_1m=_opt(posted, "points"),
+        effective_ms=eff,
+        tenant=tenant,
+    )
+    msg = gettext(request, "Price of {model} set: version {version}.")
+    raise redirect(
+        request, "/console/billing/prices", flash=msg.format(model=model, version=p.version)
+    )
+
+
+# -- FX -------------------------------------------------------------------------------------------
+
+
+async def fx_page(request: web.Request, session: Session) -> web.StreamResponse:
+    rows = await (await db(request)).read(terms.fx_list)
+    shown = [
+        {"base": b, "quote": q, "effective": bio.iso_z(int(e)), "rate": str(r)}
+        for b, q, e, r in rows
+    ]
+    return render(request, session, "billing_fx.html", rows=shown)
+
+
+async def set_fx(request: web.Request, session: Session) -> web.StreamResponse:
+    posted = await form(request)
+    _require(request, posted, "base", "quote", "rate")
+    base, quote = _s(posted, "base").upper(), _s(posted, "quote").upper()
+    eff = _when(request, _opt(posted, "effective"))
+    rate_text = _s(posted, "rate")
+    billing = Billing(
+        _audited(request, session, "fx.set", f"{base}/{quote}",
+                 lambda r: {"base": base, "quote": quote, "rate": str(r),
+                            "effective_ms": eff})(await db(request))
+    )  # fmt: skip
+    r = await billing.set_fx(base, quote, rate_text, effective_ms=eff)
+    msg = gettext(request, "FX rate set: 1 {base} = {rate} {quote}.")
+    raise redirect(request, "/console/billing/fx", flash=msg.format(base=base, quote=quote, rate=r))
+
+
+# -- plans --------------------------------------------------------------------------------------
+
+
+async def plans_page(request: web.Request, session: Session) -> web.StreamResponse:
+    plans = await Billing(await db(request)).plans()
+    rows = [
+        {
+            "p": p,
+            "price": fmt(p.price, p.currency, exact=True),
+            "quantity": fmt_units(p.quantity, TOKENS if p.kind == "package" else "POINTS"),
+            "overage": _price_text(p.overage_per_1m, p.overage_currency),
+            "models": ", ".join(p.models),
+        }
+        for p in plans
+    ]
+    return render(request, session, "billing_plans.html", rows=rows, periods=PLAN_PERIODS)
+
+
+async def create_plan(request: web.Request, session: Session) -> web.StreamResponse:
+    posted = await form(request)
+    _require(request, posted, "name", "price", "currency", "quantity")
+    name = _s(posted, "name")
+    kind = _s(posted, "kind") or "package"
+    qty = _s(posted, "quantity")
+    tokens: int | None = None
+    points: str | None = None
+    if kind == "package":
+        if not qty.isdigit():
+            raise ConsoleError(gettext(request, "Tokens must be a whole number."))
+        tokens = int(qty)
+    elif kind == "points":
+        points = qty
+    else:
+        raise ConsoleError(gettext(request, "A plan sells tokens or points."))
+    exhaustion = _s(posted, "exhaustion") or "hard_stop"
+    auto = _opt(posted, "auto_topup")
+    if exhaustion == "auto_topup" and (auto is None or not auto.isdigit()):
+        raise ConsoleError(gettext(request, "Automatic top-up needs a whole number of tokens."))
+    billing = Billing(_audited(request, session, "plan.create", name, _jsonable)(await db(request)))
+    await billing.create_plan(
+        name,
+        price=_s(posted, "price"),
+        currency=_s(posted, "currency").upper(),
+        tokens=tokens,
+        points=points,
+        period=_s(posted, "period") or "month",
+        overage_per_1m=_opt(posted, "overage") if exhaustion == "overage" else None,
+        overage_currency=(_opt(posted, "overage_currency") or "").upper() or None,
+        hard_stop=exhaustion == "hard_stop",
+        auto_topup=int(auto) if exhaustion == "auto_topup" and auto else None,
+        rollover=_s(posted, "rollover") == "on",
+        models=[m.strip() for m in _s(posted, "models").split(",") if m.strip()],
+    )
+    msg = gettext(request, "Plan {name} created.")
+    raise redirect(request, "/console/billing/plans", flash=msg.format(name=name))
+
+
+# -- redemption codes ----------------------------------------------------------------------------
+
+# A created batch's codes, held in this process (the admin listener's one) for the session that
+# created them: shown on the page after the redirect, downloadable once as CSV, then gone.
+_BATCHES: dict[str, tuple[str, float, list[str], str, str]] = {}  # id -> (digest, t, codes,...)
+_MAX_BATCHES = 100
+
+
+def _hold_batch(session: Session, codes: list[str], amount: str, currency: str) -> str:
+    now = time.monotonic()
+    for k in [k for k, v in _BATCHES.items() if now - v[1] > BATCH_TTL_S]:
+        del _BATCHES[k]
+    while len(_BATCHES) >= _MAX_BATCHES:
+        del _BATCHES[next(iter(_BATCHES))]
+    batch_id = secrets.token_urlsafe(12)
+    _BATCHES[batch_id] = (session.digest, now, codes, amount, currency)
+    return batch_id
+
+
+def _batch(session: Session, batch_id: str) -> tuple[str, float, list[str], str, str] | None:
+    held = _BATCHES.get(batch_id)
+    if held is None or held[0] != session.digest or time.monotonic() - held[1] > BATCH_TTL_S:
+        return None
+    return held
+
+
+async def codes_page(request: web.Request, session: Session) -> web.StreamResponse:
+    raw = request.query.get("before", "")
+    before: tuple[int, str] | None = None
+    if raw:
+        ts, _, h = raw.partition(".")
+        if not ts.isdigit() or not h:
+            raise ConsoleError(gettext(request, "Invalid cursor: follow the page links as given."))
+        before = (int(ts), h)
+    rows, nxt = await (await db(request)).read(
+        lambda tx: reports.codes_page(tx, before=before, limit=50)
+    )
+    now = _now()
+    shown = [
+        {
+            "c": c,
+            "amount": fmt(c.amount, c.currency, exact=True),
+            "status": c.status(now),
+            "created": bio.iso_z(c.created_ms),
+            "expires": bio.iso_z(c.expires_ms) if c.expires_ms is not None else "",
+        }
+        for c in rows
+    ]
+    batch_id = take_once(request, "code_batch")
+    batch = _batch(session, batch_id) if batch_id else None
+    return render(
+        request,
+        session,
+        "billing_codes.html",
+        rows=shown,
+        next_url=f"/console/billing/codes?before={nxt[0]}.{nxt[1]}" if nxt else None,
+        batch_id=batch_id if batch else None,
+        batch_codes=batch[2] if batch else [],
+        batch_value=f"{batch[3]} {batch[4]}" if batch else "",
+    )
+
+
+async def create_codes(request: web.Request, session: Session) -> web.StreamResponse:
+    posted = await form(request)
+    _require(request, posted, "count", "amount", "currency")
+    count_text = _s(posted, "count")
+    if not count_text.isdigit() or not 1 <= int(count_text) <= MAX_CODES:
+        raise ConsoleError(
+            gettext(request, "Count must be a whole number from 1 to {n}.").format(n=MAX_CODES)
+        )
+    count = int(count_text)
+    amount, currency = _s(posted, "amount"), _s(posted, "currency").upper()
+    expires = _when(request, _opt(posted, "expires"))
+
+    def after(codes: list[str]) -> dict[str, Any]:
+        # The codes are bearer secrets: the log keeps their prefixes, never the codes.
+        return {"count": len(codes), "amount": amount, "currency": currency,
+                "expires_ms": expires, "prefixes": [c[:8] for c in codes]}  # fmt: skip
+
+    billing = Billing(_audited(request, session, "code.batch", currency, after)(await db(request)))
+    codes = await billing.create_codes(count, amount, currency, expires_ms=expires)
+    batch_id = _hold_batch(session, codes, amount, currency)
+    show_once(request, "code_batch", batch_id)
+    msg = gettext(request, "{n} codes created. They are shown once: download them now.")
+    raise redirect(request, "/console/billing/codes", flash=msg.format(n=len(codes)))
+
+
+async def codes_csv(request: web.Request, session: Session) -> web.StreamResponse:
+    batch_id = request.match_info["batch"]
+    held = _batch(session, batch_id)
+    if held is None:
+        raise ConsoleError(
+            gettext(request, "This batch's download is gone: it is given once, to the session "
+                    "that created it, within 15 minutes.")
+        )  # fmt: skip
+    del _BATCHES[batch_id]
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["code", "amount", "currency"])
+    w.writerows([c, held[3], held[4]] for c in held[2])
+    return web.Response(
+        body=buf.getvalue().encode(),
+        content_type="text/csv",
+        charset="utf-8",
+        headers={"Content-Disposition": f'attachment; filename="codes-{batch_id}.csv"'},
+    )
+
+
+# -- statements -----------------------------------------------------------------------------
+
+
+def _tenant_names(rows: list[Any]) -> list[str]:
+    return [r[0] for r in rows]
+
+
+async def statements_page(request: web.Request, session: Session) -> web.StreamResponse:
+    tenant = request.query.get("tenant", "").strip()
+    period = request.query.get("period", "").strip() or period_of(_now())
+    st: dict[str, Any] | None = None
+    database = await db(request)
+    if tenant:
+        _period(request, period)
+        await database.read(lambda tx: sql.tenant_in(tx, tenant))  # 404 for an unknown tenant
+        st = await database.read(lambda tx: ST.tenant_statement(tx, tenant, period))
+    names = await database.read(
+        lambda tx: tx.fetch("SELECT name FROM tenants ORDER BY name LIMIT 1000")
+    )
+    usage = []
+    if st is not None:
+        for u in st["usage"]:
+            usage.append(
+                {
+                    "model": u["model"],
+                    "tokens": u["tokens"],
+                    "package_tokens": u["package_tokens"],
+                    "amounts": [fmt_units(v, c) for c, v in sorted(u["amounts"].items())],
+                }
+            )
+    return render(
+        request,
+        session,
+        "billing_statements.html",
+        tenant=tenant,
+        period=period,
+        tenants=_tenant_names(names),
+        st=st,
+        usage=usage,
+        overage=[fmt(v, c, exact=True) for c, v in sorted((st or {}).get("overage", {}).items())],
+        other=[
+            (k, [fmt_units(v, u) for u, v in sorted(units.items())])
+            for k, units in sorted((st or {}).get("other", {}).items())
+        ],
+        purchases=[
+            {"memo": p.get("memo", ""), "price": fmt(p["price"], p["currency"], exact=True)}
+            for p in (st or {}).get("purchases", [])
+            if "price" in p and "currency" in p
+        ],
+    )
+
+
+async def close_period(request: web.Request, session: Session) -> web.StreamResponse:
+    posted = await form(request)
+    _require(request, posted, "tenant", "period")
+    tenant, period = _s(posted, "tenant"), _period(request, _s(posted, "period"))
+
+    async def run(tx: Tx) -> dict[str, Any]:
+        await sql.tenant_in(tx, tenant)
+        st = await ST.close_period(tx, tenant, period)
+        summary = {"tenant": tenant, "period": period, "closing": st["closing"]}
+        await sql.add_admin_audit(tx, session.actor, "statement.close", tenant, None, summary)
+        return st
+
+    await (await db(request)).transaction(run)
+    msg = gettext(request, "{tenant} {period} closed.")
+    raise redirect(
+        request,
+        f"/console/billing/statements?tenant={tenant}&period={period}",
+        flash=msg.format(tenant=tenant, period=period),
+    )
+
+
+# -- invoices and payments ---------------------------------------------------------------------
+
+
+async def invoices_page(request: web.Request, session: Session) -> web.StreamResponse:
+    tenant = request.query.get("tenant", "").strip() or None
+
+    async def run(tx: Tx) -> tuple[list[reports.InvoiceRow], list[tuple[str, str, int]]]:
+        return await reports.invoices(tx, tenant=tenant), await reports.receivables(tx)
+
+    invoices, owed = await (await db(request)).read(run)
+    rows = [
+        {
+            "i": i,
+            "owed": fmt(i.owed, i.currency, exact=True) if i.currency else "",
+            "due": fmt(i.due, i.currency, exact=True) if i.currency else "",
+        }
+        for i in invoices
+    ]
+    receivables = [
+        {"tenant": t, "currency": c, "owed": fmt(v, c, exact=True), "nanos": v} for t, c, v in owed
+    ]
+    return render(
+        request,
+        session,
+        "billing_invoices.html",
+        rows=rows,
+        receivables=receivables,
+        tenant=tenant or "",
+        period=period_of(_now()),
+        pay_token=secrets.token_urlsafe(18),
+    )
+
+
+async def create_invoice(request: web.Request, session: Session) -> web.StreamResponse:
+    posted = await form(request)
+    _require(request, posted, "tenant", "period")
+    tenant, period = _s(posted, "tenant"), _period(request, _s(posted, "period"))
+    await (await db(request)).read(lambda tx: sql.tenant_in(tx, tenant))
+    billing = Billing(_audited(request, session, "invoice.create", tenant, dict)(await db(request)))
+    inv = await billing.invoice(tenant, period)
+    msg = gettext(request, "Invoiced {tenant} for {period}: {due} due.")
+    raise redirect(
+        request,
+        "/console/billing/invoices",
+        flash=msg.format(tenant=tenant, period=period, due=fmt(inv["due"], inv["currency"])),
+    )
+
+
+async def record_payment(request: web.Request, session: Session) -> web.StreamResponse:
+    posted = await form(request)
+    _require(request, posted, "tenant", "amount", "currency", "token")
+    tenant, amount = _s(posted, "tenant"), _s(posted, "amount")
+    currency, token = _s(posted, "currency").upper(), _s(posted, "token")
+    if len(token) > 200 or not token.isascii():
+        raise ConsoleError(gettext(request, "The form expired: reload the page."))
+    await (await db(request)).read(lambda tx: sql.tenant_in(tx, tenant))
+    digest = hashlib.sha256(msgspec.json.encode(["payment", tenant, amount, currency])).hexdigest()
+    key = f"console-payment:{token}"
+    audited = _audited(
+        request, session, "payment.record", tenant,
+        lambda txn: {"txn": txn, "amount": amount, "currency": currency},
+        once=(key, digest),
+    )(await db(request))  # fmt: skip
+    try:
+        txn = await Billing(audited).pay(tenant, amount, currency, ref=key)
+    except _Replayed as e:
+        if not e.same:
+            raise ConsoleError(
+                gettext(request, "This form was submitted already with other values: reload "
+                        "the page to record another payment.")
+            ) from None  # fmt: skip
+        raise redirect(
+            request,
+            "/console/billing/invoices",
+            flash=gettext(request, "This payment was recorded already (the form was sent twice)."),
+        ) from None
+    except Exception:
+        # A concurrent twin under the same token may have committed first: then this one is
+        # its replay, not a failure.
+        prev = await (await db(request)).read(
+            lambda tx: sql.idempotent_response(tx, session.actor, key)
+        )
+        if prev is None:
+            raise
+        raise redirect(
+            request,
+            "/console/billing/invoices",
+            flash=gettext(request, "This payment was recorded already (the form was sent twice)."),
+        ) from None
+    msg = gettext(request, "Payment of {amount} {currency} from {tenant} recorded ({txn}).")
+    raise redirect(
+        request,
+        "/console/billing/invoices",
+        flash=msg.format(amount=amount, currency=currency, tenant=tenant, txn=txn),
+    )
+
+
+# -- provider settlement --------------------------------------------------------------------
+
+
+async def settlement_page(request: web.Request, session: Session) -> web.StreamResponse:
+    provider = request.query.get("provider", "").strip()
+    period = request.query.get("period", "").strip() or period_of(_now())
+    result: dict[str, Any] | None = None
+    if provider:
+        _period(request, period)
+        result = await (await db(request)).read(
+            lambda tx: ST.provider_settlement(tx, provider, period)
         )
     return render(
         request,
         session,
-        "ops_routing.html",
-        rows=table,
-        reasons=reasons,
-        tiers=tiers,
-        chart=chart,
-        sample=SAMPLE,
+        "billing_settlement.html",
+        provider=provider,
+        period=period,
+        result=result,
     )
 
 
-def _position(request: web.Request) -> tuple[int, str] | None:
-    raw = request.query.get("before", "")
-    if not raw:
-        return None
-    ts, _, entry = raw.partition(".")
-    if not ts.isdigit() or not entry:
-        raise ConsoleError(gettext(request, "Invalid cursor: follow the page links as given."))
-    return int(ts), entry
+# -- reconciliation -------------------------------------------------------------------------
 
 
-def _json(value: Any) -> str:
-    return "" if value is None else msgspec.json.encode(value).decode()
-
-
-async def audit(request: web.Request, session: Session) -> web.StreamResponse:
-    """Both logs, newest first, each paged on its own (`before` / `gbefore`) with filters:
-    the admin audit (actor, action prefix, target) and the guard's (kind, tenant, key)."""
-    q = request.query
-    log = q.get("log", "admin")
-    if log not in ("admin", "guard"):
-        log = "admin"
-    f = {k: q.get(k, "").strip() for k in ("actor", "action", "target", "kind", "tenant", "key")}
-    before = _position(request)
-
-    async def run(tx: Tx) -> list[Any]:
-        if log == "admin":
-            return list(
-                await reports.admin_audit(
-                    tx, actor=f["actor"] or None, action=f["action"] or None,
-                    target=f["target"] or None, before=before, limit=AUDIT_PAGE + 1,
-                )
-            )  # fmt: skip
-        return list(
-            await reports.guard_audit(
-                tx, kind=f["kind"] or None, tenant=f["tenant"] or None,
-                key_id=f["key"] or None, before=before, limit=AUDIT_PAGE + 1,
-            )
-        )  # fmt: skip
-
-    rows = await (await db(request)).read(run)
-    more = len(rows) > AUDIT_PAGE
-    rows = rows[:AUDIT_PAGE]
-    next_url = None
-    if more:
-        last = rows[-1]
-        params = {k: v for k, v in f.items() if v}
-        params |= {"log": log, "before": f"{last.ts_ms}.{last.id}"}
-        next_url = "/console/audit?" + urlencode(params)
-    if log == "admin":
-        entries = [
-            {
-                "e": e,
-                "time": bio.iso_z(e.ts_ms),
-                "before": _json(e.before),
-                "after": _json(e.after),
-            }
-            for e in rows
-        ]
-    else:
-        entries = [{"e": e, "time": bio.iso_z(e.ts_ms), "details": _json(e.details)} for e in rows]
+async def reconcile_page(request: web.Request, session: Session) -> web.StreamResponse:
     return render(
         request,
         session,
-        "ops_audit.html",
-        log=log,
-        f=f,
-        entries=entries,
-        next_url=next_url,
+        "billing_reconcile.html",
+        report=None,
+        max_kib=MAX_UPLOAD_BYTES // 1024,
+        provider="",
+        period="",
     )
 
 
+async def reconcile_upload(request: web.Request, session: Session) -> web.StreamResponse:
+    """A provider's per-request counts (the CSV `tokenhub billing reconcile` reads) compared
+    with the usage events: the same report (bio.reconcile), as tables. Writes nothing, so the
+    report is this POST's own page."""
+    posted = await form(request)
+    upload = posted.get("file")
+    if not isinstance(upload, web.FileField):
+        raise ConsoleError(gettext(request, "Choose a CSV file to upload."))
+    data = upload.file.read(MAX_UPLOAD_BYTES + 1)
+    if len(data) > MAX_UPLOAD_BYTES:
+        raise ConsoleError(
+            gettext(request, "The file is larger than {kib} KiB: split it, or use tokenhub "
+                    "billing reconcile.").format(kib=MAX_UPLOAD_BYTES // 1024)
+        )  # fmt: skip
+    provider = _opt(posted, "provider")
+    period = _opt(posted, "period")
+    since, until = None, None
+    if period is not None:
+        since, until = period_bounds(_period(request, period))
+    text = data.decode("utf-8-sig", errors="replace")
+    try:
+        report = await bio.reconcile(
+            await db(request), io.StringIO(text, newline=""), provider=provider, since=since,
+            until=until,
+        )  # fmt: skip
+    except bio.BillingIOError as e:
+        raise ConsoleError(str(e)) from None
+    return render(
+        request,
+        session,
+        "billing_reconcile.html",
+        report=report,
+        max_kib=MAX_UPLOAD_BYTES // 1024,
+        provider=provider or "",
+        period=period or "",
+        filename=upload.filename,
+    )
+
+
+# -- ledger check, overruns ------------------------------------------------------------------
+
+
+async def check_page(request: web.Request, session: Session) -> web.StreamResponse:
+    result = await (await db(request)).read(ledger_check)
+    return render(request, session, "billing_check.html", result=result)
+
+
+async def overruns_page(request: web.Request, session: Session) -> web.StreamResponse:
+    rows = await (await db(request)).read(reports.overruns)
+    shown = [
+        {"tenant": t, "currency": c, "nanos": v, "text": fmt(v, c, exact=True)} for t, c, v in rows
+    ]
+    return render(request, session, "billing_overruns.html", rows=shown)
+
+
+B = "/console/billing"
+
 ROUTES: list[PageRoute] = [
-    PageRoute("GET", "/console/routing", "read", routing),
-    PageRoute("GET", "/console/audit", "read", audit),
+    PageRoute("GET", f"{B}/prices", "read", prices_page),
+    PageRoute("POST", f"{B}/prices", "admin", set_price),
+    PageRoute("GET", f"{B}/fx", "read", fx_page),
+    PageRoute("POST", f"{B}/fx", "admin", set_fx),
+    PageRoute("GET", f"{B}/plans", "read", plans_page),
+    PageRoute("POST", f"{B}/plans", "admin", create_plan),
+    PageRoute("GET", f"{B}/codes", "read", codes_page),
+    PageRoute("POST", f"{B}/codes", "billing", create_codes),
+    PageRoute("GET", f"{B}/codes/batch/{{batch}}.csv", "billing", codes_csv),
+    PageRoute("GET", f"{B}/statements", "read", statements_page),
+    PageRoute("POST", f"{B}/statements/close", "billing", close_period),
+    PageRoute("GET", f"{B}/invoices", "read", invoices_page),
+    PageRoute("POST", f"{B}/invoices", "billing", create_invoice),
+    PageRoute("POST", f"{B}/payments", "billing", record_payment),
+    PageRoute("GET", f"{B}/settlements", "read", settlement_page),
+    PageRoute("GET", f"{B}/reconcile", "read", reconcile_page),
+    PageRoute("POST", f"{B}/reconcile", "billing", reconcile_upload),
+    PageRoute("GET", f"{B}/check", "read", check_page),
+    PageRoute("GET", f"{B}/overruns", "read", overruns_page),
 ]
