@@ -8,20 +8,20 @@ events and the CLI name them.
 
 from __future__ import annotations
 
-import csv
-import datetime as dt
-import io
 import logging
 from collections.abc import Awaitable, Callable
 from functools import partial
-from typing import Any, NamedTuple
+from typing import Any
 
 import msgspec
 from aiohttp import web
 
+from tokenhub.admin import billing_routes, usage_routes
 from tokenhub.admin.web import (
-    DatabaseOpener,
+    ACTOR,
+    DB,
     Idempotency,
+    Route,
     decode_cursor,
     json_response,
     money,
@@ -29,40 +29,23 @@ from tokenhub.admin.web import (
     page_limit,
     read_json,
 )
+from tokenhub.admin.web import actor as _actor
+from tokenhub.admin.web import csv_lines as _csv_lines
+from tokenhub.admin.web import db as _db
+from tokenhub.admin.web import money_moving as _money_moving
+from tokenhub.admin.web import time_param as _time_param
 from tokenhub.billing import ledger as L
 from tokenhub.billing import terms
 from tokenhub.billing.check import ledger_check
 from tokenhub.billing.service import Billing, Lot, assign_in, get_profile, redeem_in, topup_in
-from tokenhub.db.database import Database, Tx
+from tokenhub.db.database import Tx
 from tokenhub.gateway.errors import ApiError
 from tokenhub.money import decimal_str, parse_amount
 from tokenhub.store import sql
-from tokenhub.store.base import KEY_LIMIT_FIELDS, LIMIT_FIELDS, AdminToken, ApiKey, Limits, Tenant
+from tokenhub.store.base import KEY_LIMIT_FIELDS, LIMIT_FIELDS, ApiKey, Limits, Tenant
 from tokenhub.usage import EVENT_FIELDS, event_csv_row, event_jsonl
 
 log = logging.getLogger("tokenhub.admin")
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-DB = web.AppKey("admin_db", DatabaseOpener)
-ACTOR = web.RequestKey("admin_actor", AdminToken)  # who authenticated
-
-
-class Route(NamedTuple):
-    method: str
-    path: str
-    scope: str | None
-    handler: Handler
-
-
-async def _db(request: web.Request) -> Database:
-    return await request.app[DB]()
-
-
-def _actor(request: web.Request) -> str:
-    token: AdminToken = request[ACTOR]
-    return token.name
-
 
 # -- bodies and records -------------------------------------------------------------------------
 
@@ -133,26 +116,6 @@ async def _wallet(tx: Tx, tenant: str, currency: str) -> dict[str, str]:
     acc = L.wallet(tenant, currency)
     bals = await L.balances(tx, tenant=tenant, prefix=acc)
     return money(-bals.get(acc, 0), currency)  # the ledger is debit-positive
-
-
-def _time_param(request: web.Request, name: str) -> int | None:
-    """Unix milliseconds, or an ISO 8601 date or datetime (UTC unless it has an offset)."""
-    raw = request.query.get(name)
-    if raw is None:
-        return None
-    if raw.lstrip("-").isdigit() and raw.isascii():
-        if not -(2**63) <= int(raw) < 2**63:
-            raise ApiError.bad_request(f"{name} is out of range", param=name)
-        return int(raw)
-    try:
-        t = dt.datetime.fromisoformat(raw)
-    except ValueError:
-        raise ApiError.bad_request(
-            f"{name}: give Unix milliseconds or an ISO 8601 date or datetime", param=name
-        ) from None
-    if t.tzinfo is None:
-        t = t.replace(tzinfo=dt.UTC)
-    return (t - dt.datetime(1970, 1, 1, tzinfo=dt.UTC)) // dt.timedelta(milliseconds=1)
 
 
 # -- tenants ------------------------------------------------------------------------------------
@@ -251,24 +214,6 @@ async def _wallet_move(
         return await idem.record(tx, 201, out)
 
     return await _money_moving(request, idem, run)
-
-
-async def _money_moving(
-    request: web.Request, idem: Idempotency, run: Callable[[Tx], Awaitable[web.Response]]
-) -> web.Response:
-    """Runs a money-moving POST's transaction (which replays, moves, audits and records)."""
-    db = await _db(request)
-    try:
-        return await db.transaction(run)
-    except ApiError:
-        raise
-    except Exception:
-        # A concurrent twin under the same key committed first (PostgreSQL: this one failed
-        # on the key's primary key and rolled back): answer as a replay would.
-        replayed = await db.read(idem.replay)
-        if replayed is None:
-            raise
-        return replayed
 
 
 class PlanAssign(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -527,12 +472,6 @@ async def export_usage_events(request: web.Request) -> web.StreamResponse:
     return resp
 
 
-def _csv_lines(rows: list[list[object]]) -> bytes:
-    buf = io.StringIO()
-    csv.writer(buf, lineterminator="\n").writerows(rows)
-    return buf.getvalue().encode()
-
-
 async def billing_check(request: web.Request) -> web.Response:
     result = await (await _db(request)).read(ledger_check)
     return json_response(
@@ -605,4 +544,8 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", f"{V1}/billing/check", "read", billing_check),
     Route("GET", f"{V1}/audit", "read", list_audit),
     Route("GET", f"{V1}/audit/guard", "read", list_guard_audit),
+    *usage_routes.ROUTES,
+    *billing_routes.ROUTES,
 )
+
+__all__ = ["ACTOR", "DB", "ROUTES", "Route"]

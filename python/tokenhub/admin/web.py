@@ -1,12 +1,17 @@
-"""What the admin API's handlers share: JSON bodies, money, cursors, Idempotency-Key."""
+"""What the admin API's handlers share: the route record, the app's keys, JSON bodies, money,
+times, cursors, Idempotency-Key."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
 import binascii
+import csv
+import datetime as dt
 import hashlib
-from typing import Any, TypeVar
+import io
+from collections.abc import Awaitable, Callable
+from typing import Any, NamedTuple, TypeVar
 
 import msgspec
 from aiohttp import web
@@ -15,8 +20,21 @@ from tokenhub.db.database import Database, Tx, open_database
 from tokenhub.gateway.errors import ApiError
 from tokenhub.money import fmt
 from tokenhub.store import sql
+from tokenhub.store.base import AdminToken
 
 T = TypeVar("T")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class Route(NamedTuple):
+    """One admin API route; `scope` is the least an admin token needs (None: no token)."""
+
+    method: str
+    path: str
+    scope: str | None
+    handler: Handler
+
 
 DEFAULT_LIMIT = 100
 MAX_LIMIT = 1000
@@ -152,6 +170,32 @@ class Idempotency:
         return web.Response(status=status, body=body, content_type="application/json")
 
 
+def time_param(request: web.Request, name: str) -> int | None:
+    """Unix milliseconds, or an ISO 8601 date or datetime (UTC unless it has an offset)."""
+    raw = request.query.get(name)
+    if raw is None:
+        return None
+    if raw.lstrip("-").isdigit() and raw.isascii():
+        if not -(2**63) <= int(raw) < 2**63:
+            raise ApiError.bad_request(f"{name} is out of range", param=name)
+        return int(raw)
+    try:
+        t = dt.datetime.fromisoformat(raw)
+    except ValueError:
+        raise ApiError.bad_request(
+            f"{name}: give Unix milliseconds or an ISO 8601 date or datetime", param=name
+        ) from None
+    if t.tzinfo is None:
+        t = t.replace(tzinfo=dt.UTC)
+    return (t - dt.datetime(1970, 1, 1, tzinfo=dt.UTC)) // dt.timedelta(milliseconds=1)
+
+
+def csv_lines(rows: list[list[object]]) -> bytes:
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\n").writerows(rows)
+    return buf.getvalue().encode()
+
+
 class DatabaseOpener:
     """Opens the database on first use (once, under a lock), closes it with the app."""
 
@@ -171,3 +215,34 @@ class DatabaseOpener:
         if self._db is not None:
             await self._db.close()
             self._db = None
+
+
+DB = web.AppKey("admin_db", DatabaseOpener)
+ACTOR = web.RequestKey("admin_actor", AdminToken)  # who authenticated
+
+
+async def db(request: web.Request) -> Database:
+    return await request.app[DB]()
+
+
+def actor(request: web.Request) -> str:
+    token: AdminToken = request[ACTOR]
+    return token.name
+
+
+async def money_moving(
+    request: web.Request, idem: Idempotency, run: Callable[[Tx], Awaitable[web.Response]]
+) -> web.Response:
+    """Runs a money-moving POST's transaction (which replays, moves, audits and records)."""
+    database = await db(request)
+    try:
+        return await database.transaction(run)
+    except ApiError:
+        raise
+    except Exception:
+        # A concurrent twin under the same key committed first (PostgreSQL: this one failed
+        # on the key's primary key and rolled back): answer as a replay would.
+        replayed = await database.read(idem.replay)
+        if replayed is None:
+            raise
+        return replayed

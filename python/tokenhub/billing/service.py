@@ -231,47 +231,17 @@ class Billing:
         low_balance: str | None = None,
         discount_pct: str | None = None,
     ) -> Profile:
-        async def run(tx: Tx) -> Profile:
-            old = await get_profile(tx, tenant)
-            cur = check_currency(currency) if currency else old.currency
-            if currency and cur != old.currency and await _has_money(tx, tenant, old.currency):
-                raise BillingError(
-                    f"tenant {tenant} already holds {old.currency} balances; its settlement "
-                    f"currency cannot change to {cur}"
-                )
-            order = tuple(draw_order) if draw_order is not None else old.draw_order
-            bad = [x for x in order if x not in DRAW_ORDER] or (len(set(order)) != len(order))
-            if bad or not order:
-                raise BillingError(
-                    f"draw order must be distinct names from {', '.join(DRAW_ORDER)}"
-                )
-            limit = parse_amount(credit_limit, cur) if credit_limit is not None else None
-            low = parse_amount(low_balance, cur) if low_balance is not None else old.low_balance
-            disc = old.discount_ppm
-            if discount_pct is not None:
-                disc = _pct_ppm(discount_pct, "discount")
-                if not 0 <= disc <= PPM:
-                    raise BillingError("discount must be a percentage from 0 to 100")
-            new = Profile(
-                tenant, cur, order, limit if limit is not None else old.credit_limit, low, disc
+        return await self.db.transaction(
+            partial(
+                set_profile_in,
+                tenant=tenant,
+                currency=currency,
+                draw_order=draw_order,
+                credit_limit=credit_limit,
+                low_balance=low_balance,
+                discount_pct=discount_pct,
             )
-            await tx.execute("DELETE FROM billing_profiles WHERE tenant = $1", tenant)
-            await tx.execute(
-                "INSERT INTO billing_profiles (tenant, currency, draw_order, credit_limit, "
-                "low_balance, discount_ppm, updated_ms) VALUES ($1, $2, $3, $4, $5, $6, $7)",
-                tenant, new.currency, ",".join(new.draw_order), new.credit_limit,
-                new.low_balance, new.discount_ppm, now_ms(),
-            )  # fmt: skip
-            if limit is not None:
-                await tx.execute(
-                    "UPDATE accounts SET ceiling = $1 WHERE id = $2",
-                    limit,
-                    L.receivable(tenant, new.currency),
-                )
-            await bump(tx)
-            return new
-
-        return await self.db.transaction(run)
+        )
 
     async def profile(self, tenant: str) -> Profile:
         return await self.db.transaction(lambda tx: get_profile(tx, tenant))
@@ -293,25 +263,19 @@ class Billing:
         """A new price-book version for `model` (a tenant override when `tenant` is given),
         effective from `effective_ms` (default now). Cached input defaults to the input
         price."""
-        cur = check_currency(currency)
-        inp = parse_price(input_per_1m, "input price")
-        out = parse_price(output_per_1m, "output price")
-        cached = (
-            parse_price(cached_input_per_1m, "cached-input price")
-            if cached_input_per_1m is not None
-            else inp
-        )
-        pts = parse_price(points_per_1m, "points") if points_per_1m is not None else None
-        if tenant:
-            _check_tenant(tenant)
-        eff = now_ms() if effective_ms is None else effective_ms
-
-        async def run(tx: Tx) -> Price:
-            return await terms_sql.insert_price(
-                tx, model, tenant, eff, cur, inp, cached, out, pts, now_ms()
+        return await self.db.transaction(
+            partial(
+                set_price_in,
+                model=model,
+                currency=currency,
+                input_per_1m=input_per_1m,
+                output_per_1m=output_per_1m,
+                cached_input_per_1m=cached_input_per_1m,
+                points_per_1m=points_per_1m,
+                effective_ms=effective_ms,
+                tenant=tenant,
             )
-
-        return await self.db.transaction(run)
+        )
 
     async def prices(self) -> list[Price]:
         return await self.db.transaction(terms_sql.all_prices)
@@ -319,17 +283,9 @@ class Billing:
     async def set_fx(
         self, base: str, quote: str, fx_rate: str | Decimal, *, effective_ms: int | None = None
     ) -> Decimal:
-        b, q = check_currency(base), check_currency(quote)
-        if b == q:
-            raise BillingError("an FX rate needs two different currencies")
-        r = parse_rate(fx_rate)
-        eff = now_ms() if effective_ms is None else effective_ms
-
-        async def run(tx: Tx) -> Decimal:
-            await terms_sql.set_fx_rate(tx, b, q, eff, r, now_ms())
-            return r
-
-        return await self.db.transaction(run)
+        return await self.db.transaction(
+            partial(set_fx_in, base=base, quote=quote, fx_rate=fx_rate, effective_ms=effective_ms)
+        )
 
     async def set_split(
         self,
@@ -339,22 +295,15 @@ class Billing:
         channel_pct: str | Decimal = "0",
         effective_ms: int | None = None,
     ) -> tuple[int, int]:
-        pp, cp = _split_ppm(platform_pct, channel_pct)
-        eff = now_ms() if effective_ms is None else effective_ms
-
-        async def run(tx: Tx) -> tuple[int, int]:
-            await tx.execute(
-                "DELETE FROM revenue_splits WHERE provider = $1 AND effective_ms = $2",
-                provider, eff,
-            )  # fmt: skip
-            await tx.execute(
-                "INSERT INTO revenue_splits (provider, effective_ms, platform_ppm, channel_ppm, "
-                "created_ms) VALUES ($1, $2, $3, $4, $5)",
-                provider, eff, pp, cp, now_ms(),
-            )  # fmt: skip
-            return pp, cp
-
-        return await self.db.transaction(run)
+        return await self.db.transaction(
+            partial(
+                set_split_in,
+                provider=provider,
+                platform_pct=platform_pct,
+                channel_pct=channel_pct,
+                effective_ms=effective_ms,
+            )
+        )
 
     # -- plans, lots, wallets, codes -----------------------------------------------------------
 
@@ -374,44 +323,23 @@ class Billing:
         rollover: bool = False,
         models: Sequence[str] = (),
     ) -> Plan:
-        cur = check_currency(currency)
-        amount = parse_amount(price, cur)
-        if (tokens is None) == (points is None):
-            raise BillingError("a plan sells either --tokens or --points")
-        if tokens is not None and tokens <= 0:
-            raise BillingError("--tokens must be positive")
-        kind = "package" if tokens is not None else "points"
-        qty = tokens if tokens is not None else parse_price(points or "0", "points")
-        if qty <= 0:
-            raise BillingError("the plan's quantity must be positive")
-        if period not in PERIODS:
-            raise BillingError(f"period must be one of {', '.join(PERIODS)}")
-        modes = [overage_per_1m is not None, hard_stop, auto_topup is not None]
-        if sum(modes) > 1:
-            raise BillingError("choose one of --overage-per-1m, --hard-stop, --auto-topup")
-        exhaustion = "overage" if modes[0] else "auto_topup" if modes[2] else "hard_stop"
-        if auto_topup is not None and auto_topup <= 0:
-            raise BillingError("--auto-topup must be a positive number of tokens")
-        over = parse_price(overage_per_1m, "overage price") if overage_per_1m else None
-        over_cur = check_currency(overage_currency) if overage_currency else cur
-        plan = Plan(
-            name, kind, amount, cur, qty, period, exhaustion, over, over_cur, auto_topup,
-            rollover, tuple(models),
-        )  # fmt: skip
-
-        async def run(tx: Tx) -> Plan:
-            if await tx.fetchval("SELECT 1 FROM plans WHERE name = $1", name):
-                raise BillingError(f"plan {name!r} already exists")
-            await tx.execute(
-                f"INSERT INTO plans ({_PLAN_COLS}, created_ms) "
-                "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
-                plan.name, plan.kind, plan.price, plan.currency, plan.quantity, plan.period,
-                plan.exhaustion, plan.overage_per_1m, plan.overage_currency, plan.auto_topup,
-                int(plan.rollover), ",".join(plan.models), now_ms(),
-            )  # fmt: skip
-            return plan
-
-        return await self.db.transaction(run)
+        return await self.db.transaction(
+            partial(
+                create_plan_in,
+                name=name,
+                price=price,
+                currency=currency,
+                tokens=tokens,
+                points=points,
+                period=period,
+                overage_per_1m=overage_per_1m,
+                overage_currency=overage_currency,
+                hard_stop=hard_stop,
+                auto_topup=auto_topup,
+                rollover=rollover,
+                models=models,
+            )
+        )
 
     async def plans(self) -> list[Plan]:
         async def run(tx: Tx) -> list[Plan]:
@@ -454,25 +382,12 @@ class Billing:
     ) -> list[str]:
         """Single-use redemption codes worth `amount` each; the codes are returned once and
         stored only as SHA-256."""
-        cur = check_currency(currency)
-        value = parse_amount(amount, cur)
-        if value <= 0 or count <= 0:
-            raise BillingError("codes need a positive amount and count")
-        codes = [f"thc-{secrets.token_urlsafe(15)}" for _ in range(count)]
-
-        async def run(tx: Tx) -> list[str]:
-            await tx.executemany(
-                "INSERT INTO redemption_codes (sha256, prefix, amount, currency, expires_ms, "
-                "created_ms) VALUES ($1, $2, $3, $4, $5, $6)",
-                [
-                    (hashlib.sha256(c.encode()).hexdigest(), c[:8], value, cur, expires_ms,
-                     now_ms())
-                    for c in codes
-                ],
-            )  # fmt: skip
-            return codes
-
-        return await self.db.transaction(run)
+        return await self.db.transaction(
+            partial(
+                create_codes_in, count=count, amount=amount, currency=currency,
+                expires_ms=expires_ms,
+            )
+        )  # fmt: skip
 
     async def redeem(self, tenant: str, code: str, *, ts_ms: int | None = None) -> str:
         return await self.db.transaction(lambda tx: redeem_in(tx, tenant, code, ts_ms=ts_ms))
@@ -505,76 +420,18 @@ class Billing:
     async def invoice(
         self, tenant: str, period: str, *, ts_ms: int | None = None
     ) -> dict[str, Any]:
-        """The postpaid invoice for a month: what the tenant owes on its receivable for
-        everything posted up to that period, in whole minor units. Usage is rated to the nano,
-        so the amount owed is rounded **down** to the minor unit (in the tenant's favour, so the
-        credit line can never be pushed over its limit by rounding) and the fraction is
-        written off to `op:rounding`. One invoice per tenant and month."""
-        _, end = L.period_bounds(period)
-        ts = end - 1 if ts_ms is None else ts_ms
-
-        async def run(tx: Tx) -> dict[str, Any]:
-            await L.lock_tenants(tx, [tenant])
-            prof = await get_profile(tx, tenant)
-            cur = prof.currency
-            ref = f"invoice:{period}"
-            if await tx.fetchval(
-                "SELECT 1 FROM ledger_txns WHERE tenant = $1 AND kind = 'invoice' AND ref = $2",
-                tenant,
-                ref,
-            ):
-                raise BillingError(f"{tenant} has been invoiced for {period} already")
-            acc = L.receivable(tenant, cur)
-            owed = int(
-                await tx.fetchval(
-                    "SELECT COALESCE(SUM(p.amount), 0) FROM postings p "
-                    "JOIN ledger_txns t ON t.id = p.txn_id WHERE p.account = $1 AND t.period <= $2",
-                    acc,
-                    period,
-                )
-            )
-            step = 10 ** (9 - minor_units(cur))
-            due = (owed // step) * step if owed > 0 else 0
-            book = Book(tx)
-            await book.load(_tenant_specs(prof, cur))
-            txn = Txn("invoice", tenant, ts, ref=ref, memo=f"invoice {period}")
-            txn.details = {"period": period, "owed": owed, "due": due, "currency": cur}
-            txn.move(L.op("rounding", cur), acc, cur, owed - due)
-            txn.period = await book.period_for(tenant, ts)
-            book.post(txn)
-            await book.flush()
-            return {"tenant": tenant, "period": period, "currency": cur, "owed": owed,
-                    "due": due, "rounding": owed - due, "txn": txn.id}  # fmt: skip
-
-        return await self.db.transaction(run)
+        """The postpaid invoice for a month (`invoice_in`)."""
+        return await self.db.transaction(
+            partial(invoice_in, tenant=tenant, period=period, ts_ms=ts_ms)
+        )
 
     async def pay(
         self, tenant: str, amount: str, currency: str, *, ts_ms: int | None = None, ref: str = ""
     ) -> str:
         """A payment received against the postpaid receivable (at most what is owed)."""
-        cur = check_currency(currency)
-        value = parse_amount(amount, cur)
-        if value <= 0:
-            raise BillingError("a payment must be positive")
-        ts = now_ms() if ts_ms is None else ts_ms
-
-        async def run(tx: Tx) -> str:
-            prof = await _locked_profile(tx, tenant, cur, "pay")
-            book = Book(tx)
-            await book.load(_tenant_specs(prof, cur))
-            acc = L.receivable(tenant, cur)
-            if value > book.balance[acc]:
-                raise BillingError(
-                    f"{tenant} owes {fmt(max(book.balance[acc], 0), cur, exact=True)}; "
-                    f"a payment of {amount} {cur} is more than that (top up the wallet instead)"
-                )
-            txn = Txn("payment", tenant, ts, ref=ref, memo=f"payment {amount} {cur}")
-            txn.move(L.op("cash", cur), acc, cur, value)
-            book.post(txn)
-            await book.flush()
-            return txn.id
-
-        return await self.db.transaction(run)
+        return await self.db.transaction(
+            partial(pay_in, tenant=tenant, amount=amount, currency=currency, ts_ms=ts_ms, ref=ref)
+        )
 
     # -- usage ------------------------------------------------------------------------------
 
@@ -641,67 +498,14 @@ class Billing:
         return False
 
     async def refund(self, event_id: str, *, memo: str = "", ts_ms: int | None = None) -> str:
-        """Reverses a settled usage event's postings (one refund per event); its cost leaves
-        the hourly rollups in the same transaction."""
-        ts = now_ms() if ts_ms is None else ts_ms
-
-        async def run(tx: Tx) -> str:
-            row = await tx.fetchrow("SELECT txn_id FROM settlements WHERE event_id = $1", event_id)
-            if row is None or not row[0]:
-                raise BillingError(f"event {event_id} has not been settled (or had no charge)")
-            txn_row = await tx.fetchrow("SELECT tenant FROM ledger_txns WHERE id = $1", row[0])
-            assert txn_row is not None
-            # Under the lock: two concurrent refunds of one event must not both pass the check.
-            await L.lock_tenants(tx, [txn_row[0]])
-            if await tx.fetchval(
-                "SELECT 1 FROM ledger_txns WHERE kind = 'refund' AND ref = $1", event_id
-            ):
-                raise BillingError(f"event {event_id} has already been refunded")
-            legs = await tx.fetch(
-                "SELECT account, unit, amount FROM postings WHERE txn_id = $1 ORDER BY leg",
-                row[0],
-            )
-            prof = await get_profile(tx, txn_row[0])
-            book = Book(tx)
-            await book.load(
-                {a: L.spec_for(a, u, credit_limit=prof.credit_limit) for a, u, _ in legs}
-            )
-            txn = Txn("refund", txn_row[0], ts, ref=event_id, memo=memo or "refund")
-            txn.details = {"reverses": row[0]}
-            for a, u, amt in legs:
-                txn.add(a, u, -amt)
-            expired = await _restore_lots(tx, txn_row[0], legs)
-            for lot_id, units, unit, unearned, cur in expired:
-                # The lot has ended: what the refund gives back to it is broken again at once
-                # (units to op:issued, unearned price to breakage), as its expiry did.
-                txn.move(L.lot_units(txn_row[0], lot_id), L.op("issued", unit), unit, units)
-                txn.move(L.lot_deferred(txn_row[0], lot_id), L.op("breakage", cur), cur, unearned)
-                txn.details.setdefault("to_breakage", []).append(lot_id)
-            book.post(txn)
-            await book.flush()
-            await rollups.apply_refund(tx, event_id, row[0])
-            return txn.id
-
-        return await self.db.transaction(run)
+        """Reverses a settled usage event's postings (`refund_in`)."""
+        return await self.db.transaction(
+            partial(refund_in, event_id=event_id, memo=memo, ts_ms=ts_ms)
+        )
 
     async def expire(self, *, now: int | None = None) -> list[str]:
-        """Ends every lot whose window closed by `now`: unused tokens/points and the price
-        not yet earned go to breakage, or roll over into a new lot when the plan says so.
-        Returns the expiry transaction ids."""
-        at = now_ms() if now is None else now
-
-        async def run(tx: Tx) -> list[str]:
-            due = "FROM lots WHERE status = 'active' AND end_ms IS NOT NULL AND end_ms <= $1"
-            await L.lock_tenants(tx, [r[0] for r in await tx.fetch(f"SELECT tenant {due}", at)])
-            rows = await tx.fetch(f"SELECT {LOT_COLS} {due} ORDER BY end_ms, id", at)
-            out = []
-            for lot in map(lot_from_row, rows):
-                out.append(await _expire_lot(tx, lot))
-            if out:
-                await bump(tx)
-            return out
-
-        return await self.db.transaction(run)
+        """Ends every lot whose window closed by `now` (`expire_in`)."""
+        return await self.db.transaction(partial(expire_in, now=now))
 
     async def invariants(self) -> list[str]:
         return await self.db.transaction(L.check_invariants)
@@ -798,6 +602,324 @@ async def redeem_in(tx: Tx, tenant: str, code: str, *, ts_ms: int | None = None)
         raise BillingError("this redemption code has already been used")
     await book.flush()
     return txn.id
+
+
+# -- the other writes, inside the caller's transaction ------------------------------------------
+# The Billing methods above run these in a transaction of their own; the admin API runs them in
+# the transaction that also writes its audit entry (and Idempotency-Key record).
+
+
+async def set_profile_in(
+    tx: Tx,
+    tenant: str,
+    *,
+    currency: str | None = None,
+    draw_order: Sequence[str] | None = None,
+    credit_limit: str | None = None,
+    low_balance: str | None = None,
+    discount_pct: str | None = None,
+) -> Profile:
+    """Changes the fields given of a tenant's billing profile; returns the new profile."""
+    old = await get_profile(tx, tenant)
+    cur = check_currency(currency) if currency else old.currency
+    if currency and cur != old.currency and await _has_money(tx, tenant, old.currency):
+        raise BillingError(
+            f"tenant {tenant} already holds {old.currency} balances; its settlement "
+            f"currency cannot change to {cur}"
+        )
+    order = tuple(draw_order) if draw_order is not None else old.draw_order
+    bad = [x for x in order if x not in DRAW_ORDER] or (len(set(order)) != len(order))
+    if bad or not order:
+        raise BillingError(f"draw order must be distinct names from {', '.join(DRAW_ORDER)}")
+    limit = parse_amount(credit_limit, cur) if credit_limit is not None else None
+    low = parse_amount(low_balance, cur) if low_balance is not None else old.low_balance
+    disc = old.discount_ppm
+    if discount_pct is not None:
+        disc = _pct_ppm(discount_pct, "discount")
+        if not 0 <= disc <= PPM:
+            raise BillingError("discount must be a percentage from 0 to 100")
+    new = Profile(tenant, cur, order, limit if limit is not None else old.credit_limit, low, disc)
+    await tx.execute("DELETE FROM billing_profiles WHERE tenant = $1", tenant)
+    await tx.execute(
+        "INSERT INTO billing_profiles (tenant, currency, draw_order, credit_limit, "
+        "low_balance, discount_ppm, updated_ms) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        tenant, new.currency, ",".join(new.draw_order), new.credit_limit,
+        new.low_balance, new.discount_ppm, now_ms(),
+    )  # fmt: skip
+    if limit is not None:
+        await tx.execute(
+            "UPDATE accounts SET ceiling = $1 WHERE id = $2",
+            limit,
+            L.receivable(tenant, new.currency),
+        )
+    await bump(tx)
+    return new
+
+
+async def set_price_in(
+    tx: Tx,
+    model: str,
+    *,
+    currency: str,
+    input_per_1m: str | Decimal,
+    output_per_1m: str | Decimal,
+    cached_input_per_1m: str | Decimal | None = None,
+    points_per_1m: str | Decimal | None = None,
+    effective_ms: int | None = None,
+    tenant: str = "",
+) -> Price:
+    """`Billing.set_price` inside the caller's transaction."""
+    cur = check_currency(currency)
+    inp = parse_price(input_per_1m, "input price")
+    out = parse_price(output_per_1m, "output price")
+    cached = (
+        parse_price(cached_input_per_1m, "cached-input price")
+        if cached_input_per_1m is not None
+        else inp
+    )
+    pts = parse_price(points_per_1m, "points") if points_per_1m is not None else None
+    if tenant:
+        _check_tenant(tenant)
+    eff = now_ms() if effective_ms is None else effective_ms
+    return await terms_sql.insert_price(
+        tx, model, tenant, eff, cur, inp, cached, out, pts, now_ms()
+    )
+
+
+async def set_fx_in(
+    tx: Tx, base: str, quote: str, fx_rate: str | Decimal, *, effective_ms: int | None = None
+) -> Decimal:
+    """An FX rate (units of `quote` per 1 `base`) effective from `effective_ms` (default now)."""
+    b, q = check_currency(base), check_currency(quote)
+    if b == q:
+        raise BillingError("an FX rate needs two different currencies")
+    r = parse_rate(fx_rate)
+    eff = now_ms() if effective_ms is None else effective_ms
+    await terms_sql.set_fx_rate(tx, b, q, eff, r, now_ms())
+    return r
+
+
+async def set_split_in(
+    tx: Tx,
+    provider: str,
+    *,
+    platform_pct: str | Decimal,
+    channel_pct: str | Decimal = "0",
+    effective_ms: int | None = None,
+) -> tuple[int, int]:
+    """A provider's revenue split (platform and channel, in ppm) from `effective_ms`."""
+    pp, cp = _split_ppm(platform_pct, channel_pct)
+    eff = now_ms() if effective_ms is None else effective_ms
+    await tx.execute(
+        "DELETE FROM revenue_splits WHERE provider = $1 AND effective_ms = $2", provider, eff
+    )
+    await tx.execute(
+        "INSERT INTO revenue_splits (provider, effective_ms, platform_ppm, channel_ppm, "
+        "created_ms) VALUES ($1, $2, $3, $4, $5)",
+        provider, eff, pp, cp, now_ms(),
+    )  # fmt: skip
+    return pp, cp
+
+
+async def create_plan_in(
+    tx: Tx,
+    name: str,
+    *,
+    price: str,
+    currency: str,
+    tokens: int | None = None,
+    points: str | None = None,
+    period: str = "month",
+    overage_per_1m: str | None = None,
+    overage_currency: str | None = None,
+    hard_stop: bool = False,
+    auto_topup: int | None = None,
+    rollover: bool = False,
+    models: Sequence[str] = (),
+) -> Plan:
+    """`Billing.create_plan` inside the caller's transaction."""
+    cur = check_currency(currency)
+    amount = parse_amount(price, cur)
+    if (tokens is None) == (points is None):
+        raise BillingError("a plan sells either --tokens or --points")
+    if tokens is not None and tokens <= 0:
+        raise BillingError("--tokens must be positive")
+    kind = "package" if tokens is not None else "points"
+    qty = tokens if tokens is not None else parse_price(points or "0", "points")
+    if qty <= 0:
+        raise BillingError("the plan's quantity must be positive")
+    if period not in PERIODS:
+        raise BillingError(f"period must be one of {', '.join(PERIODS)}")
+    modes = [overage_per_1m is not None, hard_stop, auto_topup is not None]
+    if sum(modes) > 1:
+        raise BillingError("choose one of --overage-per-1m, --hard-stop, --auto-topup")
+    exhaustion = "overage" if modes[0] else "auto_topup" if modes[2] else "hard_stop"
+    if auto_topup is not None and auto_topup <= 0:
+        raise BillingError("--auto-topup must be a positive number of tokens")
+    over = parse_price(overage_per_1m, "overage price") if overage_per_1m else None
+    over_cur = check_currency(overage_currency) if overage_currency else cur
+    plan = Plan(
+        name, kind, amount, cur, qty, period, exhaustion, over, over_cur, auto_topup,
+        rollover, tuple(models),
+    )  # fmt: skip
+    if await tx.fetchval("SELECT 1 FROM plans WHERE name = $1", name):
+        raise BillingError(f"plan {name!r} already exists")
+    await tx.execute(
+        f"INSERT INTO plans ({_PLAN_COLS}, created_ms) "
+        "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
+        plan.name, plan.kind, plan.price, plan.currency, plan.quantity, plan.period,
+        plan.exhaustion, plan.overage_per_1m, plan.overage_currency, plan.auto_topup,
+        int(plan.rollover), ",".join(plan.models), now_ms(),
+    )  # fmt: skip
+    return plan
+
+
+async def create_codes_in(
+    tx: Tx, count: int, amount: str, currency: str, *, expires_ms: int | None = None
+) -> list[str]:
+    """Single-use redemption codes worth `amount` each, returned once (stored as SHA-256)."""
+    cur = check_currency(currency)
+    value = parse_amount(amount, cur)
+    if value <= 0 or count <= 0:
+        raise BillingError("codes need a positive amount and count")
+    codes = [f"thc-{secrets.token_urlsafe(15)}" for _ in range(count)]
+    await tx.executemany(
+        "INSERT INTO redemption_codes (sha256, prefix, amount, currency, expires_ms, "
+        "created_ms) VALUES ($1, $2, $3, $4, $5, $6)",
+        [
+            (hashlib.sha256(c.encode()).hexdigest(), c[:8], value, cur, expires_ms, now_ms())
+            for c in codes
+        ],
+    )
+    return codes
+
+
+async def invoice_in(
+    tx: Tx, tenant: str, period: str, *, ts_ms: int | None = None
+) -> dict[str, Any]:
+    """The postpaid invoice for a month: what the tenant owes on its receivable for
+    everything posted up to that period, in whole minor units. Usage is rated to the nano,
+    so the amount owed is rounded **down** to the minor unit (in the tenant's favour, so the
+    credit line can never be pushed over its limit by rounding) and the fraction is
+    written off to `op:rounding`. One invoice per tenant and month."""
+    _, end = L.period_bounds(period)
+    ts = end - 1 if ts_ms is None else ts_ms
+    await L.lock_tenants(tx, [tenant])
+    prof = await get_profile(tx, tenant)
+    cur = prof.currency
+    ref = f"invoice:{period}"
+    if await tx.fetchval(
+        "SELECT 1 FROM ledger_txns WHERE tenant = $1 AND kind = 'invoice' AND ref = $2",
+        tenant,
+        ref,
+    ):
+        raise BillingError(f"{tenant} has been invoiced for {period} already")
+    acc = L.receivable(tenant, cur)
+    owed = int(
+        await tx.fetchval(
+            "SELECT COALESCE(SUM(p.amount), 0) FROM postings p "
+            "JOIN ledger_txns t ON t.id = p.txn_id WHERE p.account = $1 AND t.period <= $2",
+            acc,
+            period,
+        )
+    )
+    step = 10 ** (9 - minor_units(cur))
+    due = (owed // step) * step if owed > 0 else 0
+    book = Book(tx)
+    await book.load(_tenant_specs(prof, cur))
+    txn = Txn("invoice", tenant, ts, ref=ref, memo=f"invoice {period}")
+    txn.details = {"period": period, "owed": owed, "due": due, "currency": cur}
+    txn.move(L.op("rounding", cur), acc, cur, owed - due)
+    txn.period = await book.period_for(tenant, ts)
+    book.post(txn)
+    await book.flush()
+    return {"tenant": tenant, "period": period, "currency": cur, "owed": owed,
+            "due": due, "rounding": owed - due, "txn": txn.id}  # fmt: skip
+
+
+async def pay_in(
+    tx: Tx,
+    tenant: str,
+    amount: str,
+    currency: str,
+    *,
+    ts_ms: int | None = None,
+    ref: str = "",
+) -> str:
+    """A payment received against the postpaid receivable (at most what is owed); returns
+    the transaction id."""
+    cur = check_currency(currency)
+    value = parse_amount(amount, cur)
+    if value <= 0:
+        raise BillingError("a payment must be positive")
+    ts = now_ms() if ts_ms is None else ts_ms
+    prof = await _locked_profile(tx, tenant, cur, "pay")
+    book = Book(tx)
+    await book.load(_tenant_specs(prof, cur))
+    acc = L.receivable(tenant, cur)
+    if value > book.balance[acc]:
+        raise BillingError(
+            f"{tenant} owes {fmt(max(book.balance[acc], 0), cur, exact=True)}; "
+            f"a payment of {amount} {cur} is more than that (top up the wallet instead)"
+        )
+    txn = Txn("payment", tenant, ts, ref=ref, memo=f"payment {amount} {cur}")
+    txn.move(L.op("cash", cur), acc, cur, value)
+    book.post(txn)
+    await book.flush()
+    return txn.id
+
+
+async def refund_in(tx: Tx, event_id: str, *, memo: str = "", ts_ms: int | None = None) -> str:
+    """Reverses a settled usage event's postings (one refund per event); its cost leaves
+    the hourly rollups in the same transaction. Returns the refund's transaction id."""
+    ts = now_ms() if ts_ms is None else ts_ms
+    row = await tx.fetchrow("SELECT txn_id FROM settlements WHERE event_id = $1", event_id)
+    if row is None or not row[0]:
+        raise BillingError(f"event {event_id} has not been settled (or had no charge)")
+    txn_row = await tx.fetchrow("SELECT tenant FROM ledger_txns WHERE id = $1", row[0])
+    assert txn_row is not None
+    # Under the lock: two concurrent refunds of one event must not both pass the check.
+    await L.lock_tenants(tx, [txn_row[0]])
+    if await tx.fetchval("SELECT 1 FROM ledger_txns WHERE kind = 'refund' AND ref = $1", event_id):
+        raise BillingError(f"event {event_id} has already been refunded")
+    legs = await tx.fetch(
+        "SELECT account, unit, amount FROM postings WHERE txn_id = $1 ORDER BY leg",
+        row[0],
+    )
+    prof = await get_profile(tx, txn_row[0])
+    book = Book(tx)
+    await book.load({a: L.spec_for(a, u, credit_limit=prof.credit_limit) for a, u, _ in legs})
+    txn = Txn("refund", txn_row[0], ts, ref=event_id, memo=memo or "refund")
+    txn.details = {"reverses": row[0]}
+    for a, u, amt in legs:
+        txn.add(a, u, -amt)
+    expired = await _restore_lots(tx, txn_row[0], legs)
+    for lot_id, units, unit, unearned, cur in expired:
+        # The lot has ended: what the refund gives back to it is broken again at once
+        # (units to op:issued, unearned price to breakage), as its expiry did.
+        txn.move(L.lot_units(txn_row[0], lot_id), L.op("issued", unit), unit, units)
+        txn.move(L.lot_deferred(txn_row[0], lot_id), L.op("breakage", cur), cur, unearned)
+        txn.details.setdefault("to_breakage", []).append(lot_id)
+    book.post(txn)
+    await book.flush()
+    await rollups.apply_refund(tx, event_id, row[0])
+    return txn.id
+
+
+async def expire_in(tx: Tx, *, now: int | None = None) -> list[str]:
+    """Ends every lot whose window closed by `now`: unused tokens/points and the price
+    not yet earned go to breakage, or roll over into a new lot when the plan says so.
+    Returns the expiry transaction ids."""
+    at = now_ms() if now is None else now
+    due = "FROM lots WHERE status = 'active' AND end_ms IS NOT NULL AND end_ms <= $1"
+    await L.lock_tenants(tx, [r[0] for r in await tx.fetch(f"SELECT tenant {due}", at)])
+    rows = await tx.fetch(f"SELECT {LOT_COLS} {due} ORDER BY end_ms, id", at)
+    out = []
+    for lot in map(lot_from_row, rows):
+        out.append(await _expire_lot(tx, lot))
+    if out:
+        await bump(tx)
+    return out
 
 
 def _plan(r: Sequence[Any]) -> Plan:

@@ -683,3 +683,36 @@ async def guard_audit_page(tx: Tx, after: tuple[int, str] | None, limit: int) ->
         limit,
     )
     return [AuditEntry(r[0], r[1], r[2], r[3], r[4], msgspec.json.decode(r[5])) for r in found]
+
+
+async def codes_page_in(
+    tx: Tx, after: tuple[int, str] | None, limit: int
+) -> list[tuple[str, str, int, str, int | None, int, str | None, int | None, str | None]]:
+    """Redemption codes as (sha256, prefix, amount, currency, expires_ms, created_ms,
+    redeemed_by, redeemed_ms, txn_id), ordered by (created_ms, sha256), the first `limit`
+    after the position `after`. Only the SHA-256 and the first 8 characters of a code are
+    stored: a listing cannot show a code."""
+    ts, last = after or (-1, "")
+    rows = await tx.fetch(
+        "SELECT sha256, prefix, amount, currency, expires_ms, created_ms, redeemed_by, "
+        "redeemed_ms, txn_id FROM redemption_codes "
+        "WHERE created_ms > $1 OR (created_ms = $1 AND sha256 > $2) "
+        "ORDER BY created_ms, sha256 LIMIT $3",
+        ts,
+        last,
+        limit,
+    )
+    return [(r[0], r[1], int(r[2]), r[3], r[4], int(r[5]), r[6], r[7], r[8]) for r in rows]
+
+
+async def overruns_in(tx: Tx) -> list[tuple[str, str, int]]:
+    """Every tenant's overrun (usage no contract covered, owed by the tenant) per currency, as
+    (tenant, currency, nanos owed), the non-zero ones, by tenant and currency. An overrun
+    account is unconstrained: its balance is the sum of its postings (debit-positive: what the
+    tenant owes)."""
+    rows = await tx.fetch(
+        "SELECT a.tenant, a.unit, COALESCE(SUM(p.amount), 0) FROM accounts a "
+        "JOIN postings p ON p.account = a.id WHERE a.kind = 'overrun' "
+        "GROUP BY a.tenant, a.unit ORDER BY a.tenant, a.unit"
+    )
+    return [(r[0], r[1], int(r[2])) for r in rows if int(r[2])]
