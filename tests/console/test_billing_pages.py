@@ -4,10 +4,12 @@ audit entry), the once-only code batch, the once-only payment, the reconciliatio
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import html as htmllib
 import re
 import sqlite3
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -15,6 +17,8 @@ from console_kit import DAY_MS, World, day_ms, event, flashes
 
 from tokenhub.billing.ledger import period_of
 from tokenhub.billing.service import Billing
+from tokenhub.console import billing_pages
+from tokenhub.console.core import load_catalogs
 from tokenhub.db.database import open_database
 from tokenhub.store import open_store
 
@@ -314,3 +318,24 @@ async def test_post_without_csrf_changes_nothing(console_client: Any, world: Wor
     )
     assert resp.status == 403
     assert q(world, "SELECT COUNT(*) FROM prices")[0][0] == n
+
+
+def untranslated(module: str) -> list[str]:
+    """Strings of tokenhub.console.<module>_pages and its templates with no zh-CN entry."""
+    here = Path(billing_pages.__file__).parent
+    texts: list[str] = []
+    tree = ast.parse((here / f"{module}_pages.py").read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "gettext":
+            arg = node.args[1]
+            if isinstance(arg, ast.Constant) and isinstance(arg.value, str):
+                texts.append(arg.value)
+    for t in sorted((here / "templates").glob(f"{module}_*.html")):
+        texts += re.findall(r'_\("((?:[^"\\]|\\.)*)"', t.read_text())
+    assert len(texts) > 20, texts
+    catalog = load_catalogs()["zh-CN"]
+    return [t for t in texts if not catalog.get(t)]
+
+
+def test_every_string_has_a_zh_cn_entry() -> None:
+    assert untranslated("billing") == []

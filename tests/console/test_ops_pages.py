@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import ast
 import html as htmllib
 import re
 import sqlite3
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -13,6 +15,7 @@ from console_kit import World, event
 
 from tokenhub.billing.service import Billing
 from tokenhub.console import ops_pages
+from tokenhub.console.core import load_catalogs
 from tokenhub.db.database import open_database
 from tokenhub.store import open_store, sql
 
@@ -140,3 +143,24 @@ async def test_guard_audit(console_client: Any, world: World) -> None:
     assert page.count('class="guard-row"') == 2
     tenant = await console_client("tenant", tenant="acme")
     assert (await tenant.get("/console/audit?log=guard")).status == 403
+
+
+def untranslated(module: str) -> list[str]:
+    """Strings of tokenhub.console.<module>_pages and its templates with no zh-CN entry."""
+    here = Path(ops_pages.__file__).parent
+    texts: list[str] = []
+    tree = ast.parse((here / f"{module}_pages.py").read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "gettext":
+            arg = node.args[1]
+            if isinstance(arg, ast.Constant) and isinstance(arg.value, str):
+                texts.append(arg.value)
+    for t in sorted((here / "templates").glob(f"{module}_*.html")):
+        texts += re.findall(r'_\("((?:[^"\\]|\\.)*)"', t.read_text())
+    assert len(texts) > 20, texts
+    catalog = load_catalogs()["zh-CN"]
+    return [t for t in texts if not catalog.get(t)]
+
+
+def test_every_string_has_a_zh_cn_entry() -> None:
+    assert untranslated("ops") == []

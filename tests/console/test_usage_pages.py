@@ -3,10 +3,12 @@ numbers against the rollups, filters and group-by, drill-down, exports against t
 
 from __future__ import annotations
 
+import ast
 import csv
 import html as htmllib
 import io
 import re
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -16,6 +18,7 @@ from tokenhub.billing import io as bio
 from tokenhub.billing.rollups import usage_summary
 from tokenhub.cli.admin import write_csv, write_jsonl
 from tokenhub.console import usage_pages
+from tokenhub.console.core import load_catalogs
 from tokenhub.db.database import open_database
 from tokenhub.store import open_store
 
@@ -227,3 +230,34 @@ async def test_roles(console_client: Any) -> None:
     anon = await console_client(None)
     resp = await anon.get("/console/usage", allow_redirects=False)
     assert resp.status == 303 and resp.headers["Location"].startswith("/console/signin")
+
+
+def untranslated(module: str) -> list[str]:
+    """Strings of tokenhub.console.<module>_pages and its templates with no zh-CN entry."""
+    here = Path(usage_pages.__file__).parent
+    texts: list[str] = []
+    tree = ast.parse((here / f"{module}_pages.py").read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "gettext":
+            arg = node.args[1]
+            if isinstance(arg, ast.Constant) and isinstance(arg.value, str):
+                texts.append(arg.value)
+    for t in sorted((here / "templates").glob(f"{module}_*.html")):
+        texts += re.findall(r'_\("((?:[^"\\]|\\.)*)"', t.read_text())
+    assert len(texts) > 20, texts
+    catalog = load_catalogs()["zh-CN"]
+    return [t for t in texts if not catalog.get(t)]
+
+
+def test_every_string_has_a_zh_cn_entry() -> None:
+    assert untranslated("usage") == []
+
+
+async def test_explorer_in_chinese(console_client: Any, world: World) -> None:
+    read = await console_client("read")
+    resp = await read.post(
+        "/console/lang", data={"csrf": read.csrf, "lang": "zh-CN", "_back": "/console/usage"}
+    )
+    assert resp.status == 200
+    page = await resp.text()
+    assert "用量分析" in page and "导出 CSV" in page and "合计" in page
