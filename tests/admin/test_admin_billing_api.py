@@ -553,3 +553,119 @@ async def test_reconciliation_is_the_clis_report_and_bounded(admin: Admin) -> No
         url, data=io.BytesIO(big), headers={**admin.auth("read"), "Content-Type": "text/csv"}
     ) as r:
         assert r.status == 413
+
+
+# -- wallet adjustments, wallet view, ingest, rollups ------------------------------------------
+
+
+async def test_adjustment_is_idempotent_and_never_takes_the_wallet_below_zero(
+    admin: Admin,
+) -> None:
+    t = await _ok(admin, "POST", f"{V1}/tenants", json={"name": "acme"})
+    url = f"{V1}/tenants/{t['id']}/adjustments"
+    await _ok(
+        admin, "POST", f"{V1}/tenants/{t['id']}/topups", "billing",
+        json={"amount": "3.00", "currency": "USD"}, headers={"Idempotency-Key": "t"},
+    )  # fmt: skip
+    body = {"amount": "-1.25", "currency": "USD", "memo": "double charge"}
+    status, _ = await _call(admin, "POST", url, "read", json=body, headers={"Idempotency-Key": "a"})
+    assert status == 403
+    for bad in (
+        {**body, "memo": " "},
+        {**body, "amount": "0"},
+        {**body, "currency": "CNY"},  # acme settles in USD
+        {**body, "amount": "-3.01"},  # more than the wallet holds
+        {**body, "amount": "1.001"},
+    ):
+        key = f"bad-{bad['amount']}-{bad['currency']}-{bad['memo']}"
+        status, resp = await _call(
+            admin, "POST", url, "billing", json=bad, headers={"Idempotency-Key": key}
+        )
+        assert status == 400, (bad, resp)
+    a1 = await _ok(admin, "POST", url, "billing", json=body, headers={"Idempotency-Key": "a"})
+    a2 = await _ok(admin, "POST", url, "billing", json=body, headers={"Idempotency-Key": "a"})
+    assert a1 == a2 and a1["wallet"] == {"amount": "1.75", "currency": "USD"}
+    assert a1["amount"] == {"amount": "-1.25", "currency": "USD"}
+    status, resp = await _call(admin, "POST", url, "billing", json={**body, "amount": "-1.00"},
+                               headers={"Idempotency-Key": "a"})  # fmt: skip
+    assert status == 409
+    w = await _ok(admin, "GET", f"{V1}/tenants/{t['id']}/wallet", "read")
+    assert w["wallet"] == [{"amount": "1.75", "currency": "USD"}]
+    assert w["receivable"] == [{"amount": "0.00", "currency": "USD"}] and w["lots"] == []
+    audit = (await _ok(admin, "GET", f"{V1}/audit?limit=1000", "read"))["data"]
+    adj = [e for e in audit if e["action"] == "wallet.adjust"]
+    assert len(adj) == 1 and adj[0]["before"]["wallet"]["amount"] == "3.00"
+    assert adj[0]["after"]["wallet"]["amount"] == "1.75"
+
+
+async def test_wallet_view_shows_lots_and_the_low_balance_warning(admin: Admin) -> None:
+    t = await _ok(admin, "POST", f"{V1}/tenants", json={"name": "acme"})
+    await _ok(admin, "POST", f"{V1}/plans",
+              json={"name": "m1", "price": "1.00", "currency": "USD", "tokens": 5000})  # fmt: skip
+    await _ok(admin, "PATCH", f"{V1}/tenants/{t['id']}/profile", "billing",
+              json={"low_balance": "2.00"})  # fmt: skip
+    await _ok(
+        admin, "POST", f"{V1}/tenants/{t['id']}/topups", "billing",
+        json={"amount": "2.50", "currency": "USD"}, headers={"Idempotency-Key": "t"},
+    )  # fmt: skip
+    w = await _ok(admin, "GET", f"{V1}/tenants/{t['id']}/wallet", "read")
+    assert w["low_balance_warning"] is False
+    await _ok(admin, "POST", f"{V1}/tenants/{t['id']}/plans", "billing",
+              json={"plan": "m1"}, headers={"Idempotency-Key": "p"})  # fmt: skip
+    w = await _ok(admin, "GET", f"{V1}/tenants/{t['id']}/wallet", "read")
+    assert w["wallet"] == [{"amount": "1.50", "currency": "USD"}]
+    assert w["low_balance_warning"] is True
+    assert [(x["plan"], x["left"], x["quantity"]) for x in w["lots"]] == [("m1", 5000, 5000)]
+    status, _ = await _call(admin, "GET", f"{V1}/tenants/ten_000000000000/wallet", "read")
+    assert status == 404
+
+
+def _cloudevent(i: int, **data: Any) -> bytes:
+    return json.dumps({
+        "specversion": "1.0", "id": f"ev-{i}", "source": "other-gateway",
+        "type": "tokenhub.usage.v1", "subject": "acme", "time": "2026-11-03T10:00:00Z",
+        "data": {"model": "gpt-4o-mini", "input_tokens": 1000, "output_tokens": 100, **data},
+    }).encode()  # fmt: skip
+
+
+async def test_ingest_stores_settles_and_counts_every_line(admin: Admin) -> None:
+    await _setup(admin)
+    body = b"\n".join([_cloudevent(1), b"not json", _cloudevent(2), b"", _cloudevent(3)]) + b"\n"
+    url = f"{V1}/usage/events?settle=true"
+    nd = {"Content-Type": "application/x-ndjson"}
+    status, _ = await _call(admin, "POST", url, "read", data=body, headers=nd)
+    assert status == 403
+    for query, headers in (("settle=maybe", nd), ("settle=true", {"Content-Type": "text/csv"})):
+        status, _ = await _call(admin, "POST", f"{V1}/usage/events?{query}", "billing",
+                                data=body, headers=headers)  # fmt: skip
+        assert status == 400
+    r = await _ok(admin, "POST", url, "billing", data=body, headers=nd)
+    assert (r["lines"], r["ingested"], r["invalid"], r["blank"], r["settled"]) == (5, 3, 1, 1, 3)
+    assert r["ok"] is False and [p["line"] for p in r["problems"]] == [2]
+    again = await _ok(admin, "POST", url, "billing", data=_cloudevent(1), headers=nd)
+    assert (again["duplicate"], again["ingested"], again["ok"]) == (1, 0, True)
+    conflict = await _ok(admin, "POST", url, "billing", data=_cloudevent(2, output_tokens=7),
+                         headers=nd)  # fmt: skip
+    assert conflict["conflict"] == 1 and conflict["problems"][0]["status"] == "conflict"
+    big = _cloudevent(9) + b"\n" + b" " * (1024 * 1024)
+    async with admin.client.post(
+        url, data=io.BytesIO(big), headers={**admin.auth("billing"), **nd}
+    ) as resp:
+        assert resp.status == 413
+    events = await _ok(admin, "GET", f"{V1}/usage/events?limit=1000", "read")
+    assert len(events["data"]) == 4 + 3
+
+
+async def test_rollups_rebuild_keeps_the_summary(admin: Admin) -> None:
+    await _setup(admin)
+    url = f"{V1}/usage/summary?since=2026-11-01&until=2026-12-01&group_by=day,model"
+    before = await _ok(admin, "GET", url, "read")
+    status, _ = await _call(admin, "POST", f"{V1}/billing/rollups/rebuild", "billing")
+    assert status == 403
+    status, _ = await _call(admin, "POST", f"{V1}/billing/rollups/rebuild", json={"since": 1})
+    assert status == 400
+    r = await _ok(admin, "POST", f"{V1}/billing/rollups/rebuild")
+    assert r["events"] == 4 and r["rows"] > 0
+    r = await _ok(admin, "POST", f"{V1}/billing/rollups/rebuild", json={"since_ms": TS + HOUR})
+    assert r["events"] == 4  # from since's UTC day
+    assert await _ok(admin, "GET", url, "read") == before

@@ -38,6 +38,7 @@ from tokenhub.billing import terms
 from tokenhub.billing.service import (
     Billing,
     Plan,
+    adjust_in,
     create_codes_in,
     create_plan_in,
     expire_in,
@@ -50,6 +51,7 @@ from tokenhub.billing.service import (
     set_price_in,
     set_profile_in,
     set_split_in,
+    wallet_view_in,
 )
 from tokenhub.billing.terms import Price, Profile
 from tokenhub.db.database import Tx
@@ -267,6 +269,78 @@ async def create_refund(request: web.Request) -> web.Response:
         return await idem.record(tx, 201, out)
 
     return await money_moving(request, idem, run)
+
+
+class Adjustment(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    amount: str  # "5.00" credits the wallet, "-5.00" debits it (never below zero)
+    currency: str  # the tenant's settlement currency
+    memo: str  # why (kept in the ledger)
+
+
+async def create_adjustment(request: web.Request) -> web.Response:
+    """`tokenhub wallet adjust`: an operator's correction to the wallet."""
+    body = await read_json(request, Adjustment)
+
+    async def move(tx: Tx, t: Tenant, key: str) -> tuple[dict[str, Any], Any, Any]:
+        before = (await wallet_view_in(tx, t.name)).money["wallet"].get(body.currency, 0)
+        txn = await adjust_in(tx, t.name, body.amount, body.currency, body.memo, ref=f"idem:{key}")
+        after = (await wallet_view_in(tx, t.name)).money["wallet"][body.currency]
+        out = {
+            "object": "adjustment",
+            "transaction": txn,
+            "amount": money(
+                parse_amount(body.amount, body.currency, allow_negative=True), body.currency
+            ),
+            "memo": body.memo,
+            "wallet": money(after, body.currency),
+        }
+        return (
+            out,
+            {"wallet": money(before, body.currency)},
+            {"wallet": money(after, body.currency), "txn": txn, "memo": body.memo},
+        )
+
+    return await _tenant_money_move(request, body, "wallet.adjust", move)
+
+
+async def get_wallet(request: web.Request) -> web.Response:
+    """`tokenhub wallet show --json`: money per kind and currency (the tenant's side), the
+    active lots with what they have left, and the low-balance warning."""
+    tenant_id = request.match_info["id"]
+
+    async def run(tx: Tx) -> dict[str, Any]:
+        t = await sql.tenant_by_id_in(tx, tenant_id)
+        v = await wallet_view_in(tx, t.name)
+        return {
+            "object": "wallet",
+            "tenant_id": t.id,
+            "tenant": t.name,
+            "profile": _profile_json(v.profile),
+            **{
+                kind: [money(n, c) for c, n in sorted(by_cur.items())]
+                for kind, by_cur in v.money.items()
+            },
+            "low_balance_warning": v.low,
+            "lots": [
+                {
+                    "object": "lot",
+                    "id": lot.id,
+                    "plan": lot.plan,
+                    "kind": lot.kind,
+                    "unit": "tokens" if lot.kind == "package" else "points",
+                    "quantity": lot.quantity
+                    if lot.kind == "package"
+                    else decimal_str(lot.quantity),
+                    "left": left if lot.kind == "package" else decimal_str(left),
+                    "start_ms": lot.start_ms,
+                    "end_ms": lot.end_ms,
+                    "models": list(lot.models),
+                }
+                for lot, _, left in v.lots
+            ],
+        }
+
+    return json_response(await (await db(request)).read(run))
 
 
 # -- providers ----------------------------------------------------------------------------------
@@ -669,6 +743,8 @@ ROUTES: tuple[Route, ...] = (
     Route("POST", f"{V1}/tenants/{{id}}/statements/{{period}}/close", "billing", close_statement),
     Route("POST", f"{V1}/tenants/{{id}}/invoices", "billing", create_invoice),
     Route("POST", f"{V1}/tenants/{{id}}/payments", "billing", create_payment),
+    Route("POST", f"{V1}/tenants/{{id}}/adjustments", "billing", create_adjustment),
+    Route("GET", f"{V1}/tenants/{{id}}/wallet", "read", get_wallet),
     Route("GET", f"{V1}/tenants/{{id}}/profile", "read", get_billing_profile),
     Route("PATCH", f"{V1}/tenants/{{id}}/profile", "billing", patch_billing_profile),
     Route("POST", f"{V1}/usage/events/{{id}}/refund", "billing", create_refund),

@@ -12,14 +12,27 @@ import io
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import msgspec
 from aiohttp import web
 
-from tokenhub.admin.web import Route, csv_lines, db, json_response, money, time_param
+from tokenhub.admin.web import (
+    Route,
+    actor,
+    csv_lines,
+    db,
+    json_response,
+    money,
+    read_json,
+    time_param,
+)
 from tokenhub.billing import io as bio
+from tokenhub.billing import rollups as R
 from tokenhub.billing.rollups import DIMENSIONS, PERIODS, usage_summary
+from tokenhub.db.database import Tx
 from tokenhub.gateway.errors import ApiError
+from tokenhub.store import sql
 
 log = logging.getLogger("tokenhub.admin")
 
@@ -228,9 +241,68 @@ async def create_reconciliation(request: web.Request) -> web.Response:
     return json_response({"object": "reconciliation", "provider": provider, **report.as_dict()})
 
 
+# -- ingest, rollups ----------------------------------------------------------------------------
+
+MAX_PROBLEMS = 1000  # line results listed in an ingest's answer (the summary counts them all)
+_JSONL_TYPES = ("application/x-ndjson", "application/jsonl", "application/cloudevents-batch+jsonl")
+
+
+async def ingest_events(request: web.Request) -> web.Response:
+    """`tokenhub events ingest FILE [--settle]`: CloudEvents JSON lines (the body, at most the
+    admin listener's max body size: 413 beyond) stored as usage events, idempotently (an id
+    stored with the same payload is a duplicate, with another a conflict), settled with
+    `settle=true`. One bad line never stops the rest; the answer counts every line and lists
+    the problems (at most 1000)."""
+    if request.content_type not in _JSONL_TYPES:
+        raise ApiError.bad_request(
+            "send CloudEvents JSON lines with Content-Type: application/x-ndjson"
+        )
+    settle_q = request.query.get("settle", "false")
+    if settle_q not in ("true", "false"):
+        raise ApiError.bad_request("settle must be true or false", param="settle")
+    raw = await request.read()  # bounded by client_max_size: 413 beyond
+    problems: list[bio.LineResult] = []
+
+    def keep(r: bio.LineResult) -> None:
+        if r.status in bio.PROBLEMS and len(problems) < MAX_PROBLEMS:
+            problems.append(r)
+
+    database = await db(request)
+    summary = await bio.ingest(database, io.BytesIO(raw), settle=settle_q == "true", on_result=keep)
+    out = {"object": "ingest", "ok": summary.ok, **summary.as_dict()}
+    who = actor(request)
+    # Stored a batch per transaction (as the CLI's): the audit entry follows them.
+    await database.transaction(
+        lambda tx: sql.add_admin_audit(tx, who, "usage.ingest", f"{summary.lines} lines", None, out)
+    )
+    return json_response({**out, "problems": [msgspec.to_builtins(r) for r in problems]})
+
+
+class RollupsRebuild(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    since_ms: int | None = None  # from this time's UTC day (default: everything)
+
+
+async def rebuild_rollups(request: web.Request) -> web.Response:
+    """`tokenhub billing rollups rebuild [--since]`: the usage rollups recomputed from the
+    settled events, in one transaction."""
+    body = await read_json(request, RollupsRebuild) if request.can_read_body else RollupsRebuild()
+    who = actor(request)
+    database = await db(request)
+
+    async def run(tx: Tx) -> dict[str, Any]:
+        n, rows = await R.rebuild(tx, dialect=database.dialect, since=body.since_ms)
+        out = {"object": "rollups_rebuild", "since_ms": body.since_ms, "events": n, "rows": rows}
+        await sql.add_admin_audit(tx, who, "rollups.rebuild", "usage_rollups", None, out)
+        return out
+
+    return json_response(await database.transaction(run))
+
+
 ROUTES: tuple[Route, ...] = (
     Route("GET", f"{V1}/usage/summary", "read", get_usage_summary),
     Route("GET", f"{V1}/usage/focus", "read", export_focus),
     Route("GET", f"{V1}/usage/log", "read", export_event_log),
     Route("POST", f"{V1}/reconciliations", "read", create_reconciliation),
+    Route("POST", f"{V1}/usage/events", "billing", ingest_events),
+    Route("POST", f"{V1}/billing/rollups/rebuild", "admin", rebuild_rollups),
 )

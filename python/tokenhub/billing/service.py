@@ -395,27 +395,11 @@ class Billing:
     async def adjust(
         self, tenant: str, amount: str, currency: str, memo: str, *, ts_ms: int | None = None
     ) -> str:
-        """An operator's correction to a wallet: positive credits it, negative debits it
-        (never below zero). Balanced against the promotions account; `memo` is required."""
-        if not memo.strip():
-            raise BillingError("an adjustment needs a memo saying why")
-        cur = check_currency(currency)
-        value = parse_amount(amount, cur, allow_negative=True)
-        if value == 0:
-            raise BillingError("an adjustment of zero changes nothing")
-        ts = now_ms() if ts_ms is None else ts_ms
-
-        async def run(tx: Tx) -> str:
-            prof = await _locked_profile(tx, tenant, cur, "adjust")
-            book = Book(tx)
-            await book.load(_tenant_specs(prof, cur))
-            txn = Txn("adjustment", tenant, ts, memo=memo)
-            txn.move(L.op("promotions", cur), L.wallet(tenant, cur), cur, value)
-            book.post(txn)
-            await book.flush()
-            return txn.id
-
-        return await self.db.transaction(run)
+        """An operator's correction to a wallet (`adjust_in`)."""
+        return await self.db.transaction(
+            partial(adjust_in, tenant=tenant, amount=amount, currency=currency, memo=memo,
+                    ts_ms=ts_ms)
+        )  # fmt: skip
 
     async def invoice(
         self, tenant: str, period: str, *, ts_ms: int | None = None
@@ -792,6 +776,76 @@ async def create_codes_in(
         ],
     )
     return codes
+
+
+async def adjust_in(
+    tx: Tx,
+    tenant: str,
+    amount: str,
+    currency: str,
+    memo: str,
+    *,
+    ts_ms: int | None = None,
+    ref: str = "",
+) -> str:
+    """An operator's correction to a wallet: positive credits it, negative debits it
+    (never below zero). Balanced against the promotions account; `memo` is required. Returns
+    the transaction id."""
+    if not memo.strip():
+        raise BillingError("an adjustment needs a memo saying why")
+    cur = check_currency(currency)
+    value = parse_amount(amount, cur, allow_negative=True)
+    if value == 0:
+        raise BillingError("an adjustment of zero changes nothing")
+    ts = now_ms() if ts_ms is None else ts_ms
+    prof = await _locked_profile(tx, tenant, cur, "adjust")
+    book = Book(tx)
+    await book.load(_tenant_specs(prof, cur))
+    txn = Txn("adjustment", tenant, ts, ref=ref, memo=memo)
+    txn.move(L.op("promotions", cur), L.wallet(tenant, cur), cur, value)
+    book.post(txn)
+    await book.flush()
+    return txn.id
+
+
+@dataclass
+class WalletView:
+    """What `tokenhub wallet show` shows: the profile, money from the tenant's side (what a
+    wallet holds; what the receivable and overrun are owed) per kind and currency (the
+    settlement currency always present), and the active lots with what each has left."""
+
+    profile: Profile
+    money: dict[str, dict[str, int]]  # "wallet" | "receivable" | "overrun" -> currency -> nanos
+    lots: list[tuple[Lot, str, int]]  # (lot, TOKENS or POINTS, left)
+
+    @property
+    def low(self) -> bool:
+        """The wallet is below the low-balance threshold."""
+        p = self.profile
+        return p.low_balance is not None and self.money["wallet"][p.currency] < p.low_balance
+
+
+async def wallet_view_in(tx: Tx, tenant: str) -> WalletView:
+    prof = await get_profile(tx, tenant)
+    bals = await L.balances(tx, tenant=tenant)
+    rows = await tx.fetch(
+        f"SELECT {LOT_COLS} FROM lots WHERE tenant = $1 AND status = 'active' "
+        "ORDER BY start_ms, id",
+        tenant,
+    )
+    money: dict[str, dict[str, int]] = {k: {prof.currency: 0} for k in _VIEW_KINDS}
+    for acc, bal in bals.items():
+        _, _, kind, unit = acc.split(":", 3)
+        if kind in money:
+            money[kind][unit] = -bal if kind == "wallet" else bal
+    lots = []
+    for lot in map(lot_from_row, rows):
+        unit = TOKENS if lot.kind == "package" else POINTS
+        lots.append((lot, unit, -bals.get(L.lot_units(tenant, lot.id), 0)))
+    return WalletView(prof, money, lots)
+
+
+_VIEW_KINDS = ("wallet", "receivable", "overrun")
 
 
 async def invoice_in(

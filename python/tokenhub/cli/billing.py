@@ -51,7 +51,7 @@ from tokenhub.billing.service import (
     Plan,
     Price,
     Profile,
-    get_profile,
+    wallet_view_in,
 )
 from tokenhub.billing.settler import MAX_PARTITIONS, SettleSummary, run_daemon, settle_pending
 from tokenhub.cli import EXIT_FAILED, EXIT_REFUSED, Refused, billing_io, quiet_broken_pipe
@@ -456,28 +456,11 @@ def cmd_wallet_show(args: argparse.Namespace) -> int:
     tenant = args.tenant
 
     async def body(b: Billing) -> int:
-        async def read(tx: Tx) -> tuple[Profile, dict[str, int]]:
-            return await get_profile(tx, tenant), await L.balances(tx, tenant=tenant)
-
-        prof, bals = await b.db.transaction(read)
-        lots = [lot for lot in await b.lots(tenant) if lot.status == "active"]
+        view = await b.db.transaction(lambda tx: wallet_view_in(tx, tenant))
+        prof, money, lot_rows, low = view.profile, view.money, view.lots, view.low
         now = int(time.time() * 1000)
         cur = prof.currency
-        # Tenant's side: a wallet holds what its credit balance is; the others are owed.
-        money: dict[str, dict[str, int]] = {"wallet": {}, "receivable": {}, "overrun": {}}
-        for kind in money:
-            money[kind][cur] = 0
-        for acc, bal in bals.items():
-            _, _, kind, unit = acc.split(":", 3)
-            if kind in money:
-                money[kind][unit] = -bal if kind == "wallet" else bal
         wallet = money["wallet"][cur]
-        low = prof.low_balance is not None and wallet < prof.low_balance
-        lot_rows = []
-        for lot in lots:
-            unit = _unit(lot.kind)
-            left = -bals.get(L.lot_units(tenant, lot.id), 0)
-            lot_rows.append((lot, unit, left))
 
         if args.json:
             _json(
