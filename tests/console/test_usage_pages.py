@@ -119,10 +119,12 @@ async def test_presets_and_bad_input(console_client: Any, world: World) -> None:
     read = await console_client("read")
     page = await (await read.get("/console/usage?range=7d&group=tenant")).text()
     assert total_row(page)["requests"] == "4"
+    assert (await read.get("/console/usage?range=7d&period=hour")).status == 200
     today = await (await read.get("/console/usage?range=today")).text()
     assert 'id="usage-total"' not in today  # nothing settled today
     for q in ("since=yesterday", "since=2026-11-02&until=2026-11-01", "group=colour",
-              "period=week", "status=maybe", "stream=perhaps"):  # fmt: skip
+              "period=week", "status=maybe", "stream=perhaps",
+              "range=30d&period=hour"):  # fmt: skip
         resp = await read.get(f"/console/usage?{q}")
         assert resp.status == 400, q
 

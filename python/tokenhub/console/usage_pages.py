@@ -45,6 +45,9 @@ log = logging.getLogger("tokenhub.console")
 PRESETS = ("today", "7d", "30d")
 DEFAULT_PRESET = "7d"
 MAX_RANGE_MS = 400 * DAY_MS  # a summary reads at most this much (daily rows: ~400 buckets)
+# Hourly buckets over at most 8 days (a week plus the partial days at either end: ~200 bars);
+# 30 days by hour x model read 4,284 rows in 377 ms with 1M events (by day: 180 rows, 88 ms).
+MAX_HOURLY_MS = 8 * DAY_MS
 MAX_SERIES = 8  # chart series: the largest groups, the rest as one "other"
 EVENTS_PAGE = 100
 FILTER_KEYS = ("tenant", "key", "model", "deployment", "status", "stream")
@@ -176,8 +179,8 @@ async def explorer(request: web.Request, session: Session | None) -> web.StreamR
     if period not in PERIODS or dim not in DIMENSIONS:
         raise ConsoleError(gettext(request, "Group by must be hour or day x tenant, key, model "
                                    "or deployment."))  # fmt: skip
-    if period == "hour" and until - since > 31 * DAY_MS:
-        raise ConsoleError(gettext(request, "Group by hour covers at most 31 days."))
+    if period == "hour" and until - since > MAX_HOURLY_MS:
+        raise ConsoleError(gettext(request, "Group by hour covers at most 8 days."))
     metric = request.query.get("metric", "tokens")
     if metric not in ("tokens", "requests"):
         metric = "tokens"
