@@ -669,3 +669,28 @@ async def test_rollups_rebuild_keeps_the_summary(admin: Admin) -> None:
     r = await _ok(admin, "POST", f"{V1}/billing/rollups/rebuild", json={"since_ms": TS + HOUR})
     assert r["events"] == 4  # from since's UTC day
     assert await _ok(admin, "GET", url, "read") == before
+
+
+async def test_concurrent_refunds_and_payment_twins_move_money_once(admin: Admin) -> None:
+    t = await _setup(admin, postpaid=True)  # owes 0.012 USD
+    pay_url = f"{V1}/tenants/{t['id']}/payments"
+    status, _ = await _call(admin, "POST", pay_url, "billing",
+                               json={"amount": "0.005", "currency": "USD"},
+                               headers={"Idempotency-Key": "p"})  # fmt: skip
+    assert status == 400  # finer than the cent
+    pay = {"amount": "0.01", "currency": "USD"}
+    got = await asyncio.gather(
+        *(_call(admin, "POST", pay_url, "billing", json=pay, headers={"Idempotency-Key": "p"})
+          for _ in range(8))
+    )  # fmt: skip
+    assert {s for s, _ in got} == {201} and len({b["transaction"] for _, b in got}) == 1, got
+    url = f"{V1}/usage/events/req_00000003/refund"
+    got = await asyncio.gather(
+        *(_call(admin, "POST", url, "billing", headers={"Idempotency-Key": f"k{i}"})
+          for i in range(8))
+    )  # fmt: skip
+    assert sorted(s for s, _ in got) == [201] + [400] * 7, got
+    wallet = await _ok(admin, "GET", f"{V1}/tenants/{t['id']}/wallet", "read")
+    # 0.012 owed, 0.01 paid once, event 3 (10,000 in, 4,000 out: 0.0039) refunded once.
+    assert wallet["receivable"] == [{"amount": "-0.0019", "currency": "USD"}], wallet
+    assert (await _ok(admin, "GET", f"{V1}/billing/check", "read"))["ok"]
