@@ -10,13 +10,17 @@ import asyncio
 import datetime as dt
 import io
 import json
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import msgspec
+import pytest
 from admin_kit import Admin
 from factories import usage_event
 
+from tokenhub.admin import usage_routes
 from tokenhub.billing import io as bio
 from tokenhub.cli import main as cli_main
 from tokenhub.db.database import open_database
@@ -694,3 +698,33 @@ async def test_concurrent_refunds_and_payment_twins_move_money_once(admin: Admin
     # 0.012 owed, 0.01 paid once, event 3 (10,000 in, 4,000 out: 0.0039) refunded once.
     assert wallet["receivable"] == [{"amount": "-0.0019", "currency": "USD"}], wallet
     assert (await _ok(admin, "GET", f"{V1}/billing/check", "read"))["ok"]
+
+
+async def test_an_export_that_fails_midway_is_cut_never_complete(
+    admin: Admin, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await _setup(admin)
+    real = bio.iter_event_log
+
+    async def broken(db: Any, **kw: Any) -> AsyncIterator[dict[str, Any]]:
+        n = 0
+        async for ev in real(db, **kw):
+            yield ev
+            n += 1
+            if n == 2:
+                raise RuntimeError("the database went away")
+
+    monkeypatch.setattr(bio, "iter_event_log", broken)
+    monkeypatch.setattr(usage_routes, "EXPORT_CHUNK", 1)
+    async with admin.client.get(f"{V1}/usage/log?format=csv", headers=admin.auth("read")) as r:
+        assert r.status == 200
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await r.read()
+
+    async def fails(*args: Any, **kw: Any) -> Any:
+        raise RuntimeError("the database went away")
+
+    # Before the first byte: a clean error, not a 200 with an empty body.
+    monkeypatch.setattr(bio, "focus_rows", fails)
+    status, body = await _call(admin, "GET", f"{V1}/usage/focus", "read")
+    assert status == 500 and body["error"]["code"] == "internal_error"

@@ -1,5 +1,9 @@
-"""The admin API's route table and its handlers: decode, call the service functions the CLI
+"""The admin API's route table and its handlers for tenants, keys, limits, wallet moves, the
+price book's reads, usage events and the audit logs: decode, call the service functions the CLI
 calls (tokenhub.store.sql, tokenhub.billing) in one transaction with the audit entry, encode.
+`ROUTES` also takes in those of admin/usage_routes.py (summary, exports, reconciliation,
+ingest) and admin/billing_routes.py (statements, invoices, payments, refunds, profiles,
+splits, the catalogue's writes, codes, quarantine, settle, expire).
 
 A handler's scope is the least an admin token needs: read < billing < admin (None: no token).
 Tenants are addressed by id in paths (`ten_...`) and by name in filters and bodies, as usage
