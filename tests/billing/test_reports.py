@@ -1,7 +1,6 @@
 """tokenhub.billing.reports (the console's read-side queries) on SQLite and PostgreSQL: the
 explorer's rollup reads against usage_summary and against the settled events themselves, the
-filtered keyset pages of events, charges, routing health, the audit logs, overruns, codes and
-invoices."""
+filtered keyset pages of events, charges, routing health, the audit logs, codes and invoices."""
 
 from __future__ import annotations
 
@@ -166,10 +165,6 @@ async def test_audits_overruns_codes_invoices(db: Database) -> None:
     assert [g.id for g in guard] == ["g2", "g1"]
     guard = await db.read(lambda tx: R.guard_audit(tx, before=(1001, "g1")))
     assert [g.id for g in guard] == ["g0"]
-
-    # bravo (wallet only, nothing in it) owes its usage as an overrun: 7 in + 3 out at
-    # 2 / 8 CNY per 1M = 0.000038 CNY, at 0.5 USD per CNY.
-    assert await db.read(R.overruns) == [("bravo", "USD", 19_000)]
 
     b = Billing(db)
     codes = await b.create_codes(3, "5", "CNY")

@@ -171,7 +171,7 @@ async def test_code_batch_shown_once(console_client: Any, post_form: Any, world:
     body = (await resp.read()).decode()
     assert body.splitlines() == ["code,amount,currency"] + [f"{c},5,CNY" for c in codes]
     assert (await cashier.get(link)).status == 400
-    [(actor, _, after)] = audit(world, "code.batch")
+    [(actor, _, after)] = audit(world, "codes.create")
     assert actor == "console:cashier" and not any(c in after for c in codes)
     read = await console_client("read")
     assert (await post_form(read, "/console/billing/codes", good)).status == 403
@@ -241,7 +241,7 @@ async def test_invoice_and_payment_recorded_once(
     other = {**pay, "amount": "0.50"}
     page = await follow(cashier, await post_form(cashier, "/console/billing/payments", other))
     assert [k for k, _ in flashes(page)] == ["error"] and q(world, payments)[0][0] == 1
-    assert len(audit(world, "payment.record")) == 1
+    assert len(audit(world, "payment.create")) == 1
     assert len(audit(world, "invoice.create")) == 1
 
 

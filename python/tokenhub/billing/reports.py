@@ -10,7 +10,7 @@ ops): each bounded by an index and a LIMIT, none a scan of the raw usage events.
 - `deployment_health`: per deployment, the rollups of the last hour and day, and the latency,
   route reasons and tiers of at most `sample` most recent events of the last hour.
 - `admin_audit`, `guard_audit`: newest first, keyset-paged on (ts_ms, id), with filters.
-- `overruns`, `codes_page`, `invoices`: small reads of the ledger tables.
+- `codes_page`, `invoices`, `receivables`: small reads of the ledger tables.
 """
 
 from __future__ import annotations
@@ -361,19 +361,6 @@ async def guard_audit(
 
 
 # -- ledger reads -------------------------------------------------------------------------------
-
-
-async def overruns(tx: Tx) -> list[tuple[str, str, int]]:
-    """(tenant, currency, nanos owed) of every tenant whose overrun account is above 0: usage
-    nothing could pay, posted rather than dropped."""
-    # Unconstrained accounts keep no balance column: the sum of their postings is it
-    # (postings_account index; overrun accounts are few).
-    rows = await tx.fetch(
-        "SELECT a.tenant, a.unit, SUM(p.amount) FROM accounts a "
-        "JOIN postings p ON p.account = a.id WHERE a.kind = 'overrun' "
-        "GROUP BY a.tenant, a.unit HAVING SUM(p.amount) > 0 ORDER BY a.tenant, a.unit"
-    )
-    return [(r[0], r[1], int(r[2])) for r in rows]
 
 
 @dataclass

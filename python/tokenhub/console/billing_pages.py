@@ -4,11 +4,10 @@ check and the overrun report.
 
 Reads need role read; writes the role the admin API's scopes ask for the same act (prices, FX
 and plans: admin; codes, statements, invoices, payments, reconciliation: billing). A write
-calls the service function the CLI calls (tokenhub.billing.service.Billing,
-tokenhub.billing.statements) and appends its admin audit entry (actor `console:<user>`) in
-that function's own transaction: `_Audited` is the database handed to the service, whose
-`transaction` runs the service's work, then the audit entry (and, for a payment, the form's
-one-time token in idempotency_keys), and commits them together.
+runs the service function the CLI and the admin API run (tokenhub.billing.service's `*_in`,
+tokenhub.billing.statements) in one transaction with its admin audit entry (actor
+`console:<user>`, the admin API's action names); a payment also records its form's one-time
+token in idempotency_keys in that transaction, so a form sent twice pays once.
 """
 
 from __future__ import annotations
@@ -20,6 +19,7 @@ import io
 import secrets
 import time
 from collections.abc import Awaitable, Callable
+from decimal import Decimal
 from typing import Any, TypeVar
 
 import msgspec
@@ -31,7 +31,17 @@ from tokenhub.billing import statements as ST
 from tokenhub.billing.check import ledger_check
 from tokenhub.billing.ledger import period_bounds, period_of
 from tokenhub.billing.service import PERIODS as PLAN_PERIODS
-from tokenhub.billing.service import Billing
+from tokenhub.billing.service import (
+    Billing,
+    Plan,
+    create_codes_in,
+    create_plan_in,
+    invoice_in,
+    pay_in,
+    set_fx_in,
+    set_price_in,
+)
+from tokenhub.billing.terms import Price
 from tokenhub.console.core import (
     ConsoleError,
     PageRoute,
@@ -44,7 +54,7 @@ from tokenhub.console.core import (
     show_once,
     take_once,
 )
-from tokenhub.db.database import Database, Tx
+from tokenhub.db.database import Tx
 from tokenhub.money import TOKENS, decimal_str, fmt, fmt_units
 from tokenhub.store import sql
 
@@ -60,59 +70,11 @@ def _now() -> int:
 
 
 class _Replayed(Exception):
-    """The one-time form token was used before: this submission does nothing."""
+    """The form's one-time token was used before: this submission does nothing."""
 
     def __init__(self, same: bool) -> None:
         super().__init__("replayed")
         self.same = same
-
-
-class _Audited:
-    """The database, as a service function sees it: its transaction also writes the admin
-    audit entry of what it did (`after(result)`), and, given `once` = (key, digest), the
-    form's one-time token: a token seen before rolls the work back (_Replayed)."""
-
-    def __init__(
-        self,
-        inner: Database,
-        actor: str,
-        action: str,
-        target: str,
-        after: Callable[[Any], Any],
-        *,
-        before: Any = None,
-        once: tuple[str, str] | None = None,
-    ) -> None:
-        self.inner = inner
-        self.dialect = inner.dialect
-        self.url = inner.url
-        self.actor, self.action, self.target = actor, action, target
-        self.after, self.before, self.once = after, before, once
-
-    async def transaction(self, fn: Callable[[Tx], Awaitable[T]]) -> T:
-        async def run(tx: Tx) -> T:
-            if self.once is not None:
-                prev = await sql.idempotent_response(tx, self.actor, self.once[0])
-                if prev is not None:
-                    raise _Replayed(prev.request_digest == self.once[1])
-            result = await fn(tx)
-            shown = self.after(result)
-            await sql.add_admin_audit(tx, self.actor, self.action, self.target, self.before, shown)
-            if self.once is not None:
-                body = msgspec.json.encode(shown).decode()
-                await sql.record_idempotent(tx, self.actor, self.once[0], self.once[1], 201, body)
-            return result
-
-        return await self.inner.transaction(run)
-
-    async def read(self, fn: Callable[[Tx], Awaitable[T]]) -> T:
-        return await self.inner.read(fn)
-
-    async def migrate(self) -> list[int]:
-        return await self.inner.migrate()
-
-    async def close(self) -> None:  # the app's database is not the page's to close
-        return None
 
 
 def _s(posted: Any, name: str) -> str:
@@ -149,15 +111,8 @@ def _require(request: web.Request, posted: Any, *names: str) -> None:
         raise ConsoleError(gettext(request, "Fill in: {fields}.").format(fields=", ".join(missing)))
 
 
-def _audited(
-    request: web.Request,
-    session: Session,
-    action: str,
-    target: str,
-    after: Callable[[Any], Any],
-    **kw: Any,
-) -> Callable[[Database], _Audited]:
-    return lambda inner: _Audited(inner, session.actor, action, target, after, **kw)
+async def _write(request: web.Request, run: Callable[[Tx], Awaitable[T]]) -> T:
+    return await (await db(request)).transaction(run)
 
 
 def _jsonable(obj: Any) -> Any:
@@ -194,20 +149,23 @@ async def set_price(request: web.Request, session: Session) -> web.StreamRespons
     _require(request, posted, "model", "currency", "input", "output")
     model, tenant = _s(posted, "model"), _s(posted, "tenant")
     eff = _when(request, _opt(posted, "effective"))
-    billing = Billing(
-        _audited(request, session, "price.set", f"{model}@{tenant}" if tenant else model,
-                 _jsonable)(await db(request))
-    )  # fmt: skip
-    p = await billing.set_price(
-        model,
-        currency=_s(posted, "currency").upper(),
-        input_per_1m=_s(posted, "input"),
-        output_per_1m=_s(posted, "output"),
-        cached_input_per_1m=_opt(posted, "cached_input"),
-        points_per_1m=_opt(posted, "points"),
-        effective_ms=eff,
-        tenant=tenant,
-    )
+
+    async def run(tx: Tx) -> Price:
+        p = await set_price_in(
+            tx,
+            model,
+            currency=_s(posted, "currency").upper(),
+            input_per_1m=_s(posted, "input"),
+            output_per_1m=_s(posted, "output"),
+            cached_input_per_1m=_opt(posted, "cached_input"),
+            points_per_1m=_opt(posted, "points"),
+            effective_ms=eff,
+            tenant=tenant,
+        )
+        await sql.add_admin_audit(tx, session.actor, "price.set", model, None, _jsonable(p))
+        return p
+
+    p = await _write(request, run)
     msg = gettext(request, "Price of {model} set: version {version}.")
     raise redirect(
         request, "/console/billing/prices", flash=msg.format(model=model, version=p.version)
@@ -232,12 +190,14 @@ async def set_fx(request: web.Request, session: Session) -> web.StreamResponse:
     base, quote = _s(posted, "base").upper(), _s(posted, "quote").upper()
     eff = _when(request, _opt(posted, "effective"))
     rate_text = _s(posted, "rate")
-    billing = Billing(
-        _audited(request, session, "fx.set", f"{base}/{quote}",
-                 lambda r: {"base": base, "quote": quote, "rate": str(r),
-                            "effective_ms": eff})(await db(request))
-    )  # fmt: skip
-    r = await billing.set_fx(base, quote, rate_text, effective_ms=eff)
+
+    async def run(tx: Tx) -> Decimal:
+        r = await set_fx_in(tx, base, quote, rate_text, effective_ms=eff)
+        out = {"base": base, "quote": quote, "rate": str(r), "effective_ms": eff}
+        await sql.add_admin_audit(tx, session.actor, "fx.set", f"{base}/{quote}", None, out)
+        return r
+
+    r = await _write(request, run)
     msg = gettext(request, "FX rate set: 1 {base} = {rate} {quote}.")
     raise redirect(request, "/console/billing/fx", flash=msg.format(base=base, quote=quote, rate=r))
 
@@ -280,9 +240,8 @@ async def create_plan(request: web.Request, session: Session) -> web.StreamRespo
     auto = _opt(posted, "auto_topup")
     if exhaustion == "auto_topup" and (auto is None or not auto.isdigit()):
         raise ConsoleError(gettext(request, "Automatic top-up needs a whole number of tokens."))
-    billing = Billing(_audited(request, session, "plan.create", name, _jsonable)(await db(request)))
-    await billing.create_plan(
-        name,
+
+    kw: dict[str, Any] = dict(
         price=_s(posted, "price"),
         currency=_s(posted, "currency").upper(),
         tokens=tokens,
@@ -295,6 +254,13 @@ async def create_plan(request: web.Request, session: Session) -> web.StreamRespo
         rollover=_s(posted, "rollover") == "on",
         models=[m.strip() for m in _s(posted, "models").split(",") if m.strip()],
     )
+
+    async def run(tx: Tx) -> Plan:
+        plan = await create_plan_in(tx, name, **kw)
+        await sql.add_admin_audit(tx, session.actor, "plan.create", name, None, _jsonable(plan))
+        return plan
+
+    await _write(request, run)
     msg = gettext(request, "Plan {name} created.")
     raise redirect(request, "/console/billing/plans", flash=msg.format(name=name))
 
@@ -373,13 +339,17 @@ async def create_codes(request: web.Request, session: Session) -> web.StreamResp
     amount, currency = _s(posted, "amount"), _s(posted, "currency").upper()
     expires = _when(request, _opt(posted, "expires"))
 
-    def after(codes: list[str]) -> dict[str, Any]:
+    async def run(tx: Tx) -> list[str]:
+        codes = await create_codes_in(tx, count, amount, currency, expires_ms=expires)
         # The codes are bearer secrets: the log keeps their prefixes, never the codes.
-        return {"count": len(codes), "amount": amount, "currency": currency,
-                "expires_ms": expires, "prefixes": [c[:8] for c in codes]}  # fmt: skip
+        out = {"count": len(codes), "amount": amount, "currency": currency,
+               "expires_ms": expires, "prefixes": [c[:8] for c in codes]}  # fmt: skip
+        await sql.add_admin_audit(
+            tx, session.actor, "codes.create", f"{len(codes)} codes", None, out
+        )
+        return codes
 
-    billing = Billing(_audited(request, session, "code.batch", currency, after)(await db(request)))
-    codes = await billing.create_codes(count, amount, currency, expires_ms=expires)
+    codes = await _write(request, run)
     batch_id = _hold_batch(session, codes, amount, currency)
     show_once(request, "code_batch", batch_id)
     msg = gettext(request, "{n} codes created. They are shown once: download them now.")
@@ -517,9 +487,14 @@ async def create_invoice(request: web.Request, session: Session) -> web.StreamRe
     posted = await form(request)
     _require(request, posted, "tenant", "period")
     tenant, period = _s(posted, "tenant"), _period(request, _s(posted, "period"))
-    await (await db(request)).read(lambda tx: sql.tenant_in(tx, tenant))
-    billing = Billing(_audited(request, session, "invoice.create", tenant, dict)(await db(request)))
-    inv = await billing.invoice(tenant, period)
+
+    async def run(tx: Tx) -> dict[str, Any]:
+        await sql.tenant_in(tx, tenant)  # NotFound: invoice_in would bill a profile-less name
+        inv = await invoice_in(tx, tenant, period)
+        await sql.add_admin_audit(tx, session.actor, "invoice.create", tenant, None, inv)
+        return inv
+
+    inv = await _write(request, run)
     msg = gettext(request, "Invoiced {tenant} for {period}: {due} due.")
     raise redirect(
         request,
@@ -535,16 +510,24 @@ async def record_payment(request: web.Request, session: Session) -> web.StreamRe
     currency, token = _s(posted, "currency").upper(), _s(posted, "token")
     if len(token) > 200 or not token.isascii():
         raise ConsoleError(gettext(request, "The form expired: reload the page."))
-    await (await db(request)).read(lambda tx: sql.tenant_in(tx, tenant))
     digest = hashlib.sha256(msgspec.json.encode(["payment", tenant, amount, currency])).hexdigest()
     key = f"console-payment:{token}"
-    audited = _audited(
-        request, session, "payment.record", tenant,
-        lambda txn: {"txn": txn, "amount": amount, "currency": currency},
-        once=(key, digest),
-    )(await db(request))  # fmt: skip
+
+    async def run(tx: Tx) -> str:
+        prev = await sql.idempotent_response(tx, session.actor, key)
+        if prev is not None:
+            raise _Replayed(prev.request_digest == digest)
+        await sql.tenant_in(tx, tenant)
+        txn = await pay_in(tx, tenant, amount, currency, ref=key)
+        out = {"txn": txn, "amount": amount, "currency": currency}
+        await sql.add_admin_audit(tx, session.actor, "payment.create", tenant, None, out)
+        await sql.record_idempotent(
+            tx, session.actor, key, digest, 201, msgspec.json.encode(out).decode()
+        )
+        return txn
+
     try:
-        txn = await Billing(audited).pay(tenant, amount, currency, ref=key)
+        txn = await _write(request, run)
     except _Replayed as e:
         if not e.same:
             raise ConsoleError(
@@ -662,9 +645,11 @@ async def check_page(request: web.Request, session: Session) -> web.StreamRespon
 
 
 async def overruns_page(request: web.Request, session: Session) -> web.StreamResponse:
-    rows = await (await db(request)).read(reports.overruns)
+    rows = await (await db(request)).read(sql.overruns_in)
     shown = [
-        {"tenant": t, "currency": c, "nanos": v, "text": fmt(v, c, exact=True)} for t, c, v in rows
+        {"tenant": t, "currency": c, "nanos": v, "text": fmt(v, c, exact=True)}
+        for t, c, v in rows
+        if v > 0
     ]
     return render(request, session, "billing_overruns.html", rows=shown)
 
