@@ -76,13 +76,14 @@ def build_parser() -> argparse.ArgumentParser:
     meter.add_cli(sub)
 
     # Gateway commands pull in aiohttp; imported here so `import tokenhub.cli` stays light.
-    from tokenhub.cli import admin, admin_tokens, billing, cluster, mock, serve
+    from tokenhub.cli import admin, admin_tokens, billing, cluster, console_users, mock, serve
     from tokenhub.routing_bench import cli as routing_bench_cli
 
     serve.add_cli(sub)
     mock.add_cli(sub)
     admin.add_cli(sub)
     admin_tokens.add_cli(sub)
+    console_users.add_cli(sub)
     billing.add_cli(sub)
     cluster.add_cli(sub)
     routing_bench_cli.add_cli(sub)

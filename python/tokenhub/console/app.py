@@ -52,6 +52,7 @@ def setup_console(app: web.Application, opener: Callable[[], Awaitable[Database]
     st = core.State(opener)
     app[core.STATE] = st
     app.middlewares.append(core.console_middleware)
+    app.on_response_prepare.append(core.on_prepare)
     app.router.add_get(core.PREFIX, to_slash)
     app.router.add_get(core.PREFIX + "/static/{name}", static_file)
     for r in all_routes():

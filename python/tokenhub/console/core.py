@@ -18,9 +18,10 @@ Flash messages and one-time values (a new key's secret) are held in this process
 session, and taken by the next page that renders them: never in a URL or a cookie. The admin
 listener is one process (worker 1), so the page after the redirect finds them.
 
-The middleware (`console_middleware`, /console paths only) adds the security headers and
-`Server-Timing: app;dur=<ms>` to every console response and renders aiohttp's own 404/405 as
-console pages.
+The middleware (`console_middleware`, /console paths only) renders aiohttp's own 404/405 and
+unexpected errors as console pages; `on_prepare` adds the security headers and
+`Server-Timing: app;dur=<ms>` to every console response as its headers go out (streamed
+responses too).
 """
 
 from __future__ import annotations
@@ -374,9 +375,9 @@ class _Page:
         return out.format(**kw) if kw else out
 
     def pager_query(self, cursor: str) -> str:
-        """This page's query string with `cursor` set (the next page's link)."""
+        """This page's path and query with `cursor` set (the next page's link)."""
         items = [(k, v) for k, v in self.request.query.items() if k != "cursor"]
-        return "?" + urlencode([*items, ("cursor", cursor)])
+        return f"{self.request.path}?{urlencode([*items, ('cursor', cursor)])}"
 
     def take_flashes(self) -> list[tuple[str, bool]]:
         out, self.flashes = self.flashes, []
@@ -589,27 +590,34 @@ def guarded(route: PageRoute) -> Callable[[web.Request], Awaitable[web.StreamRes
 # -- the middleware for /console paths ----------------------------------------------------------
 
 
-def _timing(response: web.StreamResponse, t0: float) -> None:
-    response.headers["Server-Timing"] = f"app;dur={(time.perf_counter() - t0) * 1000:.3f}"
+T0 = web.RequestKey("console_t0", float)
+
+
+async def on_prepare(request: web.Request, response: web.StreamResponse) -> None:
+    """Security headers and `Server-Timing: app;dur=<ms>` (from the middleware's start to the
+    headers going out: handler and rendering) on every /console response, streamed ones and
+    redirects too (aiohttp's on_response_prepare)."""
+    if T0 not in request:
+        return
+    response.headers.update(SECURITY_HEADERS)
+    response.headers.setdefault("Cache-Control", "no-store")
+    response.headers["Server-Timing"] = f"app;dur={(time.perf_counter() - request[T0]) * 1000:.3f}"
 
 
 @web.middleware
 async def console_middleware(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
 ) -> web.StreamResponse:
-    """Security headers and Server-Timing on every /console response; console error pages."""
+    """Console error pages for /console paths (on_prepare adds the headers)."""
     if request.path != PREFIX and not request.path.startswith(PREFIX + "/"):
         return await handler(request)
-    t0 = time.perf_counter()
+    request[T0] = time.perf_counter()
     if PRE_COOKIE in request.cookies:
         request[PRE_TOKEN] = request.cookies[PRE_COOKIE]
     try:
-        response = await handler(request)
+        return await handler(request)
     except web.HTTPException as e:
         if e.status < 400:
-            e.headers.update(SECURITY_HEADERS)
-            e.headers["Cache-Control"] = "no-store"
-            _timing(e, t0)
             raise
         session = request.get(SESSION)
         if session is None and e.status in (404, 405):  # no route ran: the menu still shows
@@ -620,17 +628,13 @@ async def console_middleware(
             if session is not None:
                 request[SESSION] = session
                 request[LANG] = session.lang
-        response = error_page(request, session, e.status, gettext(request, e.reason))
+        return error_page(request, session, e.status, gettext(request, e.reason))
     except DatabaseError as e:
         log.error("console: database error: %s", e)
-        response = error_page(request, request.get(SESSION), 503, "The database is unavailable.")
+        return error_page(request, request.get(SESSION), 503, "The database is unavailable.")
     except Exception:
         log.exception("console: internal error on %s %s", request.method, request.path)
-        response = error_page(request, request.get(SESSION), 500, "Internal error.")
-    response.headers.update(SECURITY_HEADERS)
-    response.headers.setdefault("Cache-Control", "no-store")
-    _timing(response, t0)
-    return response
+        return error_page(request, request.get(SESSION), 500, "Internal error.")
 
 
 def new_secret() -> str:

@@ -192,3 +192,43 @@ async def session_in(tx: Tx, digest: str, now: int) -> SessionRow | None:
 
 async def delete_session_in(tx: Tx, digest: str) -> None:
     await tx.execute("DELETE FROM console_sessions WHERE digest = $1", digest)
+
+
+# -- reads for the operator pages (indexed or small tables; never a scan of usage_events) -----
+
+
+async def account_balances_in(tx: Tx, tenants: Sequence[str]) -> dict[str, int]:
+    """{account id: balance (debit-positive)} of these tenants' constrained ledger accounts
+    (wallet, receivable, lot: the ones whose balance the ledger keeps on the row), one indexed
+    read, not a sum over postings."""
+    if not tenants:
+        return {}
+    marks = ", ".join(f"${i}" for i in range(1, len(tenants) + 1))
+    rows = await tx.fetch(
+        f"SELECT id, balance FROM accounts WHERE tenant IN ({marks}) AND ceiling IS NOT NULL",
+        *tenants,
+    )
+    return {r[0]: int(r[1]) for r in rows}
+
+
+async def overruns_in(tx: Tx) -> list[tuple[str, str, int]]:
+    """(tenant, account, balance) of every overrun account that is not zero. Overrun
+    accounts keep no balance on their row (no ceiling): their postings are summed, through
+    the postings' account index (overruns are rare)."""
+    rows = await tx.fetch(
+        "SELECT a.tenant, a.id, SUM(p.amount) FROM accounts a "
+        "JOIN postings p ON p.account = a.id WHERE a.kind = 'overrun' "
+        "GROUP BY a.tenant, a.id HAVING SUM(p.amount) <> 0 ORDER BY a.tenant, a.id"
+    )
+    return [(r[0], r[1], int(r[2])) for r in rows]
+
+
+async def oldest_unsettled_ms_in(tx: Tx) -> int | None:
+    """The arrival time of the oldest usage event not yet settled (the pending index's first
+    row), None when every event is settled."""
+    # `settled_ms IS NULL` word for word as the partial index's predicate (SQLite's planner
+    # matches the terms).
+    row = await tx.fetchrow(
+        "SELECT ts_ms FROM usage_events WHERE settled_ms IS NULL ORDER BY ts_ms, request_id LIMIT 1"
+    )
+    return None if row is None else int(row[0])
