@@ -728,3 +728,44 @@ async def test_an_export_that_fails_midway_is_cut_never_complete(
     monkeypatch.setattr(bio, "focus_rows", fails)
     status, body = await _call(admin, "GET", f"{V1}/usage/focus", "read")
     assert status == 500 and body["error"]["code"] == "internal_error"
+
+
+async def test_admin_tokens_over_the_api(admin: Admin) -> None:
+    url = f"{V1}/admin-tokens"
+    for scope in ("read", "billing"):
+        status, _ = await _call(admin, "GET", url, scope)
+        assert status == 403
+        status, _ = await _call(admin, "POST", url, scope, json={"name": "x", "scope": "read"})
+        assert status == 403
+    for bad in ({"name": "a b", "scope": "read"}, {"name": "ok", "scope": "root"}, {"name": "ok"}):
+        status, _ = await _call(admin, "POST", url, json=bad)
+        assert status == 400, bad
+    made = await _ok(admin, "POST", url, json={"name": "ci", "scope": "read"})
+    secret = made["secret"]
+    assert made["scope"] == "read" and secret.startswith(made["prefix"])
+    listed = await _ok(admin, "GET", url)
+    assert sorted(t["name"] for t in listed["data"]) == [
+        "ci",
+        "ops-admin",
+        "ops-billing",
+        "ops-read",
+    ]
+    assert secret not in json.dumps(listed)
+    async with admin.client.get(
+        f"{V1}/tenants", headers={"Authorization": f"Bearer {secret}"}
+    ) as r:
+        assert r.status == 200
+    revoked = await _ok(admin, "POST", f"{url}/{made['id']}/revoke")
+    assert revoked["revoked_ms"] is not None
+    async with admin.client.get(
+        f"{V1}/tenants", headers={"Authorization": f"Bearer {secret}"}
+    ) as r:
+        assert r.status == 401
+    status, _ = await _call(admin, "POST", f"{url}/{made['id']}/revoke")
+    assert status == 400
+    status, _ = await _call(admin, "POST", f"{url}/adm_nope/revoke")
+    assert status == 404
+    audit = (await _ok(admin, "GET", f"{V1}/audit?limit=1000", "read"))["data"]
+    mine = [e for e in audit if e["actor"] == "ops-admin"]
+    assert [e["action"] for e in mine] == ["admin_token.create", "admin_token.revoke"]
+    assert secret not in json.dumps(audit)

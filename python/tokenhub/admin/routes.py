@@ -3,7 +3,8 @@ price book's reads, usage events and the audit logs: decode, call the service fu
 calls (tokenhub.store.sql, tokenhub.billing) in one transaction with the audit entry, encode.
 `ROUTES` also takes in those of admin/usage_routes.py (summary, exports, reconciliation,
 ingest) and admin/billing_routes.py (statements, invoices, payments, refunds, profiles,
-splits, the catalogue's writes, codes, quarantine, settle, expire).
+splits, the catalogue's writes, codes, quarantine, settle, expire) and admin/token_routes.py
+(admin tokens).
 
 A handler's scope is the least an admin token needs: read < billing < admin (None: no token).
 Tenants are addressed by id in paths (`ten_...`) and by name in filters and bodies, as usage
@@ -20,7 +21,7 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
-from tokenhub.admin import billing_routes, usage_routes
+from tokenhub.admin import billing_routes, token_routes, usage_routes
 from tokenhub.admin.web import (
     ACTOR,
     DB,
@@ -550,6 +551,7 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", f"{V1}/audit/guard", "read", list_guard_audit),
     *usage_routes.ROUTES,
     *billing_routes.ROUTES,
+    *token_routes.ROUTES,
 )
 
 __all__ = ["ACTOR", "DB", "ROUTES", "Route"]
