@@ -13,7 +13,7 @@ import pytest
 from harness import wait_until
 from tenant_kit import DAY_MS, World, day_ms
 
-from tokenhub.tenant.routes import MAX_KEYS_PER_TENANT
+from tokenhub.billing.tenant_service import MAX_KEYS_PER_TENANT
 
 GETS = [
     "/v1/tokenhub/balance",

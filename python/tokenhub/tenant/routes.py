@@ -31,7 +31,7 @@ import datetime as dt
 import time
 from collections.abc import Awaitable, Callable
 from decimal import Decimal
-from functools import wraps
+from functools import partial, wraps
 from typing import Any
 
 import msgspec
@@ -43,11 +43,21 @@ from tokenhub.billing import ledger as L
 from tokenhub.billing.ledger import LedgerError
 from tokenhub.billing.service import get_profile, redeem_in
 from tokenhub.billing.statements import tenant_statement
+from tokenhub.billing.tenant_service import (
+    KEY_LIMITS,
+    TENANT_LIMITS,
+    KeyLimitReached,
+    balance_in,
+    create_key_in,
+    key_json,
+    money_of,
+    revoke_own_key_in,
+)
 from tokenhub.db.database import Database, DatabaseError, Tx
 from tokenhub.gateway.auth import Principal
 from tokenhub.gateway.errors import ApiError
 from tokenhub.gateway.state import GATEWAY
-from tokenhub.money import MoneyError, decimal_str
+from tokenhub.money import MoneyError
 from tokenhub.store import sql
 from tokenhub.store.base import ApiKey, NotFound, StoreError
 
@@ -55,7 +65,6 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 TENANT_DB = web.AppKey("tenant_db", DatabaseOpener)
 
-MAX_KEYS_PER_TENANT = 20  # the operator's policy: active keys a tenant may hold at once
 USAGE_DEFAULT_DAYS = 31
 USAGE_MAX_DAYS = 92
 DAY_MS = 86_400_000
@@ -98,87 +107,10 @@ def _now_ms() -> int:
 # -- balance ------------------------------------------------------------------------------------
 
 
-class _Money(msgspec.Struct, frozen=True):
-    currency: str
-    wallet: int  # what the prepaid wallet holds
-    receivable: int  # what the tenant owes on its credit line
-    overrun: int  # usage no contract covered
-    credit_limit: int
-
-    @property
-    def credit_available(self) -> int:
-        return max(0, self.credit_limit - self.receivable)
-
-    def spendable(self, draw_order: tuple[str, ...]) -> int:
-        """The money usage can still draw: the wallet and the credit headroom, as far as the
-        tenant's draw order names them (what a low-balance alert compares: one definition,
-        tokenhub.billing.alerts.spendable)."""
-        return alerts.spendable(self.wallet, self.receivable, self.credit_limit, draw_order)
-
-
-async def _money_of(tx: Tx, tenant: str) -> tuple[terms.Profile, _Money, dict[str, int]]:
-    prof = await get_profile(tx, tenant)
-    bals = await L.balances(tx, tenant=tenant)
-    cur = prof.currency
-    m = _Money(
-        currency=cur,
-        wallet=-bals.get(L.wallet(tenant, cur), 0),  # the ledger is debit-positive
-        receivable=bals.get(L.receivable(tenant, cur), 0),
-        overrun=bals.get(L.overrun(tenant, cur), 0),
-        credit_limit=prof.credit_limit,
-    )
-    return prof, m, bals
-
-
 async def balance(request: web.Request, who: Principal) -> web.Response:
     """Wallet, credit headroom and overrun in the tenant's currency; token packages and point
     packs left, with their expiry (active lots, soonest to expire first)."""
-    tenant = who.tenant
-
-    async def run(tx: Tx) -> dict[str, Any]:
-        prof, m, bals = await _money_of(tx, tenant)
-        lots = (await terms.active_lots(tx, [tenant])).get(tenant, [])
-        now = _now_ms()
-        packages, packs = [], []
-        points_left = 0
-        for lot in lots:
-            if lot.end_ms is not None and lot.end_ms <= now:
-                continue  # ended, not expired by the settler yet: nothing left to draw
-            left = -bals.get(L.lot_units(tenant, lot.id), 0)
-            row: dict[str, Any] = {
-                "id": lot.id,
-                "plan": lot.plan,
-                "valid_from_ms": lot.start_ms,
-                "expires_ms": lot.end_ms,
-                "models": list(lot.models),
-            }
-            if lot.kind == "package":
-                packages.append(row | {"tokens_left": left, "tokens_total": lot.quantity})
-            else:
-                points_left += left
-                packs.append(
-                    row
-                    | {"points_left": decimal_str(left), "points_total": decimal_str(lot.quantity)}
-                )
-        cur = m.currency
-        return {
-            "object": "tokenhub.balance",
-            "tenant": tenant,
-            "currency": cur,
-            "draw_order": list(prof.draw_order),
-            "wallet": money(m.wallet, cur),
-            "credit_limit": money(m.credit_limit, cur),
-            "credit_used": money(m.receivable, cur),
-            "credit_available": money(m.credit_available, cur),
-            "overrun": money(m.overrun, cur),
-            "spendable": money(m.spendable(prof.draw_order), cur),
-            "low_balance": None if prof.low_balance is None else money(prof.low_balance, cur),
-            "low_balance_warning": prof.low_balance is not None and m.wallet < prof.low_balance,
-            "packages": packages,
-            "points": {"left": decimal_str(points_left), "packs": packs},
-        }
-
-    return json_response(await (await _db(request)).read(run))
+    return json_response(await (await _db(request)).read(partial(balance_in, tenant=who.tenant)))
 
 
 # -- usage --------------------------------------------------------------------------------------
@@ -280,53 +212,29 @@ async def usage(request: web.Request, who: Principal) -> web.Response:
 # -- keys ---------------------------------------------------------------------------------------
 
 
-def _key_json(k: ApiKey) -> dict[str, Any]:
-    """A key as its tenant sees it: never its secret (tokenhub keeps only its SHA-256)."""
-    return {
-        "id": k.id,
-        "object": "api_key",
-        "prefix": k.prefix,
-        "created_ms": k.created_ms,
-        "revoked_ms": k.revoked_ms,
-    }
-
-
 async def list_keys(request: web.Request, who: Principal) -> web.Response:
     async def run(tx: Tx) -> list[ApiKey]:
         return await sql.keys_in(tx, who.tenant)
 
     keys = await (await _db(request)).read(run)
-    return json_response({"object": "list", "data": [_key_json(k) for k in keys]})
+    return json_response({"object": "list", "data": [key_json(k) for k in keys]})
 
 
 async def create_key(request: web.Request, who: Principal) -> web.Response:
     """A new key for the caller's tenant, within the operator's policy (at most
-    MAX_KEYS_PER_TENANT active keys); the secret is in this response only."""
+    MAX_KEYS_PER_TENANT active keys: 403 key_limit_reached); the secret is in this response
+    only."""
     if await request.read():
         raise ApiError.bad_request("this request takes no body")
     secret = sql.new_key_secret()
-    actor = f"tenant:{who.tenant}"
 
     async def run(tx: Tx) -> dict[str, Any]:
-        # One key creation per tenant at a time (PostgreSQL; SQLite writes one at a time), so
-        # concurrent requests cannot pass the count together.
-        await L.lock_tenants(tx, [who.tenant])
-        t = await sql.tenant_in(tx, who.tenant)
-        active = (await sql.active_key_counts_in(tx, [t.id])).get(t.id, 0)
-        if active >= MAX_KEYS_PER_TENANT:
-            raise ApiError(
-                403,
-                f"This tenant already has {active} active API keys, the most the operator "
-                "allows; revoke one first.",
-                type="permission_error",
-                code="key_limit_reached",
-            )
-        key = await sql.create_key_in(tx, who.tenant, secret)
-        out = _key_json(key)
-        await sql.add_admin_audit(tx, actor, "key.create", key.id, None, out)
-        return out
+        return key_json(await create_key_in(tx, who.tenant, secret, f"tenant:{who.tenant}"))
 
-    out = await (await _db(request)).transaction(run)
+    try:
+        out = await (await _db(request)).transaction(run)
+    except KeyLimitReached as e:
+        raise ApiError(403, str(e), type="permission_error", code="key_limit_reached") from None
     return json_response({**out, "secret": secret}, status=201)
 
 
@@ -334,18 +242,10 @@ async def revoke_key(request: web.Request, who: Principal) -> web.Response:
     """Revokes one of the caller's tenant's keys (the calling key too, if asked); another
     tenant's key is 404, exactly as a key that does not exist."""
     key_id = request.match_info["id"]
-    actor = f"tenant:{who.tenant}"
 
     async def run(tx: Tx) -> dict[str, Any]:
-        try:
-            key = await sql.key_in(tx, key_id)
-        except NotFound:
-            key = None
-        if key is None or key.tenant != who.tenant:
-            raise NotFound(f"no API key {key_id!r}")
-        after = _key_json(await sql.revoke_key_in(tx, key_id))
-        await sql.add_admin_audit(tx, actor, "key.revoke", key_id, _key_json(key), after)
-        return after
+        key = await revoke_own_key_in(tx, who.tenant, key_id, f"tenant:{who.tenant}")
+        return key_json(key)
 
     return json_response(await (await _db(request)).transaction(run))
 
@@ -371,7 +271,7 @@ async def redeem(request: web.Request, who: Principal) -> web.Response:
             return replayed
         prof = await get_profile(tx, who.tenant)
         txn = await redeem_in(tx, who.tenant, body.code)
-        _, m, _ = await _money_of(tx, who.tenant)
+        _, m, _ = await money_of(tx, who.tenant)
         out = {"object": "redemption", "transaction": txn, "wallet": money(m.wallet, prof.currency)}
         await sql.add_admin_audit(tx, actor, "code.redeem", who.tenant, None, {"txn": txn})
         return await idem.record(tx, 201, out)
@@ -516,10 +416,6 @@ def _live(request: web.Request, account: str) -> dict[str, Any] | None:
     }  # fmt: skip
 
 
-KEY_LIMITS = ("rpm", "tpm", "max_concurrency")
-TENANT_LIMITS = ("rpm", "tpm", "max_concurrency", "tokens_per_day")
-
-
 async def limits(request: web.Request, who: Principal) -> web.Response:
     """The calling key's and its tenant's configured limits (null: none), each with its live
     headroom on this gateway (`live`, null where no limit is enforced)."""
@@ -597,7 +493,7 @@ def _usd(nanos: int, rate: Decimal) -> float:
 
 async def legacy_subscription(request: web.Request, who: Principal) -> web.Response:
     async def run(tx: Tx) -> dict[str, Any]:
-        prof, m, _ = await _money_of(tx, who.tenant)
+        prof, m, _ = await money_of(tx, who.tenant)
         rate = await _to_usd(tx, m.currency)
         used = await _spent(tx, who.tenant, m.currency, -(2**62), 2**62)
         line = _usd(m.spendable(prof.draw_order) + used, rate)
