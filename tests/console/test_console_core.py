@@ -9,6 +9,7 @@ import re
 import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -486,3 +487,75 @@ async def test_tenant_lands_on_its_own_home(console_client: Any, role: str) -> N
     tenant = await console_client(role, tenant="acme")
     resp = await tenant.get("/console/keys", allow_redirects=False)
     assert resp.status == 403
+
+
+# -- the demo's console logins -----------------------------------------------------------------
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def test_serve_demo_prints_console_logins_that_work(tmp_path: Path) -> None:
+    import asyncio
+    import os
+    import signal
+
+    import aiohttp
+
+    port, admin_port = _free_port(), _free_port()
+    out = tmp_path / "demo.out"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TOKENHUB_")}
+    with open(out, "wb") as f:
+        p = subprocess.Popen(
+            [sys.executable, "-m", "tokenhub", "serve", "--demo", "--port", str(port),
+             "--admin-listen", f"127.0.0.1:{admin_port}"],
+            cwd=tmp_path, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while "Stop:" not in out.read_text():
+            assert p.poll() is None, out.read_text()
+            assert time.monotonic() < deadline, out.read_text()
+            await asyncio.sleep(0.05)
+        text = out.read_text()
+        m = re.search(
+            r"^console: (http://\S+/console/)  operator login: (\S+) / (\S+)  "
+            r"tenant login: (\S+) / (\S+)$",
+            text,
+            re.M,
+        )
+        assert m, text
+        url, op, op_pw, tenant, tenant_pw = m.groups()
+        assert url == f"http://127.0.0.1:{admin_port}/console/"
+        assert (op, tenant) == ("admin", "demo") and op_pw != tenant_pw
+        base = url.removesuffix("/console/")
+        for name, pw, home in ((op, op_pw, "/console/"), (tenant, tenant_pw, "/console/my/")):
+            jar = aiohttp.CookieJar(unsafe=True)
+            async with aiohttp.ClientSession(base, cookie_jar=jar) as http:
+                page = await http.get("/console/signin")
+                pre = csrf_of(await page.text())
+                resp = await http.post(
+                    "/console/signin",
+                    data={"csrf": pre, "name": name, "password": pw},
+                    allow_redirects=False,
+                )
+                assert resp.status == 303, (name, await resp.text())
+                assert resp.headers["Location"] == home
+                assert any(c.key == "th_session" for c in jar)
+                if name == op:
+                    overview = await http.get("/console/")
+                    assert overview.status == 200 and 'id="stat-week"' in await overview.text()
+                wrong = await http.post(
+                    "/console/signin",
+                    data={"csrf": pre, "name": name, "password": pw + "x"},
+                    allow_redirects=False,
+                )
+                assert wrong.status in (401, 403)
+    finally:
+        os.killpg(p.pid, signal.SIGTERM)
+        p.wait(30)

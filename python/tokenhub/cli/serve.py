@@ -11,7 +11,7 @@ from typing import Any
 from tokenhub.cli import EXIT_REFUSED, PROG, CliError, Refused
 from tokenhub.config import Config, ConfigError, from_mapping, load_config
 from tokenhub.runtime.cluster import HostIdError, host_id
-from tokenhub.runtime.demo import DEMO_DB, DEMO_KEY_ENV
+from tokenhub.runtime.demo import DEMO_DB, DEMO_KEY_ENV, DEMO_PASSWORD_ENV, configure_console
 from tokenhub.runtime.resources import WORKER_HEADER
 from tokenhub.runtime.supervisor import CRASH_WINDOW_S, MAX_CRASHES, MAX_WORKERS
 
@@ -34,6 +34,29 @@ def _demo_key(args: argparse.Namespace) -> str | None:
             raise Refused(f"--demo-key-file {args.demo_key_file!r} holds no key")
         return key
     return os.environ.get(DEMO_KEY_ENV) or None
+
+
+def _demo_password(args: argparse.Namespace) -> str | None:
+    """The demo console's password from --demo-password-file or TOKENHUB_DEMO_PASSWORD (None:
+    a new random one per login)."""
+    from tokenhub.console.passwords import check_password
+
+    password: str | None
+    if args.demo_password_file:
+        try:
+            with open(args.demo_password_file, encoding="utf-8") as f:
+                password = f.readline().rstrip("\r\n")
+        except (OSError, UnicodeDecodeError) as e:
+            why = getattr(e, "strerror", None) or e
+            raise CliError(f"cannot read --demo-password-file: {why}") from None
+    else:
+        password = os.environ.get(DEMO_PASSWORD_ENV) or None
+    if password is not None:
+        try:
+            check_password(password)
+        except ValueError as e:
+            raise Refused(f"the demo console password: {e}") from None
+    return password
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -74,6 +97,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
         cfg.server.port = args.port
     if args.db and not args.demo:
         cfg.server.database = args.db
+    if args.admin_listen is not None:
+        from tokenhub.config import split_listen
+
+        if args.admin_listen:
+            try:
+                split_listen(args.admin_listen)
+            except ValueError as e:
+                raise Refused(f"--admin-listen: {e}") from None
+        cfg.admin.listen = args.admin_listen
+    if args.demo:
+        configure_console(cfg.admin.listen, _demo_password(args))
     if args.host_id is not None:
         cfg.server.host_id = args.host_id
     if args.redis is not None:
@@ -146,6 +180,12 @@ def add_cli(sub: Any) -> None:
     p.add_argument("--host", help="address to listen on (default from config: 127.0.0.1)")
     p.add_argument("--port", type=int, help="port to listen on (default from config: 8080)")
     p.add_argument(
+        "--admin-listen",
+        metavar="HOST:PORT",
+        help="the admin API's and web console's listener (overrides [admin] listen, default "
+        '127.0.0.1:8081; "" turns them off)',
+    )
+    p.add_argument(
         "--db",
         metavar="URL_OR_PATH",
         help="database: a SQLite path (or sqlite:///ABSOLUTE/PATH) or a PostgreSQL URL "
@@ -186,7 +226,15 @@ def add_cli(sub: Any) -> None:
         help=f"run the demo: built-in mock upstream, three models and 'auto', SQLite {DEMO_DB} "
         "here (or --db, or $TOKENHUB_DB), a demo tenant with a 10 USD wallet and a key, the "
         "settler with money admission, and printed commands that work as printed (curl, the "
-        "openai client, and tokenhub's own with TOKENHUB_DB set to the demo's database)",
+        "openai client, and tokenhub's own with TOKENHUB_DB set to the demo's database), and "
+        "the web console's logins: operator 'admin' and the demo tenant's 'demo', each with a "
+        "new random password at every start (printed)",
+    )
+    p.add_argument(
+        "--demo-password-file",
+        metavar="FILE",
+        help=f"with --demo: the console logins' password from FILE (its first line) instead of "
+        f"random ones; or set {DEMO_PASSWORD_ENV}",
     )
     p.add_argument(
         "--demo-key-file",

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import shlex
 import shutil
 import socket
 import sys
+from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,33 @@ DEMO_TENANT = "demo"
 # The demo's API key, when it is not to be a new random one: never on the command line, where
 # any local user reads it (`ps`), but in this variable or a file (`--demo-key-file`).
 DEMO_KEY_ENV = "TOKENHUB_DEMO_KEY"
+# The demo's console password (both logins), likewise never on the command line: this variable
+# or `--demo-password-file`; else a new random one per login at every start.
+DEMO_PASSWORD_ENV = "TOKENHUB_DEMO_PASSWORD"
+CONSOLE_OPERATOR = "admin"  # the demo's operator login (role admin)
+CONSOLE_TENANT_USER = "demo"  # the demo tenant's own login
+
+
+@dataclass
+class ConsoleDemo:
+    """The demo's web console logins. `tokenhub serve --demo` (tokenhub.cli.serve) sets
+    `listen` (the admin listener, "" for none) and `password` (given, or None for random ones)
+    before serving; `ensure_demo_key` creates or resets the logins and keeps their passwords
+    here, in the process that then calls `print_demo` (the single process, or the workers'
+    supervisor), which prints them."""
+
+    listen: str = ""
+    password: str | None = None
+    logins: dict[str, str] = field(default_factory=dict)  # user -> password
+
+
+CONSOLE = ConsoleDemo()
+
+
+def configure_console(listen: str, password: str | None) -> None:
+    CONSOLE.listen = listen
+    CONSOLE.password = password
+    CONSOLE.logins.clear()
 
 
 def demo_config(mock_port: int, database: str) -> Config:
@@ -98,10 +127,14 @@ async def seed_demo_billing(billing: Any, cfg: Config) -> None:
 
 
 def ensure_demo_key(store: Any, demo_key: str | None) -> str:
+    """The demo tenant and its key (the secret returned), and, when the console is on
+    (CONSOLE.listen), its logins: created, or reset to a new password and enabled."""
     from tokenhub.store import AlreadyExists
 
     with contextlib.suppress(AlreadyExists):
         store.create_tenant(DEMO_TENANT)
+    if CONSOLE.listen:
+        ensure_console_logins(store)
     if demo_key:
         # A malformed key raises StoreError here, before anything is printed.
         with contextlib.suppress(AlreadyExists):
@@ -109,6 +142,37 @@ def ensure_demo_key(store: Any, demo_key: str | None) -> str:
         return demo_key
     _, secret = store.create_key(DEMO_TENANT)
     return str(secret)
+
+
+def ensure_console_logins(store: Any) -> dict[str, str]:
+    """The operator login `admin` (role admin) and the demo tenant's login `demo`, each with
+    CONSOLE.password or a new random one; an existing one gets the new password, is enabled,
+    and its sessions end."""
+    from tokenhub.console.passwords import hash_password
+    from tokenhub.store import console as cstore
+    from tokenhub.store.base import NotFound
+
+    logins = {}
+    for name, role, tenant in (
+        (CONSOLE_OPERATOR, "admin", None),
+        (CONSOLE_TENANT_USER, "tenant", DEMO_TENANT),
+    ):
+        password = CONSOLE.password or secrets.token_urlsafe(12)
+        pw_hash = hash_password(password)
+
+        async def put(tx: Any, name: str = name, role: str = role, tenant: str | None = tenant,
+                      pw_hash: str = pw_hash) -> None:  # fmt: skip
+            try:
+                await cstore.user_in(tx, name)
+            except NotFound:
+                await cstore.create_user_in(tx, name, pw_hash, role, tenant)
+            else:
+                await cstore.set_password_in(tx, name, pw_hash, enable=True)
+
+        store._write(put)
+        logins[name] = password
+    CONSOLE.logins = logins
+    return logins
 
 
 def print_demo(host: str, port: int, key: str, database: str) -> None:
@@ -136,6 +200,7 @@ def print_demo(host: str, port: int, key: str, database: str) -> None:
         "print(r.usage)",
         "EOF",
         "",
+        *_console_lines(),
         f"Keys, usage events and billing ({where}):",
         "",
         f"  export TOKENHUB_DB={_shell_database(database)}",
@@ -148,6 +213,17 @@ def print_demo(host: str, port: int, key: str, database: str) -> None:
         "Stop:         Ctrl-C",
     ]
     print("\n".join(lines), flush=True)
+
+
+def _console_lines() -> list[str]:
+    if not CONSOLE.listen or not CONSOLE.logins:
+        return []
+    op, tenant = CONSOLE.logins[CONSOLE_OPERATOR], CONSOLE.logins[CONSOLE_TENANT_USER]
+    return [
+        f"console: http://{CONSOLE.listen}/console/  operator login: {CONSOLE_OPERATOR} / {op}  "
+        f"tenant login: {CONSOLE_TENANT_USER} / {tenant}",
+        "",
+    ]
 
 
 def _tokenhub_command() -> tuple[str, str]:
@@ -189,8 +265,8 @@ def _this_month() -> str:
 
 async def start_demo_upstream(cfg: Config) -> tuple[web.AppRunner, Config]:
     """The demo's mock upstream on a port of its own, and the demo's config pointing at it
-    (with `cfg`'s [server] and [billing]). Each worker runs its own: simpler than sharing one
-    across processes, and the mock's state (its ledger) is not part of the demo."""
+    (with `cfg`'s [server], [billing] and [admin]). Each worker runs its own: simpler than
+    sharing one across processes, and the mock's state (its ledger) is not part of the demo."""
     from tokenhub import mock
 
     runner = web.AppRunner(mock.build_app(mock.MockOptions()), access_log=None)
@@ -203,4 +279,5 @@ async def start_demo_upstream(cfg: Config) -> tuple[web.AppRunner, Config]:
     demo_cfg = demo_config(sock.getsockname()[1], cfg.server.database)
     demo_cfg.server = cfg.server
     demo_cfg.billing = cfg.billing
+    demo_cfg.admin = cfg.admin
     return runner, demo_cfg
