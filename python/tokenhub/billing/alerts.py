@@ -42,6 +42,13 @@ tenant cannot make the operator's host call into its own network. An operator wh
 webhooks inside its network (an intranet, tests, the demo) sets the environment variable
 `TOKENHUB_WEBHOOKS_ALLOW_PRIVATE=1` for the processes that take (gateway, admin) and deliver
 (settler) them: then `http://` and private addresses are allowed too.
+
+Performance notes (SQLite, 2-core VM): an idle settlement pass took 0.27 ms with the check
+against 0.11 ms without it (one more read transaction on an empty table; nothing per event);
+with 1,000 armed alerts above their thresholds the check takes 11 ms a pass (the join, ~11 us
+an alert). Deliveries are rare (once per fall below a threshold), so the outbox stays small;
+its due rows are read through webhook_deliveries_due, a tenant's through
+webhook_deliveries_tenant. Delivered rows are kept (the tenant's page lists the latest).
 """
 
 from __future__ import annotations

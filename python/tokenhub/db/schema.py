@@ -568,6 +568,8 @@ MIGRATIONS: tuple[Migration, ...] = (
                 last_error TEXT
             )""",
             "CREATE INDEX webhook_deliveries_due ON webhook_deliveries (delivered_ms, next_ms)",
+            # A tenant's latest deliveries (its balance page, newest first).
+            "CREATE INDEX webhook_deliveries_tenant ON webhook_deliveries (tenant, id)",
         ),
     ),
 )
