@@ -153,7 +153,7 @@ async def test_code_batch_shown_once(console_client: Any, post_form: Any, world:
     assert q(world, "SELECT COUNT(*) FROM redemption_codes")[0][0] == n
     good = {"count": "3", "amount": "5", "currency": "CNY"}
     page = await follow(cashier, await post_form(cashier, "/console/billing/codes", good))
-    codes = re.findall(r'<code class="new-code">([^<]+)</code>', page)
+    codes = re.findall(r'<code class="secret new-code">([^<]+)</code>', page)
     assert len(codes) == 3
     stored = {r[0] for r in q(world, "SELECT sha256 FROM redemption_codes WHERE amount = ?",
                                 5_000_000_000)}  # fmt: skip

@@ -380,6 +380,18 @@ async def codes_csv(request: web.Request, session: Session) -> web.StreamRespons
 # -- statements -----------------------------------------------------------------------------
 
 
+# A statement's other sections, by ledger transaction kind.
+_KIND_TITLES = {
+    "topup": "Top-ups",
+    "redeem": "Redemptions",
+    "adjustment": "Adjustments",
+    "invoice": "Invoices",
+    "payment": "Payments",
+    "refund": "Refunds",
+    "expiry": "Expiries",
+}
+
+
 def _tenant_names(rows: list[Any]) -> list[str]:
     return [r[0] for r in rows]
 
@@ -418,7 +430,7 @@ async def statements_page(request: web.Request, session: Session) -> web.StreamR
         usage=usage,
         overage=[fmt(v, c, exact=True) for c, v in sorted((st or {}).get("overage", {}).items())],
         other=[
-            (k, [fmt_units(v, u) for u, v in sorted(units.items())])
+            (_KIND_TITLES.get(k, k), [fmt_units(v, u) for u, v in sorted(units.items())])
             for k, units in sorted((st or {}).get("other", {}).items())
         ],
         purchases=[

@@ -63,7 +63,9 @@ async def routing(request: web.Request, session: Session) -> web.StreamResponse:
     if rows and reasons:
         labels = [d.deployment or "-" for d in rows]
         chart = charts.bar_chart(
-            labels, {r: [d.routes.get(r, 0) for d in rows] for r in reasons}, unit="requests"
+            labels,
+            {gettext(request, r): [d.routes.get(r, 0) for d in rows] for r in reasons},
+            title=gettext(request, "Decisions per reason, recent requests"),
         )
     return render(
         request,

@@ -79,14 +79,17 @@ def _parse_ms(request: web.Request, name: str) -> int | None:
 
 
 def window(request: web.Request, now: int | None = None) -> tuple[int, int, str]:
-    """(since, until, preset) of the request: a preset, or since/until ("custom"; either
-    missing takes the 7-day preset's bound). ConsoleError on a bad or empty range."""
+    """(since, until, preset) of the request: since/until when either is given ("custom"; the
+    other missing takes the 7-day preset's bound), else the `range` preset (default 7d).
+    ConsoleError on a bad or empty range."""
     now = _now() if now is None else now
     today = now - now % DAY_MS
     preset = request.query.get("range", "")
     since, until = _parse_ms(request, "since"), _parse_ms(request, "until")
-    if preset not in PRESETS:
-        preset = "custom" if since is not None or until is not None else DEFAULT_PRESET
+    if since is not None or until is not None:
+        preset = "custom"  # dates given win over the range menu
+    elif preset not in PRESETS:
+        preset = DEFAULT_PRESET
     if preset != "custom":
         days = {"today": 1, "7d": 7, "30d": 30}[preset]
         return today - (days - 1) * DAY_MS, _ceil_hour(now + 1), preset
@@ -150,7 +153,7 @@ def _bucket_label(ms: int, period: str) -> str:
 # -- the explorer -------------------------------------------------------------------------------
 
 
-def _chart(rows: list[SummaryRow], period: str, metric: str, other: str) -> Any:
+def _chart(rows: list[SummaryRow], period: str, metric: str, other: str, title: str) -> Any:
     buckets = sorted({r.bucket_ms for r in rows})
     index = {b: i for i, b in enumerate(buckets)}
 
@@ -167,8 +170,15 @@ def _chart(rows: list[SummaryRow], period: str, metric: str, other: str) -> Any:
         g = r.group if r.group in shown else other
         series.setdefault(g, [0] * len(buckets))[index[r.bucket_ms]] += value(r)
     labels = [_bucket_label(b, period) for b in buckets]
-    unit = "requests" if metric == "requests" else "tokens"
-    return charts.bar_chart(labels, series, unit=unit)
+    return charts.bar_chart(labels, series, title=title, fmt=compact)
+
+
+def compact(v: int) -> str:
+    """An axis label that fits the chart's margin: 1.5M, 250k (the table has exact figures)."""
+    for size, suffix in ((10**9, "G"), (10**6, "M"), (10**3, "k")):
+        if abs(v) >= size:
+            return f"{v / size:.3g}{suffix}"
+    return str(v)
 
 
 async def explorer(request: web.Request, session: Session | None) -> web.StreamResponse:
@@ -217,7 +227,10 @@ async def explorer(request: web.Request, session: Session | None) -> web.StreamR
             }
         )
     total.cost = dict(sorted(total.cost.items()))
-    chart = _chart(rows, period, metric, gettext(request, "other")) if rows else None
+    chart = None
+    if rows:
+        title = gettext(request, "Tokens (in + out)" if metric == "tokens" else "Requests")
+        chart = _chart(rows, period, metric, gettext(request, "other"), title)
     export_q = _query(base)
     return render(
         request,
