@@ -552,6 +552,12 @@ async def test_reconciliation_is_the_clis_report_and_bounded(admin: Admin) -> No
             url, data=data, headers={**admin.auth("read"), **headers}
         ) as r:
             assert r.status == 400, (headers, data)
+    for query in ("provider=mock-a", "since=2026-11-01", "since=2025-01-01&until=2026-11-01"):
+        async with admin.client.post(
+            f"{V1}/reconciliations?{query}", data=csv_text.encode(),
+            headers={**admin.auth("read"), "Content-Type": "text/csv"},
+        ) as r:  # fmt: skip
+            assert r.status == 400, query
     big = b"request_id,input_tokens,output_tokens\n" + b"r,1,1\n" * 200_000  # 1.2 MB
     async with admin.client.post(
         url, data=io.BytesIO(big), headers={**admin.auth("read"), "Content-Type": "text/csv"}

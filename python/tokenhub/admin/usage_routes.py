@@ -221,12 +221,19 @@ async def export_event_log(request: web.Request) -> web.StreamResponse:
 
 async def create_reconciliation(request: web.Request) -> web.Response:
     """A provider's usage CSV (the body, text/csv, at most the admin listener's max body
-    size: 413 beyond) against tokenhub's events, as `tokenhub billing reconcile --format json`
-    reports it: matched, missing (in the file, not in tokenhub), extra (in tokenhub's scope,
-    not in the file), differing (both counts), malformed rows, totals. Changes nothing."""
+    size: 413 beyond) against tokenhub's events in a window (period, or since and until: at
+    most 366 days), as `tokenhub billing reconcile --format json` reports it: matched,
+    missing (in the file, not in tokenhub), extra (in tokenhub's scope, not in the file),
+    differing (both counts), malformed rows, totals. Changes nothing."""
     if request.content_type not in ("text/csv", "text/plain"):
         raise ApiError.bad_request("send the provider's CSV with Content-Type: text/csv")
     _, since, until = _window(request)
+    if since is None or until is None:
+        # Every event in the window without a row in the file is listed (extra): an unbounded
+        # scope would list the whole event log.
+        raise ApiError.bad_request("give period, or since and until: the events in scope")
+    if until - since > MAX_RANGE_DAYS * DAY_MS:
+        raise ApiError.bad_request(f"the window is at most {MAX_RANGE_DAYS} days", param="since")
     provider = request.query.get("provider")
     raw = await request.read()  # bounded by client_max_size: 413 beyond
     # As the CLI opens the file: a BOM is dropped, invalid UTF-8 becomes U+FFFD (that row is
