@@ -7,6 +7,7 @@ from __future__ import annotations
 import ast
 import hashlib
 import html as htmllib
+import io
 import re
 import sqlite3
 from pathlib import Path
@@ -271,7 +272,7 @@ def upload(client: Any, body: bytes, **fields: str) -> Any:
     data.add_field("csrf", client.csrf)
     for k, v in fields.items():
         data.add_field(k, v)
-    data.add_field("file", body, filename="provider.csv", content_type="text/csv")
+    data.add_field("file", io.BytesIO(body), filename="provider.csv", content_type="text/csv")
     return client.post("/console/billing/reconcile", data=data, allow_redirects=False)
 
 
@@ -302,6 +303,9 @@ async def test_reconcile_upload(console_client: Any, post_form: Any, world: Worl
     page = await follow(cashier, resp)
     [(kind, text)] = flashes(page)
     assert kind == "error" and "512 KiB" in text
+    # Past the admin listener's body limit (1 MiB) the request is refused before any handler.
+    resp = await upload(cashier, b"x" * (1024 * 1024 + 1))
+    assert resp.status == 413
     resp = await upload(cashier, b"id,count\n1,2\n", _back="/console/billing/reconcile")
     assert [k for k, _ in flashes(await follow(cashier, resp))] == ["error"]
     read = await console_client("read")
