@@ -20,6 +20,7 @@ never again.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import secrets
@@ -562,7 +563,7 @@ async def tenant_user_create(request: web.Request, session: Session) -> web.Stre
     database = await db(request)
     tname = await database.read(tenant_name)
     cstore.check_user(name, "tenant", tname, lang)
-    pw_hash = hash_password(password)
+    pw_hash = await asyncio.to_thread(hash_password, password)  # ~40 ms: off the loop
 
     async def run(tx: Tx) -> None:
         user = await cstore.create_user_in(tx, name, pw_hash, "tenant", tname, lang)
