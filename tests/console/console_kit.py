@@ -66,8 +66,9 @@ def event(rid: str, ts: int, tenant: str, key: str, model: str, **kw: Any) -> Us
 
 
 async def seed(path: str) -> World:
-    """Seeds a fresh SQLite database at `path` through the real service functions."""
-    db = await open_database(f"sqlite:///{path}")
+    """Seeds a fresh database through the real service functions: a SQLite file at `path`,
+    or the PostgreSQL database of a postgresql:// URL."""
+    db = await open_database(path if "://" in path else f"sqlite:///{path}")
     w = World(db=path)
     w.day0 = dt.datetime.now(dt.UTC).date() - dt.timedelta(days=3)
     try:

@@ -593,3 +593,67 @@ async def test_an_operator_in_chinese(console_client: Any, world: World) -> None
     assert "每日请求数（14 天）" in html and "主要租户（7 天）" in html
     html = await (await admin.get(f"/console/tenants/{world.tenant_ids['acme']}")).text()
     assert "钱包充值" in html and "合约" in html
+
+
+# -- the same on PostgreSQL --------------------------------------------------------------------
+
+
+@pytest.mark.postgres
+async def test_console_on_postgresql(pg_database: str) -> None:
+    """Sign-in, the overview and tenant pages, a key with its secret once, a top-up once, a
+    disabled user's session ending: the console's SQL on PostgreSQL."""
+    from aiohttp.test_utils import TestClient, TestServer
+    from console_kit import seed
+
+    from tokenhub.admin.app import build_admin_app
+
+    world = await seed(pg_database)
+    server = TestServer(build_admin_app(pg_database))
+    await server.start_server()
+    clients: list[TestClient[Any, Any]] = []
+    try:
+
+        async def client(name: str) -> TestClient[Any, Any]:
+            c: TestClient[Any, Any] = TestClient(server)
+            await c.start_server()
+            clients.append(c)
+            await sign_in(c, name)
+            return c
+
+        admin = await client("root")
+        html = await (await admin.get("/console/")).text()
+        assert re.search(r'id="stat-week">.*?data-value="4"', html, re.S)
+        assert 'data-alert="none"' in html
+        acme = f"/console/tenants/{world.tenant_ids['acme']}"
+        html = await (await admin.get(acme)).text()
+        assert 'data-wallet="84000000000"' in html and 'data-remaining="850"' in html
+        idem = re.search(r'id="topup-form".*?name="idem" value="([^"]+)"', html, re.S)
+        assert idem
+        form = {"csrf": admin.csrf, "amount": "1.50", "currency": "CNY", "idem": idem.group(1)}
+        for _ in range(2):
+            resp = await admin.post(f"{acme}/topup", data=form, allow_redirects=False)
+            assert resp.status == 303
+        html = await (await admin.get(acme)).text()
+        assert 'data-wallet="85500000000"' in html
+        resp = await admin.post(
+            "/console/keys", data={"csrf": admin.csrf, "tenant": "bravo"}, allow_redirects=False
+        )
+        page1 = await (await admin.get(resp.headers["Location"])).text()
+        page2 = await (await admin.get(resp.headers["Location"])).text()
+        assert 'id="secret"' in page1 and 'id="secret"' not in page2
+        html = await (await admin.get("/console/tenants")).text()
+        assert re.findall(r'class="tenant-row" data-tenant="([^"]+)"', html) == ["acme", "bravo"]
+        viewer = await client("viewer")
+        import asyncpg
+
+        con = await asyncpg.connect(pg_database)
+        try:
+            await con.execute("UPDATE console_users SET disabled_ms = 1 WHERE name = 'viewer'")
+        finally:
+            await con.close()
+        resp = await viewer.get("/console/", allow_redirects=False)
+        assert resp.status == 303
+    finally:
+        for c in clients:
+            await c._session.close()
+        await server.close()
