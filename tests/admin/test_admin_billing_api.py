@@ -394,6 +394,8 @@ async def test_profile_split_settlement_overruns(admin: Admin) -> None:
         {"draw_order": ["wallet", "wallet"]},
         {"currency": "XX"},
         {"discount_pct": "120"},
+        {"discount_pct": "NaN"},
+        {"discount_pct": "abc"},
         {"credit_limit": "1.001"},
     ):
         status, resp = await _call(admin, "PATCH", prof_url, "billing", json=body)
@@ -412,10 +414,16 @@ async def test_profile_split_settlement_overruns(admin: Admin) -> None:
     split_url = f"{V1}/providers/mock-a/split"
     status, _ = await _call(admin, "PUT", split_url, "billing", json={"platform_pct": "20"})
     assert status == 403
-    status, _ = await _call(
-        admin, "PUT", split_url, json={"platform_pct": "90", "channel_pct": "20"}
-    )
-    assert status == 400
+    for bad in (
+        {"platform_pct": "90", "channel_pct": "20"},
+        {"platform_pct": "NaN"},
+        {"platform_pct": "Infinity"},
+        {"platform_pct": "twenty"},
+        {"platform_pct": "-1"},
+    ):
+        status, _ = await _call(admin, "PUT", split_url, json=bad)
+        assert status == 400, bad
+    assert [e for e in await _audit_actions(admin) if e == "split.set"] == []
     s = await _ok(admin, "PUT", split_url, json={"platform_pct": "20", "channel_pct": "5",
                                                  "effective_ms": 0})  # fmt: skip
     assert (s["platform_pct"], s["channel_pct"], s["provider_pct"]) == ("20", "5", "75")
