@@ -16,11 +16,13 @@ from console_kit import DAY_MS, World, day_ms
 
 from tokenhub.billing import io as bio
 from tokenhub.billing.rollups import usage_summary
+from tokenhub.billing.service import Billing
 from tokenhub.cli.admin import write_csv, write_jsonl
 from tokenhub.console import usage_pages
 from tokenhub.console.core import load_catalogs
 from tokenhub.db.database import open_database
 from tokenhub.store import open_store
+from tokenhub.usage import UsageEvent
 
 _ROW = re.compile(r'<tr class="usage-row" ([^>]*)>')
 _ATTR = re.compile(r'data-([a-z-]+)="([^"]*)"')
@@ -263,3 +265,35 @@ async def test_explorer_in_chinese(console_client: Any, world: World) -> None:
     assert resp.status == 200
     page = await resp.text()
     assert "用量分析" in page and "导出 CSV" in page and "合计" in page
+
+
+async def test_drill_down_to_the_empty_group(console_client: Any, world: World) -> None:
+    """A request that reached no deployment groups under "": its drill-down asks for exactly
+    that (none=deployment), not for every deployment."""
+    ts = day_ms(world.day0) + 2 * DAY_MS + 60_000
+    refused = UsageEvent(
+        request_id="req_x1", ts_ms=ts, tenant="acme", key_id=world.key_ids["acme"],
+        endpoint="chat.completions", model="gpt-4o-mini", status=429, error="rate_limited",
+    )  # fmt: skip
+    store = open_store(world.db)
+    try:
+        store.insert_events([refused])
+    finally:
+        store.close()
+    db = await open_database(world.db)
+    try:
+        assert not (await Billing(db).settle([refused])).failed
+    finally:
+        await db.close()
+    since, until = day_ms(world.day0), day_ms(world.day0) + 3 * DAY_MS
+    read = await console_client("read")
+    page = await (
+        await read.get(f"/console/usage?since={since}&until={until}&group=deployment")
+    ).text()
+    rows = usage_rows(page)
+    links = dict(zip([(r["bucket"], r["group"]) for r in rows], drill_links(page), strict=True))
+    link = links[(str(day_ms(world.day0) + 2 * DAY_MS), "")]
+    assert "none=deployment" in link
+    events = await (await read.get(link)).text()
+    assert event_ids(events) == ["req_x1"]
+    assert "(none)" in events

@@ -103,9 +103,14 @@ def window(request: web.Request, now: int | None = None) -> tuple[int, int, str]
 
 
 def filters(request: web.Request) -> reports.Filters:
+    """The request's filters; `none=deployment,...` asks for the empty value (a request that
+    reached no deployment), which a form field cannot tell from "any"."""
     q = request.query
+    empty = set(q.get("none", "").split(","))
 
     def opt(name: str) -> str | None:
+        if name in empty:
+            return ""
         v = q.get(name, "").strip()
         return v or None
 
@@ -134,7 +139,26 @@ def _filter_params(f: reports.Filters) -> dict[str, str]:
         "status": f.status,
         "stream": None if f.stream is None else ("true" if f.stream else "false"),
     }
-    return {k: v for k, v in out.items() if v is not None}
+    params = {k: v for k, v in out.items() if v}
+    if none := [k for k, v in out.items() if v == ""]:
+        params["none"] = ",".join(none)
+    return params
+
+
+_FIELDS = {"tenant": "tenant", "key": "key_id", "model": "model", "deployment": "deployment"}
+_LABELS = {"tenant": "Tenant", "key": "Key", "model": "Model", "deployment": "Deployment",
+           "status": "Status", "stream": "Stream"}  # fmt: skip
+
+
+def _shown(request: web.Request, f: reports.Filters) -> list[tuple[str, str]]:
+    """(label, value) of each filter set, translated; the empty value as "(none)"."""
+    params = _filter_params(f)
+    out = [(gettext(request, _LABELS[k]), v) for k, v in params.items() if k != "none"]
+    none = params.get("none", "")
+    out += [
+        (gettext(request, _LABELS[k]), gettext(request, "(none)")) for k in none.split(",") if k
+    ]
+    return out
 
 
 def _query(params: Mapping[str, Any]) -> str:
@@ -213,9 +237,11 @@ async def explorer(request: web.Request, session: Session | None) -> web.StreamR
         total.output_tokens += r.output_tokens
         for c, v in r.cost.items():
             total.cost[c] = total.cost.get(c, 0) + v
-        drill = dict(base)
-        drill |= {"since": str(r.bucket_ms), "until": str(reports.bucket_end(r.bucket_ms, period))}
-        drill[{"key": "key"}.get(dim, dim)] = r.group
+        drill = {
+            "since": str(r.bucket_ms),
+            "until": str(reports.bucket_end(r.bucket_ms, period)),
+            **_filter_params(msgspec.structs.replace(f, **{_FIELDS[dim]: r.group})),
+        }
         table.append(
             {
                 "row": r,
@@ -333,6 +359,7 @@ async def events(request: web.Request, session: Session | None) -> web.StreamRes
         since_iso=_iso(since) if since is not None else "",
         until_iso=_iso(until) if until is not None else "",
         f=_filter_params(f),
+        shown=_shown(request, f),
         back_url="/console/usage?"
         + _query({"since": str(since or ""), "until": str(until or ""), **_filter_params(f)}),
     )
