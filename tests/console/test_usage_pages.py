@@ -297,3 +297,32 @@ async def test_drill_down_to_the_empty_group(console_client: Any, world: World) 
     events = await (await read.get(link)).text()
     assert event_ids(events) == ["req_x1"]
     assert "(none)" in events
+
+
+async def test_partial_days_drill_to_their_part(console_client: Any, world: World) -> None:
+    """A custom range from mid-day: the range is rounded out to whole hours (the rollups'
+    grain) and the first day's drill-down covers only the hours the summary counted."""
+    d0 = day_ms(world.day0)
+    late = UsageEvent(
+        request_id="req_late", ts_ms=d0 + 5 * 3_600_000, tenant="acme",
+        key_id=world.key_ids["acme"], endpoint="chat.completions", model="gpt-4o-mini",
+        deployment="mock-a/gpt-4o-mini", input_tokens=10, output_tokens=1,
+    )  # fmt: skip
+    store = open_store(world.db)
+    try:
+        store.insert_events([late])
+    finally:
+        store.close()
+    db = await open_database(world.db)
+    try:
+        assert not (await Billing(db).settle([late])).failed
+    finally:
+        await db.close()
+    read = await console_client("read")
+    since = d0 + 2 * 3_600_000 + 123  # 02:00:00.123: from 02:00
+    page = await (await read.get(f"/console/usage?since={since}&until={d0 + DAY_MS}")).text()
+    assert re.search(rf'id="usage-window" data-since="{d0 + 2 * 3_600_000}"', page)
+    [row] = usage_rows(page)
+    assert (row["bucket"], row["requests"], row["in"]) == (str(d0), "1", "10")
+    [link] = drill_links(page)
+    assert event_ids(await (await read.get(link)).text()) == ["req_late"]

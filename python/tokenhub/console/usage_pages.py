@@ -93,8 +93,9 @@ def window(request: web.Request, now: int | None = None) -> tuple[int, int, str]
     if preset != "custom":
         days = {"today": 1, "7d": 7, "30d": 30}[preset]
         return today - (days - 1) * DAY_MS, _ceil_hour(now + 1), preset
-    lo = since if since is not None else today - 6 * DAY_MS
-    hi = until if until is not None else _ceil_hour(now + 1)
+    # Whole hours, the rollups' grain: the summary and its drill-downs then cover the same events.
+    lo = since - since % HOUR_MS if since is not None else today - 6 * DAY_MS
+    hi = _ceil_hour(until) if until is not None else _ceil_hour(now + 1)
     if hi <= lo:
         raise ConsoleError(gettext(request, "until must be later than since"))
     if hi - lo > MAX_RANGE_MS:
@@ -238,8 +239,9 @@ async def explorer(request: web.Request, session: Session | None) -> web.StreamR
         for c, v in r.cost.items():
             total.cost[c] = total.cost.get(c, 0) + v
         drill = {
-            "since": str(r.bucket_ms),
-            "until": str(reports.bucket_end(r.bucket_ms, period)),
+            # A day at either end of the range is partial: the drill-down covers its part.
+            "since": str(max(r.bucket_ms, since)),
+            "until": str(min(reports.bucket_end(r.bucket_ms, period), until)),
             **_filter_params(msgspec.structs.replace(f, **{_FIELDS[dim]: r.group})),
         }
         table.append(
