@@ -356,7 +356,7 @@ async def test_a_restarted_settler_delivers_what_was_queued(
 
     async def settler_runs_until(done: Any, timeout_s: float) -> None:
         proc = await asyncio.create_subprocess_exec(
-            *argv, env=env, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE
+            *argv, env=env, stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
         try:
             deadline = time.monotonic() + timeout_s
