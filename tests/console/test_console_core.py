@@ -657,3 +657,15 @@ async def test_console_on_postgresql(pg_database: str) -> None:
         for c in clients:
             await c._session.close()
         await server.close()
+
+
+def test_chart_axis_labels_stay_short() -> None:
+    from tokenhub.console.charts import compact
+
+    assert [compact(v) for v in (950, 1500, 2_000_000, 1_234_567_890)] == [
+        "950", "1.5k", "2M", "1.2G",
+    ]  # fmt: skip
+    svg = str(bar_chart([f"d{i}" for i in range(30)], {"tokens": [2_000_000] * 30}))
+    assert ">2M<" in svg and "<title>d0: 2,000,000</title>" in svg
+    labels = re.findall(r'text-anchor="middle">([^<]+)<', svg)
+    assert labels[-1] == "d29" and len(labels) <= 8

@@ -25,6 +25,15 @@ def _fmt_default(v: int) -> str:
     return f"{v:,}"
 
 
+def compact(v: int) -> str:
+    """An axis label: 950, 1.5k, 20k, 2M, 1.2G (tooltips and tables keep every digit)."""
+    for div, suffix in ((10**9, "G"), (10**6, "M"), (10**3, "k")):
+        if abs(v) >= div:
+            text = f"{v / div:.1f}".removesuffix(".0")
+            return f"{text}{suffix}"
+    return str(v)
+
+
 def _nice_max(v: int) -> int:
     """The smallest 1/2/5 x 10^k at or above v (at least 1): the axis' top."""
     if v <= 0:
@@ -48,6 +57,8 @@ def _legend(names: Sequence[str]) -> str:
 
 
 def _axis(top: int, unit: str, fmt: Callable[[int], str]) -> str:
+    if fmt is _fmt_default:
+        fmt = compact
     out = []
     for frac in (0, 0.5, 1):
         y = PAD_T + (H - PAD_T - PAD_B) * (1 - frac)
@@ -63,11 +74,12 @@ def _axis(top: int, unit: str, fmt: Callable[[int], str]) -> str:
 def _xlabels(labels: Sequence[str], x_of: Callable[[int], float]) -> str:
     n = len(labels)
     every = max(1, (n + 7) // 8)  # at most ~8 labels under the axis
+    # Counted back from the last label (today, on a time axis), evenly spaced.
+    shown = sorted(range(n - 1, -1, -every))
     return "".join(
         f'<text class="axis" x="{x_of(i):.1f}" y="{H - 8}" text-anchor="middle">'
-        f"{escape(lab)}</text>"
-        for i, lab in enumerate(labels)
-        if i % every == 0 or i == n - 1
+        f"{escape(labels[i])}</text>"
+        for i in shown
     )
 
 
