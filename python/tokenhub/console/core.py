@@ -631,10 +631,12 @@ async def console_middleware(
         return error_page(request, session, e.status, gettext(request, e.reason))
     except DatabaseError as e:
         log.error("console: database error: %s", e)
-        return error_page(request, request.get(SESSION), 503, "The database is unavailable.")
+        message = gettext(request, "The database is unavailable.")
+        return error_page(request, request.get(SESSION), 503, message)
     except Exception:
         log.exception("console: internal error on %s %s", request.method, request.path)
-        return error_page(request, request.get(SESSION), 500, "Internal error.")
+        message = gettext(request, "Internal error: the log has the details.")
+        return error_page(request, request.get(SESSION), 500, message)
 
 
 def new_secret() -> str:

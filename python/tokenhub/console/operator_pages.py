@@ -59,6 +59,7 @@ from tokenhub.store.base import KEY_LIMIT_FIELDS, LIMIT_FIELDS, ApiKey, Limits, 
 PAGE = 50
 LAG_ALERT_MS = 5 * 60 * 1000  # an unsettled event older than this is an alert
 TOP_N = 5
+TENANT_CHOICES = 500  # tenant names offered in the keys page's pickers (any name may be typed)
 ALREADY = "This form was submitted already: nothing more was added."
 
 
@@ -331,7 +332,6 @@ async def tenant_detail(request: web.Request, session: Session) -> web.StreamRes
         bals = await cstore.account_balances_in(tx, [t.name])
         lots = (await terms.active_lots(tx, [t.name])).get(t.name, [])
         keys = await sql.keys_page_in(tx, t.name, None, PAGE + 1)
-        key_limits = {r.name: r.limits for r in await sql.all_limits_in(tx) if r.scope == "key"}
         rows = await usage_summary(
             tx, since=days[0], until=until, group_by=("day", "model"), tenant=t.name
         )
@@ -342,7 +342,6 @@ async def tenant_detail(request: web.Request, session: Session) -> web.StreamRes
             "lots": [_lot_view(lot, bals) for lot in lots],
             "keys": keys[:PAGE],
             "more_keys": len(keys) > PAGE,
-            "key_limits": key_limits,
             "limits": await sql.limits_in(tx, "tenant", t.name),
             "users": await cstore.users_in(tx, t.name),
             "usage": rows,
@@ -589,13 +588,8 @@ async def keys_list(request: web.Request, session: Session) -> web.StreamRespons
 
     async def run(tx: Tx) -> tuple[list[ApiKey], dict[str, Limits], list[Tenant]]:
         rows = await sql.keys_page_in(tx, tenant, after, PAGE + 1)
-        ids = {k.id for k in rows}
-        limits = {
-            r.name: r.limits
-            for r in await sql.all_limits_in(tx)
-            if r.scope == "key" and r.name in ids
-        }
-        tenants = await sql.tenants_page_in(tx, None, 200)
+        limits = await cstore.key_limits_in(tx, [k.id for k in rows[:PAGE]])
+        tenants = await sql.tenants_page_in(tx, None, TENANT_CHOICES)
         return rows, limits, tenants
 
     rows, limits, tenants = await (await db(request)).read(run)

@@ -15,7 +15,15 @@ from typing import Any
 import msgspec
 
 from tokenhub.db.database import Tx
-from tokenhub.store.base import TENANT_NAME, AlreadyExists, NotFound, StoreError, _quote
+from tokenhub.store.base import (
+    KEY_LIMIT_FIELDS,
+    TENANT_NAME,
+    AlreadyExists,
+    Limits,
+    NotFound,
+    StoreError,
+    _quote,
+)
 
 OPERATOR_ROLES = ("read", "billing", "admin")  # rank order
 ROLES = (*OPERATOR_ROLES, "tenant")
@@ -232,3 +240,16 @@ async def oldest_unsettled_ms_in(tx: Tx) -> int | None:
         "SELECT ts_ms FROM usage_events WHERE settled_ms IS NULL ORDER BY ts_ms, request_id LIMIT 1"
     )
     return None if row is None else int(row[0])
+
+
+async def key_limits_in(tx: Tx, key_ids: Sequence[str]) -> dict[str, Limits]:
+    """{key id: limits} of the given keys that have any (one read by primary key)."""
+    if not key_ids:
+        return {}
+    marks = ", ".join(f"${i}" for i in range(1, len(key_ids) + 1))
+    rows = await tx.fetch(
+        f"SELECT name, {', '.join(KEY_LIMIT_FIELDS)} FROM limits "
+        f"WHERE scope = 'key' AND name IN ({marks})",
+        *key_ids,
+    )
+    return {r[0]: Limits(**dict(zip(KEY_LIMIT_FIELDS, r[1:], strict=True))) for r in rows}
