@@ -326,3 +326,119 @@ async def test_partial_days_drill_to_their_part(console_client: Any, world: Worl
     assert (row["bucket"], row["requests"], row["in"]) == (str(d0), "1", "10")
     [link] = drill_links(page)
     assert event_ids(await (await read.get(link)).text()) == ["req_late"]
+
+
+# -- the same pages on PostgreSQL ----------------------------------------------------------------
+
+
+@pytest.mark.postgres
+async def test_operator_pages_on_postgresql(pg_database: str) -> None:
+    """The usage, billing and ops pages' SQL on PostgreSQL: every page answers, the explorer's
+    rows and a drill-down, the CSV export against the CLI's, a payment once, a code batch, a
+    statement closed, a reconciliation."""
+    import aiohttp
+    from aiohttp.test_utils import TestClient, TestServer
+    from console_kit import seed, sign_in
+
+    from tokenhub.admin.app import build_admin_app
+
+    world = await seed(pg_database)
+    server = TestServer(build_admin_app(pg_database))
+    await server.start_server()
+    clients: list[TestClient[Any, Any]] = []
+    try:
+        root: TestClient[Any, Any] = TestClient(server)
+        await root.start_server()
+        clients.append(root)
+        csrf = await sign_in(root, "root")
+        since, until = window(world)
+        for path in (
+            "/console/usage", "/console/usage/events", "/console/routing", "/console/audit",
+            "/console/audit?log=guard", "/console/billing/prices", "/console/billing/fx",
+            "/console/billing/plans", "/console/billing/codes", "/console/billing/invoices",
+            "/console/billing/settlements?provider=mock-a", "/console/billing/reconcile",
+            "/console/billing/check", "/console/billing/overruns",
+            "/console/billing/statements?tenant=acme",
+        ):  # fmt: skip
+            assert (await root.get(path)).status == 200, path
+        page = await (await root.get(f"/console/usage?since={since}&until={until}&group=tenant"))\
+            .text()  # fmt: skip
+        rows = usage_rows(page)
+        assert [(r["group"], r["requests"], r["cost"]) for r in rows] == [
+            ("acme", "1", "CNY:6000000000"), ("bravo", "1", "USD:5700"),
+            ("acme", "2", "CNY:1500000000"),
+        ]  # fmt: skip
+        drill = await (await root.get(drill_links(page)[2])).text()
+        assert event_ids(drill) == ["req_a2", "req_a3"]
+        page = await (await root.get(f"/console/usage?since={since}&until={until}&status=error"))\
+            .text()  # fmt: skip
+        assert [r["requests"] for r in usage_rows(page)] == ["1"]
+        store = open_store(pg_database)
+        try:
+            want = io.StringIO()
+            write_csv(store.iter_events(since, until), want)
+        finally:
+            store.close()
+        got = await (await root.get(f"/console/usage/export.csv?since={since}&until={until}"))\
+            .read()  # fmt: skip
+        assert got.decode() == want.getvalue()
+        listed = await (await root.get(f"/console/usage/events?since={since}&until={until}"
+                                    "&stream=false&status=ok")).text()  # fmt: skip
+        assert event_ids(listed) == ["req_a1", "req_b1", "req_a2"]
+
+        async def post(path: str, data: dict[str, str]) -> str:
+            resp = await root.post(path, data={**data, "csrf": csrf}, allow_redirects=False)
+            assert resp.status == 303, (path, resp.status)
+            return str(await (await root.get(resp.headers["Location"])).text())
+
+        page = await post(
+            "/console/billing/codes", {"count": "2", "amount": "1", "currency": "CNY"}
+        )
+        assert len(re.findall(r'class="secret new-code"', page)) == 2
+        await post("/console/billing/fx", {"base": "USD", "quote": "EUR", "rate": "0.9"})
+        await post("/console/billing/prices", {"model": "m", "currency": "USD", "input": "1",
+                                               "output": "2"})  # fmt: skip
+        await post("/console/billing/plans", {"name": "p", "price": "1", "currency": "USD",
+                                              "quantity": "1000"})  # fmt: skip
+        # acme's usage on credit, invoiced, paid once by a form sent twice.
+        db = await open_database(pg_database)
+        try:
+            b = Billing(db)
+            await b.set_profile("acme", draw_order=["postpaid"])
+            ev = UsageEvent(request_id="req_p1", ts_ms=until - 1000, tenant="acme",
+                            key_id=world.key_ids["acme"], endpoint="chat.completions",
+                            model="gpt-4o-mini", input_tokens=1_000_000)  # fmt: skip
+            store = open_store(pg_database)
+            try:
+                store.insert_events([ev])
+            finally:
+                store.close()
+            assert not (await b.settle([ev])).failed
+        finally:
+            await db.close()
+        from tokenhub.billing.ledger import period_of
+
+        period = period_of(until - 1000)
+        page = await post("/console/billing/invoices", {"tenant": "acme", "period": period})
+        assert f'data-tenant="acme" data-period="{period}" data-due="2000000000"' in page
+        token = re.search(r'name="token" value="([^"]+)"', page).group(1)  # type: ignore[union-attr]
+        pay = {"tenant": "acme", "amount": "0.5", "currency": "CNY", "token": token}
+        await post("/console/billing/payments", pay)
+        page = await post("/console/billing/payments", pay)
+        assert 'data-tenant="acme" data-currency="CNY" data-owed="1500000000"' in page
+        page = await post("/console/billing/statements/close",
+                          {"tenant": "bravo", "period": period_of(since)})  # fmt: skip
+        assert 'data-closed="true"' in page
+        form = aiohttp.FormData()
+        form.add_field("csrf", csrf)
+        form.add_field("file", io.BytesIO(b"request_id,input_tokens,output_tokens\n"
+                                          b"req_a1,1000000,500000\n"),
+                       filename="p.csv", content_type="text/csv")  # fmt: skip
+        page = await (await root.post("/console/billing/reconcile", data=form)).text()
+        assert 'data-rows="1" data-matched="1"' in page
+        page = await (await root.get("/console/audit?action=payment.")).text()
+        assert page.count('class="audit-row"') == 1
+    finally:
+        for c in clients:
+            await c._session.close()
+        await server.close()
