@@ -344,3 +344,16 @@ async def test_revoke_and_key_limits(console_client: Any, post_form: Any, world:
     actions = [a for (a,) in q(world, "SELECT action FROM admin_audit ORDER BY ts_ms, id")]
     assert actions == ["key.limits", "key.revoke"]
     assert (await admin.get("/console/keys/key_000000000000")).status == 404
+
+
+async def test_overview_alerts_on_failing_settlements(console_client: Any, world: World) -> None:
+    con = sqlite3.connect(world.db)
+    con.execute(
+        "INSERT INTO settlement_failures (event_id, reason, attempts, last_ms, quarantined) "
+        "VALUES ('req_x', 'no price', 3, 0, 1)"
+    )
+    con.commit()
+    con.close()
+    html = await page(await console_client("read"), "/console/")
+    assert 'data-alert="settlement-failures"' in html
+    assert "1 usage events fail to settle (1 quarantined" in html

@@ -1,6 +1,11 @@
 """Operator pages: the overview (/console/), tenants (/console/tenants...) and keys
 (/console/keys...).
 
+The overview's alerts: settler lag (the oldest unsettled event, the pending index's first row),
+overruns (overrun accounts' postings, through their index), and the ledger check's cheap share
+(constrained accounts past their ceiling, events failing to settle or quarantined: small
+tables); the full ledger check, which reads every posting, is the billing check page's, linked.
+
 Reads come from the rollups (tokenhub.billing.rollups.usage_summary), the accounts' kept
 balances and keyset-paged indexed reads; never a scan of usage_events. Writes go through the
 service functions the CLI and the admin API use (tokenhub.store.sql *_in,
@@ -157,9 +162,10 @@ async def overview(request: web.Request, session: Session) -> web.StreamResponse
         by_model = await usage_summary(tx, since=week, until=until, group_by=("day", "model"))
         oldest = await cstore.oldest_unsettled_ms_in(tx)
         overruns = await cstore.overruns_in(tx)
-        return by_tenant, by_model, oldest, overruns
+        books = await cstore.books_at_a_glance_in(tx)
+        return by_tenant, by_model, oldest, overruns, books
 
-    by_tenant, by_model, oldest, overruns = await (await db(request)).read(run)
+    by_tenant, by_model, oldest, overruns, books = await (await db(request)).read(run)
     daily = _by_day(by_tenant, days)
     today_t, week_t = Totals(), Totals()
     for d, t in daily.items():
@@ -200,6 +206,32 @@ async def overview(request: web.Request, session: Session) -> web.StreamResponse
                 "href": "/console/billing/overruns"
                 if "/console/billing/overruns" in paths
                 else None,
+            }
+        )
+    over_ceiling, failing, quarantined = books
+    check = "/console/billing/check" if "/console/billing/check" in paths else None
+    for account, balance, ceiling in over_ceiling:
+        alerts.append(
+            {
+                "kind": "ledger",
+                "level": "bad",
+                "text": gettext(
+                    request, "Ledger: account {account} is past its limit ({balance} > {ceiling})."
+                ).format(account=account, balance=balance, ceiling=ceiling),
+                "href": check,
+            }
+        )
+    if failing:
+        alerts.append(
+            {
+                "kind": "settlement-failures",
+                "level": "bad",
+                "text": gettext(
+                    request,
+                    "{failing} usage events fail to settle ({quarantined} quarantined: "
+                    "tokenhub billing quarantine release|void).",
+                ).format(failing=failing, quarantined=quarantined),
+                "href": check,
             }
         )
     links = [

@@ -253,3 +253,19 @@ async def key_limits_in(tx: Tx, key_ids: Sequence[str]) -> dict[str, Limits]:
         *key_ids,
     )
     return {r[0]: Limits(**dict(zip(KEY_LIMIT_FIELDS, r[1:], strict=True))) for r in rows}
+
+
+async def books_at_a_glance_in(tx: Tx) -> tuple[list[tuple[str, int, int]], int, int]:
+    """The overview's cheap share of the ledger check: (constrained accounts over their
+    ceiling as (id, balance, ceiling), events failing to settle, of them quarantined). Small
+    tables only; the full check (every posting) is the ledger check page's."""
+    over = await tx.fetch(
+        "SELECT id, balance, ceiling FROM accounts "
+        "WHERE ceiling IS NOT NULL AND balance > ceiling ORDER BY id"
+    )
+    row = await tx.fetchrow(
+        "SELECT COUNT(*), COALESCE(SUM(CASE WHEN quarantined THEN 1 ELSE 0 END), 0) "
+        "FROM settlement_failures"
+    )
+    failing, quarantined = (int(row[0]), int(row[1])) if row is not None else (0, 0)
+    return [(r[0], int(r[1]), int(r[2])) for r in over], failing, quarantined
