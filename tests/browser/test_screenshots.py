@@ -1,0 +1,101 @@
+"""Screenshots of the console's main pages for the README (docs/screenshots/*.png, 1280x800),
+taken from a real `serve --demo` after real traffic through the gateway. Written only when
+TOKENHUB_SCREENSHOTS=1, so that test runs (CI) never rewrite tracked files:
+
+    TOKENHUB_SCREENSHOTS=1 .venv/bin/pytest -q tests/browser/test_screenshots.py
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+from browser_kit import SECRET, Demo, chat, sign_in, submit, unsettled, wait_until
+
+OUT = Path(__file__).resolve().parents[2] / "docs" / "screenshots"
+PROMPTS = [
+    ("gpt-4o-mini", "Hello! What's the weather like on Mars?"),
+    ("qwen-plus", "用一句话介绍一下杭州。"),
+    ("deepseek-chat", "Write a Python function that merges two sorted lists."),
+    ("auto", "Prove that the square root of 2 is irrational."),
+    ("auto", "Thanks!"),
+]
+
+pytestmark = pytest.mark.skipif(
+    os.environ.get("TOKENHUB_SCREENSHOTS") != "1",
+    reason="writes docs/screenshots/: set TOKENHUB_SCREENSHOTS=1",
+)
+
+
+def shot(page: Any, name: str) -> None:
+    OUT.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(OUT / f"{name}.png"), full_page=False)
+
+
+def traffic(demo: Demo, key: str, rounds: int) -> None:
+    from openai import OpenAI
+
+    client = OpenAI(base_url=demo.api, api_key=key, max_retries=0, timeout=30)
+    try:
+        for i in range(rounds):
+            model, text = PROMPTS[i % len(PROMPTS)]
+            client.chat.completions.create(
+                model=model, messages=[{"role": "user", "content": f"{text} ({i})"}]
+            )
+    finally:
+        client.close()
+
+
+def test_screenshots(demo: Demo, new_context: Any) -> None:
+    ctx = new_context()
+    page = ctx.new_page()
+    sign_in(page, demo, *demo.operator)
+
+    # Two more tenants with keys and money, so the pages have more than one row.
+    keys = {"demo": demo.key}
+    for name in ("acme-labs", "lotus-ai"):
+        page.goto(demo.url("/console/tenants/new"))
+        submit(page, "/console/tenants/new", {"name": name, "currency": "USD"})
+        tenant_path = page.url[len(demo.base) :]
+        submit(page, f"{tenant_path}/topup", {"amount": "50.00", "currency": "USD"})
+        page.goto(demo.url("/console/keys"))
+        submit(page, "/console/keys", {"tenant": name})
+        keys[name] = SECRET.findall(page.content())[0]
+    for i, key in enumerate(keys.values()):
+        traffic(demo, key, 12 + 8 * i)
+    chat(demo, demo.key, "and one more")
+    wait_until("the traffic to settle", lambda: unsettled(demo) == 0, 30)
+
+    page.goto(demo.console)
+    shot(page, "overview")
+    page.goto(demo.url("/console/usage?range=today&period=hour&group=model"))
+    shot(page, "usage-explorer")
+    page.goto(demo.url("/console/tenants"))
+    page.locator("a", has_text="acme-labs").first.click()
+    page.wait_for_load_state()
+    shot(page, "tenant-detail")
+    page.goto(demo.url("/console/keys"))
+    submit(page, "/console/keys", {"tenant": "acme-labs"})
+    shot(page, "key-secret-once")
+    page.goto(demo.url("/console/billing/statements"))
+    shot(page, "billing-statements")
+    page.goto(demo.url("/console/billing/reconcile"))
+    shot(page, "billing-reconcile")
+    page.goto(demo.url("/console/routing"))
+    shot(page, "routing")
+    with page.expect_navigation():
+        page.locator("#lang-form button[value='zh-CN']").click()
+    page.goto(demo.url("/console/usage?range=today&period=hour&group=tenant"))
+    shot(page, "usage-explorer-zh-CN")
+    with page.expect_navigation():
+        page.locator("#lang-form button[value='en']").click()
+
+    tenant = new_context().new_page()
+    sign_in(tenant, demo, *demo.tenant)
+    shot(tenant, "tenant-balance")
+    tenant.goto(demo.url("/console/my/usage"))
+    shot(tenant, "tenant-usage")
+    tenant.goto(demo.url("/console/my/requests"))
+    shot(tenant, "tenant-requests")
