@@ -20,8 +20,16 @@ from typing import Any, TypeVar
 
 import msgspec
 
-from tokenhub.cli.admin import AdminError, _add_db, _command, _store, db_url, group_help
-from tokenhub.cli.admin import iso_time, print_table
+from tokenhub.cli.admin import (
+    AdminError,
+    _add_db,
+    _command,
+    _store,
+    db_url,
+    group_help,
+    iso_time,
+    print_table,
+)
 from tokenhub.console.passwords import check_password, hash_password
 from tokenhub.db.database import Tx, open_database
 from tokenhub.store import console as cstore
