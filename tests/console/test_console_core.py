@@ -403,26 +403,43 @@ def test_charts_are_svg_with_tooltips() -> None:
 # -- the console-users command -----------------------------------------------------------------
 
 
-def _cli(*args: str, env: dict[str, str] | None = None, stdin: str = "") -> Any:
+def _cli(*args: str, env: dict[str, str] | None = None, subprocess_: bool = False) -> Any:
+    """`tokenhub console-users ARGS`: in this process (fast), or as a real command."""
+    import contextlib
+    import io
     import os
+    from types import SimpleNamespace
+
+    from tokenhub.cli import main
 
     e = {k: v for k, v in os.environ.items() if k != "TOKENHUB_CONSOLE_PASSWORD"}
     e.update(env or {})
-    return subprocess.run(
-        [sys.executable, "-m", "tokenhub", "console-users", *args],
-        capture_output=True,
-        text=True,
-        env=e,
-        input=stdin,
-        timeout=60,
-    )
+    if subprocess_:
+        return subprocess.run(
+            [sys.executable, "-m", "tokenhub", "console-users", *args],
+            capture_output=True, text=True, env=e, stdin=subprocess.DEVNULL, timeout=60,
+        )  # fmt: skip
+    out, err = io.StringIO(), io.StringIO()
+    saved = dict(os.environ)
+    os.environ.clear()
+    os.environ.update(e)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = main(["console-users", *args])
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    return SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
 
 
 def test_console_users_cli(tmp_path: Path, world: World) -> None:
     db = world.db
     pw = tmp_path / "pw"
     pw.write_text("a fine password\n")
-    r = _cli("create", "ops2", "--role", "billing", "--password-file", str(pw), "--db", db)
+    r = _cli(
+        "create", "ops2", "--role", "billing", "--password-file", str(pw), "--db", db,
+        subprocess_=True,
+    )  # fmt: skip
     assert r.returncode == 0, r.stderr
     assert "a fine password" not in r.stdout + r.stderr
     r = _cli("create", "t2", "--role", "tenant", "--tenant", "acme", "--db", db,
@@ -437,7 +454,8 @@ def test_console_users_cli(tmp_path: Path, world: World) -> None:
         r = _cli(*bad, "--password-file", str(pw), "--db", db)
         assert r.returncode == 2 and msg in r.stderr, (bad, r.stderr)
         assert r.stderr.count("\n") == 1
-    r = _cli("create", "nopw", "--role", "read", "--db", db)  # no file, no env, no terminal
+    # No file, no variable, no terminal to ask on.
+    r = _cli("create", "nopw", "--role", "read", "--db", db, subprocess_=True)
     assert r.returncode == 2 and "--password-file" in r.stderr
     short = tmp_path / "short"
     short.write_text("short\n")
