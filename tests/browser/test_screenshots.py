@@ -1,13 +1,21 @@
 """Screenshots of the console's main pages for the README (docs/screenshots/*.png, 1280x800),
-taken from a real `serve --demo` after real traffic through the gateway. Written only when
-TOKENHUB_SCREENSHOTS=1, so that test runs (CI) never rewrite tracked files:
+taken from a real `serve --demo` after real traffic through the gateway, with 13 days of
+history before today (usage events for the same tenants and keys, stored and settled through
+billing by `tokenhub events ingest --settle`, so that the charts have days to show). Written
+only when TOKENHUB_SCREENSHOTS=1, so that test runs (CI) never rewrite tracked files:
 
     TOKENHUB_SCREENSHOTS=1 .venv/bin/pytest -q tests/browser/test_screenshots.py
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import random
+import sqlite3
+import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +56,54 @@ def traffic(demo: Demo, key: str, rounds: int) -> None:
         client.close()
 
 
-def test_screenshots(demo: Demo, new_context: Any) -> None:
+DAY_MS = 86_400_000
+# (model, deployments, share): the demo's models on its mock upstreams
+MIX = [
+    ("gpt-4o-mini", ("mock-a/gpt-4o-mini", "mock-b/gpt-4o-mini"), 5),
+    ("qwen-plus", ("mock-a/qwen-plus",), 3),
+    ("deepseek-chat", ("mock-b/deepseek-chat",), 2),
+]
+
+
+def history(demo: Demo, tmp: Path, days: int = 13) -> None:
+    """`days` days of usage before today for every tenant's keys, ingested and settled."""
+    with contextlib.closing(sqlite3.connect(f"file:{demo.db}?mode=ro", uri=True)) as conn:
+        keys = conn.execute(
+            "SELECT t.name, k.id FROM api_keys k JOIN tenants t ON t.id = k.tenant_id "
+            "WHERE k.revoked_ms IS NULL ORDER BY k.id"
+        ).fetchall()
+    rng = random.Random(14)
+    today = time.time_ns() // 1_000_000 // DAY_MS * DAY_MS
+    lines = []
+    for d in range(days, 0, -1):
+        for tenant, key in keys:
+            for _ in range(rng.randrange(10, 40) + 4 * (days - d)):
+                model, deployments, _w = rng.choices(MIX, [w for *_, w in MIX])[0]
+                deployment = rng.choice(deployments)
+                ok = rng.random() > 0.04
+                inp = rng.randrange(200, 6000)
+                data = {
+                    "model": model, "deployment": deployment,
+                    "provider": deployment.split("/")[0], "upstream_model": model,
+                    "key_id": key, "input_tokens": inp,
+                    "cached_input_tokens": inp // 3 if rng.random() < 0.3 else 0,
+                    "output_tokens": rng.randrange(50, 900) if ok else 0,
+                    "status": 200 if ok else 502, "error": "" if ok else "upstream_error",
+                    "latency_ms": round(rng.uniform(300, 4000), 1),
+                }  # fmt: skip
+                ts = today - d * DAY_MS + rng.randrange(DAY_MS)
+                lines.append({
+                    "specversion": "1.0", "type": "tokenhub.usage.v1", "source": "screenshots",
+                    "id": str(uuid.UUID(int=rng.getrandbits(128))), "subject": tenant,
+                    "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts / 1000)),
+                    "data": data,
+                })  # fmt: skip
+    path = tmp / "history.jsonl"
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines), encoding="utf-8")
+    demo.cli("events", "ingest", str(path), "--settle")
+
+
+def test_screenshots(demo: Demo, new_context: Any, tmp_path: Path) -> None:
     ctx = new_context()
     page = ctx.new_page()
     sign_in(page, demo, *demo.operator)
@@ -63,6 +118,7 @@ def test_screenshots(demo: Demo, new_context: Any) -> None:
         page.goto(demo.url("/console/keys"))
         submit(page, "/console/keys", {"tenant": name})
         keys[name] = SECRET.findall(page.content())[0]
+    history(demo, tmp_path)
     for i, key in enumerate(keys.values()):
         traffic(demo, key, 12 + 8 * i)
     chat(demo, demo.key, "and one more")
