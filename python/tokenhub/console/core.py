@@ -1,9 +1,10 @@
 """The console's framework: sessions, roles, CSRF, rendering, flash messages, errors, i18n.
 
 Every page module exports `ROUTES: list[PageRoute]`; tokenhub.console.app registers each
-through `_guarded`, which (in this order) finds the session from the cookie (one indexed read:
+through `guarded`, which (in this order) finds the session from the cookie (one indexed read:
 session row joined with its user; an expired session or a disabled user's is no session),
-sends a visitor without one to the sign-in page (`?next=` the local path), refuses a wrong role
+sends a visitor without one to the sign-in page (a GET with `?next=` its local path, to come
+back to after signing in), refuses a wrong role
 with the 403 page (operators rank read < billing < admin; tenant users reach only "tenant"
 routes, operators never), refuses a POST whose `csrf` form field (or X-CSRF-Token header) is
 not the session's token with the 403 page before the handler runs, then calls
@@ -533,8 +534,9 @@ def guarded(route: PageRoute) -> Callable[[web.Request], Awaitable[web.StreamRes
             request[LANG] = session.lang
         if route.role is not None:
             if session is None:
-                target = request.path_qs if request.method == "GET" else request.path
-                raise web.HTTPSeeOther(f"{PREFIX}/signin?next={quote(target, safe='/')}")
+                if request.method != "GET":  # a form's target is no page to come back to
+                    raise web.HTTPSeeOther(f"{PREFIX}/signin")
+                raise web.HTTPSeeOther(f"{PREFIX}/signin?next={quote(request.path_qs, safe='/')}")
             allowed = (
                 session.role == "tenant"
                 if route.role == "tenant"
