@@ -357,3 +357,17 @@ async def test_overview_alerts_on_failing_settlements(console_client: Any, world
     html = await page(await console_client("read"), "/console/")
     assert 'data-alert="settlement-failures"' in html
     assert "1 usage events fail to settle (1 quarantined" in html
+
+
+async def test_live_refresh_leaves_flashes_queued(
+    console_client: Any, post_form: Any, world: World
+) -> None:
+    admin = await console_client("admin")
+    resp = await post_form(admin, "/console/tenants/new", {"name": "theta"})
+    location = resp.headers["Location"]
+    # console.js re-reads the page for its data-refresh elements: the flash stays for the page.
+    refreshed = await admin.get(location, headers={"X-Refresh": "1"})
+    assert flashes(await refreshed.text()) == []
+    assert ("ok", "Created tenant theta.") in flashes(await page(admin, location))
+    html = await page(admin, "/console/")
+    assert 'id="stats" data-refresh="30"' in html and 'id="alerts" data-refresh="30"' in html

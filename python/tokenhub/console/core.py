@@ -402,7 +402,10 @@ def render(
     st = state(request)
     lang = request_lang(request)
     csrf = session.csrf if session is not None else (request.get(PRE_TOKEN) or "")
-    page = _Page(request, csrf, st.catalogs.get(lang, {}), _take_flashes(request, session))
+    # console.js's live refresh re-reads the page for a few elements: flashes stay queued.
+    refresh = request.headers.get("X-Refresh") == "1"
+    flashes = [] if refresh else _take_flashes(request, session)
+    page = _Page(request, csrf, st.catalogs.get(lang, {}), flashes)
     token = _RENDERING.set(page)
     try:
         html = st.env.get_template(template).render(
