@@ -371,3 +371,22 @@ async def test_live_refresh_leaves_flashes_queued(
     assert ("ok", "Created tenant theta.") in flashes(await page(admin, location))
     html = await page(admin, "/console/")
     assert 'id="stats" data-refresh="30"' in html and 'id="alerts" data-refresh="30"' in html
+
+
+async def test_tenant_page_links_and_other_wallets(
+    console_client: Any, post_form: Any, world: World
+) -> None:
+    # A wallet in a currency that is no longer the tenant's billing currency (top-ups take
+    # only the billing currency, so the ledger row is written here).
+    con = sqlite3.connect(world.db)
+    con.execute(
+        "INSERT INTO accounts (id, tenant, kind, unit, balance, ceiling, created_ms) "
+        "VALUES ('t:acme:wallet:USD', 'acme', 'wallet', 'USD', -3000000000, 0, 0)"
+    )
+    con.commit()
+    con.close()
+    html = await page(await console_client("read"), f"/console/tenants/{world.tenant_ids['acme']}")
+    assert 'data-other-wallet="USD">3.00 USD<' in html
+    assert 'data-wallet="84000000000"' in html  # the CNY wallet, the billing currency's
+    assert 'href="/console/usage?tenant=acme"' in html
+    assert 'href="/console/billing/statements?tenant=acme"' in html

@@ -5,6 +5,8 @@ The overview's alerts: settler lag (the oldest unsettled event, the pending inde
 overruns (overrun accounts' postings, through their index), and the ledger check's cheap share
 (constrained accounts past their ceiling, events failing to settle or quarantined: small
 tables); the full ledger check, which reads every posting, is the billing check page's, linked.
+Deployments in cooldown (circuit open or half-open) come from the gateway's live routing state
+(tokenhub.routing_state) when the admin app has it, and link the routing page.
 
 Reads come from the rollups (tokenhub.billing.rollups.usage_summary), the accounts' kept
 balances and keyset-paged indexed reads; never a scan of usage_events. Writes go through the
@@ -57,6 +59,7 @@ from tokenhub.console.core import (
 from tokenhub.console.passwords import check_password, hash_password
 from tokenhub.db.database import Tx
 from tokenhub.money import check_currency, decimal_str, fmt, parse_amount
+from tokenhub.routing_state import snapshot_of
 from tokenhub.store import console as cstore
 from tokenhub.store import sql
 from tokenhub.store.base import KEY_LIMIT_FIELDS, LIMIT_FIELDS, ApiKey, Limits, Tenant
@@ -234,6 +237,7 @@ async def overview(request: web.Request, session: Session) -> web.StreamResponse
                 "href": check,
             }
         )
+    alerts += _cooldown_alerts(request, "/console/routing" if "/console/routing" in paths else None)
     links = [
         (href, gettext(request, label))
         for href, label in (
@@ -257,6 +261,33 @@ async def overview(request: web.Request, session: Session) -> web.StreamResponse
         lag_ms=lag,
         links=links,
     )
+
+
+def _cooldown_alerts(request: web.Request, href: str | None) -> list[dict[str, Any]]:
+    """One alert per deployment out of rotation in the live routing state (none without it)."""
+    snap = snapshot_of(request.app)
+    out: list[dict[str, Any]] = []
+    if snap is None:
+        return out
+    for d in snap.in_cooldown():
+        if d.circuit == "open" and d.cooldown_until_ms is not None:
+            left = max(0, -(-(d.cooldown_until_ms - snap.taken_ms) // 1000))  # rounded up
+            text = gettext(
+                request,
+                "Deployment {deployment} of {model} is in cooldown: its circuit opened after "
+                "{failures} consecutive failures; a probe may go in {s} s.",
+            ).format(
+                deployment=d.deployment, model=d.model, failures=d.consecutive_failures, s=left
+            )
+        else:
+            text = gettext(
+                request,
+                "Deployment {deployment} of {model} is half-open: its cooldown is over and the "
+                "next request probes it.",
+            ).format(deployment=d.deployment, model=d.model)
+        level = "bad" if d.circuit == "open" else ""
+        out.append({"kind": "cooldown", "level": level, "text": text, "href": href})
+    return out
 
 
 # -- tenants -----------------------------------------------------------------------------------
@@ -371,6 +402,7 @@ async def tenant_detail(request: web.Request, session: Session) -> web.StreamRes
             "tenant": t,
             "profile": prof,
             "money": _money_of(prof, bals),
+            "balances": bals,
             "lots": [_lot_view(lot, bals) for lot in lots],
             "keys": keys[:PAGE],
             "more_keys": len(keys) > PAGE,
@@ -397,7 +429,15 @@ async def tenant_detail(request: web.Request, session: Session) -> web.StreamRes
     total = Totals()
     for t in daily.values():
         total.add(t)
-    statements = "/console/billing/statements"
+    statements, usage = "/console/billing/statements", "/console/usage"
+    paths = state(request).get_paths
+    name = d["tenant"].name
+    prefix = f"t:{name}:wallet:"
+    other_wallets = sorted(
+        (acc.removeprefix(prefix), -bal)
+        for acc, bal in d["balances"].items()
+        if acc.startswith(prefix) and acc != L.wallet(name, d["money"].currency) and bal
+    )
     return render(
         request,
         session,
@@ -411,9 +451,9 @@ async def tenant_detail(request: web.Request, session: Session) -> web.StreamRes
         chart=chart,
         idem_topup=secrets.token_urlsafe(16),
         idem_plan=secrets.token_urlsafe(16),
-        statements_href=f"{statements}?tenant={d['tenant'].name}"
-        if statements in state(request).get_paths
-        else None,
+        other_wallets=other_wallets,
+        statements_href=f"{statements}?tenant={name}" if statements in paths else None,
+        usage_href=f"{usage}?tenant={name}" if usage in paths else None,
     )
 
 
