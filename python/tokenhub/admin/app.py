@@ -9,6 +9,11 @@ request (one indexed read; admin traffic is light), so a revoked token is refuse
 The database is opened on the first request that needs it, so a gateway whose admin API is
 never called holds no extra connection.
 
+`routing_state`: the gateway's live routing state (tokenhub.routing_state), given by
+`tokenhub serve` (runtime/serve._start_admin), kept under ROUTING_STATE for the console's
+routing page and overview alerts; without it those pages show the database's figures only.
+A provider with a `close()` (LiveRouting's sampling timer) is closed with the app.
+
 The web console (tokenhub.console) is mounted on the same app under /console: its own
 middleware (sessions, CSRF, security headers, HTML error pages) handles those paths, which the
 errors and auth middlewares pass through untouched.
@@ -30,6 +35,7 @@ from tokenhub.console.app import setup_console
 from tokenhub.db.database import DatabaseError
 from tokenhub.gateway.errors import ApiError, from_http_exception
 from tokenhub.money import MoneyError
+from tokenhub.routing_state import ROUTING_STATE, RoutingProvider
 from tokenhub.store import sql
 from tokenhub.store.base import ADMIN_SCOPES, AlreadyExists, NotFound, StoreError
 
@@ -116,10 +122,24 @@ async def auth(
     return await handler(request)
 
 
-def build_admin_app(database_url: str, *, max_body_bytes: int = 1024 * 1024) -> web.Application:
+def build_admin_app(
+    database_url: str,
+    *,
+    max_body_bytes: int = 1024 * 1024,
+    routing_state: RoutingProvider | None = None,
+) -> web.Application:
     app = web.Application(middlewares=[errors, auth], client_max_size=max_body_bytes)
     lazy = DatabaseOpener(database_url)
     app[DB] = lazy
+    if routing_state is not None:
+        app[ROUTING_STATE] = routing_state
+        close = getattr(routing_state, "close", None)
+        if callable(close):
+
+            async def close_provider(app: web.Application) -> None:
+                close()
+
+            app.on_cleanup.append(close_provider)
     app[MAX_BODY] = max_body_bytes
     scopes: dict[object, str | None] = {r.handler: r.scope for r in ROUTES}
     app[SCOPE] = scopes
@@ -131,13 +151,17 @@ def build_admin_app(database_url: str, *, max_body_bytes: int = 1024 * 1024) -> 
 
 
 async def start_admin_listener(
-    database_url: str, host: str, port: int, *, max_body_bytes: int = 1024 * 1024
+    database_url: str,
+    host: str,
+    port: int,
+    *,
+    max_body_bytes: int = 1024 * 1024,
+    routing_state: RoutingProvider | None = None,
 ) -> web.AppRunner | None:
     """Serves the admin API on host:port; None (and one line on stderr) when the address
     cannot be bound: the gateway serves on without it rather than not at all."""
-    runner = web.AppRunner(
-        build_admin_app(database_url, max_body_bytes=max_body_bytes), access_log=None
-    )
+    app = build_admin_app(database_url, max_body_bytes=max_body_bytes, routing_state=routing_state)
+    runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, host, port, reuse_address=True)
     try:

@@ -1,14 +1,18 @@
 """The console's operations pages: routing health (`/console/routing`) and the audit logs
 (`/console/audit`), for operators with role read or above.
 
-Routing health is what the database knows: the admin listener is built from the database URL
-alone (tokenhub.admin.app.build_admin_app) and holds no reference to the gateway's router,
-so live circuit states are not reachable from here. Per deployment it shows the settled
-requests and error rate of the last hour and 24 hours (the hourly rollups) and, from at most
-`SAMPLE` most recent usage events of the last hour (an indexed, bounded read), latency
-p50/p95, the router's decisions per reason (`route`: policy, affinity, fallback, probe,
-degraded) and the tier share. A deployment whose recent decisions include `probe` or whose
-traffic arrives as `fallback` is one the router has been steering around.
+Routing health has two sources. Live: the gateway's routers as they are now (circuit closed,
+open or half-open with its cooldown's end, consecutive failures, requests in flight, latency
+and time-to-first-token EWMAs, requests and errors of the last few minutes), from the admin
+app's provider (tokenhub.routing_state; `tokenhub serve` sets it: a single process's routers,
+or worker 1's under --workers N, since router state is per worker). An admin app built
+without one (tests, benches) says "live state not available" and shows the database's
+figures alone. From the database, per deployment: the settled requests and error rate of the
+last hour and 24 hours (the hourly rollups) and, from at most `SAMPLE` most recent usage
+events of the last hour (an indexed, bounded read), latency p50/p95, the router's decisions
+per reason (`route`: policy, affinity, fallback, probe, degraded) and the tier share. A
+deployment whose recent decisions include `probe` or whose traffic arrives as `fallback` is
+one the router has been steering around.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from tokenhub.billing import reports
 from tokenhub.console import charts
 from tokenhub.console.core import ConsoleError, PageRoute, Session, db, gettext, render
 from tokenhub.db.database import Tx
+from tokenhub.routing_state import DeploymentLive, RoutingSnapshot, snapshot_of
 
 SAMPLE = 5000
 AUDIT_PAGE = 50
@@ -38,11 +43,64 @@ def _pct(x: float | None) -> str:
     return "" if x is None else f"{x:.1f}%"
 
 
+def _clock(ms: int) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(ms / 1000))
+
+
+def _circuit_label(request: web.Request, d: DeploymentLive) -> tuple[str, str]:
+    """(text, badge class) of a deployment's circuit."""
+    if d.circuit == "closed":
+        return gettext(request, "closed"), "ok"
+    if d.circuit == "open":
+        return gettext(request, "open (cooling down)"), "bad"
+    if d.probing:
+        return gettext(request, "half-open (probe out)"), "warn"
+    return gettext(request, "half-open (next request probes)"), "warn"
+
+
+def live_rows(
+    request: web.Request, snap: RoutingSnapshot, health: dict[str, reports.DeploymentHealth]
+) -> list[dict[str, Any]]:
+    """The live table's rows, each with the database's figures of the same deployment."""
+    out = []
+    for d in sorted(snap.deployments, key=lambda d: (d.model, d.deployment)):
+        text, badge = _circuit_label(request, d)
+        until = ""
+        if d.cooldown_until_ms is not None and d.circuit == "open":
+            left = max(0, -(-(d.cooldown_until_ms - snap.taken_ms) // 1000))
+            until = gettext(request, "{time} (in {s} s)").format(
+                time=_clock(d.cooldown_until_ms), s=left
+            )
+        h = health.get(d.deployment)
+        out.append(
+            {
+                "d": d,
+                "circuit": text,
+                "badge": badge,
+                "until": until,
+                "latency": "" if d.latency_ms is None else f"{d.latency_ms:.0f}",
+                "ttft": "" if d.ttft_ms is None else f"{d.ttft_ms:.0f}",
+                "err_recent": _pct(d.recent_error_pct),
+                "db_requests_1h": None if h is None else h.requests_1h,
+                "db_err_1h": "" if h is None else _pct(h.error_pct("1h")),
+            }
+        )
+    return out
+
+
 async def routing(request: web.Request, session: Session) -> web.StreamResponse:
     now = _now()
     rows = await (await db(request)).read(
         lambda tx: reports.deployment_health(tx, now=now, sample=SAMPLE)
     )
+    snap = snapshot_of(request.app)
+    live = None if snap is None else live_rows(request, snap, {d.deployment: d for d in rows})
+    circuits: dict[str, str] = {}
+    if snap is not None:  # per deployment name: the worst of its models' circuits
+        rank = {"closed": 0, "half_open": 1, "open": 2}
+        for d in snap.deployments:
+            if rank[d.circuit] >= rank[circuits.get(d.deployment, "closed")]:
+                circuits[d.deployment] = d.circuit
     reasons = sorted({r for d in rows for r in d.routes})
     tiers = sorted({t for d in rows for t in d.tiers})
     table = [
@@ -76,6 +134,11 @@ async def routing(request: web.Request, session: Session) -> web.StreamResponse:
         tiers=tiers,
         chart=chart,
         sample=SAMPLE,
+        snap=snap,
+        live=live,
+        window_s=None if snap is None else snap.window_ms // 1000,
+        taken=None if snap is None else _clock(snap.taken_ms),
+        circuits=circuits,
     )
 
 

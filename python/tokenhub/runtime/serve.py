@@ -105,7 +105,7 @@ async def serve(
     sock = worker.sock if worker else reuse_port_socket(cfg.server.host, cfg.server.port)
     site = web.SockSite(runner, sock, backlog=4096)  # aiohttp's default 128 drops bursts
     await site.start()
-    admin_runner = await _start_admin(cfg, worker)
+    admin_runner = await _start_admin(cfg, worker, app)
     # Everything loaded so far (vocabularies' Python side, config, aiohttp internals) lives for
     # the whole run: move it out of the cyclic collector's sight so collections stay short.
     gc.collect()
@@ -159,18 +159,40 @@ async def serve(
         store.close()
 
 
-async def _start_admin(cfg: Config, worker: Worker | None) -> web.AppRunner | None:
+async def _start_admin(
+    cfg: Config, worker: Worker | None, gateway_app: web.Application | None = None
+) -> web.AppRunner | None:
     """The admin API (tokenhub.admin) on [admin] listen, in the single process or worker 1
     only (one listener per host; "" turns it off). A port taken is a warning, not a failure:
-    the gateway serves on without it."""
+    the gateway serves on without it.
+
+    With `gateway_app` (this process's gateway), the console sees the live routing state of
+    this process's routers (tokenhub.routing_state.LiveRouting): under --workers N that is
+    worker 1's view, since router state is per worker."""
     if not cfg.admin.listen or (worker is not None and worker.index != 1):
         return None
     from tokenhub.admin.app import start_admin_listener
     from tokenhub.config import split_listen
+    from tokenhub.gateway.state import GATEWAY
+    from tokenhub.routing_state import LiveRouting
 
+    live = None
+    gw = None if gateway_app is None else gateway_app.get(GATEWAY)
+    if gw is not None:
+        live = LiveRouting(
+            lambda: gw.routers,
+            gw.now_ms,
+            worker=0 if worker is None else worker.index,
+            workers=1 if worker is None else worker.count,
+        )
+        live.start()
     host, port = split_listen(cfg.admin.listen)
     return await start_admin_listener(
-        cfg.server.database, host, port, max_body_bytes=cfg.admin.max_body_bytes
+        cfg.server.database,
+        host,
+        port,
+        max_body_bytes=cfg.admin.max_body_bytes,
+        routing_state=live,
     )
 
 

@@ -1,0 +1,266 @@
+"""Live routing state, for the web console: what the gateway's routers know right now.
+
+The routers (tokenhub.router, one per model) live in the gateway's process; the admin app
+(tokenhub.admin, with the console) only reads a snapshot of them through a provider, a
+callable returning a :class:`RoutingSnapshot`. `tokenhub serve` gives the admin app a
+:class:`LiveRouting` over its gateway's routers (runtime/serve._start_admin); an admin app
+built without one (tests, benches) has no live state and its pages say so. This module sits
+at the package's top level so that admin/ and console/ can import it without importing
+runtime/ or gateway/ (tests/test_layout.py).
+
+Router state is per process: under `tokenhub serve --workers N` each worker routes with its
+own routers (its own circuits, cooldowns, in-flight counts), and the admin listener runs in
+worker 1 only, so a snapshot is worker 1's view (`worker`, `workers` say so). Another
+worker's circuit for the same failing deployment opens after its own failures, in the same
+way, but not at the same moment.
+
+The router keeps counters since it was built (started, successes, failures) and smoothed
+latencies (EWMA). The recent request and error counts are differences of those counters
+against a sample taken at least `window_ms` ago: `LiveRouting` samples every `every_ms`
+(a timer on the event loop, `start()`), keeping one sample per tick of the last window.
+
+Performance notes: a snapshot is one `Router.state` call per deployment (a small dict from
+Rust, ~1 µs); a sample is the same, every 10 s by default.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping
+from typing import Literal, Protocol
+
+import msgspec
+from aiohttp import web
+
+from tokenhub.router import Router
+
+log = logging.getLogger("tokenhub.routing_state")
+
+__all__ = [
+    "ROUTING_STATE",
+    "DeploymentLive",
+    "LiveRouting",
+    "RoutingProvider",
+    "RoutingSnapshot",
+    "snapshot_of",
+]
+
+Circuit = Literal["closed", "open", "half_open"]
+
+WINDOW_MS = 300_000  # what the recent request and error counts cover
+EVERY_MS = 10_000  # how often LiveRouting samples the routers' counters
+
+
+class DeploymentLive(msgspec.Struct, kw_only=True, frozen=True):
+    """One deployment of one model, as its router sees it now."""
+
+    model: str
+    deployment: str
+    circuit: Circuit  # half_open: the cooldown is over, the next request probes it
+    # Unix ms at which an open circuit lets a probe through (None: closed); in the past
+    # for a half-open one.
+    cooldown_until_ms: int | None
+    cooldown_ms: int  # the current cooldown's length (doubles on each failed probe)
+    consecutive_failures: int
+    probing: bool  # a probe request is out
+    in_flight: int
+    latency_ms: float | None  # EWMA of successful requests' latency (None: none yet)
+    ttft_ms: float | None  # EWMA of time to first token (None: none measured)
+    recent_requests: int  # requests ended within the snapshot's window
+    recent_errors: int  # of which failed
+    successes: int  # since the router was built
+    failures: int
+
+    @property
+    def in_cooldown(self) -> bool:
+        """Out of normal rotation: open, or half-open awaiting (or running) its probe."""
+        return self.circuit != "closed"
+
+    @property
+    def recent_error_pct(self) -> float | None:
+        if not self.recent_requests:
+            return None
+        return 100.0 * self.recent_errors / self.recent_requests
+
+
+class RoutingSnapshot(msgspec.Struct, kw_only=True, frozen=True):
+    taken_ms: int  # Unix ms
+    worker: int  # whose routers: 0 for a single-process server, else the worker's index
+    workers: int  # how many workers route with routers of their own
+    window_ms: int  # what recent_requests / recent_errors span (shorter after a start)
+    deployments: list[DeploymentLive]
+
+    def in_cooldown(self) -> list[DeploymentLive]:
+        return [d for d in self.deployments if d.in_cooldown]
+
+    def by_deployment(self) -> dict[str, list[DeploymentLive]]:
+        """Deployment name -> its entries (one per model that routes to a deployment of that
+        name), to set beside the database's figures, which are per deployment name."""
+        out: dict[str, list[DeploymentLive]] = {}
+        for d in self.deployments:
+            out.setdefault(d.deployment, []).append(d)
+        return out
+
+
+class RoutingProvider(Protocol):
+    def __call__(self) -> RoutingSnapshot: ...
+
+
+ROUTING_STATE: web.AppKey[RoutingProvider] = web.AppKey("routing_state")
+"""Where the admin app keeps its provider (absent: no live state)."""
+
+
+def snapshot_of(app: web.Application) -> RoutingSnapshot | None:
+    """The live snapshot of `app`'s provider; None without one, or when it fails (logged: a
+    page shows the database's figures rather than an error)."""
+    provider = app.get(ROUTING_STATE)
+    if provider is None:
+        return None
+    try:
+        return provider()
+    except Exception:
+        log.exception("live routing state: the provider failed")
+        return None
+
+
+# (model, deployment) -> (id of the router read, successes, failures): a config reload
+# replaces the routers, whose counters start again.
+_Counts = dict[tuple[str, str], tuple[int, int, int]]
+
+
+class LiveRouting:
+    """The provider over one process's routers: `routers()` returns the current model id ->
+    Router mapping (read at every call: the gateway may replace its routers), `now_ms()` is
+    the routers' monotonic clock."""
+
+    def __init__(
+        self,
+        routers: Callable[[], Mapping[str, Router]],
+        now_ms: Callable[[], int],
+        *,
+        worker: int = 0,
+        workers: int = 1,
+        window_ms: int = WINDOW_MS,
+        every_ms: int = EVERY_MS,
+    ) -> None:
+        if window_ms <= 0 or every_ms <= 0:
+            raise ValueError("window_ms and every_ms must be positive")
+        self._routers = routers
+        self._now_ms = now_ms
+        self.worker = worker
+        self.workers = workers
+        self.window_ms = window_ms
+        self.every_ms = every_ms
+        self._samples: deque[tuple[int, _Counts]] = deque()
+        self._timer: asyncio.TimerHandle | None = None
+        self.sample()
+
+    # -- sampling ------------------------------------------------------------------------
+
+    def _counts(self, states: Iterable[tuple[str, str, int, dict[str, object]]]) -> _Counts:
+        return {
+            (model, name): (rid, _int(st["successes"]), _int(st["failures"]))
+            for model, name, rid, st in states
+        }
+
+    def _states(self, now: int) -> list[tuple[str, str, int, dict[str, object]]]:
+        out = []
+        for model, router in self._routers().items():
+            for i, name in enumerate(router.names):
+                out.append((model, name, id(router), router.state(i, now)))
+        return out
+
+    def sample(self) -> None:
+        """Records the routers' counters now, and forgets samples no longer needed: the
+        newest one at least a window old is kept as the baseline."""
+        now = self._now_ms()
+        self._samples.append((now, self._counts(self._states(now))))
+        while len(self._samples) > 1 and now - self._samples[1][0] >= self.window_ms:
+            self._samples.popleft()
+
+    def start(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        """Samples every `every_ms` on `loop` (default: the running one) until `close()`."""
+        loop = loop or asyncio.get_running_loop()
+
+        def tick() -> None:
+            self.sample()
+            self._timer = loop.call_later(self.every_ms / 1000, tick)
+
+        self.close()
+        self._timer = loop.call_later(self.every_ms / 1000, tick)
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    # -- the snapshot --------------------------------------------------------------------
+
+    def __call__(self) -> RoutingSnapshot:
+        now = self._now_ms()
+        wall = int(time.time() * 1000)
+        states = self._states(now)
+        base_at, base = self._samples[0] if self._samples else (now, {})
+        for at, counts in self._samples:  # the newest sample at least a window old
+            if now - at >= self.window_ms:
+                base_at, base = at, counts
+        deployments = []
+        for model, name, rid, st in states:
+            ok, failed = _int(st["successes"]), _int(st["failures"])
+            prev = base.get((model, name))
+            if prev is not None and prev[0] == rid and prev[1] <= ok and prev[2] <= failed:
+                d_ok, d_failed = ok - prev[1], failed - prev[2]
+            else:  # new since the baseline (or its router was replaced): all of its counts
+                d_ok, d_failed = ok, failed
+            until = st["cooldown_until"]
+            latency, ttft = _float(st["latency_ewma_ms"]), _float(st["ttft_ewma_ms"])
+            deployments.append(
+                DeploymentLive(
+                    model=model,
+                    deployment=name,
+                    circuit=_circuit(st["circuit"]),
+                    cooldown_until_ms=None if until is None else wall + (_int(until) - now),
+                    cooldown_ms=_int(st["cooldown_ms"]),
+                    consecutive_failures=_int(st["consecutive_failures"]),
+                    probing=bool(st["probing"]),
+                    in_flight=_int(st["outstanding"]),
+                    latency_ms=latency if ok else None,
+                    ttft_ms=ttft if ok and ttft > 0 else None,
+                    recent_requests=d_ok + d_failed,
+                    recent_errors=d_failed,
+                    successes=ok,
+                    failures=failed,
+                )
+            )
+        return RoutingSnapshot(
+            taken_ms=wall,
+            worker=self.worker,
+            workers=self.workers,
+            window_ms=max(0, now - base_at),
+            deployments=deployments,
+        )
+
+
+def _int(v: object) -> int:
+    if not isinstance(v, int):
+        raise TypeError(f"expected an int from the router's state, got {v!r}")
+    return v
+
+
+def _float(v: object) -> float:
+    if not isinstance(v, (int, float)):
+        raise TypeError(f"expected a number from the router's state, got {v!r}")
+    return float(v)
+
+
+def _circuit(v: object) -> Circuit:
+    if v == "open":
+        return "open"
+    if v == "half_open":
+        return "half_open"
+    if v == "closed":
+        return "closed"
+    raise ValueError(f"unknown circuit state {v!r}")
