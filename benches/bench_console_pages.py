@@ -44,6 +44,7 @@ from aiohttp import web
 sys.path.insert(0, str(Path(__file__).parent))
 import bench_rollups as BR  # the events' generator and bulk loader
 
+from tokenhub.admin.app import build_admin_app
 from tokenhub.billing import rollups as R
 from tokenhub.billing.service import Billing
 from tokenhub.db.database import Tx, open_database
@@ -242,8 +243,6 @@ def pages(start: int, tenant_href: str | None) -> list[tuple[str, str, str]]:
 
 
 async def run_pages(engine: str, url: str, start: int, repeat: int) -> bool:
-    from tokenhub.admin.app import build_admin_app
-
     app = build_admin_app(url)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
