@@ -10,9 +10,12 @@ runtime/ or gateway/ (tests/test_layout.py).
 
 Router state is per process: under `tokenhub serve --workers N` each worker routes with its
 own routers (its own circuits, cooldowns, in-flight counts), and the admin listener runs in
-worker 1 only, so a snapshot is worker 1's view (`worker`, `workers` say so). Another
-worker's circuit for the same failing deployment opens after its own failures, in the same
-way, but not at the same moment.
+worker 1 only. So every worker publishes its snapshot every second into the server's shared
+dir (`LiveRouting.publish_to`, a file per worker beside the metrics' snapshots), and worker
+1's provider (:class:`MergedRouting`) merges its own with the fresh ones: a deployment shows
+its worst circuit and in how many workers it is out of rotation, with the counts summed.
+`merged` lists the workers a snapshot includes (a worker that is gone or stuck for more than
+`STALE_MS` is left out); another worker's figures are at most `PUBLISH_MS` old.
 
 The router keeps counters since it was built (started, successes, failures) and smoothed
 latencies (EWMA). The recent request and error counts are differences of those counters
@@ -20,16 +23,20 @@ against a sample taken at least `window_ms` ago: `LiveRouting` samples every `ev
 (a timer on the event loop, `start()`), keeping one sample per tick of the last window.
 
 Performance notes: a snapshot is one `Router.state` call per deployment (a small dict from
-Rust, ~1 µs); a sample is the same, every 10 s by default.
+Rust, ~1 µs); a sample is the same, every 10 s by default; a worker's publication is a
+snapshot, its JSON and a file replaced, once a second.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
 from typing import Literal, Protocol
 
 import msgspec
@@ -43,6 +50,7 @@ __all__ = [
     "ROUTING_STATE",
     "DeploymentLive",
     "LiveRouting",
+    "MergedRouting",
     "RoutingProvider",
     "RoutingSnapshot",
     "snapshot_of",
@@ -52,6 +60,9 @@ Circuit = Literal["closed", "open", "half_open"]
 
 WINDOW_MS = 300_000  # what the recent request and error counts cover
 EVERY_MS = 10_000  # how often LiveRouting samples the routers' counters
+PREFIX = "routing-worker-"  # + "<worker>-<pid>.json" in the server's shared dir
+PUBLISH_MS = 1_000  # how often a worker publishes its snapshot for worker 1's console
+STALE_MS = 5_000  # a published snapshot older than this is a dead (or stuck) worker's
 
 
 class DeploymentLive(msgspec.Struct, kw_only=True, frozen=True):
@@ -73,6 +84,10 @@ class DeploymentLive(msgspec.Struct, kw_only=True, frozen=True):
     recent_errors: int  # of which failed
     successes: int  # since the router was built
     failures: int
+    # Merged over workers: how many workers' routers have it out of rotation (open or
+    # half-open), and how many workers' routers these figures sum up.
+    cooling_in: int = 0
+    seen_in: int = 1
 
     @property
     def in_cooldown(self) -> bool:
@@ -92,6 +107,7 @@ class RoutingSnapshot(msgspec.Struct, kw_only=True, frozen=True):
     workers: int  # how many workers route with routers of their own
     window_ms: int  # what recent_requests / recent_errors span (shorter after a start)
     deployments: list[DeploymentLive]
+    merged: list[int] = msgspec.field(default_factory=list)  # workers whose routers are in it
 
     def in_cooldown(self) -> list[DeploymentLive]:
         return [d for d in self.deployments if d.in_cooldown]
@@ -156,6 +172,7 @@ class LiveRouting:
         self.every_ms = every_ms
         self._samples: deque[tuple[int, _Counts]] = deque()
         self._timer: asyncio.TimerHandle | None = None
+        self._publisher: asyncio.TimerHandle | None = None
         self.sample()
 
     # -- sampling ------------------------------------------------------------------------
@@ -189,13 +206,16 @@ class LiveRouting:
             self.sample()
             self._timer = loop.call_later(self.every_ms / 1000, tick)
 
-        self.close()
+        if self._timer is not None:
+            self._timer.cancel()
         self._timer = loop.call_later(self.every_ms / 1000, tick)
 
     def close(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        """Stops the timers (sampling, and publishing if started)."""
+        for timer in (self._timer, self._publisher):
+            if timer is not None:
+                timer.cancel()
+        self._timer = self._publisher = None
 
     # -- the snapshot --------------------------------------------------------------------
 
@@ -233,6 +253,7 @@ class LiveRouting:
                     recent_errors=d_failed,
                     successes=ok,
                     failures=failed,
+                    cooling_in=0 if st["circuit"] == "closed" else 1,
                 )
             )
         return RoutingSnapshot(
@@ -241,7 +262,132 @@ class LiveRouting:
             workers=self.workers,
             window_ms=max(0, now - base_at),
             deployments=deployments,
+            merged=[self.worker],
         )
+
+    # -- several workers -----------------------------------------------------------------
+
+    def publish_to(
+        self,
+        directory: str | os.PathLike[str],
+        loop: asyncio.AbstractEventLoop | None = None,
+        every_ms: int = PUBLISH_MS,
+    ) -> Path:
+        """Writes this process's snapshot to `directory` every `every_ms` (atomically: readers
+        see a whole file) until `close()`, for the worker that serves the console
+        (:class:`MergedRouting`); also starts the sampling timer. Returns the file's path."""
+        loop = loop or asyncio.get_running_loop()
+        path = Path(directory) / f"{PREFIX}{self.worker}-{os.getpid()}.json"
+        tmp = path.with_suffix(".tmp")
+
+        def tick() -> None:
+            with contextlib.suppress(OSError):  # a full disk must not take the worker down
+                tmp.write_bytes(_encode(self()))
+                os.replace(tmp, path)
+            self._publisher = loop.call_later(every_ms / 1000, tick)
+
+        self.start(loop)
+        tick()
+        return path
+
+
+_encode = msgspec.json.Encoder().encode
+_decode = msgspec.json.Decoder(RoutingSnapshot).decode
+
+
+class MergedRouting:
+    """The provider of the worker that serves the console under --workers N: its own routers'
+    snapshot merged with the ones the other workers publish in `directory` (the server's
+    shared dir), each at most `stale_ms` old (older: a worker that is gone or whose loop is
+    stuck, left out; `merged` says whose are in). Per deployment: the worst circuit (open >
+    half-open > closed) with `cooling_in` workers out of rotation, the latest cooldown end,
+    the most consecutive failures; in-flight and request counts summed; latencies averaged
+    weighted by successes."""
+
+    def __init__(
+        self, own: LiveRouting, directory: str | os.PathLike[str], stale_ms: int = STALE_MS
+    ) -> None:
+        self.own = own
+        self.dir = Path(directory)
+        self.stale_ms = stale_ms
+
+    def close(self) -> None:
+        self.own.close()
+
+    def __call__(self) -> RoutingSnapshot:
+        mine = self.own()
+        snaps = [mine]
+        for path in sorted(self.dir.glob(f"{PREFIX}*.json")):
+            try:
+                snap = _decode(path.read_bytes())
+            except (OSError, msgspec.DecodeError, msgspec.ValidationError):
+                continue
+            fresh = mine.taken_ms - snap.taken_ms <= self.stale_ms
+            if snap.worker != mine.worker and fresh:
+                snaps.append(snap)
+        return merge(snaps)
+
+
+_RANK = {"closed": 0, "half_open": 1, "open": 2}
+
+
+def merge(snaps: list[RoutingSnapshot]) -> RoutingSnapshot:
+    """Several workers' snapshots as one (the first's time, worker and window); a worker that
+    appears twice (a restarted one's old file) counts once, its newest snapshot."""
+    newest: dict[int, RoutingSnapshot] = {}
+    for s in snaps:
+        if s.worker not in newest or s.taken_ms > newest[s.worker].taken_ms:
+            newest[s.worker] = s
+    first = snaps[0]
+    newest[first.worker] = first
+    groups: dict[tuple[str, str], list[DeploymentLive]] = {}
+    for s in newest.values():
+        for d in s.deployments:
+            groups.setdefault((d.model, d.deployment), []).append(d)
+    deployments = [_merge_one(ds) for ds in groups.values()]
+    return RoutingSnapshot(
+        taken_ms=first.taken_ms,
+        worker=first.worker,
+        workers=first.workers,
+        window_ms=first.window_ms,
+        deployments=deployments,
+        merged=sorted({w for s in newest.values() for w in s.merged}),
+    )
+
+
+def _weighted(
+    ds: list[DeploymentLive], value: Callable[[DeploymentLive], float | None]
+) -> float | None:
+    pairs = [(v, d.successes) for d in ds if (v := value(d)) is not None]
+    total = sum(w for _, w in pairs)
+    if not pairs or not total:
+        return None
+    return sum(v * w for v, w in pairs) / total
+
+
+def _merge_one(ds: list[DeploymentLive]) -> DeploymentLive:
+    if len(ds) == 1:
+        return ds[0]
+    worst = max(ds, key=lambda d: _RANK[d.circuit])
+    ends = [d.cooldown_until_ms for d in ds if d.cooldown_until_ms is not None and d.in_cooldown]
+    return DeploymentLive(
+        model=worst.model,
+        deployment=worst.deployment,
+        circuit=worst.circuit,
+        cooldown_until_ms=max(ends) if ends else None,
+        cooldown_ms=max(d.cooldown_ms for d in ds),
+        consecutive_failures=max(d.consecutive_failures for d in ds),
+        probing=any(d.probing for d in ds),
+        in_flight=sum(d.in_flight for d in ds),
+        latency_ms=_weighted(ds, lambda d: d.latency_ms),
+        ttft_ms=_weighted(ds, lambda d: d.ttft_ms),
+        recent_requests=sum(d.recent_requests for d in ds),
+        recent_errors=sum(d.recent_errors for d in ds),
+        successes=sum(d.successes for d in ds),
+        failures=sum(d.failures for d in ds),
+        cooling_in=sum(d.cooling_in for d in ds),
+        seen_in=sum(d.seen_in for d in ds),
+    )
 
 
 def _int(v: object) -> int:

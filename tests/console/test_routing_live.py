@@ -11,6 +11,7 @@ real router with a fake clock, and the pages with a provider given and without o
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import msgspec
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
@@ -34,7 +36,7 @@ from tokenhub.admin.app import build_admin_app
 from tokenhub.mock import MockOptions
 from tokenhub.mock import build_app as mock_app
 from tokenhub.router import DeploymentSpec, Router
-from tokenhub.routing_state import DeploymentLive, LiveRouting, RoutingSnapshot
+from tokenhub.routing_state import DeploymentLive, LiveRouting, MergedRouting, RoutingSnapshot
 
 TOKENHUB = str(Path(sys.executable).with_name("tokenhub"))
 COOLDOWN_S = 5.0  # the router's default first cooldown (the gateway does not change it)
@@ -121,6 +123,63 @@ def test_live_routing_refuses_a_bad_window() -> None:
         LiveRouting(lambda: {}, Clock(), window_ms=0)
 
 
+def test_merged_routing_reads_the_other_workers_fresh_files(tmp_path: Path) -> None:
+    """Worker 1's provider merges the snapshots workers 2 and 3 publish (3's too old: left
+    out; an unreadable file: skipped). Worst circuit, counts summed, latency weighted."""
+    clock = Clock()
+    r1 = Router([DeploymentSpec(name="a"), DeploymentSpec(name="b")])
+    r2 = Router([DeploymentSpec(name="a"), DeploymentSpec(name="b")])
+    w1 = LiveRouting(lambda: {"m": r1}, clock, worker=1, workers=3)
+    w2 = LiveRouting(lambda: {"m": r2}, clock, worker=2, workers=3)
+    r1.on_start(0, clock.ms)
+    r1.on_success(0, clock.ms, 100.0)
+    for _ in range(3):
+        r2.on_start(0, clock.ms)
+        r2.on_success(0, clock.ms, 200.0)
+    for _ in range(3):  # b opens in worker 2 only
+        r2.on_start(1, clock.ms)
+        r2.on_failure(1, clock.ms)
+    r2.on_start(0, clock.ms)  # one in flight
+    (tmp_path / "routing-worker-2-100.json").write_bytes(msgspec.json.encode(w2()))
+    old = msgspec.structs.replace(w2(), worker=3, taken_ms=int(time.time() * 1000) - 60_000)
+    (tmp_path / "routing-worker-3-101.json").write_bytes(msgspec.json.encode(old))
+    (tmp_path / "routing-worker-4-102.json").write_bytes(b"{half a file")
+    (tmp_path / "worker-2-100.json").write_bytes(b"{}")  # the metrics' snapshot: not ours
+    snap = MergedRouting(w1, tmp_path)()
+    assert (snap.worker, snap.workers, snap.merged) == (1, 3, [1, 2])
+    a, b = sorted(snap.deployments, key=lambda d: d.deployment)
+    assert (a.circuit, a.successes, a.in_flight, a.seen_in, a.cooling_in) == (
+        "closed", 4, 1, 2, 0
+    )  # fmt: skip
+    assert a.latency_ms == pytest.approx((100.0 * 1 + 200.0 * 3) / 4)
+    assert (b.circuit, b.cooling_in, b.seen_in, b.consecutive_failures, b.recent_errors) == (
+        "open", 1, 2, 3, 3
+    )  # fmt: skip
+    assert b.cooldown_until_ms is not None
+    # Alone (no other file) it is worker 1's own snapshot.
+    assert MergedRouting(w1, tmp_path / "none")().merged == [1]
+
+
+async def test_a_worker_publishes_until_closed(tmp_path: Path) -> None:
+    import asyncio
+
+    router = Router([DeploymentSpec(name="a")])
+    live = LiveRouting(lambda: {"m": router}, Clock(), worker=2, workers=2)
+    path = live.publish_to(tmp_path, every_ms=20)
+    assert path.name == f"routing-worker-2-{os.getpid()}.json"
+    first = msgspec.json.decode(path.read_bytes(), type=RoutingSnapshot)  # written at once
+    assert (first.worker, [d.deployment for d in first.deployments]) == (2, ["a"])
+    assert first.deployments[0].in_flight == 0
+    router.on_start(0, 1_000)
+    await asyncio.sleep(0.1)
+    later = msgspec.json.decode(path.read_bytes(), type=RoutingSnapshot)
+    assert later.deployments[0].in_flight == 1  # published again
+    live.close()
+    path.unlink()
+    await asyncio.sleep(0.1)
+    assert not path.exists() and live._timer is None and live._publisher is None
+
+
 # -- the pages with a given snapshot, and without a provider -----------------------------------
 
 
@@ -138,8 +197,10 @@ def _snapshot(circuit: str) -> RoutingSnapshot:
                 cooldown_ms=5_000, consecutive_failures=0 if circuit == "closed" else 3,
                 probing=False, in_flight=2, latency_ms=812.4, ttft_ms=None,
                 recent_requests=10, recent_errors=4, successes=6, failures=4,
+                cooling_in=0 if circuit == "closed" else 1, seen_in=2,
             )
         ],
+        merged=[1, 2],
     )  # fmt: skip
 
 
@@ -185,11 +246,13 @@ async def test_pages_with_a_live_snapshot(with_provider: Any) -> None:
     )  # fmt: skip
     assert "open (cooling down)" in page and "(in 5 s)" in page  # 4.2 s, rounded up
     assert "40.0%" in page and ">812<" in page
-    assert 'data-worker="1" data-workers="2"' in page and "worker 1 of 2" in page
+    assert 'data-worker="1" data-workers="2" data-merged="1 2"' in page
+    assert "Merged from the routers of 2 of 2 workers" in page and "in 1 of 2 workers" in page
     assert 'id="live-unavailable"' not in page
     home = await (await read.get("/console/")).text()
     found = [t for k, t in alerts(home) if k == "cooldown"]
     assert len(found) == 1 and "mock-a/gpt-4o-mini" in found[0] and "3 consecutive" in found[0]
+    assert found[0].endswith("In 1 of 2 workers.")
     assert 'href="/console/routing"' in home
     # Closed: no alert.
     read = await with_provider("closed")
@@ -319,91 +382,76 @@ async def _until(check: Callable[[], Awaitable[bool]], timeout: float, what: str
         await asyncio.sleep(0.1)
 
 
-async def test_a_failing_deployment_opens_then_closes_in_the_console(
-    world: World, tmp_path: Path
-) -> None:
-    flaky = Flaky()
-    runners = []
-    r, flaky_url = await _serve(flaky.app())
-    runners.append(r)
-    r, steady_url = await _serve(mock_app(MockOptions()))
-    runners.append(r)
+class Served:
+    """`tokenhub serve` (a subprocess) with its console: `web` is a client signed in as
+    read, `chat()` a chat completion (a new opening each time: the model's prefix affinity
+    would keep a repeated one on the deployment that answered it, ahead of any probe)."""
+
+    def __init__(self, web_: aiohttp.ClientSession, gateway: str, secret: str) -> None:
+        self.web = web_
+        self.gateway = gateway
+        self.secret = secret
+        self.asked = 0
+
+    async def chat(self) -> str:
+        """The serving worker's number ("" for a single process)."""
+        self.asked += 1
+        # A connection per request: under --workers N the kernel spreads them (SO_REUSEPORT).
+        body = {"model": "gpt-4o-mini", "max_tokens": 4,
+                "messages": [{"role": "user", "content": f"question {self.asked}"}]}  # fmt: skip
+        auth = {"Authorization": f"Bearer {self.secret}"}
+        async with (
+            aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as c,
+            c.post(self.gateway + "/v1/chat/completions", headers=auth, json=body) as resp,
+        ):
+            assert resp.status == 200, await resp.text()
+            return resp.headers.get("x-tokenhub-worker", "")
+
+    async def page(self, path: str) -> str:
+        resp = await self.web.get(path)
+        assert resp.status == 200, path
+        return await resp.text()
+
+    async def routing(self, deployment: str = "flaky") -> dict[str, str]:
+        page = await self.page("/console/routing")
+        assert 'id="live-unavailable"' not in page, page
+        return live_rows(page)[("gpt-4o-mini", deployment)]
+
+
+@contextlib.asynccontextmanager
+async def served(
+    world: World, tmp: Path, flaky: str, steady: str, *args: str
+) -> AsyncIterator[Served]:
     port, admin_port = free_port(), free_port()
-    config = _config(tmp_path, world.db, port, admin_port, flaky_url, steady_url)
-    out, err = tmp_path / "serve.out", tmp_path / "serve.err"
+    config = _config(tmp, world.db, port, admin_port, flaky, steady)
+    out, err = tmp / "serve.out", tmp / "serve.err"
     with open(out, "wb") as o, open(err, "wb") as e:
         proc = subprocess.Popen(
-            [TOKENHUB, "serve", "--config", str(config)],
+            [TOKENHUB, "serve", "--config", str(config), *args],
             stdout=o, stderr=e, start_new_session=True,
             env={**os.environ, "TOKENHUB_LOG_LEVEL": "WARNING"},
         )  # fmt: skip
-    gateway = f"http://127.0.0.1:{port}"
-    console = f"http://127.0.0.1:{admin_port}"
     jar = aiohttp.CookieJar(unsafe=True)  # cookies from 127.0.0.1
     try:
-        async with aiohttp.ClientSession(base_url=console, cookie_jar=jar) as web_, \
-                aiohttp.ClientSession(base_url=gateway) as api:  # fmt: skip
+        async with aiohttp.ClientSession(f"http://127.0.0.1:{admin_port}", cookie_jar=jar) as w:
 
-            async def serving() -> bool:
+            async def up() -> bool:
                 assert proc.poll() is None, err.read_text()
-                return "admin API on" in out.read_text()
+                if "serving on" not in out.read_text():
+                    return False
+                try:
+                    return (await w.get("/console/signin")).status == 200
+                except aiohttp.ClientConnectionError:
+                    return False
 
-            await _until(serving, 20.0, "tokenhub serve")
-            page = await web_.get("/console/signin")
-            resp = await web_.post("/console/signin", allow_redirects=False, data={
+            await _until(up, 20.0, "tokenhub serve and its console")
+            page = await w.get("/console/signin")
+            resp = await w.post("/console/signin", allow_redirects=False, data={
                 "csrf": csrf_of(await page.text()), "name": ROLE_USER["read"],
                 "password": PASSWORD,
             })  # fmt: skip
             assert resp.status == 303, await resp.text()
-
-            asked = 0
-
-            async def chat() -> str:
-                # A new opening each time: the model's prefix affinity would keep a repeated
-                # one on the deployment that answered it (steady), ahead of any probe.
-                nonlocal asked
-                asked += 1
-                async with api.post(
-                    "/v1/chat/completions",
-                    headers={"Authorization": f"Bearer {world.secrets['acme']}"},
-                    json={"model": "gpt-4o-mini", "max_tokens": 4,
-                          "messages": [{"role": "user", "content": f"question {asked}"}]},
-                ) as resp:  # fmt: skip
-                    assert resp.status == 200, await resp.text()
-                    return resp.headers["x-request-id"]
-
-            async def routing() -> dict[str, str]:
-                page = await (await web_.get("/console/routing")).text()
-                assert 'id="live-unavailable"' not in page, page
-                return live_rows(page)[("gpt-4o-mini", "flaky")]
-
-            assert (await routing())["circuit"] == "closed"
-            for _ in range(3):  # each fails over to steady; the third failure opens flaky
-                await chat()
-            assert flaky.calls == 3
-            row = await routing()
-            assert (row["circuit"], row["consecutive-failures"]) == ("open", "3"), row
-            assert (row["recent-requests"], row["recent-errors"]) == ("3", "3"), row
-            until = int(row["cooldown-until-ms"])
-            assert 0 < until - time.time() * 1000 <= COOLDOWN_S * 1000 + 500
-            home = await (await web_.get("/console/")).text()
-            cooling = [t for k, t in alerts(home) if k == "cooldown"]
-            assert len(cooling) == 1 and "flaky" in cooling[0] and "cooldown" in cooling[0]
-            await chat()  # while open: straight to steady, flaky untouched
-            assert flaky.calls == 3
-            # The upstream recovers; once the cooldown is over the next request probes it.
-            flaky.failing = False
-
-            async def half_open() -> bool:
-                return (await routing())["circuit"] == "half_open"
-
-            await _until(half_open, COOLDOWN_S + 2.0, "the cooldown to end")
-            await chat()
-            assert flaky.calls == 4
-            row = await routing()
-            assert (row["circuit"], row["consecutive-failures"]) == ("closed", "0"), row
-            home = await (await web_.get("/console/")).text()
-            assert [k for k, _ in alerts(home) if k == "cooldown"] == []
+            yield Served(w, f"http://127.0.0.1:{port}", world.secrets["acme"])
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -411,5 +459,75 @@ async def test_a_failing_deployment_opens_then_closes_in_the_console(
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(5)
-        for r in runners:
-            await r.cleanup()
+
+
+@pytest.fixture
+async def upstreams() -> AsyncIterator[tuple[Flaky, str, str]]:
+    """The flaky upstream (failing until told otherwise) and a steady one: (flaky, urls)."""
+    flaky = Flaky()
+    r1, flaky_url = await _serve(flaky.app())
+    r2, steady_url = await _serve(mock_app(MockOptions()))
+    try:
+        yield flaky, flaky_url, steady_url
+    finally:
+        await r1.cleanup()
+        await r2.cleanup()
+
+
+async def test_a_failing_deployment_opens_then_closes_in_the_console(
+    world: World, tmp_path: Path, upstreams: tuple[Flaky, str, str]
+) -> None:
+    flaky, flaky_url, steady_url = upstreams
+    async with served(world, tmp_path, flaky_url, steady_url) as s:
+        assert (await s.routing())["circuit"] == "closed"
+        for _ in range(3):  # each fails over to steady; the third failure opens flaky
+            await s.chat()
+        assert flaky.calls == 3
+        row = await s.routing()
+        assert (row["circuit"], row["consecutive-failures"]) == ("open", "3"), row
+        assert (row["recent-requests"], row["recent-errors"]) == ("3", "3"), row
+        until = int(row["cooldown-until-ms"])
+        assert 0 < until - time.time() * 1000 <= COOLDOWN_S * 1000 + 500
+        cooling = [t for k, t in alerts(await s.page("/console/")) if k == "cooldown"]
+        assert len(cooling) == 1 and "flaky" in cooling[0] and "cooldown" in cooling[0]
+        await s.chat()  # while open: straight to steady, flaky untouched
+        assert flaky.calls == 3
+        # The upstream recovers; once the cooldown is over the next request probes it.
+        flaky.failing = False
+
+        async def half_open() -> bool:
+            return (await s.routing())["circuit"] == "half_open"
+
+        await _until(half_open, COOLDOWN_S + 2.0, "the cooldown to end")
+        await s.chat()
+        assert flaky.calls == 4
+        row = await s.routing()
+        assert (row["circuit"], row["consecutive-failures"]) == ("closed", "0"), row
+        assert [k for k, _ in alerts(await s.page("/console/")) if k == "cooldown"] == []
+
+
+async def test_with_two_workers_the_console_merges_both_routers(
+    world: World, tmp_path: Path, upstreams: tuple[Flaky, str, str]
+) -> None:
+    """Under --workers 2 the console (worker 1) counts the requests worker 2 routed too."""
+    flaky, flaky_url, steady_url = upstreams
+    flaky.failing = False
+    async with served(world, tmp_path, flaky_url, steady_url, "--workers", "2") as s:
+        seen: list[str] = []
+        while len(set(seen)) < 2:  # until both workers served (each new connection: 1/2)
+            assert len(seen) < 40, seen
+            seen.append(await s.chat())
+        assert set(seen) == {"1", "2"}
+
+        async def merged() -> bool:
+            page = await s.page("/console/routing")
+            tag = re.search(r'<p [^>]*id="live-source"[^>]*>', page)
+            assert tag is not None
+            src = dict(_ATTR.findall(tag[0]))
+            row = live_rows(page)[("gpt-4o-mini", "flaky")]
+            return src["merged"] == "1 2" and row["recent-requests"] == str(len(seen))
+
+        await _until(merged, 5.0, "worker 2's published state in worker 1's console")
+        page = await s.page("/console/routing")
+        assert "2 of 2 workers" in page
+        assert live_rows(page)[("gpt-4o-mini", "flaky")]["seen-in"] == "2"

@@ -292,6 +292,10 @@ def _cooldown_alerts(request: web.Request, href: str | None) -> list[dict[str, A
                 "Deployment {deployment} of {model} is half-open: its cooldown is over and the "
                 "next request probes it.",
             ).format(deployment=d.deployment, model=d.model)
+        if snap.workers > 1:
+            text += " " + gettext(request, "In {k} of {n} workers.").format(
+                k=d.cooling_in, n=d.seen_in
+            )
         level = "bad" if d.circuit == "open" else ""
         out.append({"kind": "cooldown", "level": level, "text": text, "href": href})
     return out

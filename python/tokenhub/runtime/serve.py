@@ -44,7 +44,7 @@ from typing import Any
 from aiohttp import web
 
 from tokenhub.config import Config
-from tokenhub.runtime.shared import SharedState, Worker, journal_dir
+from tokenhub.runtime.shared import SHARED_STATE, SharedState, Worker, journal_dir
 
 log = logging.getLogger("tokenhub.serve")
 
@@ -166,18 +166,17 @@ async def _start_admin(
     only (one listener per host; "" turns it off). A port taken is a warning, not a failure:
     the gateway serves on without it.
 
-    With `gateway_app` (this process's gateway), the console sees the live routing state of
-    this process's routers (tokenhub.routing_state.LiveRouting): under --workers N that is
-    worker 1's view, since router state is per worker."""
-    if not cfg.admin.listen or (worker is not None and worker.index != 1):
+    With `gateway_app` (this process's gateway), the console sees the live routing state
+    (tokenhub.routing_state): this process's routers; under --workers N, worker 1's merged
+    with the snapshots the other workers publish in the server's shared dir, which is what
+    this function has every other worker do (they serve no admin listener)."""
+    if not cfg.admin.listen:
         return None
-    from tokenhub.admin.app import start_admin_listener
-    from tokenhub.config import split_listen
     from tokenhub.gateway.state import GATEWAY
-    from tokenhub.routing_state import LiveRouting
+    from tokenhub.routing_state import LiveRouting, MergedRouting, RoutingProvider
 
-    live = None
     gw = None if gateway_app is None else gateway_app.get(GATEWAY)
+    live = None
     if gw is not None:
         live = LiveRouting(
             lambda: gw.routers,
@@ -185,14 +184,28 @@ async def _start_admin(
             worker=0 if worker is None else worker.index,
             workers=1 if worker is None else worker.count,
         )
+    shared_dir = ""
+    if gateway_app is not None and worker is not None and worker.count > 1:
+        shared_dir = gateway_app[SHARED_STATE].metrics_dir
+    if worker is not None and worker.index != 1:
+        if live is not None and shared_dir:
+            live.publish_to(shared_dir)  # for worker 1's console; lives as long as the loop
+        return None
+    from tokenhub.admin.app import start_admin_listener
+    from tokenhub.config import split_listen
+
+    provider: RoutingProvider | None = live
+    if live is not None:
         live.start()
+        if shared_dir:
+            provider = MergedRouting(live, shared_dir)
     host, port = split_listen(cfg.admin.listen)
     return await start_admin_listener(
         cfg.server.database,
         host,
         port,
         max_body_bytes=cfg.admin.max_body_bytes,
-        routing_state=live,
+        routing_state=provider,
     )
 
 
