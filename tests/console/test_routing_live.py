@@ -249,6 +249,7 @@ async def test_pages_with_a_live_snapshot(with_provider: Any) -> None:
     assert 'data-worker="1" data-workers="2" data-merged="1 2"' in page
     assert "Merged from the routers of 2 of 2 workers" in page and "in 1 of 2 workers" in page
     assert 'id="live-unavailable"' not in page
+    assert '<section id="live-routing" data-refresh="5">' in page  # console.js refreshes it
     home = await (await read.get("/console/")).text()
     found = [t for k, t in alerts(home) if k == "cooldown"]
     assert len(found) == 1 and "mock-a/gpt-4o-mini" in found[0] and "3 consecutive" in found[0]

@@ -5,14 +5,17 @@ Routing health has two sources. Live: the gateway's routers as they are now (cir
 open or half-open with its cooldown's end, consecutive failures, requests in flight, latency
 and time-to-first-token EWMAs, requests and errors of the last few minutes), from the admin
 app's provider (tokenhub.routing_state; `tokenhub serve` sets it: a single process's routers,
-or worker 1's under --workers N, since router state is per worker). An admin app built
-without one (tests, benches) says "live state not available" and shows the database's
-figures alone. From the database, per deployment: the settled requests and error rate of the
-last hour and 24 hours (the hourly rollups) and, from at most `SAMPLE` most recent usage
-events of the last hour (an indexed, bounded read), latency p50/p95, the router's decisions
-per reason (`route`: policy, affinity, fallback, probe, degraded) and the tier share. A
-deployment whose recent decisions include `probe` or whose traffic arrives as `fallback` is
-one the router has been steering around.
+or under --workers N worker 1's merged with the snapshots the other workers publish each
+second). An admin app built without one (tests, benches) says "live state not available"
+and shows the database's figures alone. The live section refreshes itself every 5 s where
+JavaScript runs (console.js, data-refresh); the database's figures only on a reload.
+
+From the database, per deployment: the settled requests and error rate of the last hour and
+24 hours (the hourly rollups) and, from at most `SAMPLE` most recent usage events of the
+last hour (an indexed, bounded read), latency p50/p95, the router's decisions per reason
+(`route`: policy, affinity, fallback, probe, degraded) and the tier share. A deployment
+whose recent decisions include `probe` or whose traffic arrives as `fallback` is one the
+router has been steering around.
 """
 
 from __future__ import annotations
@@ -43,8 +46,8 @@ def _pct(x: float | None) -> str:
     return "" if x is None else f"{x:.1f}%"
 
 
-def _clock(ms: int) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(ms / 1000))
+def _clock(ms: int, *, date: bool = True) -> str:
+    return time.strftime(("%Y-%m-%d " if date else "") + "%H:%M:%S UTC", time.gmtime(ms / 1000))
 
 
 def _circuit_label(request: web.Request, d: DeploymentLive) -> tuple[str, str]:
@@ -69,7 +72,7 @@ def live_rows(
         if d.cooldown_until_ms is not None and d.circuit == "open":
             left = max(0, -(-(d.cooldown_until_ms - snap.taken_ms) // 1000))
             until = gettext(request, "{time} (in {s} s)").format(
-                time=_clock(d.cooldown_until_ms), s=left
+                time=_clock(d.cooldown_until_ms, date=False), s=left
             )
         h = health.get(d.deployment)
         out.append(
