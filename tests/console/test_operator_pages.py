@@ -61,6 +61,8 @@ async def test_overview_from_the_rollups(console_client: Any) -> None:
     # Tokens in / cached / out over 7 days, revenue per currency.
     assert "1,000,107 / 20 / 500,053" in html
     assert 'data-currency="CNY"' in html and 'data-currency="USD"' in html
+    # Exact: bravo's 10 tokens cost 0.0000057 USD, which rounding would show as 0.00.
+    assert re.search(r'data-tenant="bravo">.*?0\.0000057 USD', html, re.S)
     tenants = re.findall(r'<tr data-tenant="([^"]+)"', html)
     assert tenants == ["acme", "bravo"]
     assert 'data-model="gpt-4o-mini"' in html and 'data-model="qwen-plus"' in html

@@ -138,7 +138,8 @@ class Totals:
         return self.input_tokens + self.output_tokens
 
     def cost_text(self) -> str:
-        return ", ".join(fmt(v, c) for c, v in sorted(self.cost.items())) or "—"
+        # Exact: a few tokens cost a fraction of a cent, which rounding would show as 0.00.
+        return ", ".join(fmt(v, c, exact=True) for c, v in sorted(self.cost.items())) or "—"
 
 
 def _by_day(rows: list[SummaryRow], days: list[int]) -> dict[int, Totals]:
