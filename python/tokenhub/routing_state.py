@@ -32,7 +32,6 @@ it well under 0.1% of a core; nothing is done per request.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import time
@@ -205,7 +204,10 @@ class LiveRouting:
         loop = loop or asyncio.get_running_loop()
 
         def tick() -> None:
-            self.sample()
+            try:
+                self.sample()
+            except Exception:  # the next tick tries again; the gateway serves on
+                log.exception("live routing state: sampling failed")
             self._timer = loop.call_later(self.every_ms / 1000, tick)
 
         if self._timer is not None:
@@ -283,9 +285,13 @@ class LiveRouting:
         tmp = path.with_suffix(".tmp")
 
         def tick() -> None:
-            with contextlib.suppress(OSError):  # a full disk must not take the worker down
+            try:
                 tmp.write_bytes(_encode(self()))
                 os.replace(tmp, path)
+            except OSError:  # a full disk must not take the worker down: worker 1 leaves
+                pass  # this worker out once its last file is stale
+            except Exception:
+                log.exception("live routing state: publishing failed")
             self._publisher = loop.call_later(every_ms / 1000, tick)
 
         self.start(loop)
