@@ -153,6 +153,8 @@ async def test_next_takes_only_local_paths(console_client: Any) -> None:
         ("https://evil.example/console/", "/console/"),
         ("//evil.example/console/", "/console/"),
         ("/console/my/", "/console/"),  # an operator's sign-in never lands on a tenant page
+        ("/console/../admin/v1/tenants", "/console/"),
+        ("/console/%2e%2e/admin/v1/tenants", "/console/"),
     ):
         anon = await console_client(None)
         pre = csrf_of(await (await anon.get("/console/signin")).text())

@@ -436,6 +436,8 @@ def local_path(target: str | None, default: str) -> str:
     parts = urlsplit(target)
     if parts.scheme or parts.netloc or "\\" in target or any(ord(c) < 32 for c in target):
         return default
+    if ".." in parts.path.split("/") or "%" in parts.path:  # no way out of /console/
+        return default
     return target
 
 
