@@ -4,6 +4,11 @@ Users are operators (role admin, billing or read; tenant NULL) or a tenant's own
 'tenant', tenant set). Passwords arrive here already hashed (tokenhub.console.passwords); a
 session row holds the SHA-256 of the cookie's secret, never the secret. Disabling a user or
 changing its password deletes its sessions in the same transaction, so they stop at once.
+
+Below them, the reads of the operator pages (tokenhub.console.operator_pages) that the other
+store modules lack: kept account balances of a page of tenants, overrun accounts, the oldest
+unsettled event, the ledger check's cheap share, a page of keys' limits; each an indexed read
+or one over a small table, never a scan of usage_events or postings.
 """
 
 from __future__ import annotations
