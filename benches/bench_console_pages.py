@@ -5,18 +5,21 @@
     .venv/bin/python benches/bench_console_pages.py --events 200000 --repeat 20
 
 The events are benches/bench_rollups.py's (50 tenants with 3 keys each, 6 models x 2
-deployments, 3% errors), spread over the 30 days that end at this hour, bulk-loaded as settled
-(no charge: cost 0) with the rollups built by `rebuild`, as that bench does; the tenants and
-their keys (under the events' key ids), prices, and a wallet top-up per tenant go in through
-the service functions. The SQLite database is cached (--db, default
+deployments, 3% errors), spread over the 30 days that end at this hour, bulk-loaded, then
+settled through billing as the settler does (Billing.settle in batches of 1000: postings,
+wallet draws, the rollups with their costs), so that revenue, balances and statements are
+real; the tenants and their keys (under the events' key ids), USD prices, and a wallet top-up
+per tenant go in through the service functions. Building takes a few minutes at 1M (the
+settling mostly); the SQLite database is cached (--db, default
 $TMPDIR/tokenhub-bench-console-<events>-<day>.db) so that a rerun the same day starts at once;
 PostgreSQL gets a fresh database per run, dropped after.
 
 The admin app (tokenhub.admin.app.build_admin_app, which mounts /console) runs in this process
 on 127.0.0.1; an operator (admin) and a tenant user sign in through the sign-in form, then each
 page is requested --repeat times after one warm-up request. Reported per page: the console's
-own `Server-Timing: app;dur=` (handler and rendering) at p50/p99, and the client-side time (the
-whole HTTP exchange on loopback) at p50. A page that does not answer 200 is reported and makes
+own `Server-Timing: app;dur=` (handler and rendering) at p50/p99, the client-side time (the
+whole HTTP exchange on loopback) at p50, and the page's size (a page that renders next to
+nothing is not measured as fast). A page that does not answer 200 is reported and makes
 the run exit 1. Nothing asserts on time; the target is p50 under 50 ms.
 """
 
@@ -35,6 +38,7 @@ import uuid
 from collections.abc import Sequence
 from html.parser import HTMLParser
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
@@ -45,14 +49,16 @@ sys.path.insert(0, str(Path(__file__).parent))
 import bench_rollups as BR  # the events' generator and bulk loader
 
 from tokenhub.admin.app import build_admin_app
-from tokenhub.billing import rollups as R
 from tokenhub.billing.service import Billing
-from tokenhub.db.database import Tx, open_database
+from tokenhub.db.database import Database, Tx, open_database
 from tokenhub.store import sql as S
+from tokenhub.usage import UsageEvent
 
 HOUR = 3_600_000
 DAY = 86_400_000
 PASSWORD = "bench-console-password"  # a throwaway database's users
+COLS = BR.COLS
+SETTLE_BATCH = 1000
 TENANT = "tenant-00"  # the busiest tenant (the generator's weights are 1/(i+1))
 TOKENHUB = str(Path(sys.executable).with_name("tokenhub"))
 
@@ -67,8 +73,8 @@ def _month(ms: int) -> str:
 
 
 async def build(url: str, n: int, start: int) -> None:
-    """Tenants, keys, prices and wallets through the service functions, then N settled
-    events bulk-loaded and the rollups rebuilt."""
+    """Tenants, keys, prices and wallets through the service functions, then N events
+    bulk-loaded and settled through billing (postings, wallets, rollups)."""
     BR.START = start  # rows() spreads the events over the 30 days from START
     data = BR.rows(n)
     db = await open_database(url)
@@ -106,20 +112,51 @@ async def build(url: str, n: int, start: int) -> None:
             )
         for name in tenants:
             await billing.set_profile(name, currency="USD", draw_order=["wallet", "postpaid"])
-            await billing.topup(name, "100.00", "USD")
+            await billing.topup(name, "1000.00", "USD")  # more than the busiest one spends
         t = time.perf_counter()
-        await BR.load(db, url, data)
-        n_ev, n_rows = await db.transaction(lambda tx: R.rebuild(tx, dialect=db.dialect))
-        if db.dialect == "postgresql":
-            await db.transaction(lambda tx: tx.execute("ANALYZE"))
+        await load_events(db, url, data)
+        loaded = time.perf_counter() - t
+        # Settled for real (Billing.settle, the settler's batches of 1000): postings, wallet
+        # draws and the rollups' costs, as the gateway's settler leaves them.
+        fields = COLS[: COLS.index("attempts") + 1]
+        t = time.perf_counter()
+        for i in range(0, len(data), SETTLE_BATCH):
+            await billing.settle(
+                UsageEvent(**dict(zip(fields, r, strict=False))) for r in data[i : i + SETTLE_BATCH]
+            )
+            if i and i % 100_000 == 0:
+                print(f"  settled {i} events", file=sys.stderr, flush=True)
+        settled = time.perf_counter() - t
+        await db.transaction(lambda tx: tx.execute("ANALYZE"))
         print(
-            f"  loaded {n_ev} settled events and built {n_rows} rollup rows in "
-            f"{time.perf_counter() - t:.0f} s",
+            f"  loaded {len(data)} events in {loaded:.0f} s, settled them in {settled:.0f} s",
             file=sys.stderr,
             flush=True,
         )
     finally:
         await db.close()
+
+
+async def load_events(db: Database, url: str, data: list[tuple[Any, ...]]) -> None:
+    """The events' rows (bench_rollups.load without its settlements: Billing.settle writes
+    them); settled_ms is set as the settler sets it after settling."""
+    if db.dialect == "postgresql":
+        conn = await asyncpg.connect(url)
+        try:
+            await conn.copy_records_to_table("usage_events", records=data, columns=COLS)
+        finally:
+            await conn.close()
+        return
+    marks = ",".join(f"${i + 1}" for i in range(len(COLS)))
+
+    async def run(tx: Tx) -> None:
+        for i in range(0, len(data), 50_000):
+            await tx.executemany(
+                f"INSERT INTO usage_events ({', '.join(COLS)}) VALUES ({marks})",
+                data[i : i + 50_000],
+            )
+
+    await db.transaction(run)
 
 
 def add_users(db_arg: str) -> None:
@@ -186,14 +223,14 @@ _APP_DUR = re.compile(r"\bapp;dur=([0-9.]+)")
 
 async def measure(
     http: aiohttp.ClientSession, url: str, repeat: int
-) -> tuple[list[float], list[float], int]:
-    """(server ms, client ms, status) over `repeat` requests after one warm-up."""
+) -> tuple[list[float], list[float], int, int]:
+    """(server ms, client ms, status, page bytes) over `repeat` requests after one warm-up."""
     server, client = [], []
-    status = 0
+    status = size = 0
     for i in range(repeat + 1):
         t = time.perf_counter()
         async with http.get(url, allow_redirects=False) as r:
-            await r.read()
+            size = len(await r.read())
             status = r.status
             timing = r.headers.get("Server-Timing", "")
         if i == 0:
@@ -202,7 +239,7 @@ async def measure(
         found = _APP_DUR.search(timing)
         if found:
             server.append(float(found.group(1)))
-    return server, client, status
+    return server, client, status, size
 
 
 def pct(values: Sequence[float], p: float) -> float:
@@ -227,6 +264,27 @@ def pages(start: int, tenant_href: str | None) -> list[tuple[str, str, str]]:
             "usage drill-down (one day x model)",
             f"/console/usage/events?since={day}&until={next_day}&model=gpt-4o&tenant={TENANT}",
         ),
+        (
+            "operator",
+            "usage drill-down (one day x model, all tenants)",
+            f"/console/usage/events?since={day}&until={next_day}&model=gpt-4o",
+        ),
+        (
+            "operator",
+            "usage drill-down (one day, a fallback deployment's errors, all tenants)",
+            f"/console/usage/events?since={day}&until={next_day}&deployment=glm-4@1&status=error",
+        ),
+        ("operator", "usage 7 d (default)", "/console/usage"),
+        (
+            "operator",
+            "usage 30 d, day x tenant",
+            "/console/usage?range=30d&period=day&group=tenant",
+        ),
+        (
+            "operator",
+            "usage today, hour x deployment",
+            "/console/usage?range=today&period=hour&group=deployment",
+        ),
         ("operator", "tenants", "/console/tenants"),
         ("operator", "tenant detail", tenant_href or "/console/tenants"),
         ("operator", "keys", "/console/keys"),
@@ -235,9 +293,17 @@ def pages(start: int, tenant_href: str | None) -> list[tuple[str, str, str]]:
             "billing statements",
             f"/console/billing/statements?tenant={TENANT}&period={_month(now - DAY)}",
         ),
+        ("operator", "billing overruns", "/console/billing/overruns"),
+        ("operator", "billing invoices", "/console/billing/invoices"),
+        ("operator", "billing codes", "/console/billing/codes"),
+        ("operator", "routing health", "/console/routing"),
+        ("operator", "audit", "/console/audit"),
         ("tenant", "balance", "/console/my/"),
         ("tenant", "usage", "/console/my/usage"),
         ("tenant", "request log", "/console/my/requests"),
+        ("tenant", "statements", "/console/my/statements"),
+        ("tenant", "limits", "/console/my/limits"),
+        ("tenant", "keys", "/console/my/keys"),
     ]
     return out
 
@@ -271,18 +337,18 @@ async def run_pages(engine: str, url: str, start: int, repeat: int) -> bool:
                 (h for h in hrefs if h.rstrip("/").endswith((f"/{TENANT}", f"/{tid}"))), None
             )
             print(f"\n{engine}, {repeat} requests per page after a warm-up:\n")
-            print("| page | server p50 ms | server p99 ms | client p50 ms |")
-            print("|---|---:|---:|---:|")
+            print("| page | server p50 ms | server p99 ms | client p50 ms | KiB |")
+            print("|---|---:|---:|---:|---:|")
             for who, label, path in pages(start, tenant_href):
                 http = op if who == "operator" else ten
-                server, client, status = await measure(http, base + path, repeat)
+                server, client, status, size = await measure(http, base + path, repeat)
                 if status != 200:
-                    print(f"| {who}: {label} (`{path}`) | HTTP {status} | | |")
+                    print(f"| {who}: {label} (`{path}`) | HTTP {status} | | | |")
                     ok = False
                     continue
                 print(
                     f"| {who}: {label} | {pct(server, 50):.1f} | {pct(server, 99):.1f} | "
-                    f"{pct(client, 50):.1f} |",
+                    f"{pct(client, 50):.1f} | {size / 1024:.0f} |",
                     flush=True,
                 )
     finally:
