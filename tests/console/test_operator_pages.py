@@ -392,3 +392,13 @@ async def test_tenant_page_links_and_other_wallets(
     assert 'data-wallet="84000000000"' in html  # the CNY wallet, the billing currency's
     assert 'href="/console/usage?tenant=acme"' in html
     assert 'href="/console/billing/statements?tenant=acme"' in html
+
+
+async def test_key_page_shows_its_usage(console_client: Any, world: World) -> None:
+    read = await console_client("read")
+    html = await page(read, f"/console/keys/{world.key_ids['acme']}")
+    assert 'id="key-usage" data-requests="3"' in html  # 2 ok, 1 refused
+    assert html.count('<tr data-day="') == 2 and 'class="sparkline"' in html
+    assert "7.50 CNY" in html
+    html = await page(read, f"/console/keys/{world.key_ids['bravo']}")
+    assert 'id="key-usage" data-requests="1"' in html and "0.0000057 USD" in html

@@ -725,11 +725,27 @@ async def key_create(request: web.Request, session: Session) -> web.StreamRespon
 async def key_detail(request: web.Request, session: Session) -> web.StreamResponse:
     key_id = request.match_info["id"]
 
-    async def run(tx: Tx) -> tuple[ApiKey, Limits]:
-        key = await sql.key_in(tx, key_id)
-        return key, await sql.limits_in(tx, "key", key.id)
+    now = _now()
+    today = now - now % DAY_MS
+    days = [today - i * DAY_MS for i in range(29, -1, -1)]
 
-    key, limits = await (await db(request)).read(run)
+    async def run(tx: Tx) -> tuple[ApiKey, Limits, list[SummaryRow]]:
+        key = await sql.key_in(tx, key_id)
+        # The key's tenant's rows only (the rollups' tenant index), grouped by key.
+        rows = await usage_summary(
+            tx,
+            since=days[0],
+            until=hour_of(now) + HOUR_MS,
+            group_by=("day", "key"),
+            tenant=key.tenant,
+        )
+        return key, await sql.limits_in(tx, "key", key.id), [r for r in rows if r.group == key.id]
+
+    key, limits, rows = await (await db(request)).read(run)
+    daily = _by_day(rows, days)
+    total = Totals()
+    for t in daily.values():
+        total.add(t)
     return render(
         request,
         session,
@@ -738,6 +754,12 @@ async def key_detail(request: web.Request, session: Session) -> web.StreamRespon
         limits=limits,
         key_fields=KEY_LIMIT_FIELDS,
         secret=take_once(request, f"key:{key.id}"),
+        total=total,
+        days=[(_day_label(d), daily[d]) for d in days if daily[d].requests],
+        trend=charts.sparkline(
+            [daily[d].requests for d in days],
+            title=gettext(request, "Requests per day (30 days)"),
+        ),
     )
 
 
