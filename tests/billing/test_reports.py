@@ -12,7 +12,7 @@ import pytest
 
 from tokenhub.billing import io as bio
 from tokenhub.billing import reports as R
-from tokenhub.billing.rollups import DAY_MS, HOUR_MS, usage_summary
+from tokenhub.billing.rollups import DAY_MS, HOUR_MS, TABLES, usage_summary
 from tokenhub.billing.service import Billing
 from tokenhub.db.database import Database, Tx, open_database
 from tokenhub.store import sql
@@ -191,3 +191,32 @@ async def test_audits_overruns_codes_invoices(db: Database) -> None:
     assert (inv.tenant, inv.period, inv.currency, inv.due) == ("bravo", period, "USD",
                                                                 1_000_000_000)  # fmt: skip
     assert await db.read(lambda tx: R.invoices(tx, tenant="acme")) == []
+
+
+@pytest.mark.parametrize("period", ["hour", "day"])
+async def test_explore_from_totals_equals_by_key_rows(
+    db: Database, period: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The explorer reads the totals (no key, HTTP status) unless it groups or filters by key:
+    every grouping and filter gives what the by-key rollups give."""
+    since, until = T0 + 3 * HOUR_MS, NOW - NOW % HOUR_MS + HOUR_MS  # hours on either side
+    filters = [
+        R.NO_FILTERS,
+        R.Filters(status="ok"),
+        R.Filters(status="error"),
+        R.Filters(tenant="acme", model="m1"),
+        R.Filters(deployment="d/alt"),
+        R.Filters(tenant="acme", status="error"),
+    ]
+
+    async def explore_all(tx: Tx) -> list[Any]:
+        return [
+            await R.usage_explore(tx, since=since, until=until, group_by=(period, d), filters=f)
+            for d in ("tenant", "model", "deployment")
+            for f in filters
+        ]
+
+    fast = await db.read(explore_all)
+    assert sum(r.requests for rows in fast for r in rows) > 0
+    monkeypatch.setattr(R, "tables_for", lambda dim, *, by_key: TABLES)
+    assert await db.read(explore_all) == fast

@@ -22,6 +22,7 @@ from tokenhub.billing.io import store_events
 from tokenhub.billing.service import Billing
 from tokenhub.billing.settler import settle_pending
 from tokenhub.db.database import Database, Tx, open_database
+from tokenhub.db.schema import MIGRATIONS
 from tokenhub.usage import MAX_TOKENS, UsageEvent
 
 START = ms(2026, 11, 2)
@@ -158,11 +159,14 @@ async def _assert_equal(db: Database) -> None:
             assert await _summary(db, period, dim, tenant, span) == want, (period, dim, span)
 
 
-async def _raw_rollups(db: Database) -> list[tuple[Any, ...]]:
-    """Both tables' nonzero rows."""
+async def _raw_rollups(
+    db: Database, tables: tuple[str, ...] = (*R.TABLES, *R.TOTALS)
+) -> list[tuple[Any, ...]]:
+    """The tables' nonzero rows."""
     out: list[tuple[Any, ...]] = []
-    for table in R.TABLES:
-        sql = f"SELECT * FROM {table} WHERE cost <> 0 OR requests <> 0 ORDER BY 1, 2, 3, 4, 5, 6, 7"
+    for table in tables:
+        order = "1, 2, 3, 4, 5, 6" + (", 7" if table in R.TABLES else "")
+        sql = f"SELECT * FROM {table} WHERE cost <> 0 OR requests <> 0 ORDER BY {order}"
         rows = await db.read(lambda tx, sql=sql: tx.fetch(sql))
         out += [(table, *(int(v) if isinstance(v, int) else v for v in r)) for r in rows]
     return out
@@ -229,12 +233,18 @@ async def test_rollups_equal_group_by_over_settled_events(billing: Billing, seed
     )
     await _assert_equal(db)
 
+    # Migration 17's backfill of the totals (SQL) equals what settlement kept.
+    totals = await _raw_rollups(db, R.TOTALS)
+    assert {r[5] for r in totals} >= {200, 429, 499, 500}  # by HTTP status
+    await _backfill_totals(db)
+    assert await _raw_rollups(db, R.TOTALS) == totals
+
     # Rebuild equals incremental: all of it, and from a time on.
     incremental = await _raw_rollups(db)
     n, _ = await db.transaction(lambda tx: R.rebuild(tx, dialect=db.dialect))
     assert n == await db.read(lambda tx: tx.fetchval("SELECT COUNT(*) FROM settlements"))
     assert await _raw_rollups(db) == incremental
-    for table in R.TABLES:
+    for table in (*R.TABLES, *R.TOTALS):
         await db.transaction(lambda tx, t=table: tx.execute(f"UPDATE {t} SET requests = 0"))
     since = START + 36 * HOUR + 1234  # mid-day: rounds down to the day
     day = since - since % (24 * HOUR)
@@ -242,7 +252,50 @@ async def test_rollups_equal_group_by_over_settled_events(billing: Billing, seed
     mixed = await _raw_rollups(db)
     assert [r for r in mixed if r[1] >= day] == [r for r in incremental if r[1] >= day]
     assert [r for r in mixed if r[1] < day]  # the earlier days are left as they were
-    assert all(r[8] == 0 for r in mixed if r[1] < day)
+    # requests, after the table's name and its key columns
+    assert all(r[8 if r[0] in R.TABLES else 7] == 0 for r in mixed if r[1] < day)
+
+
+async def _backfill_totals(db: Database) -> None:
+    """Empties the totals and runs migration 17's INSERTs again."""
+    (m17,) = [m for m in MIGRATIONS if m.version == 17]
+    fills = [s for s in m17.statements if s.startswith("INSERT")]
+    assert len(fills) == 1
+
+    async def run(tx: Tx) -> None:
+        for table in R.TOTALS:
+            await tx.execute(f"DELETE FROM {table}")
+        for sql in fills:
+            await tx.execute(sql)
+
+    await db.transaction(run)
+
+
+async def test_totals_equal_the_rollups_by_key(billing: Billing) -> None:
+    """The daily totals are the daily by-key rollups summed over keys (status classes from
+    the HTTP statuses); summaries read the by-key rows when they group or filter by key."""
+    db = billing.db
+    await _setup(billing)
+    await _store(db, _events(random.Random(3), 300, [0]))
+    await settle_pending(billing, batch=50)
+    cls = "CASE WHEN status >= 200 AND status < 300 THEN 'ok' ELSE 'error' END"
+    sums = ", ".join(
+        f"SUM({c})"
+        for c in ("requests", "ok", "input_tokens", "cached_tokens", "output_tokens", "cost")
+    )
+
+    async def grouped(tx: Tx, table: str, status: str) -> list[tuple[str, ...]]:
+        rows = await tx.fetch(
+            f"SELECT hour_ms, tenant, model, deployment, {status}, currency, {sums} "
+            f"FROM {table} GROUP BY 1, 2, 3, 4, 5, 6 ORDER BY 1, 2, 3, 4, 5, 6"
+        )
+        return [tuple(map(str, r)) for r in rows]
+
+    want = await db.read(partial(grouped, table=R.TABLES[1], status="status"))
+    assert want and await db.read(partial(grouped, table=R.TOTALS_DAILY, status=cls)) == want
+    assert R.tables_for("key", by_key=False) == R.TABLES
+    assert R.tables_for("model", by_key=True) == R.TABLES
+    assert R.tables_for("model", by_key=False) == (R.TABLES[0], R.TOTALS_DAILY)
 
 
 async def test_summary_refuses_unknown_group_by(billing: Billing) -> None:

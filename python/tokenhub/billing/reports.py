@@ -22,7 +22,15 @@ from typing import Any
 
 import msgspec
 
-from tokenhub.billing.rollups import DAY_MS, DIMENSIONS, HOUR_MS, PERIODS, TABLES, SummaryRow
+from tokenhub.billing.rollups import (
+    DAY_MS,
+    DIMENSIONS,
+    HOUR_MS,
+    PERIODS,
+    TOTALS,
+    SummaryRow,
+    tables_for,
+)
 from tokenhub.billing.rollups import hour_of as _hour_of
 from tokenhub.db.database import Database, Tx
 from tokenhub.store.base import AdminAudit, AuditEntry
@@ -56,7 +64,12 @@ class _Args:
         return f"${len(self.values)}"
 
 
-def _dimension_conds(f: Filters, arg: _Args, *, events: bool) -> list[str]:
+def _dimension_conds(
+    f: Filters, arg: _Args, *, events: bool, http_status: bool | None = None
+) -> list[str]:
+    """`filters` as SQL conditions on usage_events (`events`) or a rollup table, whose status
+    is the HTTP status (`http_status`, default: `events`) or its class."""
+    http_status = events if http_status is None else http_status
     conds = []
     for col, v in (
         ("tenant", f.tenant),
@@ -69,7 +82,7 @@ def _dimension_conds(f: Filters, arg: _Args, *, events: bool) -> list[str]:
     if f.status is not None:
         if f.status not in STATUS_CLASSES:
             raise ValueError(f"status must be one of {', '.join(STATUS_CLASSES)}")
-        if events:
+        if http_status:
             inside = f"status >= {arg(200)} AND status < {arg(300)}"
             conds.append(f"({inside})" if f.status == "ok" else f"NOT ({inside})")
         else:
@@ -89,18 +102,20 @@ async def usage_explore(
 ) -> list[SummaryRow]:
     """Settled usage from the rollups, as `rollups.usage_summary` (the hours h with
     hour_of(since) <= h < until; by bucket, then group), narrowed by `filters` (its `stream`
-    is not in the rollups: ValueError). ValueError on an unknown group_by or status."""
+    is not in the rollups: ValueError). Unless it groups or filters by key, whole days from
+    the daily totals (no key, fewer rows). ValueError on an unknown group_by or status."""
     period, dim = group_by
     if period not in PERIODS or dim not in DIMENSIONS:
         raise ValueError(f"group by must be one of {PERIODS} x {tuple(DIMENSIONS)}")
     if filters.stream is not None:
         raise ValueError("the rollups do not keep stream: filter the events instead")
+    hourly, daily = tables_for(dim, by_key=filters.key_id is not None)
     start = _hour_of(since)
-    spans = [(TABLES[0], start, until)]
+    spans = [(hourly, start, until)]
     if period == "day":
         d0, d1 = start + (-start % DAY_MS), until - until % DAY_MS
         if d0 < d1:
-            spans = [(TABLES[0], start, d0), (TABLES[1], d0, d1), (TABLES[0], d1, until)]
+            spans = [(hourly, start, d0), (daily, d0, d1), (hourly, d1, until)]
     bucket = "hour_ms" if period == "hour" else f"(hour_ms / {DAY_MS}) * {DAY_MS}"
     col = DIMENSIONS[dim]
     found: dict[tuple[int, str], SummaryRow] = {}
@@ -109,7 +124,7 @@ async def usage_explore(
             continue
         arg = _Args()
         conds = [f"hour_ms >= {arg(lo)}", f"hour_ms < {arg(hi)}"]
-        conds += _dimension_conds(filters, arg, events=False)
+        conds += _dimension_conds(filters, arg, events=False, http_status=table in TOTALS)
         rows = await tx.fetch(
             f"SELECT {bucket} AS b, {col} AS g, currency, SUM(requests), SUM(ok), "
             "SUM(input_tokens), SUM(cached_tokens), SUM(output_tokens), SUM(cost) "
@@ -417,7 +432,11 @@ async def invoices(tx: Tx, *, tenant: str | None = None, limit: int = 200) -> li
     """Postpaid invoices (ledger transactions of kind invoice, ref `invoice:<period>`, found
     through the ref index), the latest periods first."""
     arg = _Args()
-    conds = [f"ref >= {arg('invoice:')}", f"ref < {arg('invoice;')}", "kind = 'invoice'"]
+    conds = [
+        f"ref >= {arg('invoice:')}",
+        f"ref < {arg('invoice;')}",
+        "kind = 'invoice'",
+    ]
     if tenant:
         conds.append(f"tenant = {arg(tenant)}")
     rows = await tx.fetch(

@@ -1,9 +1,13 @@
-"""Usage rollups: settled usage per hour, kept in the transaction that settles it.
+"""Usage rollups: settled usage per hour and day, kept in the transaction that settles it.
 
 `usage_rollups` holds, per UTC hour, tenant, key, model, deployment, status class (`ok`: an
 HTTP 2xx, else `error`) and currency, the settled events' requests, ok, input / cached / output
-tokens and cost; `usage_rollups_daily` the same per UTC day (written beside it, in the same
-statements' transaction). Pages and `usage_summary` read them, never the raw events.
+tokens and cost; `usage_rollups_daily` the same per UTC day; `usage_totals_daily` the same per
+UTC day without the key, and with the exact HTTP status instead of its class (migration 17): a
+summary that neither groups nor filters by key reads its whole days there (less than half the
+rows), and a statement's requests not billed come from it by status. All three are written
+beside each other, in the same statements' transaction. Pages and `usage_summary` read them,
+never the raw events.
 
 Kept equal to the settled events at every commit: `apply_settled` runs inside every settling
 transaction (Billing.settle, after its postings and beside its `also`), and adds exactly the
@@ -25,16 +29,25 @@ locks they hold already, and the order keeps anything else from deadlocking.
 
 `rebuild` recomputes the rollups from settlements, usage events and postings (the backfill of
 a database settled before migration 14, `tokenhub billing rollups rebuild`); on PostgreSQL it
-holds the table in EXCLUSIVE mode, so a settlement that commits meanwhile adds its events after
-the rebuild, never twice.
+holds the tables in EXCLUSIVE mode, so a settlement that commits meanwhile adds its events after
+the rebuild, never twice. Migration 17 fills the daily totals of an existing database in SQL
+(the same rule, from the settled events and their postings).
 
 Performance notes (benches/bench_rollups.py, 1M settled events over 30 days, 50 tenants, 150
 keys, 6 models x 2 deployments: 384k hourly rows, 2-core VM): a 30-day day x model summary
 reads the daily rows in 53 ms on SQLite / 26 ms on PostgreSQL against 4.7 s / 1.1 s for the
 same GROUP BY over the raw events; one tenant's 30 days by key 1.6 / 2.0 ms (1.0 s / 0.5 s
 raw). Hourly rows alone were 594 / 159 ms for the 30-day query (the hourly key x model x
-deployment rows hardly compress at ~1,400 events an hour), hence the daily table. Rebuild
-runs at ~54k events/s on SQLite, ~12k on PostgreSQL (asyncpg's executemany of the upserts).
+deployment rows hardly compress at ~1,400 events an hour), hence the daily table. Without the
+key (usage_totals_daily: 26k rows for the 30 days against 58k) the 30-day day x model query
+reads its days in ~20 ms on SQLite instead of ~52; the web console's explorer (30 days by
+model) and overview went from 72 / 65 ms to ~35 / ~27 ms at p50 (benches/
+bench_console_pages.py, a busy shared VM). Writing the totals too adds ~2-6 us per settled
+event in batches of 100-1000 to the rollups' own writes (15-20 us; a settlement is 110-160 us
+an event on SQLite, benches/bench_settle.py), so a few percent of settlement. An hourly totals
+table as well would have saved a few ms a page (the hours of today) for as much again.
+Rebuild runs at ~54k events/s on SQLite, ~12k on PostgreSQL (asyncpg's executemany of the
+upserts).
 """
 
 from __future__ import annotations
@@ -50,27 +63,43 @@ from tokenhub.usage import UsageEvent
 HOUR_MS = 3_600_000
 DAY_MS = 86_400_000
 PERIODS = ("hour", "day")
-DIMENSIONS = {"tenant": "tenant", "key": "key_id", "model": "model", "deployment": "deployment"}
+DIMENSIONS = {
+    "tenant": "tenant",
+    "key": "key_id",
+    "model": "model",
+    "deployment": "deployment",
+}
 PROGRESS_EVERY = 100_000
 _CHUNK = 500
 _READ = 10_000
 
-# (hour_ms, tenant, key_id, model, deployment, status, currency)
-Key = tuple[int, str, str, str, str, str, str]
-_COLS = (
-    "hour_ms", "tenant", "key_id", "model", "deployment", "status", "currency",
-    "requests", "ok", "input_tokens", "cached_tokens", "output_tokens", "cost",
-)  # fmt: skip
+# (hour_ms, tenant, key_id, model, deployment, HTTP status, currency)
+Key = tuple[int, str, str, str, str, int, str]
+_SUMS = ("requests", "ok", "input_tokens", "cached_tokens", "output_tokens", "cost")
+_KEYS = ("hour_ms", "tenant", "key_id", "model", "deployment", "status", "currency")
+_TOTAL_KEYS = ("hour_ms", "tenant", "model", "deployment", "status", "currency")
+# By key, with the status class (hourly, daily).
 TABLES = ("usage_rollups", "usage_rollups_daily")
+# Without the key, with the HTTP status (daily).
+TOTALS_DAILY = "usage_totals_daily"
+TOTALS = (TOTALS_DAILY,)
 
 
 def _upsert(table: str) -> str:
+    keys = _TOTAL_KEYS if table in TOTALS else _KEYS
+    cols = (*keys, *_SUMS)
     return (
-        f"INSERT INTO {table} ({', '.join(_COLS)}) "
-        f"VALUES ({', '.join(f'${i + 1}' for i in range(len(_COLS)))}) "
-        "ON CONFLICT (hour_ms, tenant, key_id, model, deployment, status, currency) DO UPDATE "
-        "SET " + ", ".join(f"{c} = {table}.{c} + excluded.{c}" for c in _COLS[7:])
+        f"INSERT INTO {table} ({', '.join(cols)}) "
+        f"VALUES ({', '.join(f'${i + 1}' for i in range(len(cols)))}) "
+        f"ON CONFLICT ({', '.join(keys)}) DO UPDATE "
+        "SET " + ", ".join(f"{c} = {table}.{c} + excluded.{c}" for c in _SUMS)
     )
+
+
+def tables_for(dimension: str, *, by_key: bool) -> tuple[str, str]:
+    """The (hourly, daily) tables a summary grouped by `dimension` reads: the daily totals for
+    its whole days unless it groups or filters (`by_key`) by key."""
+    return TABLES if by_key or dimension == "key" else (TABLES[0], TOTALS_DAILY)
 
 
 # The tenant's side of a usage transaction, in money units.
@@ -105,27 +134,40 @@ class _Acc:
         counts: tuple[int, int, int],
         cost: dict[str, int],
     ) -> None:
-        cls = status_class(status)
         currencies = sorted(cost) or [""]
         for i, cur in enumerate(currencies):
-            row = self.rows.setdefault((hour, tenant, key_id, model, deployment, cls, cur), [0] * 6)
+            row = self.rows.setdefault(
+                (hour, tenant, key_id, model, deployment, status, cur), [0] * 6
+            )
             if i == 0:
                 row[0] += 1
-                row[1] += cls == "ok"
+                row[1] += 200 <= status < 300
                 row[2] += counts[0]
                 row[3] += counts[1]
                 row[4] += counts[2]
             row[5] += cost.get(cur, 0)
 
     async def write(self, tx: Tx) -> int:
-        """Upserts the hourly rows, then the daily ones; returns the hourly rows written."""
-        daily: dict[Key, list[int]] = {}
-        for k, v in self.rows.items():
-            d = daily.setdefault((k[0] - k[0] % DAY_MS, *k[1:]), [0] * 6)
-            for j, x in enumerate(v):
-                d[j] += x
+        """Upserts the hourly rows, the daily ones, then the daily totals; returns the hourly
+        rows written."""
+        hourly: dict[tuple[Any, ...], list[int]] = {}
+        daily: dict[tuple[Any, ...], list[int]] = {}
+        totals: dict[tuple[Any, ...], list[int]] = {}
+        for (hour, tenant, key_id, model, dep, status, cur), v in self.rows.items():
+            day, cls = hour - hour % DAY_MS, status_class(status)
+            for got, k in (
+                (hourly, (hour, tenant, key_id, model, dep, cls, cur)),
+                (daily, (day, tenant, key_id, model, dep, cls, cur)),
+                (totals, (day, tenant, model, dep, status, cur)),
+            ):
+                d = got.get(k)
+                if d is None:
+                    got[k] = list(v)
+                else:
+                    for j, x in enumerate(v):
+                        d[j] += x
         n = 0
-        for table, got in zip(TABLES, (self.rows, daily), strict=True):
+        for table, got in zip((*TABLES, TOTALS_DAILY), (hourly, daily, totals), strict=True):
             rows = [(*k, *v) for k, v in sorted(got.items()) if any(v)]
             for i in range(0, len(rows), 5000):
                 await tx.executemany(_upsert(table), rows[i : i + 5000])
@@ -187,8 +229,15 @@ async def apply_refund(tx: Tx, event_id: str, txn_id: str) -> None:
     acc = _Acc()
     for cur, amount in sorted(cost.items()):
         if amount:
-            hour, cls = hour_of(int(row[0])), status_class(int(row[5]))
-            acc.rows[(hour, row[1], row[2], row[3], row[4], cls, cur)] = [0, 0, 0, 0, 0, -amount]
+            hour, status = hour_of(int(row[0])), int(row[5])
+            acc.rows[(hour, row[1], row[2], row[3], row[4], status, cur)] = [
+                0,
+                0,
+                0,
+                0,
+                0,
+                -amount,
+            ]
     await acc.write(tx)
 
 
@@ -203,10 +252,10 @@ async def rebuild(
     events, inside the caller's transaction on a database of `dialect` (Database.dialect).
     `progress(events read)` every PROGRESS_EVERY events. Returns (events, rows written)."""
     if dialect == "postgresql":
-        await tx.execute("LOCK TABLE usage_rollups, usage_rollups_daily IN EXCLUSIVE MODE")
+        await tx.execute(f"LOCK TABLE {', '.join((*TABLES, *TOTALS))} IN EXCLUSIVE MODE")
     # From the start of since's UTC day, so that the daily rows are whole.
     start = since - since % DAY_MS if since is not None else None
-    for table in TABLES:
+    for table in (*TABLES, *TOTALS):
         if start is None:
             await tx.execute(f"DELETE FROM {table}")
         else:
@@ -260,7 +309,8 @@ async def _refunded(tx: Tx, event_ids: Sequence[str]) -> set[str]:
         out |= {
             r[0]
             for r in await tx.fetch(
-                f"SELECT ref FROM ledger_txns WHERE kind = 'refund' AND ref IN ({marks})", *chunk
+                f"SELECT ref FROM ledger_txns WHERE kind = 'refund' AND ref IN ({marks})",
+                *chunk,
             )
         }
     return out
@@ -293,18 +343,20 @@ async def usage_summary(
     DIMENSIONS), the hours h with hour_of(since) <= h < until (rollups are hourly: bounds
     fall on hours), of one `tenant` or all; ordered by bucket, then group. Grouped by day,
     the whole UTC days inside the range are read from the daily rows, the hours at either
-    end from the hourly ones. ValueError on an unknown group_by."""
+    end from the hourly ones (grouped by anything but the key, the days from the daily totals).
+    ValueError on an unknown group_by."""
     period, dim = group_by
     if period not in PERIODS or dim not in DIMENSIONS:
         raise ValueError(
             f"group_by must be one of {PERIODS} x {tuple(DIMENSIONS)} (got {group_by!r})"
         )
+    hourly, daily = tables_for(dim, by_key=False)
     start = hour_of(since)
-    spans = [(TABLES[0], start, until)]
+    spans = [(hourly, start, until)]
     if period == "day":
         d0, d1 = start + (-start % DAY_MS), until - until % DAY_MS
         if d0 < d1:
-            spans = [(TABLES[0], start, d0), (TABLES[1], d0, d1), (TABLES[0], d1, until)]
+            spans = [(hourly, start, d0), (daily, d0, d1), (hourly, d1, until)]
     bucket = "hour_ms" if period == "hour" else f"(hour_ms / {DAY_MS}) * {DAY_MS}"
     col = DIMENSIONS[dim]
     found: dict[tuple[int, str], SummaryRow] = {}
