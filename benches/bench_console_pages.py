@@ -10,8 +10,8 @@ settled through billing as the settler does (Billing.settle in batches of 1000: 
 wallet draws, the rollups with their costs), so that revenue, balances and statements are
 real; the tenants and their keys (under the events' key ids), USD prices, and a wallet top-up
 per tenant go in through the service functions. Building takes a few minutes at 1M (the
-settling mostly); the SQLite database is cached (--db, default
-$TMPDIR/tokenhub-bench-console-<events>-<day>.db) so that a rerun the same day starts at once;
+settling mostly); the SQLite database is cached (--db, default under $TMPDIR, named by the
+event count and the window's first day) so that a rerun the same day starts at once;
 PostgreSQL gets a fresh database per run, dropped after.
 
 The admin app (tokenhub.admin.app.build_admin_app, which mounts /console) runs in this process
@@ -394,7 +394,8 @@ def main() -> int:
     if not args.no_sqlite:
         path = (
             args.db
-            or Path(tempfile.gettempdir()) / f"tokenhub-bench-console-{args.events}-{day}.db"
+            or Path(tempfile.gettempdir())
+            / f"tokenhub-bench-console-{args.events}-{day}-settled.db"
         )
         url = _sqlite_db(path, args.events, start)
         if args.build_only:
