@@ -168,7 +168,16 @@ async def events_page(
     limit: int = 100,
 ) -> list[UsageEvent]:
     """Usage events with since <= ts_ms < until matching `filters`, in (ts_ms, request_id)
-    order (that of `tokenhub events export`), the first `limit` after the position `after`."""
+    order (that of `tokenhub events export`), the first `limit` after the position `after`.
+
+    Without a tenant, the time range rides the (ts_ms, request_id) index and reads events
+    until `limit` of them match: a filter few events match (a fallback deployment's errors)
+    reads the whole range, ~100 ms for a day of 33k events on SQLite. Indexes on (model,
+    ts_ms) and (deployment, ts_ms) would make it cheap but cost the gateway's event writes
+    ~40-65% more CPU (benches/bench_store.py's method: 11.8 -> 19.4 us an event in batches
+    of 50, 6.4 -> 9.0 in batches of 1000); narrowing to the hours the rollups say hold a
+    match halved the rare case and slowed the common ones. The explorer's rows drill down
+    to a day at most (its link to the whole range's events can cover more)."""
     arg = _Args()
     conds = _dimension_conds(filters, arg, events=True)
     if since is not None:
