@@ -35,9 +35,10 @@ def chromium() -> str:
     return path
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def demo(chromium: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Demo]:
-    """One demo server for the session: the tests make their own tenants and keys in it."""
+    """One demo server per module, stopped after it: the tests make their own tenants and
+    keys in it."""
     tmp = tmp_path_factory.mktemp("demo")
     server = start_demo(
         tmp, "demo-pw-" + secrets.token_urlsafe(12), "th-" + secrets.token_urlsafe(32)
@@ -48,7 +49,7 @@ def demo(chromium: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[De
         stop_demo(server.popen)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser(chromium: str) -> Iterator[Any]:
     from playwright.sync_api import sync_playwright
 
