@@ -1,6 +1,8 @@
-"""Usage summaries from the hourly rollups (tokenhub.billing.rollups.usage_summary) against the
-same GROUP BY over the raw settled events, with N settled events (default 1M) over 30 days, on
-SQLite and, with --pg (or $TOKENHUB_TEST_PG_DSN), PostgreSQL.
+"""Usage summaries from the rollups (tokenhub.billing.rollups.usage_summary) against the same
+GROUP BY over the raw settled events, with N settled events (default 1M) over 30 days, on
+SQLite and, with --pg (or $TOKENHUB_TEST_PG_DSN), PostgreSQL; and against the same summary
+from the by-key rollups only (what a summary that does not group by key read before the daily
+totals, migration 17).
 
     .venv/bin/python benches/bench_rollups.py
     .venv/bin/python benches/bench_rollups.py --pg "$TOKENHUB_TEST_PG_DSN" --events 1000000
@@ -9,7 +11,7 @@ Events and their settlements are bulk-loaded (no charge: the ledger is not what 
 then the rollups are built by `rebuild` (the backfill `tokenhub billing rollups rebuild` runs;
 its time is reported). Each query runs --repeat times; the median is shown. The raw query is
 the cheapest raw form (counts and tokens only, no join to postings for cost), so its figure is
-a lower bound. Every pair is checked to return the same counts: a mismatch prints MISMATCH and
+a lower bound. Every three are checked to return the same counts: a mismatch prints MISMATCH and
 exits 1. At 1M events a run takes ~3 min on a 2-core VM (loading and rebuilding, mostly);
 --events 200000 is ~40 s. `--pg` names a server where the role may create databases: a fresh
 database is created for the run and dropped after. Nothing asserts on time.
@@ -129,6 +131,18 @@ async def rolled(
     return [(r.bucket_ms, r.group, r.requests, r.input_tokens) for r in s]
 
 
+async def by_key(
+    tx: Tx, *, since: int, until: int, group_by: tuple[str, str], tenant: str | None
+) -> list[tuple[int, str, int, int]]:
+    """`rolled` from the by-key rollups only (what it read before usage_totals_daily)."""
+    tables_for = R.tables_for
+    R.tables_for = lambda dimension, *, by_key: R.TABLES  # type: ignore[assignment]
+    try:
+        return await rolled(tx, since=since, until=until, group_by=group_by, tenant=tenant)
+    finally:
+        R.tables_for = tables_for  # type: ignore[assignment]
+
+
 QUERIES = [
     ("30 days, day x model, all tenants", (START, START + 30 * DAY), ("day", "model"), None),
     ("30 days, day x key, one tenant", (START, START + 30 * DAY), ("day", "key"), "tenant-00"),
@@ -164,22 +178,29 @@ async def bench(engine: str, url: str, n: int, repeat: int, data: list[tuple[Any
         )
         rebuilt = time.perf_counter() - t
         if db.dialect == "postgresql":
-            await db.transaction(lambda tx: tx.execute("ANALYZE usage_rollups"))
+            await db.transaction(lambda tx: tx.execute("ANALYZE"))
         print(
             f"\n{engine}: {n_ev} settled events loaded in {loaded:.1f} s; rebuild "
             f"{rebuilt:.1f} s ({n_ev / rebuilt:,.0f} events/s) -> {n_rows} rollup rows\n"
         )
-        print("| query | raw GROUP BY ms | rollups ms | speed-up |\n|---|---:|---:|---:|")
+        print(
+            "| query | raw GROUP BY ms | rollups ms | speed-up | by-key rollups only ms |\n"
+            "|---|---:|---:|---:|---:|"
+        )
         for name, (since, until), group_by, tenant in QUERIES:
             kw: dict[str, Any] = {
                 "since": since, "until": until, "group_by": group_by, "tenant": tenant
             }  # fmt: skip
             raw_ms, a = await timed(db, partial(raw, **kw), repeat)
             roll_ms, b = await timed(db, partial(rolled, **kw), repeat)
-            if a != b:
-                print(f"MISMATCH: {name}: raw {len(a)} rows, rollups {len(b)} rows")
+            key_ms, c = await timed(db, partial(by_key, **kw), repeat)
+            if not a == b == c:
+                print(f"MISMATCH: {name}: raw {len(a)} rows, rollups {len(b)}, by key {len(c)}")
                 ok = False
-            print(f"| {name} | {raw_ms:.1f} | {roll_ms:.2f} | {raw_ms / roll_ms:.1f}x |")
+            print(
+                f"| {name} | {raw_ms:.1f} | {roll_ms:.2f} | {raw_ms / roll_ms:.1f}x | "
+                f"{key_ms:.2f} |"
+            )
     finally:
         await db.close()
     return ok
