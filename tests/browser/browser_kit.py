@@ -111,11 +111,6 @@ _CONSOLE_LINE = re.compile(
 )
 
 
-def _serve_supports(option: str) -> bool:
-    r = subprocess.run([TOKENHUB, "serve", "--help"], capture_output=True, text=True, timeout=60)
-    return option in r.stdout
-
-
 def start_demo(tmp: Path, password: str, key: str) -> Demo:
     """`tokenhub serve --demo` on free ports with its own database, the demo key and the
     console password from the environment (never argv), until the gateway answers."""
@@ -132,10 +127,7 @@ def start_demo(tmp: Path, password: str, key: str) -> Demo:
     }
     env.pop("TOKENHUB_DB", None)
     cmd = [TOKENHUB, "serve", "--demo", "--db", str(db), "--port", str(port)]
-    if _serve_supports("--admin-listen"):
-        cmd += ["--admin-listen", f"127.0.0.1:{admin_port}"]
-    else:
-        env["TOKENHUB_ADMIN_LISTEN"] = f"127.0.0.1:{admin_port}"
+    cmd += ["--admin-listen", f"127.0.0.1:{admin_port}"]
     with open(out, "wb") as o, open(err, "wb") as e:
         popen = subprocess.Popen(cmd, stdout=o, stderr=e, env=env, cwd=tmp, start_new_session=True)
 
