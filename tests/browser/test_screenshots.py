@@ -103,18 +103,52 @@ def history(demo: Demo, tmp: Path, days: int = 13) -> None:
     demo.cli("events", "ingest", str(path), "--settle")
 
 
+def provider_csv(demo: Demo, tmp: Path, provider: str) -> Path:
+    """A provider's usage file for this month as the provider would send it: its requests'
+    counts, with one request it counted differently, one tokenhub never saw, one missing."""
+    month = time.strftime("%Y-%m", time.gmtime())
+    since = f"{month}-01"
+    rows = [
+        e
+        for e in map(json.loads, demo.cli("events", "export", "--format", "jsonl",
+                                          "--since", since).stdout.splitlines())
+        if e["provider"] == provider and e["status"] == 200
+    ]  # fmt: skip
+    rows[0]["output_tokens"] += 17  # counted differently
+    del rows[1]  # the provider's file lacks it
+    lines = ["request_id,model,input_tokens,cached_input_tokens,output_tokens"]
+    lines += [
+        f"{e['request_id']},{e['model']},{e['input_tokens']},{e['cached_input_tokens']},"
+        f"{e['output_tokens']}"
+        for e in rows
+    ]
+    lines.append("req_0123456789abcdef0123456789abcdef,gpt-4o-mini,1200,0,300")  # unknown here
+    path = tmp / f"{provider}-{month}.csv"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
 def test_screenshots(demo: Demo, new_context: Any, tmp_path: Path) -> None:
     ctx = new_context()
     page = ctx.new_page()
     sign_in(page, demo, *demo.operator)
 
-    # Two more tenants with keys and money, so the pages have more than one row.
+    # A token package, and two more tenants with keys and money (acme-labs buys the package),
+    # so the pages have more than one row.
+    page.goto(demo.url("/console/billing/plans"))
+    submit(
+        page,
+        "/console/billing/plans",
+        {"name": "starter-2m", "price": "4.00", "currency": "USD", "quantity": "2000000"},
+    )
     keys = {"demo": demo.key}
     for name in ("acme-labs", "lotus-ai"):
         page.goto(demo.url("/console/tenants/new"))
         submit(page, "/console/tenants/new", {"name": name, "currency": "USD"})
         tenant_path = page.url[len(demo.base) :]
         submit(page, f"{tenant_path}/topup", {"amount": "50.00", "currency": "USD"})
+        if name == "acme-labs":
+            submit(page, f"{tenant_path}/plan", {"plan": "starter-2m"})
         page.goto(demo.url("/console/keys"))
         submit(page, "/console/keys", {"tenant": name})
         keys[name] = SECRET.findall(page.content())[0]
@@ -126,7 +160,8 @@ def test_screenshots(demo: Demo, new_context: Any, tmp_path: Path) -> None:
 
     page.goto(demo.console)
     shot(page, "overview")
-    page.goto(demo.url("/console/usage?range=today&period=hour&group=model"))
+    page.goto(demo.url("/console/usage?range=7d&period=day&group=model"))
+    page.locator("#usage-window").evaluate("e => e.scrollIntoView()")  # the chart, the table
     shot(page, "usage-explorer")
     page.goto(demo.url("/console/tenants"))
     page.locator("a", has_text="acme-labs").first.click()
@@ -135,15 +170,21 @@ def test_screenshots(demo: Demo, new_context: Any, tmp_path: Path) -> None:
     page.goto(demo.url("/console/keys"))
     submit(page, "/console/keys", {"tenant": "acme-labs"})
     shot(page, "key-secret-once")
-    page.goto(demo.url("/console/billing/statements"))
+    month = time.strftime("%Y-%m", time.gmtime())
+    page.goto(demo.url(f"/console/billing/statements?tenant=acme-labs&period={month}"))
     shot(page, "billing-statements")
     page.goto(demo.url("/console/billing/reconcile"))
+    page.locator("#reconcile-form input[name=file]").set_input_files(
+        str(provider_csv(demo, tmp_path, "mock-a"))
+    )
+    submit(page, "/console/billing/reconcile", {"provider": "mock-a", "period": month})
     shot(page, "billing-reconcile")
     page.goto(demo.url("/console/routing"))
     shot(page, "routing")
     with page.expect_navigation():
         page.locator("#lang-form button[value='zh-CN']").click()
-    page.goto(demo.url("/console/usage?range=today&period=hour&group=tenant"))
+    page.goto(demo.url("/console/usage?range=7d&period=day&group=tenant"))
+    page.locator("#usage-window").evaluate("e => e.scrollIntoView()")
     shot(page, "usage-explorer-zh-CN")
     with page.expect_navigation():
         page.locator("#lang-form button[value='en']").click()
