@@ -126,6 +126,9 @@ bench: build ## run the benchmarks (installs the optional baselines)
 	@# Settlement on SQLite, and on the throwaway PostgreSQL the tests use.
 	TOKENHUB_TEST_PG_DSN=$$(scripts/test-postgres start) $(BIN)/python benches/bench_settle.py
 	$(BIN)/python benches/bench_settler_idle.py
+	@# The web console's page times with 1M settled events, SQLite then PostgreSQL (the SQLite
+	@# database is cached under $$TMPDIR for the day: building it takes a few minutes).
+	TOKENHUB_TEST_PG_DSN=$$(scripts/test-postgres start) $(BIN)/python benches/bench_console_pages.py
 	@# Routing decisions (ns in Rust, µs from Python), then the policies replayed on the shared
 	@# traces and the tier router's quality track (../shared/traces, or TOKENHUB_TRACES).
 	$(BIN)/python benches/bench_router.py
