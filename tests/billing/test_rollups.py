@@ -259,7 +259,7 @@ async def test_rollups_equal_group_by_over_settled_events(billing: Billing, seed
 async def _backfill_totals(db: Database) -> None:
     """Empties the totals and runs migration 17's INSERTs again."""
     (m17,) = [m for m in MIGRATIONS if m.version == 17]
-    fills = [s for s in m17.statements if s.startswith("INSERT")]
+    fills = [s for s in m17.statements if s.startswith("INSERT INTO usage_totals_daily")]
     assert len(fills) == 1
 
     async def run(tx: Tx) -> None:

@@ -14,11 +14,13 @@ from typing import Any
 import msgspec
 from ledger_kit import ms
 
+from tokenhub.billing import rollups as R
 from tokenhub.billing import statements as ST
 from tokenhub.billing.io import store_events
 from tokenhub.billing.service import Billing
 from tokenhub.billing.settler import settle_pending
 from tokenhub.db.database import Database, Tx
+from tokenhub.db.schema import MIGRATIONS
 from tokenhub.usage import MAX_TOKENS, UsageEvent
 
 TENANTS = ("cash", "pack", "post")
@@ -37,7 +39,11 @@ async def _setup(b: Billing) -> None:
         await b.set_price(
             model, currency="CNY", input_per_1m=pin, output_per_1m=pout, effective_ms=0
         )
-    await b.create_plan("small", price="1", currency="CNY", tokens=300_000, period="month")
+    # A small package with a USD overage: most months run past it.
+    await b.create_plan(
+        "small", price="1", currency="CNY", tokens=30_000, period="month",
+        overage_per_1m="3", overage_currency="USD",
+    )  # fmt: skip
 
 
 def _events(rng: random.Random, n: int, month: tuple[int, int], seq: list[int]) -> list[UsageEvent]:
@@ -125,6 +131,10 @@ async def test_open_statement_fast_equals_full(billing: Billing) -> None:
 
     # No period closed: the opening balances are the postings' sums before the period.
     assert await _assert_fast_equals_full(db) > 0
+    sts = [(await _both(db, "pack", p))[0] for p in PERIODS]
+    assert any(s["overage"] for s in sts) and any(
+        u["package_tokens"] for s in sts for u in s["usage"]
+    )
 
     # September and October closed (in order): later periods open from October's closing.
     for period in ("2026-09", "2026-10"):
@@ -170,3 +180,47 @@ async def test_not_billed_counts_unsettled_events_once(billing: Billing) -> None
         lambda tx: tx.fetchval("SELECT COUNT(*) FROM usage_events WHERE settled_ms IS NULL")
     )
     assert marked == 0
+
+
+async def test_statement_lines_before_migration_17_and_rebuild(billing: Billing) -> None:
+    """A database settled before migration 17 has no statement lines for its usage so far:
+    the migration marks the latest period with usage, statements up to it read the postings,
+    later ones the lines; `rebuild` recomputes the lines (equal to what settlement kept) and
+    clears the mark."""
+    db = billing.db
+    await _setup(billing)
+    rng = random.Random(5)
+    seq = [0]
+    for month in MONTHS[2:5]:
+        await billing.topup("cash", "300", "CNY", ts_ms=ms(*month, 1))
+        await billing.topup("post", "300", "USD", ts_ms=ms(*month, 1))
+        await _store(db, _events(rng, 60, month, seq))
+        await settle_pending(billing, batch=40)
+    kept = await db.read(
+        lambda tx: tx.fetch(f"SELECT * FROM {R.LINES_TABLE} ORDER BY 1, 2, 3, 4, 5, 6")
+    )
+    assert kept and await db.read(R.lines_from) == ""
+    (m17,) = [m for m in MIGRATIONS if m.version == 17]
+    (mark,) = [s for s in m17.statements if s.startswith("INSERT INTO statement_lines_from")]
+
+    async def before_17(tx: Tx) -> None:
+        # As migration 17 finds a database settled up to December: no lines, the mark.
+        await tx.execute(f"DELETE FROM {R.LINES_TABLE}")
+        await tx.execute("DELETE FROM statement_lines_from")
+        await tx.execute(mark)
+
+    await db.transaction(before_17)
+    assert await db.read(R.lines_from) == "2026-12"
+    # Settled after the migration: January's usage goes to the lines.
+    await _store(db, _events(rng, 40, MONTHS[5], seq))
+    await settle_pending(billing)
+    assert await _assert_fast_equals_full(db) > 0
+    await db.transaction(lambda tx: R.rebuild(tx, dialect=db.dialect))
+    assert await db.read(R.lines_from) == ""
+    assert await _assert_fast_equals_full(db) > 0
+    rebuilt = await db.read(
+        lambda tx: tx.fetch(
+            f"SELECT * FROM {R.LINES_TABLE} WHERE period < '2027-01' ORDER BY 1, 2, 3, 4, 5, 6"
+        )
+    )
+    assert [tuple(map(str, r)) for r in rebuilt] == [tuple(map(str, r)) for r in kept]

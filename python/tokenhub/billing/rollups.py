@@ -7,7 +7,9 @@ UTC day without the key, and with the exact HTTP status instead of its class (mi
 summary that neither groups nor filters by key reads its whole days there (less than half the
 rows), and a statement's requests not billed come from it by status. All three are written
 beside each other, in the same statements' transaction. Pages and `usage_summary` read them,
-never the raw events.
+never the raw events. `usage_statement_lines` (migration 17) holds per tenant, statement period
+and model what a statement shows of the usage transactions (their postings per tenant account,
+tokens, overage), written by `apply_settled` too; `rebuild` (all) recomputes it.
 
 Kept equal to the settled events at every commit: `apply_settled` runs inside every settling
 transaction (Billing.settle, after its postings and beside its `also`), and adds exactly the
@@ -42,23 +44,30 @@ deployment rows hardly compress at ~1,400 events an hour), hence the daily table
 key (usage_totals_daily: 26k rows for the 30 days against 58k) the 30-day day x model query
 reads its days in ~20 ms on SQLite instead of ~52; the web console's explorer (30 days by
 model) and overview went from 72 / 65 ms to ~35 / ~27 ms at p50 (benches/
-bench_console_pages.py, a busy shared VM). Writing the totals too adds ~2-6 us per settled
-event in batches of 100-1000 to the rollups' own writes (15-20 us; a settlement is 110-160 us
-an event on SQLite, benches/bench_settle.py), so a few percent of settlement. An hourly totals
-table as well would have saved a few ms a page (the hours of today) for as much again.
+bench_console_pages.py, a busy shared VM). An hourly totals table as well would have saved a
+few ms a page (the hours of today) for as much settlement work again.
+
+The statement lines (usage_statement_lines, for tokenhub.billing.statements) come from the
+same read of the transactions' tenant postings that gives the cost, the token counts from the
+events' billed lines, and details parsed only where they mention an overage. The totals and
+the lines together cost settlement ~5-10% more CPU per event in batches of 1000 (105-115 ->
+111-124 us), ~15-20% in batches of 100 and ~25-40% one event at a time (benches/
+bench_settle.py on SQLite, before/after in turns on a busy shared 2-core VM); the busiest
+tenant's open statement went from 4.7 s to 0.4 ms.
 Rebuild runs at ~54k events/s on SQLite, ~12k on PostgreSQL (asyncpg's executemany of the
 upserts).
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from tokenhub.db.database import Tx
 from tokenhub.money import POINTS, TOKENS
-from tokenhub.usage import UsageEvent
+from tokenhub.usage import UsageEvent, billed_lines
 
 HOUR_MS = 3_600_000
 DAY_MS = 86_400_000
@@ -193,7 +202,14 @@ async def apply_settled(tx: Tx, events: Sequence[UsageEvent], txn_ids: dict[str,
     failures). Returns the rows written."""
     if not txn_ids:
         return 0
-    costs = await _costs(tx, txn_ids.values())
+    # A usage transaction's token counts are the billed lines of its event (Billing.settle).
+    tokens: dict[str, int] = {}
+    for ev in events:
+        tid = txn_ids.get(ev.request_id)
+        if tid and tid not in tokens:
+            tokens[tid] = sum(billed_lines(ev))
+    costs, lines = await _txn_reads(tx, txn_ids.values(), tokens)
+    await _write_lines(tx, lines)
     acc = _Acc()
     seen: set[str] = set()
     for ev in events:
@@ -212,6 +228,139 @@ async def apply_settled(tx: Tx, events: Sequence[UsageEvent], txn_ids: dict[str,
             costs.get(txn_ids[ev.request_id], {}),
         )
     return await acc.write(tx)
+
+
+# -- statement lines -----------------------------------------------------------------------------
+
+# (tenant, period, model, line, account, unit): line 'posting' (the sum of the usage
+# transactions' postings on a tenant account), 'tokens' (their details' token counts),
+# 'overage' (their overage draws, per tenant currency).
+LineKey = tuple[str, str, str, str, str, str]
+LINES_TABLE = "usage_statement_lines"
+_LINE_UPSERT = (
+    f"INSERT INTO {LINES_TABLE} (tenant, period, model, line, account, unit, value) "
+    "VALUES ($1, $2, $3, $4, $5, $6, $7) "
+    "ON CONFLICT (tenant, period, model, line, account, unit) DO UPDATE "
+    f"SET value = {LINES_TABLE}.value + excluded.value"
+)
+# The tenant's postings of usage transactions, with the details of those that may hold an
+# overage draw (or all: {details}).
+_TXN_SQL = (
+    "SELECT t.id, t.tenant, t.period, t.memo, {details}, p.account, p.unit, p.amount "
+    "FROM ledger_txns t JOIN postings p ON p.txn_id = t.id "
+    "WHERE t.id IN ({marks}) AND t.kind = 'usage' AND p.account LIKE 't:%' "
+    "ORDER BY t.id, p.leg"
+)
+_OVERAGE_DETAILS = "CASE WHEN t.details LIKE '%overage%' THEN t.details ELSE '' END"
+
+
+def tenant_side(tenant: str, account: str) -> bool:
+    """A posting a statement shows: on the tenant's own accounts, not a lot's deferred side
+    (tokenhub.billing.statements)."""
+    prefix = f"t:{tenant}:"
+    return account.startswith(prefix) and not account.startswith(f"{prefix}deferred:")
+
+
+def _add_txn(
+    lines: dict[LineKey, int],
+    tenant: str,
+    period: str,
+    model: str,
+    details: str,
+    legs: list[tuple[str, str, int]],
+    tokens: int | None,
+) -> None:
+    """One usage transaction's share of the statement lines (the statement's reading of it,
+    tokenhub.billing.statements: only one with a posting the statement shows counts).
+    `tokens`: its details' token counts summed (None: read from `details`)."""
+    shown = [(a, u, x) for a, u, x in legs if tenant_side(tenant, a)]
+    if not shown:
+        return
+    for a, u, x in shown:
+        k = (tenant, period, model, "posting", a, u)
+        lines[k] = lines.get(k, 0) + x
+    d = json.loads(details) if details else {}
+    if tokens is None:
+        tokens = sum(d.get("tokens", {}).values())
+    k = (tenant, period, model, "tokens", "", "")
+    lines[k] = lines.get(k, 0) + tokens
+    for draw in d.get("draws", []):
+        if draw.get("from") == "overage":
+            cur = draw.get("tenant_currency", draw["currency"])
+            k = (tenant, period, model, "overage", "", cur)
+            lines[k] = lines.get(k, 0) + draw.get("converted", draw["amount"])
+
+
+async def _txn_reads(
+    tx: Tx, txn_ids: Iterable[str], tokens: dict[str, int] | None = None
+) -> tuple[dict[str, dict[str, int]], dict[LineKey, int]]:
+    """Per usage transaction, what it charged the tenant per currency (the rollups' cost);
+    and the statement lines they add up to (`tokens`: each one's token counts, when known:
+    its details are then read only when they may hold an overage draw)."""
+    ids = sorted({t for t in txn_ids if t})
+    costs: dict[str, dict[str, int]] = {}
+    lines: dict[LineKey, int] = {}
+    details = "t.details" if tokens is None else _OVERAGE_DETAILS
+    for i in range(0, len(ids), _CHUNK):
+        chunk = ids[i : i + _CHUNK]
+        marks = ",".join(f"${j + 1}" for j in range(len(chunk)))
+        rows = await tx.fetch(_TXN_SQL.format(marks=marks, details=details), *chunk)
+        j = 0
+        while j < len(rows):
+            tid, tenant, period, model, det = rows[j][:5]
+            legs = []
+            while j < len(rows) and rows[j][0] == tid:
+                a, u, x = rows[j][5], rows[j][6], int(rows[j][7])
+                legs.append((a, u, x))
+                if a.startswith("t:") and u not in (TOKENS, POINTS):
+                    c = costs.setdefault(tid, {})
+                    c[u] = c.get(u, 0) + x
+                j += 1
+            _add_txn(
+                lines, tenant, period, model, det, legs, None if tokens is None else tokens[tid]
+            )
+    return costs, lines
+
+
+async def _write_lines(tx: Tx, lines: dict[LineKey, int]) -> None:
+    # Zero sums too: a statement lists what its transactions touched.
+    rows = [(*k, v) for k, v in sorted(lines.items())]
+    for i in range(0, len(rows), 5000):
+        await tx.executemany(_LINE_UPSERT, rows[i : i + 5000])
+
+
+async def lines_from(tx: Tx) -> str:
+    """The statement lines hold every usage transaction of the periods after this one ('':
+    all); a database settled before migration 17 holds its earlier ones only in postings
+    until `rebuild` (all) recomputes them."""
+    got = await tx.fetchval("SELECT period FROM statement_lines_from WHERE id = 1")
+    return str(got or "")
+
+
+async def rebuild_lines(tx: Tx, *, progress: Callable[[int], None] | None = None) -> int:
+    """Recomputes the statement lines from every usage transaction; returns how many."""
+    await tx.execute(f"DELETE FROM {LINES_TABLE}")
+    n = 0
+    after = ""
+    while True:
+        ids = [
+            r[0]
+            for r in await tx.fetch(
+                "SELECT id FROM ledger_txns WHERE kind = 'usage' AND id > $1 ORDER BY id LIMIT $2",
+                after,
+                _READ,
+            )
+        ]
+        if not ids:
+            break
+        after = ids[-1]
+        _, lines = await _txn_reads(tx, ids)
+        await _write_lines(tx, lines)
+        n += len(ids)
+        if progress is not None:
+            progress(n)
+    await tx.execute("UPDATE statement_lines_from SET period = '' WHERE id = 1")
+    return n
 
 
 async def apply_refund(tx: Tx, event_id: str, txn_id: str) -> None:
@@ -248,11 +397,15 @@ async def rebuild(
     since: int | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> tuple[int, int]:
-    """Recomputes the rollups from the UTC day of `since` (all when None) from the settled
-    events, inside the caller's transaction on a database of `dialect` (Database.dialect).
+    """Recomputes the rollups from the UTC day of `since` (all when None: the statement lines
+    too, from every usage transaction) from the settled events, inside the caller's
+    transaction on a database of `dialect` (Database.dialect).
     `progress(events read)` every PROGRESS_EVERY events. Returns (events, rows written)."""
     if dialect == "postgresql":
-        await tx.execute(f"LOCK TABLE {', '.join((*TABLES, *TOTALS))} IN EXCLUSIVE MODE")
+        locked = (*TABLES, *TOTALS, *((LINES_TABLE,) if since is None else ()))
+        await tx.execute(f"LOCK TABLE {', '.join(locked)} IN EXCLUSIVE MODE")
+    if since is None:
+        await rebuild_lines(tx)
     # From the start of since's UTC day, so that the daily rows are whole.
     start = since - since % DAY_MS if since is not None else None
     for table in (*TABLES, *TOTALS):

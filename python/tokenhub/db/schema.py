@@ -626,6 +626,34 @@ MIGRATIONS: tuple[Migration, ...] = (
                     WHERE r.kind = 'refund' AND r.ref = e.request_id)
             ) AS x
             GROUP BY d, tenant, model, deployment, status, currency""",
+            # tokenhub.billing.rollups / statements: a statement's usage section per tenant,
+            # period and model, kept by the settling transaction: line 'posting' (the usage
+            # transactions' postings summed per tenant account and unit), 'tokens' (their
+            # token counts), 'overage' (their overage draws per currency), so that an open
+            # period's statement reads a few rows, not every usage posting of the month.
+            """CREATE TABLE usage_statement_lines (
+                tenant TEXT NOT NULL,
+                period TEXT NOT NULL,
+                model TEXT NOT NULL,
+                line TEXT NOT NULL,
+                account TEXT NOT NULL,
+                unit TEXT NOT NULL,
+                value BIGINT NOT NULL,
+                PRIMARY KEY (tenant, period, model, line, account, unit)
+            )""",
+            # The lines hold every usage transaction of the periods after this one: those
+            # settled before this migration are in the postings only (their statements read
+            # them there) until `tokenhub billing rollups rebuild` recomputes the lines.
+            """CREATE TABLE statement_lines_from (
+                id INTEGER NOT NULL PRIMARY KEY CHECK (id = 1),
+                period TEXT NOT NULL
+            )""",
+            "INSERT INTO statement_lines_from (id, period) "
+            "SELECT 1, COALESCE(MAX(period), '') FROM ledger_txns WHERE kind = 'usage'",
+            # A period's other transactions (top-ups, refunds, invoices, ...) without its
+            # usage ones; usage transactions are not written to it.
+            "CREATE INDEX ledger_txns_not_usage ON ledger_txns (tenant, period, id) "
+            "WHERE kind <> 'usage'",
         ),
     ),
 )
