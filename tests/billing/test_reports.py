@@ -197,8 +197,9 @@ async def test_audits_overruns_codes_invoices(db: Database) -> None:
 async def test_explore_from_totals_equals_by_key_rows(
     db: Database, period: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The explorer reads the totals (no key, HTTP status) unless it groups or filters by key:
-    every grouping and filter gives what the by-key rollups give."""
+    """The explorer reads the totals (no key, HTTP status) unless it groups or filters by key,
+    the rows per dimension when only the status filters: every grouping and filter gives
+    what the by-key rollups give."""
     since, until = T0 + 3 * HOUR_MS, NOW - NOW % HOUR_MS + HOUR_MS  # hours on either side
     filters = [
         R.NO_FILTERS,
@@ -218,5 +219,5 @@ async def test_explore_from_totals_equals_by_key_rows(
 
     fast = await db.read(explore_all)
     assert sum(r.requests for rows in fast for r in rows) > 0
-    monkeypatch.setattr(R, "tables_for", lambda dim, *, by_key: TABLES)
+    monkeypatch.setattr(R, "tables_for", lambda dim, **kw: TABLES)
     assert await db.read(explore_all) == fast

@@ -235,7 +235,7 @@ async def test_rollups_equal_group_by_over_settled_events(billing: Billing, seed
 
     # Migration 17's backfill of the totals (SQL) equals what settlement kept.
     totals = await _raw_rollups(db, R.TOTALS)
-    assert {r[5] for r in totals} >= {200, 429, 499, 500}  # by HTTP status
+    assert {r[5] for r in totals if r[0] == R.TOTALS_DAILY} >= {200, 429, 499, 500}  # by status
     await _backfill_totals(db)
     assert await _raw_rollups(db, R.TOTALS) == totals
 
@@ -253,14 +253,18 @@ async def test_rollups_equal_group_by_over_settled_events(billing: Billing, seed
     assert [r for r in mixed if r[1] >= day] == [r for r in incremental if r[1] >= day]
     assert [r for r in mixed if r[1] < day]  # the earlier days are left as they were
     # requests, after the table's name and its key columns
-    assert all(r[8 if r[0] in R.TABLES else 7] == 0 for r in mixed if r[1] < day)
+    at = {R.TABLES[0]: 8, R.TABLES[1]: 8, R.TOTALS_DAILY: 7, R.DIMS_DAILY: 6}
+    assert all(r[at[r[0]]] == 0 for r in mixed if r[1] < day)
 
 
 async def _backfill_totals(db: Database) -> None:
     """Empties the totals and runs migration 17's INSERTs again."""
     (m17,) = [m for m in MIGRATIONS if m.version == 17]
-    fills = [s for s in m17.statements if s.startswith("INSERT INTO usage_totals_daily")]
-    assert len(fills) == 1
+    fills = [
+        s for s in m17.statements if s.startswith(("INSERT INTO usage_totals_daily",
+                                                   "INSERT INTO usage_dims_daily"))
+    ]  # fmt: skip
+    assert len(fills) == 2
 
     async def run(tx: Tx) -> None:
         for table in R.TOTALS:
@@ -293,9 +297,21 @@ async def test_totals_equal_the_rollups_by_key(billing: Billing) -> None:
 
     want = await db.read(partial(grouped, table=R.TABLES[1], status="status"))
     assert want and await db.read(partial(grouped, table=R.TOTALS_DAILY, status=cls)) == want
+    # The per-dimension rows: the totals summed per tenant, model and deployment.
+    for dim in ("tenant", "model", "deployment"):
+        q = (
+            f"SELECT hour_ms, {{g}}, status, currency, {sums} FROM {{t}} {{w}} "
+            "GROUP BY 1, 2, 3, 4 ORDER BY 1, 2, 3, 4"
+        )
+        mine = q.format(g="value", t=R.DIMS_DAILY, w=f"WHERE dimension = '{dim}'")
+        theirs = q.format(g=dim, t=R.TOTALS_DAILY, w="")
+        want = await db.read(lambda tx, sql=theirs: tx.fetch(sql))
+        got = await db.read(lambda tx, sql=mine: tx.fetch(sql))
+        assert want and [tuple(map(str, r)) for r in got] == [tuple(map(str, r)) for r in want]
     assert R.tables_for("key", by_key=False) == R.TABLES
     assert R.tables_for("model", by_key=True) == R.TABLES
     assert R.tables_for("model", by_key=False) == (R.TABLES[0], R.TOTALS_DAILY)
+    assert R.tables_for("model", by_key=False, narrowed=False) == (R.TABLES[0], R.DIMS_DAILY)
 
 
 async def test_summary_refuses_unknown_group_by(billing: Billing) -> None:

@@ -29,6 +29,7 @@ from tokenhub.billing.rollups import (
     PERIODS,
     TOTALS,
     SummaryRow,
+    dims_where,
     tables_for,
 )
 from tokenhub.billing.rollups import hour_of as _hour_of
@@ -103,13 +104,15 @@ async def usage_explore(
     """Settled usage from the rollups, as `rollups.usage_summary` (the hours h with
     hour_of(since) <= h < until; by bucket, then group), narrowed by `filters` (its `stream`
     is not in the rollups: ValueError). Unless it groups or filters by key, whole days from
-    the daily totals (no key, fewer rows). ValueError on an unknown group_by or status."""
+    the daily totals (no key, fewer rows), or with no filter but the status from the rows
+    per dimension (fewer still). ValueError on an unknown group_by or status."""
     period, dim = group_by
     if period not in PERIODS or dim not in DIMENSIONS:
         raise ValueError(f"group by must be one of {PERIODS} x {tuple(DIMENSIONS)}")
     if filters.stream is not None:
         raise ValueError("the rollups do not keep stream: filter the events instead")
-    hourly, daily = tables_for(dim, by_key=filters.key_id is not None)
+    narrowed = (filters.tenant, filters.key_id, filters.model, filters.deployment) != (None,) * 4
+    hourly, daily = tables_for(dim, by_key=filters.key_id is not None, narrowed=narrowed)
     start = _hour_of(since)
     spans = [(hourly, start, until)]
     if period == "day":
@@ -117,13 +120,13 @@ async def usage_explore(
         if d0 < d1:
             spans = [(hourly, start, d0), (daily, d0, d1), (hourly, d1, until)]
     bucket = "hour_ms" if period == "hour" else f"(hour_ms / {DAY_MS}) * {DAY_MS}"
-    col = DIMENSIONS[dim]
     found: dict[tuple[int, str], SummaryRow] = {}
     for table, lo, hi in spans:
         if lo >= hi:
             continue
+        col, extra = dims_where(table, dim)
         arg = _Args()
-        conds = [f"hour_ms >= {arg(lo)}", f"hour_ms < {arg(hi)}"]
+        conds = [f"hour_ms >= {arg(lo)}", f"hour_ms < {arg(hi)}", *([extra] if extra else [])]
         conds += _dimension_conds(filters, arg, events=False, http_status=table in TOTALS)
         rows = await tx.fetch(
             f"SELECT {bucket} AS b, {col} AS g, currency, SUM(requests), SUM(ok), "
