@@ -160,7 +160,7 @@ async def _assert_equal(db: Database) -> None:
 
 
 async def _raw_rollups(
-    db: Database, tables: tuple[str, ...] = (*R.TABLES, *R.TOTALS)
+    db: Database, tables: tuple[str, ...] = (*R.TABLES, *R.TOTALS, R.DIMS_HOURLY)
 ) -> list[tuple[Any, ...]]:
     """The tables' nonzero rows."""
     out: list[tuple[Any, ...]] = []
@@ -234,17 +234,18 @@ async def test_rollups_equal_group_by_over_settled_events(billing: Billing, seed
     await _assert_equal(db)
 
     # Migration 17's backfill of the totals (SQL) equals what settlement kept.
-    totals = await _raw_rollups(db, R.TOTALS)
+    derived = (*R.TOTALS, R.DIMS_HOURLY)
+    totals = await _raw_rollups(db, derived)
     assert {r[5] for r in totals if r[0] == R.TOTALS_DAILY} >= {200, 429, 499, 500}  # by status
     await _backfill_totals(db)
-    assert await _raw_rollups(db, R.TOTALS) == totals
+    assert await _raw_rollups(db, derived) == totals
 
     # Rebuild equals incremental: all of it, and from a time on.
     incremental = await _raw_rollups(db)
     n, _ = await db.transaction(lambda tx: R.rebuild(tx, dialect=db.dialect))
     assert n == await db.read(lambda tx: tx.fetchval("SELECT COUNT(*) FROM settlements"))
     assert await _raw_rollups(db) == incremental
-    for table in (*R.TABLES, *R.TOTALS):
+    for table in (*R.TABLES, *R.TOTALS, R.DIMS_HOURLY):
         await db.transaction(lambda tx, t=table: tx.execute(f"UPDATE {t} SET requests = 0"))
     since = START + 36 * HOUR + 1234  # mid-day: rounds down to the day
     day = since - since % (24 * HOUR)
@@ -253,21 +254,19 @@ async def test_rollups_equal_group_by_over_settled_events(billing: Billing, seed
     assert [r for r in mixed if r[1] >= day] == [r for r in incremental if r[1] >= day]
     assert [r for r in mixed if r[1] < day]  # the earlier days are left as they were
     # requests, after the table's name and its key columns
-    at = {R.TABLES[0]: 8, R.TABLES[1]: 8, R.TOTALS_DAILY: 7, R.DIMS_DAILY: 6}
+    at = {R.TABLES[0]: 8, R.TABLES[1]: 8, R.TOTALS_DAILY: 7, R.DIMS_DAILY: 6, R.DIMS_HOURLY: 6}
     assert all(r[at[r[0]]] == 0 for r in mixed if r[1] < day)
 
 
 async def _backfill_totals(db: Database) -> None:
     """Empties the totals and runs migration 17's INSERTs again."""
     (m17,) = [m for m in MIGRATIONS if m.version == 17]
-    fills = [
-        s for s in m17.statements if s.startswith(("INSERT INTO usage_totals_daily",
-                                                   "INSERT INTO usage_dims_daily"))
-    ]  # fmt: skip
-    assert len(fills) == 2
+    fills = [s for s in m17.statements if s.startswith(("INSERT INTO usage_totals_daily",
+                                                         "INSERT INTO usage_dims"))]  # fmt: skip
+    assert len(fills) == 3
 
     async def run(tx: Tx) -> None:
-        for table in R.TOTALS:
+        for table in (*R.TOTALS, R.DIMS_HOURLY):
             await tx.execute(f"DELETE FROM {table}")
         for sql in fills:
             await tx.execute(sql)
@@ -308,10 +307,16 @@ async def test_totals_equal_the_rollups_by_key(billing: Billing) -> None:
         want = await db.read(lambda tx, sql=theirs: tx.fetch(sql))
         got = await db.read(lambda tx, sql=mine: tx.fetch(sql))
         assert want and [tuple(map(str, r)) for r in got] == [tuple(map(str, r)) for r in want]
+        # Hourly: the by-key hourly rollups summed per dimension (status classes).
+        mine = q.format(g="value", t=R.DIMS_HOURLY, w=f"WHERE dimension = '{dim}'")
+        theirs = q.format(g=dim, t=R.TABLES[0], w="")
+        want = await db.read(lambda tx, sql=theirs: tx.fetch(sql))
+        got = await db.read(lambda tx, sql=mine: tx.fetch(sql))
+        assert want and [tuple(map(str, r)) for r in got] == [tuple(map(str, r)) for r in want]
     assert R.tables_for("key", by_key=False) == R.TABLES
     assert R.tables_for("model", by_key=True) == R.TABLES
     assert R.tables_for("model", by_key=False) == (R.TABLES[0], R.TOTALS_DAILY)
-    assert R.tables_for("model", by_key=False, narrowed=False) == (R.TABLES[0], R.DIMS_DAILY)
+    assert R.tables_for("model", by_key=False, narrowed=False) == (R.DIMS_HOURLY, R.DIMS_DAILY)
 
 
 async def test_summary_refuses_unknown_group_by(billing: Billing) -> None:

@@ -25,6 +25,7 @@ import msgspec
 from tokenhub.billing.rollups import (
     DAY_MS,
     DIMENSIONS,
+    DIMS_HOURLY,
     HOUR_MS,
     PERIODS,
     TOTALS,
@@ -274,15 +275,16 @@ def _pct(values: list[float], p: float) -> float:
 
 async def deployment_health(tx: Tx, *, now: int, sample: int = 5000) -> list[DeploymentHealth]:
     """Per deployment: settled requests and errors of the last hour and 24 hours (the hourly
-    rollups: the current hour and the one before, the last 24 + 1), and from the `sample`
-    most recent usage events of the last hour (settled or not): latency p50/p95, route
-    reasons and tiers. Sorted by deployment."""
+    rollups per dimension: the current hour and the one before, the last 24 + 1), and from
+    the `sample` most recent usage events of the last hour (settled or not): latency
+    p50/p95, route reasons and tiers. Sorted by deployment."""
     out: dict[str, DeploymentHealth] = {}
     h = _hour_of(now)
     for since, which in ((h - HOUR_MS, "1h"), (h - 24 * HOUR_MS, "24h")):
         rows = await tx.fetch(
-            "SELECT deployment, status, SUM(requests) FROM usage_rollups "
-            "WHERE hour_ms >= $1 AND hour_ms <= $2 GROUP BY deployment, status",
+            f"SELECT value, status, SUM(requests) FROM {DIMS_HOURLY} "
+            "WHERE hour_ms >= $1 AND hour_ms <= $2 AND dimension = 'deployment' "
+            "GROUP BY value, status",
             since,
             h,
         )

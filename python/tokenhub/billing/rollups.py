@@ -7,8 +7,9 @@ UTC day without the key, and with the exact HTTP status instead of its class (mi
 summary that neither groups nor filters by key reads its whole days there (less than half the
 rows), and a statement's requests not billed come from it by status; `usage_dims_daily` the
 same per UTC day and single dimension (dimension 'tenant', 'model' or 'deployment' and its
-value), read by the summaries of all tenants that filter by nothing but the status. All four
-are written beside each other, in the same statements' transaction. Pages and `usage_summary`
+value), and `usage_dims` per UTC hour and single dimension, with the status class, read by the
+summaries of all tenants that filter by nothing but the status. All five are written beside
+each other, in the same statements' transaction. Pages and `usage_summary`
 read them,
 never the raw events. `usage_statement_lines` (migration 17) holds per tenant, statement period
 and model what a statement shows of the usage transactions (their postings per tenant account,
@@ -51,7 +52,9 @@ bench_console_pages.py, a busy shared VM). An hourly totals table as well would 
 few ms a page (the hours of today) for as much settlement work again. `usage_dims_daily` sums
 them once more per single dimension (tenant, model or deployment) for the summaries of all
 tenants with no filter but the status (the overview, the explorer as it opens): 4.2k rows in
-all for the 30 days, the days of a 30-day day x model summary in ~1 ms instead of ~40.
+all for the 30 days, the days of a 30-day day x model summary in ~1 ms instead of ~40;
+`usage_dims` the same per hour for the hours at either end (today's ~18 hours by tenant:
+DIMS_FIGURE).
 
 The statement lines (usage_statement_lines, for tokenhub.billing.statements) come from the
 same read of the transactions' tenant postings that gives the cost, the token counts from the
@@ -99,11 +102,19 @@ TABLES = ("usage_rollups", "usage_rollups_daily")
 TOTALS_DAILY = "usage_totals_daily"
 DIMS_DAILY = "usage_dims_daily"
 TOTALS = (TOTALS_DAILY, DIMS_DAILY)
+# Per single dimension, hourly, by status class (as usage_rollups).
+DIMS_HOURLY = "usage_dims"
 _DIM_KEYS = ("hour_ms", "dimension", "value", "status", "currency")
 
 
 def _upsert(table: str) -> str:
-    keys = _DIM_KEYS if table == DIMS_DAILY else _TOTAL_KEYS if table in TOTALS else _KEYS
+    keys = (
+        _DIM_KEYS
+        if table in (DIMS_HOURLY, DIMS_DAILY)
+        else _TOTAL_KEYS
+        if table in TOTALS
+        else _KEYS
+    )
     cols = (*keys, *_SUMS)
     return (
         f"INSERT INTO {table} ({', '.join(cols)}) "
@@ -121,13 +132,13 @@ def tables_for(dimension: str, *, by_key: bool, narrowed: bool = True) -> tuple[
     `dimension` is the grouping (`dims_where`)."""
     if by_key or dimension == "key":
         return TABLES
-    return (TABLES[0], TOTALS_DAILY if narrowed else DIMS_DAILY)
+    return (TABLES[0], TOTALS_DAILY) if narrowed else (DIMS_HOURLY, DIMS_DAILY)
 
 
 def dims_where(table: str, dimension: str) -> tuple[str, str]:
     """(the group column, an extra condition) of a summary grouped by `dimension` reading
     `table`."""
-    if table == DIMS_DAILY:
+    if table in (DIMS_HOURLY, DIMS_DAILY):
         return "value", f"dimension = '{dimension}'"
     return DIMENSIONS[dimension], ""
 
@@ -184,6 +195,7 @@ class _Acc:
         daily: dict[tuple[Any, ...], list[int]] = {}
         totals: dict[tuple[Any, ...], list[int]] = {}
         dims: dict[tuple[Any, ...], list[int]] = {}
+        dims_h: dict[tuple[Any, ...], list[int]] = {}
         for (hour, tenant, key_id, model, dep, status, cur), v in self.rows.items():
             day, cls = hour - hour % DAY_MS, status_class(status)
             for got, k in (
@@ -193,6 +205,9 @@ class _Acc:
                 (dims, (day, "tenant", tenant, status, cur)),
                 (dims, (day, "model", model, status, cur)),
                 (dims, (day, "deployment", dep, status, cur)),
+                (dims_h, (hour, "tenant", tenant, cls, cur)),
+                (dims_h, (hour, "model", model, cls, cur)),
+                (dims_h, (hour, "deployment", dep, cls, cur)),
             ):
                 d = got.get(k)
                 if d is None:
@@ -201,8 +216,8 @@ class _Acc:
                     for j, x in enumerate(v):
                         d[j] += x
         n = 0
-        tables = (*TABLES, TOTALS_DAILY, DIMS_DAILY)
-        for table, got in zip(tables, (hourly, daily, totals, dims), strict=True):
+        tables = (*TABLES, TOTALS_DAILY, DIMS_DAILY, DIMS_HOURLY)
+        for table, got in zip(tables, (hourly, daily, totals, dims, dims_h), strict=True):
             rows = [(*k, *v) for k, v in sorted(got.items()) if any(v)]
             for i in range(0, len(rows), 5000):
                 await tx.executemany(_upsert(table), rows[i : i + 5000])
@@ -428,13 +443,13 @@ async def rebuild(
     transaction on a database of `dialect` (Database.dialect).
     `progress(events read)` every PROGRESS_EVERY events. Returns (events, rows written)."""
     if dialect == "postgresql":
-        locked = (*TABLES, *TOTALS, *((LINES_TABLE,) if since is None else ()))
+        locked = (*TABLES, *TOTALS, DIMS_HOURLY, *((LINES_TABLE,) if since is None else ()))
         await tx.execute(f"LOCK TABLE {', '.join(locked)} IN EXCLUSIVE MODE")
     if since is None:
         await rebuild_lines(tx)
     # From the start of since's UTC day, so that the daily rows are whole.
     start = since - since % DAY_MS if since is not None else None
-    for table in (*TABLES, *TOTALS):
+    for table in (*TABLES, *TOTALS, DIMS_HOURLY):
         if start is None:
             await tx.execute(f"DELETE FROM {table}")
         else:

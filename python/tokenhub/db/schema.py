@@ -656,6 +656,34 @@ MIGRATIONS: tuple[Migration, ...] = (
             SELECT hour_ms, 'deployment', deployment, status, currency, SUM(requests), SUM(ok),
                 SUM(input_tokens), SUM(cached_tokens), SUM(output_tokens), SUM(cost)
             FROM usage_totals_daily GROUP BY hour_ms, deployment, status, currency""",
+            # The same per hour from the hourly rollups (by status class, as they are).
+            """CREATE TABLE usage_dims (
+                hour_ms BIGINT NOT NULL,
+                dimension TEXT NOT NULL,
+                value TEXT NOT NULL,
+                status TEXT NOT NULL,
+                currency TEXT NOT NULL,
+                requests BIGINT NOT NULL,
+                ok BIGINT NOT NULL,
+                input_tokens BIGINT NOT NULL,
+                cached_tokens BIGINT NOT NULL,
+                output_tokens BIGINT NOT NULL,
+                cost BIGINT NOT NULL,
+                PRIMARY KEY (hour_ms, dimension, value, status, currency)
+            )""",
+            """INSERT INTO usage_dims (hour_ms, dimension, value, status, currency,
+                requests, ok, input_tokens, cached_tokens, output_tokens, cost)
+            SELECT hour_ms, 'tenant', tenant, status, currency, SUM(requests), SUM(ok),
+                SUM(input_tokens), SUM(cached_tokens), SUM(output_tokens), SUM(cost)
+            FROM usage_rollups GROUP BY hour_ms, tenant, status, currency
+            UNION ALL
+            SELECT hour_ms, 'model', model, status, currency, SUM(requests), SUM(ok),
+                SUM(input_tokens), SUM(cached_tokens), SUM(output_tokens), SUM(cost)
+            FROM usage_rollups GROUP BY hour_ms, model, status, currency
+            UNION ALL
+            SELECT hour_ms, 'deployment', deployment, status, currency, SUM(requests), SUM(ok),
+                SUM(input_tokens), SUM(cached_tokens), SUM(output_tokens), SUM(cost)
+            FROM usage_rollups GROUP BY hour_ms, deployment, status, currency""",
             # tokenhub.billing.rollups / statements: a statement's usage section per tenant,
             # period and model, kept by the settling transaction: line 'posting' (the usage
             # transactions' postings summed per tenant account and unit), 'tokens' (their
