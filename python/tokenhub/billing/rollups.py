@@ -37,7 +37,8 @@ locks they hold already, and the order keeps anything else from deadlocking.
 a database settled before migration 14, `tokenhub billing rollups rebuild`); on PostgreSQL it
 holds the tables in EXCLUSIVE mode, so a settlement that commits meanwhile adds its events after
 the rebuild, never twice. Migration 17 fills the daily totals of an existing database in SQL
-(the same rule, from the settled events and their postings).
+(the same rule, from the settled events and their postings), and the per-dimension tables
+from them and from the hourly rollups.
 
 Performance notes (benches/bench_rollups.py, 1M settled events over 30 days, 50 tenants, 150
 keys, 6 models x 2 deployments: 384k hourly rows, 2-core VM): a 30-day day x model summary
@@ -46,23 +47,27 @@ same GROUP BY over the raw events; one tenant's 30 days by key 1.6 / 2.0 ms (1.0
 raw). Hourly rows alone were 594 / 159 ms for the 30-day query (the hourly key x model x
 deployment rows hardly compress at ~1,400 events an hour), hence the daily table. Without the
 key (usage_totals_daily: 26k rows for the 30 days against 58k) the 30-day day x model query
-reads its days in ~20 ms on SQLite instead of ~52; the web console's explorer (30 days by
-model) and overview went from 72 / 65 ms to ~35 / ~27 ms at p50 (benches/
-bench_console_pages.py, a busy shared VM). An hourly totals table as well would have saved a
-few ms a page (the hours of today) for as much settlement work again. `usage_dims_daily` sums
+reads its days in ~20 ms on SQLite instead of ~52 (the explorer filtered by tenant or model
+reads them). Hourly totals were left out: the hours of a day-grouped summary are only those
+of the partial days at its ends, and group-by-hour ranges are short. `usage_dims_daily` sums
 them once more per single dimension (tenant, model or deployment) for the summaries of all
 tenants with no filter but the status (the overview, the explorer as it opens): 4.2k rows in
 all for the 30 days, the days of a 30-day day x model summary in ~1 ms instead of ~40;
-`usage_dims` the same per hour for the hours at either end (today's ~18 hours by tenant:
-DIMS_FIGURE).
+`usage_dims` the same per hour for the hours at either end (today's 18 hours by tenant:
+19 -> 5 ms). With 1M events settled through billing (benches/bench_console_pages.py, SQLite)
+the overview went from 94 to 9 ms at p50, the explorer's 30 days by model from 133 to 13 ms.
 
 The statement lines (usage_statement_lines, for tokenhub.billing.statements) come from the
 same read of the transactions' tenant postings that gives the cost, the token counts from the
-events' billed lines, and details parsed only where they mention an overage. The totals and
-the lines together cost settlement ~5-10% more CPU per event in batches of 1000 (105-115 ->
-111-124 us), ~15-20% in batches of 100 and ~25-40% one event at a time (benches/
-bench_settle.py on SQLite, before/after in turns on a busy shared 2-core VM); the busiest
+events' billed lines, and details parsed only where they mention an overage; the busiest
 tenant's open statement went from 4.7 s to 0.4 ms.
+
+What the tables cost settlement depends on how many rows a batch touches: a settler's batch
+of 1000 events from the same minute writes the rollups in ~12 us an event, ~2 of it the
+per-dimension tables (a settled event costs ~100 us on SQLite); benches/bench_settle.py's
+events, spread over a month so that every event is a row of its own, take ~60 us (~30 without
+the dimension tables), and its settlement went from ~100 to ~150 us an event in batches of
+100-1000 (before/after in turns on a busy shared 2-core VM), the worst case, a backlog.
 Rebuild runs at ~54k events/s on SQLite, ~12k on PostgreSQL (asyncpg's executemany of the
 upserts).
 """
