@@ -191,6 +191,12 @@ def test_screenshots(demo: Demo, new_context: Any, tmp_path: Path) -> None:
 
     tenant = new_context().new_page()
     sign_in(tenant, demo, *demo.tenant)
+    submit(
+        tenant,
+        "/console/my/alert",
+        {"amount": "5.00", "webhook_url": "https://hooks.example.com/tokenhub"},
+    )
+    tenant.reload()  # the signing secret was shown once; the card without it
     shot(tenant, "tenant-balance")
     tenant.goto(demo.url("/console/my/usage"))
     shot(tenant, "tenant-usage")
