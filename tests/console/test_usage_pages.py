@@ -442,3 +442,29 @@ async def test_operator_pages_on_postgresql(pg_database: str) -> None:
         for c in clients:
             await c._session.close()
         await server.close()
+
+
+async def test_summary_csv_has_every_row_and_the_table_is_capped(
+    console_client: Any, world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    since, until = window(world)
+    q = f"since={since}&until={until}&period=day&group=tenant"
+    read = await console_client("read")
+    full = usage_rows(await (await read.get(f"/console/usage?{q}")).text())
+    assert len(full) >= 3
+    resp = await read.get(f"/console/usage/summary.csv?{q}")
+    assert resp.status == 200
+    assert resp.headers["Content-Type"].startswith("text/csv")
+    lines = list(csv.reader(io.StringIO(await resp.text())))
+    assert lines[0][:7] == [
+        "time", "tenant", "requests", "ok", "input_tokens", "cached_tokens", "output_tokens",
+    ]  # fmt: skip
+    assert [(r[1], int(r[2]), int(r[4]), int(r[6])) for r in lines[1:]] == [
+        (r["group"], int(r["requests"]), int(r["in"]), int(r["out"])) for r in full
+    ]
+    # Capped: the latest rows are shown, the rest counted in the totals and named.
+    monkeypatch.setattr(usage_pages, "MAX_TABLE_ROWS", 2)
+    page = await (await read.get(f"/console/usage?{q}")).text()
+    assert usage_rows(page) == full[-2:]
+    assert f'data-hidden="{len(full) - 2}"' in page
+    assert int(total_row(page)["requests"]) == sum(int(r["requests"]) for r in full)

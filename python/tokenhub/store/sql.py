@@ -710,9 +710,14 @@ async def overruns_in(tx: Tx) -> list[tuple[str, str, int]]:
     (tenant, currency, nanos owed), the non-zero ones, by tenant and currency. An overrun
     account is unconstrained: its balance is the sum of its postings (debit-positive: what the
     tenant owes)."""
+    # A correlated sum per overrun account: one postings_account index range each (a JOIN
+    # let PostgreSQL's planner hash the whole postings table: 160 ms with 1M events).
     rows = await tx.fetch(
-        "SELECT a.tenant, a.unit, COALESCE(SUM(p.amount), 0) FROM accounts a "
-        "JOIN postings p ON p.account = a.id WHERE a.kind = 'overrun' "
-        "GROUP BY a.tenant, a.unit ORDER BY a.tenant, a.unit"
+        "SELECT a.tenant, a.unit, (SELECT COALESCE(SUM(p.amount), 0) FROM postings p "
+        "WHERE p.account = a.id) FROM accounts a WHERE a.kind = 'overrun' "
+        "ORDER BY a.tenant, a.unit"
     )
-    return [(r[0], r[1], int(r[2])) for r in rows if int(r[2])]
+    found: dict[tuple[str, str], int] = {}
+    for tenant, unit, owed in rows:
+        found[(tenant, unit)] = found.get((tenant, unit), 0) + int(owed)
+    return [(t, u, v) for (t, u), v in found.items() if v]
