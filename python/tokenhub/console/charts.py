@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping, Sequence
 from markupsafe import Markup, escape
 
 W, H = 640, 220
-PAD_L, PAD_R, PAD_T, PAD_B = 56, 8, 10, 28
+PAD_L, PAD_R, PAD_T, PAD_B = 56, 8, 22, 28  # the top margin holds the axis' unit
 SERIES_CLASSES = 6
 
 
@@ -59,14 +59,15 @@ def _legend(names: Sequence[str]) -> str:
 def _axis(top: int, unit: str, fmt: Callable[[int], str]) -> str:
     if fmt is _fmt_default:
         fmt = compact
-    out = []
+    # The unit once, above the axis (on every tick it did not fit the left margin).
+    out = [f'<text class="axis unit" x="4" y="12">{escape(unit.strip())}</text>'] if unit else []
     for frac in (0, 0.5, 1):
         y = PAD_T + (H - PAD_T - PAD_B) * (1 - frac)
         value = int(top * frac)
         out.append(
             f'<line class="grid" x1="{PAD_L}" x2="{W - PAD_R}" y1="{y:.1f}" y2="{y:.1f}"/>'
             f'<text class="axis" x="{PAD_L - 4}" y="{y + 4:.1f}" text-anchor="end">'
-            f"{escape(fmt(value))}{escape(unit)}</text>"
+            f"{escape(fmt(value))}</text>"
         )
     return "".join(out)
 
@@ -76,8 +77,10 @@ def _xlabels(labels: Sequence[str], x_of: Callable[[int], float]) -> str:
     every = max(1, (n + 7) // 8)  # at most ~8 labels under the axis
     # Counted back from the last label (today, on a time axis), evenly spaced.
     shown = sorted(range(n - 1, -1, -every))
+    # The last label ends at its bar (centred, it ran past the right edge).
     return "".join(
-        f'<text class="axis" x="{x_of(i):.1f}" y="{H - 8}" text-anchor="middle">'
+        f'<text class="axis" x="{x_of(i):.1f}" y="{H - 8}" '
+        f'text-anchor="{"end" if i == n - 1 and n > 1 else "middle"}">'
         f"{escape(labels[i])}</text>"
         for i in shown
     )
