@@ -2,7 +2,8 @@
 
 Each command lives in a module of this package (meter.py: count, vocabs; serve.py; mock.py:
 mock-upstream; admin.py: tenants, keys, events, audit; admin_tokens.py: admin-tokens, the admin
-API's tokens; billing.py and billing_io.py: the ledger's commands; cluster.py: cluster status;
+API's tokens; console_users.py: console-users, the web console's logins; billing.py and
+billing_io.py: the ledger's commands; cluster.py: cluster status;
 bench-routing is tokenhub.routing_bench.cli).
 Every command exits with
 
