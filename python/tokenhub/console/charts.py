@@ -17,7 +17,9 @@ from collections.abc import Callable, Mapping, Sequence
 from markupsafe import Markup, escape
 
 W, H = 640, 220
-PAD_L, PAD_R, PAD_T, PAD_B = 56, 8, 22, 28  # the top margin holds the axis' unit
+# The top margin holds the axis' unit; the right one half of the last x label (a date or
+# "MM-DD HH:00", centred under its bar).
+PAD_L, PAD_R, PAD_T, PAD_B = 56, 32, 22, 28
 SERIES_CLASSES = 6
 
 
@@ -77,10 +79,8 @@ def _xlabels(labels: Sequence[str], x_of: Callable[[int], float]) -> str:
     every = max(1, (n + 7) // 8)  # at most ~8 labels under the axis
     # Counted back from the last label (today, on a time axis), evenly spaced.
     shown = sorted(range(n - 1, -1, -every))
-    # The last label ends at its bar (centred, it ran past the right edge).
     return "".join(
-        f'<text class="axis" x="{x_of(i):.1f}" y="{H - 8}" '
-        f'text-anchor="{"end" if i == n - 1 and n > 1 else "middle"}">'
+        f'<text class="axis" x="{x_of(i):.1f}" y="{H - 8}" text-anchor="middle">'
         f"{escape(labels[i])}</text>"
         for i in shown
     )
