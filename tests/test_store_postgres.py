@@ -287,3 +287,23 @@ def test_a_session_idle_in_a_transaction_is_ended_and_frees_its_locks(
             await stuck.close()
 
     assert asyncio.run(run()) < 2
+
+
+def test_sessions_run_without_jit(pg_database: str) -> None:
+    """tokenhub's sessions turn JIT off: a short summing query with a large planned cost was
+    compiled for 170 ms to run in 0.5 ms (the console's overruns page with 1M postings)."""
+    from tokenhub.db.database import PgDatabase
+
+    async def run() -> tuple[str, str]:
+        db = await PgDatabase.connect(pg_database, max_size=1)
+        plain = await asyncpg.connect(pg_database)
+        try:
+            ours = await db.read(lambda tx: tx.fetchval("SHOW jit"))
+            return str(ours), str(await plain.fetchval("SHOW jit"))
+        finally:
+            await plain.close()
+            await db.close()
+
+    ours, default = asyncio.run(run())
+    assert ours == "off"
+    assert default == "on"  # the server's default, which the session setting overrides

@@ -81,8 +81,14 @@ def pg_session_settings() -> dict[str, str]:
     """What every tokenhub session on PostgreSQL sets: the idle-in-transaction timeout above,
     and TCP keepalives that find a client gone silent (a partitioned host) within about 25 s,
     so PostgreSQL ends its session and frees what it holds (row locks, a settler's advisory
-    locks on its tenant partitions) instead of waiting hours for the kernel's default."""
+    locks on its tenant partitions) instead of waiting hours for the kernel's default.
+
+    And no JIT: tokenhub's statements are short, but a summing query over a large table (a
+    correlated sum through an index, a rollup read) can have a planned cost past
+    jit_above_cost, and compiling it then took 170 ms for a query that ran in 0.5 ms (the
+    console's overruns page and overview with 1M events)."""
     return {
+        "jit": "off",
         "idle_in_transaction_session_timeout": str(IDLE_IN_TRANSACTION_MS),
         "tcp_keepalives_idle": "10",
         "tcp_keepalives_interval": "5",
