@@ -30,7 +30,9 @@ from tokenhub.billing.rollups import (
     PERIODS,
     TOTALS,
     SummaryRow,
+    add_summary_rows,
     dims_where,
+    summary_rows,
     tables_for,
 )
 from tokenhub.billing.rollups import hour_of as _hour_of
@@ -135,18 +137,8 @@ async def usage_explore(
             f"FROM {table} WHERE {' AND '.join(conds)} GROUP BY b, g, currency",
             *arg.values,
         )
-        for b, g, cur, req, ok, i, c, o, cost in rows:
-            r = found.setdefault((int(b), g), SummaryRow(int(b), g))
-            r.requests += int(req)
-            r.ok += int(ok)
-            r.input_tokens += int(i)
-            r.cached_tokens += int(c)
-            r.output_tokens += int(o)
-            if cur and int(cost):
-                r.cost[cur] = r.cost.get(cur, 0) + int(cost)
-    for r in found.values():
-        r.cost = {c: v for c, v in sorted(r.cost.items()) if v}
-    return [found[k] for k in sorted(found)]
+        add_summary_rows(found, rows)
+    return summary_rows(found)
 
 
 def bucket_end(bucket_ms: int, period: str) -> int:

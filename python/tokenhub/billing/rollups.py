@@ -530,6 +530,27 @@ class SummaryRow:
     cost: dict[str, int] = field(default_factory=dict)  # currency -> nanos
 
 
+def add_summary_rows(found: dict[tuple[int, str], SummaryRow], rows: Sequence[Any]) -> None:
+    """Adds rows of (bucket, group, currency, requests, ok, input, cached and output tokens,
+    cost), as the summaries' GROUP BY reads them, into `found`, by (bucket, group)."""
+    for b, g, cur, req, ok, i, c, o, cost in rows:
+        r = found.setdefault((int(b), g), SummaryRow(int(b), g))
+        r.requests += int(req)
+        r.ok += int(ok)
+        r.input_tokens += int(i)
+        r.cached_tokens += int(c)
+        r.output_tokens += int(o)
+        if cur and int(cost):
+            r.cost[cur] = r.cost.get(cur, 0) + int(cost)
+
+
+def summary_rows(found: dict[tuple[int, str], SummaryRow]) -> list[SummaryRow]:
+    """`found`'s rows by bucket, then group; costs by currency, zeros left out."""
+    for r in found.values():
+        r.cost = {c: v for c, v in sorted(r.cost.items()) if v}
+    return [found[k] for k in sorted(found)]
+
+
 async def usage_summary(
     tx: Tx,
     *,
@@ -574,15 +595,5 @@ async def usage_summary(
             f"FROM {table} WHERE {where} GROUP BY b, g, currency",
             *args,
         )
-        for b, g, cur, req, ok, i, c, o, cost in rows:
-            r = found.setdefault((int(b), g), SummaryRow(int(b), g))
-            r.requests += int(req)
-            r.ok += int(ok)
-            r.input_tokens += int(i)
-            r.cached_tokens += int(c)
-            r.output_tokens += int(o)
-            if cur and int(cost):
-                r.cost[cur] = r.cost.get(cur, 0) + int(cost)
-    for r in found.values():
-        r.cost = {c: v for c, v in sorted(r.cost.items()) if v}
-    return [found[k] for k in sorted(found)]
+        add_summary_rows(found, rows)
+    return summary_rows(found)
