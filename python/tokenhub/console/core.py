@@ -27,6 +27,8 @@ responses too).
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import hmac
 import json
@@ -42,6 +44,7 @@ from typing import Any, NamedTuple
 from urllib.parse import quote, urlencode, urlsplit
 
 import jinja2
+import msgspec
 from aiohttp import web
 from markupsafe import Markup
 from multidict import MultiDictProxy
@@ -652,3 +655,27 @@ def new_secret() -> str:
 
 def markup(html: str) -> Markup:
     return Markup(html)
+
+
+# -- keyset cursors --------------------------------------------------------------------------
+
+
+def encode_cursor(ts_ms: int, request_id: str) -> str:
+    """An opaque `cursor` for a page of usage events: the last row's (ts_ms, request_id)."""
+    raw = msgspec.json.encode([ts_ms, request_id])
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(request: web.Request) -> tuple[int, str] | None:
+    """The `cursor` query parameter's (ts_ms, request_id), None when absent; ConsoleError when
+    it is not one encode_cursor made."""
+    raw = request.query.get("cursor", "")
+    if not raw:
+        return None
+    try:
+        pos = msgspec.json.decode(base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4)))
+    except (binascii.Error, ValueError, msgspec.DecodeError):
+        pos = None
+    if isinstance(pos, list) and len(pos) == 2 and type(pos[0]) is int and isinstance(pos[1], str):
+        return pos[0], pos[1]
+    raise ConsoleError(gettext(request, "Invalid cursor: follow the page links as given."))

@@ -25,8 +25,6 @@ The service functions are the tenant API's (tokenhub.tenant.routes) and billing'
 
 from __future__ import annotations
 
-import base64
-import binascii
 import csv
 import datetime as dt
 import hashlib
@@ -37,7 +35,6 @@ from decimal import Decimal
 from typing import Any
 from urllib.parse import urlencode
 
-import msgspec
 from aiohttp import web
 
 from tokenhub.billing import alerts, reports, rollups
@@ -58,6 +55,8 @@ from tokenhub.console.core import (
     PageRoute,
     Session,
     db,
+    decode_cursor,
+    encode_cursor,
     form,
     gettext,
     new_secret,
@@ -375,23 +374,6 @@ def _event(row: Any) -> UsageEvent:
     return UsageEvent(**fields)
 
 
-def _cursor(ts_ms: int, request_id: str) -> str:
-    return base64.urlsafe_b64encode(msgspec.json.encode([ts_ms, request_id])).decode().rstrip("=")
-
-
-def _decode_cursor(request: web.Request) -> tuple[int, str] | None:
-    raw = request.query.get("cursor", "")
-    if not raw:
-        return None
-    try:
-        pos = msgspec.json.decode(base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4)))
-    except (binascii.Error, ValueError, msgspec.DecodeError):
-        pos = None
-    if isinstance(pos, list) and len(pos) == 2 and type(pos[0]) is int and isinstance(pos[1], str):
-        return pos[0], pos[1]
-    raise ConsoleError(gettext(request, "Invalid cursor: follow the page links as given."))
-
-
 async def requests_page_in(
     tx: Tx, tenant: str, before: tuple[int, str] | None, limit: int
 ) -> list[UsageEvent]:
@@ -429,7 +411,7 @@ def _request_row(e: UsageEvent, prefixes: dict[str, str], cost: dict[str, dict[s
 
 async def requests_page(request: web.Request, session: Session) -> web.StreamResponse:
     tenant = _tenant(session)
-    before = _decode_cursor(request)
+    before = decode_cursor(request)
 
     async def run(tx: Tx) -> tuple[list[UsageEvent], dict[str, str], dict[str, dict[str, int]]]:
         rows = await requests_page_in(tx, tenant, before, REQUESTS_PAGE + 1)
@@ -445,7 +427,7 @@ async def requests_page(request: web.Request, session: Session) -> web.StreamRes
         session,
         "tenant_requests.html",
         rows=[_request_row(e, prefixes, cost) for e in rows],
-        next_cursor=_cursor(rows[-1].ts_ms, rows[-1].request_id) if more else None,
+        next_cursor=encode_cursor(rows[-1].ts_ms, rows[-1].request_id) if more else None,
         first_page=before is None,
     )
 

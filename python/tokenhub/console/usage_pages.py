@@ -17,8 +17,6 @@ or Unix milliseconds; the explorer rounds them out to whole hours (the rollups' 
 
 from __future__ import annotations
 
-import base64
-import binascii
 import csv
 import datetime as dt
 import io
@@ -35,7 +33,16 @@ from tokenhub.billing import io as bio
 from tokenhub.billing import reports
 from tokenhub.billing.rollups import DAY_MS, DIMENSIONS, HOUR_MS, PERIODS, SummaryRow
 from tokenhub.console import charts
-from tokenhub.console.core import ConsoleError, PageRoute, Session, db, gettext, render
+from tokenhub.console.core import (
+    ConsoleError,
+    PageRoute,
+    Session,
+    db,
+    decode_cursor,
+    encode_cursor,
+    gettext,
+    render,
+)
 from tokenhub.db.database import Tx
 from tokenhub.money import fmt
 from tokenhub.usage import EVENT_FIELDS, UsageEvent, event_csv_row, event_jsonl
@@ -346,24 +353,6 @@ async def summary_csv(request: web.Request, session: Session | None) -> web.Stre
 
 
 # -- drill-down ----------------------------------------------------------------------------------
-
-
-def encode_cursor(ts_ms: int, request_id: str) -> str:
-    raw = msgspec.json.encode([ts_ms, request_id])
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
-
-
-def decode_cursor(request: web.Request) -> tuple[int, str] | None:
-    raw = request.query.get("cursor", "")
-    if not raw:
-        return None
-    try:
-        pos = msgspec.json.decode(base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4)))
-    except (binascii.Error, ValueError, msgspec.DecodeError):
-        pos = None
-    if isinstance(pos, list) and len(pos) == 2 and type(pos[0]) is int and isinstance(pos[1], str):
-        return pos[0], pos[1]
-    raise ConsoleError(gettext(request, "Invalid cursor: follow the page links as given."))
 
 
 async def events(request: web.Request, session: Session | None) -> web.StreamResponse:
