@@ -61,12 +61,31 @@ class Price(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     input_per_1m: Decimal
     output_per_1m: Decimal
     cached_input_per_1m: Decimal | None = None  # defaults to the input price
+    # Prompt tokens written to a provider's prompt cache (Anthropic's
+    # cache_creation_input_tokens); defaults to the input price.
+    cache_write_per_1m: Decimal | None = None
+
+
+PROVIDER_KINDS = ("openai", "anthropic")
 
 
 class Provider(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     name: str
     base_url: str  # up to and including the version, e.g. https://api.openai.com/v1
     api_key_env: str = ""  # environment variable holding the upstream API key ("" = none)
+    # The upstream's wire format: "openai" (chat completions, completions, embeddings; every
+    # OpenAI-compatible server) or "anthropic" (the native Messages API).
+    kind: str = "openai"
+    # The header that carries the key: "" = the kind's own (openai: "Authorization: Bearer
+    # <key>"; anthropic: "x-api-key: <key>"); another name sends the bare key in that header
+    # (Azure OpenAI: "api-key").
+    auth_header: str = ""
+    # Extra headers sent with every request (not secrets: those come from api_key_env), and
+    # query parameters appended to every path (Azure OpenAI: {"api-version" = "2024-10-21"}).
+    headers: dict[str, str] = msgspec.field(default_factory=dict)
+    query: dict[str, str] = msgspec.field(default_factory=dict)
+    # kind = "anthropic": the anthropic-version header sent (when `headers` does not set one).
+    anthropic_version: str = "2023-06-01"
     connect_timeout_s: float = 5.0
     read_timeout_s: float = 300.0  # longest silence between two bytes of an upstream reply
     total_timeout_s: float = 600.0
@@ -225,6 +244,7 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@-]{0,127}$")
 _CURRENCY = re.compile(r"^[A-Z]{3}$")
+_HEADER = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]{1,64}$")  # an HTTP token
 
 
 _HOST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
@@ -309,6 +329,16 @@ def validate(cfg: Config, *, environ: dict[str, str] | None = None) -> Config:
         for field in ("connect_timeout_s", "read_timeout_s", "total_timeout_s"):
             if getattr(p, field) <= 0:
                 raise _fail(src, f"{where}.{field}", "must be positive")
+        if p.kind not in PROVIDER_KINDS:
+            raise _fail(src, f"{where}.kind", f"{p.kind!r}: one of {', '.join(PROVIDER_KINDS)}")
+        for name, value in [*p.headers.items(), *p.query.items(), ("", p.auth_header)]:
+            if any(c in name + value for c in "\r\n\x00"):
+                raise _fail(src, f"{where}.headers", "a header or query value has a line break")
+        if p.auth_header and not _HEADER.match(p.auth_header):
+            raise _fail(src, f"{where}.auth_header", f"{p.auth_header!r} is not a header name")
+        for name in p.headers:
+            if not _HEADER.match(name):
+                raise _fail(src, f"{where}.headers", f"{name!r} is not a header name")
         _check_egress(src, where, p, env)
     from tokenhub import vocabs  # late: keeps `import tokenhub.config` light
 
@@ -357,7 +387,12 @@ def validate(cfg: Config, *, environ: dict[str, str] | None = None) -> Config:
                 pw = f"{dw}.price"
                 if not _CURRENCY.match(d.price.currency):
                     raise _fail(src, f"{pw}.currency", f"{d.price.currency!r} is not ISO 4217")
-                for field in ("input_per_1m", "output_per_1m", "cached_input_per_1m"):
+                for field in (
+                    "input_per_1m",
+                    "output_per_1m",
+                    "cached_input_per_1m",
+                    "cache_write_per_1m",
+                ):
                     v = getattr(d.price, field)
                     if v is not None and (not v.is_finite() or v < 0):
                         raise _fail(src, f"{pw}.{field}", "must be a non-negative decimal")

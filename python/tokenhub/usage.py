@@ -18,7 +18,9 @@ class UsageEvent(msgspec.Struct, kw_only=True, omit_defaults=True):
     ts_ms: int  # when the request arrived, Unix epoch milliseconds
     tenant: str
     key_id: str
-    endpoint: str  # "chat.completions", "completions", "embeddings"
+    # The API the client called, which names its dialect: "chat.completions", "completions",
+    # "embeddings" (OpenAI), "messages" (Anthropic), "responses" (OpenAI's Responses API).
+    endpoint: str
     model: str  # the public model id the client asked for
     deployment: str = ""  # the deployment that served it ("" when none was reached)
     provider: str = ""
@@ -43,6 +45,10 @@ class UsageEvent(msgspec.Struct, kw_only=True, omit_defaults=True):
     # Why the upstream's usage block was not believed ("<kind>: <what it said>"), when the
     # counts are the meter's instead (tokenhub.gateway.usage_check); "" when it was.
     usage_anomaly: str = ""
+    # Prompt tokens written to the provider's prompt cache (Anthropic's
+    # cache_creation_input_tokens), also included in input_tokens; billed at the cache-write
+    # price. (input_tokens - cached_input_tokens - cache_write_tokens is the uncached rest.)
+    cache_write_tokens: int = 0
     # What admission drew from the tenant's contracts in the gateway's quota table (its money
     # pots), "<table epoch>|<pot>=<amount>;...": the in-process settler gives it back to the
     # table once the ledger has posted the event (tokenhub.billing.pots). In cluster mode
@@ -82,7 +88,7 @@ EVENT_FIELDS = tuple(UsageEvent.__struct_fields__)
 BILLED_FIELDS = EVENT_FIELDS[: EVENT_FIELDS.index("holds")]
 # Billed fields added after events were first settled: the payload hash leaves them out while
 # they hold their default, so that an event settled before they existed hashes as it did.
-LATER_FIELDS = ("usage_anomaly",)
+LATER_FIELDS = ("usage_anomaly", "cache_write_tokens")
 
 
 # The billing rule, in one place (settlement, admission's release and statements use it): only

@@ -714,6 +714,17 @@ MIGRATIONS: tuple[Migration, ...] = (
             "WHERE kind <> 'usage'",
         ),
     ),
+    Migration(
+        18,
+        "prompt-cache writes: usage_events.cache_write_tokens, prices.cache_write_per_1m",
+        (
+            # Anthropic's cache_creation_input_tokens (tokenhub.usage.UsageEvent): part of
+            # input_tokens, billed at the cache-write price.
+            "ALTER TABLE usage_events ADD COLUMN cache_write_tokens BIGINT NOT NULL DEFAULT 0",
+            # Nanos per 1M tokens written to a prompt cache; NULL: the input price.
+            "ALTER TABLE prices ADD COLUMN cache_write_per_1m BIGINT",
+        ),
+    ),
 )
 
 LATEST_VERSION = MIGRATIONS[-1].version

@@ -24,11 +24,17 @@ from tokenhub.gateway.errors import ApiError
 class Endpoint:
     name: str  # as recorded on usage events
     streams: bool
+    # The client's dialect (tokenhub.gateway.dialects): "openai" (chat completions,
+    # completions, embeddings), "anthropic" (the Messages API), "responses" (OpenAI's
+    # Responses API). Errors and streams are written to the client in it.
+    dialect: str = "openai"
 
 
 CHAT = Endpoint("chat.completions", True)
 COMPLETIONS = Endpoint("completions", True)
 EMBEDDINGS = Endpoint("embeddings", False)
+ANTHROPIC_MESSAGES = Endpoint("messages", True, "anthropic")
+RESPONSES = Endpoint("responses", True, "responses")
 
 MAX_CHOICES = 128  # OpenAI's bound on n (and best_of)
 MODEL_ID_CHARS = 256  # of an unknown model's name, as recorded on its refusal's event
@@ -58,6 +64,7 @@ class ParsedRequest:
         "prompt_kind",
         "prompts",
         "stream",
+        "tools_text",
     )
 
     def __init__(self, endpoint: Endpoint) -> None:
@@ -73,6 +80,9 @@ class ParsedRequest:
         self.cap_keys: tuple[str, ...] = ()  # max_tokens, max_completion_tokens: those sent
         self.caps: tuple[int, ...] = ()  # their values
         self.choices = 1  # n, or best_of when larger (0 for embeddings)
+        # The request's tool definitions as JSON text ("" without tools): what they add to
+        # the prompt, for admission's worst case.
+        self.tools_text = ""
 
     def parse(self, body: bytes, models: Mapping[str, Model]) -> Model:
         """Decodes and checks `body`; the model it names. Raises ApiError (400, 404)."""
