@@ -96,13 +96,18 @@ def test_tier_input_and_opening() -> None:
 def test_the_openai_wire() -> None:
     wire: Provider = WIRES["openai"]
     req = parse({"model": "m", "messages": MSGS, "stream": True, "max_completion_tokens": 900})
-    sent = json.loads(wire.request_body(req, "up-model", 500))
+    sent = json.loads(wire.request_body(req.payload, "up-model", 500, req.stream))
     assert sent["model"] == "up-model" and sent["max_completion_tokens"] == 500
     assert "max_tokens" not in sent and sent["stream_options"] == {"include_usage": True}
+    opts = {"model": "m", "messages": MSGS, "stream_options": {"x": 1}}
+    assert json.loads(wire.request_body(opts, "u", None, True))["stream_options"] == {
+        "x": 1,
+        "include_usage": True,
+    }
     plain = parse({"model": "m", "messages": MSGS})
-    assert json.loads(wire.request_body(plain, "u", 7))["max_tokens"] == 7
+    assert json.loads(wire.request_body(plain.payload, "u", 7, False))["max_tokens"] == 7
     assert "max_tokens" not in json.loads(
-        wire.request_body(parse({"model": "m", "messages": MSGS}), "u", None)
+        wire.request_body({"model": "m", "messages": MSGS}, "u", None, False)
     )
     assert wire.path(CHAT) == "/chat/completions" and wire.path(EMBEDDINGS) == "/embeddings"
     assert wire.not_a_completion(CHAT, b'{"choices": []}') is None

@@ -11,12 +11,13 @@ from aiohttp.typedefs import Middleware
 
 from tokenhub.config import Config
 from tokenhub.gateway.auth import KeyCache
+from tokenhub.gateway.dialects import DIALECTS
 from tokenhub.gateway.errors import ApiError, from_http_exception
 from tokenhub.gateway.limits import LimitSync
 from tokenhub.gateway.protocol import SERVER_NAME
 from tokenhub.gateway.routes import setup_routes
 from tokenhub.gateway.service import Gateway, Sink, new_request_id
-from tokenhub.gateway.state import GATEWAY, METRICS, REQUEST_ID
+from tokenhub.gateway.state import DIALECT, GATEWAY, METRICS, REQUEST_ID
 from tokenhub.gateway.telemetry import Registry
 
 log = logging.getLogger("tokenhub.gateway")
@@ -27,7 +28,8 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 def _error_middleware(max_body: int) -> Middleware:
     @web.middleware
     async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-        """Request ids, and every error in OpenAI's shape (the only place errors are rendered)."""
+        """Request ids, and every error in the client's dialect (the only place errors are
+        rendered): the one the handler stored on the request (`DIALECT`), else OpenAI's."""
         t0 = time.perf_counter()
         rid = new_request_id()
         request[REQUEST_ID] = rid
@@ -46,7 +48,13 @@ def _error_middleware(max_body: int) -> Middleware:
             # Never echo internals (or anything secret) to the client; the log has the trace.
             log.exception("request %s failed", rid)
             err = ApiError.internal()
-        resp = err.response()
+        dialect = DIALECTS[request.get(DIALECT, "openai")]
+        resp = web.Response(
+            status=err.status,
+            body=dialect.error_body(err),
+            content_type="application/json",
+            headers=err.headers,
+        )
         if err.status == 413:
             resp.force_close()  # the client may still be sending the body: no keep-alive
         resp.headers["x-request-id"] = rid

@@ -55,7 +55,7 @@ async def forward(
             raise err
         upstream = gw.upstreams[dep.provider]
         sent_cap = None if cap is None else min(cap, dep.max_output_tokens)
-        body = upstream.wire.request_body(req, dep.upstream_model, sent_cap)
+        body = upstream.wire.request_body(req.payload, dep.upstream_model, sent_cap, req.stream)
         # What the upstream's usage is checked against: what was just sent.
         ctx.bounds = usage_check.Bounds(
             dep.context_window, req.output_bound(sent_cap, dep.max_output_tokens)
@@ -99,7 +99,7 @@ async def _attempt(
     t_up = time.perf_counter()
     try:
         resp = await pool.post(
-            wire.path(req.endpoint), body, {"x-request-id": ctx.event.request_id}
+            upstream.path(wire.path(req.endpoint)), body, {"x-request-id": ctx.event.request_id}
         )
     except TimeoutError:
         raise Retry(ApiError.upstream_timeout(), "timeout") from None

@@ -13,3 +13,6 @@ if TYPE_CHECKING:
 GATEWAY: web.AppKey[Gateway] = web.AppKey("gateway")
 METRICS: web.AppKey[Registry] = web.AppKey("metrics")
 REQUEST_ID: web.RequestKey[str] = web.RequestKey("request_id", str)
+# The client's dialect ("openai", "anthropic", "responses"), stored by the handler so that the
+# error middleware renders errors in it (absent: "openai").
+DIALECT: web.RequestKey[str] = web.RequestKey("dialect", str)

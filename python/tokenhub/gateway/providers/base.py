@@ -1,11 +1,16 @@
 """The provider seam: what the request path needs from an upstream's wire format.
 
-The gateway speaks OpenAI's API to its clients; a provider turns a validated request
-(`tokenhub.gateway.request.ParsedRequest`) into the upstream's request (path and body), gives a
-view of its non-streamed reply (usage as sent, the output text to meter when usage is missing or
-not believed) and a scanner for its event stream (whole events out, output counted per choice as
-they pass, the usage chunk kept). Nothing else in the gateway reads an upstream's bytes.
-`providers/openai.py` is the OpenAI wire, which every OpenAI-compatible server speaks.
+The gateway speaks several dialects to its clients (`tokenhub.gateway.dialects`); a provider
+turns a request body already in its own wire's shape (the client's, passed through, or a
+translation's: `tokenhub.gateway.translate`) into the upstream's request (path, body and
+credentials), gives a view of its non-streamed reply (usage as sent, the output text to meter
+when usage is missing or not believed) and a scanner for its event stream (whole events out,
+output counted per choice as they pass, the usage chunk kept). Nothing else in the gateway
+reads an upstream's bytes.
+`providers/openai.py` is the OpenAI wire, which every OpenAI-compatible server speaks;
+`providers/anthropic.py` the native Anthropic Messages API. Usage is read into one normalized
+form, OpenAI's keys (`tokenhub.gateway.usage_check` reads it): `prompt_tokens` all prompt
+tokens, `prompt_tokens_details.cached_tokens` cache reads, `.cache_write_tokens` cache writes.
 """
 
 from __future__ import annotations
@@ -13,8 +18,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
+    from tokenhub.config import Provider as ProviderConfig
     from tokenhub.gateway.errors import ApiError
-    from tokenhub.gateway.request import Endpoint, ParsedRequest
+    from tokenhub.gateway.request import Endpoint
     from tokenhub.meter import Meter
     from tokenhub.usage import UsageEvent
 
@@ -71,9 +77,17 @@ class Provider(Protocol):
     def path(self, endpoint: Endpoint) -> str:
         """The endpoint's path under the provider's base_url."""
 
-    def request_body(self, req: ParsedRequest, upstream_model: str, cap: int | None) -> bytes:
-        """The body sent upstream: the client's request for `upstream_model`, asking for a
-        usage chunk when it streams, its output capped at `cap` per choice (None: as asked)."""
+    def request_body(
+        self, payload: dict[str, Any], upstream_model: str, cap: int | None, stream: bool
+    ) -> bytes:
+        """The body sent upstream: `payload` (a request body in this wire's shape; it may be
+        changed in place) for `upstream_model`, asking for a usage chunk when it streams, its
+        output capped at `cap` per choice (None: as asked)."""
+
+    def auth(self, key: str, provider: ProviderConfig) -> dict[str, str]:
+        """The headers sent with every request to `provider`: the credential `key` (none when
+        empty) in the wire's own header, or bare in `provider.auth_header` when set; the wire's
+        fixed headers; then `provider.headers`."""
 
     def not_a_completion(self, endpoint: Endpoint, data: bytes) -> str | None:
         """Why a 2xx reply is not a completion (None: it is). Such a reply is a 502, unbilled;

@@ -15,8 +15,9 @@ from typing import Any
 import msgspec
 
 from tokenhub._core import SseRelay
+from tokenhub.config import Provider as ProviderConfig
 from tokenhub.gateway.errors import ApiError
-from tokenhub.gateway.request import CHAT, COMPLETIONS, EMBEDDINGS, Endpoint, ParsedRequest
+from tokenhub.gateway.request import CHAT, COMPLETIONS, EMBEDDINGS, Endpoint
 from tokenhub.meter import Meter
 from tokenhub.usage import UsageEvent
 
@@ -103,20 +104,43 @@ class OpenAIWire:
     def path(self, endpoint: Endpoint) -> str:
         return _PATHS[endpoint]
 
-    def request_body(self, req: ParsedRequest, upstream_model: str, cap: int | None) -> bytes:
-        """The client's body for `upstream_model`. A stream always asks for the usage chunk
-        (stripped again for a client that did not ask). The cap goes in each of max_tokens and
-        max_completion_tokens the client sent, else in max_tokens (the field every
+    def request_body(
+        self, payload: dict[str, Any], upstream_model: str, cap: int | None, stream: bool
+    ) -> bytes:
+        """`payload` for `upstream_model`. A stream always asks for the usage chunk (stripped
+        again for a client that did not ask). The cap goes in each of max_tokens and
+        max_completion_tokens the payload has, else in max_tokens (the field every
         OpenAI-compatible server knows), so no upstream is asked for more than was reserved,
         whichever of the two it honours."""
-        payload = req.payload
         payload["model"] = upstream_model
-        if req.stream:
-            payload["stream_options"] = {**(req.options or {}), "include_usage": True}
+        if stream:
+            options = payload.get("stream_options")
+            payload["stream_options"] = (
+                {**options, "include_usage": True}
+                if isinstance(options, dict)
+                else {"include_usage": True}
+            )
         if cap is not None:
-            for key in req.cap_keys or ("max_tokens",):
-                payload[key] = cap
+            sent = False
+            for key in _CAP_KEYS:
+                if payload.get(key) is not None:
+                    payload[key] = cap
+                    sent = True
+            if not sent:
+                payload["max_tokens"] = cap
         return _encode(payload)
+
+    def auth(self, key: str, provider: ProviderConfig) -> dict[str, str]:
+        """`Authorization: Bearer <key>`, or the bare key in `provider.auth_header` (Azure
+        OpenAI's `api-key`); then the provider's extra headers."""
+        headers: dict[str, str] = {}
+        if key:
+            if provider.auth_header:
+                headers[provider.auth_header] = key
+            else:
+                headers["Authorization"] = f"Bearer {key}"
+        headers.update(provider.headers)
+        return headers
 
     def not_a_completion(self, endpoint: Endpoint, data: bytes) -> str | None:
         """Not a JSON object, an `error` object, no `choices` (`data` for embeddings)."""
