@@ -77,6 +77,12 @@ class RequestContext:
         self.bounds = _NO_BOUNDS
         self.prompt_counts: dict[str, int] = {}
 
+    def tools_tokens(self, vocab: str) -> int:
+        """The tool definitions' tokens in `vocab` (0 without tools): what they add to the
+        prompt in the worst case admission reserves."""
+        text = self.req.tools_text
+        return self.gw.meter(vocab).count(text) if text else 0
+
     def prompt_tokens(self, vocab: str) -> int:
         """The prompt's tokens in `vocab`, metered once however often asked."""
         n = self.prompt_counts.get(vocab)
@@ -145,11 +151,13 @@ class RequestContext:
         if isinstance(verdict, usage_check.Counts):
             event.input_tokens = verdict.input_tokens
             event.cached_input_tokens = verdict.cached_input_tokens
+            event.cache_write_tokens = verdict.cache_write_tokens
             event.output_tokens = verdict.output_tokens
             event.source = "upstream"
             return True
         event.usage_anomaly = str(verdict)[:300]
-        event.cached_input_tokens = 0  # the meter cannot tell what was cached
+        # The meter cannot tell what was cached or written to the cache.
+        event.cached_input_tokens = event.cache_write_tokens = 0
         self.gw.usage_anomaly(event, verdict)
         return False
 
@@ -164,6 +172,7 @@ class RequestContext:
         event = self.event
         event.status, event.error = 200, "insufficient_quota"
         event.output_tokens, event.cached_input_tokens = delivered, 0
+        event.cache_write_tokens = 0
         event.source = "metered"
         self.finish()
 
@@ -183,9 +192,14 @@ class RequestContext:
                 # The client left: what the upstream generated while the gateway drained it
                 # is the operator's cost; the tenant is billed no more than was reserved when
                 # it left.
+                # Holds carry [uncached, cached, output] or, with cache writes, a 4th line.
                 reserved = adm.hold.lines
-                event.input_tokens = min(event.input_tokens, reserved[0] + reserved[1])
+                held_input = reserved[0] + reserved[1] + (reserved[3] if len(reserved) > 3 else 0)
+                event.input_tokens = min(event.input_tokens, held_input)
                 event.cached_input_tokens = min(event.cached_input_tokens, event.input_tokens)
+                event.cache_write_tokens = min(
+                    event.cache_write_tokens, event.input_tokens - event.cached_input_tokens
+                )
                 event.output_tokens = min(event.output_tokens, reserved[2])
             lines = billed_lines(event)
             # Before the event is written: its `holds` say what the settler gives back.

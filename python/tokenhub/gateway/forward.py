@@ -7,6 +7,12 @@ not be kept is not served (503 journal_unavailable). An upstream 4xx goes back t
 as the upstream said it (429 included), less the provider's key. Non-streamed replies are
 passed through as the upstream sent them, once checked to be completions; streams go to
 `tokenhub.gateway.stream`.
+
+A client whose dialect the upstream's wire does not speak is served through the pair's
+translation (`tokenhub.gateway.translate.exchange`): its request body, the reply, the stream's
+events and the upstream's error bodies are rewritten; metering reads the upstream's own reply,
+before translation, so the event is the same whichever dialect the client spoke. Passthrough
+(the dialect is the wire's) skips every translation call.
 """
 
 from __future__ import annotations
@@ -20,9 +26,11 @@ from aiohttp import web
 from tokenhub.config import Deployment, Model
 from tokenhub.gateway import metering, usage_check
 from tokenhub.gateway.context import RequestContext
+from tokenhub.gateway.dialects import DIALECTS
 from tokenhub.gateway.errors import ApiError
 from tokenhub.gateway.providers.http import ClientError, Response, TLSError
 from tokenhub.gateway.stream import relay_stream
+from tokenhub.gateway.translate import Exchange, exchange
 from tokenhub.gateway.upstream import Retry, Upstream, scrub
 
 if TYPE_CHECKING:
@@ -54,8 +62,11 @@ async def forward(
             ctx.failed(err.status, "journal_unavailable")
             raise err
         upstream = gw.upstreams[dep.provider]
+        wire = upstream.wire
+        ex = exchange(req.endpoint.dialect, wire.name)
         sent_cap = None if cap is None else min(cap, dep.max_output_tokens)
-        body = upstream.wire.request_body(req.payload, dep.upstream_model, sent_cap, req.stream)
+        payload = req.payload if ex.passthrough else ex.request(req.payload)
+        body = wire.request_body(payload, dep.upstream_model, sent_cap, req.stream)
         # What the upstream's usage is checked against: what was just sent.
         ctx.bounds = usage_check.Bounds(
             dep.context_window, req.output_bound(sent_cap, dep.max_output_tokens)
@@ -63,7 +74,7 @@ async def forward(
         t_try = time.perf_counter()
         router.on_start(index, now_ms(), prompt_tokens)
         try:
-            resp = await _attempt(gw, ctx, request, upstream, dep, body)
+            resp = await _attempt(gw, ctx, request, upstream, dep, body, ex)
         except Retry as r:
             router.on_failure(index, now_ms())
             last = r
@@ -92,15 +103,22 @@ async def _attempt(
     upstream: Upstream,
     dep: Deployment,
     body: bytes,
+    ex: Exchange,
 ) -> web.StreamResponse:
     req, wire = ctx.req, upstream.wire
     pool = upstream.pool
     assert pool is not None
+    endpoint = ex.endpoint(req.endpoint)
+    headers = {"x-request-id": ctx.event.request_id}
+    if ex.passthrough and ex.client == "anthropic":
+        # Anthropic's beta features (prompt caching's extended TTL, interleaved thinking...)
+        # are opted into by header; only the native API knows them.
+        beta = request.headers.get("anthropic-beta")
+        if beta:
+            headers["anthropic-beta"] = beta
     t_up = time.perf_counter()
     try:
-        resp = await pool.post(
-            upstream.path(wire.path(req.endpoint)), body, {"x-request-id": ctx.event.request_id}
-        )
+        resp = await pool.post(upstream.path(wire.path(endpoint)), body, headers)
     except TimeoutError:
         raise Retry(ApiError.upstream_timeout(), "timeout") from None
     except TLSError as e:
@@ -114,7 +132,7 @@ async def _attempt(
             await _read_quietly(resp)
             raise Retry(ApiError.upstream_failed(f"status {resp.status}"), f"status_{resp.status}")
         if resp.status >= 400:
-            return await _pass_error(ctx, upstream, resp, t_up)
+            return await _pass_error(ctx, upstream, resp, t_up, ex)
         if resp.status < 200 or resp.status >= 300:
             # A redirect (tokenhub follows none) or an interim reply: not a completion.
             await _read_quietly(resp)
@@ -126,7 +144,7 @@ async def _attempt(
                 ApiError.upstream_failed("it answered a stream request with JSON"), "not_sse"
             )
         if req.stream:
-            return await relay_stream(gw, ctx, request, resp, upstream, dep, t_up)
+            return await relay_stream(gw, ctx, request, resp, upstream, dep, t_up, ex)
         try:
             data = await resp.read()
         except TimeoutError:
@@ -135,7 +153,7 @@ async def _attempt(
             raise Retry(ApiError.upstream_failed(type(e).__name__), "read") from None
     finally:
         resp.release()
-    if (problem := wire.not_a_completion(req.endpoint, data)) is not None:
+    if (problem := wire.not_a_completion(endpoint, data)) is not None:
         raise Retry(ApiError.upstream_failed(problem), "bad_reply")
     upstream_s = time.perf_counter() - t_up
     reply = wire.reply(data)
@@ -151,23 +169,27 @@ async def _attempt(
     if ctx.rate_headers:
         headers.update(ctx.rate_headers)
     data = scrub(data, upstream.secret)
+    if not ex.passthrough:
+        data = ex.reply(data, ctx.event)
     return web.Response(body=data, content_type="application/json", headers=headers)
 
 
 async def _pass_error(
-    ctx: RequestContext, upstream: Upstream, resp: Response, t_up: float
+    ctx: RequestContext, upstream: Upstream, resp: Response, t_up: float, ex: Exchange
 ) -> web.Response:
     """An upstream 4xx goes back to the client as the upstream said it (429 included), less
-    the provider's key: a provider may quote the credential it was sent (a 401)."""
+    the provider's key: a provider may quote the credential it was sent (a 401). A client of
+    another dialect gets it in its own error shape (`Translation.error`), its message kept."""
     data = scrub(await _read_quietly(resp), upstream.secret)
     code = upstream.wire.error_code(data)
     if not data or code == "":
-        # Not in the wire's error shape: wrap it so clients always get the same error shape.
+        # Not in the wire's error shape: wrap it so clients always get their error shape.
         kind = "rate_limit_exceeded" if resp.status == 429 else "upstream_error"
-        data = ApiError(
-            resp.status, f"The upstream provider returned {resp.status}.", code=kind
-        ).body()
+        err = ApiError(resp.status, f"The upstream provider returned {resp.status}.", code=kind)
+        data = DIALECTS[ex.client].error_body(err)
         code = kind
+    elif not ex.passthrough:
+        data = ex.error(resp.status, data)
     ctx.failed(resp.status, code)
     headers = {"x-request-id": ctx.event.request_id}
     overhead = (time.perf_counter() - ctx.t0) - (time.perf_counter() - t_up)

@@ -8,7 +8,7 @@ import msgspec
 from aiohttp import web
 
 from tokenhub.gateway.errors import ApiError
-from tokenhub.gateway.request import CHAT, COMPLETIONS, EMBEDDINGS
+from tokenhub.gateway.request import ANTHROPIC_MESSAGES, CHAT, COMPLETIONS, EMBEDDINGS, RESPONSES
 from tokenhub.gateway.state import GATEWAY, METRICS
 
 _encode = msgspec.json.Encoder().encode
@@ -26,9 +26,21 @@ async def embeddings(request: web.Request) -> web.StreamResponse:
     return await request.app[GATEWAY].proxy(request, EMBEDDINGS)
 
 
+async def messages(request: web.Request) -> web.StreamResponse:
+    return await request.app[GATEWAY].proxy(request, ANTHROPIC_MESSAGES)
+
+
+async def count_tokens(request: web.Request) -> web.Response:
+    return await request.app[GATEWAY].count_tokens(request)
+
+
+async def responses(request: web.Request) -> web.StreamResponse:
+    return await request.app[GATEWAY].proxy(request, RESPONSES)
+
+
 async def list_models(request: web.Request) -> web.Response:
     gw = request.app[GATEWAY]
-    who = gw.keys.authenticate(request.headers.get("Authorization"))
+    who = gw.authenticate(request)
     created = int(request.app[GATEWAY].started_at)
     data = [
         {"id": m.id, "object": "model", "created": created, "owned_by": m.owned_by}
@@ -42,7 +54,7 @@ async def list_models(request: web.Request) -> web.Response:
 async def retrieve_model(request: web.Request) -> web.Response:
     """OpenAI's model object, or 404 model_not_found for a model this key may not use."""
     gw = request.app[GATEWAY]
-    who = gw.keys.authenticate(request.headers.get("Authorization"))
+    who = gw.authenticate(request)
     model_id = request.match_info["model"]
     for m in gw.allowed_models(who):
         if m.id == model_id:
@@ -79,6 +91,9 @@ def setup_routes(app: web.Application) -> None:
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/embeddings", embeddings)
+    app.router.add_post("/v1/messages", messages)
+    app.router.add_post("/v1/messages/count_tokens", count_tokens)
+    app.router.add_post("/v1/responses", responses)
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/v1/models/{model:.+}", retrieve_model)
     app.router.add_get("/healthz", healthz)

@@ -2,14 +2,19 @@
 
 Handlers in `routes.py` only call `Gateway.proxy`, which runs a request through these steps:
 
-1. The caller is authenticated from the in-memory key table (`auth.KeyCache`).
-2. The body is decoded and validated once (`request.ParsedRequest`); from here on one
-   `context.RequestContext` carries the request and is the only writer of its usage event.
+1. The caller is authenticated from the in-memory key table (`auth.KeyCache`), by
+   `Authorization: Bearer <key>` or `x-api-key: <key>` (Anthropic's clients send either).
+2. The body is decoded and validated once, by the request class of the endpoint's client
+   dialect (`dialects`: OpenAI's, Anthropic's Messages API, OpenAI's Responses API); from here
+   on one `context.RequestContext` carries the request and is the only writer of its usage
+   event. Errors are written in the client's dialect (the handler stores it on the request).
 3. A tiered model picks its tier; the prompt is metered with the Rust meter (`metering`); the
    router orders the deployments (tokenhub.router).
-4. Admission (`admission.admit`): guard -> limits -> money, one unwind path.
-5. Forwarding (`forward`): attempts and fallback, the upstream's wire behind `providers`;
-   streams through the SSE loop (`stream`).
+4. Admission (`admission.admit`): guard -> limits -> money, one unwind path; the worst case is
+   the prompt, the tool definitions and the output cap.
+5. Forwarding (`forward`): attempts and fallback, the upstream's wire behind `providers`, a
+   client dialect the wire does not speak translated (`translate`); streams through the SSE
+   loop (`stream`).
 6. Exactly one `UsageEvent` per request goes to the sink (journal + batched database writes,
    off the response path), written by `RequestContext.finish`.
 
@@ -27,22 +32,25 @@ import random
 import time
 from typing import Protocol
 
+import msgspec
 from aiohttp import web
 
 from tokenhub.billing.pots import Contracts
 from tokenhub.config import Config, Deployment, Model
-from tokenhub.gateway import usage_check
+from tokenhub.gateway import metering, usage_check
 from tokenhub.gateway.admission import admit
 from tokenhub.gateway.auth import KeyCache, Principal
 from tokenhub.gateway.context import RequestContext, audit_anomaly
+from tokenhub.gateway.dialects import DIALECTS
 from tokenhub.gateway.errors import ApiError
 from tokenhub.gateway.forward import forward
 from tokenhub.gateway.guard import Audit
 from tokenhub.gateway.limits import LimitSync
-from tokenhub.gateway.request import EMBEDDINGS, Endpoint, ParsedRequest
-from tokenhub.gateway.state import REQUEST_ID
+from tokenhub.gateway.providers.http import ClientError
+from tokenhub.gateway.request import COMPLETIONS, EMBEDDINGS, Endpoint, ParsedRequest
+from tokenhub.gateway.state import DIALECT, REQUEST_ID
 from tokenhub.gateway.telemetry import Registry
-from tokenhub.gateway.upstream import Upstream
+from tokenhub.gateway.upstream import Upstream, scrub
 from tokenhub.meter import Meter
 from tokenhub.money import NANOS
 from tokenhub.router import Contract, DeploymentSpec, Router, TierScorer
@@ -258,20 +266,33 @@ class Gateway:
 
     # -- the request path ---------------------------------------------------------------------
 
+    def authenticate(self, request: web.Request) -> Principal:
+        """The caller, by `Authorization: Bearer <key>` or else `x-api-key: <key>`; ApiError
+        401 without a valid key."""
+        authorization = request.headers.get("Authorization")
+        if not authorization and (key := request.headers.get("x-api-key")):
+            authorization = "Bearer " + key
+        return self.keys.authenticate(authorization)
+
+    async def _body(self, request: web.Request) -> bytes:
+        max_body = self.config.server.max_body_bytes
+        if (request.content_length or 0) > max_body:
+            # Refused before reading: a client announcing 1 TB gets its answer at once.
+            raise ApiError.too_large(max_body)
+        try:
+            return await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            raise ApiError.too_large(max_body) from None
+
     async def proxy(self, request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
         t0 = time.perf_counter()
-        who = self.keys.authenticate(request.headers.get("Authorization"))
-        req = ParsedRequest(endpoint)
+        if endpoint.dialect != "openai":
+            request[DIALECT] = endpoint.dialect
+        who = self.authenticate(request)
+        req = DIALECTS[endpoint.dialect].request_class(endpoint)
         ctx = RequestContext(self, request[REQUEST_ID], endpoint.name, who, req, t0)
         try:
-            max_body = self.config.server.max_body_bytes
-            if (request.content_length or 0) > max_body:
-                # Refused before reading: a client announcing 1 TB gets its answer at once.
-                raise ApiError.too_large(max_body)
-            try:
-                body = await request.read()
-            except web.HTTPRequestEntityTooLarge:
-                raise ApiError.too_large(max_body) from None
+            body = await self._body(request)
             model = req.parse(body, self.models)
             tier = ""
             if model.tiers is not None:
@@ -279,14 +300,20 @@ class Gateway:
             prompt_tokens = ctx.prompt_tokens(model.deployments[0].vocab)
             order, reason = self.route(model, prompt_tokens, self.affinity(model, request, req))
             candidates = [model.deployments[i] for i in order]
+            if endpoint is COMPLETIONS or endpoint is EMBEDDINGS:
+                order, candidates = self._openai_only(model, endpoint, order, candidates)
             prompt_tokens = ctx.prompt_tokens(candidates[0].vocab)
+            tools_tokens = ctx.tools_tokens(candidates[0].vocab)
         except ApiError as e:
             raise ctx.refuse(e) from None
         ctx.begin(model.id, prompt_tokens, reason, tier)
         try:
             default_cap = candidates[0].max_output_tokens
             waiting = admit(
-                ctx, prompt_tokens, req.max_output(default_cap), self._ttl_ms(candidates)
+                ctx,
+                prompt_tokens + tools_tokens,
+                req.max_output(default_cap),
+                self._ttl_ms(candidates),
             )
             if waiting is not None:  # cluster mode: the host is leasing more budget
                 await waiting
@@ -298,6 +325,72 @@ class Gateway:
             return await forward(self, ctx, request, model, order, candidates, prompt_tokens, cap)
         finally:
             ctx.finish()
+
+    def _openai_only(
+        self, model: Model, endpoint: Endpoint, order: list[int], candidates: list[Deployment]
+    ) -> tuple[list[int], list[Deployment]]:
+        """The candidates that can serve a legacy completion or an embedding: those on an
+        OpenAI-wire provider (the Messages API has neither). None: a 400."""
+        kept = [
+            (i, d)
+            for i, d in zip(order, candidates, strict=True)
+            if self.upstreams[d.provider].wire.name == "openai"
+        ]
+        if not kept:
+            raise ApiError.bad_request(
+                f"The model `{model.id}` is served by the Anthropic Messages API, which has no "
+                f"{endpoint.name} endpoint: use /v1/chat/completions or /v1/messages.",
+                param="model",
+            )
+        return [i for i, _ in kept], [d for _, d in kept]
+
+    async def count_tokens(self, request: web.Request) -> web.Response:
+        """POST /v1/messages/count_tokens: `{"input_tokens": N}` for a Messages API body.
+        Forwarded to the model's first deployment when it speaks the Messages API (the
+        upstream counts with its own tokenizer); otherwise, or when that upstream fails, the
+        meter's count of the prompt and the tool definitions. No usage event: nothing is
+        generated, nothing billed."""
+        from tokenhub.gateway.dialects.messages import CountTokensRequest
+
+        request[DIALECT] = "anthropic"
+        self.authenticate(request)
+        req = CountTokensRequest()
+        model = req.parse(await self._body(request), self.models)
+        if model.tiers is not None:
+            model = self.models[model.tiers.cheap]
+        dep = model.deployments[0]
+        upstream = self.upstreams[dep.provider]
+        if upstream.wire.name == "anthropic" and upstream.pool is not None:
+            payload = dict(req.payload)
+            payload["model"] = dep.upstream_model
+            headers = {"x-request-id": request[REQUEST_ID]}
+            if beta := request.headers.get("anthropic-beta"):
+                headers["anthropic-beta"] = beta
+            try:
+                resp = await upstream.pool.post(
+                    upstream.path("/messages/count_tokens"), _encode(payload), headers
+                )
+                try:
+                    data = await resp.read()
+                finally:
+                    resp.release()
+            except (TimeoutError, ClientError):
+                log.warning("count_tokens: %s failed; answered by the meter", dep.name)
+            else:
+                if resp.status < 500:
+                    return web.Response(
+                        status=resp.status,
+                        body=scrub(data, upstream.secret),
+                        content_type="application/json",
+                    )
+                log.warning(
+                    "count_tokens: %s answered %d; answered by the meter", dep.name, resp.status
+                )
+        meter = self.meter(dep.vocab)
+        n = metering.prompt_tokens(meter, req)
+        if req.tools_text:
+            n += meter.count(req.tools_text)
+        return web.Response(body=_encode({"input_tokens": n}), content_type="application/json")
 
     def _ttl_ms(self, candidates: list[Deployment]) -> int:
         """Held until settled, at most until every candidate could have timed out."""
@@ -360,6 +453,8 @@ def _spec(d: Deployment) -> DeploymentSpec:
         max_concurrency=d.max_concurrency,
     )
 
+
+_encode = msgspec.json.Encoder().encode
 
 # Request ids need uniqueness, not secrecy: a generator seeded from the OS once per process
 # costs ~0.1 µs an id where os.urandom costs a system call.

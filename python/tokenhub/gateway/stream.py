@@ -15,6 +15,12 @@ Under money admission the hold is not extended once the client is gone, and the 
 capped at what was held when it left: the tenant pays at most that, the operator the rest. In
 cluster mode a tranche the host's leased pool cannot pay waits for its lease agent (up to
 `[cluster] acquire_wait_ms`) before the stream is cut.
+
+A client of another dialect than the wire's gets the scanner's events through the pair's
+`StreamOut` (`tokenhub.gateway.translate`): the scanner still splits, counts and keeps the
+usage (never forwarding the usage chunk: it was made with keep_usage=False), the `StreamOut`
+writes the client's events, and its `end` the closing ones with the settled event's usage.
+The gateway's own errors (the cut, a broken stream) are written in the client's dialect.
 """
 
 from __future__ import annotations
@@ -30,12 +36,14 @@ from aiohttp import web
 from tokenhub.billing.pots import TRANCHE
 from tokenhub.config import Deployment
 from tokenhub.gateway.context import RequestContext
+from tokenhub.gateway.dialects import DIALECTS
 from tokenhub.gateway.errors import ApiError
 from tokenhub.gateway.providers.http import ClientError, ClientPayloadError, Response
 from tokenhub.gateway.upstream import Retry, Upstream, scrub
 
 if TYPE_CHECKING:
     from tokenhub.gateway.service import Gateway
+    from tokenhub.gateway.translate import Exchange
 
 log = logging.getLogger("tokenhub.gateway")
 
@@ -48,13 +56,28 @@ async def relay_stream(
     upstream: Upstream,
     dep: Deployment,
     t_up: float,
+    ex: Exchange,
 ) -> web.StreamResponse:
     """Relays one upstream stream to the client (see the module's docstring)."""
     t0 = ctx.t0
     event = ctx.event
     wire = upstream.wire
     secret = upstream.secret
-    relay = wire.scanner(ctx.req.include_usage, gw.meter(dep.vocab))
+    dialect = DIALECTS[ex.client]
+    include_usage = ctx.req.include_usage
+    if ex.passthrough:
+        relay = wire.scanner(include_usage, gw.meter(dep.vocab))
+        translated = None
+    else:
+        relay = wire.scanner(False, gw.meter(dep.vocab))
+        translated = ex.stream(event, include_usage)
+
+    def closing() -> bytes:
+        """What ends the client's stream once the event is settled."""
+        if translated is not None:
+            return translated.end(event)
+        return wire.usage_tail(relay, event)
+
     out: web.StreamResponse | None = None
     client_gone = False
     eof_sent = False
@@ -112,7 +135,7 @@ async def relay_stream(
             type="insufficient_quota",
             code="insufficient_quota",
         )
-        await send(wire.stream_error(err, end=True), last=True)
+        await send(dialect.stream_error(err, end=True), last=True)
 
     def lost_client() -> None:
         nonlocal client_gone, deadline
@@ -173,6 +196,9 @@ async def relay_stream(
                 events = relay.feed(data)
             except ValueError as e:  # an event past the relay's bound: not a token stream
                 raise ClientPayloadError(str(e)) from None
+            if translated is not None and events:
+                # Scrubbed before translation, which may re-encode (and so escape) the key.
+                events = translated.feed(scrub(events, secret))
             if event.ttft_ms is None and relay.first_token:
                 ctx.first_token()
             # A client that left is not sent more, so its hold is not extended either:
@@ -188,7 +214,7 @@ async def relay_stream(
             if relay.done and not client_left():
                 settle()
                 ctx.finish()
-                await send(events + wire.usage_tail(relay, event), last=True)
+                await send(events + closing(), last=True)
             elif events:
                 await send(events)
     except TimeoutError:
@@ -204,20 +230,22 @@ async def relay_stream(
         raise Retry(ApiError.upstream_failed("the stream ended before any data"), "empty")
     if not eof_sent and (rest := relay.finish()):
         # The upstream closed without the blank line that ends its last event.
+        if translated is not None:
+            rest = translated.feed(scrub(rest, secret))
         if relay.done and not client_left():
             settle()
             ctx.finish()
-            await send(rest + wire.usage_tail(relay, event), last=True)
+            await send(rest + closing(), last=True)
         else:
             await send(rest)
     if not ctx.done:
         settle()
         if not relay.done and not client_gone:
             await send(
-                wire.stream_error(ApiError.upstream_failed("the stream broke off"), end=False)
+                dialect.stream_error(ApiError.upstream_failed("the stream broke off"), end=False)
             )
         ctx.finish()
-        if relay.held_done and not client_left():
+        if translated is None and relay.held_done and not client_left():
             await send(wire.usage_tail(relay, event), last=True)
     if out is not None and not client_gone and not eof_sent:
         with contextlib.suppress(ConnectionResetError, aiohttp.ClientConnectionResetError):
