@@ -1,5 +1,7 @@
-"""The OpenAI-compatible upstream simulator (upstream.py); `tokenhub mock-upstream` serves it
-(tokenhub.cli.mock). It imports nothing of the gateway: it stands for a provider."""
+"""The upstream simulator: OpenAI's wire (upstream.py) and Anthropic's Messages API
+(anthropic.py) on one server and one ledger, with tool calls made up from schemas (tools.py);
+`tokenhub mock-upstream` serves it (tokenhub.cli.mock). It imports nothing of the gateway: it
+stands for a provider."""
 
 from tokenhub.mock.upstream import (
     DEFAULT_MODELS,

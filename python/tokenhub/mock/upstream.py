@@ -8,6 +8,12 @@ meter's count of the text it returns. The text is deterministic: a seeded choice
 words, so a request always gets the same reply, the streamed deltas concatenate to exactly the
 non-streamed text, and a reply capped by ``max_tokens`` is a prefix of the uncapped one.
 
+The same server speaks Anthropic's Messages API (``POST /v1/messages`` and its count_tokens,
+see anthropic.py) with the same text, knobs and ledger. Chat requests that offer ``tools`` or
+ask for reasoning (``reasoning_effort``, or a model in `REASONING_MODELS`) take a path of their
+own (`_rich_chat`): tool calls when tool_choice forces one (or under ``tool_calls = "auto"``),
+and DeepSeek-style ``reasoning_content`` before the content; plain requests never reach it.
+
 Every request it serves goes to an in-memory ledger (``GET /mock/ledger``, ``POST /mock/reset``)
 so a test can reconcile what the gateway billed against what was served, including streams the
 client cut short (the ledger counts the tokens of the deltas actually written to the socket).
@@ -46,9 +52,9 @@ import random
 import struct
 import time
 from collections import OrderedDict, deque
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Annotated, Any, Final
+from typing import Annotated, Any, Final, Literal, Protocol
 
 import msgspec
 from aiohttp import web
@@ -56,6 +62,7 @@ from msgspec import UNSET, UnsetType
 
 from tokenhub import vocabs
 from tokenhub.meter import Meter
+from tokenhub.mock import tools
 
 __all__ = [
     "DEFAULT_MODELS",
@@ -95,6 +102,9 @@ DEFAULT_MODELS: Final[Mapping[str, str]] = {
     "deepseek-reasoner": "deepseek-v4",
 }
 ANY_MODEL: Final = "*"  # a model-map key that serves every model id
+# Chat models that think aloud without being asked (DeepSeek's reasoner sends
+# `reasoning_content` on every reply); any other model does when `reasoning_effort` is set.
+REASONING_MODELS: Final = frozenset({"deepseek-reasoner"})
 
 NonNegFloat = Annotated[float, msgspec.Meta(ge=0)]
 Rate = Annotated[float, msgspec.Meta(ge=0, le=1)]
@@ -145,6 +155,23 @@ class MockOptions(msgspec.Struct, kw_only=True, frozen=True):
     """The ``retry-after`` header on 429 responses."""
     ledger_size: Annotated[int, msgspec.Meta(ge=1)] = 100_000
     """Ledger entries kept (the totals never drop)."""
+    tool_calls: Literal["forced", "auto"] = "forced"
+    """When a reply calls a tool: "forced" only when the request's tool_choice forces one;
+    "auto" also calls the first tool whenever tools are offered, tool_choice does not say
+    none and the last message is not a tool result, so an agent loop can be simulated (per
+    request)."""
+    min_cache_tokens: Tokens = 1024
+    """Anthropic prompt caching: the smallest prefix a ``cache_control`` breakpoint caches
+    (per request)."""
+    cache_ttl_s: NonNegFloat = 300.0
+    """Anthropic prompt caching: how long an entry lives after its write or last read; a
+    breakpoint marked ``"ttl": "1h"`` lives 3600 s (per request)."""
+    cache_lookback_blocks: Annotated[int, msgspec.Meta(ge=0, le=1000)] = 20
+    """Anthropic prompt caching: a breakpoint also reads an entry written at any of this many
+    block boundaries before it, as Anthropic's API does (per request)."""
+    cache_entries: Annotated[int, msgspec.Meta(ge=1)] = 10_000
+    """Anthropic prompt caching: entries kept over all keys and models (least recently used
+    dropped first)."""
 
 
 class _Overrides(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -161,6 +188,10 @@ class _Overrides(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     omit_usage: bool | UnsetType = UNSET
     stall: Annotated[int, msgspec.Meta(ge=0)] | UnsetType | None = UNSET
     seed: int | UnsetType = UNSET
+    tool_calls: Literal["forced", "auto"] | UnsetType = UNSET
+    min_cache_tokens: Tokens | UnsetType = UNSET
+    cache_ttl_s: NonNegFloat | UnsetType = UNSET
+    cache_lookback_blocks: Annotated[int, msgspec.Meta(ge=0, le=1000)] | UnsetType = UNSET
 
 
 def _validated(options: MockOptions) -> MockOptions:
@@ -360,7 +391,7 @@ class _ChatCompletion(msgspec.Struct, kw_only=True):
     object: str = "chat.completion"
     created: int
     model: str
-    choices: list[_Choice]
+    choices: list[_Choice] | list[_RichChoice]
     # UNSET fields are left out of the JSON: omit-usage sends no "usage" key at all.
     usage: ChatUsage | UnsetType = UNSET
     service_tier: str = "default"
@@ -393,6 +424,49 @@ class _ChatChunk(msgspec.Struct, kw_only=True):
     # None is sent as "usage": null on every chunk when the client asked for usage, as OpenAI
     # does; UNSET leaves the key out.
     usage: ChatUsage | UnsetType | None = UNSET
+
+
+# Replies with tool calls or reasoning (a path of their own, so plain replies stay as cheap).
+class _Function(msgspec.Struct, kw_only=True):
+    name: str | UnsetType = UNSET
+    arguments: str
+
+
+class _ToolCall(msgspec.Struct, kw_only=True):
+    index: int | UnsetType = UNSET  # stream deltas only
+    id: str | UnsetType = UNSET
+    type: str | UnsetType = UNSET
+    function: _Function
+
+
+class _RichMessage(msgspec.Struct, kw_only=True):
+    role: str = "assistant"
+    content: str | None
+    reasoning_content: str | UnsetType = UNSET
+    tool_calls: list[_ToolCall] | UnsetType = UNSET
+    refusal: None = None
+    annotations: list[Any] = []
+
+
+class _RichChoice(msgspec.Struct, kw_only=True):
+    index: int
+    message: _RichMessage
+    logprobs: None = None
+    finish_reason: str
+
+
+class _RichDelta(msgspec.Struct, kw_only=True):
+    role: str | UnsetType = UNSET
+    content: str | UnsetType | None = UNSET
+    reasoning_content: str | UnsetType | None = UNSET
+    tool_calls: list[_ToolCall] | UnsetType = UNSET
+
+
+class _RichChunkChoice(msgspec.Struct, kw_only=True):
+    index: int
+    delta: _RichDelta
+    logprobs: None = None
+    finish_reason: str | None = None
 
 
 class _TextChoice(msgspec.Struct, kw_only=True):
@@ -451,6 +525,9 @@ class _ChatRequest(msgspec.Struct, kw_only=True):
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
     seed: int | None = None
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    reasoning_effort: str | None = None
 
 
 class _TextRequest(msgspec.Struct, kw_only=True):
@@ -610,6 +687,10 @@ class LedgerEntry(msgspec.Struct, kw_only=True):
     usage_sent: bool = False  # a usage block (or usage chunk) reached the socket
     disconnected: bool = False  # the client went away before the response was complete
     stalled: bool = False
+    # Anthropic's prompt caching (both included in prompt_tokens): tokens read from the cache,
+    # and tokens written to it.
+    cache_read_tokens: int = 0
+    cache_creation_tokens: int = 0
     client_request_id: str | None = None  # the client's x-request-id / x-client-request-id
     time: float = 0.0  # unix seconds when the request arrived
 
@@ -618,6 +699,8 @@ class ModelTotals(msgspec.Struct, kw_only=True):
     requests: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cache_read_tokens: int = 0
+    cache_creation_tokens: int = 0
 
 
 class LedgerTotals(msgspec.Struct, kw_only=True):
@@ -631,6 +714,9 @@ class LedgerTotals(msgspec.Struct, kw_only=True):
     total_tokens: int = 0
     reported_prompt_tokens: int = 0  # as reported in usage blocks that were sent
     reported_completion_tokens: int = 0
+    cache_read_tokens: int = 0  # Anthropic prompt caching, served (part of prompt_tokens)
+    cache_creation_tokens: int = 0
+    count_tokens_requests: int = 0  # /v1/messages/count_tokens answered (free: no entries)
 
 
 class LedgerView(msgspec.Struct, kw_only=True):
@@ -666,6 +752,8 @@ class Ledger:
         t.prompt_tokens += e.prompt_tokens
         t.completion_tokens += e.completion_tokens
         t.total_tokens += e.prompt_tokens + e.completion_tokens
+        t.cache_read_tokens += e.cache_read_tokens
+        t.cache_creation_tokens += e.cache_creation_tokens
         if e.usage_sent:
             t.reported_prompt_tokens += e.prompt_tokens
             t.reported_completion_tokens += e.completion_tokens
@@ -676,6 +764,8 @@ class Ledger:
             m.requests += 1
             m.prompt_tokens += e.prompt_tokens
             m.completion_tokens += e.completion_tokens
+            m.cache_read_tokens += e.cache_read_tokens
+            m.cache_creation_tokens += e.cache_creation_tokens
 
     def reset(self) -> None:
         self.entries.clear()
@@ -743,7 +833,7 @@ class Mock:
         )
 
     def knobs(self, request: web.Request) -> MockOptions:
-        """Checks the key, then applies any ``x-mock-*`` headers to the options."""
+        """Checks the key (OpenAI's way), then applies any ``x-mock-*`` headers."""
         opts = self.options
         if opts.require_key is not None:
             auth = request.headers.get("Authorization")
@@ -756,6 +846,11 @@ class Mock:
                 )
             if auth != f"Bearer {opts.require_key}":
                 raise MockError(401, "Incorrect API key provided.", code="invalid_api_key")
+        return self.overrides(request)
+
+    def overrides(self, request: web.Request) -> MockOptions:
+        """The options with any ``x-mock-*`` headers applied (no key check)."""
+        opts = self.options
         raw: dict[str, str] | None = None
         for name, value in request.raw_headers:
             if name[:7].lower() == b"x-mock-":
@@ -787,8 +882,15 @@ class Mock:
                 raise MockError.model_not_found(model)
         return self.source(vocab or knobs.vocab)
 
-    async def admit(self, request: web.Request, entry: LedgerEntry, knobs: MockOptions) -> None:
-        """Latency, a stall before any byte, then forced or injected errors."""
+    async def admit(
+        self,
+        request: web.Request,
+        entry: LedgerEntry,
+        knobs: MockOptions,
+        forced: Callable[[int, str, int], MockError] = MockError.forced,
+    ) -> None:
+        """Latency, a stall before any byte, then forced or injected errors (`forced` makes
+        the error of a status in the dialect's shape)."""
         if knobs.latency_ms:
             await asyncio.sleep(knobs.latency_ms / 1000)
         if knobs.stall == 0:
@@ -803,7 +905,7 @@ class Mock:
             elif draw < knobs.error_rate_429 + knobs.error_rate_500:
                 status = 500
         if status is not None:
-            raise MockError.forced(status, entry.model, knobs.retry_after_s)
+            raise forced(status, entry.model, knobs.retry_after_s)
 
 
 class _Stalled(Exception):
@@ -923,6 +1025,9 @@ async def _chat(mock: Mock, request: web.Request, entry: LedgerEntry) -> web.Str
     _positive("max_completion_tokens", req.max_completion_tokens)
     caps = [c for c in (req.max_tokens, req.max_completion_tokens) if c is not None]
     source = mock.source_for(req.model, knobs)
+    if req.tools is not None or req.reasoning_effort is not None or req.model in REASONING_MODELS:
+        cap = min(caps) if caps else None
+        return await _rich_chat(mock, request, entry, knobs, req, source, cap, include_usage)
     try:
         prompt_tokens = source.meter.count_messages(req.messages)
     except TypeError as e:
@@ -981,11 +1086,216 @@ async def _chat(mock: Mock, request: web.Request, entry: LedgerEntry) -> web.Str
     )
 
 
+def _chat_tool(req: _ChatRequest, knobs: MockOptions) -> tuple[str, Any] | None:
+    """The function a chat reply calls, as (name, parameters schema), or None for text."""
+    defs: list[tuple[str, Any]] = []
+    for i, t in enumerate(req.tools or []):
+        fn = t.get("function") if isinstance(t, dict) else None
+        name = fn.get("name") if isinstance(fn, dict) else None
+        if not isinstance(name, str) or not name:
+            param = f"tools[{i}].function.name"
+            raise MockError.invalid(
+                f"Missing required parameter: '{param}'.",
+                param=param,
+                code="missing_required_parameter",
+            )
+        defs.append((name, fn.get("parameters") if isinstance(fn, dict) else None))
+    choice = req.tool_choice
+    if choice is None or choice == "auto":
+        last = req.messages[-1]
+        if defs and knobs.tool_calls == "auto" and last.get("role") != "tool":
+            return defs[0]
+        return None
+    if not defs:
+        raise MockError.invalid(
+            "Invalid value for 'tool_choice': 'tool_choice' is only allowed when 'tools' are "
+            "specified.",
+            param="tool_choice",
+        )
+    if choice == "none":
+        return None
+    if choice == "required":
+        return defs[0]
+    fn = choice.get("function") if isinstance(choice, dict) else None
+    name = fn.get("name") if isinstance(fn, dict) else None
+    if name is None:
+        raise MockError.invalid(
+            "Invalid value for 'tool_choice': expected 'none', 'auto', 'required' or "
+            '{"type": "function", "function": {"name": ...}}.',
+            param="tool_choice",
+        )
+    for d in defs:
+        if d[0] == name:
+            return d
+    raise MockError.invalid(
+        f"Invalid 'tool_choice': no function named {name!r} in 'tools'.", param="tool_choice"
+    )
+
+
+async def _rich_chat(
+    mock: Mock,
+    request: web.Request,
+    entry: LedgerEntry,
+    knobs: MockOptions,
+    req: _ChatRequest,
+    source: ReplySource,
+    cap: int | None,
+    include_usage: bool,
+) -> web.StreamResponse:
+    """A chat reply with tool calls or reasoning.
+
+    Reasoning (`reasoning_content`, DeepSeek's field) comes first in every choice: the
+    deterministic text of ``completion_tokens`` tokens (capped by the output cap), counted in
+    completion_tokens and in completion_tokens_details.reasoning_tokens. Then either a tool
+    call (id ``call_...``, arguments from `tools.generate`, finish_reason "tool_calls",
+    ``count(name) + count(arguments)`` tokens; a call that does not fit in what the cap leaves
+    is not made) or the text, capped by what the reasoning left of the cap. With tools, the
+    prompt also counts the JSON text of the `tools` list."""
+    meter = source.meter
+    stream = bool(req.stream)
+    n = req.n if req.n is not None else 1
+    try:
+        prompt_tokens = meter.count_messages(req.messages)
+    except TypeError as e:
+        raise MockError.invalid(f"Invalid 'messages': {e}", param="messages") from None
+    if req.tools:
+        prompt_tokens += meter.count(_encode(req.tools).decode())
+    call = _chat_tool(req, knobs)
+    seed = req.seed if req.seed is not None else knobs.seed
+    reasoning = req.model in REASONING_MODELS or req.reasoning_effort not in (None, "none")
+    target = knobs.completion_tokens
+    think = (target if cap is None else min(target, cap)) if reasoning else 0
+    room = None if cap is None else cap - think
+    name, args, frags, name_tokens, arg_counts = "", "", [], 0, [0]
+    if call is not None:
+        name = call[0]
+        args = tools.arguments(tools.generate(call[1], source.words, name, seed))
+        frags = tools.fragments(args)
+        name_tokens = meter.count(name)
+        counter = meter.stream_counter()
+        arg_counts = [0, *(counter.feed(f) for f in frags)]
+        if room is not None and name_tokens + arg_counts[-1] > room:
+            call = None
+    length, finish = _length(knobs, room)
+    if call is not None:
+        finish = "tool_calls"
+    entry.prompt_tokens = prompt_tokens
+    entry.stream = stream
+    await mock.admit(request, entry, knobs)
+
+    thoughts = [source.reply(req.model + "\0reasoning", think, seed, i) for i in range(n)]
+    texts = [source.reply(req.model, length, seed, i) for i in range(n)] if call is None else []
+    call_id = "call_" + entry.id.removeprefix("chatcmpl-")
+    ids = [call_id if n == 1 else f"{call_id}_{i}" for i in range(n)]
+    counts: list[Counts] = []
+    for i, th in enumerate(thoughts):
+        t = th.tokens
+        tail = (
+            [name_tokens, *(name_tokens + c for c in arg_counts[1:])]
+            if call
+            else texts[i].counts[1:]
+        )
+        counts.append(Counts((*th.counts, *(t + c for c in tail))))
+    completion_tokens = sum(c.tokens for c in counts)
+    usage = ChatUsage(
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        total_tokens=prompt_tokens + completion_tokens,
+        completion_tokens_details=_CompletionDetails(
+            reasoning_tokens=sum(th.tokens for th in thoughts)
+        ),
+    )
+    created = int(time.time())
+    if not stream:
+        choices = [
+            _RichChoice(
+                index=i,
+                message=_RichMessage(
+                    content=None if call else texts[i].text,
+                    reasoning_content=thoughts[i].text if reasoning else UNSET,
+                    tool_calls=[
+                        _ToolCall(
+                            id=ids[i],
+                            type="function",
+                            function=_Function(name=name, arguments=args),
+                        )
+                    ]
+                    if call
+                    else UNSET,
+                ),
+                finish_reason=finish,
+            )
+            for i in range(n)
+        ]
+        body = _ChatCompletion(
+            id=entry.id,
+            created=created,
+            model=req.model,
+            choices=choices,
+            usage=UNSET if knobs.omit_usage else usage,
+            system_fingerprint=SYSTEM_FINGERPRINT,
+        )
+        entry.completion_tokens = completion_tokens
+        return await _send_json(
+            request, entry, knobs, _encode(body), usage_sent=not knobs.omit_usage
+        )
+
+    def delta(i: int, d: _RichDelta) -> bytes:
+        return _encode(_RichChunkChoice(index=i, delta=d))
+
+    deltas: list[tuple[bytes, ...]] = []
+    for i in range(n):
+        parts = [delta(i, _RichDelta(reasoning_content=p)) for p in thoughts[i].pieces]
+        if call:
+            start = _ToolCall(
+                index=0, id=ids[i], type="function", function=_Function(name=name, arguments="")
+            )
+            parts.append(delta(i, _RichDelta(tool_calls=[start])))
+            parts += [
+                delta(
+                    i, _RichDelta(tool_calls=[_ToolCall(index=0, function=_Function(arguments=f))])
+                )
+                for f in frags
+            ]
+        else:
+            parts += [delta(i, _RichDelta(content=p)) for p in texts[i].pieces]
+        deltas.append(tuple(parts))
+
+    def chat_envelope(u: ChatUsage | UnsetType | None) -> _ChatChunk:
+        return _ChatChunk(
+            id=entry.id,
+            created=created,
+            model=req.model,
+            system_fingerprint=SYSTEM_FINGERPRINT,
+            choices=[],
+            usage=u,
+        )
+
+    return await _stream_reply(
+        request,
+        entry,
+        knobs,
+        counts,
+        usage if include_usage else None,
+        chat_envelope,
+        first=[
+            _RichChunkChoice(
+                index=i, delta=_RichDelta(role="assistant", content=None if call else "")
+            )
+            for i in range(n)
+        ],
+        deltas=deltas,
+        last=[
+            _RichChunkChoice(index=i, delta=_RichDelta(), finish_reason=finish) for i in range(n)
+        ],
+    )
+
+
 async def _stream_reply(
     request: web.Request,
     entry: LedgerEntry,
     knobs: MockOptions,
-    replies: list[Any],
+    replies: Sequence[Counted],
     usage: Any,
     envelope: Callable[[Any], msgspec.Struct],
     *,
@@ -1157,15 +1467,22 @@ async def _embeddings(mock: Mock, request: web.Request, entry: LedgerEntry) -> w
 
 
 async def _send_json(
-    request: web.Request, entry: LedgerEntry, knobs: MockOptions, body: bytes, *, usage_sent: bool
+    request: web.Request,
+    entry: LedgerEntry,
+    knobs: MockOptions,
+    body: bytes,
+    *,
+    usage_sent: bool,
+    headers: Mapping[str, str] | None = None,
 ) -> web.StreamResponse:
+    """A JSON reply with the request id header (`headers`, default ``x-request-id``)."""
+    if headers is None:
+        headers = {"x-request-id": entry.id}
     if knobs.stall is None:
         entry.usage_sent = usage_sent
-        return web.Response(
-            body=body, content_type="application/json", headers={"x-request-id": entry.id}
-        )
+        return web.Response(body=body, content_type="application/json", headers=headers)
     # Stall after the headers: the client has a status and a Content-Length, never the body.
-    resp = web.StreamResponse(headers={"x-request-id": entry.id})
+    resp = web.StreamResponse(headers=headers)
     resp.content_type = "application/json"
     resp.content_length = len(body)
     entry.completion_tokens = 0
@@ -1208,16 +1525,40 @@ _SSE_HEADERS: Final = {
 }
 
 
+class Counted(Protocol):
+    """What the ledger needs of a choice (or an Anthropic content block) in a stream: the
+    exact token count after each of its counted events."""
+
+    @property
+    def counts(self) -> tuple[int, ...]: ...
+
+    @property
+    def tokens(self) -> int: ...
+
+
+@dataclass(slots=True, frozen=True)
+class Counts:
+    """Counted events' running token counts: counts[k] after k of them (counts[0] = 0)."""
+
+    counts: tuple[int, ...]
+
+    @property
+    def tokens(self) -> int:
+        return self.counts[-1]
+
+
 async def _stream(
     request: web.Request,
     entry: LedgerEntry,
     knobs: MockOptions,
     events: list[_Event],
-    replies: list[Reply],
+    replies: Sequence[Counted],
+    headers: Mapping[str, str] | None = None,
 ) -> web.StreamResponse:
     """Writes the events, paced at `tokens_per_second` token positions per second and cut at
-    `stall`; unpaced events go out in one write. The ledger gets what reached the socket."""
-    resp = web.StreamResponse(headers={**_SSE_HEADERS, "x-request-id": entry.id})
+    `stall`; unpaced events go out in one write. The ledger gets what reached the socket.
+    `headers` carry the request id (default ``x-request-id``)."""
+    resp = web.StreamResponse(headers={**_SSE_HEADERS, **(headers or {"x-request-id": entry.id})})
     sent = 0  # events written so far
     end = len(events) if knobs.stall is None else min(knobs.stall, len(events))
     tps = knobs.tokens_per_second
@@ -1260,7 +1601,9 @@ async def _stream(
     return resp
 
 
-def _account(entry: LedgerEntry, events: list[_Event], sent: int, replies: list[Reply]) -> None:
+def _account(
+    entry: LedgerEntry, events: list[_Event], sent: int, replies: Sequence[Counted]
+) -> None:
     """The ledger's completion tokens: the exact count of each choice's written deltas."""
     if sent == len(events):
         entry.completion_tokens = sum(r.tokens for r in replies)
@@ -1356,4 +1699,8 @@ def build_app(options: MockOptions | None = None) -> web.Application:
     r.add_get("/v1/models/{model}", get_model)
     r.add_get("/mock/ledger", ledger_get)
     r.add_post("/mock/reset", ledger_reset)
+    # Imported here: the Messages module builds on this one's pieces.
+    from tokenhub.mock import anthropic
+
+    anthropic.add_routes(app)
     return app
