@@ -276,7 +276,15 @@ class InvalidEvents(StoreError):
         )
 
 
-_INT_NAMES = ("ts_ms", "input_tokens", "cached_input_tokens", "output_tokens", "status", "attempts")
+_INT_NAMES = (
+    "ts_ms",
+    "input_tokens",
+    "cached_input_tokens",
+    "output_tokens",
+    "cache_write_tokens",
+    "status",
+    "attempts",
+)
 _INT_FIELDS = tuple(i for i, name in enumerate(EVENT_FIELDS) if name in _INT_NAMES)
 
 

@@ -54,6 +54,7 @@ _PG_TYPES = {
     "input_tokens": "bigint",
     "cached_input_tokens": "bigint",
     "output_tokens": "bigint",
+    "cache_write_tokens": "bigint",
     "status": "integer",
     "latency_ms": "double precision",
     "ttft_ms": "double precision",
