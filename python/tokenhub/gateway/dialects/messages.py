@@ -323,25 +323,27 @@ def _other_block(block: Mapping[str, Any], *, strict: bool, where: str) -> list[
     return [{"type": "text", "text": _encode(block).decode()}]
 
 
+def _block_parts(block: Mapping[str, Any], *, strict: bool, where: str) -> list[dict[str, Any]]:
+    """A user-side block (text, image, document, other) as OpenAI content parts."""
+    kind = block["type"]
+    if kind == "text":
+        return [{"type": "text", "text": block["text"]}]
+    if kind == "image":
+        part = image_part(block, strict=strict, where=where)
+        return [] if part is None else [part]
+    if kind == "document":
+        return _document_parts(block, strict=strict, where=where)
+    if kind in ("thinking", "redacted_thinking"):
+        return []
+    return _other_block(block, strict=strict, where=where)
+
+
 def _parts(blocks: list[Any], *, strict: bool, where: str) -> list[dict[str, Any]]:
-    """User-side blocks (text, image, document, others) as OpenAI content parts."""
-    parts: list[dict[str, Any]] = []
-    for i, block in enumerate(blocks):
-        at = f"{where}.{i}"
-        kind = block["type"]
-        if kind == "text":
-            parts.append({"type": "text", "text": block["text"]})
-        elif kind == "image":
-            part = image_part(block, strict=strict, where=at)
-            if part is not None:
-                parts.append(part)
-        elif kind == "document":
-            parts.extend(_document_parts(block, strict=strict, where=at))
-        elif kind in ("thinking", "redacted_thinking"):
-            continue
-        else:
-            parts.extend(_other_block(block, strict=strict, where=at))
-    return parts
+    return [
+        p
+        for i, block in enumerate(blocks)
+        for p in _block_parts(block, strict=strict, where=f"{where}.{i}")
+    ]
 
 
 def _simplified(parts: list[dict[str, Any]]) -> str | list[dict[str, Any]]:
@@ -437,7 +439,9 @@ def chat_messages(payload: Mapping[str, Any], *, strict: bool = False) -> list[d
             else:
                 pending.append((j, block))
         parts = moved + [
-            p for j, block in pending for p in _parts([block], strict=strict, where=f"{where}.{j}")
+            p
+            for j, block in pending
+            for p in _block_parts(block, strict=strict, where=f"{where}.{j}")
         ]
         if parts or not any(b["type"] == "tool_result" for b in content):
             out.append({"role": "user", "content": _simplified(parts)})
