@@ -446,9 +446,13 @@ def blocks(message: anthropic.types.Message) -> list[dict[str, Any]]:
     return [b.model_dump(exclude={"parsed_output"}, exclude_none=True) for b in message.content]
 
 
-def translate_chat_stream(batches: list[bytes], ev: UsageEvent) -> bytes:
+def translate_chat_stream(
+    batches: list[bytes], ev: UsageEvent, settled: UsageEvent | None = None
+) -> bytes:
+    """The translated stream; `settled`: the event as settled at the end, when it differs from
+    what was known at the start (the upstream's usage arrives last)."""
     out = MOC.stream(ev, False)
-    return b"".join(out.feed(b) for b in batches) + out.end(ev)
+    return b"".join(out.feed(b) for b in batches) + out.end(settled or ev)
 
 
 def test_a_chat_stream_as_messages_events() -> None:
@@ -501,9 +505,11 @@ async def test_the_sdk_reads_the_translated_stream_as_the_translated_reply(
     aiohttp_server: Any,
 ) -> None:
     ev = event()
-    url = await serve(
-        aiohttp_server, "/v1/messages", translate_chat_stream(chat_sse(CHAT_CHUNKS), ev)
-    )
+    # At the start only the metered prompt is known; the upstream's usage settles the event.
+    metered = event(input_tokens=990, cached_input_tokens=0, cache_write_tokens=0, output_tokens=0)
+    data = translate_chat_stream(chat_sse(CHAT_CHUNKS), metered, ev)
+    assert events_of(data)[0]["message"]["usage"]["input_tokens"] == 990
+    url = await serve(aiohttp_server, "/v1/messages", data)
     client = anthropic.AsyncAnthropic(api_key="k", base_url=url, max_retries=0)
     async with client.messages.stream(
         model="claude-public", max_tokens=100, messages=[{"role": "user", "content": "go"}]
