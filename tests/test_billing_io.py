@@ -901,6 +901,7 @@ def test_export_event_log(capsys: pytest.CaptureFixture[str], tmp_path: Path, ur
         "route": "",
         "tier": "",
         "usage_anomaly": "",
+        "cache_write_tokens": 0,
     }
 
     # CSV: the same rows, and it parses back.

@@ -103,7 +103,7 @@ def test_points_then_discounted_wallet_and_what_is_short() -> None:
         ("pot:m:acme", gross - gross // 10),
     ]
     # The wallet takes the 75,000 output tokens the points could not pay, and can pay none.
-    assert o.draws[1].tokens == (0, 0, 75_000)
+    assert o.draws[1].tokens == (0, 0, 75_000, 0)
     assert o.overrun == o.draws[1].unpaid == gross - gross // 10 and not o.paid
     # With money, the rest goes there at the discounted price.
     avail["pot:m:acme"] = 10**12
@@ -124,32 +124,35 @@ def test_lots_outside_their_scope_or_window_are_not_drawn() -> None:
     o = plan(t, T, "m", 5, [10, 0, 0], {"pot:t:L1": 100, "pot:t:L2": 100}.get)
     # Nothing in the order takes them: priced, and unpaid (what settlement posts as overrun).
     assert [(d.source, d.tokens, d.unpaid) for d in o.draws] == [
-        ("overrun", (10, 0, 0), rate(10, 2 * USD_1M))
+        ("overrun", (10, 0, 0, 0), rate(10, 2 * USD_1M))
     ]
     assert not o.paid
     t.prices.clear()  # without a price, the tokens are left as they are
     o = plan(t, T, "m", 5, [10, 0, 0], {"pot:t:L1": 100, "pot:t:L2": 100}.get)
-    assert (o.draws, o.rest) == ([], [10, 0, 0])
+    assert (o.draws, o.rest) == ([], [10, 0, 0, 0])
 
 
 def test_replay_fills_the_draws_in_order_and_puts_overruns_on_the_last() -> None:
-    money = Rule("price", (2 * USD_1M, 1 * USD_1M, 8 * USD_1M))
+    money = Rule("price", (2 * USD_1M, 1 * USD_1M, 8 * USD_1M, 3 * USD_1M))
     draws = [Draw("pot:t:L1", Rule("package"), 300), Draw("pot:m:acme", money, 10_000)]
     # Less than reserved: the package first, the wallet pays the rest.
     assert replay(draws, [200, 0, 150]) == [300, rate(50, 8 * USD_1M)]
     # More than reserved (a stream past its hold): the wallet draw takes the excess.
-    assert replay(draws, [300, 0, 5000]) == [300, money.cost([0, 0, 5000])]
+    assert replay(draws, [300, 0, 5000]) == [300, money.cost([0, 0, 5000, 0])]
+    # Cache writes come right after the uncached input (draw.TAKE_ORDER), at their price.
+    assert replay(draws, [100, 0, 100, 150]) == [300, rate(50, 8 * USD_1M)]
+    assert replay(draws, [300, 0, 0, 100]) == [300, rate(100, 3 * USD_1M)]
     assert replay(draws, [0, 0, 0]) == [0, 0]
 
 
 def test_rule_afford_is_the_largest_prefix_that_fits() -> None:
-    r = Rule("price", (2 * USD_1M, 1 * USD_1M, 8 * USD_1M))
+    r = Rule("price", (2 * USD_1M, 1 * USD_1M, 8 * USD_1M, 3 * USD_1M))
     for budget in (0, 1, 1999, 2000, 123_456, 10**9):
-        n, cost = r.afford([1000, 0, 1000], budget)
-        took = [min(1000, n), 0, max(0, n - 1000)]
+        n, cost = r.afford([1000, 0, 1000, 0], budget)
+        took = [min(1000, n), 0, max(0, n - 1000), 0]
         assert r.cost(took) == cost <= budget
         if n < 2000:
-            more = [min(1000, n + 1), 0, max(0, n + 1 - 1000)]
+            more = [min(1000, n + 1), 0, max(0, n + 1 - 1000), 0]
             assert r.cost(more) > budget
 
 

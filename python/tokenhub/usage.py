@@ -65,8 +65,9 @@ MAX_TOKENS = 10**9
 
 def usage_problem(ev: UsageEvent) -> str | None:
     """Why an event's token counts cannot be billed (None: they can): a count that is not an
-    integer, negative, above MAX_TOKENS, or cached input above input."""
-    for name in ("input_tokens", "cached_input_tokens", "output_tokens"):
+    integer, negative, above MAX_TOKENS, or cache reads and writes (both part of the input)
+    above input."""
+    for name in ("input_tokens", "cached_input_tokens", "output_tokens", "cache_write_tokens"):
         v = getattr(ev, name)
         if not isinstance(v, int) or isinstance(v, bool):
             return f"{name} is not an integer"
@@ -78,6 +79,12 @@ def usage_problem(ev: UsageEvent) -> str | None:
         return (
             f"cached_input_tokens ({ev.cached_input_tokens}) is more than input_tokens "
             f"({ev.input_tokens})"
+        )
+    if ev.cached_input_tokens + ev.cache_write_tokens > ev.input_tokens:
+        return (
+            f"cached_input_tokens + cache_write_tokens ({ev.cached_input_tokens} + "
+            f"{ev.cache_write_tokens}) is more than input_tokens ({ev.input_tokens}): both are "
+            "part of the input"
         )
     return None
 
@@ -105,13 +112,18 @@ LATER_FIELDS = ("usage_anomaly", "cache_write_tokens")
 BILLED_STATUSES = frozenset({200, 499})
 
 
-def billed_lines(ev: UsageEvent) -> tuple[int, int, int]:
-    """The tokens an event bills: (uncached input, cached input, output); all 0 unless the
-    upstream served it (`BILLED_STATUSES`)."""
+def billed_lines(ev: UsageEvent) -> tuple[int, int, int, int]:
+    """The tokens an event bills: (uncached input, cached input, output, cache writes); all 0
+    unless the upstream served it (`BILLED_STATUSES`). Cache reads and writes are parts of
+    `input_tokens`, so the uncached rest is input - reads - writes; counts out of order (which
+    `usage_problem` refuses at settlement) are clamped so that the lines never exceed the
+    input: reads first, then writes."""
     if ev.status not in BILLED_STATUSES:
-        return 0, 0, 0
-    cached = max(0, min(ev.cached_input_tokens, ev.input_tokens))
-    return max(0, ev.input_tokens - cached), cached, max(0, ev.output_tokens)
+        return 0, 0, 0, 0
+    inp = max(0, ev.input_tokens)
+    cached = max(0, min(ev.cached_input_tokens, inp))
+    writes = max(0, min(ev.cache_write_tokens, inp - cached))
+    return inp - cached - writes, cached, max(0, ev.output_tokens), writes
 
 
 # -- export rows: `tokenhub events export` and GET /admin/v1/usage/events/export write the same --

@@ -35,11 +35,11 @@ FAILED = [
 
 @pytest.mark.parametrize(("status", "error"), FAILED)
 def test_failed_events_bill_nothing_served_ones_bill_their_counts(status: int, error: str) -> None:
-    assert billed_lines(_event(1, status, error, output_tokens=7)) == (0, 0, 0)
+    assert billed_lines(_event(1, status, error, output_tokens=7)) == (0, 0, 0, 0)
     served = _event(1, 200, cached_input_tokens=40, output_tokens=7)
-    assert billed_lines(served) == (PROMPT - 40, 40, 7)
+    assert billed_lines(served) == (PROMPT - 40, 40, 7, 0)
     gone = _event(1, 499, "client_disconnected", output_tokens=9)
-    assert billed_lines(gone) == (PROMPT, 0, 9)
+    assert billed_lines(gone) == (PROMPT, 0, 9, 0)
     assert {200, 499} == BILLED_STATUSES
 
 

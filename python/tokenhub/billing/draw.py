@@ -8,16 +8,19 @@ its pot (`lot_pot`, `money_pot`), so both sides speak of the same thing:
 
 1. **package** lots active at the usage's time whose model scope includes the model,
    soonest-expiring first, each up to its tokens. Tokens are taken from the lines in the order
-   uncached input, cached input, output. When they run out, the last one's exhaustion rule
+   uncached input, cache writes, cached input, output (`TAKE_ORDER`; a token is a token: a package
+   counts a prompt-cache write like any other). When they run out, the last one's exhaustion rule
    applies to the rest: `overage` prices the rest (the lines' sum at the plan's overage price,
-   converted to the tenant's currency) and charges it to the money pot; `auto_topup` buys the
-   plan's top-up block (pro rata of the lot's price, from the money pot, only in the tenant's
-   currency) while the money pot can pay a whole block, drawing from each; `hard_stop` passes
-   the rest on.
-2. **points** lots: the model's points per 1M tokens, line by line, as far as the points go.
+   converted to the tenant's currency) and charges it to the money pot; `auto_topup` buys the plan's
+   top-up block (pro rata of the lot's price, from the money pot, only in the tenant's currency)
+   while the money pot can pay a whole block, drawing from each; `hard_stop` passes the rest on.
+2. **points** lots: the model's points per 1M tokens, line by line (all four alike), as far as
+   the points go.
 3. **wallet** / **postpaid** (one money pot: the wallet and the credit line's headroom, as far
    as the draw order names them): the rest at the model's price for the tenant (its override,
-   else the list price), less the tenant's discount, converted to the tenant's currency.
+   else the list price), each line at its own per-1M price (cache writes at the cache-write
+   price, the input price when none is set) rounded once per line, less the tenant's discount,
+   converted to the tenant's currency.
 4. What nothing in the order takes is priced the same way as an **overrun** draw.
 
 A money draw (overage, wallet, overrun) takes all the tokens left; what the money pot cannot
@@ -37,7 +40,7 @@ from tokenhub.billing.terms import Lot, Price, Profile
 from tokenhub.money import convert, div_half_even, rate
 
 PPM = 1_000_000
-LINES = 3  # uncached input, cached input, output
+LINES = 4  # uncached input, cached input, output, cache writes (usage.billed_lines)
 
 Rates = Callable[[str, str], "tuple[Decimal, str] | None"]  # base -> quote at the usage's time
 
@@ -55,15 +58,39 @@ def pot_dim(pot: str) -> str:
     return "tokens" if pot.startswith("pot:t:") else "money"
 
 
+# The order tokens are taken from the lines in (by packages, point packs, a money pot that can
+# pay part): the prompt's uncached input and cache writes, its cache reads, then the output. With
+# a prompt placed whole on its dearer line of the two first ones, a reservation's cost is then
+# no less than that of any split of the same prompt into the three input lines (cache reads
+# cost no more than input; tokenhub.billing.pots.Contracts.admit).
+TAKE_ORDER = (0, 3, 1, 2)
+
+
 def take_lines(remaining: list[int], n: int) -> list[int]:
-    """Takes n tokens from the lines in order (uncached input, cached input, output)."""
-    took = [0, 0, 0]
-    for i in range(LINES):
+    """Takes n tokens from the lines (uncached input, cached input, output, cache writes) in
+    TAKE_ORDER."""
+    took = [0] * LINES
+    for i in TAKE_ORDER:
         k = min(remaining[i], n)
         took[i] = k
         remaining[i] -= k
         n -= k
     return took
+
+
+def four(lines: Sequence[int]) -> list[int]:
+    """The lines as a list of LINES: an older peer's 3 lines (from before cache writes) get a
+    0 for cache writes. ValueError for any other length."""
+    out = list(lines)
+    if len(out) == LINES - 1:
+        out.append(0)
+    if len(out) != LINES:
+        raise ValueError(f"{len(out)} token lines, expected {LINES} (or {LINES - 1})")
+    return out
+
+
+def _tup(x: Sequence[int]) -> tuple[int, int, int, int]:
+    return x[0], x[1], x[2], x[3]
 
 
 class NotPriced(Exception):
@@ -91,13 +118,16 @@ class Rule:
     """How tokens cost in a pot's unit: 1 per token (package), or priced per line."""
 
     kind: str  # package | points | price | overage | topup
-    per_1m: tuple[int, int, int] = (0, 0, 0)
+    per_1m: tuple[int, int, int, int] = (0, 0, 0, 0)
     discount_ppm: int = 0
     fx: Decimal | None = None  # into the tenant's currency
     whole: bool = False  # price the lines' sum at per_1m[0] (overage)
 
     def native(self, lines: Sequence[int]) -> int:
-        """The cost before FX (in the price's currency), discount included."""
+        """The cost before FX (in the price's currency), discount included. `lines`: LINES,
+        or 3 (from before cache writes: none)."""
+        if len(lines) != LINES:
+            lines = four(lines)
         if self.kind == "package":
             return sum(lines)
         if self.whole:
@@ -145,7 +175,7 @@ class Draw:
     pot: str
     rule: Rule
     amount: int
-    tokens: tuple[int, int, int] = (0, 0, 0)
+    tokens: tuple[int, int, int, int] = (0, 0, 0, 0)
     lot: Lot | None = None
     # Money draws: the part of `amount` the money pot could not pay (settlement posts it to
     # the overrun account), the amount before FX in `currency`, the rate and how it was found.
@@ -154,7 +184,7 @@ class Draw:
     currency: str = ""
     fx: tuple[Decimal, str] | None = None
     gross: int = 0  # priced draws: before the discount
-    lines: tuple[int, int, int] = (0, 0, 0)  # priced draws: each line's amount
+    lines: tuple[int, int, int, int] = (0, 0, 0, 0)  # priced draws: each line's amount
     bought: int = 0  # topup: the tokens of the block bought
     held: bool = True  # False: tokens of a block this usage buys (the topup draw pays them)
 
@@ -162,7 +192,7 @@ class Draw:
 @dataclass(slots=True)
 class Outcome:
     draws: list[Draw] = field(default_factory=list)
-    rest: list[int] = field(default_factory=lambda: [0, 0, 0])  # nothing could price these
+    rest: list[int] = field(default_factory=lambda: [0] * LINES)  # nothing could price these
 
     @property
     def overrun(self) -> int:
@@ -187,12 +217,14 @@ def draw(
 ) -> Outcome:
     """Splits `lines` over the tenant's contracts in its draw order (the module docstring),
     each pot up to `avail(pot)` (read once per pot). `lots`: the tenant's active lots,
-    soonest-expiring first. Raises NotPriced when money must pay and the model has no price,
+    soonest-expiring first. `lines`: (uncached input, cached input, output, cache writes); a
+    3-line sequence (an older peer's, before cache writes) reads as no cache writes. Raises
+    NotPriced when money must pay and the model has no price,
     NoRate when a money draw needs an FX rate that is not set."""
     cur = profile.currency
     tenant = profile.tenant
     mpot = money_pot(tenant)
-    rest = list(lines)
+    rest = four(lines)
     out = Outcome(rest=rest)
     draws = out.draws
     left: dict[str, int] = {}
@@ -217,16 +249,16 @@ def draw(
             return
         took = take_lines(rest, n)
         left[pot] -= n
-        draws.append(Draw("package", pot, PACKAGE, n, (took[0], took[1], took[2]), lot, held=held))
+        draws.append(Draw("package", pot, PACKAGE, n, _tup(took), lot, held=held))
 
     def from_points(lot: Lot, pp: int) -> None:
         pot = lot_pot(lot)
         held = free(pot)
         if held <= 0:
             return
-        took = [0, 0, 0]
+        took = [0] * LINES
         points = 0
-        for i in range(LINES):
+        for i in TAKE_ORDER:
             n = rest[i]
             need = rate(n, pp)
             if need > held - points:
@@ -243,8 +275,8 @@ def draw(
         if not points and not sum(took):
             return
         left[pot] -= points
-        rule = Rule("points", (pp, pp, pp))
-        draws.append(Draw("points", pot, rule, points, (took[0], took[1], took[2]), lot))
+        rule = Rule("points", (pp, pp, pp, pp))
+        draws.append(Draw("points", pot, rule, points, _tup(took), lot))
 
     def from_money(source: str, rule: Rule, currency: str, d: Draw) -> None:
         """A money draw of every token left, its cost `d.native` in `currency`."""
@@ -254,8 +286,8 @@ def draw(
         paid = 0 if source == "overrun" else min(amount, free(mpot))
         if paid:
             left[mpot] -= paid
-        d.tokens = (rest[0], rest[1], rest[2])
-        rest[:] = [0, 0, 0]
+        d.tokens = _tup(rest)
+        rest[:] = [0] * LINES
         d.source, d.pot, d.amount, d.unpaid, d.currency, d.fx = (
             source, mpot, amount, amount - paid, currency, found,
         )  # fmt: skip
@@ -266,25 +298,26 @@ def draw(
     def priced(source: str) -> None:
         if price is None:
             raise NotPriced(model, tenant)
-        per = (price.input_per_1m, price.cached_input_per_1m, price.output_per_1m)
+        per = price.per_1m
         amounts = [rate(n, p) for n, p in zip(rest, per, strict=True)]
         gross = sum(amounts)
         disc = profile.discount_ppm
         net = gross - div_half_even(gross * disc, PPM) if disc else gross
         d = Draw(source, mpot, PACKAGE, 0, native=net, gross=gross,
-                 lines=(amounts[0], amounts[1], amounts[2]))  # fmt: skip
+                 lines=_tup(amounts))  # fmt: skip
         from_money(source, Rule("price", per, disc), price.currency, d)
 
     def exhausted(lot: Lot) -> None:
         if lot.exhaustion == "overage" and lot.overage_per_1m is not None:
             o = lot.overage_per_1m
             d = Draw("overage", mpot, PACKAGE, 0, lot=lot, native=rate(sum(rest), o))
-            from_money("overage", Rule("overage", (o, o, o), whole=True), lot.overage_currency, d)
+            rule = Rule("overage", (o, o, o, o), whole=True)
+            from_money("overage", rule, lot.overage_currency, d)
         elif lot.exhaustion == "auto_topup" and lot.auto_topup:
             block = lot.auto_topup
             cost = div_half_even(lot.price * block, lot.quantity)
             unit = div_half_even(lot.price * 1_000_000, max(1, lot.quantity))
-            rule = Rule("topup", (unit, unit, unit))
+            rule = Rule("topup", (unit, unit, unit, unit))
             pot = lot_pot(lot)
             while sum(rest) and lot.currency == cur and free(mpot) >= cost:
                 left[mpot] -= cost
@@ -323,12 +356,14 @@ def draw(
 __all__ = [
     "LINES",
     "PPM",
+    "TAKE_ORDER",
     "Draw",
     "NoRate",
     "NotPriced",
     "Outcome",
     "Rule",
     "draw",
+    "four",
     "lot_pot",
     "money_pot",
     "pot_dim",

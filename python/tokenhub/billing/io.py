@@ -12,13 +12,15 @@ ignored; `datacontenttype`, when present, must be JSON; `data_base64` is refused
 
 - `tokenhub.usage.v1`: `data` is a usage event without `request_id`, `ts_ms` and `tenant`
   (those come from the envelope): `model`, `input_tokens`, `output_tokens` required;
-  `cached_input_tokens` (included in `input_tokens`, as OpenAI counts), `provider`,
+  `cached_input_tokens` (cache reads) and `cache_write_tokens` (prompt-cache writes, Anthropic's
+  cache_creation_input_tokens), both included in `input_tokens` as OpenAI counts, `provider`,
   `key_id`, `endpoint` (default "chat.completions"), `deployment`, `upstream_model`,
   `stream`, `source`, `status`, `error`, `latency_ms`, `ttft_ms`, `attempts` optional.
   Unknown fields are refused: a misspelt optional count must not silently become 0.
 - `com.openai.usage`: `data` is an OpenAI `usage` object beside `model` (and optionally
   `provider`): `prompt_tokens`, `completion_tokens` required, `total_tokens` (checked against
-  their sum when present) and `prompt_tokens_details.cached_tokens` optional. Other fields
+  their sum when present), `prompt_tokens_details.cached_tokens` and
+  `prompt_tokens_details.cache_write_tokens` (as OpenRouter sends it) optional. Other fields
   are ignored, as OpenAI keeps adding detail objects.
 
 The usage event's `request_id` comes from the envelope. CloudEvents only promises that
@@ -181,6 +183,7 @@ class TokenhubData(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     input_tokens: Count
     output_tokens: Count
     cached_input_tokens: Count = 0
+    cache_write_tokens: Count = 0
     provider: Name = ""
     key_id: Name = ""
     endpoint: Name = "chat.completions"
@@ -197,6 +200,7 @@ class TokenhubData(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
 class OpenAIPromptDetails(msgspec.Struct, kw_only=True):
     cached_tokens: Count = 0
+    cache_write_tokens: Count = 0
 
 
 class OpenAIData(msgspec.Struct, kw_only=True):
@@ -276,15 +280,16 @@ def parse_event(line: bytes) -> Parsed | str:
                     f"total_tokens {o.total_tokens} is not prompt_tokens + completion_tokens "
                     f"({o.prompt_tokens} + {o.completion_tokens}) - at `$.data.total_tokens`"
                 )
-            cached = o.prompt_tokens_details.cached_tokens if o.prompt_tokens_details else 0
+            det = o.prompt_tokens_details or OpenAIPromptDetails()
             fields = {
                 "key_id": "",
                 "endpoint": "chat.completions",
                 "model": o.model,
                 "provider": o.provider,
                 "input_tokens": o.prompt_tokens,
-                "cached_input_tokens": cached,
+                "cached_input_tokens": det.cached_tokens,
                 "output_tokens": o.completion_tokens,
+                "cache_write_tokens": det.cache_write_tokens,
             }
         else:
             return f"unsupported type {ce.type!r} (accepted: {', '.join(ACCEPTED_TYPES)})"
@@ -294,6 +299,12 @@ def parse_event(line: bytes) -> Parsed | str:
         return (
             f"cached input tokens ({fields['cached_input_tokens']}) exceed input tokens "
             f"({fields['input_tokens']}): cached tokens are part of the input"
+        )
+    if fields["cached_input_tokens"] + fields["cache_write_tokens"] > fields["input_tokens"]:
+        return (
+            f"cached input tokens + cache write tokens ({fields['cached_input_tokens']} + "
+            f"{fields['cache_write_tokens']}) exceed input tokens ({fields['input_tokens']}): "
+            "both are part of the input"
         )
     ev = UsageEvent(
         request_id=request_id_for(ce.source, ce.id),
@@ -688,12 +699,13 @@ async def _nothing(tx: Tx, rows: list[Row]) -> None:
 
 # -- reconcile ------------------------------------------------------------------------------
 
-TOKEN_FIELDS = ("input_tokens", "cached_input_tokens", "output_tokens")
+TOKEN_FIELDS = ("input_tokens", "cached_input_tokens", "output_tokens", "cache_write_tokens")
 _ALIASES: dict[str, tuple[str, ...]] = {
     "request_id": ("request_id",),
     "input_tokens": ("input_tokens", "prompt_tokens"),
     "output_tokens": ("output_tokens", "completion_tokens"),
     "cached_input_tokens": ("cached_input_tokens", "cached_tokens"),
+    "cache_write_tokens": ("cache_write_tokens",),
     "model": ("model",),
 }
 _REQUIRED = ("request_id", "input_tokens", "output_tokens")
@@ -709,7 +721,7 @@ class ProviderRow:
 
 @dataclass
 class ReconcileReport:
-    compared: tuple[str, ...]  # token fields compared (cached only when the file has it)
+    compared: tuple[str, ...]  # token fields compared (cached, cache writes: when the file has it)
     compare_model: bool
     rows: int = 0  # valid rows in the file
     matched: int = 0  # rows whose request_id tokenhub has
@@ -821,6 +833,13 @@ def read_provider_csv(
             return Malformed(line, str(e), rid)
         if counts.get("cached_input_tokens", 0) > counts["input_tokens"]:
             return Malformed(line, "cached_input_tokens exceed input_tokens", rid)
+        if (
+            counts.get("cached_input_tokens", 0) + counts.get("cache_write_tokens", 0)
+            > counts["input_tokens"]
+        ):
+            return Malformed(
+                line, "cached_input_tokens + cache_write_tokens exceed input_tokens", rid
+            )
         model = row[cols["model"]].strip() if "model" in cols else ""
         return ProviderRow(line, rid, counts, model or None)
 
@@ -844,12 +863,17 @@ def read_provider_csv(
 
 _RECON_COLS = (
     "e.ts_ms, e.request_id, e.provider, e.model, e.upstream_model, "
-    "e.input_tokens, e.cached_input_tokens, e.output_tokens"
+    "e.input_tokens, e.cached_input_tokens, e.output_tokens, e.cache_write_tokens"
 )
 
 
 def _th_tokens(r: Row) -> dict[str, int]:
-    return {"input_tokens": r[5], "cached_input_tokens": r[6], "output_tokens": r[7]}
+    return {
+        "input_tokens": r[5],
+        "cached_input_tokens": r[6],
+        "output_tokens": r[7],
+        "cache_write_tokens": r[8],
+    }
 
 
 async def reconcile(
@@ -1129,8 +1153,16 @@ FOCUS_COLUMNS = (
     "x_FxRate",
     "x_Points",
 )
-_KINDS = ("input", "cached_input", "output")  # the price book's lines (input = uncached)
-_KIND_TEXT = {"input": "input", "cached_input": "cached input", "output": "output", "": "other"}
+# The price book's lines (input = uncached), as a usage transaction's details list them
+# (tokenhub.usage.billed_lines); transactions settled before cache writes list the first three.
+_KINDS = ("input", "cached_input", "output", "cache_write")
+_KIND_TEXT = {
+    "input": "input",
+    "cached_input": "cached input",
+    "output": "output",
+    "cache_write": "cache write",
+    "": "other",
+}
 # Transactions that are not charges: money received is a payment, not a cost.
 NOT_CHARGES = frozenset({"topup", "payment"})
 _AI = "AI and Machine Learning"
@@ -1140,7 +1172,7 @@ _AI = "AI and Machine Learning"
 class _Line:
     """One usage line of one transaction: tokens of one kind paid one way."""
 
-    kind: str  # input | cached_input | output | '' (money the details do not explain)
+    kind: str  # input | cached_input | output | cache_write | '' (money the details do not explain)
     paid_from: str  # package | points | priced | overrun | overage | other
     tokens: int = 0
     lot: str = ""
@@ -1197,21 +1229,27 @@ def _split(total: int, weights: Sequence[int]) -> list[int]:
     return allocate(total, list(weights))
 
 
+def _per_kind(x: Sequence[Any] | None) -> list[int]:
+    """A details list of per-line figures, one per _KINDS (a shorter, older one padded)."""
+    out = [int(v) for v in (x or ())]
+    return out + [0] * (len(_KINDS) - len(out))
+
+
 def _usage_lines(d: dict[str, Any]) -> list[_Line]:
     """A usage transaction's lines, from its details (the settlement's own record)."""
     total = [int(d.get("tokens", {}).get(k, 0)) for k in _KINDS]
     price = d.get("price") or {}
     pcur, version = price.get("currency", ""), str(price.get("version", ""))
     lines: list[_Line] = []
-    lot_took = [0, 0, 0]
+    lot_took = [0] * len(_KINDS)
     draws = d.get("draws", [])
     for dr in draws:
         src = dr.get("from")
         if src not in ("package", "points"):
             continue
-        took = [int(x) for x in dr.get("tokens", [0, 0, 0])]
+        took = _per_kind(dr.get("tokens"))
         earned = _split(int(dr.get("earned", 0)), took)
-        points = _split(int(dr.get("points", 0)), took) if src == "points" else [0, 0, 0]
+        points = _split(int(dr.get("points", 0)), took) if src == "points" else [0] * len(took)
         for i, kind in enumerate(_KINDS):
             lot_took[i] += took[i]
             if took[i] or earned[i] or points[i]:
@@ -1243,8 +1281,8 @@ def _usage_lines(d: dict[str, Any]) -> list[_Line]:
                                    fx=fx))  # fmt: skip
     if "priced" in d:
         p = d["priced"]
-        toks = [int(x) for x in p.get("tokens", [0, 0, 0])]
-        amounts = [int(x) for x in p.get("amounts", [0, 0, 0])]
+        toks = _per_kind(p.get("tokens"))
+        amounts = _per_kind(p.get("amounts"))
         amount, cur, fx = paid(("wallet", "overrun"))
         src = "overrun" if any(dr["from"] == "overrun" for dr in money) else "priced"
         for i, part in enumerate(_split(amount, amounts if sum(amounts) else toks)):
@@ -1341,7 +1379,8 @@ async def focus_rows(
     `since`/`until` select transaction times.
 
     - **Usage**: one row per tenant, billing period, UTC day, model, provider, token kind
-      (`input` is uncached input, as the price book has it), how it was paid (`x_PaidFrom`:
+      (`input` is uncached input, as the price book has it; `cache_write` the prompt-cache
+      writes, at the cache-write price), how it was paid (`x_PaidFrom`:
       package, points, priced = the price book via wallet or credit line, overrun, overage)
       and price. ConsumedQuantity is in Tokens, PricingQuantity in "1M Tokens" (the unit
       prices are per 1M). BilledCost is the money taken from the tenant's wallet, credit line

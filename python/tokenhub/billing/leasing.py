@@ -49,7 +49,8 @@ stays open after a clean shutdown.
 Files in the server's shared directory (`SharedState.metrics_dir`, one per `tokenhub serve`):
 
 - `want.sock` (WANT_SOCKET): a UNIX datagram socket the agent binds; each datagram is one want,
-  JSON `[tenant, model, ts_ms, [uncached, cached, output], want_id, wait_id]` (want_id: the
+  JSON `[tenant, model, ts_ms, [uncached, cached, output, cache writes], want_id, wait_id]`
+  (3 lines from a worker before cache writes: none) (want_id: the
   sender's wall clock in microseconds, which orders wants across workers; wait_id: the first
   want_id of the same waiting request). A full socket drops a want; the waiting request sends
   it again (`tokenhub.billing.pots.RESEND_S`), and a tick counts one request's wants once.
@@ -115,7 +116,7 @@ from typing import Any
 import msgspec
 
 from tokenhub.billing import leases
-from tokenhub.billing.draw import lot_pot, money_pot, pot_dim
+from tokenhub.billing.draw import four, lot_pot, money_pot, pot_dim
 from tokenhub.billing.pots import EPOCH_ACCOUNT, READY_ACCOUNT, holds, plan
 from tokenhub.billing.terms import TermsCache
 from tokenhub.db.database import Database, Tx
@@ -432,9 +433,11 @@ class LeaseAgent:
                 tenant, model, ts_ms, lines, want_id, wait_id = _want_decoder.decode(data)
             except (msgspec.DecodeError, msgspec.ValidationError, ValueError):
                 continue
-            if len(lines) != 3 or min(lines) < 0:
+            # 4 lines (uncached, cached, output, cache writes); 3 from a worker of a version
+            # before cache writes, read as none.
+            if len(lines) not in (3, 4) or min(lines) < 0:
                 continue
-            self.want(Want(tenant, model, ts_ms, lines, want_id, wait_id))
+            self.want(Want(tenant, model, ts_ms, four(lines), want_id, wait_id))
 
     def want(self, w: Want) -> None:
         """A worker's want (from the socket, or a test): handled at the next tick, at once."""

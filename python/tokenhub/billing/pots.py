@@ -12,7 +12,10 @@ against the tenant's contracts, in the tenant's draw order, in the shared quota 
 | `pot:p:<lot id>` | money | a point pack's nano-points | `t:T:lot:<id>` (POINTS) |
 | `pot:m:<tenant>` | money | tenant currency nanos: wallet + credit headroom | wallet, receivable |
 
-**Worst case.** The prompt (the Rust meter's count) as uncached input plus the output the request
+**Worst case.** The prompt (the Rust meter's count) as uncached input, or as prompt-cache
+writes where the model's price makes those dearer (what of the prompt the provider reads from or
+writes to its cache is known only from the reply; lines as `usage.billed_lines`: uncached input,
+cached input, output, cache writes; `Contracts.admit`), plus the output the request
 may produce: n (or best_of) choices x the output cap, the smallest of max_tokens,
 max_completion_tokens and the deployment's output cap (the assumption when it sets neither).
 The gateway sends that cap upstream (`gateway._send_cap`), so an upstream that honours only one
@@ -79,10 +82,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from tokenhub.billing.draw import (
+    LINES,
     NotPriced,
     Outcome,
     Rule,
     draw,
+    four,
     lot_pot,
     money_pot,
     pot_dim,
@@ -199,8 +204,9 @@ def holds(outcome: Outcome) -> list[Draw]:
 def replay(draws: Sequence[Draw], lines: Sequence[int]) -> list[int]:
     """What each draw is charged for the actual `lines`: the draws fill in order, each up to
     what it reserved; usage beyond every reservation goes to the last draw (an overrun the
-    table records, and the ledger posts as it finds it)."""
-    rest = list(lines)
+    table records, and the ledger posts as it finds it). `lines` as `draw.draw` takes them (3
+    from an older peer: no cache writes)."""
+    rest = four(lines)
     out = [0] * len(draws)
     for i, d in enumerate(draws):
         if not sum(rest):
@@ -234,7 +240,7 @@ class Hold:
         self.tenant = tenant
         self.model = model
         self.ts_ms = ts_ms
-        self.lines = lines  # reserved: [uncached input, cached input, output]
+        self.lines = four(lines)  # reserved: [uncached input, cached input, output, writes]
         self.ttl_ms = ttl_ms
         self.draws: list[Draw] = []
 
@@ -247,7 +253,8 @@ class Hold:
         the client can tell: False when the contracts cannot pay for them. Parts taken before
         a refusal stay on the hold and are released when it settles."""
         c = self.contracts
-        outcome = plan(c.terms, self.tenant, self.model, self.ts_ms, [0, 0, tokens], c.available)
+        more = [0, 0, tokens, 0]
+        outcome = plan(c.terms, self.tenant, self.model, self.ts_ms, more, c.available)
         if not outcome.paid:
             return False
         for d in holds(outcome):
@@ -277,7 +284,7 @@ class Hold:
             self.tenant,
             self.model,
             self.ts_ms,
-            [0, 0, tokens],
+            [0, 0, tokens, 0],
             lambda: self.extend(tokens) or self.extend(need),
         )
 
@@ -374,14 +381,16 @@ class Contracts:
         an FX rate)."""
         if not self.ready():
             raise NotReady
-        hold = self._admit_first(tenant, model, ts_ms, lines, ttl_ms)
+        given = four(lines)  # what the hold says it reserved (the 499 cap reads it)
+        lines = self.worst(tenant, model, ts_ms, given)
+        hold = self._admit_first(tenant, model, ts_ms, lines, given, ttl_ms)
         if hold is not None:
             return hold
         outcome = plan(self.terms, tenant, model, ts_ms, lines, self.available)
         for _ in range(3):  # a concurrent request can take a pot between plan and reserve
             if not outcome.paid:
                 return self._shortfall(tenant, model, ts_ms, outcome)
-            hold = Hold(self, tenant, model, ts_ms, list(lines), ttl_ms)
+            hold = Hold(self, tenant, model, ts_ms, list(given), ttl_ms)
             for d in holds(outcome):
                 d.res = self.reserve(d.pot, d.amount, ttl_ms)
                 if d.res is None:
@@ -406,15 +415,34 @@ class Contracts:
             got = self.admit(tenant, model, ts_ms, lines, ttl_ms)
             return isinstance(got, Hold)
 
+        want = self.worst(tenant, model, ts_ms, lines)
         if self.cluster is None or not await _waiting(
-            self.cluster, tenant, model, ts_ms, lines, again
+            self.cluster, tenant, model, ts_ms, want, again
         ):
             return self.admit(tenant, model, ts_ms, lines, ttl_ms) if got is None else got
         assert isinstance(got, Hold)
         return got
 
+    def worst(self, tenant: str, model: str, ts_ms: int, lines: Sequence[int]) -> list[int]:
+        """`lines` with the uncached input moved to the cache-write line when the tenant's
+        price of the model writes dearer than it inputs: the reservation then covers a prompt
+        the provider writes to its cache whole (a prompt split over the input lines costs no
+        more: `tokenhub.billing.draw.TAKE_ORDER`)."""
+        out = four(lines)
+        if out[0]:
+            price = self.terms.price(model, tenant, ts_ms)
+            if price is not None and price.write_per_1m > price.input_per_1m:
+                out = [0, out[1], out[2], out[3] + out[0]]
+        return out
+
     def _admit_first(
-        self, tenant: str, model: str, ts_ms: int, lines: list[int], ttl_ms: int
+        self,
+        tenant: str,
+        model: str,
+        ts_ms: int,
+        lines: list[int],
+        given: list[int],
+        ttl_ms: int,
     ) -> Hold | None:
         """The usual case in one reservation: the first pot of the draw order pays for all of
         it (then the draw order takes it all from that pot). The reservation itself is the
@@ -424,7 +452,7 @@ class Contracts:
         first = self._first.get(key)
         if first is None:
             # Every line priced, so a money rule carries its FX rate whatever the lines.
-            probe = [1_000_000, 1_000_000, 1_000_000]
+            probe = [1_000_000] * LINES
             try:
                 outcome = plan(self.terms, tenant, model, ts_ms, probe, lambda pot: 1 << 62)
             except NotPriced:
@@ -446,7 +474,7 @@ class Contracts:
         res = self.reserve(pot, amount, ttl_ms)
         if res is None:
             return None
-        hold = Hold(self, tenant, model, ts_ms, list(lines), ttl_ms)
+        hold = Hold(self, tenant, model, ts_ms, list(given), ttl_ms)
         hold.draws.append(Draw(pot, rule, amount, res))
         return hold
 

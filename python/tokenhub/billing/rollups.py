@@ -57,6 +57,12 @@ all for the 30 days, the days of a 30-day day x model summary in ~1 ms instead o
 19 -> 5 ms). With 1M events settled through billing (benches/bench_console_pages.py, SQLite)
 the overview went from 94 to 9 ms at p50, the explorer's 30 days by model from 133 to 13 ms.
 
+Token columns are the events' own counts: `input_tokens` is all of the prompt, prompt-cache
+reads (`cached_tokens`) and writes (`UsageEvent.cache_write_tokens`) included; the writes have
+no column of their own (the tables would need one more migration and a rebuild for a figure the
+statements show: their 'cache_write' line below), and `cost` is what the ledger charged, each
+line at its price, so it is exact whatever the split.
+
 The statement lines (usage_statement_lines, for tokenhub.billing.statements) come from the
 same read of the transactions' tenant postings that gives the cost, the token counts from the
 events' billed lines, and details parsed only where they mention an overage; the busiest
@@ -248,12 +254,14 @@ async def apply_settled(tx: Tx, events: Sequence[UsageEvent], txn_ids: dict[str,
     failures). Returns the rows written."""
     if not txn_ids:
         return 0
-    # A usage transaction's token counts are the billed lines of its event (Billing.settle).
-    tokens: dict[str, int] = {}
+    # A usage transaction's token counts are the billed lines of its event (Billing.settle):
+    # all of them, and its prompt-cache writes.
+    tokens: dict[str, tuple[int, int]] = {}
     for ev in events:
         tid = txn_ids.get(ev.request_id)
         if tid and tid not in tokens:
-            tokens[tid] = sum(billed_lines(ev))
+            billed = billed_lines(ev)
+            tokens[tid] = (sum(billed), billed[3])
     costs, lines = await _txn_reads(tx, txn_ids.values(), tokens)
     await _write_lines(tx, lines)
     acc = _Acc()
@@ -280,6 +288,7 @@ async def apply_settled(tx: Tx, events: Sequence[UsageEvent], txn_ids: dict[str,
 
 # (tenant, period, model, line, account, unit): line 'posting' (the sum of the usage
 # transactions' postings on a tenant account), 'tokens' (their details' token counts),
+# 'cache_write' (the part of those that are prompt-cache writes: a row only where some were),
 # 'overage' (their overage draws, per tenant currency).
 LineKey = tuple[str, str, str, str, str, str]
 LINES_TABLE = "usage_statement_lines"
@@ -314,11 +323,12 @@ def _add_txn(
     model: str,
     details: str,
     legs: list[tuple[str, str, int]],
-    tokens: int | None,
+    tokens: tuple[int, int] | None,
 ) -> None:
     """One usage transaction's share of the statement lines (the statement's reading of it,
     tokenhub.billing.statements: only one with a posting the statement shows counts).
-    `tokens`: its details' token counts summed (None: read from `details`)."""
+    `tokens`: its details' token counts summed, and its cache writes (None: read from
+    `details`)."""
     shown = [(a, u, x) for a, u, x in legs if tenant_side(tenant, a)]
     if not shown:
         return
@@ -327,9 +337,13 @@ def _add_txn(
         lines[k] = lines.get(k, 0) + x
     d = json.loads(details) if details else {}
     if tokens is None:
-        tokens = sum(d.get("tokens", {}).values())
+        counts = d.get("tokens", {})
+        tokens = (sum(counts.values()), counts.get("cache_write", 0))
     k = (tenant, period, model, "tokens", "", "")
-    lines[k] = lines.get(k, 0) + tokens
+    lines[k] = lines.get(k, 0) + tokens[0]
+    if tokens[1]:
+        k = (tenant, period, model, "cache_write", "", "")
+        lines[k] = lines.get(k, 0) + tokens[1]
     for draw in d.get("draws", []):
         if draw.get("from") == "overage":
             cur = draw.get("tenant_currency", draw["currency"])
@@ -338,7 +352,7 @@ def _add_txn(
 
 
 async def _txn_reads(
-    tx: Tx, txn_ids: Iterable[str], tokens: dict[str, int] | None = None
+    tx: Tx, txn_ids: Iterable[str], tokens: dict[str, tuple[int, int]] | None = None
 ) -> tuple[dict[str, dict[str, int]], dict[LineKey, int]]:
     """Per usage transaction, what it charged the tenant per currency (the rollups' cost);
     and the statement lines they add up to (`tokens`: each one's token counts, when known:

@@ -8,14 +8,14 @@ the tenant's order (default: package, points, wallet, postpaid), as `tokenhub.bi
 
 1. **package** lots (token packages) active at the event's time whose model scope includes the
    event's model, soonest-expiring first. Tokens are taken from the event's lines in the order
-   uncached input, cached input, output. Each consumed token earns its share of the lot's price
-   (deferred revenue -> revenue split); cumulative rounding makes a fully used lot earn exactly
-   its price. When the lots in scope run out, the last one's exhaustion rule applies to the rest:
-   `overage` bills the remaining tokens at the plan's overage price, `auto_topup` adds the plan's
-   top-up block to the lot (paid pro rata from the wallet and credit line, as far as the draw
-   order names them, while they can pay a whole block) and keeps drawing, and
-   `hard_stop` passes the rest on to the next contract (admission stops such traffic earlier;
-   see the quota issue).
+   uncached input, prompt-cache writes, cached input, output (`draw.TAKE_ORDER`). Each consumed
+   token earns its share of the lot's price (deferred revenue -> revenue split); cumulative rounding
+   makes a fully used lot earn exactly its price. When the lots in scope run out, the last one's
+   exhaustion rule applies to the rest: `overage` bills the remaining tokens at the plan's overage
+   price, `auto_topup` adds the plan's top-up block to the lot (paid pro rata from the wallet and
+   credit line, as far as the draw order names them, while they can pay a whole block) and keeps
+   drawing, and `hard_stop` passes the rest on to the next contract (admission stops such traffic
+   earlier; see the quota issue).
 2. **points** lots: the model's points per 1M tokens (price book) are drawn from point packs.
 3. **wallet**: the rest is priced from the price book (tenant override first, then the model's
    list price, each the latest version effective at the event's time), less the tenant's
@@ -259,10 +259,12 @@ class Billing:
         points_per_1m: str | Decimal | None = None,
         effective_ms: int | None = None,
         tenant: str = "",
+        cache_write_per_1m: str | Decimal | None = None,
     ) -> Price:
         """A new price-book version for `model` (a tenant override when `tenant` is given),
         effective from `effective_ms` (default now). Cached input defaults to the input
-        price."""
+        price (stored as such); prompt-cache writes to it too (stored as NULL, read as the
+        input price: `Price.write_per_1m`)."""
         return await self.db.transaction(
             partial(
                 set_price_in,
@@ -274,6 +276,7 @@ class Billing:
                 points_per_1m=points_per_1m,
                 effective_ms=effective_ms,
                 tenant=tenant,
+                cache_write_per_1m=cache_write_per_1m,
             )
         )
 
@@ -651,6 +654,7 @@ async def set_price_in(
     points_per_1m: str | Decimal | None = None,
     effective_ms: int | None = None,
     tenant: str = "",
+    cache_write_per_1m: str | Decimal | None = None,
 ) -> Price:
     """`Billing.set_price` inside the caller's transaction."""
     cur = check_currency(currency)
@@ -661,12 +665,17 @@ async def set_price_in(
         if cached_input_per_1m is not None
         else inp
     )
+    write = (
+        parse_price(cache_write_per_1m, "cache-write price")
+        if cache_write_per_1m is not None
+        else None
+    )
     pts = parse_price(points_per_1m, "points") if points_per_1m is not None else None
     if tenant:
         _check_tenant(tenant)
     eff = now_ms() if effective_ms is None else effective_ms
     return await terms_sql.insert_price(
-        tx, model, tenant, eff, cur, inp, cached, out, pts, now_ms()
+        tx, model, tenant, eff, cur, inp, cached, out, pts, now_ms(), write
     )
 
 
@@ -1145,7 +1154,9 @@ def _split_legs(
     return {"platform": platform, "channel": channel, "provider": prov}
 
 
-_LINES = ("input", "cached_input", "output")
+# The billed lines' names in a usage transaction's details (`tokens`): tokenhub.usage.billed_lines.
+# Transactions posted before cache writes existed have the first three only.
+_LINES = ("input", "cached_input", "output", "cache_write")
 
 
 async def _settle(tx: Tx, events: list[UsageEvent]) -> SettleResult:

@@ -2,10 +2,10 @@
 totals always equal the sum of the postings behind them.
 
 - `tenant_statement(tx, tenant, period)`: opening balances, purchases, top-ups, usage by model
-  (tokens and amount), overage, breakage, refunds and adjustments, closing balances. Once a
-  period is closed (`close_period`) its statement is stored and returned as stored: postings
-  dated in a closed period go to the next open one (`Book.period_for`), so a closed statement
-  never changes.
+  (tokens, of them the prompt-cache writes, and amount), overage, breakage, refunds and adjustments,
+  closing balances. Once a period is closed (`close_period`) its statement is stored and returned as
+  stored: postings dated in a closed period go to the next open one (`Book.period_for`), so a closed
+  statement never changes.
 - `provider_settlement(tx, provider, period)`: what the operator owes a provider, by currency
   and model.
 
@@ -117,6 +117,21 @@ async def _opening(tx: Tx, tenant: str, period: str, mark: str) -> dict[tuple[st
     return opening
 
 
+def _usage_row() -> dict[str, Any]:
+    """A model's usage in a statement: its billed tokens (every line: uncached and cached
+    input, output, prompt-cache writes), the tokens packages paid, the amounts charged per
+    unit; and `cache_write_tokens`, the part of `tokens` written to a prompt cache, only where
+    there were some (a statement stored before them, or of a model without, has no such key;
+    `_finish` drops a zero)."""
+    return {"tokens": 0, "cache_write_tokens": 0, "package_tokens": 0, "amounts": {}}
+
+
+def _finish(row: dict[str, Any]) -> dict[str, Any]:
+    if not row.get("cache_write_tokens"):
+        row.pop("cache_write_tokens", None)
+    return row
+
+
 async def tenant_statement(
     tx: Tx, tenant: str, period: str, *, full: bool = False
 ) -> dict[str, Any]:
@@ -179,10 +194,12 @@ async def tenant_statement(
             continue
         # In the period: classify by transaction kind.
         if kind == "usage":
-            u = usage.setdefault(memo, {"tokens": 0, "package_tokens": 0, "amounts": {}})
+            u = usage.setdefault(memo, _usage_row())
             if tid not in seen:
                 seen[tid] = json.loads(details)
-                u["tokens"] += sum(seen[tid].get("tokens", {}).values())
+                counts = seen[tid].get("tokens", {})
+                u["tokens"] += sum(counts.values())
+                u["cache_write_tokens"] += counts.get("cache_write", 0)
             if unit == TOKENS:
                 u["package_tokens"] += -shown
             else:
@@ -200,9 +217,12 @@ async def tenant_statement(
         if line == "overage":
             overage[unit] += value
             continue
-        u = usage.setdefault(model, {"tokens": 0, "package_tokens": 0, "amounts": {}})
+        u = usage.setdefault(model, _usage_row())
         if line == "tokens":
             u["tokens"] += value
+            continue
+        if line == "cache_write":
+            u["cache_write_tokens"] += value
             continue
         k = _kind(acc)
         shown = value * _TENANT_SIDE.get(k, 1)
@@ -232,7 +252,7 @@ async def tenant_statement(
         "closed": False,
         "opening": bal(opening),
         "purchases": purchases,
-        "usage": [{"model": m} | v for m, v in sorted(usage.items())],
+        "usage": [{"model": m} | _finish(v) for m, v in sorted(usage.items())],
         "overage": dict(overage),
         "breakage": breakage,
         "not_billed": not_billed,

@@ -52,6 +52,20 @@ class Price:
     cached_input_per_1m: int
     output_per_1m: int
     points_per_1m: int | None
+    # Prompt tokens written to a provider's cache (migration 18); None: the input price.
+    cache_write_per_1m: int | None = None
+
+    @property
+    def write_per_1m(self) -> int:
+        """The cache-write price in force: its own, else the input price."""
+        w = self.cache_write_per_1m
+        return self.input_per_1m if w is None else w
+
+    @property
+    def per_1m(self) -> tuple[int, int, int, int]:
+        """Per-1M prices of the billed lines (tokenhub.usage.billed_lines): uncached input,
+        cached input, output, cache writes."""
+        return self.input_per_1m, self.cached_input_per_1m, self.output_per_1m, self.write_per_1m
 
 
 @dataclass
@@ -91,7 +105,7 @@ LOT_COLS = (
 PROFILE_COLS = "tenant, currency, draw_order, credit_limit, low_balance, discount_ppm"
 PRICE_COLS = (
     "model, tenant, version, effective_ms, currency, input_per_1m, cached_input_per_1m, "
-    "output_per_1m, points_per_1m"
+    "output_per_1m, points_per_1m, cache_write_per_1m"
 )
 # Active lots in draw order: soonest-expiring first.
 LOT_ORDER = "ORDER BY end_ms IS NULL, end_ms, start_ms, id"
@@ -172,18 +186,22 @@ async def insert_price(
     out: int,
     points: int | None,
     created_ms: int,
+    cache_write: int | None = None,
 ) -> Price:
-    """The next version of (model, tenant)'s price."""
+    """The next version of (model, tenant)'s price (`cache_write` None: the input price)."""
     v = await tx.fetchval(
         "SELECT MAX(version) FROM prices WHERE model = $1 AND tenant = $2", model, tenant
     )
-    p = Price(model, tenant, (v or 0) + 1, effective_ms, currency, inp, cached, out, points)
+    p = Price(
+        model, tenant, (v or 0) + 1, effective_ms, currency, inp, cached, out, points, cache_write
+    )
     await tx.execute(
         "INSERT INTO prices (model, tenant, version, effective_ms, currency, "
-        "input_per_1m, cached_input_per_1m, output_per_1m, points_per_1m, created_ms) "
-        "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+        "input_per_1m, cached_input_per_1m, output_per_1m, points_per_1m, created_ms, "
+        "cache_write_per_1m) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
         p.model, p.tenant, p.version, p.effective_ms, p.currency, p.input_per_1m,
         p.cached_input_per_1m, p.output_per_1m, p.points_per_1m, created_ms,
+        p.cache_write_per_1m,
     )  # fmt: skip
     await bump(tx)
     return p
@@ -221,9 +239,11 @@ async def prices_of(
 
 
 async def price_version(tx: Tx, model: str, tenant: str, version: int) -> Row | None:
-    """(currency, input, cached input, output per 1M) of one price-book version."""
+    """(currency, input, cached input, output, cache write per 1M) of one price-book version
+    (cache write: the input price when not set)."""
     return await tx.fetchrow(
-        "SELECT currency, input_per_1m, cached_input_per_1m, output_per_1m FROM prices "
+        "SELECT currency, input_per_1m, cached_input_per_1m, output_per_1m, "
+        "COALESCE(cache_write_per_1m, input_per_1m) FROM prices "
         "WHERE model = $1 AND tenant = $2 AND version = $3",
         model,
         tenant,
@@ -233,10 +253,11 @@ async def price_version(tx: Tx, model: str, tenant: str, version: int) -> Row | 
 
 async def list_prices(tx: Tx, model: str) -> list[Row]:
     """The public (not a tenant's) prices of `model`, newest first: (effective_ms, currency,
-    input, cached input, output per 1M)."""
+    input, cached input, output, cache write per 1M; cache write: the input price when not set)."""
     return await tx.fetch(
         "SELECT effective_ms, currency, input_per_1m, cached_input_per_1m, "
-        "output_per_1m FROM prices WHERE model = $1 AND tenant = '' "
+        "output_per_1m, COALESCE(cache_write_per_1m, input_per_1m) FROM prices "
+        "WHERE model = $1 AND tenant = '' "
         "ORDER BY effective_ms DESC, version DESC",
         model,
     )
@@ -244,10 +265,11 @@ async def list_prices(tx: Tx, model: str) -> list[Row]:
 
 async def list_price_at(tx: Tx, model: str, at: int) -> tuple[tuple[Any, ...] | None, bool]:
     """The public price of `model` in force at `at` as (currency, input, cached input,
-    output, points per 1M), and whether the model ever had a public price."""
+    output, points, cache write per 1M (None: the input price)), and whether the model ever
+    had a public price."""
     row = await tx.fetchrow(
         "SELECT currency, input_per_1m, cached_input_per_1m, output_per_1m, "
-        "points_per_1m FROM prices WHERE model = $1 AND tenant = '' "
+        "points_per_1m, cache_write_per_1m FROM prices WHERE model = $1 AND tenant = '' "
         "AND effective_ms <= $2 ORDER BY effective_ms DESC, version DESC LIMIT 1",
         model,
         at,

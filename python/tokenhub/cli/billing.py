@@ -732,7 +732,8 @@ def _config_models(path: str) -> list[Model]:
         raise ConfigError(f"{p}: models: {e}") from None
 
 
-Wanted = tuple[str, str, int, int, int]  # model, currency, input, cached input, output (nanos)
+# model, currency, input, cached input, output, cache write (None: the input price), in nanos
+Wanted = tuple[str, str, int, int, int, int | None]
 
 
 def config_prices(models: Sequence[Model], source: str) -> tuple[list[Wanted], list[str]]:
@@ -756,9 +757,14 @@ def config_prices(models: Sequence[Model], source: str) -> tuple[list[Wanted], l
                 if price.cached_input_per_1m is None
                 else parse_price(f"{price.cached_input_per_1m:f}", "cached-input price")
             )
+            write = (
+                None
+                if price.cache_write_per_1m is None
+                else parse_price(f"{price.cache_write_per_1m:f}", "cache-write price")
+            )
         except MoneyError as e:
             raise ConfigError(f"{where}: {e}") from None
-        wanted.append((m.id, cur, inp, cached, out))
+        wanted.append((m.id, cur, inp, cached, out, write))
     return wanted, no_price
 
 
@@ -779,9 +785,9 @@ async def apply_prices(
     now = await b.db.transaction(current)
     written: list[tuple[Price, bool]] = []
     same: list[str] = []
-    for model, cur, inp, cached, out in wanted:
+    for model, cur, inp, cached, out, write in wanted:
         old, ever = now[model]
-        if old is not None and tuple(old[:4]) == (cur, inp, cached, out):
+        if old is not None and (*old[:4], old[5]) == (cur, inp, cached, out, write):
             same.append(model)
             continue
         # A config has no points price: keep the one in force, if any.
@@ -793,6 +799,7 @@ async def apply_prices(
             input_per_1m=decimal_str(inp),
             output_per_1m=decimal_str(out),
             cached_input_per_1m=decimal_str(cached),
+            cache_write_per_1m=None if write is None else decimal_str(write),
             points_per_1m=points,
             effective_ms=new_from if first and new_from is not None else at,
         )

@@ -22,14 +22,15 @@ def reserve(
     max_output: int,
     ttl_ms: int,
 ) -> Awaitable[None] | None:
-    """Reserves [prompt, 0 cached, max output] or refuses: 503 billing_not_ready before the
-    pots are loaded, 403 model_not_priced, 429 insufficient_quota. A stream reserves its
-    output a tranche at a time (`tokenhub.gateway.stream` takes more as tokens flow). In
-    cluster mode a short pool is not a refusal yet: this returns the wait for the host's lease
-    agent (`Contracts.acquire`), to be awaited; otherwise None (reserved)."""
+    """Reserves [prompt, 0 cached, max output, 0 cache writes] (the prompt moved to the
+    cache-write line when that is dearer: `Contracts.admit`) or refuses: 503 billing_not_ready
+    before the pots are loaded, 403 model_not_priced, 429 insufficient_quota. A stream reserves its
+    output a tranche at a time (`tokenhub.gateway.stream` takes more as tokens flow). In cluster
+    mode a short pool is not a refusal yet: this returns the wait for the host's lease agent
+    (`Contracts.acquire`), to be awaited; otherwise None (reserved)."""
     if event.stream:
         max_output = min(max_output, TRANCHE)
-    lines = [prompt_tokens, 0, max_output]
+    lines = [prompt_tokens, 0, max_output, 0]
     try:
         hold = contracts.admit(event.tenant, event.model, event.ts_ms, lines, ttl_ms)
     except (NotReady, NotPriced) as e:
