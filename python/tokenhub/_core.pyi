@@ -6,6 +6,7 @@ from typing import Any, ClassVar, final
 
 __all__ = [
     "POLICIES",
+    "AnthropicRelay",
     "CoreMeter",
     "Decision",
     "Features",
@@ -95,6 +96,48 @@ class SseRelay:
     def held_done(self) -> bool:
         """The client asked for usage, none came, and `[DONE]` was held back: the gateway sends a
         usage chunk of its own, then `[DONE]`."""
+    @property
+    def pending(self) -> int:
+        """Bytes held back until their event's blank line arrives."""
+
+@final
+class AnthropicRelay:
+    def __new__(cls, meter: CoreMeter | None = None, max_event: int = ...) -> AnthropicRelay:
+        """An Anthropic Messages stream, scanned as it is relayed (events pass unchanged). With
+        a meter, each content block's output is counted as events pass (text, thinking, a tool
+        call's arguments JSON, and its name counted apart); content payloads wait in batches
+        of at most 32 KiB. An event longer than `max_event` bytes (default 4 MiB) is refused
+        (`feed` raises ValueError)."""
+    def feed(self, data: bytes) -> bytes:
+        """Takes one upstream read; returns the whole events in it, unchanged (possibly empty).
+        Raises ValueError when an event grows past `max_event` bytes without ending."""
+    def finish(self) -> bytes:
+        """The upstream closed: the held-back rest as a last event, terminated (or empty)."""
+    @property
+    def done(self) -> bool:
+        """`message_stop` has been seen."""
+    @property
+    def first_token(self) -> bool:
+        """A content block delta with text, thinking or tool-call JSON was seen."""
+    @property
+    def usage(self) -> bytes | None:
+        """The merged usage object (Anthropic's keys) as JSON: message_start's, each
+        message_delta's non-null keys overriding; None before any usage."""
+    @property
+    def head(self) -> bytes | None:
+        """A JSON object with `message_start`'s message id and model (those it has)."""
+    @property
+    def output_tokens(self) -> int:
+        """Output tokens so far, all content blocks together (0 without a meter)."""
+    def block_tokens(self) -> dict[int, int]:
+        """{content block index: output tokens so far} for each block counted apart (at most
+        128; text of further indexes counts only towards `output_tokens`)."""
+    @property
+    def events(self) -> int:
+        """Whole events seen so far."""
+    @property
+    def held_done(self) -> bool:
+        """Always False: an Anthropic stream carries its usage, nothing is held back."""
     @property
     def pending(self) -> int:
         """Bytes held back until their event's blank line arrives."""

@@ -1,7 +1,7 @@
-//! `SseRelay`: the glue over `rust/relay`.
+//! `SseRelay` and `AnthropicRelay`: the glue over `rust/relay`.
 
 use super::{PyMeter, DETACH_BYTES};
-use crate::relay::{SseScanner, DEFAULT_MAX_EVENT};
+use crate::relay::{AnthropicScanner, RelayError, SseScanner, DEFAULT_MAX_EVENT};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict};
@@ -34,10 +34,7 @@ impl PySseRelay {
             let inner = &mut self.inner;
             py.detach(|| inner.feed(data))
         };
-        match out {
-            Ok(out) => Ok(PyBytes::new(py, &out)),
-            Err(e) => Err(PyValueError::new_err(e.to_string())),
-        }
+        relayed(py, out)
     }
 
     /// The upstream closed: the held-back rest as a last event, terminated (or empty).
@@ -104,6 +101,108 @@ impl PySseRelay {
     }
 }
 
+/// One read's events for Python, or the relay's refusal as ValueError.
+fn relayed(py: Python<'_>, out: Result<Vec<u8>, RelayError>) -> PyResult<Bound<'_, PyBytes>> {
+    match out {
+        Ok(out) => Ok(PyBytes::new(py, &out)),
+        Err(e) => Err(PyValueError::new_err(e.to_string())),
+    }
+}
+
+/// One upstream Anthropic Messages stream, scanned as it is relayed (see
+/// `rust/relay/anthropic.rs`).
+#[pyclass(module = "tokenhub._core", name = "AnthropicRelay")]
+struct PyAnthropicRelay {
+    inner: AnthropicScanner,
+}
+
+#[pymethods]
+impl PyAnthropicRelay {
+    #[new]
+    #[pyo3(signature = (meter=None, max_event=DEFAULT_MAX_EVENT))]
+    fn new(meter: Option<Bound<'_, PyMeter>>, max_event: usize) -> Self {
+        let meter = meter.map(|m| Arc::clone(&m.get().inner));
+        PyAnthropicRelay {
+            inner: AnthropicScanner::new(meter, max_event),
+        }
+    }
+
+    /// Takes one upstream read; returns the whole events in it, unchanged (possibly empty).
+    /// Raises ValueError when an event grows past `max_event` bytes without ending.
+    fn feed<'py>(&mut self, py: Python<'py>, data: &[u8]) -> PyResult<Bound<'py, PyBytes>> {
+        let out = if data.len() < DETACH_BYTES {
+            self.inner.feed(data)
+        } else {
+            let inner = &mut self.inner;
+            py.detach(|| inner.feed(data))
+        };
+        relayed(py, out)
+    }
+
+    /// The upstream closed: the held-back rest as a last event, terminated (or empty).
+    fn finish<'py>(&mut self, py: Python<'py>) -> Bound<'py, PyBytes> {
+        PyBytes::new(py, &self.inner.finish())
+    }
+
+    /// `message_stop` has been seen.
+    #[getter]
+    fn done(&self) -> bool {
+        self.inner.done()
+    }
+
+    /// A content block delta with text, thinking or tool-call JSON was seen.
+    #[getter]
+    fn first_token(&self) -> bool {
+        self.inner.first_token()
+    }
+
+    /// The merged usage object (Anthropic's keys) as JSON, if any usage was seen.
+    #[getter]
+    fn usage<'py>(&self, py: Python<'py>) -> Option<Bound<'py, PyBytes>> {
+        self.inner.usage().map(|u| PyBytes::new(py, u))
+    }
+
+    /// A JSON object with `message_start`'s message id and model (those it has).
+    #[getter]
+    fn head<'py>(&self, py: Python<'py>) -> Option<Bound<'py, PyBytes>> {
+        self.inner.head().map(|h| PyBytes::new(py, h))
+    }
+
+    /// Output tokens so far, all content blocks together (0 without a meter).
+    #[getter]
+    fn output_tokens(&mut self) -> usize {
+        self.inner.output_tokens()
+    }
+
+    /// {content block index: output tokens so far} for each block counted apart.
+    fn block_tokens<'py>(&mut self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let d = PyDict::new(py);
+        for (index, tokens) in self.inner.block_tokens() {
+            d.set_item(index, tokens)?;
+        }
+        Ok(d)
+    }
+
+    /// Whole events seen so far.
+    #[getter]
+    fn events(&self) -> u64 {
+        self.inner.events()
+    }
+
+    /// Always False: an Anthropic stream carries its usage, nothing is held back.
+    #[getter]
+    fn held_done(&self) -> bool {
+        false
+    }
+
+    /// Bytes held back until their event's blank line arrives.
+    #[getter]
+    fn pending(&self) -> usize {
+        self.inner.pending()
+    }
+}
+
 pub(super) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    m.add_class::<PySseRelay>()
+    m.add_class::<PySseRelay>()?;
+    m.add_class::<PyAnthropicRelay>()
 }

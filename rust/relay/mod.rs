@@ -1,6 +1,7 @@
 //! Server-sent-event relay: what the gateway needs to know about an upstream's token stream,
 //! found in one pass over each upstream read. This is the only place an upstream stream is
-//! parsed.
+//! parsed: [`SseScanner`] reads OpenAI's wire, [`AnthropicScanner`] (in `anthropic`) the
+//! Anthropic Messages wire; both cut events with one [`Splitter`].
 //!
 //! An OpenAI-compatible stream is a sequence of events separated by a blank line (`\n\n`, or
 //! `\r\n\r\n`), each with `data: {json chunk}` lines and a final `data: [DONE]`. For each read
@@ -44,6 +45,10 @@
 //! version this replaced decoded each event again for money admission and kept every payload
 //! until the end, ~150 bytes per output token per concurrent stream
 //! (`benches/bench_stream_memory.py`).
+
+pub mod anthropic;
+
+pub use anthropic::AnthropicScanner;
 
 use crate::meter::{Meter, StreamState};
 use memchr::memmem::Finder;
@@ -251,6 +256,87 @@ fn event_end(
     }
 }
 
+/// The event framing every scanner shares: an upstream read in, each whole event (its
+/// blank-line separator included) handed over in order, the start of an unfinished event held
+/// back for the next read (at most `max_event` bytes).
+pub(crate) struct Splitter {
+    pending: Vec<u8>,
+    max_event: usize,
+}
+
+impl Default for Splitter {
+    fn default() -> Self {
+        Splitter::new(DEFAULT_MAX_EVENT)
+    }
+}
+
+impl Splitter {
+    pub(crate) fn new(max_event: usize) -> Self {
+        Splitter {
+            pending: Vec::new(),
+            max_event,
+        }
+    }
+
+    /// Bytes held back: the start of an event whose separator has not arrived yet.
+    pub(crate) fn pending(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// Calls `each` with every whole event of the held-back rest and `data`, in order, and
+    /// holds back what follows the last one. Refuses (and drops what it held) when the rest
+    /// grows past `max_event` bytes without ending.
+    pub(crate) fn feed(
+        &mut self,
+        data: &[u8],
+        mut each: impl FnMut(&[u8]),
+    ) -> Result<(), RelayError> {
+        if self.pending.is_empty() {
+            let used = scan(data, &mut each);
+            self.pending.extend_from_slice(&data[used..]);
+        } else {
+            // The held-back start of an event joins this read; a separator can straddle the
+            // boundary, so the joined buffer is scanned from its start.
+            let mut buf = std::mem::take(&mut self.pending);
+            buf.extend_from_slice(data);
+            let used = scan(&buf, &mut each);
+            // The rest in a buffer of its own size: between reads a stream holds the start of
+            // one event, not the capacity of the last read.
+            self.pending = if used == 0 { buf } else { buf[used..].to_vec() };
+        }
+        if self.pending.len() > self.max_event {
+            self.pending = Vec::new();
+            return Err(RelayError::EventTooLarge {
+                limit: self.max_event,
+            });
+        }
+        Ok(())
+    }
+
+    /// The upstream closed: the held-back rest as a last event with its separator added (None
+    /// when nothing but whitespace is held).
+    pub(crate) fn finish(&mut self) -> Option<Vec<u8>> {
+        let mut ev = std::mem::take(&mut self.pending);
+        if trim(&ev).is_empty() {
+            return None;
+        }
+        ev.extend_from_slice(if ev.ends_with(b"\n") { b"\n" } else { b"\n\n" });
+        Some(ev)
+    }
+}
+
+/// Hands each whole event of `buf` to `each`; returns how many bytes they took.
+fn scan(buf: &[u8], each: &mut impl FnMut(&[u8])) -> usize {
+    let mut start = 0;
+    let mut lf = LF2.find(buf);
+    let mut crlf = CRLF2.find(buf);
+    while let Some(end) = event_end(buf, start, &mut lf, &mut crlf) {
+        each(&buf[start..end]);
+        start = end;
+    }
+    start
+}
+
 fn trim(s: &[u8]) -> &[u8] {
     s.trim_ascii()
 }
@@ -291,8 +377,7 @@ impl Counter {
 pub struct SseScanner {
     keep_usage: bool,
     meter: Option<Arc<Meter>>,
-    max_event: usize,
-    pending: Vec<u8>,
+    split: Splitter,
     done: bool,
     first_token: bool,
     held_done: bool,
@@ -356,8 +441,7 @@ impl SseScanner {
         SseScanner {
             keep_usage,
             meter,
-            max_event,
-            pending: Vec::new(),
+            split: Splitter::new(max_event),
             done: false,
             first_token: false,
             held_done: false,
@@ -418,66 +502,35 @@ impl SseScanner {
 
     /// Bytes held back: the start of an event whose separator has not arrived yet.
     pub fn pending(&self) -> usize {
-        self.pending.len()
+        self.split.pending()
     }
 
     /// Takes one upstream read; returns the whole events to forward, in order. Refuses (and
     /// drops what it held) when an event grows past `max_event` bytes without ending.
     pub fn feed(&mut self, data: &[u8]) -> Result<Vec<u8>, RelayError> {
-        let mut out = Vec::with_capacity(data.len() + self.pending.len());
-        if self.pending.is_empty() {
-            let used = self.scan(data, &mut out);
-            self.pending.extend_from_slice(&data[used..]);
-        } else {
-            // The held-back start of an event joins this read; a separator can straddle the
-            // boundary, so the joined buffer is scanned from its start.
-            let mut buf = std::mem::take(&mut self.pending);
-            buf.extend_from_slice(data);
-            let used = self.scan(&buf, &mut out);
-            // The rest in a buffer of its own size: between reads a stream holds the start of
-            // one event, not the capacity of the last read.
-            self.pending = if used == 0 { buf } else { buf[used..].to_vec() };
-        }
-        if self.pending.len() > self.max_event {
-            self.pending = Vec::new();
-            return Err(RelayError::EventTooLarge {
-                limit: self.max_event,
-            });
-        }
-        Ok(out)
+        let mut out = Vec::with_capacity(data.len() + self.split.pending());
+        // The splitter is lent out for the call, so that each event can update the scanner.
+        let mut split = std::mem::take(&mut self.split);
+        let r = split.feed(data, |ev| match self.inspect(ev) {
+            Verdict::Keep => out.extend_from_slice(ev),
+            Verdict::Drop => {}
+            Verdict::Replace(new) => out.extend_from_slice(&new),
+        });
+        self.split = split;
+        r.map(|()| out)
     }
 
     /// The upstream closed: whatever is held back is a last event without its blank line.
     /// Returns it with the separator added (empty if nothing is held or it is dropped).
     pub fn finish(&mut self) -> Vec<u8> {
-        let rest = std::mem::take(&mut self.pending);
-        if trim(&rest).is_empty() {
+        let Some(ev) = self.split.finish() else {
             return Vec::new();
-        }
-        let mut ev = rest;
-        ev.extend_from_slice(if ev.ends_with(b"\n") { b"\n" } else { b"\n\n" });
+        };
         match self.inspect(&ev) {
             Verdict::Keep => ev,
             Verdict::Drop => Vec::new(),
             Verdict::Replace(new) => new,
         }
-    }
-
-    /// Scans whole events out of `buf` into `out`; returns how many bytes were consumed.
-    fn scan(&mut self, buf: &[u8], out: &mut Vec<u8>) -> usize {
-        let mut start = 0;
-        let mut lf = LF2.find(buf);
-        let mut crlf = CRLF2.find(buf);
-        while let Some(end) = event_end(buf, start, &mut lf, &mut crlf) {
-            let ev = &buf[start..end];
-            match self.inspect(ev) {
-                Verdict::Keep => out.extend_from_slice(ev),
-                Verdict::Drop => {}
-                Verdict::Replace(new) => out.extend_from_slice(&new),
-            }
-            start = end;
-        }
-        start
     }
 
     /// Notes what one event says, and whether it is forwarded, dropped or re-encoded.
@@ -639,7 +692,7 @@ mod tests {
 
     /// A small tiktoken vocabulary (every byte plus a few merges), so that counts depend on
     /// where texts join. Built once: the tests run in parallel.
-    fn toy_meter() -> Arc<Meter> {
+    pub(super) fn toy_meter() -> Arc<Meter> {
         static TOY: std::sync::OnceLock<Arc<Meter>> = std::sync::OnceLock::new();
         Arc::clone(TOY.get_or_init(build_toy_meter))
     }
@@ -672,10 +725,10 @@ mod tests {
     }
 
     /// xorshift64*: reproducible splits without a dependency.
-    struct Rng(u64);
+    pub(super) struct Rng(pub(super) u64);
 
     impl Rng {
-        fn below(&mut self, n: usize) -> usize {
+        pub(super) fn below(&mut self, n: usize) -> usize {
             self.0 ^= self.0 >> 12;
             self.0 ^= self.0 << 25;
             self.0 ^= self.0 >> 27;
