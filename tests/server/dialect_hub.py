@@ -130,14 +130,21 @@ class DialectHub(Hub):
     def totals(self) -> dict[str, Any]:
         return dict(self.ledger(MOCK)["totals"])
 
-    def unbilled(self, rid: str) -> None:
+    def unbilled(self, rid: str, *, upstream_refuses: bool = False) -> None:
         """The request `rid` billed nothing: once the sink has drained, either no usage event
-        or one whose billed lines are all zero, and the mock never saw it."""
+        or one whose billed lines are all zero; and the mock never saw it or, when the gateway
+        passes the request through for the upstream to judge (`upstream_refuses`), refused
+        it and served nothing."""
         self.settle()
         ev = self.find_event(rid)
         if ev is not None:
             assert all(x == 0 for x in billed_lines(ev)), ev
-        assert self.ledger_entries(rid, MOCK) == []
+        entries = self.ledger_entries(rid, MOCK)
+        if upstream_refuses:
+            assert [(e["status"], e["prompt_tokens"], e["completion_tokens"]) for e in entries] \
+                == [(400, 0, 0)], entries  # fmt: skip
+        else:
+            assert entries == [], entries
 
     # -- billing ---------------------------------------------------------------------------
 
@@ -233,5 +240,6 @@ def check_three_way(
     entry = hub.entry(rid)
     assert entry["status"] == 200 and entry["stream"] is stream
     assert (entry["prompt_tokens"], entry["completion_tokens"]) == (prompt, usage.output_tokens)
+    assert (entry["cache_read_tokens"], entry["cache_creation_tokens"]) == (read, write)
     assert entry["disconnected"] is False
     return entry

@@ -7,11 +7,10 @@ model's tool_use, forced with tool_choice) and its result, a file's content as C
 Read tool shows it (numbered lines), built from the fixed corpus in tests/corpus/, then the
 model's answer. The context grows to about 200k tokens. The request carries cache_control
 breakpoints as Claude Code does: on the last tool definition, on the system prompt and on the
-last user block; also on the previous request's last user block, which the real API finds by
-itself (it looks back from a breakpoint for a cached prefix) and the mock, which only looks
-at marked blocks, needs marked. That is four breakpoints, Anthropic's maximum. The upstream is
-anthropic-kind, the mock simulates the cache, so every request after the first reads the
-conversation so far from the cache and writes what it added.
+last user block. The upstream is anthropic-kind and the mock simulates the cache as the API
+does (a breakpoint's prefix is written; a request reads the longest cached prefix ending at a
+breakpoint or at one of the ~20 block boundaries before it), so every request after the first
+reads the conversation so far from the cache and writes what it added.
 
 Every request's usage is checked three ways (client, event, mock ledger). Then the usage is
 settled by the in-process settler and the statement's amount for the model, and the wallet's
@@ -58,8 +57,9 @@ TOPUP_USD = "1000"
 SYSTEM_TEXT = (
     "You are an interactive CLI tool that helps users with software engineering tasks. "
     "Use the instructions below and the tools available to you to assist the user.\n\n"
-    + "\n".join((CORPUS / "english.txt").read_text().splitlines()[:12])
-)
+    + (CORPUS / "english.txt").read_text()
+    + (CORPUS / "mixed.txt").read_text()
+)  # ~1.8k tokens: with the tools, above the 1024 tokens a cache breakpoint needs
 
 
 def _schema(**props: str) -> dict[str, Any]:
@@ -129,18 +129,13 @@ def cost_nanos(tokens: int, usd_per_1m: str) -> int:
 
 
 def with_breakpoints(messages: list[MessageParam]) -> list[MessageParam]:
-    """The conversation as sent: cache_control on the last block of the last two user
-    messages (copies; the kept conversation has no markers)."""
-    out: list[MessageParam] = []
-    users = [i for i, m in enumerate(messages) if m["role"] == "user"][-2:]
-    for i, m in enumerate(messages):
-        if i in users:
-            blocks = [dict(b) for b in m["content"]]  # type: ignore[union-attr]
-            blocks[-1]["cache_control"] = {"type": "ephemeral"}
-            out.append({"role": "user", "content": blocks})  # type: ignore[typeddict-item]
-        else:
-            out.append(m)
-    return out
+    """The conversation as sent: cache_control on the last block of the last user message
+    (a copy; the kept conversation has no markers)."""
+    last = messages[-1]
+    assert last["role"] == "user"
+    blocks = [dict(b) for b in last["content"]]  # type: ignore[union-attr]
+    blocks[-1]["cache_control"] = {"type": "ephemeral"}
+    return [*messages[:-1], {"role": "user", "content": blocks}]  # type: ignore[list-item]
 
 
 @pytest.fixture(scope="module")
@@ -232,7 +227,7 @@ def test_coding_agent_session(hub: DialectHub) -> None:
     expected = 0
     lines = {"input": 0, "cached_input": 0, "cache_write": 0, "output": 0}
     for e in served:
-        read, write = e["cache_read_input_tokens"], e["cache_creation_input_tokens"]
+        read, write = e["cache_read_tokens"], e["cache_creation_tokens"]
         tokens = {
             "input": e["prompt_tokens"] - read - write,
             "cached_input": read,

@@ -86,6 +86,10 @@ def check_three_way(
         usage.input_tokens,
         usage.output_tokens,
     )
+    assert (entry["cache_read_tokens"], entry["cache_creation_tokens"]) == (
+        cached,
+        ev.cache_write_tokens,
+    )
     return entry
 
 
