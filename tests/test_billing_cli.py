@@ -252,12 +252,14 @@ def test_settle_reads_events_back_exactly(th: Cli, db: str) -> None:
     )
     stored = dict(query(db, "SELECT event_id, payload_sha256 FROM settlements"))
     # The hash covers the billed fields (all but the gateway's `holds`, which comes last), and
-    # leaves out the fields added later while they hold their default (`usage_anomaly`: these
-    # events have none), so that events settled before they existed hash as they did.
+    # leaves out the fields added later while they hold their default (`usage_anomaly`,
+    # `cache_write_tokens`: these events have neither), so that events settled before they
+    # existed hash as they did.
     n = len(BILLED_FIELDS)
     assert EVENT_FIELDS[n:] == ("holds",)
-    assert BILLED_FIELDS[n - 1 :] == ("usage_anomaly",) and not any(e.usage_anomaly for e in evs)
-    n -= 1
+    assert BILLED_FIELDS[n - 2 :] == ("usage_anomaly", "cache_write_tokens")
+    assert not any(e.usage_anomaly or e.cache_write_tokens for e in evs)
+    n -= 2
     assert stored == {
         e.request_id: hashlib.sha256(
             msgspec.json.encode(msgspec.structs.astuple(e)[:n])
@@ -553,13 +555,35 @@ def test_lists(acme: Cli) -> None:
             "--tenant", "acme", "--from", "2026-01-01")  # fmt: skip
     prices = json.loads(acme.ok("prices", "list", "--json"))
     assert [(p["tenant"], p["version"], p["input_per_1m"], p["cached_input_per_1m"],
-             p["points_per_1m"]) for p in prices] == [
-        (None, 1, "0.15", "0.15", "12.5"),
-        ("acme", 1, "1", "1", None),
+             p["cache_write_per_1m"], p["cache_write_set"], p["points_per_1m"])
+            for p in prices] == [
+        (None, 1, "0.15", "0.15", "0.15", False, "12.5"),
+        ("acme", 1, "1", "1", "1", False, None),
     ]  # fmt: skip
     assert acme.ok("prices", "list").splitlines()[1].split() == [
-        "m", "-", "1", "2026-01-01T00:00:00Z", "USD", "0.15", "0.15", "0.6", "12.5",
+        "m", "-", "1", "2026-01-01T00:00:00Z", "USD", "0.15", "0.15", "0.6", "0.15", "12.5",
     ]  # fmt: skip
+    # A cache-write price of its own (both spellings of the option), shown and listed.
+    out = acme.ok("prices", "set", "m", "--currency", "USD", "--input", "3", "--output",
+                  "15", "--cached-input", "0.3", "--cache-write", "3.75",
+                  "--from", "2026-03-01")  # fmt: skip
+    assert out.endswith(
+        ": input 3, cached input 0.3, output 15, cache write 3.75 USD per 1M tokens\n"
+    )
+    acme.ok("prices", "set", "m", "--currency", "USD", "--input", "3", "--output", "15",
+            "--cache-write-per-1m", "6", "--tenant", "acme", "--from", "2026-03-01")  # fmt: skip
+    prices = json.loads(acme.ok("prices", "list", "--json"))
+    assert [(p["tenant"], p["version"], p["cache_write_per_1m"], p["cache_write_set"])
+            for p in prices] == [
+        (None, 1, "0.15", False), (None, 2, "3.75", True),
+        ("acme", 1, "1", False), ("acme", 2, "6", True),
+    ]  # fmt: skip
+    # A bad one is refused and writes nothing.
+    assert acme.refused("prices", "set", "m", "--currency", "USD", "--input", "3", "--output",
+                        "15", "--cache-write", "-1") == (
+        "cache-write price must not be negative (got -1)"
+    )  # fmt: skip
+    assert len(json.loads(acme.ok("prices", "list", "--json"))) == 4
     assert acme.ok("plans", "list").splitlines()[1].split()[:5] == [
         "basic", "package", "9.90", "CNY", "1,000",
     ]  # fmt: skip
@@ -596,7 +620,8 @@ id = "free"
     write("0.8")
     code, out, err = th("prices", "import", "--config", str(config))
     assert code == 0, err
-    assert "price qwen-plus v1 from " in out and "input 0.8, cached input 0.8, output 8 CNY" in out
+    assert "price qwen-plus v1 from " in out
+    assert "input 0.8, cached input 0.8, output 8, cache write 0.8 CNY" in out
     assert err == f"imported 1 prices from {config}; 0 unchanged, 1 without a price (free)\n"
     code, out, err = th("prices", "import", "--config", str(config))
     assert (code, out) == (0, "")
@@ -615,6 +640,17 @@ id = "free"
     )
     assert th.refused("prices", "import", "--config", str(tmp_path / "none.toml")).startswith(
         f"{tmp_path / 'none.toml'}: cannot read: "
+    )
+    # A cache-write price in the config is a change; importing it twice, once.
+    write('"0.9", cache_write_per_1m = "1.125"')
+    out = th.ok("prices", "import", "--config", str(config))
+    assert "input 0.9, cached input 0.9, output 8, cache write 1.125 CNY" in out
+    assert th("prices", "import", "--config", str(config))[1] == ""
+    last = json.loads(th.ok("prices", "list", "--json"))[-1]
+    assert (last["version"], last["cache_write_per_1m"], last["cache_write_set"]) == (
+        4,
+        "1.125",
+        True,
     )
 
 

@@ -148,11 +148,15 @@ def _payload_hash(ev: UsageEvent) -> str:
     """Canonical: every billing field in declaration order (defaults included), so equal events
     hash equal however they were built (msgspec's omit_defaults depends on object identity).
     `holds` (the gateway's admission bookkeeping) is not billing data and is left out, as are
-    LATER_FIELDS while they hold their default (events settled before they existed hash as
-    they did then)."""
+    LATER_FIELDS at the end while they hold their default (events settled before they existed
+    hash as they did then: one settled with a `usage_anomaly` before `cache_write_tokens`
+    existed hashes with the first and without the second)."""
     fields = msgspec.structs.astuple(ev)[:_HASHED]
-    if not any(fields[_OLD_HASHED:]):
-        fields = fields[:_OLD_HASHED]
+    n = _HASHED
+    while n > _OLD_HASHED and not fields[n - 1]:
+        n -= 1
+    if n < _HASHED:
+        fields = fields[:n]
     return hashlib.sha256(msgspec.json.encode(fields)).hexdigest()
 
 

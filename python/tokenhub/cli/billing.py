@@ -287,6 +287,9 @@ def _price_json(p: Price) -> dict[str, Any]:
         "input_per_1m": decimal_str(p.input_per_1m),
         "cached_input_per_1m": decimal_str(p.cached_input_per_1m),
         "output_per_1m": decimal_str(p.output_per_1m),
+        # The price in force (the input price when none was set), and whether one was.
+        "cache_write_per_1m": decimal_str(p.write_per_1m),
+        "cache_write_set": p.cache_write_per_1m is not None,
         "points_per_1m": None if p.points_per_1m is None else decimal_str(p.points_per_1m),
     }
 
@@ -294,8 +297,8 @@ def _price_json(p: Price) -> dict[str, Any]:
 def _price_text(p: Price) -> str:
     s = (
         f"input {decimal_str(p.input_per_1m)}, cached input "
-        f"{decimal_str(p.cached_input_per_1m)}, output {decimal_str(p.output_per_1m)} "
-        f"{p.currency} per 1M tokens"
+        f"{decimal_str(p.cached_input_per_1m)}, output {decimal_str(p.output_per_1m)}, "
+        f"cache write {decimal_str(p.write_per_1m)} {p.currency} per 1M tokens"
     )
     if p.points_per_1m is not None:
         s += f"; {decimal_str(p.points_per_1m)} points per 1M tokens"
@@ -655,6 +658,7 @@ def cmd_prices_set(args: argparse.Namespace) -> int:
             input_per_1m=args.input,
             output_per_1m=args.output,
             cached_input_per_1m=args.cached_input,
+            cache_write_per_1m=args.cache_write,
             points_per_1m=args.points,
             effective_ms=eff,
             tenant=args.tenant or "",
@@ -688,6 +692,7 @@ def cmd_prices_list(args: argparse.Namespace) -> int:
                 "INPUT",
                 "CACHED",
                 "OUTPUT",
+                "CACHE WRITE",
                 "POINTS",
             ],
             [
@@ -700,6 +705,7 @@ def cmd_prices_list(args: argparse.Namespace) -> int:
                     decimal_str(p.input_per_1m),
                     decimal_str(p.cached_input_per_1m),
                     decimal_str(p.output_per_1m),
+                    decimal_str(p.write_per_1m),
                     "-" if p.points_per_1m is None else decimal_str(p.points_per_1m),
                 ]
                 for p in prices
@@ -1499,9 +1505,9 @@ def _add_prices(sub: Any) -> None:
         cmd_prices_set,
         "add a price-book version for a model",
         "Add a price-book version for MODEL (for one tenant with --tenant: an override that "
-        "wins over the list price). Usage is rated per line: uncached input, cached input and "
-        "output tokens each times their price per 1M; then the tenant's discount, then FX "
-        "into the tenant's currency.",
+        "wins over the list price). Usage is rated per line: uncached input, cached input, "
+        "output and prompt-cache write tokens each times their price per 1M; then the "
+        "tenant's discount, then FX into the tenant's currency.",
         f"{PRICES} {DATES} {ROUNDING}",
     )
     p.add_argument("model", metavar="MODEL")
@@ -1512,6 +1518,14 @@ def _add_prices(sub: Any) -> None:
         "--cached-input",
         metavar="PRICE",
         help="per 1M cached input tokens (default: the input price)",
+    )
+    p.add_argument(
+        "--cache-write",
+        "--cache-write-per-1m",
+        dest="cache_write",
+        metavar="PRICE",
+        help="per 1M input tokens written to the provider's prompt cache (Anthropic's "
+        "cache_creation_input_tokens; default: the input price)",
     )
     p.add_argument(
         "--points",
