@@ -5,8 +5,10 @@ output texts as the meter counts them), the stream scanner through the wire, err
 from __future__ import annotations
 
 import json
+import random
 from typing import Any
 
+import aiohttp
 import anthropic
 import msgspec
 import pytest
@@ -30,6 +32,7 @@ from tokenhub.gateway.request import (
     EMBEDDINGS,
     RESPONSES,
 )
+from tokenhub.mock import MockOptions, build_app
 
 REPLY: dict[str, Any] = {
     "id": "msg_01",
@@ -346,3 +349,87 @@ def test_stream_error_is_an_anthropic_error_event_the_sdk_reads() -> None:
 )
 def test_error_code(data: bytes, code: str) -> None:
     assert ANTHROPIC.error_code(data) == code
+
+
+# -- against the mock upstream's Anthropic wire ---------------------------------------------------
+
+WEATHER = {
+    "name": "get_weather",
+    "input_schema": {
+        "type": "object",
+        "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
+        "required": ["city", "days"],
+    },
+}
+ASKS: dict[str, dict[str, Any]] = {
+    "text": {},
+    "thinking": {"thinking": {"type": "enabled", "budget_tokens": 1024}},
+    "tool": {"tools": [WEATHER], "tool_choice": {"type": "tool", "name": "get_weather"}},
+    "cached": {
+        "system": [
+            {
+                "type": "text",
+                "text": "You are terse. " * 400,
+                "cache_control": {"type": "ephemeral"},
+            }
+        ]
+    },
+}
+
+
+@pytest.mark.parametrize("ask", sorted(ASKS))
+async def test_the_wire_against_the_mock_upstream(
+    aiohttp_server: Any, meters: dict[str, Meter], ask: str
+) -> None:
+    """The request the wire builds (body and headers) is one the mock accepts, with the cap
+    applied; the reply view and the relay, streamed or not, count exactly what the mock served,
+    and read its usage (cache reads and writes included) as the mock's ledger has it."""
+    meter = meters["cl100k_base"]
+    server = await aiohttp_server(build_app(MockOptions(require_key="sk-ant")))
+    url = f"http://{server.host}:{server.port}/v1{ANTHROPIC.path(ANTHROPIC_MESSAGES)}"
+    headers = ANTHROPIC.auth("sk-ant", provider())
+    rng = random.Random(ask)
+    async with aiohttp.ClientSession() as http:
+        for stream in (False, True, False, True):  # "cached": a write, then reads
+            payload = {
+                "model": "client-model",
+                "max_tokens": 5000,
+                "messages": [{"role": "user", "content": "Weather in Oslo, please."}],
+                **ASKS[ask],
+            }
+            body = ANTHROPIC.request_body(payload, "gpt-4o-mini", 1500, stream)
+            async with http.post(url, data=body, headers=headers) as resp:
+                assert resp.status == 200, await resp.text()
+                data = await resp.read()
+            async with http.get(f"http://{server.host}:{server.port}/mock/ledger") as resp:
+                entry = (await resp.json())["entries"][-1]
+            assert entry["stream"] is stream and entry["model"] == "gpt-4o-mini"
+            if stream:
+                relay = ANTHROPIC.scanner(False, meter)
+                out = bytearray()
+                at = 0
+                while at < len(data):
+                    step = 1 + rng.randrange(200)
+                    out += relay.feed(data[at : at + step])
+                    at += step
+                out += relay.finish()
+                assert out == data and relay.done
+                output = relay.output_tokens
+                usage = ANTHROPIC.stream_usage(relay.usage or b"")
+            else:
+                assert ANTHROPIC.not_a_completion(ANTHROPIC_MESSAGES, data) is None
+                view = ANTHROPIC.reply(data)
+                output = sum(meter.count(t) for t in view.output_texts())
+                usage = view.usage
+                if ask == "tool":
+                    assert json.loads(data)["content"][0]["type"] == "tool_use"
+            assert 0 < output == entry["completion_tokens"] <= 1500
+            counts = usage_check.check(usage, usage_check.Bounds(200_000, 1500))
+            assert counts == usage_check.Counts(
+                entry["prompt_tokens"],
+                entry["cache_read_tokens"],
+                entry["completion_tokens"],
+                entry["cache_creation_tokens"],
+            )
+            if ask == "cached":
+                assert entry["cache_read_tokens"] + entry["cache_creation_tokens"] > 0
