@@ -386,7 +386,9 @@ def _segments(
         tag = b"U" if role == "user" else b"A"
         content = m.get("content")
         if isinstance(content, str):
-            add([content], MESSAGE_OVERHEAD, tag + content.encode(), None, where)
+            # Keyed as the text block it stands for, so either spelling hits the same entry.
+            key = tag + _encode({"type": "text", "text": content})
+            add([content], MESSAGE_OVERHEAD, key, None, where)
             continue
         if not isinstance(content, list):
             raise _invalid(f"{where}.content: Field required")
