@@ -23,18 +23,21 @@ from tokenhub.mock.upstream import (
 )
 
 _DESCRIPTION = """\
-An OpenAI-compatible upstream simulator for the demo, tests and benchmarks. It serves
-POST /v1/chat/completions, /v1/completions and /v1/embeddings (streaming included), and
-GET /v1/models. Replies are deterministic text whose token counts are exact under a real
-vocabulary. GET /mock/ledger lists every request served with its tokens (streams cut short
-count what was written); POST /mock/reset clears it.
+An upstream simulator for the demo, tests and benchmarks. It serves OpenAI's
+POST /v1/chat/completions (tool calls and reasoning_content included), /v1/completions and
+/v1/embeddings, GET /v1/models, and Anthropic's POST /v1/messages (thinking, tool use,
+prompt caching) and /v1/messages/count_tokens, streaming included. Replies are
+deterministic text whose token counts are exact under a real vocabulary. GET /mock/ledger
+lists every request served with its tokens (streams cut short count what was written);
+POST /mock/reset clears it.
 """
 
 _EPILOG = """\
 Per-request overrides: send x-mock-<option> headers, e.g. x-mock-latency-ms: 200,
 x-mock-ttft-ms, x-mock-tokens-per-second, x-mock-completion-tokens, x-mock-error-rate-429,
 x-mock-error-rate-500, x-mock-status: 429, x-mock-omit-usage: true, x-mock-stall: 3 (or 0 or
-null), x-mock-seed, x-mock-vocab.
+null), x-mock-seed, x-mock-vocab, x-mock-tool-calls: auto, x-mock-min-cache-tokens,
+x-mock-cache-ttl-s, x-mock-cache-lookback-blocks.
 
 Examples:
   tokenhub mock-upstream --port 9999
@@ -168,6 +171,35 @@ def add_cli(sub: Any) -> argparse.ArgumentParser:
         metavar="N",
         help="ledger entries kept; totals never drop (default: %(default)s)",
     )
+    p.add_argument(
+        "--tool-calls",
+        choices=("forced", "auto"),
+        default=d.tool_calls,
+        help="when replies call a tool: only when tool_choice forces one, or also whenever "
+        "tools are offered and the last message is not a tool result (default: %(default)s)",
+    )
+    p.add_argument(
+        "--min-cache-tokens",
+        type=int,
+        default=d.min_cache_tokens,
+        metavar="N",
+        help="Anthropic prompt caching: smallest cacheable prefix (default: %(default)s)",
+    )
+    p.add_argument(
+        "--cache-ttl-s",
+        type=float,
+        default=d.cache_ttl_s,
+        metavar="S",
+        help="Anthropic prompt caching: entry lifetime after write or read (default: %(default)s)",
+    )
+    p.add_argument(
+        "--cache-lookback-blocks",
+        type=int,
+        default=d.cache_lookback_blocks,
+        metavar="N",
+        help="Anthropic prompt caching: block boundaries before a breakpoint also read "
+        "(default: %(default)s)",
+    )
     p.set_defaults(func=run)
     return p
 
@@ -192,6 +224,10 @@ def options_from_args(args: argparse.Namespace) -> MockOptions:
         require_key=args.require_key,
         embedding_dim=args.embedding_dim,
         ledger_size=args.ledger_size,
+        tool_calls=args.tool_calls,
+        min_cache_tokens=args.min_cache_tokens,
+        cache_ttl_s=args.cache_ttl_s,
+        cache_lookback_blocks=args.cache_lookback_blocks,
     )
 
 
