@@ -111,6 +111,8 @@ async def test_catalogue_writes_need_admin_refuse_bad_input_and_are_audited(admi
         ("prices", {**price, "input_per_1m": "1.5.0"}),
         ("prices", {**price, "currency": "XXXX"}),
         ("prices", {**price, "extra": 1}),
+        ("prices", {**price, "cache_write_per_1m": "-1"}),
+        ("prices", {**price, "cache_write_per_1m": "x"}),
         ("fx", {**fx, "quote": "USD"}),
         ("fx", {**fx, "rate": "-1"}),
         ("plans", {**plan, "points": "5"}),  # tokens and points
@@ -129,18 +131,34 @@ async def test_catalogue_writes_need_admin_refuse_bad_input_and_are_audited(admi
     assert (p1["version"], p2["version"]) == (1, 2)
     assert p2["input_per_1m"] == {"amount": "1.25", "currency": "USD"}
     assert p2["cached_input_per_1m"] == {"amount": "1.25", "currency": "USD"}
+    # No cache-write price: the input price, said so.
+    assert (p2["cache_write_per_1m"], p2["cache_write_set"]) == (
+        {"amount": "1.25", "currency": "USD"},
+        False,
+    )
+    p3 = await _ok(admin, "POST", f"{V1}/prices", json={**price, "cache_write_per_1m": "1.875"})
+    assert (p3["version"], p3["cache_write_per_1m"], p3["cache_write_set"]) == (
+        3,
+        {"amount": "1.875", "currency": "USD"},
+        True,
+    )
+    listed = (await _ok(admin, "GET", f"{V1}/prices", "read"))["data"]
+    assert [(x["version"], x["cache_write_per_1m"]["amount"], x["cache_write_set"])
+            for x in listed] == [
+        (1, "1.50", False), (2, "1.25", False), (3, "1.875", True),
+    ]  # fmt: skip
     r = await _ok(admin, "POST", f"{V1}/fx", json=fx)
     assert r["rate"] == "7.1234"
     pl = await _ok(admin, "POST", f"{V1}/plans", json=plan)
     assert pl["price"] == {"amount": "9.90", "currency": "USD"} and pl["quantity"] == 10_000_000
     status, resp = await _call(admin, "POST", f"{V1}/plans", json=plan)
     assert status == 400 and "already exists" in resp["error"]["message"]
-    assert len((await _ok(admin, "GET", f"{V1}/prices", "read"))["data"]) == 2
+    assert len((await _ok(admin, "GET", f"{V1}/prices", "read"))["data"]) == 3
     assert [p["name"] for p in (await _ok(admin, "GET", f"{V1}/plans", "read"))["data"]] == ["p10"]
 
     audit = (await _ok(admin, "GET", f"{V1}/audit?limit=1000", "read"))["data"]
     prices = [e for e in audit if e["action"] == "price.set"]
-    assert [(e["actor"], e["target"]) for e in prices] == [("ops-admin", "m1")] * 2
+    assert [(e["actor"], e["target"]) for e in prices] == [("ops-admin", "m1")] * 3
     assert prices[0]["before"] is None and prices[1]["before"] == p1 and prices[1]["after"] == p2
     assert [e["action"] for e in audit if e["action"] in ("fx.set", "plan.create")] == [
         "fx.set",

@@ -110,6 +110,9 @@ def _price_json(p: Price) -> dict[str, Any]:
         "input_per_1m": money(p.input_per_1m, p.currency),
         "cached_input_per_1m": money(p.cached_input_per_1m, p.currency),
         "output_per_1m": money(p.output_per_1m, p.currency),
+        # The price in force (the input price when the version sets none), and whether it did.
+        "cache_write_per_1m": money(p.write_per_1m, p.currency),
+        "cache_write_set": p.cache_write_per_1m is not None,
         "points_per_1m": None if p.points_per_1m is None else decimal_str(p.points_per_1m),
     }
 
@@ -477,6 +480,7 @@ class PriceSet(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     input_per_1m: str
     output_per_1m: str
     cached_input_per_1m: str | None = None  # default: the input price
+    cache_write_per_1m: str | None = None  # prompt-cache writes; default: the input price
     points_per_1m: str | None = None
     effective_ms: int | None = None  # default: now
     tenant: str | None = None  # an override for this tenant only
@@ -502,6 +506,7 @@ async def set_price(request: web.Request) -> web.Response:
             input_per_1m=body.input_per_1m,
             output_per_1m=body.output_per_1m,
             cached_input_per_1m=body.cached_input_per_1m,
+            cache_write_per_1m=body.cache_write_per_1m,
             points_per_1m=body.points_per_1m,
             effective_ms=body.effective_ms,
             tenant=body.tenant or "",

@@ -366,6 +366,8 @@ async def list_prices(request: web.Request) -> web.Response:
             "input_per_1m": money(p.input_per_1m, p.currency),
             "cached_input_per_1m": money(p.cached_input_per_1m, p.currency),
             "output_per_1m": money(p.output_per_1m, p.currency),
+            "cache_write_per_1m": money(p.write_per_1m, p.currency),
+            "cache_write_set": p.cache_write_per_1m is not None,
             "points_per_1m": None if p.points_per_1m is None else decimal_str(p.points_per_1m),
         }
         for p in prices
