@@ -683,3 +683,30 @@ def test_usage_check_cache_writes() -> None:
 
 def test_the_wires_are_registered() -> None:
     assert set(WIRES) == {"openai", "anthropic"}
+
+
+def test_translated_request_without_a_cap(hub: PipelineHub) -> None:
+    """The Messages API requires max_tokens: a Responses (or chat) request without a cap goes
+    to an anthropic upstream with the deployment's."""
+    status, h, reply = post(hub, "/v1/responses", {**RESP, "model": ANTHROPIC_MODEL}, hub.auth)
+    assert status == 200, reply
+    assert json.loads(reply)["status"] == "completed"
+    check_event(hub, h["x-request-id"], model=ANTHROPIC_MODEL, endpoint="responses",
+                stream=False)  # fmt: skip
+    chat = {"model": ANTHROPIC_MODEL, "messages": MSG["messages"]}
+    status, h, reply = post(hub, "/v1/chat/completions", chat, hub.auth)
+    assert status == 200, reply
+    check_event(hub, h["x-request-id"], model=ANTHROPIC_MODEL, endpoint="chat.completions",
+                stream=False)  # fmt: skip
+
+
+def test_untranslatable_request_is_refused_unbilled(hub: PipelineHub) -> None:
+    """A block the chat API cannot carry (an Anthropic server tool's result) is a 400 over the
+    openai wire, recorded as a refusal, the upstream never called."""
+    block = {"type": "web_search_tool_result", "tool_use_id": "srvtoolu_1", "content": []}
+    body = {**MSG, "messages": [{"role": "user", "content": [block]}]}
+    status, h, reply = post(hub, "/v1/messages", body, {"x-api-key": hub.secret})
+    assert status == 400, reply
+    anthropic_error(reply, "invalid_request_error")
+    hub.unbilled(h["x-request-id"])
+    assert hub.event(h["x-request-id"]).status == 400

@@ -57,15 +57,22 @@ async def forward(
     now_ms = gw.now_ms
     for attempt, (index, dep) in enumerate(zip(order, candidates, strict=True), start=1):
         ctx.attempt(attempt, dep)
+        upstream = gw.upstreams[dep.provider]
+        wire = upstream.wire
+        try:
+            ex = exchange(req.endpoint.dialect, wire.name)
+            payload = req.payload if ex.passthrough else ex.request(req.payload)
+        except ApiError as e:  # what this upstream's API cannot express: a 400
+            raise ctx.refuse(e) from None
+        sent_cap = None if cap is None else min(cap, dep.max_output_tokens)
+        if sent_cap is None and not ex.passthrough:
+            # A translated request always names its cap: the Messages API requires one, and
+            # a Responses client without max_output_tokens gets the deployment's.
+            sent_cap = req.output_cap(dep.max_output_tokens)
         if not gw.sink.begin(event):  # usage that could not be kept: not served
             err = ApiError.journal_unavailable()
             ctx.failed(err.status, "journal_unavailable")
             raise err
-        upstream = gw.upstreams[dep.provider]
-        wire = upstream.wire
-        ex = exchange(req.endpoint.dialect, wire.name)
-        sent_cap = None if cap is None else min(cap, dep.max_output_tokens)
-        payload = req.payload if ex.passthrough else ex.request(req.payload)
         body = wire.request_body(payload, dep.upstream_model, sent_cap, req.stream)
         # What the upstream's usage is checked against: what was just sent.
         ctx.bounds = usage_check.Bounds(
