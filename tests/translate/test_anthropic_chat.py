@@ -6,6 +6,7 @@ the SDK's client), and round trips that must give back what went in."""
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 from typing import Any
 
@@ -158,7 +159,10 @@ def test_a_messages_request_as_a_chat_request() -> None:
         "thinking": {"type": "enabled", "budget_tokens": 1024},
         "top_k": 5,
     }
-    assert MOC.request(payload) == {
+    before = copy.deepcopy(payload)
+    out = MOC.request(payload)
+    assert payload == before  # the client's body is not changed (it is the event's record)
+    assert out == {
         "model": "claude-public",
         "messages": [
             {"role": "system", "content": "You are a coder."},
@@ -648,7 +652,10 @@ CHAT_REQUEST: dict[str, Any] = {
 
 
 def test_a_chat_request_as_a_messages_request() -> None:
-    assert COM.request(CHAT_REQUEST) == {
+    before = copy.deepcopy(CHAT_REQUEST)
+    out = COM.request(CHAT_REQUEST)
+    assert before == CHAT_REQUEST
+    assert out == {
         "model": "gpt-public",
         "system": "You are a coder.\n\nBe brief.",
         "messages": [

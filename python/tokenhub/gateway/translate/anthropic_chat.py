@@ -27,7 +27,9 @@ What has no counterpart, and what was chosen:
 - Options without a counterpart are dropped: `top_k`, `service_tier` and server tools
   (a chat upstream cannot run Anthropic's server tools: a server tool or block is a 400);
   `logprobs`, `response_format`, `seed` and the like from a chat client (Anthropic has none of
-  them); `n` above 1 is a 400 (Anthropic returns one choice).
+  them); `n` above 1 is a 400 (Anthropic returns one choice). `temperature` is passed as sent:
+  OpenAI's range is 0-2, Anthropic's 0-1, and a value above 1 gets the upstream's 400 rather
+  than a silently different sampling.
 
 Usage shown to the client is the usage event's (what is billed), in the client's dialect:
 Anthropic's `input_tokens` excludes the cache reads and writes that its `cache_read_input_tokens`
