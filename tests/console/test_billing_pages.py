@@ -109,6 +109,26 @@ async def test_set_price(console_client: Any, post_form: Any, world: World) -> N
         c = await console_client(role)
         assert (await post_form(c, "/console/billing/prices", ok)).status == 403
     assert q(world, "SELECT COUNT(*) FROM prices WHERE model = 'gpt-4o'")[0][0] == 2
+    # No cache-write price so far (NULL: the input price, shown as such); one of its own next,
+    # and a bad one changes nothing.
+    assert q(world, "SELECT cache_write_per_1m FROM prices WHERE model = 'gpt-4o'") == [
+        (None,),
+        (None,),
+    ]
+    bad = {**ok, "cache_write": "-3"}
+    resp = await post_form(admin, "/console/billing/prices", bad)
+    assert [k for k, _ in flashes(await follow(admin, resp))] == ["error"]
+    assert q(world, "SELECT COUNT(*) FROM prices WHERE model = 'gpt-4o'")[0][0] == 2
+    page = await follow(
+        admin, await post_form(admin, "/console/billing/prices", {**ok, "cache_write": "3.125"})
+    )
+    assert [k for k, _ in flashes(page)] == ["ok"]
+    assert 'data-version="2" data-input="2500000000" ' in page
+    assert 'data-output="10000000000" data-cache-write="3125000000"' in page
+    assert 'data-version="1" data-input="2500000000" data-output="10000000000" ' in page
+    assert 'data-cache-write="2500000000"' in page  # version 1: the input price
+    assert q(world, "SELECT version, cache_write_per_1m FROM prices WHERE model = 'gpt-4o' "
+             "AND tenant = '' ORDER BY version") == [(1, None), (2, 3_125_000_000)]  # fmt: skip
 
 
 async def test_set_fx_and_create_plan(console_client: Any, post_form: Any, world: World) -> None:

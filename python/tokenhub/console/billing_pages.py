@@ -137,6 +137,8 @@ async def prices_page(request: web.Request, session: Session) -> web.StreamRespo
             "input": _price_text(p.input_per_1m, p.currency),
             "cached": _price_text(p.cached_input_per_1m, p.currency),
             "output": _price_text(p.output_per_1m, p.currency),
+            # The price in force: the input price when the version sets none.
+            "cache_write": _price_text(p.write_per_1m, p.currency),
             "points": "" if p.points_per_1m is None else decimal_str(p.points_per_1m),
         }
         for p in sorted(prices, key=lambda p: (p.model, p.tenant, -p.version))
@@ -158,6 +160,7 @@ async def set_price(request: web.Request, session: Session) -> web.StreamRespons
             input_per_1m=_s(posted, "input"),
             output_per_1m=_s(posted, "output"),
             cached_input_per_1m=_opt(posted, "cached_input"),
+            cache_write_per_1m=_opt(posted, "cache_write"),
             points_per_1m=_opt(posted, "points"),
             effective_ms=eff,
             tenant=tenant,
@@ -415,6 +418,8 @@ async def statements_page(request: web.Request, session: Session) -> web.StreamR
                 {
                     "model": u["model"],
                     "tokens": u["tokens"],
+                    # Of the tokens, those written to a prompt cache (absent: none).
+                    "cache_write_tokens": u.get("cache_write_tokens", 0),
                     "package_tokens": u["package_tokens"],
                     "amounts": [fmt_units(v, c) for c, v in sorted(u["amounts"].items())],
                 }
