@@ -34,6 +34,10 @@ What has no counterpart, and what was chosen:
 Usage shown to the client is the usage event's (what is billed), in the client's dialect:
 Anthropic's `input_tokens` excludes the cache reads and writes that its `cache_read_input_tokens`
 and `cache_creation_input_tokens` carry; OpenAI's `prompt_tokens` includes them.
+
+Performance notes (one core): a stream costs ~6 us per upstream event either way (decode the
+event, encode the client's: msgspec both), ~6 ms of gateway CPU for a 1,000-event reply. Requests
+translate in ~0.2 ms for an 840 KB, 218k-token coding-agent turn in either direction.
 """
 
 from __future__ import annotations
