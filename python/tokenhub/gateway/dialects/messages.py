@@ -28,8 +28,9 @@ chosen by HTTP status; a stream's error is an `event: error` carrying the same o
 Performance notes (one core, a coding-agent turn: 81 messages, 840 KB, 218k tokens): `parse`
 takes 1.1 ms, of which 0.6 ms is msgspec's JSON decode and 0.2 ms `chat_messages`; validation
 walks every block once, in Python, and stays below the decode. Building the chat-shaped prompt
-again for the upstream (`MessagesOverChat.request`) costs the same 0.2 ms: the request holds
-only references to the client's strings, never copies of them.
+again for the upstream (`MessagesOverChat.request`) costs the same 0.2 ms: the messages refer
+to the client's strings, copying only what is joined (several text blocks of one message) or
+reshaped (an image's base64 data into a data URL).
 """
 
 from __future__ import annotations
