@@ -22,7 +22,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import anthropic
+from anthropic import Anthropic, AsyncAnthropic
 from anthropic.types import Usage
 from harness import TENANT, Hub, _serve
 
@@ -106,21 +106,19 @@ class DialectHub(Hub):
 
     # -- clients ---------------------------------------------------------------------------
 
-    def anthropic(self, *, bearer: bool = False, api_key: str | None = None) -> anthropic.Anthropic:
+    def anthropic(self, *, bearer: bool = False, api_key: str | None = None) -> Anthropic:
         """The official SDK pointed at the gateway as Claude Code is (ANTHROPIC_BASE_URL): the
         key as x-api-key (`api_key`, ANTHROPIC_API_KEY) or as a Bearer token (`auth_token`,
         ANTHROPIC_AUTH_TOKEN)."""
         key = api_key or self.secret
         if bearer:
-            return anthropic.Anthropic(base_url=self.base, auth_token=key, max_retries=0)
-        return anthropic.Anthropic(base_url=self.base, api_key=key, max_retries=0)
+            return Anthropic(base_url=self.base, auth_token=key, max_retries=0)
+        return Anthropic(base_url=self.base, api_key=key, max_retries=0)
 
-    def aanthropic(self, *, bearer: bool = False) -> anthropic.AsyncAnthropic:
+    def aanthropic(self, *, bearer: bool = False) -> AsyncAnthropic:
         if bearer:
-            return anthropic.AsyncAnthropic(
-                base_url=self.base, auth_token=self.secret, max_retries=0
-            )
-        return anthropic.AsyncAnthropic(base_url=self.base, api_key=self.secret, max_retries=0)
+            return AsyncAnthropic(base_url=self.base, auth_token=self.secret, max_retries=0)
+        return AsyncAnthropic(base_url=self.base, api_key=self.secret, max_retries=0)
 
     # -- the mock's ledger and the gateway's events ----------------------------------------
 

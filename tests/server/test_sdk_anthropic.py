@@ -147,7 +147,7 @@ def test_create_stream_true(hub: DialectHub, meter: Meter, model: str) -> None:
     kinds = [e.type for e in events]
     assert kinds[0] == "message_start" and kinds[-1] == "message_stop"
     assert kinds[-2] == "message_delta"
-    body = [k for k in kinds[1:-2] if k != "ping"]
+    body = [str(k) for k in kinds[1:-2] if str(k) != "ping"]  # the SDK may drop pings
     assert body[0] == "content_block_start" and body[-1] == "content_block_stop"
     assert set(body[1:-1]) == {"content_block_delta"}
     start = events[0]
@@ -192,9 +192,7 @@ async def test_async_create_and_stream(hub: DialectHub, meter: Meter, model: str
     assert streamed.usage.input_tokens == message.usage.input_tokens
     rid = raw.headers["x-request-id"]
     for r, m, s in ((rid, message, False), (srid, streamed, True)):
-        await asyncio.to_thread(
-            lambda r=r, m=m, s=s: check_three_way(hub, r, m.usage, model=model, stream=s)
-        )
+        await asyncio.to_thread(check_three_way, hub, r, m.usage, model=model, stream=s)
 
 
 # -- tools -----------------------------------------------------------------------------------
@@ -206,6 +204,7 @@ def test_tool_use_round_trip(hub: DialectHub, meter: Meter, model: str, stream: 
     """A forced tool call, its result sent back, and the answer: both requests metered."""
     first: list[MessageParam] = [{"role": "user", "content": "Weather in Lisbon, please."}]
     tool_choice: Any = {"type": "tool", "name": "get_weather"}
+    call: Message
     with hub.anthropic() as client:
         if stream:
             with client.messages.stream(
@@ -240,7 +239,7 @@ def test_tool_use_round_trip(hub: DialectHub, meter: Meter, model: str, stream: 
 
         second: list[MessageParam] = [
             *first,
-            {"role": "assistant", "content": call.content},  # type: ignore[typeddict-item]
+            {"role": "assistant", "content": call.content},
             {
                 "role": "user",
                 "content": [
@@ -386,7 +385,7 @@ def test_malformed_blocks(hub: DialectHub, model: str, case: str) -> None:
 def test_max_tokens_required(hub: DialectHub, model: str, max_tokens: Any) -> None:
     """Anthropic requires a positive max_tokens; so does the gateway, on both wires."""
     before = hub.totals()
-    value = anthropic.omit if max_tokens is None else max_tokens
+    value: Any = anthropic.omit if max_tokens is None else max_tokens
     with hub.anthropic() as client, pytest.raises(anthropic.BadRequestError) as exc:
         # An explicit timeout: the SDK derives the default one from max_tokens.
         client.messages.create(model=model, max_tokens=value, messages=MESSAGES, timeout=10)
