@@ -48,6 +48,10 @@ AZURE_BAD_MODEL = "azure-bad"
 AZURE_BAD_KEY_ENV = "TOKENHUB_TEST_AZURE_BAD_KEY"
 AZURE_BAD_KEY = "azure-wrong-0123456789"
 API_VERSION = "2024-10-21"
+REC_MODEL = "rec-claude"  # an anthropic-kind provider whose server records what it is sent
+REC_KEY_ENV = "TOKENHUB_TEST_REC_KEY"
+REC_KEY = "rec-secret-0123456789"
+BROKEN_MODEL = "broken-chat"  # an openai-kind provider whose streams break off
 WIRE_MODELS = [OPENAI_MODEL, ANTHROPIC_MODEL]
 QUESTION = "Why is exact token metering worth the trouble?"
 
@@ -99,17 +103,82 @@ def azure_app(seen: list[dict[str, Any]]) -> web.Application:
     return app
 
 
+def _sse(name: str, data: dict[str, Any]) -> bytes:
+    return f"event: {name}\ndata: {json.dumps(data)}\n\n".encode()
+
+
+def recorder_app(seen: list[dict[str, Any]]) -> web.Application:
+    """An Anthropic Messages API that records each request's headers and answers "Hi" (7
+    input tokens, 1 output token); and an OpenAI chat API whose streams break off after two
+    chunks (no [DONE])."""
+
+    async def messages(request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        seen.append({"headers": dict(request.headers), "body": body})
+        message = {
+            "id": "msg_rec", "type": "message", "role": "assistant", "model": body["model"],
+            "content": [], "stop_reason": None, "stop_sequence": None,
+            "usage": {"input_tokens": 7, "output_tokens": 0},
+        }  # fmt: skip
+        if not body.get("stream"):
+            message["content"] = [{"type": "text", "text": "Hi"}]
+            message["stop_reason"] = "end_turn"
+            message["usage"] = {"input_tokens": 7, "output_tokens": 1}
+            return web.json_response(message)
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(_sse("message_start", {"type": "message_start", "message": message}))
+        block = {"type": "text", "text": ""}
+        await resp.write(_sse("content_block_start",
+                              {"type": "content_block_start", "index": 0,
+                               "content_block": block}))  # fmt: skip
+        await resp.write(_sse("content_block_delta",
+                              {"type": "content_block_delta", "index": 0,
+                               "delta": {"type": "text_delta", "text": "Hi"}}))  # fmt: skip
+        await resp.write(_sse("content_block_stop", {"type": "content_block_stop", "index": 0}))
+        await resp.write(_sse("message_delta",
+                              {"type": "message_delta",
+                               "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+                               "usage": {"output_tokens": 1}}))  # fmt: skip
+        await resp.write(_sse("message_stop", {"type": "message_stop"}))
+        await resp.write_eof()
+        return resp
+
+    async def broken_chat(request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        for text in ("Half ", "a reply"):
+            chunk = {
+                "id": "chatcmpl-broken", "object": "chat.completion.chunk", "created": 1,
+                "model": body["model"],
+                "choices": [{"index": 0, "delta": {"content": text}, "finish_reason": None}],
+            }  # fmt: skip
+            await resp.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+        await resp.write_eof()  # without [DONE]: the stream broke off
+        return resp
+
+    app = web.Application()
+    app.router.add_post("/v1/messages", messages)
+    app.router.add_post("/v1/chat/completions", broken_chat)
+    return app
+
+
 class PipelineHub(DialectHub):
     """The dialect hub (the mock behind both wires) plus an Azure-style provider."""
 
     def __init__(self, *args: Any, **kw: Any) -> None:
         self.azure_seen: list[dict[str, Any]] = []
+        self.rec_seen: list[dict[str, Any]] = []
         super().__init__(*args, **kw)
 
     async def _start(self) -> None:
         runner, azure = await _serve(azure_app(self.azure_seen))
         self._runners.append(runner)
         self.azure_base = azure
+        runner, rec = await _serve(recorder_app(self.rec_seen))
+        self._runners.append(runner)
+        self.rec_base = rec
         await super()._start()
 
     async def _start_gateway(self) -> None:
@@ -129,7 +198,17 @@ class PipelineHub(DialectHub):
         data["providers"].append(
             {**data["providers"][-1], "name": "azure-bad", "api_key_env": AZURE_BAD_KEY_ENV}
         )
-        for model, provider in ((AZURE_MODEL, "azure"), (AZURE_BAD_MODEL, "azure-bad")):
+        data["providers"] += [
+            {"name": "rec", "base_url": self.rec_base + "/v1", "kind": "anthropic",
+             "api_key_env": REC_KEY_ENV},
+            {"name": "brk", "base_url": self.rec_base + "/v1"},
+        ]  # fmt: skip
+        for model, provider in (
+            (AZURE_MODEL, "azure"),
+            (AZURE_BAD_MODEL, "azure-bad"),
+            (REC_MODEL, "rec"),
+            (BROKEN_MODEL, "brk"),
+        ):
             data["models"].append(
                 {
                     "id": model,
@@ -144,6 +223,7 @@ class PipelineHub(DialectHub):
 def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PipelineHub]:
     os.environ[AZURE_KEY_ENV] = AZURE_KEY
     os.environ[AZURE_BAD_KEY_ENV] = AZURE_BAD_KEY
+    os.environ[REC_KEY_ENV] = REC_KEY
     h = PipelineHub(tmp_path_factory.mktemp("dialects"), max_body_bytes=MAX_BODY)
     try:
         yield h
@@ -151,6 +231,7 @@ def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PipelineHub]:
         h.close()
         os.environ.pop(AZURE_KEY_ENV, None)
         os.environ.pop(AZURE_BAD_KEY_ENV, None)
+        os.environ.pop(REC_KEY_ENV, None)
 
 
 @pytest.fixture(scope="module")
@@ -710,3 +791,49 @@ def test_untranslatable_request_is_refused_unbilled(hub: PipelineHub) -> None:
     anthropic_error(reply, "invalid_request_error")
     hub.unbilled(h["x-request-id"])
     assert hub.event(h["x-request-id"]).status == 400
+
+
+def test_anthropic_upstream_headers_and_beta(hub: PipelineHub) -> None:
+    """An anthropic-kind provider gets its key as x-api-key and anthropic-version; the client's
+    anthropic-beta is forwarded on passthrough only (a translated request has no use for it)."""
+    hub.rec_seen.clear()
+    beta = "prompt-caching-2024-07-31"
+    status, _, reply = post(
+        hub, "/v1/messages", {**MSG, "model": REC_MODEL},
+        {"x-api-key": hub.secret, "anthropic-beta": beta},
+    )  # fmt: skip
+    assert status == 200, reply
+    assert json.loads(reply)["id"] == "msg_rec"  # passed through as the upstream wrote it
+    chat = {"model": REC_MODEL, "messages": MSG["messages"], "max_tokens": 5}
+    status, _, reply = post(hub, "/v1/chat/completions", chat, {**hub.auth, "anthropic-beta": beta})
+    assert status == 200, reply
+    assert json.loads(reply)["choices"][0]["message"]["content"] == "Hi"
+    passed, translated = hub.rec_seen
+    for seen in (passed, translated):
+        h = {k.lower(): v for k, v in seen["headers"].items()}
+        assert h["x-api-key"] == REC_KEY and h["anthropic-version"] == "2023-06-01"
+        assert "authorization" not in h and hub.secret not in json.dumps(h)
+        assert seen["body"]["model"] == "gpt-4o-mini" and seen["body"]["max_tokens"] == 5
+    assert {k.lower(): v for k, v in passed["headers"].items()}["anthropic-beta"] == beta
+    assert "anthropic-beta" not in {k.lower() for k in translated["headers"]}
+
+
+def test_broken_stream_ends_in_the_clients_dialect(hub: PipelineHub) -> None:
+    """An upstream stream that breaks off after some output: the client gets the gateway's
+    error event in its own dialect, the event is a 502 and bills nothing."""
+    body = {**MSG, "model": BROKEN_MODEL, "stream": True}
+    status, h, reply = post(hub, "/v1/messages", body, {"x-api-key": hub.secret})
+    assert status == 200
+    events = sse_events(reply)
+    assert events[0][0] == "message_start"
+    name, err = events[-1]
+    assert name == "error" and err["type"] == "error"
+    assert err["error"]["type"] == "api_error" and "broke off" in err["error"]["message"]
+    assert "message_stop" not in [n for n, _ in events]
+    ev = hub.event(h["x-request-id"])
+    assert ev.status == 502 and sum(billed_lines(ev)) == 0
+    chat = {"model": BROKEN_MODEL, "messages": MSG["messages"], "stream": True}
+    status, h, reply = post(hub, "/v1/chat/completions", chat, hub.auth)
+    *_, (name, err) = sse_events(reply)
+    assert err["error"]["code"] == "upstream_error" and "broke off" in err["error"]["message"]
+    assert hub.event(h["x-request-id"]).status == 502

@@ -1,4 +1,6 @@
-"""The one place where errors become OpenAI-shaped JSON bodies with the right HTTP status."""
+"""The gateway's errors: `ApiError` knows its HTTP status, OpenAI's error fields and how to
+render itself in OpenAI's shape; a client of another dialect gets the same error in its own
+shape (`tokenhub.gateway.dialects`, chosen by the error middleware in `app`)."""
 
 from __future__ import annotations
 
@@ -66,8 +68,8 @@ class ApiError(Exception):
     def invalid_key(cls) -> ApiError:
         return cls(
             401,
-            "Incorrect API key provided. "
-            "Pass a valid tokenhub key as 'Authorization: Bearer <key>'.",
+            "Incorrect API key provided. Pass a valid tokenhub key as "
+            "'Authorization: Bearer <key>' or 'x-api-key: <key>'.",
             code="invalid_api_key",
         )
 
