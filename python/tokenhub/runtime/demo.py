@@ -117,6 +117,7 @@ async def seed_demo_billing(billing: Any, cfg: Config) -> None:
             currency=price.currency,
             input_per_1m=price.input_per_1m,
             cached_input_per_1m=price.cached_input_per_1m,
+            cache_write_per_1m=price.cache_write_per_1m,  # None: the input price
             output_per_1m=price.output_per_1m,
             effective_ms=0,
         )
