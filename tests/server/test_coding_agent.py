@@ -135,9 +135,11 @@ def with_breakpoints(messages: list[Any]) -> list[Any]:
     return [*messages[:-1], {"role": "user", "content": blocks}]
 
 
-@pytest.fixture(scope="module")
-def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DialectHub]:
-    h = DialectHub(tmp_path_factory.mktemp("coding-agent"), max_body_bytes=MAX_BODY)
+@pytest.fixture
+def hub(tmp_path: Path, database: str) -> Iterator[DialectHub]:
+    """A hub of its own on each engine (tests/server/conftest.py: database): SQLite, then a
+    fresh PostgreSQL database when the test server is there."""
+    h = DialectHub(tmp_path, max_body_bytes=MAX_BODY, database=database)
     try:
         yield h
     finally:

@@ -16,6 +16,7 @@ bill nothing.
 from __future__ import annotations
 
 import asyncio
+import base64
 from collections.abc import Iterator
 from typing import Any
 
@@ -260,6 +261,87 @@ def test_tool_use_round_trip(hub: DialectHub, meter: Meter, model: str, stream: 
     # The conversation grew by the call and its result: the prompt did too.
     assert answer.usage.input_tokens > call.usage.input_tokens
     check_three_way(hub, raw2.headers["x-request-id"], answer.usage, model=model, stream=False)
+
+
+# -- stop sequences, thinking, images ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_stop_sequence(hub: DialectHub, meter: Meter, stream: bool) -> None:
+    """A stop sequence taken from the reply cuts it there (passed through: the mock's chat
+    route has no stop sequences to translate to)."""
+    model = ANTHROPIC_MODEL
+    with hub.anthropic() as client:
+        full = text_of(client.messages.create(model=model, max_tokens=64, messages=MESSAGES))
+        stop = full.split()[3]
+        kw: Any = {"model": model, "max_tokens": 64, "messages": MESSAGES, "stop_sequences": [stop]}
+        if stream:
+            with client.messages.stream(**kw) as s:
+                rid = s.response.headers["x-request-id"]
+                message: Message = s.get_final_message()
+        else:
+            raw = client.messages.with_raw_response.create(**kw)
+            rid, message = raw.headers["x-request-id"], raw.parse()
+    assert message.stop_reason == "stop_sequence" and message.stop_sequence == stop
+    text = text_of(message)
+    assert text == full[: full.index(stop)]
+    assert message.usage.output_tokens == meter.count(text)
+    check_three_way(hub, rid, message.usage, model=model, stream=stream)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_thinking(hub: DialectHub, meter: Meter, stream: bool) -> None:
+    """Extended thinking passed through: the thinking block (thinking_delta events when
+    streamed) is output, counted with the text."""
+    model = ANTHROPIC_MODEL
+    kw: Any = {
+        "model": model,
+        "max_tokens": 2048,
+        "messages": MESSAGES,
+        "thinking": {"type": "enabled", "budget_tokens": 1024},
+    }
+    with hub.anthropic() as client:
+        if stream:
+            with client.messages.stream(**kw) as s:
+                rid = s.response.headers["x-request-id"]
+                kinds = {e.type for e in s}
+                message: Message = s.get_final_message()
+            assert "thinking" in kinds and "text" in kinds
+        else:
+            raw = client.messages.with_raw_response.create(**kw)
+            rid, message = raw.headers["x-request-id"], raw.parse()
+    assert [b.type for b in message.content] == ["thinking", "text"]
+    thinking = "".join(b.thinking for b in message.content if b.type == "thinking")
+    assert thinking
+    assert message.usage.output_tokens == meter.count(thinking) + meter.count(text_of(message))
+    check_three_way(hub, rid, message.usage, model=model, stream=stream)
+
+
+PNG = base64.b64encode(b"\x89PNG\r\n\x1a\n" + bytes(64)).decode()
+
+
+@pytest.mark.parametrize("model", WIRES)
+def test_image_block(hub: DialectHub, model: str) -> None:
+    """An image block goes upstream (as an image_url part when translated) and its tokens
+    are the upstream's count, whatever it is: the mock's Messages API counts an image as a
+    fixed number of tokens, its chat route counts the text parts only."""
+    text: MessageParam = {"role": "user", "content": [{"type": "text", "text": "What is it?"}]}
+    image: MessageParam = {
+        "role": "user",
+        "content": [
+            {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": PNG}},
+            {"type": "text", "text": "What is it?"},
+        ],
+    }
+    with hub.anthropic() as client:
+        plain = client.messages.create(model=model, max_tokens=8, messages=[text])
+        raw = client.messages.with_raw_response.create(model=model, max_tokens=8, messages=[image])
+    usage = raw.parse().usage
+    if model == ANTHROPIC_MODEL:
+        assert usage.input_tokens > plain.usage.input_tokens
+    else:
+        assert usage.input_tokens == plain.usage.input_tokens
+    check_three_way(hub, raw.headers["x-request-id"], usage, model=model, stream=False)
 
 
 # -- count_tokens ------------------------------------------------------------------------------
