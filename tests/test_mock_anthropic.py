@@ -646,6 +646,13 @@ async def test_errors_in_anthropics_shape(
         assert (got, err["type"], err["error"]["type"]) == (status, "error", kind), (body, err)
         assert message in err["error"]["message"], err
         assert hdrs["request-id"].startswith("req_")
+    # aiohttp's own errors on these paths.
+    async with http.get(base(mock) + "/v1/messages", headers=VERSION) as resp:
+        assert resp.status == 405
+        assert (await resp.json())["error"]["type"] == "invalid_request_error"
+    async with http.post(base(mock) + "/v1/messages/nope", json=ok, headers=VERSION) as resp:
+        assert resp.status == 404
+        assert (await resp.json())["error"]["type"] == "not_found_error"
     # No key at all.
     async with http.post(base(mock) + "/v1/messages", json=ok, headers=VERSION) as resp:
         assert resp.status == 401

@@ -230,7 +230,10 @@ _COUNT_DECODER: Final = msgspec.json.Decoder(_CountRequest)
 
 
 async def _read(request: web.Request, decoder: msgspec.json.Decoder[Any]) -> Any:
-    body = await request.read()
+    try:
+        body = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise AnthropicError(413, "Request exceeds the maximum allowed number of bytes.") from None
     try:
         return decoder.decode(body)
     except msgspec.ValidationError as e:
@@ -252,16 +255,17 @@ async def _read(request: web.Request, decoder: msgspec.json.Decoder[Any]) -> Any
 class _Segment:
     texts: list[str]
     extra: int  # fixed tokens (images, the message overhead)
-    key: bytes  # what identifies the block for the cache
+    tag: bytes  # where the block is: tools, system, a user or an assistant message
+    block: Mapping[str, Any]  # the block; with the tag, what identifies it for the cache
     ttl: str | None = None  # the cache_control's ttl ("5m" default) when a breakpoint
     breakpoint: bool = False
 
 
 @dataclass(slots=True)
 class Prompt:
-    """A request's prompt as counted: per block, the tokens of the prefix through it and the
-    prefix's hash; the breakpoints (block indices) and each one's ttl in seconds ("1h" ->
-    3600, else None for the default)."""
+    """A request's prompt as counted: per block, the tokens of the prefix through it and (as
+    far as the last breakpoint) the prefix's hash; the breakpoints (block indices) and each
+    one's ttl in seconds ("1h" -> 3600, else None for the default)."""
 
     total: int
     prefix_tokens: list[int] = field(default_factory=list)
@@ -345,9 +349,9 @@ def _segments(
 ) -> list[_Segment]:
     segs: list[_Segment] = []
 
-    def add(texts: list[str], extra: int, key: bytes, block: Any, where: str) -> None:
-        seg = _Segment(texts, extra, key)
-        if isinstance(block, Mapping) and "cache_control" in block:
+    def add(texts: list[str], extra: int, tag: bytes, block: Mapping[str, Any], where: str) -> None:
+        seg = _Segment(texts, extra, tag, block)
+        if "cache_control" in block:
             seg.ttl = _cache_control(block["cache_control"], where)
             seg.breakpoint = True
         segs.append(seg)
@@ -357,17 +361,18 @@ def _segments(
             raise _invalid(f"tools.{i}: Input should be a valid dictionary")
         _text_of(tool.get("name"), f"tools.{i}.name")
         text = tools.arguments(_without_cc(tool))
-        add([text], 0, b"T" + text.encode(), tool, f"tools.{i}")
+        add([text], 0, b"T", tool, f"tools.{i}")
     if isinstance(system, str):
         if system:
-            add([system], 0, b"S" + system.encode(), None, "system")
+            # Keyed as the text block it stands for, so either spelling hits the same entry.
+            add([system], 0, b"S", {"type": "text", "text": system}, "system")
     elif system is not None:
         for i, block in enumerate(system):
             where = f"system.{i}"
             if not isinstance(block, Mapping) or block.get("type") != "text":
                 raise _invalid(f"{where}: system blocks must be text blocks")
             text = _text_of(block.get("text"), f"{where}.text")
-            add([text], 0, b"S" + _encode(_without_cc(block)), block, where)
+            add([text], 0, b"S", block, where)
     if not messages:
         raise _invalid("messages: at least one message is required")
     for i, m in enumerate(messages):
@@ -386,9 +391,7 @@ def _segments(
         tag = b"U" if role == "user" else b"A"
         content = m.get("content")
         if isinstance(content, str):
-            # Keyed as the text block it stands for, so either spelling hits the same entry.
-            key = tag + _encode({"type": "text", "text": content})
-            add([content], MESSAGE_OVERHEAD, key, None, where)
+            add([content], MESSAGE_OVERHEAD, tag, {"type": "text", "text": content}, where)
             continue
         if not isinstance(content, list):
             raise _invalid(f"{where}.content: Field required")
@@ -400,7 +403,7 @@ def _segments(
                 raise _invalid(f"{bw}: Input should be a valid dictionary")
             texts, extra = _block_texts(block, str(role), bw)
             overhead = MESSAGE_OVERHEAD if j == 0 else 0
-            add(texts, extra + overhead, tag + _encode(_without_cc(block)), block, bw)
+            add(texts, extra + overhead, tag, block, bw)
     if sum(s.breakpoint for s in segs) > MAX_BREAKPOINTS:
         found = sum(s.breakpoint for s in segs)
         raise _invalid(
@@ -422,18 +425,22 @@ def count_prompt(
     flat = [t for s in segs for t in s.texts]
     counts = iter(meter.core.count_cached_many(flat))
     prompt = Prompt(total=0)
-    h = hashlib.blake2b(digest_size=16)
     running = 0
     for i, s in enumerate(segs):
         running += s.extra + sum(next(counts) for _ in s.texts)
-        # Length-prefixed so that no two block sequences hash the same.
-        h.update(len(s.key).to_bytes(8, "little"))
-        h.update(s.key)
         prompt.prefix_tokens.append(running)
-        prompt.prefix_hashes.append(h.digest())
         if s.breakpoint:
             prompt.breakpoints.append((i, _HOUR if s.ttl == "1h" else None))
     prompt.total = running
+    # Prefix hashes only as far as the last breakpoint: nothing after it is ever looked up
+    # (hashing is most of the cost of a long conversation: ~3 ms for 180k tokens).
+    h = hashlib.blake2b(digest_size=16)
+    for s in segs[: prompt.breakpoints[-1][0] + 1 if prompt.breakpoints else 0]:
+        key = s.tag + _encode(_without_cc(s.block))
+        # Length-prefixed so that no two block sequences hash the same.
+        h.update(len(key).to_bytes(8, "little"))
+        h.update(key)
+        prompt.prefix_hashes.append(h.digest())
     return prompt
 
 
@@ -915,8 +922,24 @@ async def count_tokens(request: web.Request) -> web.Response:
     )
 
 
+@web.middleware
+async def _errors(request: web.Request, handler: Any) -> web.StreamResponse:
+    """aiohttp's own errors under /v1/messages (an unknown sub-path, a wrong method) in
+    Anthropic's shape; the app's outer middleware renders the others OpenAI's way."""
+    try:
+        result: web.StreamResponse = await handler(request)
+        return result
+    except web.HTTPException as e:
+        if e.status < 400 or not request.path.startswith("/v1/messages"):
+            raise
+        if e.status == 404:
+            return AnthropicError(404, f"Not found: {request.method} {request.path}").response()
+        return AnthropicError(e.status, e.reason or "HTTP error").response()
+
+
 def add_routes(app: web.Application) -> None:
-    """The Messages routes and the prompt cache, on the mock's application."""
+    """The Messages routes, their error shape and the prompt cache, on the mock's app."""
+    app.middlewares.append(_errors)
     app[PROMPT_CACHE] = PromptCache(app[MOCK].options.cache_entries)
     app.router.add_post("/v1/messages", messages)
     app.router.add_post("/v1/messages/count_tokens", count_tokens)
