@@ -843,3 +843,18 @@ async def test_chat_reasoning_content(oai: openai.AsyncOpenAI, meter: Meter) -> 
     # Without either, the reply is the plain one (no reasoning_content key at all).
     plain = await oai.chat.completions.create(model=MODEL, messages=msgs)
     assert getattr(plain.choices[0].message, "reasoning_content", None) is None
+
+
+async def test_stream_pace_and_ttft(mock: TestServer, http: aiohttp.ClientSession) -> None:
+    body = {"model": MODEL, "max_tokens": 10, "messages": ask(), "stream": True}
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    status, _, payload = await raw(
+        http, mock, body, **{"x-mock-tokens-per-second": "100", "x-mock-ttft-ms": "50"}
+    )
+    elapsed = loop.time() - t0
+    assert status == 200
+    # 50 ms to the first token, then 9 more token positions at 10 ms each.
+    assert 0.13 <= elapsed < 2.0
+    deltas = [d for k, d in events(payload) if k == "content_block_delta"]
+    assert len(deltas) == 10

@@ -677,8 +677,10 @@ class ReplySource:
 class LedgerEntry(msgspec.Struct, kw_only=True):
     """One request as served. Token fields are what was served (0 for an error response)."""
 
-    id: str  # the response id ("chatcmpl-..."), also sent as the x-request-id header
-    endpoint: str  # "chat.completions", "completions" or "embeddings"
+    # The response id ("chatcmpl-...", "msg_..."), also the x-request-id header (Anthropic's
+    # request-id header: "req_" + the id's suffix).
+    id: str
+    endpoint: str  # "chat.completions", "completions", "embeddings" or "messages"
     model: str = ""
     status: int = 200  # the HTTP status sent; 0 if nothing was sent (stalled before headers)
     stream: bool = False
