@@ -300,6 +300,41 @@ def test_a_stream_is_cut_cleanly_and_billed_what_the_client_received(
     assert bal.get(f"t:{TENANT}:overrun:USD", 0) == 0
 
 
+def test_a_translated_stream_is_cut_in_the_clients_dialect(site: Site, procs: Procs) -> None:
+    """The same cut for a Messages API client over the OpenAI-wire mock: the stream ends with
+    Anthropic's error event, billed what the client received (its text deltas)."""
+    prompt = Meter.load(VOCAB).count_messages(MESSAGES)
+    site.billing(lambda b: b.topup(TENANT, "0.20", "USD"))
+    _serve(site, procs)
+
+    async def read() -> tuple[int, str, bytes]:
+        body = {"model": "gpt-4o-mini", "messages": MESSAGES, "stream": True, "max_tokens": 4096}
+        async with (
+            aiohttp.ClientSession() as s,
+            s.post(site.base + "/v1/messages", json=body, headers={"x-api-key": site.secret}) as r,
+        ):
+            return r.status, r.headers["x-request-id"], await r.read()
+
+    status, rid, data = asyncio.run(read())
+    assert status == 200
+    events = [e.split("\n", 1) for e in data.decode().split("\n\n") if e]
+    names = [head.removeprefix("event: ") for head, _ in events]
+    assert names[0] == "message_start" and names[-1] == "error"
+    error = json.loads(events[-1][1].removeprefix("data: "))
+    assert error["error"]["type"] == "rate_limit_error"
+    assert f"tenant {TENANT} cannot pay" in error["error"]["message"]
+    deltas = [json.loads(d.removeprefix("data: ")) for h, d in events if h.endswith("_delta")]
+    text = "".join(d["delta"].get("text", "") for d in deltas if d["type"] == "content_block_delta")
+    received = Meter.load(VOCAB).count(text)
+    assert 1024 < received < 2100, received
+
+    wait_until(lambda: rid in _settled(site), 10.0, what="the event settled")
+    ev = next(e for e in site.store.iter_events() if e.request_id == rid)
+    assert (ev.endpoint, ev.status, ev.error) == ("messages", 200, "insufficient_quota")
+    assert (ev.input_tokens, ev.output_tokens) == (prompt, received)
+    assert _usage_charges(site)[rid] == rate(prompt, PER_1M) + rate(received, PER_1M)
+
+
 def test_packages_then_refusal_and_the_other_refusals(site: Site, procs: Procs) -> None:
     """A package-only tenant (hard stop) is served from its package, then refused with what
     is left; an unpriced model is 403; nothing refused is billed."""
