@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -25,7 +26,7 @@ import openai
 import pytest
 from aiohttp import web
 from dialect_hub import ANTHROPIC_MODEL, MODELS, OPENAI_MODEL, VOCAB, DialectHub
-from harness import IGNORE_REQUEST_KEY_WARNING, _serve
+from harness import IGNORE_REQUEST_KEY_WARNING, _serve, wait_until
 
 from tokenhub.config import Provider
 from tokenhub.gateway import usage_check
@@ -837,3 +838,27 @@ def test_broken_stream_ends_in_the_clients_dialect(hub: PipelineHub) -> None:
     *_, (name, err) = sse_events(reply)
     assert err["error"]["code"] == "upstream_error" and "broke off" in err["error"]["message"]
     assert hub.event(h["x-request-id"]).status == 502
+
+
+def test_admission_reserves_the_tool_definitions(hub: PipelineHub, meter: Meter) -> None:
+    """A tenant's tokens-per-minute limit that fits the prompt and max_tokens, but not the tool
+    definitions too: with tools the request is refused (Anthropic's rate_limit_error), without
+    them it is served."""
+    tenant = f"tools-{time.monotonic_ns() % 10**9}"
+    hub.store.create_tenant(tenant)
+    _, secret = hub.store.create_key(tenant)
+    prompt = meter.count_messages([{"role": "user", "content": "hi"}])
+    tools = meter.count(msgspec.json.encode(TOOLS).decode())
+    assert tools > 1
+    hub.store.set_limits("tenant", tenant, tpm=prompt + 5 + tools - 1)
+    wait_until(
+        lambda: hub.knows(secret) and f"tenant:{tenant}" in hub.limits.limited,
+        3.0,
+        what="the key and its limit in the gateway",
+    )
+    status, h, reply = post(hub, "/v1/messages", {**MSG, "tools": TOOLS}, {"x-api-key": secret})
+    assert status == 429, reply
+    anthropic_error(reply, "rate_limit_error")
+    hub.unbilled(h["x-request-id"])
+    status, _, reply = post(hub, "/v1/messages", MSG, {"x-api-key": secret})
+    assert status == 200, reply
