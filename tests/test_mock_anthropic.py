@@ -16,7 +16,7 @@ import pytest
 from aiohttp.test_utils import TestServer
 
 from tokenhub import Meter
-from tokenhub.mock import MockOptions, build_app
+from tokenhub.mock import MockOptions, build_app, tools
 
 MODEL = "gpt-4o-mini"  # cl100k_base on the mock
 OVERHEAD = 3  # per message, documented in tokenhub.mock.anthropic
@@ -634,6 +634,27 @@ async def test_errors_in_anthropics_shape(
             "invalid_request_error",
             "messages.0.content.0",
         ),
+        (
+            {**ok, "tools": [WEATHER], "tool_choice": {"type": "tool", "name": "nope"}},
+            {},
+            400,
+            "invalid_request_error",
+            "Tool 'nope' not found",
+        ),
+        (
+            {
+                **ok,
+                "max_tokens": 2000,
+                "tools": [WEATHER],
+                "tool_choice": {"type": "any"},
+                "thinking": {"type": "enabled", "budget_tokens": 1024},
+            },
+            {},
+            400,
+            "invalid_request_error",
+            "Thinking may not be enabled when tool_choice forces tool use",
+        ),
+        ({**ok, "tool_choice": {"type": "any"}}, {}, 400, "invalid_request_error", "tools"),
         ({**ok, "model": "claude-nope"}, {}, 404, "not_found_error", "model: claude-nope"),
         (ok, {"x-api-key": "wrong"}, 401, "authentication_error", "invalid x-api-key"),
         (ok, {"x-mock-status": "529"}, 529, "overloaded_error", "Overloaded"),
@@ -858,3 +879,49 @@ async def test_stream_pace_and_ttft(mock: TestServer, http: aiohttp.ClientSessio
     assert 0.13 <= elapsed < 2.0
     deltas = [d for k, d in events(payload) if k == "content_block_delta"]
     assert len(deltas) == 10
+
+
+def test_tool_arguments_follow_the_schema() -> None:
+    words = ["alpha", "beta", "gamma"]
+    schema = {
+        "type": "object",
+        "properties": {
+            "name": {"type": ["null", "string"]},
+            "score": {"type": "number"},
+            "flag": {"type": "boolean"},
+            "pick": {"anyOf": [{"type": "integer", "minimum": 7}, {"type": "string"}]},
+            "nested": {
+                "properties": {"inner": {"type": "array", "items": {"const": "x"}}},
+                "required": ["inner", "missing"],
+            },
+            "optional": {"type": "string"},
+        },
+        "required": ["name", "score", "flag", "pick", "nested"],
+    }
+    value = tools.generate(schema, words, "t", 0)
+    assert list(value) == ["name", "score", "flag", "pick", "nested"]  # required only, in order
+    assert value["name"] in words and value["flag"] is True and value["pick"] == 7
+    assert isinstance(value["score"], float) and value["score"] % 1 == 0.5
+    assert value["nested"] == {"inner": ["x"], "missing": value["nested"]["missing"]}
+    assert value["nested"]["missing"] in words  # no schema: a string
+    assert tools.generate(schema, words, "t", 0) == value  # deterministic
+    assert (
+        tools.generate(None, words, "t", 0)
+        == {}
+        == tools.generate({"type": "string"}, words, "t", 0)
+    )
+    deep: Any = {"type": "object", "properties": {}, "required": ["a"]}
+    node = deep
+    for _ in range(20):
+        child: Any = {"type": "object", "properties": {}, "required": ["a"]}
+        node["properties"]["a"] = child
+        node = child
+    depth, v = 0, tools.generate(deep, words, "t", 0)
+    while isinstance(v, dict):
+        v, depth = v["a"], depth + 1
+    assert v is None and depth == tools.MAX_DEPTH + 1  # levels 0..8 are objects
+    text = tools.arguments(value)
+    assert text == jtext(value)
+    parts = tools.fragments(text)
+    assert len(parts) == 3 and "".join(parts) == text and all(parts)
+    assert tools.fragments("{}") == ["{", "}"] and tools.fragments("") == []
