@@ -517,10 +517,21 @@ def test_responses_errors_are_openai_shaped(
     assert hub.totals() == before
 
 
-def test_unknown_url_stays_openai_shaped(hub: PipelineHub) -> None:
+def test_aiohttp_errors_in_the_paths_dialect(hub: PipelineHub) -> None:
+    """Errors no handler saw (an unknown path, a wrong method) in the dialect of the path."""
     status, _, reply = post(hub, "/v1/messages/nope", MSG, {"x-api-key": hub.secret})
-    assert status in (404, 405)
+    assert status == 404
+    anthropic_error(reply, "not_found_error")
+    req = urllib.request.Request(hub.base + "/v1/messages", method="GET")
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req, timeout=10)
+    assert e.value.code == 405
+    anthropic_error(e.value.read(), "invalid_request_error")
+    status, _, reply = post(hub, "/v1/responses/nope", RESP, hub.auth)
+    assert status == 404
     openai_error(reply, "invalid_request_error")
+    status, _, reply = post(hub, "/v1/nope", RESP, hub.auth)
+    assert status == 404 and json.loads(reply)["error"]["code"] == "unknown_url"
 
 
 def test_legacy_endpoints_refuse_an_anthropic_model(hub: PipelineHub) -> None:

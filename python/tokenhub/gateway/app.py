@@ -48,7 +48,7 @@ def _error_middleware(max_body: int) -> Middleware:
             # Never echo internals (or anything secret) to the client; the log has the trace.
             log.exception("request %s failed", rid)
             err = ApiError.internal()
-        dialect = DIALECTS[request.get(DIALECT, "openai")]
+        dialect = DIALECTS[request.get(DIALECT) or _dialect_of(request.path)]
         resp = web.Response(
             status=err.status,
             body=dialect.error_body(err),
@@ -64,6 +64,16 @@ def _error_middleware(max_body: int) -> Middleware:
         return resp
 
     return errors
+
+
+def _dialect_of(path: str) -> str:
+    """The dialect of an error no handler saw (aiohttp's 404, 405, 413): by the path, so that
+    a Messages API client that used a wrong method or path still reads Anthropic's shape."""
+    if path.startswith("/v1/messages"):
+        return "anthropic"
+    if path.startswith("/v1/responses"):
+        return "responses"
+    return "openai"
 
 
 CleanupCtx = Callable[[web.Application], AsyncIterator[None]]
