@@ -275,7 +275,17 @@ async def test_thinking_block_counted_in_output(
     assert t_tokens == 1023
     assert tight.stop_reason == "max_tokens"
     assert tight.usage.output_tokens == 1030 == t_tokens + meter.count(tight.content[1].text)  # type: ignore[union-attr]
+    adaptive = await client.messages.create(
+        model=MODEL,
+        max_tokens=20,
+        messages=ask(),
+        thinking={"type": "adaptive"},
+        extra_headers={"x-mock-completion-tokens": "100"},
+    )
+    assert [meter.count(b.thinking) for b in adaptive.content if b.type == "thinking"] == [10]
+    assert adaptive.usage.output_tokens == 20 and adaptive.stop_reason == "max_tokens"
     for bad, message in (
+        ({"type": "sometimes"}, "thinking.type"),
         ({"type": "enabled", "budget_tokens": 500}, "greater than or equal to 1024"),
         ({"type": "enabled", "budget_tokens": 4000}, "must be greater than `thinking.budget"),
     ):

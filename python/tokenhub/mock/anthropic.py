@@ -16,7 +16,8 @@ Errors are Anthropic's ``{"type": "error", "error": {"type", "message"}}`` with 
 429 rate_limit_error (with ``retry-after``), 500 api_error, 529 overloaded_error.
 
 The reply: with ``thinking: {"type": "enabled", "budget_tokens": B}`` first a thinking block
-of ``min(completion_tokens, B - 1)`` tokens of deterministic text and a signature; then either
+of ``min(completion_tokens, B - 1)`` tokens of deterministic text and a signature (``{"type":
+"adaptive"}``: ``min(completion_tokens, max_tokens // 2)`` tokens); then either
 a ``tool_use`` block (when tool_choice forces one, ``{"type": "any"}`` being the first tool, or
 under ``tool_calls = "auto"`` when tools are offered, tool_choice is not none and the last
 message carries no tool_result; input from `tools.generate`; stop_reason "tool_use") or the
@@ -683,12 +684,16 @@ def _chosen_tool(
     return defs[0], False
 
 
-def _thinking_budget(req: _MessagesRequest) -> int | None:
+def _thinking_limit(req: _MessagesRequest) -> int | None:
+    """The most tokens the thinking block may have, None without one: an enabled budget B
+    allows B - 1, adaptive thinking half of max_tokens."""
     t = req.thinking
     if t is None or t.get("type") == "disabled":
         return None
+    if t.get("type") == "adaptive":
+        return req.max_tokens // 2 or None
     if t.get("type") != "enabled":
-        raise _invalid("thinking.type: Input should be 'enabled' or 'disabled'")
+        raise _invalid("thinking.type: Input should be 'enabled', 'adaptive' or 'disabled'")
     budget = t.get("budget_tokens")
     if not isinstance(budget, int) or isinstance(budget, bool):
         raise _invalid("thinking.enabled.budget_tokens: Field required")
@@ -699,7 +704,7 @@ def _thinking_budget(req: _MessagesRequest) -> int | None:
         )
     if budget >= req.max_tokens:
         raise _invalid("`max_tokens` must be greater than `thinking.budget_tokens`.")
-    return budget
+    return budget - 1
 
 
 # -- the handlers ---------------------------------------------------------------------------------
@@ -750,8 +755,8 @@ async def _serve(mock: Mock, request: web.Request, entry: LedgerEntry) -> web.St
     prompt = count_prompt(meter, req.messages, req.system, req.tools)
     defs = _tool_defs(req.tools)
     call, forced = _chosen_tool(req, defs, knobs)
-    budget = _thinking_budget(req)
-    if budget is not None and forced:
+    thinking = _thinking_limit(req)
+    if thinking is not None and forced:
         raise _invalid("Thinking may not be enabled when tool_choice forces tool use.")
     stream = bool(req.stream)
     entry.prompt_tokens = prompt.total
@@ -762,8 +767,8 @@ async def _serve(mock: Mock, request: web.Request, entry: LedgerEntry) -> web.St
     target = knobs.completion_tokens
     blocks: list[_Block] = []
     room = req.max_tokens
-    if budget is not None:
-        thought = source.reply(req.model + "\0thinking", min(target, budget - 1), seed, 0)
+    if thinking is not None:
+        thought = source.reply(req.model + "\0thinking", min(target, thinking), seed, 0)
         blocks.append(_thinking_block(thought))
         room -= thought.tokens
     stop_reason, stop_sequence = "end_turn", None
