@@ -873,3 +873,28 @@ def test_admission_reserves_the_tool_definitions(hub: PipelineHub, meter: Meter)
     hub.unbilled(h["x-request-id"])
     status, _, reply = post(hub, "/v1/messages", MSG, {"x-api-key": secret})
     assert status == 200, reply
+
+
+def test_chat_admission_reserves_the_tool_definitions(hub: PipelineHub, meter: Meter) -> None:
+    """The same for OpenAI chat: its `tools` are reserved beside the messages."""
+    tenant = f"chat-tools-{time.monotonic_ns() % 10**9}"
+    hub.store.create_tenant(tenant)
+    _, secret = hub.store.create_key(tenant)
+    tools = [{"type": "function", "function": {"name": t["name"], "description": t["description"],
+                                               "parameters": t["input_schema"]}}
+             for t in TOOLS]  # fmt: skip
+    prompt = meter.count_messages([{"role": "user", "content": "hi"}])
+    tools_tokens = meter.count(msgspec.json.encode(tools).decode())
+    hub.store.set_limits("tenant", tenant, tpm=prompt + 5 + tools_tokens - 1)
+    wait_until(
+        lambda: hub.knows(secret) and f"tenant:{tenant}" in hub.limits.limited,
+        3.0,
+        what="the key and its limit in the gateway",
+    )
+    auth = {"Authorization": f"Bearer {secret}"}
+    chat = {"model": OPENAI_MODEL, "messages": MSG["messages"], "max_tokens": 5}
+    status, h, reply = post(hub, "/v1/chat/completions", {**chat, "tools": tools}, auth)
+    assert status == 429, reply
+    hub.unbilled(h["x-request-id"])
+    status, _, reply = post(hub, "/v1/chat/completions", chat, auth)
+    assert status == 200, reply

@@ -45,6 +45,7 @@ PREFIX_CHARS = 4096  # of the opening messages that identify a conversation
 MESSAGES, TEXT, TEXTS, IDS, ID_BATCHES = range(5)
 
 _decode = msgspec.json.Decoder().decode
+_encode = msgspec.json.Encoder().encode
 
 
 class ParsedRequest:
@@ -139,6 +140,10 @@ class ParsedRequest:
                     "'messages' must be a non-empty array of message objects.", param="messages"
                 )
             self.prompt, self.prompt_kind = messages, MESSAGES
+            # The tool definitions join the prompt upstream: admission reserves them too.
+            tools = payload.get("tools") or payload.get("functions")
+            if tools:
+                self.tools_text = _encode(tools).decode()
             return
         key = "prompt" if self.endpoint is COMPLETIONS else "input"
         value = payload.get(key)
