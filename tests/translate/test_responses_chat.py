@@ -643,6 +643,46 @@ def test_a_stream_fed_in_any_grouping_of_whole_events_is_the_same() -> None:
     ]
 
 
+def test_calls_numbered_alike_but_with_their_own_ids_are_separate_items() -> None:
+    """Some OpenAI-compatible upstreams give every tool call index 0; a new id is a new call.
+    A name sent after the call's first delta is kept."""
+    s = T.stream(usage_event(), False)
+    raw = b"".join(
+        s.feed(e)
+        for e in sse(
+            [
+                chunk({"tool_calls": [{"index": 0, "id": "c1", "function": {"arguments": ""}}]}),
+                chunk({"tool_calls": [{"index": 0, "function": {"name": "f", "arguments": "{}"}}]}),
+                chunk(
+                    {
+                        "tool_calls": [
+                            {"index": 0, "id": "c2", "function": {"name": "g", "arguments": "[]"}}
+                        ]
+                    }
+                ),
+                chunk({}, "tool_calls"),
+            ]
+        )
+    )
+    parsed = parse_events(raw + s.end(usage_event()))
+    final = Response.model_validate(parsed[-1]["response"])
+    assert [(o.type, o.call_id, o.name, o.arguments) for o in final.output] == [  # type: ignore[union-attr]
+        ("function_call", "c1", "f", "{}"),
+        ("function_call", "c2", "g", "[]"),
+    ]
+    dones = [e["item"] for e in parsed if e["type"] == "response.output_item.done"]
+    assert dones == final.model_dump(exclude_none=True)["output"]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"[]", b'{"choices": "x"}', b'{"choices": [3]}', b'{"choices": [{"message": [1]}]}'],
+)
+def test_a_reply_of_an_unexpected_shape_is_still_a_valid_response(body: bytes) -> None:
+    r = Response.model_validate_json(T.reply(body, usage_event(usage(5, 0))))
+    assert r.output_text == "" and r.usage is not None and r.usage.input_tokens == 5
+
+
 def test_an_upstream_error_mid_stream_is_an_error_event_and_ends_it() -> None:
     s = T.stream(usage_event(), False)
     raw = s.feed(sse([chunk({"content": "Hi"})])[0])

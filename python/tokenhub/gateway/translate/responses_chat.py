@@ -66,6 +66,10 @@ MESSAGE_CHARS = 2000
 _INCOMPLETE = {"length": "max_output_tokens", "content_filter": "content_filter"}
 
 
+def _str(v: Any) -> str:
+    return v if isinstance(v, str) else ""
+
+
 def _ids(event: UsageEvent) -> str:
     rid = event.request_id
     return rid[4:] if rid.startswith("req_") else rid
@@ -203,9 +207,15 @@ class ResponsesOverChat:
 
     def reply(self, body: bytes, event: UsageEvent) -> bytes:
         data = _decode(body)
-        choices = data.get("choices") or [{}]
-        choice = choices[0] if isinstance(choices[0], dict) else {}
-        message = choice.get("message") or {}
+        if not isinstance(data, dict):
+            data = {}
+        choices = data.get("choices")
+        choice = choices[0] if isinstance(choices, list) and choices else None
+        if not isinstance(choice, dict):
+            choice = {}
+        message = choice.get("message")
+        if not isinstance(message, dict):
+            message = {}
         rid = _ids(event)
         incomplete = _INCOMPLETE.get(choice.get("finish_reason"))  # type: ignore[arg-type]
         last = "incomplete" if incomplete else "completed"
@@ -220,17 +230,20 @@ class ResponsesOverChat:
         refusal = message.get("refusal")
         if isinstance(refusal, str) and refusal:
             parts.append({"type": "refusal", "refusal": refusal})
-        calls = [c for c in message.get("tool_calls") or [] if isinstance(c, dict)]
+        calls = message.get("tool_calls")
+        calls = [c for c in calls if isinstance(c, dict)] if isinstance(calls, list) else []
         if parts or not calls:
             output.append(_message_item(f"msg_{rid}", parts or [_text_part("")], last))
         for n, call in enumerate(calls):
-            function = call.get("function") or {}
+            function = call.get("function")
+            if not isinstance(function, dict):
+                function = {}
             output.append(
                 _call_item(
                     f"fc_{rid}_{n}",
-                    call.get("id") or f"call_{rid}_{n}",
-                    function.get("name") or "",
-                    function.get("arguments") or "",
+                    _str(call.get("id")) or f"call_{rid}_{n}",
+                    _str(function.get("name")),
+                    _str(function.get("arguments")),
                     last,
                 )
             )
@@ -466,16 +479,24 @@ class ResponsesStream:
 
     def _call(self, out: list[bytes], call: dict[str, Any]) -> None:
         key = call.get("index", 0)
-        function = call.get("function") or {}
-        if self.kind != "function_call" or self.key != key:
+        function = call.get("function")
+        if not isinstance(function, dict):
+            function = {}
+        call_id, name = call.get("id"), function.get("name")
+        # Another call: another index, or (upstreams that number every call 0) another id.
+        if (
+            self.kind != "function_call"
+            or self.key != key
+            or (isinstance(call_id, str) and call_id and call_id != self.call_id)
+        ):
             self._close(out, "completed")
-            call_id = call.get("id")
             self.call_id = call_id if isinstance(call_id, str) and call_id else ""
             if not self.call_id:
                 self.call_id = f"call_{self.rid}_{self.calls}"
-            name = function.get("name")
             self.name = name if isinstance(name, str) else ""
             self._open(out, "function_call", key)
+        elif not self.name and isinstance(name, str):
+            self.name = name  # a name sent after the call's first delta
         arguments = function.get("arguments")
         if isinstance(arguments, str) and arguments:
             self._delta(out, "function_call", key, arguments)
