@@ -42,6 +42,7 @@ from tokenhub.gateway.admission import admit
 from tokenhub.gateway.auth import KeyCache, Principal
 from tokenhub.gateway.context import RequestContext, audit_anomaly
 from tokenhub.gateway.dialects import DIALECTS
+from tokenhub.gateway.dialects.messages import CountTokensRequest
 from tokenhub.gateway.errors import ApiError
 from tokenhub.gateway.forward import forward
 from tokenhub.gateway.guard import Audit
@@ -350,8 +351,6 @@ class Gateway:
         upstream counts with its own tokenizer); otherwise, or when that upstream fails, the
         meter's count of the prompt and the tool definitions. No usage event: nothing is
         generated, nothing billed."""
-        from tokenhub.gateway.dialects.messages import CountTokensRequest
-
         request[DIALECT] = "anthropic"
         self.authenticate(request)
         req = CountTokensRequest()
