@@ -4,9 +4,10 @@ The issue-15 tests (test_sdk_anthropic.py, test_sdk_responses.py, test_coding_ag
 what the session's `Hub` (harness.py) does not configure: the same mock upstream behind a
 provider of `kind = "openai"` and one of `kind = "anthropic"`, so each client dialect is seen
 both passed through and translated against the very same ledger, a body limit large enough
-for a coding agent's 200k-token context, and prices with a cache-write line. `DialectHub`
-reuses the harness's servers (its loop thread, the composition root `build_app`, the store,
-the ledger helpers) and only replaces the configuration.
+for a coding agent's 200k-token context, and billing on the hub's database (prices with a
+cache-write line, the in-process settler, statements). `DialectHub` reuses the harness's
+servers (its loop thread, the composition root `build_app`, the store, the ledger helpers)
+and only replaces the configuration.
 
 Models (every deployment meters with cl100k_base, the vocabulary the mock counts with):
 
@@ -52,8 +53,8 @@ class DialectHub(Hub):
     """One mock upstream behind an openai-kind and an anthropic-kind provider, and a gateway.
 
     `mock`: the mock's options (default: any model id, cl100k_base); `max_body_bytes`: the
-    gateway's request body limit; `prices`: model id -> a `[models.deployments.price]` table
-    (config prices, which tests may also set through `Billing`)."""
+    gateway's request body limit; `database`: a PostgreSQL URL, else SQLite in `tmp`. Prices
+    are set through `Billing` (`billing`), as an operator's `tokenhub prices set` would."""
 
     def __init__(
         self,
@@ -61,12 +62,10 @@ class DialectHub(Hub):
         *,
         mock: MockOptions | None = None,
         max_body_bytes: int = 256 * 1024,
-        prices: dict[str, dict[str, str]] | None = None,
         database: str | None = None,
     ) -> None:
         self.mock_options = mock or MockOptions(models={"*": ""})
         self.max_body_bytes = max_body_bytes
-        self.prices = prices or {}
         super().__init__(tmp, database=database)
 
     async def _start(self) -> None:
@@ -86,8 +85,6 @@ class DialectHub(Hub):
                 "context_window": 400_000,
                 "max_output_tokens": 4096,
             }
-            if model in self.prices:
-                dep["price"] = self.prices[model]
             models.append({"id": model, "deployments": [dep]})
         data = {
             "server": {

@@ -1,7 +1,8 @@
 """The official `anthropic` SDK against the gateway's /v1/messages, as Claude Code uses it
 (ANTHROPIC_BASE_URL = the gateway): sync, async, streaming (`messages.stream` and
-`create(stream=True)`), a tool-use round trip and count_tokens, each against the same mock
-upstream reached over both wires (`gpt-wire`: an openai-kind provider, the request translated;
+`create(stream=True)`), a tool-use round trip, count_tokens, stop sequences, extended
+thinking, images and prompt-cache figures, each against the same mock upstream reached over
+both wires (`gpt-wire`: an openai-kind provider, the request translated;
 `claude-wire`: an anthropic-kind provider, passed through; tests/server/dialect_hub.py), with
 the key sent as x-api-key (the SDK's `api_key`) and as a Bearer token (`auth_token`).
 
