@@ -37,6 +37,8 @@ from tokenhub.gateway.translate.compose import Composed
 from tokenhub.gateway.translate.passthrough import Passthrough
 from tokenhub.gateway.upstream import Upstream
 from tokenhub.meter import Meter
+from tokenhub.mock import MockOptions
+from tokenhub.mock import build_app as mock_app
 from tokenhub.usage import UsageEvent, billed_lines
 
 pytestmark = IGNORE_REQUEST_KEY_WARNING
@@ -53,6 +55,7 @@ REC_MODEL = "rec-claude"  # an anthropic-kind provider whose server records what
 REC_KEY_ENV = "TOKENHUB_TEST_REC_KEY"
 REC_KEY = "rec-secret-0123456789"
 BROKEN_MODEL = "broken-chat"  # an openai-kind provider whose streams break off
+NOUSAGE_MODEL = "nousage-chat"  # an openai-kind mock that sends no usage
 WIRE_MODELS = [OPENAI_MODEL, ANTHROPIC_MODEL]
 QUESTION = "Why is exact token metering worth the trouble?"
 
@@ -180,6 +183,10 @@ class PipelineHub(DialectHub):
         runner, rec = await _serve(recorder_app(self.rec_seen))
         self._runners.append(runner)
         self.rec_base = rec
+        options = MockOptions(models={"*": ""}, omit_usage=True)
+        runner, nousage = await _serve(mock_app(options), handler_cancellation=False)
+        self._runners.append(runner)
+        self.nousage_base = nousage
         await super()._start()
 
     async def _start_gateway(self) -> None:
@@ -203,12 +210,14 @@ class PipelineHub(DialectHub):
             {"name": "rec", "base_url": self.rec_base + "/v1", "kind": "anthropic",
              "api_key_env": REC_KEY_ENV},
             {"name": "brk", "base_url": self.rec_base + "/v1"},
+            {"name": "nousage", "base_url": self.nousage_base + "/v1"},
         ]  # fmt: skip
         for model, provider in (
             (AZURE_MODEL, "azure"),
             (AZURE_BAD_MODEL, "azure-bad"),
             (REC_MODEL, "rec"),
             (BROKEN_MODEL, "brk"),
+            (NOUSAGE_MODEL, "nousage"),
         ):
             data["models"].append(
                 {
@@ -898,3 +907,27 @@ def test_chat_admission_reserves_the_tool_definitions(hub: PipelineHub, meter: M
     hub.unbilled(h["x-request-id"])
     status, _, reply = post(hub, "/v1/chat/completions", chat, auth)
     assert status == 200, reply
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_translated_usage_is_the_events_when_the_upstream_sends_none(
+    hub: PipelineHub, meter: Meter, stream: bool
+) -> None:
+    """Over an OpenAI upstream that sends no usage, the meter's counts are billed, and they are
+    what a Messages client is shown: the client and the event agree, whoever counted."""
+    client = hub.anthropic()
+    kw: dict[str, Any] = {"model": NOUSAGE_MODEL, "max_tokens": 30,
+                          "messages": [{"role": "user", "content": QUESTION}]}  # fmt: skip
+    if stream:
+        with client.messages.stream(**kw) as s:
+            msg = s.get_final_message()
+            rid = s.response.headers["x-request-id"]
+    else:
+        raw = client.messages.with_raw_response.create(**kw)
+        msg, rid = raw.parse(), raw.headers["x-request-id"]
+    ev = hub.event(rid)
+    assert (ev.status, ev.source, ev.endpoint) == (200, "metered", "messages")
+    text = "".join(b.text for b in msg.content if b.type == "text")
+    assert ev.output_tokens == meter.count(text) == msg.usage.output_tokens > 0
+    assert ev.input_tokens == meter.count_messages([{"role": "user", "content": QUESTION}])
+    assert msg.usage.input_tokens == ev.input_tokens
