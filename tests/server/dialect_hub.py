@@ -166,10 +166,12 @@ class DialectHub(Hub):
         result: SettleSummary = self.billing(run)
         return result
 
-    def statement(self, tenant: str, period: str) -> dict[str, Any]:
+    def statement(self, tenant: str, period: str, *, full: bool = False) -> dict[str, Any]:
+        """The tenant's statement (`full`: computed from every posting, as a check)."""
+
         async def run(b: Billing) -> dict[str, Any]:
             st: dict[str, Any] = await b.db.transaction(
-                lambda tx: tenant_statement(tx, tenant, period)
+                lambda tx: tenant_statement(tx, tenant, period, full=full)
             )
             return st
 

@@ -249,6 +249,10 @@ def test_coding_agent_session(hub: DialectHub) -> None:
     assert set(usage) == {ANTHROPIC_MODEL}
     assert usage[ANTHROPIC_MODEL]["amounts"] == {"USD": expected}
     assert usage[ANTHROPIC_MODEL]["tokens"] == sum(lines.values())
+    assert usage[ANTHROPIC_MODEL]["cache_write_tokens"] == lines["cache_write"]
+    # The statement as read from the statement lines equals the one computed from every
+    # posting and event.
+    assert hub.statement(TENANT, period, full=True)["usage"] == st["usage"]
     wallet = [b for b in st["closing"] if b["unit"] == "USD" and ":wallet" in b["account"]]
     assert len(wallet) == 1
     assert wallet[0]["balance"] == int(Decimal(TOPUP_USD) * NANOS) - expected
