@@ -789,11 +789,11 @@ def test_cli_flags_map_to_options() -> None:
         ["mock-upstream", "--port", "0", "--stall", "--model", "m1=qwen", "--model", "m2",
          "--error-rate-429", "0.1", "--omit-usage", "--require-key", "k", "--seed", "3",
          "--tool-calls", "auto", "--min-cache-tokens", "10", "--cache-ttl-s", "1.5",
-         "--cache-lookback-blocks", "0"]
+         "--cache-lookback-blocks", "0", "--stream-error-after", "4"]
     )  # fmt: skip
     opts = options_from_args(args)
     assert (opts.tool_calls, opts.min_cache_tokens, opts.cache_ttl_s) == ("auto", 10, 1.5)
-    assert opts.cache_lookback_blocks == 0
+    assert (opts.cache_lookback_blocks, opts.stream_error_after) == (0, 4)
     assert opts.models == {"m1": "qwen", "m2": ""}
     assert (opts.stall, opts.error_rate_429, opts.omit_usage, opts.seed) == (0, 0.1, True, 3)
     assert opts.require_key == "k"

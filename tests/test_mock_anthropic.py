@@ -935,3 +935,46 @@ def test_tool_arguments_follow_the_schema() -> None:
     parts = tools.fragments(text)
     assert len(parts) == 3 and "".join(parts) == text and all(parts)
     assert tools.fragments("{}") == ["{", "}"] and tools.fragments("") == []
+
+
+async def test_mid_stream_errors(
+    client: anthropic.AsyncAnthropic,
+    oai: openai.AsyncOpenAI,
+    mock: TestServer,
+    http: aiohttp.ClientSession,
+    meter: Meter,
+) -> None:
+    cut = {"x-mock-stream-error-after": "8"}
+    body = {"model": MODEL, "max_tokens": 50, "messages": ask(), "stream": True}
+    status, _, payload = await raw(http, mock, body, **cut)
+    evs = events(payload)
+    assert status == 200 and len(evs) == 9  # start, block start, ping, 5 deltas, error
+    assert evs[-1] == (
+        "error",
+        {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}},
+    )
+    texts = [d["delta"]["text"] for k, d in evs if k == "content_block_delta"]
+    with pytest.raises(anthropic.APIStatusError):
+        async with client.messages.stream(
+            model=MODEL, max_tokens=50, messages=ask(), extra_headers=cut
+        ) as s:
+            async for _ in s:
+                pass
+    # OpenAI chat: 1 role chunk and 7 deltas, then the error chunk.
+    stream = await oai.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "x"}], stream=True, extra_headers=cut
+    )
+    got = []
+    with pytest.raises(openai.APIError):
+        async for chunk in stream:
+            got.append(chunk.choices[0].delta.content or "")
+    assert len(got) == 8
+    entries = (await ledger(http, mock))["entries"]
+    assert all(e["stream_error"] and not e["usage_sent"] for e in entries)
+    assert entries[0]["completion_tokens"] == meter.count("".join(texts)) == 5
+    assert entries[1]["completion_tokens"] == 5
+    assert entries[2]["completion_tokens"] == meter.count("".join(got)) == 7
+    # A stream no longer than K events is whole.
+    status, _, payload = await raw(http, mock, body, **{"x-mock-stream-error-after": "500"})
+    assert events(payload)[-1][0] == "message_stop"
+    assert not (await ledger(http, mock))["entries"][-1]["stream_error"]

@@ -37,7 +37,7 @@ Per-request overrides: send x-mock-<option> headers, e.g. x-mock-latency-ms: 200
 x-mock-ttft-ms, x-mock-tokens-per-second, x-mock-completion-tokens, x-mock-error-rate-429,
 x-mock-error-rate-500, x-mock-status: 429, x-mock-omit-usage: true, x-mock-stall: 3 (or 0 or
 null), x-mock-seed, x-mock-vocab, x-mock-tool-calls: auto, x-mock-min-cache-tokens,
-x-mock-cache-ttl-s, x-mock-cache-lookback-blocks.
+x-mock-cache-ttl-s, x-mock-cache-lookback-blocks, x-mock-stream-error-after: 5.
 
 Examples:
   tokenhub mock-upstream --port 9999
@@ -146,6 +146,13 @@ def add_cli(sub: Any) -> argparse.ArgumentParser:
         "after K stream events",
     )
     p.add_argument(
+        "--stream-error-after",
+        type=int,
+        default=None,
+        metavar="K",
+        help="end each stream after K events with a mid-stream error event",
+    )
+    p.add_argument(
         "--seed",
         type=int,
         default=d.seed,
@@ -220,6 +227,7 @@ def options_from_args(args: argparse.Namespace) -> MockOptions:
         status=args.status,
         omit_usage=args.omit_usage,
         stall=args.stall,
+        stream_error_after=args.stream_error_after,
         seed=args.seed,
         require_key=args.require_key,
         embedding_dim=args.embedding_dim,

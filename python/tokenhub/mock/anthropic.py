@@ -51,7 +51,9 @@ Streams follow the API's event sequence (``event: <type>`` lines): message_start
 the input and cache figures and ``output_tokens: 1``), content_block_start, a ping after the
 first, content_block_delta (text_delta and thinking_delta one token each, signature_delta,
 input_json_delta in up to 3 fragments), content_block_stop, message_delta (stop_reason,
-stop_sequence, the cumulative usage), message_stop. ``omit_usage`` drops the ``usage`` key of
+stop_sequence, the cumulative usage), message_stop; ``stream_error_after`` K ends a stream
+after K events with ``event: error`` (overloaded_error), as the API does when it fails
+mid-stream. ``omit_usage`` drops the ``usage`` key of
 the message (non-streamed), of message_start and of message_delta. The ledger (endpoint
 "messages") records prompt tokens (all of them) with ``cache_read_tokens`` and
 ``cache_creation_tokens``, and for a stream the output tokens of what reached the socket
@@ -742,6 +744,12 @@ def _sse(kind: str, data: Any) -> bytes:
     return b"event: " + kind.encode() + b"\ndata: " + _encode(data) + b"\n\n"
 
 
+# What the API sends when a stream fails after it started (x-mock-stream-error-after).
+_STREAM_ERROR: Final = _sse(
+    "error", {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}
+)
+
+
 async def _serve(mock: Mock, request: web.Request, entry: LedgerEntry) -> web.StreamResponse:
     _check_version(request)
     key = _api_key(request, mock)
@@ -895,7 +903,7 @@ async def _serve(mock: Mock, request: web.Request, entry: LedgerEntry) -> web.St
         )
     events.append((_sse("message_delta", delta), -1 if knobs.omit_usage else _USAGE, -1))
     events.append((_sse("message_stop", {"type": "message_stop"}), -1, -1))
-    return await _stream(request, entry, knobs, events, blocks, headers)
+    return await _stream(request, entry, knobs, events, blocks, headers, _STREAM_ERROR)
 
 
 async def messages(request: web.Request) -> web.StreamResponse:

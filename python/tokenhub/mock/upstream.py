@@ -141,6 +141,10 @@ class MockOptions(msgspec.Struct, kw_only=True, frozen=True):
     """Answer every request with this error status (per request)."""
     omit_usage: bool = False
     """Send no usage: no ``usage`` key, no usage chunk even if asked (per request)."""
+    stream_error_after: Annotated[int, msgspec.Meta(ge=0)] | None = None
+    """K: a stream sends its first K events, then a mid-stream error event instead of the rest
+    (OpenAI: a ``data: {"error": ...}`` server_error chunk; Anthropic: ``event: error``,
+    overloaded_error) and ends; a stream of K events or fewer is whole (per request)."""
     stall: Annotated[int, msgspec.Meta(ge=0)] | None = None
     """0: accept and never send a byte; K: stall after K SSE events (for a JSON reply: after
     the headers); either way until the client gives up (per request)."""
@@ -187,6 +191,7 @@ class _Overrides(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     status: Status | UnsetType | None = UNSET
     omit_usage: bool | UnsetType = UNSET
     stall: Annotated[int, msgspec.Meta(ge=0)] | UnsetType | None = UNSET
+    stream_error_after: Annotated[int, msgspec.Meta(ge=0)] | UnsetType | None = UNSET
     seed: int | UnsetType = UNSET
     tool_calls: Literal["forced", "auto"] | UnsetType = UNSET
     min_cache_tokens: Tokens | UnsetType = UNSET
@@ -554,6 +559,11 @@ _EMBEDDING_DECODER: Final = msgspec.json.Decoder(_EmbeddingRequest)
 
 SYSTEM_FINGERPRINT: Final = "fp_tokenhub_mock"
 _SSE_DONE: Final = b"data: [DONE]\n\n"
+# What OpenAI sends when a stream fails after it started.
+_SSE_STREAM_ERROR: Final = (
+    b'data: {"error":{"message":"The server had an error while processing your request. '
+    b'Sorry about that!","type":"server_error","param":null,"code":null}}\n\n'
+)
 # Legacy completions default to 16 tokens when max_tokens is absent, as OpenAI's API does.
 _LEGACY_DEFAULT_MAX_TOKENS: Final = 16
 _MAX_N: Final = 128
@@ -689,6 +699,7 @@ class LedgerEntry(msgspec.Struct, kw_only=True):
     usage_sent: bool = False  # a usage block (or usage chunk) reached the socket
     disconnected: bool = False  # the client went away before the response was complete
     stalled: bool = False
+    stream_error: bool = False  # the stream ended with a mid-stream error event
     # Anthropic's prompt caching (both included in prompt_tokens): tokens read from the cache,
     # and tokens written to it.
     cache_read_tokens: int = 0
@@ -1556,11 +1567,19 @@ async def _stream(
     events: list[_Event],
     replies: Sequence[Counted],
     headers: Mapping[str, str] | None = None,
+    error_event: bytes = b"",
 ) -> web.StreamResponse:
     """Writes the events, paced at `tokens_per_second` token positions per second and cut at
-    `stall`; unpaced events go out in one write. The ledger gets what reached the socket.
-    `headers` carry the request id (default ``x-request-id``)."""
+    `stall` (or at `stream_error_after`, with `error_event`, default OpenAI's); unpaced events
+    go out in one write. The ledger gets what reached the socket. `headers` carry the request
+    id (default ``x-request-id``)."""
     resp = web.StreamResponse(headers={**_SSE_HEADERS, **(headers or {"x-request-id": entry.id})})
+    whole = True
+    cut = knobs.stream_error_after
+    if cut is not None and cut < len(events):
+        events = [*events[:cut], (error_event or _SSE_STREAM_ERROR, -1, -1)]
+        whole = False
+        entry.stream_error = True
     sent = 0  # events written so far
     end = len(events) if knobs.stall is None else min(knobs.stall, len(events))
     tps = knobs.tokens_per_second
@@ -1597,17 +1616,21 @@ async def _stream(
         entry.disconnected = True
         raise
     finally:
-        _account(entry, events, sent, replies)
+        _account(entry, events, sent, replies, whole)
     if entry.disconnected:
         raise _Stalled(resp)
     return resp
 
 
 def _account(
-    entry: LedgerEntry, events: list[_Event], sent: int, replies: Sequence[Counted]
+    entry: LedgerEntry,
+    events: list[_Event],
+    sent: int,
+    replies: Sequence[Counted],
+    whole: bool = True,
 ) -> None:
     """The ledger's completion tokens: the exact count of each choice's written deltas."""
-    if sent == len(events):
+    if whole and sent == len(events):
         entry.completion_tokens = sum(r.tokens for r in replies)
         entry.usage_sent = any(e[1] == _USAGE for e in events)
         return
