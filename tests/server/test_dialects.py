@@ -114,7 +114,7 @@ def _sse(name: str, data: dict[str, Any]) -> bytes:
 def recorder_app(seen: list[dict[str, Any]]) -> web.Application:
     """An Anthropic Messages API that records each request's headers and answers "Hi" (7
     input tokens, 1 output token); and an OpenAI chat API whose streams break off after two
-    chunks (no [DONE])."""
+    chunks (no [DONE]) and whose completions are garbled."""
 
     async def messages(request: web.Request) -> web.StreamResponse:
         body = await request.json()
@@ -150,6 +150,8 @@ def recorder_app(seen: list[dict[str, Any]]) -> web.Application:
 
     async def broken_chat(request: web.Request) -> web.StreamResponse:
         body = await request.json()
+        if not body.get("stream"):  # a completion no translation can read
+            return web.json_response({"choices": [{"message": 7}]})
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
         for text in ("Half ", "a reply"):
@@ -931,3 +933,15 @@ def test_translated_usage_is_the_events_when_the_upstream_sends_none(
     assert ev.output_tokens == meter.count(text) == msg.usage.output_tokens > 0
     assert ev.input_tokens == meter.count_messages([{"role": "user", "content": QUESTION}])
     assert msg.usage.input_tokens == ev.input_tokens
+
+
+def test_untranslatable_reply_is_a_502(hub: PipelineHub) -> None:
+    """A completion the translation cannot read (the upstream's fault) is a 502 in the client's
+    shape, recorded and unbilled, like any reply that is not a completion."""
+    status, h, reply = post(
+        hub, "/v1/messages", {**MSG, "model": BROKEN_MODEL}, {"x-api-key": hub.secret}
+    )
+    assert status == 502, reply
+    assert "could not be translated" in anthropic_error(reply, "api_error")
+    ev = hub.event(h["x-request-id"])
+    assert ev.status == 502 and sum(billed_lines(ev)) == 0

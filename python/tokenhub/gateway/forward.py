@@ -177,7 +177,16 @@ async def _attempt(
         headers.update(ctx.rate_headers)
     data = scrub(data, upstream.secret)
     if not ex.passthrough:
-        data = ex.reply(data, ctx.event)
+        try:
+            data = ex.reply(data, ctx.event)
+        except Exception:
+            # A completion its translation cannot read (the upstream's shape, not the
+            # client's fault): like any reply that is not one, the next deployment's turn.
+            log.exception("request %s: the reply of %s could not be translated",
+                          ctx.event.request_id, dep.name)  # fmt: skip
+            raise Retry(
+                ApiError.upstream_failed("its reply could not be translated"), "bad_reply"
+            ) from None
     return web.Response(body=data, content_type="application/json", headers=headers)
 
 

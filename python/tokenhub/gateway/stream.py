@@ -43,7 +43,7 @@ from tokenhub.gateway.upstream import Retry, Upstream, scrub
 
 if TYPE_CHECKING:
     from tokenhub.gateway.service import Gateway
-    from tokenhub.gateway.translate import Exchange
+    from tokenhub.gateway.translate import Exchange, StreamOut
 
 log = logging.getLogger("tokenhub.gateway")
 
@@ -198,7 +198,7 @@ async def relay_stream(
                 raise ClientPayloadError(str(e)) from None
             if translated is not None and events:
                 # Scrubbed before translation, which may re-encode (and so escape) the key.
-                events = translated.feed(scrub(events, secret))
+                events = _translate(translated, scrub(events, secret), event.request_id)
             if event.ttft_ms is None and relay.first_token:
                 ctx.first_token()
             # A client that left is not sent more, so its hold is not extended either:
@@ -231,7 +231,10 @@ async def relay_stream(
     if not eof_sent and (rest := relay.finish()):
         # The upstream closed without the blank line that ends its last event.
         if translated is not None:
-            rest = translated.feed(scrub(rest, secret))
+            try:
+                rest = _translate(translated, scrub(rest, secret), event.request_id)
+            except ClientError:
+                rest = b""
         if relay.done and not client_left():
             settle()
             ctx.finish()
@@ -251,3 +254,14 @@ async def relay_stream(
         with contextlib.suppress(ConnectionResetError, aiohttp.ClientConnectionResetError):
             await out.write_eof()
     return out if out is not None else web.Response(status=499)
+
+
+def _translate(out: StreamOut, events: bytes, request_id: str) -> bytes:
+    """The client's events for whole upstream events. Events the translation cannot read are
+    the upstream's fault: a broken stream (ClientPayloadError), as a bad event is to the
+    scanner."""
+    try:
+        return out.feed(events)
+    except Exception:
+        log.exception("request %s: an upstream event could not be translated", request_id)
+        raise ClientPayloadError("an event could not be translated") from None
