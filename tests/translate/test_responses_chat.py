@@ -674,6 +674,31 @@ def test_calls_numbered_alike_but_with_their_own_ids_are_separate_items() -> Non
     assert dones == final.model_dump(exclude_none=True)["output"]
 
 
+def test_a_chunk_of_another_shape_is_read_for_what_it_has() -> None:
+    """Content given as parts, a null index, a tool call that is not an object, a usage of
+    another type: what has the expected type is kept, the rest is skipped."""
+    s = T.stream(usage_event(), False)
+    odd = [
+        b'data: {"choices": [{"index": null, "delta": {"content": [{"type": "text", "text": "He"},'
+        b' {"type": "text", "text": "llo"}]}}]}\n\n',
+        b'data: {"choices": [{"index": 0, "delta": {"content": 7, "tool_calls": ["x", '
+        b'{"index": 0, "id": "c9", "function": {"name": "f", "arguments": 5}}]}}]}\n\n',
+        b'data: {"choices": [{"index": 1, "delta": {"content": "other choice"}}]}\n\n',
+        b'data: {"choices": [{"delta": {"tool_calls": [{"function": {"arguments": "{}"}}]},'
+        b' "finish_reason": "tool_calls"}], "usage": "n/a"}\n\n',
+        b"data: not json\n\n",
+        b": a comment\n\n",
+    ]
+    parsed = parse_events(b"".join(s.feed(e) for e in odd) + s.end(usage_event()))
+    final = Response.model_validate(parsed[-1]["response"])
+    assert final.output_text == "Hello"
+    assert [(o.type, getattr(o, "call_id", None)) for o in final.output] == [
+        ("message", None),
+        ("function_call", "c9"),
+    ]
+    assert getattr(final.output[1], "arguments", None) == "{}"
+
+
 @pytest.mark.parametrize(
     "body",
     [b"[]", b'{"choices": "x"}', b'{"choices": [3]}', b'{"choices": [{"message": [1]}]}'],
