@@ -1,6 +1,7 @@
 """The gateway service: authenticate, decode, route, admit, forward; record one usage event.
 
-Handlers in `routes.py` only call `Gateway.proxy`, which runs a request through these steps:
+Handlers in `routes.py` only call `Gateway.proxy` (or, for /v1/messages/count_tokens, which
+generates nothing, `Gateway.count_tokens`); `proxy` runs a request through these steps:
 
 1. The caller is authenticated from the in-memory key table (`auth.KeyCache`), by
    `Authorization: Bearer <key>` or `x-api-key: <key>` (Anthropic's clients send either).
@@ -331,7 +332,7 @@ class Gateway:
         self, model: Model, endpoint: Endpoint, order: list[int], candidates: list[Deployment]
     ) -> tuple[list[int], list[Deployment]]:
         """The candidates that can serve a legacy completion or an embedding: those on an
-        OpenAI-wire provider (the Messages API has neither). None: a 400."""
+        OpenAI-wire provider (the Messages API has neither); a 400 when none is."""
         kept = [
             (i, d)
             for i, d in zip(order, candidates, strict=True)
