@@ -371,8 +371,11 @@ def test_count_tokens(hub: DialectHub, model: str) -> None:
     if rid:
         assert hub.find_event(rid) is None
     after = hub.totals()
-    # Only the create reached the mock as a completion.
+    # Only the create reached the mock as a completion; the count went to the anthropic
+    # upstream's count_tokens, and was answered by the meter for the openai one.
     assert after["requests"] - before["requests"] == 1
+    forwarded = after["count_tokens_requests"] - before["count_tokens_requests"]
+    assert forwarded == (1 if model == ANTHROPIC_MODEL else 0)
 
 
 def test_count_tokens_with_tools(hub: DialectHub) -> None:

@@ -252,6 +252,18 @@ def test_function_call_round_trip(
     check_three_way(hub, raw2.headers["x-request-id"], answer.usage, model=model, stream=False)
 
 
+def test_stream_helper(hub: DialectHub, client: openai.OpenAI, meter: Meter) -> None:
+    """The SDK's `responses.stream` helper accumulates the same response the events carry."""
+    with client.responses.stream(
+        model=ANTHROPIC_MODEL, instructions=INSTRUCTIONS, input=QUESTION, max_output_tokens=32
+    ) as stream:
+        text = "".join(e.delta for e in stream if e.type == "response.output_text.delta")
+        final = stream.get_final_response()
+    assert final.output_text == text and final.usage is not None
+    assert final.usage.output_tokens == meter.count(text) > 0
+    assert final.id.startswith("resp_")
+
+
 # -- statelessness and errors ----------------------------------------------------------------
 
 
