@@ -268,6 +268,26 @@ async def test_ingest_settle_statement_and_exports_with_cache_writes(billing: Bi
         + line(p1["writes"], PLAIN["input"])
     ).scaleb(-9)
 
+    # Reconciling a provider's file that reports cache writes compares them too.
+    rid2, rid3 = bio.request_id_for("gw-cw", "e2"), bio.request_id_for("gw-cw", "e3")
+    csv_text = (
+        "request_id,input_tokens,cached_input_tokens,cache_write_tokens,output_tokens\n"
+        f"{rid1},{c1['inp']},{c1['cached']},{c1['writes']},{c1['out']}\n"
+        f"{rid2},{c2['inp']},0,{c2['writes'] - 1},{c2['out']}\n"
+        f"{rid3},10,5,6,1\n"
+    )
+    report = await bio.reconcile(db, io.StringIO(csv_text))
+    assert "cache_write_tokens" in report.compared
+    assert [(x["request_id"], x["fields"]) for x in report.differing] == [
+        (rid2, ["cache_write_tokens"])
+    ]
+    assert [(x["line"], x["reason"]) for x in report.malformed] == [
+        (4, "cached_input_tokens + cache_write_tokens exceed input_tokens")
+    ]
+    assert (
+        report.tokenhub_totals["cache_write_tokens"] == c1["writes"] + c2["writes"] + p1["writes"]
+    )
+
 
 async def test_packages_draw_cache_writes_like_input(billing: Billing) -> None:
     """A token is a token: a package pays for writes; tokens are taken uncached input, writes,
