@@ -400,11 +400,12 @@ def test_a_request_becomes_a_chat_completions_body() -> None:
         "prompt_cache_key": "pk",
         "stream": True,
     }
-    # A named function and plain text.
+    # A named function; plain text.
     small = T.request(
         {
             "model": "m",
             "input": "x",
+            "tools": [{"type": "function", "name": "f"}],
             "tool_choice": {"type": "function", "name": "f"},
             "text": {"format": {"type": "text"}},
         }
@@ -412,8 +413,20 @@ def test_a_request_becomes_a_chat_completions_body() -> None:
     assert small == {
         "model": "m",
         "messages": [{"role": "user", "content": "x"}],
+        "tools": [{"type": "function", "function": {"name": "f"}}],
         "tool_choice": {"type": "function", "function": {"name": "f"}},
     }
+    # Chat completions refuse tools: [] and tool options without tools: left out.
+    bare = T.request(
+        {
+            "model": "m",
+            "input": "x",
+            "tools": [],
+            "tool_choice": "auto",
+            "parallel_tool_calls": True,
+        }
+    )
+    assert bare == {"model": "m", "messages": [{"role": "user", "content": "x"}]}
 
 
 # -- reply --------------------------------------------------------------------------------------

@@ -14,9 +14,10 @@ only OpenAI's own servers run. `store` is accepted whatever its value (Codex-sty
 `store: false`, others leave the default `true`), nothing is stored, and replies say
 `"store": false`.
 
-Accepted and forwarded: `instructions` (the first, system, message), `tools` (function tools),
-`tool_choice`, `max_output_tokens` (the output cap), `temperature`, `top_p`,
-`parallel_tool_calls`, `text.format` (chat's `response_format`), `text.verbosity`,
+Accepted and forwarded: `instructions` (the first, system, message), `tools` (function tools;
+`tool_choice` and `parallel_tool_calls` go with them, as chat completions refuse them alone),
+`max_output_tokens` (the output cap), `temperature`, `top_p`,
+`text.format` (chat's `response_format`), `text.verbosity`,
 `reasoning.effort` (`reasoning_effort`), `user`, `safety_identifier`, `prompt_cache_key`,
 `service_tier`. Accepted and ignored: `metadata` (chat completions store it only with
 `store`), `include`, `truncation` (there is no server-side context to truncate),
