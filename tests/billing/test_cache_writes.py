@@ -241,6 +241,8 @@ async def test_ingest_settle_statement_and_exports_with_cache_writes(billing: Bi
     ]  # fmt: skip
     full = await db.read(lambda tx: statements.tenant_statement(tx, T, NOV, full=True))
     assert full["usage"] == st["usage"]
+    text = statements.render_statement(st)
+    assert f"{c1['writes'] + c2['writes']:,} of them cache writes" in text
 
     # The event log carries the writes.
     log = [e async for e in bio.iter_event_log(db, tenant=T)]

@@ -12,22 +12,21 @@ against the tenant's contracts, in the tenant's draw order, in the shared quota 
 | `pot:p:<lot id>` | money | a point pack's nano-points | `t:T:lot:<id>` (POINTS) |
 | `pot:m:<tenant>` | money | tenant currency nanos: wallet + credit headroom | wallet, receivable |
 
-**Worst case.** The prompt (the Rust meter's count) as uncached input, or as prompt-cache
-writes where the model's price makes those dearer (what of the prompt the provider reads from or
-writes to its cache is known only from the reply; lines as `usage.billed_lines`: uncached input,
-cached input, output, cache writes; `Contracts.admit`), plus the output the request
-may produce: n (or best_of) choices x the output cap, the smallest of max_tokens,
-max_completion_tokens and the deployment's output cap (the assumption when it sets neither).
-The gateway sends that cap upstream (`gateway._send_cap`), so an upstream that honours only one
-of the two fields, or would write more than the assumed cap, cannot outrun the reservation.
-Streams reserve their output in tranches (`TRANCHE` tokens, or less when the cap is smaller)
-and extend as tokens flow (every kind of generated text counts: content, reasoning, tool calls,
-legacy function calls); when the contracts can pay for no more, the stream ends cleanly: a final
-SSE `error` event (insufficient_quota), then `[DONE]`, and the event is billed exactly the tokens
-the client received (metered). A client that leaves is not reserved for any more: the gateway
-drains the upstream (its cost, paid to the provider) but the event, status 499, bills at most
-what was held when the client left. A failed request bills nothing (`usage.billed_lines`), so
-its hold is given back whole.
+**Worst case.** The prompt (the Rust meter's count) as uncached input, or as prompt-cache writes
+where the model's price makes those dearer (what of the prompt the provider reads from or writes to
+its cache is known only from the reply; lines as `usage.billed_lines`: uncached input, cached input,
+output, cache writes; `Contracts.admit`), plus the output the request may produce: n (or best_of)
+choices x the output cap, the smallest of max_tokens, max_completion_tokens and the deployment's
+output cap (the assumption when it sets neither). The gateway sends that cap upstream
+(`gateway._send_cap`), so an upstream that honours only one of the two fields, or would write more
+than the assumed cap, cannot outrun the reservation. Streams reserve their output in tranches
+(`TRANCHE` tokens, or less when the cap is smaller) and extend as tokens flow (every kind of
+generated text counts: content, reasoning, tool calls, legacy function calls); when the contracts
+can pay for no more, the stream ends cleanly: a final SSE `error` event (insufficient_quota), then
+`[DONE]`, and the event is billed exactly the tokens the client received (metered). A client that
+leaves is not reserved for any more: the gateway drains the upstream (its cost, paid to the
+provider) but the event, status 499, bills at most what was held when the client left. A failed
+request bills nothing (`usage.billed_lines`), so its hold is given back whole.
 
 **Draw order** is `tokenhub.billing.draw.draw`, the function settlement posts with: package
 lots that cover the model (tokens), then on exhaustion the last lot's rule (overage priced in

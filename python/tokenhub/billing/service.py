@@ -17,10 +17,11 @@ the tenant's order (default: package, points, wallet, postpaid), as `tokenhub.bi
    drawing, and `hard_stop` passes the rest on to the next contract (admission stops such traffic
    earlier; see the quota issue).
 2. **points** lots: the model's points per 1M tokens (price book) are drawn from point packs.
-3. **wallet**: the rest is priced from the price book (tenant override first, then the model's
-   list price, each the latest version effective at the event's time), less the tenant's
-   discount, converted to the tenant's currency at the FX rate effective at the event's time,
-   and debited from the prepaid wallet as far as it goes.
+3. **wallet**: the rest is priced from the price book (tenant override first, then the model's list
+   price, each the latest version effective at the event's time), each line at its own price rounded
+   once (uncached input, cached input, output, and prompt-cache writes at the cache-write price, the
+   input price when none is set), less the tenant's discount, converted to the tenant's currency at
+   the FX rate effective at the event's time, and debited from the prepaid wallet as far as it goes.
 4. **postpaid**: what the wallet could not pay goes to the receivable, up to the credit limit.
 5. anything left is posted to the tenant's `overrun` account: usage that happened and that no
    contract covered is never dropped, it shows as debt.

@@ -416,6 +416,8 @@ def render_statement(st: dict[str, Any]) -> str:
         amount = ", ".join(fmt(v, c, exact=True) for c, v in sorted(u["amounts"].items()))
         pkg = f"{u['package_tokens']:,} from packages" if u["package_tokens"] else ""
         out.append(f"  {u['model']:<20} {u['tokens']:>14,} tokens {pkg:>28} {amount:>16}")
+        if u.get("cache_write_tokens"):
+            out.append(f"  {'':<20} {u['cache_write_tokens']:>14,} of them cache writes")
     if st["overage"]:
         out.append("\nOverage (included above)")
         for cur, v in st["overage"].items():
