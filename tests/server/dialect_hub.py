@@ -23,6 +23,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pytest
 from anthropic import Anthropic, AsyncAnthropic
 from anthropic.types import Usage
 from harness import TENANT, Hub, _serve
@@ -42,6 +43,9 @@ ANTHROPIC_MODEL = "claude-wire"
 OPENAI_UPSTREAM = "gpt-4o-mini"
 ANTHROPIC_UPSTREAM = "claude-sonnet-4-5"
 VOCAB = "cl100k_base"
+# The engines a module's hub runs on, as tests/server/conftest.py's ENGINES: SQLite, and a
+# fresh PostgreSQL database of the test server (TOKENHUB_TEST_PG_DSN; skipped without one).
+ENGINES = ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)]
 # model id -> (provider, upstream model, wire kind)
 MODELS: dict[str, tuple[str, str, str]] = {
     OPENAI_MODEL: ("oai", OPENAI_UPSTREAM, "openai"),

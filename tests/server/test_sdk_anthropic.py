@@ -28,6 +28,7 @@ from anthropic.types import Message, MessageParam, ToolParam
 from dialect_hub import (
     ANTHROPIC_MODEL,
     ANTHROPIC_UPSTREAM,
+    ENGINES,
     OPENAI_MODEL,
     VOCAB,
     DialectHub,
@@ -60,9 +61,23 @@ WEATHER: ToolParam = {
 }
 
 
-@pytest.fixture(scope="module")
-def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DialectHub]:
-    h = DialectHub(tmp_path_factory.mktemp("sdk-anthropic"), max_body_bytes=MAX_BODY)
+@pytest.fixture(scope="module", params=ENGINES)
+def hub(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[DialectHub]:
+    """The module's hub on SQLite, then on a fresh PostgreSQL database (when the test server
+    is there: dialect_hub.ENGINES): every test runs on both engines."""
+    tmp = tmp_path_factory.mktemp("sdk-anthropic")
+    if request.param == "sqlite":
+        h = DialectHub(tmp, max_body_bytes=MAX_BODY)
+    else:
+        with request.getfixturevalue("pg_databases")() as url:
+            h = DialectHub(tmp, max_body_bytes=MAX_BODY, database=url)
+            try:
+                yield h
+            finally:
+                h.close()
+            return
     try:
         yield h
     finally:

@@ -15,7 +15,7 @@ from typing import Any
 
 import openai
 import pytest
-from dialect_hub import ANTHROPIC_MODEL, OPENAI_MODEL, VOCAB, DialectHub, check_event
+from dialect_hub import ANTHROPIC_MODEL, ENGINES, OPENAI_MODEL, VOCAB, DialectHub, check_event
 from harness import IGNORE_REQUEST_KEY_WARNING
 from openai.types.responses import FunctionToolParam, Response, ResponseUsage
 
@@ -39,9 +39,23 @@ WEATHER: FunctionToolParam = {
 }
 
 
-@pytest.fixture(scope="module")
-def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DialectHub]:
-    h = DialectHub(tmp_path_factory.mktemp("sdk-responses"))
+@pytest.fixture(scope="module", params=ENGINES)
+def hub(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[DialectHub]:
+    """The module's hub on SQLite, then on a fresh PostgreSQL database (when the test server
+    is there: dialect_hub.ENGINES): every test runs on both engines."""
+    tmp = tmp_path_factory.mktemp("sdk-responses")
+    if request.param == "sqlite":
+        h = DialectHub(tmp)
+    else:
+        with request.getfixturevalue("pg_databases")() as url:
+            h = DialectHub(tmp, database=url)
+            try:
+                yield h
+            finally:
+                h.close()
+            return
     try:
         yield h
     finally:
