@@ -333,6 +333,17 @@ def test_previous_response_id_says_what_to_do_instead() -> None:
             "input[0].call_id",
         ),
         ({"model": "m", "input": [{"type": "computer_call"}]}, "input[0].type"),
+        (
+            {"model": "m", "input": [{"role": "assistant", "content": [{"type": "input_image"}]}]},
+            "input[0].content[0]",
+        ),
+        (
+            {
+                "model": "m",
+                "input": [{"type": "function_call_output", "call_id": "c", "output": [1]}],
+            },
+            "input[0].output[0]",
+        ),
         ({"model": "m", "input": "x", "instructions": ["a"]}, "instructions"),
         ({"model": "m", "input": "x", "tools": {"type": "function"}}, "tools"),
         ({"model": "m", "input": "x", "tools": ["f"]}, "tools[0]"),

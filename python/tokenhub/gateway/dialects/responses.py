@@ -63,11 +63,13 @@ def _bad(message: str, param: str) -> ApiError:
 
 
 def _text_parts(content: list[Any], where: str, kinds: tuple[str, ...]) -> str:
-    """The text of a list of text parts (each `{"type": <one of kinds>, "text": str}`)."""
+    """The text of a list of text parts (each `{"type": <one of kinds>, "text": str}`, or a
+    refusal's `"refusal": str`), joined by newlines."""
     texts: list[str] = []
     for j, part in enumerate(content):
         if not isinstance(part, dict) or part.get("type") not in kinds:
-            raise _bad(f"'{where}[{j}]' must be a part of type {' or '.join(kinds)}.", where)
+            at = f"{where}[{j}]"
+            raise _bad(f"'{at}' must be a part of type {' or '.join(kinds)}.", at)
         text = part.get("text", part.get("refusal"))
         if not isinstance(text, str):
             raise _bad(f"'{where}[{j}].text' must be a string.", f"{where}[{j}].text")
