@@ -8,7 +8,9 @@ automatic top-up, point packs, some outside the model's scope), publishes the po
 ledger into a real quota table (`PotSync`), and then:
 
 - admits the usage's lines through `Contracts.admit` (the gateway's money admission);
-- settles the same usage as an event through `Billing.settle` (the ledger).
+- settles the same usage as an event through `Billing.settle` (the ledger): as admitted, or,
+  when the price writes to a prompt cache dearer than it inputs, with the uncached input
+  written (admission reserves that worst case: `Contracts.worst`).
 
 Both must agree: admission admits exactly when settlement posts no overrun (and both refuse a
 money draw with no FX rate); when admitted, each pot holds what the ledger drew from that
@@ -22,6 +24,7 @@ import asyncio
 import json
 import tempfile
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -76,12 +79,12 @@ class Case:
     credit: str
     discount: str
     price_cur: str
-    prices: tuple[str, str, str]
+    prices: tuple[str, str, str, str | None]  # input, cached, output, cache write
     points: str | None
     fx: str  # none | direct | inverse
     wallet: str
     plans: list[Plan]
-    lines: tuple[int, int, int]  # input (cached included), cached, output
+    lines: tuple[int, int, int, int]  # input (reads, writes included), reads, output, writes
 
 
 cases = st.builds(
@@ -94,21 +97,24 @@ cases = st.builds(
     credit=st.sampled_from(["0", "0.01", "0.5", "3"]),
     discount=st.sampled_from(["0", "10", "33.3333"]),
     price_cur=st.sampled_from(["USD", "CNY"]),
-    prices=st.tuples(_price(), _price(), _price()),
+    prices=st.tuples(_price(), _price(), _price(), st.one_of(st.none(), _price())),
     points=st.one_of(st.none(), st.sampled_from(["1", "3.5", "250"])),
     fx=st.sampled_from(["none", "direct", "inverse"]),
     wallet=st.sampled_from(["0", "0.01", "0.2", "1", "20"]),
     plans=st.one_of(st.lists(plans, min_size=1, max_size=3), st.lists(plans, max_size=1)),
-    lines=st.tuples(st.integers(0, 8_000), st.integers(0, 4_000), st.integers(0, 8_000)),
+    lines=st.tuples(
+        st.integers(0, 8_000), st.integers(0, 4_000), st.integers(0, 8_000), st.integers(0, 4_000)
+    ),
 )
 
 
 async def _setup(b: Billing, c: Case, start: int) -> None:
     await b.set_profile(T, currency=c.cur, draw_order=c.order, credit_limit=c.credit,
                         discount_pct=c.discount)  # fmt: skip
-    inp, cached, out = c.prices
+    inp, cached, out, write = c.prices
     await b.set_price(MODEL, currency=c.price_cur, input_per_1m=inp, cached_input_per_1m=cached,
-                      output_per_1m=out, points_per_1m=c.points, effective_ms=0)  # fmt: skip
+                      output_per_1m=out, cache_write_per_1m=write, points_per_1m=c.points,
+                      effective_ms=0)  # fmt: skip
     if c.fx == "direct":
         await b.set_fx("USD", "CNY", "7.1234", effective_ms=0)
     elif c.fx == "inverse":
@@ -202,17 +208,21 @@ async def _run(c: Case, root: Path) -> None:
         pots = [money_pot(T)] + [lot_pot(x) for x in contracts.terms.lots.get(T, ())]
         avail = {p: contracts.available(p) for p in pots}
 
-        inp, cached, out = c.lines
+        inp, cached, out, writes = c.lines
         cached = min(cached, inp)
-        lines = [inp - cached, cached, out]
+        writes = min(writes, inp - cached)
+        lines = [inp - cached - writes, cached, out, writes]
         try:
             admitted: Hold | Any = contracts.admit(T, MODEL, ts, list(lines), 60_000)
         except NotPriced as e:
             admitted = e
+        write_price = c.prices[3]
+        if write_price is not None and Decimal(write_price) > Decimal(c.prices[0]):
+            writes = inp - cached  # the worst case admission reserved: the prompt written
 
         ev = UsageEvent(request_id="r1", ts_ms=ts, tenant=T, key_id="k", endpoint="e",
                         model=MODEL, provider="p", input_tokens=inp, cached_input_tokens=cached,
-                        output_tokens=out)  # fmt: skip
+                        output_tokens=out, cache_write_tokens=writes)  # fmt: skip
         res = await b.settle([ev])
 
         if isinstance(admitted, NotPriced):
@@ -266,8 +276,8 @@ async def _run(c: Case, root: Path) -> None:
 def _case(**kw: Any) -> Case:
     base: dict[str, Any] = dict(
         cur="USD", order=list(DRAW_ORDER), credit="0", discount="0", price_cur="USD",
-        prices=("2.5", "1", "7.123"), points=None, fx="direct", wallet="1", plans=[],
-        lines=(3_000, 500, 2_000),
+        prices=("2.5", "1", "7.123", None), points=None, fx="direct", wallet="1", plans=[],
+        lines=(3_000, 500, 2_000, 0),
     )  # fmt: skip
     base.update(kw)
     return Case(**base)
@@ -292,6 +302,13 @@ def _plan(**kw: Any) -> Plan:
 @example(c=_case(cur="CNY", points="250", discount="10", plans=[_plan(kind="points", size=1)]))
 # Packages first in scope only, a hard stop, nothing else in the order: refused.
 @example(c=_case(order=["package"], plans=[_plan(scope=("other",)), _plan(size=100)]))
+# Prompt-cache writes dearer than input: admission reserves the prompt as written; a package
+# pays for writes like any token (then the wallet at the write price).
+@example(c=_case(prices=("2.5", "1", "7.123", "3.125"), lines=(3_000, 500, 2_000, 700)))
+@example(c=_case(prices=("2.5", "1", "7.123", "3.125"), lines=(3_000, 500, 2_000, 700),
+                 plans=[_plan(size=2_800)]))  # fmt: skip
+# Writes cheaper than input: reserved and settled as they come.
+@example(c=_case(prices=("2.5", "1", "7.123", "0.15"), lines=(3_000, 500, 2_000, 700)))
 # The wallet before the packages: it takes everything.
 @example(c=_case(order=["wallet", "package"], plans=[_plan()], wallet="20"))
 def test_admission_reserves_what_settlement_posts(c: Case) -> None:
