@@ -5,7 +5,8 @@ computed independently here.
 The session: 40 turns, each a user message; most turns (TOOL_TURNS) are a Read tool call (the
 model's tool_use, forced with tool_choice) and its result, a file's content as Claude Code's
 Read tool shows it (numbered lines), built from the fixed corpus in tests/corpus/, then the
-model's answer. The context grows to about 200k tokens. The request carries cache_control
+model's answer: 72 requests, streamed as Claude Code streams them (and once more as JSON
+replies). The context grows to about 200k tokens. The request carries cache_control
 breakpoints as Claude Code does: on the last tool definition, on the system prompt and on the
 last user block. The upstream is anthropic-kind and the mock simulates the cache as the API
 does (a breakpoint's prefix is written; a request reads the longest cached prefix ending at a
@@ -30,7 +31,7 @@ from typing import Any
 
 import anthropic
 import pytest
-from anthropic.types import TextBlockParam, ToolParam
+from anthropic.types import Message, TextBlockParam, ToolParam
 from dialect_hub import ANTHROPIC_MODEL, DialectHub, cache_figures, check_three_way
 from harness import IGNORE_REQUEST_KEY_WARNING, TENANT
 
@@ -146,7 +147,9 @@ def hub(tmp_path: Path, database: str) -> Iterator[DialectHub]:
         h.close()
 
 
-def test_coding_agent_session(hub: DialectHub) -> None:
+@pytest.mark.parametrize("stream", [True, False], ids=["streamed", "json"])
+def test_coding_agent_session(hub: DialectHub, stream: bool) -> None:
+    """Streamed, as Claude Code sends every request, and not."""
     t0 = time.monotonic()
 
     async def book(b: Billing) -> None:
@@ -168,22 +171,23 @@ def test_coding_agent_session(hub: DialectHub) -> None:
     served: list[dict[str, Any]] = []  # the mock's ledger entry of every request, in order
     usages: list[tuple[int, int, int]] = []  # (prompt, read, write) the client saw
 
-    def send(client: anthropic.Anthropic, **kw: Any) -> Any:
-        raw = client.messages.with_raw_response.create(
-            model=ANTHROPIC_MODEL,
-            max_tokens=512,
-            system=SYSTEM,
-            tools=CACHED_TOOLS,
-            messages=with_breakpoints(messages),
-            **kw,
-        )
-        message = raw.parse()
-        served.append(
-            check_three_way(
-                hub, raw.headers["x-request-id"], message.usage, model=ANTHROPIC_MODEL,
-                stream=False,
-            )
-        )  # fmt: skip
+    def send(client: anthropic.Anthropic, **kw: Any) -> Message:
+        kw |= {
+            "model": ANTHROPIC_MODEL,
+            "max_tokens": 512,
+            "system": SYSTEM,
+            "tools": CACHED_TOOLS,
+            "messages": with_breakpoints(messages),
+        }
+        if stream:
+            with client.messages.stream(**kw) as s:
+                rid = s.response.headers["x-request-id"]
+                message: Message = s.get_final_message()
+        else:
+            raw = client.messages.with_raw_response.create(**kw)
+            rid, message = raw.headers["x-request-id"], raw.parse()
+        served.append(check_three_way(hub, rid, message.usage, model=ANTHROPIC_MODEL,
+                                      stream=stream))  # fmt: skip
         read, write = cache_figures(message.usage)
         usages.append((message.usage.input_tokens + read + write, read, write))
         return message
