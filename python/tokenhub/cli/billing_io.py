@@ -319,9 +319,10 @@ def add_commands(events_subparsers: Any, billing_subparsers: Any) -> None:
             help="ingest usage events from a CloudEvents JSON-lines file",
             description="Store usage events from outside (other gateways' token logs): one "
             "CloudEvents 1.0 JSON object per line, type tokenhub.usage.v1 (data: model, "
-            "input_tokens, cached_input_tokens, output_tokens, provider, ...) or "
-            "com.openai.usage (data: model, prompt_tokens, completion_tokens, "
-            "prompt_tokens_details.cached_tokens, provider). subject is the tenant, time the "
+            "input_tokens, cached_input_tokens, cache_write_tokens, output_tokens, provider, "
+            "...; cache reads and writes are part of input_tokens) or com.openai.usage (data: "
+            "model, prompt_tokens, completion_tokens, prompt_tokens_details.cached_tokens and "
+            ".cache_write_tokens, provider). subject is the tenant, time the "
             "request time (RFC 3339). The request_id is the CloudEvent id when it is a "
             "tokenhub request id, a UUID or a ULID, else SOURCE#ID (hashed when long). "
             "Idempotent: an id stored with the same payload is a duplicate, with another "
@@ -369,11 +370,11 @@ def add_commands(events_subparsers: Any, billing_subparsers: Any) -> None:
         help="compare a provider's per-request token counts with tokenhub's usage events",
         description="Compare a provider's usage CSV (a header with request_id, input_tokens "
         "or prompt_tokens, output_tokens or completion_tokens, optionally cached_input_tokens "
-        "or cached_tokens, and model) with tokenhub's usage events: rows tokenhub lacks "
-        "(missing), events in scope the file lacks (extra; --provider and the time window "
-        "set the scope), the same request with other counts (differing), and token totals "
-        "on both sides. The file is streamed; malformed rows are reported with their line. "
-        + _TIMES,
+        "or cached_tokens, cache_write_tokens, and model) with tokenhub's usage events: rows "
+        "tokenhub lacks (missing), events in scope the file lacks (extra; --provider and "
+        "the time window set the scope), the same request with other counts (differing), "
+        "and token totals on both sides. The file is streamed; malformed rows are reported "
+        "with their line. " + _TIMES,
         epilog="Exit status: 0 when everything matches, 1 when there are discrepancies "
         "(including malformed rows), 2 on errors. Example: tokenhub billing reconcile "
         "openai-2026-11.csv --provider openai --period 2026-11",
