@@ -61,8 +61,10 @@ def pot_dim(pot: str) -> str:
 # The order tokens are taken from the lines in (by packages, point packs, a money pot that can
 # pay part): the prompt's uncached input and cache writes, its cache reads, then the output. With
 # a prompt placed whole on its dearer line of the two first ones, a reservation's cost is then
-# no less than that of any split of the same prompt into the three input lines (cache reads
-# cost no more than input; tokenhub.billing.pots.Contracts.admit).
+# no less than that of any split of the same prompt into the three input lines
+# (tokenhub.billing.pots.Contracts.worst), given that cache reads cost no more than input, as
+# every provider prices them; a price book that says otherwise (nothing refuses it) can let a
+# request cost more than was reserved by the difference, which the ledger then posts.
 TAKE_ORDER = (0, 3, 1, 2)
 
 
@@ -219,8 +221,8 @@ def draw(
     each pot up to `avail(pot)` (read once per pot). `lots`: the tenant's active lots,
     soonest-expiring first. `lines`: (uncached input, cached input, output, cache writes); a
     3-line sequence (an older peer's, before cache writes) reads as no cache writes. Raises
-    NotPriced when money must pay and the model has no price,
-    NoRate when a money draw needs an FX rate that is not set."""
+    NotPriced when money must pay and the model has no price, NoRate when a money draw needs
+    an FX rate that is not set."""
     cur = profile.currency
     tenant = profile.tenant
     mpot = money_pot(tenant)
