@@ -129,7 +129,11 @@ def test_request_body_changes_only_the_model_the_cap_and_stream() -> None:
         ),
         (
             {"auth_header": "Authorization", "headers": {"x-extra": "1"}},
-            {"Authorization": "sk-ant", "anthropic-version": "2023-06-01", "x-extra": "1"},
+            {"Authorization": "Bearer sk-ant", "anthropic-version": "2023-06-01", "x-extra": "1"},
+        ),
+        (
+            {"auth_header": "AUTHORIZATION"},
+            {"Authorization": "Bearer sk-ant", "anthropic-version": "2023-06-01"},
         ),
     ],
 )

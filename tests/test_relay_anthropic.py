@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from textgen import texts
 
 from tokenhub import Meter
-from tokenhub._core import AnthropicRelay
+from tokenhub._core import AnthropicRelay, SseRelay
 from tokenhub.gateway.providers.anthropic import ANTHROPIC
 from tokenhub.gateway.request import ANTHROPIC_MESSAGES
 
@@ -276,3 +276,24 @@ def test_the_stream_counts_what_the_reply_view_counts_for_the_sdks_message(
     assert sum(meter.count(t) for t in view.output_texts()) == relay.output_tokens
     assert view.usage == ANTHROPIC.stream_usage(relay.usage or b"")
     assert message.usage.output_tokens == MERGED["output_tokens"]
+
+
+def test_errored_is_an_error_event_and_the_openai_relays_an_error_chunk() -> None:
+    """`errored`: the Anthropic relay has seen an `error` event (named by its event line or by
+    its data, after the first token too), the OpenAI relay a chunk with a top-level `error`
+    object; a text that quotes `"error"` is neither. Both forward the event unchanged."""
+    relay = AnthropicRelay(Meter.load("cl100k_base").core)
+    quoted = json.dumps({"type": "content_block_delta", "index": 0,
+                         "delta": {"type": "text_delta", "text": '{"error": {}}'}})  # fmt: skip
+    relay.feed(f"data: {quoted}\n\n".encode())
+    assert relay.first_token and not relay.errored
+    err = b'data: {"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}\n\n'
+    assert relay.feed(err) == err
+    assert relay.errored and not relay.done
+    chat = SseRelay(False)
+    text = {"choices": [{"index": 0, "delta": {"content": '"error": {"x": 1}'}}]}
+    chat.feed(b"data: " + json.dumps(text).encode() + b"\n\n")
+    assert not chat.errored
+    chunk = b'data: {"error":{"message":"boom","type":"server_error"}}\n\n'
+    assert chat.feed(chunk) == chunk
+    assert chat.errored and not chat.done

@@ -78,6 +78,9 @@ class SseRelay:
     def first_token(self) -> bool:
         """A chunk with generated text (content, reasoning, tool call or legacy text) was seen."""
     @property
+    def errored(self) -> bool:
+        """A chunk with a top-level ``error`` object (a mid-stream failure) was seen."""
+    @property
     def usage(self) -> bytes | None:
         """The data payload (JSON) of the last chunk that carried usage, if any."""
     @property
@@ -119,6 +122,9 @@ class AnthropicRelay:
     @property
     def first_token(self) -> bool:
         """A content block delta with text, thinking or tool-call JSON was seen."""
+    @property
+    def errored(self) -> bool:
+        """An ``error`` event (a mid-stream failure) was seen."""
     @property
     def usage(self) -> bytes | None:
         """The merged usage object (Anthropic's keys) as JSON: message_start's, each

@@ -77,8 +77,9 @@ class Provider(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # OpenAI-compatible server) or "anthropic" (the native Messages API).
     kind: str = "openai"
     # The header that carries the key: "" = the kind's own (openai: "Authorization: Bearer
-    # <key>"; anthropic: "x-api-key: <key>"); another name sends the bare key in that header
-    # (Azure OpenAI: "api-key").
+    # <key>"; anthropic: "x-api-key: <key>"); "Authorization" (any case) sends "Bearer <key>"
+    # for either kind (DeepSeek's and Kimi's Anthropic-compatible endpoints take a Bearer
+    # token); another name sends the bare key in that header (Azure OpenAI: "api-key").
     auth_header: str = ""
     # Extra headers sent with every request (not secrets: those come from api_key_env), and
     # query parameters appended to every path (Azure OpenAI: {"api-version" = "2024-10-21"}).

@@ -54,6 +54,12 @@ impl PySseRelay {
         self.inner.first_token()
     }
 
+    /// A chunk with a top-level `error` object (a mid-stream failure) was seen.
+    #[getter]
+    fn errored(&self) -> bool {
+        self.inner.errored()
+    }
+
     /// The data payload (JSON) of the last chunk that carried usage, if any.
     #[getter]
     fn usage<'py>(&self, py: Python<'py>) -> Option<Bound<'py, PyBytes>> {
@@ -154,6 +160,12 @@ impl PyAnthropicRelay {
     #[getter]
     fn first_token(&self) -> bool {
         self.inner.first_token()
+    }
+
+    /// An `error` event (a mid-stream failure) was seen.
+    #[getter]
+    fn errored(&self) -> bool {
+        self.inner.errored()
     }
 
     /// The merged usage object (Anthropic's keys) as JSON, if any usage was seen.

@@ -13,6 +13,9 @@
 //! - `usage`: the data payload of the last chunk with a `usage` object (the gateway decodes it);
 //! - `head`: the first chunk's `id`, `object`, `created` and `model`, for a usage chunk the
 //!   gateway synthesizes;
+//! - `errored`: a chunk with a top-level `error` object has been seen (OpenAI's mid-stream
+//!   failure, forwarded; the stream will not end with `[DONE]`, and the gateway adds no error
+//!   of its own after it);
 //! - with a meter ([`SseScanner::with_meter`]): each choice's output tokens, counted as the
 //!   events pass, so that a stream without usage (or with usage the gateway finds implausible)
 //!   is metered without being kept, and money admission can extend its hold as output arrives.
@@ -60,6 +63,7 @@ use std::sync::{Arc, LazyLock};
 static LF2: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\n\n"));
 static CRLF2: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\r\n\r\n"));
 static USAGE_KEY: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"usage\""));
+static ERROR_KEY: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"error\""));
 
 /// Choice indexes counted apart (OpenAI's bound on `n`); text of further indexes is counted
 /// together in one more counter.
@@ -356,6 +360,14 @@ fn has_usage_object(data: &[u8]) -> bool {
     false
 }
 
+/// A chunk whose top level has an `error` object (an escaped `\"error\"` inside a text never
+/// reaches the decode: the caller looks for the unescaped key first).
+fn is_error_chunk(data: &[u8]) -> bool {
+    data.first() == Some(&b'{')
+        && serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(data)
+            .is_ok_and(|m| m.get("error").is_some_and(serde_json::Value::is_object))
+}
+
 /// One choice's running output count.
 struct Counter {
     index: i64,
@@ -381,6 +393,7 @@ pub struct SseScanner {
     done: bool,
     first_token: bool,
     held_done: bool,
+    errored: bool,
     usage: Option<Vec<u8>>,
     head: Option<Vec<u8>>,
     /// Per choice index, in order of first appearance; at most MAX_CHOICES.
@@ -445,6 +458,7 @@ impl SseScanner {
             done: false,
             first_token: false,
             held_done: false,
+            errored: false,
             usage: None,
             head: None,
             counters: Vec::new(),
@@ -461,6 +475,11 @@ impl SseScanner {
 
     pub fn first_token(&self) -> bool {
         self.first_token
+    }
+
+    /// A chunk with a top-level `error` object (a mid-stream failure) has been seen.
+    pub fn errored(&self) -> bool {
+        self.errored
     }
 
     /// The data payload of the last chunk that carried a usage object.
@@ -588,6 +607,9 @@ impl SseScanner {
     fn inspect_data(&mut self, data: &[u8]) -> Verdict {
         if self.head.is_none() {
             self.head = head_of(data);
+        }
+        if !self.errored && ERROR_KEY.find(data).is_some() && is_error_chunk(data) {
+            self.errored = true;
         }
         let usage = has_usage_object(data);
         if self.first_token && !usage {
@@ -844,6 +866,20 @@ mod tests {
         assert!(sc.usage().is_none());
         assert!(has_usage_object(b"{\"usage\" :\n {\"a\":1}}"));
         assert!(!has_usage_object(b"{\"content\":\"usage\"}"));
+    }
+
+    #[test]
+    fn an_error_chunk_is_noted_and_forwarded_and_a_quoted_error_is_not_one() {
+        let mut sc = SseScanner::with_meter(false, toy_meter(), DEFAULT_MAX_EVENT);
+        let text = "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"{\\\"error\\\": {}}\"}}]}\n\n";
+        assert_eq!(sc.feed_ok(text.as_bytes()), text.as_bytes());
+        assert!(sc.first_token() && !sc.errored());
+        let not_object = "data: {\"error\":null,\"choices\":[]}\n\n";
+        sc.feed_ok(not_object.as_bytes());
+        assert!(!sc.errored());
+        let err = "data: {\"error\":{\"message\":\"boom\",\"type\":\"server_error\"}}\n\n";
+        assert_eq!(sc.feed_ok(err.as_bytes()), err.as_bytes());
+        assert!(sc.errored() && !sc.done());
     }
 
     #[test]

@@ -54,8 +54,16 @@ API_VERSION = "2024-10-21"
 REC_MODEL = "rec-claude"  # an anthropic-kind provider whose server records what it is sent
 REC_KEY_ENV = "TOKENHUB_TEST_REC_KEY"
 REC_KEY = "rec-secret-0123456789"
+# The recorder again, each kind with auth_header = Authorization (any case): a Bearer token.
+REC_BEARER_MODEL = "rec-bearer-claude"
+BRK_BEARER_MODEL = "brk-bearer-chat"
 BROKEN_MODEL = "broken-chat"  # an openai-kind provider whose streams break off
 NOUSAGE_MODEL = "nousage-chat"  # an openai-kind mock that sends no usage
+# Models on a mock whose streams fail after STREAM_ERROR_AFTER events with the wire's own
+# mid-stream error event: an openai-kind provider and an anthropic-kind one.
+ERR_CHAT = "err-chat"
+ERR_CLAUDE = "err-claude"
+STREAM_ERROR_AFTER = 4
 WIRE_MODELS = [OPENAI_MODEL, ANTHROPIC_MODEL]
 QUESTION = "Why is exact token metering worth the trouble?"
 
@@ -150,6 +158,7 @@ def recorder_app(seen: list[dict[str, Any]]) -> web.Application:
 
     async def broken_chat(request: web.Request) -> web.StreamResponse:
         body = await request.json()
+        seen.append({"headers": dict(request.headers), "body": body, "path": request.path})
         if not body.get("stream"):  # a completion no translation can read
             return web.json_response({"choices": [{"message": 7}]})
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
@@ -189,6 +198,10 @@ class PipelineHub(DialectHub):
         runner, nousage = await _serve(mock_app(options), handler_cancellation=False)
         self._runners.append(runner)
         self.nousage_base = nousage
+        options = MockOptions(models={"*": ""}, stream_error_after=STREAM_ERROR_AFTER)
+        runner, failing = await _serve(mock_app(options), handler_cancellation=False)
+        self._runners.append(runner)
+        self.failing_base = failing
         await super()._start()
 
     async def _start_gateway(self) -> None:
@@ -213,6 +226,12 @@ class PipelineHub(DialectHub):
              "api_key_env": REC_KEY_ENV},
             {"name": "brk", "base_url": self.rec_base + "/v1"},
             {"name": "nousage", "base_url": self.nousage_base + "/v1"},
+            {"name": "rec-bearer", "base_url": self.rec_base + "/v1", "kind": "anthropic",
+             "api_key_env": REC_KEY_ENV, "auth_header": "authorization"},
+            {"name": "brk-bearer", "base_url": self.rec_base + "/v1",
+             "api_key_env": REC_KEY_ENV, "auth_header": "AUTHORIZATION"},
+            {"name": "err-oai", "base_url": self.failing_base + "/v1"},
+            {"name": "err-ant", "base_url": self.failing_base + "/v1", "kind": "anthropic"},
         ]  # fmt: skip
         for model, provider in (
             (AZURE_MODEL, "azure"),
@@ -220,6 +239,10 @@ class PipelineHub(DialectHub):
             (REC_MODEL, "rec"),
             (BROKEN_MODEL, "brk"),
             (NOUSAGE_MODEL, "nousage"),
+            (REC_BEARER_MODEL, "rec-bearer"),
+            (BRK_BEARER_MODEL, "brk-bearer"),
+            (ERR_CHAT, "err-oai"),
+            (ERR_CLAUDE, "err-ant"),
         ):
             data["models"].append(
                 {
@@ -841,6 +864,27 @@ def test_anthropic_upstream_headers_and_beta(hub: PipelineHub) -> None:
     assert "anthropic-beta" not in {k.lower() for k in translated["headers"]}
 
 
+def test_auth_header_authorization_is_a_bearer_token_for_either_kind(hub: PipelineHub) -> None:
+    """auth_header = "Authorization" (any case) sends `Authorization: Bearer <key>`, for an
+    anthropic-kind provider (DeepSeek's and Kimi's Anthropic-compatible endpoints) and an
+    openai-kind one alike; the anthropic kind sends no x-api-key then."""
+    hub.rec_seen.clear()
+    status, _, reply = post(
+        hub, "/v1/messages", {**MSG, "model": REC_BEARER_MODEL}, {"x-api-key": hub.secret}
+    )
+    assert status == 200, reply
+    chat = {"model": BRK_BEARER_MODEL, "messages": MSG["messages"], "stream": True}
+    status, _, reply = post(hub, "/v1/chat/completions", chat, hub.auth)
+    assert status == 200, reply
+    messages, completions = hub.rec_seen
+    assert completions["path"] == "/v1/chat/completions" and "path" not in messages
+    for seen in (messages, completions):
+        h = {k.lower(): v for k, v in seen["headers"].items()}
+        assert h["authorization"] == f"Bearer {REC_KEY}"
+        assert "x-api-key" not in h and hub.secret not in json.dumps(h)
+    assert {k.lower(): v for k, v in messages["headers"].items()}["anthropic-version"]
+
+
 def test_broken_stream_ends_in_the_clients_dialect(hub: PipelineHub) -> None:
     """An upstream stream that breaks off after some output: the client gets the gateway's
     error event in its own dialect, the event is a 502 and bills nothing."""
@@ -945,3 +989,54 @@ def test_untranslatable_reply_is_a_502(hub: PipelineHub) -> None:
     assert "could not be translated" in anthropic_error(reply, "api_error")
     ev = hub.event(h["x-request-id"])
     assert ev.status == 502 and sum(billed_lines(ev)) == 0
+
+
+def _error_events(path: str, events: list[tuple[str, Any]]) -> list[dict[str, Any]]:
+    """The error events of a stream in the dialect of `path`."""
+    if path == "/v1/messages":
+        return [data for name, data in events if name == "error"]
+    if path == "/v1/responses":
+        return [data for _, data in events if isinstance(data, dict) and data["type"] == "error"]
+    return [data for _, data in events if isinstance(data, dict) and "error" in data]
+
+
+@pytest.mark.parametrize("model", [ERR_CHAT, ERR_CLAUDE])
+@pytest.mark.parametrize("path", ["/v1/messages", "/v1/chat/completions", "/v1/responses"])
+def test_upstream_error_event_mid_stream_is_the_clients_only_error(
+    hub: PipelineHub, path: str, model: str
+) -> None:
+    """An upstream that fails mid-stream with its own error event (OpenAI's error chunk,
+    Anthropic's `event: error` overloaded_error): the client gets exactly one error event, in
+    its dialect, carrying the upstream's message (not the gateway's "broke off" after it), no
+    end marker; the event is a 502 upstream_stream_broken and bills nothing. Passthrough and
+    translated, both wires."""
+    if path == "/v1/messages":
+        body: dict[str, Any] = {**MSG, "model": model, "max_tokens": 40, "stream": True}
+        headers = {"x-api-key": hub.secret}
+    elif path == "/v1/responses":
+        body = {"model": model, "input": QUESTION, "max_output_tokens": 40, "stream": True}
+        headers = hub.auth
+    else:
+        body = {"model": model, "messages": [{"role": "user", "content": QUESTION}],
+                "max_tokens": 40, "stream": True}  # fmt: skip
+        headers = hub.auth
+    status, h, reply = post(hub, path, body, headers)
+    assert status == 200, reply
+    events = sse_events(reply)
+    errors = _error_events(path, events)
+    assert len(errors) == 1, events
+    (err,) = errors
+    message = err["message"] if path == "/v1/responses" else err["error"]["message"]
+    upstream_message = "Overloaded" if model == ERR_CLAUDE else "The server had an error"
+    assert message.startswith(upstream_message) and "broke off" not in message
+    if path == "/v1/messages":
+        assert err["type"] == "error" and events[-1][0] == "error"
+        assert "message_stop" not in [n for n, _ in events]
+    elif path == "/v1/chat/completions":
+        assert events[-1][1] is err and "[DONE]" not in [d for _, d in events]
+    else:
+        assert events[-1][1] is err
+        assert "response.completed" not in [d["type"] for _, d in events]
+    ev = hub.event(h["x-request-id"])
+    assert (ev.status, ev.error) == (502, "upstream_stream_broken")
+    assert sum(billed_lines(ev)) == 0

@@ -21,6 +21,13 @@ A client of another dialect than the wire's gets the scanner's events through th
 usage (never forwarding the usage chunk: it was made with keep_usage=False), the `StreamOut`
 writes the client's events, and its `end` the closing ones with the settled event's usage.
 The gateway's own errors (the cut, a broken stream) are written in the client's dialect.
+
+An upstream that fails mid-stream says so in its own error event (OpenAI: a chunk with an
+`error` object; Anthropic: `event: error`), then closes without its end marker. The scanner
+notes it (`errored`); the event reaches the client as it came (passthrough) or in the client's
+dialect (the pair's `StreamOut` turns it into the client's error event), and the gateway adds
+no "broke off" error of its own: the client sees exactly one error event, the upstream's
+message. The request is settled as a broken stream (502 upstream_stream_broken: nothing billed).
 """
 
 from __future__ import annotations
@@ -182,7 +189,7 @@ async def relay_stream(
             lost_client()
 
     try:
-        while not relay.done:
+        while not relay.done and not relay.errored:
             if deadline is not None:
                 remaining = deadline - loop.time()
                 if remaining <= 0:
@@ -243,7 +250,8 @@ async def relay_stream(
             await send(rest)
     if not ctx.done:
         settle()
-        if not relay.done and not client_gone:
+        if not relay.done and not relay.errored and not client_gone:
+            # (An upstream error event was the client's last: it needs no second one.)
             await send(
                 dialect.stream_error(ApiError.upstream_failed("the stream broke off"), end=False)
             )

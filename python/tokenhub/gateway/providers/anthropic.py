@@ -176,11 +176,17 @@ class AnthropicWire:
         return _encode(payload)
 
     def auth(self, key: str, provider: ProviderConfig) -> dict[str, str]:
-        """`x-api-key: <key>` (or the bare key in `provider.auth_header`), `anthropic-version`
-        (the provider's, unless its headers set one), then the provider's extra headers."""
+        """`x-api-key: <key>` (or the bare key in `provider.auth_header`; an auth_header of
+        Authorization, in any case, sends `Authorization: Bearer <key>`, as DeepSeek's and
+        Kimi's Anthropic-compatible endpoints take it), `anthropic-version` (the provider's,
+        unless its headers set one), then the provider's extra headers."""
         headers: dict[str, str] = {}
         if key:
-            headers[provider.auth_header or "x-api-key"] = key
+            name = provider.auth_header or "x-api-key"
+            if name.lower() == "authorization":
+                headers["Authorization"] = f"Bearer {key}"
+            else:
+                headers[name] = key
         if not any(h.lower() == "anthropic-version" for h in provider.headers):
             headers["anthropic-version"] = provider.anthropic_version
         headers.update(provider.headers)

@@ -56,6 +56,10 @@ class StreamScanner(Protocol):
         """Generated text was seen (time to first token)."""
 
     @property
+    def errored(self) -> bool:
+        """The upstream's mid-stream error event was seen (forwarded; no end marker follows)."""
+
+    @property
     def usage(self) -> bytes | None:
         """The last usage chunk, undecoded (`Provider.stream_usage` reads it)."""
 

@@ -132,13 +132,15 @@ class OpenAIWire:
 
     def auth(self, key: str, provider: ProviderConfig) -> dict[str, str]:
         """`Authorization: Bearer <key>`, or the bare key in `provider.auth_header` (Azure
-        OpenAI's `api-key`); then the provider's extra headers."""
+        OpenAI's `api-key`; an auth_header of Authorization, in any case, is the Bearer
+        form); then the provider's extra headers."""
         headers: dict[str, str] = {}
         if key:
-            if provider.auth_header:
-                headers[provider.auth_header] = key
-            else:
+            name = provider.auth_header
+            if not name or name.lower() == "authorization":
                 headers["Authorization"] = f"Bearer {key}"
+            else:
+                headers[name] = key
         headers.update(provider.headers)
         return headers
 
