@@ -4,6 +4,7 @@ exactly one event with the status and no output tokens."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -12,6 +13,7 @@ from typing import Any
 import aiohttp
 import openai
 import pytest
+from aiohttp import web
 from harness import (
     IGNORE_REQUEST_KEY_WARNING,
     MAX_BODY_BYTES,
@@ -22,6 +24,8 @@ from harness import (
     overhead_ms,
     wait_until,
 )
+
+from tokenhub.gateway.protocol import ConnectionLimits, GatewayRunner
 
 pytestmark = IGNORE_REQUEST_KEY_WARNING
 
@@ -308,3 +312,45 @@ def test_upstream_timeout(hub: Hub, client: openai.OpenAI, stream: bool) -> None
         hub, e.value.response.headers["x-request-id"], before, 504, "upstream_timeout"
     )
     assert (event.deployment, event.attempts) == ("slow/gpt-4o-mini", 1)
+
+
+@pytest.mark.parametrize(
+    ("target", "anthropic_shape"),
+    [
+        (b"/v1/messages", True),
+        (b"/v1/messages/count_tokens?beta=true", True),
+        (b"/v1/chat/completions", False),
+        (b"/v1/responses", False),
+    ],
+)
+@pytest.mark.parametrize("bad", [b"x-api-key: sk-secret-123\x01", b"Authorization: Bearer \x00k"])
+async def test_malformed_http_is_answered_in_the_paths_dialect(
+    target: bytes, anthropic_shape: bool, bad: bytes
+) -> None:
+    """A request head aiohttp cannot parse (a control byte in a header) gets a 400 in the
+    dialect of its path, as the error middleware renders errors (Anthropic's shape under
+    /v1/messages, OpenAI's elsewhere), quoting none of the request's bytes; the connection is
+    closed."""
+    runner = GatewayRunner(web.Application(), ConnectionLimits())
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"POST " + target + b" HTTP/1.1\r\nHost: x\r\n" + bad + b"\r\n")
+        writer.write(b"Content-Length: 2\r\n\r\n{}")
+        raw = await asyncio.wait_for(reader.read(), 5.0)  # to EOF: the connection is closed
+        writer.close()
+    finally:
+        await runner.cleanup()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert head.split(b"\r\n")[0].split(b" ")[1] == b"400", raw
+    assert b"x-request-id:" in head.lower()
+    assert b"secret" not in raw and b"\x00" not in body and b"\x01" not in body
+    err = json.loads(body)
+    if anthropic_shape:
+        assert err["type"] == "error" and err["error"]["type"] == "invalid_request_error"
+        assert "not valid HTTP/1.1" in err["error"]["message"]
+    else:
+        assert err["error"]["code"] == "invalid_http_request" and "type" not in err

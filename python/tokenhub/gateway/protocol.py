@@ -4,8 +4,12 @@ the limits on what a client may hold without sending a request.
 aiohttp answers a request it cannot parse (a control byte or a bare CR in a header, an oversized
 line) before any middleware runs: a plain-text 400 that quotes the offending line, and an ERROR
 log with the line in its traceback, so a malformed `Authorization` header put the key in both.
-`_Protocol.handle_error` answers with the OpenAI-shaped error instead, and logs only the
-exception's class.
+`_Protocol.handle_error` answers with an error in the dialect of the request's path instead
+(the error middleware's rule, `app._dialect_of`: under /v1/messages Anthropic's shape, else
+OpenAI's), and logs only the exception's class. aiohttp hands it a placeholder request (method
+UNKNOWN, path "/") when the head did not parse, so the connection keeps the start of each
+request head (at most `_HEAD_LINE_MAX` bytes, up to the first line's end) to read the path
+from; a head that does not even have one is answered in OpenAI's shape.
 
 Connections (`[server]` in the config):
 
@@ -21,7 +25,8 @@ Connections (`[server]` in the config):
 
 What this relies on in aiohttp (3.14, so pyproject pins it below 3.15): `RequestHandler` (its
 constructor keywords, `handle_error`, `finish_response`, `data_received`, `_request_count`: the
-number of request heads parsed on the connection) and `AppRunner._make_server`, which builds
+number of request heads parsed on the connection), `web_protocol.ERROR` (the placeholder
+request of an unparsable head) and `AppRunner._make_server`, which builds
 the `web.Server` whose `__call__` makes one protocol per connection.
 """
 
@@ -34,9 +39,11 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 from aiohttp import web
+from aiohttp.web_protocol import ERROR as UNPARSED
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 
+from tokenhub.gateway.dialects import DIALECTS
 from tokenhub.gateway.errors import ApiError
 from tokenhub.gateway.service import new_request_id
 
@@ -44,6 +51,7 @@ log = logging.getLogger("tokenhub.gateway")
 
 SERVER_NAME = "tokenhub"  # the Server header: no version for a scanner to match
 FD_HEADROOM = 256  # descriptors kept for the database, journal, settler pipes, logs
+_HEAD_LINE_MAX = 512  # bytes of a request head kept to read its path from, should it not parse
 
 
 @dataclass(frozen=True)
@@ -133,6 +141,14 @@ def _protocol_error(status: int) -> ApiError:
     return ApiError.internal()
 
 
+def _target(head: bytes) -> str:
+    """The path of a request head's first line ("/" when it has none to read)."""
+    parts = head.lstrip(b"\r\n").split(b"\n", 1)[0].split(b" ")
+    if len(parts) < 2:
+        return "/"
+    return parts[1].split(b"?", 1)[0].decode("latin-1")
+
+
 class _Protocol(RequestHandler):
     def __init__(self, manager: _Server, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
@@ -141,6 +157,7 @@ class _Protocol(RequestHandler):
         self._refused = False  # over the cap: answered 503 and closed
         self._awaiting_head = True  # the next bytes start a request head
         self._head_timer: asyncio.TimerHandle | None = None
+        self._head_line = b""  # the start of the current request head (see the docstring)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         server = self._server
@@ -168,6 +185,9 @@ class _Protocol(RequestHandler):
     def data_received(self, data: bytes) -> None:
         if self._refused:
             return
+        line = self._head_line
+        if self._awaiting_head and len(line) < _HEAD_LINE_MAX and b"\n" not in line:
+            self._head_line = line + data[: _HEAD_LINE_MAX - len(line)]
         heads = self._request_count
         super().data_received(data)
         if self._request_count != heads:
@@ -184,6 +204,7 @@ class _Protocol(RequestHandler):
     ) -> tuple[web.StreamResponse, bool]:
         result = await super().finish_response(request, resp, start_time)
         self._awaiting_head = True
+        self._head_line = b""
         return result
 
     def _cancel_head_timer(self) -> None:
@@ -217,7 +238,16 @@ class _Protocol(RequestHandler):
             log.info("refused a malformed request from %s: %s", request.remote, what)
         if request.writer.output_size > 0:
             raise ConnectionError("the response had started: the connection is closed")
-        resp = _protocol_error(status).response()
+        from tokenhub.gateway.app import _dialect_of  # late: app imports this module
+
+        path = request.path if request.method != UNPARSED.method else _target(self._head_line)
+        err = _protocol_error(status)
+        resp = web.Response(
+            status=err.status,
+            body=DIALECTS[_dialect_of(path)].error_body(err),
+            content_type="application/json",
+            headers=err.headers,
+        )
         resp.headers["Server"] = SERVER_NAME
         resp.headers["x-request-id"] = new_request_id()
         resp.force_close()
