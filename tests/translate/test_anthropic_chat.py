@@ -6,6 +6,7 @@ the SDK's client), and round trips that must give back what went in."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import json
 from typing import Any
@@ -14,6 +15,8 @@ import anthropic
 import openai
 import pytest
 from aiohttp import web
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
 from tokenhub.gateway.errors import ApiError
@@ -1105,3 +1108,121 @@ def test_replies_round_trip() -> None:
     assert [(c["id"], json.loads(c["function"]["arguments"])) for c in message["tool_calls"]] == [
         (c["id"], json.loads(c["function"]["arguments"])) for c in original["message"]["tool_calls"]
     ]
+
+
+# -- hostile upstream JSON: a clear ValueError, never an accident ---------------------------------
+
+WRONG_SHAPE = r"the upstream's .* is not a"
+HOSTILE_CHAT_REPLIES = [
+    [1],
+    "a string",
+    {"choices": 7},
+    {"choices": [{"message": 7}]},
+    {"choices": [7]},
+    {"choices": [{"message": {"content": 7}}]},
+    {"choices": [{"message": {"content": [{"type": "text", "text": 5}]}}]},
+    {"choices": [{"message": {"tool_calls": 7}}]},
+    {"choices": [{"message": {"tool_calls": [7]}}]},
+    {"choices": [{"message": {"tool_calls": [{"function": "f"}]}}]},
+    {"choices": [{"message": {"tool_calls": [{"function": {"name": 3}}]}}]},
+]
+HOSTILE_MESSAGES_REPLIES = [
+    [1],
+    7,
+    {"content": 7},
+    {"content": {"type": "text"}},
+    {"content": [{"type": "text", "text": 5}]},
+    {"content": [{"type": "thinking", "thinking": ["x"]}]},
+    {"content": [{"type": "tool_use", "name": {"n": 1}}]},
+]
+
+
+@pytest.mark.parametrize("body", HOSTILE_CHAT_REPLIES)
+def test_a_chat_reply_of_the_wrong_shape_is_a_value_error(body: Any) -> None:
+    """`{"choices": [{"message": 7}]}` and kin: a ValueError naming the upstream's field (the
+    pipeline's 502), not an AttributeError or TypeError by accident."""
+    with pytest.raises(ValueError, match=WRONG_SHAPE):
+        MessagesOverChat().reply(json.dumps(body).encode(), event())
+
+
+@pytest.mark.parametrize("body", HOSTILE_MESSAGES_REPLIES)
+def test_a_messages_reply_of_the_wrong_shape_is_a_value_error(body: Any) -> None:
+    with pytest.raises(ValueError, match=WRONG_SHAPE):
+        ChatOverMessages().reply(json.dumps(body).encode(), event())
+
+
+def test_labels_of_the_wrong_type_are_read_as_absent() -> None:
+    """Fields that only label the output (ids, finish and stop reasons) of the wrong type are
+    taken as absent: the reply still translates."""
+    chat = {"id": 5, "choices": [{"message": {"content": "Hi", "tool_calls": None},
+                                  "finish_reason": ["stop"]}]}  # fmt: skip
+    msg = json.loads(MessagesOverChat().reply(json.dumps(chat).encode(), event()))
+    assert msg["content"] == [{"type": "text", "text": "Hi"}] and msg["stop_reason"] == "end_turn"
+    assert msg["id"] == "msg_req_1"
+    reply = {"id": [], "content": [{"type": "text", "text": "Hi"}], "stop_reason": {"x": 1}}
+    completion = json.loads(ChatOverMessages().reply(json.dumps(reply).encode(), event()))
+    assert completion["choices"][0]["finish_reason"] == "stop"
+    assert completion["choices"][0]["message"]["content"] == "Hi"
+
+
+@pytest.mark.parametrize(
+    ("translation", "event_text"),
+    [
+        (MessagesOverChat(), b'data: {"choices": [{"delta": 7}]}\n\n'),
+        (
+            MessagesOverChat(),
+            b'data: {"choices": [{"delta": {"tool_calls": [{"index": []}]}}]}\n\n',
+        ),
+        (MessagesOverChat(), b'data: {"choices": [{"delta": {"content": {"a": 1}}}]}\n\n'),
+        (ChatOverMessages(), b'data: {"type": "content_block_start", "content_block": 7}\n\n'),
+        (
+            ChatOverMessages(),
+            b'data: {"type": "content_block_start", "index": {}, '
+            b'"content_block": {"type": "tool_use", "name": "f"}}\n\n',
+        ),
+        (ChatOverMessages(), b'data: {"type": "content_block_delta", "delta": []}\n\n'),
+        (
+            ChatOverMessages(),
+            b'data: {"type": "content_block_delta", "index": 0, '
+            b'"delta": {"type": "text_delta", "text": 9}}\n\n',
+        ),
+        (ChatOverMessages(), b'data: {"type": "message_delta", "delta": "end_turn"}\n\n'),
+    ],
+)
+def test_a_stream_event_of_the_wrong_shape_is_a_value_error(
+    translation: Any, event_text: bytes
+) -> None:
+    out = translation.stream(event(), True)
+    with pytest.raises(ValueError, match=WRONG_SHAPE):
+        out.feed(event_text)
+
+
+_KEYS = st.sampled_from(
+    ["choices", "message", "delta", "content", "text", "tool_calls", "function", "name",
+     "arguments", "id", "index", "type", "finish_reason", "stop_reason", "content_block",
+     "partial_json", "thinking", "input", "reasoning_content", "refusal", "error", "usage"]
+)  # fmt: skip
+_TYPES = st.sampled_from(
+    ["message_start", "content_block_start", "content_block_delta", "message_delta", "error",
+     "text", "tool_use", "thinking", "text_delta", "input_json_delta", "thinking_delta"]
+)  # fmt: skip
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(-3, 3) | st.text(max_size=4) | _TYPES,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(_KEYS, inner, max_size=4),
+    max_leaves=16,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(value=_JSON)
+def test_any_json_translates_or_is_a_value_error(value: Any) -> None:
+    """Any JSON value (objects keyed as the wires' fields are), as a reply and as a stream
+    event to either translation: bytes out, or a ValueError; nothing else escapes."""
+    data = json.dumps(value).encode()
+    for translation in (MessagesOverChat(), ChatOverMessages()):
+        with contextlib.suppress(ValueError):
+            assert isinstance(translation.reply(data, event()), bytes)
+        out = translation.stream(event(), True)
+        with contextlib.suppress(ValueError):
+            assert isinstance(out.feed(b"data: " + data + b"\n\n"), bytes)
+            assert isinstance(out.end(event()), bytes)

@@ -179,11 +179,17 @@ async def _attempt(
     if not ex.passthrough:
         try:
             data = ex.reply(data, ctx.event)
-        except Exception:
+        except Exception as e:
             # A completion its translation cannot read (the upstream's shape, not the
             # client's fault): like any reply that is not one, the next deployment's turn.
-            log.exception("request %s: the reply of %s could not be translated",
-                          ctx.event.request_id, dep.name)  # fmt: skip
+            # A ValueError is the translation saying which field (no trace needed); anything
+            # else is a bug in it, logged with its trace.
+            if isinstance(e, ValueError):
+                log.warning("request %s: the reply of %s could not be translated: %s",
+                            ctx.event.request_id, dep.name, e)  # fmt: skip
+            else:
+                log.exception("request %s: the reply of %s could not be translated",
+                              ctx.event.request_id, dep.name)  # fmt: skip
             raise Retry(
                 ApiError.upstream_failed("its reply could not be translated"), "bad_reply"
             ) from None

@@ -270,6 +270,9 @@ def _translate(out: StreamOut, events: bytes, request_id: str) -> bytes:
     scanner."""
     try:
         return out.feed(events)
-    except Exception:
+    except ValueError as e:  # the translation naming the field it could not read
+        log.warning("request %s: an upstream event could not be translated: %s", request_id, e)
+        raise ClientPayloadError("an event could not be translated") from None
+    except Exception:  # a bug in the translation
         log.exception("request %s: an upstream event could not be translated", request_id)
         raise ClientPayloadError("an event could not be translated") from None

@@ -101,6 +101,56 @@ def _object(text: Any) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
+# -- reading an upstream's JSON: a field of the wrong type is a clear ValueError -----------------
+# An upstream reply or stream event that is JSON but not of the shape its API documents (say
+# `{"choices": [{"message": 7}]}`) cannot be translated: what it meant is unknown. The readers
+# below raise ValueError naming the field, which the pipeline turns into a 502 (a reply: the
+# next deployment's turn; a stream: a broken stream), never an AttributeError by accident.
+# Fields that only label the output (ids, finish and stop reasons) are read leniently instead:
+# one of the wrong type is taken as absent.
+
+
+def _obj(value: Any, where: str) -> dict[str, Any]:
+    """`value` if it is a JSON object, {} if it is absent (null); else ValueError."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ValueError(f"the upstream's {where} is not a JSON object")
+    return value
+
+
+def _list(value: Any, where: str) -> list[Any]:
+    """`value` if it is a JSON array, [] if it is absent (null); else ValueError."""
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise ValueError(f"the upstream's {where} is not a JSON array")
+    return value
+
+
+def _str(value: Any, where: str) -> str:
+    """`value` if it is a string, "" if it is absent (null); else ValueError."""
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise ValueError(f"the upstream's {where} is not a string")
+    return value
+
+
+def _index(value: Any, default: int, where: str) -> int:
+    """`value` if it is an integer, `default` if it is absent (null); else ValueError."""
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"the upstream's {where} is not an integer")
+    return value
+
+
+def _label(value: Any) -> str | None:
+    """A label field (finish or stop reason, id): the string, or None for anything else."""
+    return value if isinstance(value, str) and value else None
+
+
 def _sse(kind: str, data: dict[str, Any]) -> bytes:
     return b"event: " + kind.encode() + b"\ndata: " + _encode(data) + b"\n\n"
 
@@ -206,7 +256,7 @@ def _message_id(upstream_id: Any, event: UsageEvent) -> str:
 
 def _stop_reason(choice: dict[str, Any], has_tools: bool) -> tuple[str, str | None]:
     """(stop_reason, stop_sequence) for a chat choice's finish."""
-    finish = choice.get("finish_reason")
+    finish = _label(choice.get("finish_reason"))
     matched = choice.get("stop_reason")  # vLLM: the stop string that matched
     if finish == "stop" and isinstance(matched, str) and matched:
         return "stop_sequence", matched
@@ -258,31 +308,36 @@ class MessagesOverChat:
         return out
 
     def reply(self, body: bytes, event: UsageEvent) -> bytes:
-        """A chat completion as a Messages API message."""
-        data = _decode(body)
-        choices = data.get("choices") or [{}]
-        choice = choices[0] if isinstance(choices[0], dict) else {}
-        message = choice.get("message") or {}
+        """A chat completion as a Messages API message. ValueError: a field is not of its
+        type (see `_obj`)."""
+        data = _obj(_decode(body), "reply")
+        choices = _list(data.get("choices"), "choices")
+        choice = _obj(choices[0] if choices else None, "choices[0]")
+        message = _obj(choice.get("message"), "choices[0].message")
         content: list[dict[str, Any]] = []
         reasoning = message.get("reasoning_content") or message.get("reasoning")
         if isinstance(reasoning, str) and reasoning:
             content.append({"type": "thinking", "thinking": reasoning, "signature": ""})
         text = message.get("content")
         if isinstance(text, list):  # some servers answer with content parts
-            text = "".join(p.get("text", "") for p in text if isinstance(p, dict))
+            text = "".join(
+                _str(p.get("text"), "message.content[].text") for p in text if isinstance(p, dict)
+            )
+        text = _str(text, "message.content")
         refusal = message.get("refusal")
-        if isinstance(text, str) and text:
+        if text:
             content.append({"type": "text", "text": text})
         elif isinstance(refusal, str) and refusal:
             content.append({"type": "text", "text": refusal})
-        calls = message.get("tool_calls") or []
-        for i, call in enumerate(calls):
-            fn = call.get("function") or {}
+        calls = _list(message.get("tool_calls"), "message.tool_calls")
+        for i, item in enumerate(calls):
+            call = _obj(item, "message.tool_calls[]")
+            fn = _obj(call.get("function"), "message.tool_calls[].function")
             content.append(
                 {
                     "type": "tool_use",
-                    "id": call.get("id") or f"toolu_{event.request_id}_{i}",
-                    "name": fn.get("name") or "",
+                    "id": _label(call.get("id")) or f"toolu_{event.request_id}_{i}",
+                    "name": _str(fn.get("name"), "message.tool_calls[].function.name"),
                     "input": _object(fn.get("arguments")),
                 }
             )
@@ -382,10 +437,10 @@ class MessagesStream:
         if not self.started:
             self.id = chunk.get("id")
             out += self._start()
-        for choice in chunk.get("choices") or ():
-            if not isinstance(choice, dict) or choice.get("index", 0) != 0:
+        for choice in _list(chunk.get("choices"), "chunk's choices"):
+            if not isinstance(choice, dict) or choice.get("index", 0) not in (0, None):
                 continue
-            delta = choice.get("delta") or {}
+            delta = _obj(choice.get("delta"), "chunk's delta")
             reasoning = delta.get("reasoning_content") or delta.get("reasoning")
             if isinstance(reasoning, str) and reasoning:
                 if self.open != "thinking":
@@ -394,16 +449,16 @@ class MessagesStream:
                     )
                 out += self._delta(self.block, {"type": "thinking_delta", "thinking": reasoning})
             for key in ("content", "refusal"):
-                text = delta.get(key)
-                if isinstance(text, str) and text:
+                text = _str(delta.get(key), f"chunk's delta.{key}")
+                if text:
                     if self.open != "text":
                         out += self._open("text", {"type": "text", "text": ""})
                     out += self._delta(self.block, {"type": "text_delta", "text": text})
                     if key == "refusal":
                         self.finish = self.finish or "content_filter"
-            for call in delta.get("tool_calls") or ():
-                out += self._tool_call(call)
-            finish = choice.get("finish_reason")
+            for call in _list(delta.get("tool_calls"), "chunk's delta.tool_calls"):
+                out += self._tool_call(_obj(call, "chunk's delta.tool_calls[]"))
+            finish = _label(choice.get("finish_reason"))
             if finish:
                 self.finish = finish
                 matched = choice.get("stop_reason")
@@ -413,14 +468,14 @@ class MessagesStream:
 
     def _tool_call(self, call: dict[str, Any]) -> bytes:
         out = b""
-        n = call.get("index", len(self.tools))
-        fn = call.get("function") or {}
+        n = _index(call.get("index"), len(self.tools), "tool call delta's index")
+        fn = _obj(call.get("function"), "tool call delta's function")
         if n not in self.tools:
-            block_id = call.get("id") or f"toolu_{self.event.request_id}_{n}"
+            block_id = _label(call.get("id")) or f"toolu_{self.event.request_id}_{n}"
             block: dict[str, Any] = {
                 "type": "tool_use",
                 "id": block_id,
-                "name": fn.get("name") or "",
+                "name": _str(fn.get("name"), "tool call delta's function.name"),
                 "input": {},
             }
             out += self._open(("tool", n), block)
@@ -706,24 +761,25 @@ class ChatOverMessages:
         return out
 
     def reply(self, body: bytes, event: UsageEvent) -> bytes:
-        """An Anthropic message as a chat completion."""
-        data = _decode(body)
+        """An Anthropic message as a chat completion. ValueError: a field is not of its type
+        (see `_obj`)."""
+        data = _obj(_decode(body), "reply")
         texts: list[str] = []
         thinking: list[str] = []
         calls: list[dict[str, Any]] = []
-        for block in data.get("content") or ():
+        for block in _list(data.get("content"), "content"):
             kind = block.get("type") if isinstance(block, dict) else None
             if kind == "text":
-                texts.append(block.get("text", ""))
+                texts.append(_str(block.get("text"), "text block's text"))
             elif kind == "thinking":
-                thinking.append(block.get("thinking", ""))
+                thinking.append(_str(block.get("thinking"), "thinking block's thinking"))
             elif kind == "tool_use":
                 calls.append(
                     {
-                        "id": block.get("id", ""),
+                        "id": _label(block.get("id")) or "",
                         "type": "function",
                         "function": {
-                            "name": block.get("name", ""),
+                            "name": _str(block.get("name"), "tool_use block's name"),
                             "arguments": _json_text(block.get("input", {})),
                         },
                     }
@@ -737,7 +793,7 @@ class ChatOverMessages:
             message["reasoning_content"] = "".join(thinking)
         if calls:
             message["tool_calls"] = calls
-        finish = FINISH_REASONS.get(data.get("stop_reason") or "end_turn", "stop")
+        finish = FINISH_REASONS.get(_label(data.get("stop_reason")) or "end_turn", "stop")
         return _encode(
             {
                 "id": _completion_id(data.get("id"), event),
@@ -802,45 +858,51 @@ class ChunkStream:
     def _event(self, name: str | None, data: dict[str, Any]) -> bytes:
         kind = data.get("type", name)
         if kind == "message_start":
-            message = data.get("message") or {}
+            message = _obj(data.get("message"), "message_start's message")
             self.id = _completion_id(message.get("id"), self.event)
             return b"" if self.started else self._role()
         out = b"" if self.started or kind in ("ping", "error") else self._role()
         if kind == "content_block_start":
-            block = data.get("content_block") or {}
+            block = _obj(data.get("content_block"), "content_block_start's content_block")
             if block.get("type") == "tool_use":
                 n = len(self.tools)
-                self.tools[data.get("index", n)] = n
+                self.tools[_index(data.get("index"), n, "content_block_start's index")] = n
                 call = {
                     "index": n,
-                    "id": block.get("id", ""),
+                    "id": _label(block.get("id")) or "",
                     "type": "function",
-                    "function": {"name": block.get("name", ""), "arguments": ""},
+                    "function": {
+                        "name": _str(block.get("name"), "tool_use block's name"),
+                        "arguments": "",
+                    },
                 }
                 out += self._chunk({"tool_calls": [call]})
-            elif block.get("type") == "text" and block.get("text"):
-                out += self._chunk({"content": block["text"]})
+            elif block.get("type") == "text" and (text := _str(block.get("text"), "text's text")):
+                out += self._chunk({"content": text})
         elif kind == "content_block_delta":
-            delta = data.get("delta") or {}
+            delta = _obj(data.get("delta"), "content_block_delta's delta")
             dtype = delta.get("type")
             if dtype == "text_delta":
-                out += self._chunk({"content": delta.get("text", "")})
+                out += self._chunk({"content": _str(delta.get("text"), "text_delta's text")})
             elif dtype == "thinking_delta":
-                out += self._chunk({"reasoning_content": delta.get("thinking", "")})
+                thinking = _str(delta.get("thinking"), "thinking_delta's thinking")
+                out += self._chunk({"reasoning_content": thinking})
             elif dtype == "input_json_delta":
-                at = self.tools.get(data.get("index", -1))
+                index = _index(data.get("index"), -1, "content_block_delta's index")
+                at = self.tools.get(index)
                 if at is not None:
-                    args = {"arguments": delta.get("partial_json", "")}
+                    partial = _str(delta.get("partial_json"), "input_json_delta's partial_json")
+                    args = {"arguments": partial}
                     out += self._chunk({"tool_calls": [{"index": at, "function": args}]})
         elif kind == "message_delta":
-            stop = (data.get("delta") or {}).get("stop_reason")
+            stop = _obj(data.get("delta"), "message_delta's delta").get("stop_reason")
             if stop is not None and not self.finished:
                 self.finished = True
-                out += self._chunk({}, FINISH_REASONS.get(stop, "stop"))
+                out += self._chunk({}, FINISH_REASONS.get(_label(stop) or "end_turn", "stop"))
         elif kind == "error":
             err = data.get("error") or {}
-            message = err.get("message") if isinstance(err, dict) else None
-            text = message if isinstance(message, str) else "The upstream stream failed."
+            said = err.get("message") if isinstance(err, dict) else None
+            text = said if isinstance(said, str) else "The upstream stream failed."
             out += b"data: " + ApiError(500, text, type="api_error").body() + b"\n\n"
         return out
 
