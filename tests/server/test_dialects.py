@@ -12,6 +12,7 @@ tested in test_sdk_anthropic.py, test_sdk_responses.py and test_coding_agent.py.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import time
@@ -20,14 +21,18 @@ import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
+import aiohttp
 import anthropic
 import msgspec
 import openai
 import pytest
 from aiohttp import web
 from dialect_hub import ANTHROPIC_MODEL, MODELS, OPENAI_MODEL, VOCAB, DialectHub
-from harness import IGNORE_REQUEST_KEY_WARNING, _serve, wait_until
+from harness import IGNORE_REQUEST_KEY_WARNING, TENANT, _serve, wait_until
 
+from tokenhub.billing.draw import money_pot
+from tokenhub.billing.pots import TRANCHE, Contracts, new_epoch
+from tokenhub.billing.terms import Price, Profile, Terms
 from tokenhub.config import Provider
 from tokenhub.gateway import usage_check
 from tokenhub.gateway.errors import ApiError
@@ -39,6 +44,8 @@ from tokenhub.gateway.upstream import Upstream
 from tokenhub.meter import Meter
 from tokenhub.mock import MockOptions
 from tokenhub.mock import build_app as mock_app
+from tokenhub.money import rate
+from tokenhub.quota import Quota
 from tokenhub.usage import UsageEvent, billed_lines
 
 pytestmark = IGNORE_REQUEST_KEY_WARNING
@@ -55,6 +62,13 @@ REC_MODEL = "rec-claude"  # an anthropic-kind provider whose server records what
 REC_KEY_ENV = "TOKENHUB_TEST_REC_KEY"
 REC_KEY = "rec-secret-0123456789"
 # The recorder again, each kind with auth_header = Authorization (any case): a Bearer token.
+PACED_MODEL = "paced-claude"  # the recorder's slow Anthropic stream with cache writes
+PACED_DELTAS = 300  # its text deltas, PACED_GAP_S apart
+PACED_GAP_S = 0.004
+# Its usage: far more prompt (mostly cache reads and writes) and output than was held.
+PACED_USAGE = {"input_tokens": 5, "cache_creation_input_tokens": 2000,
+               "cache_read_input_tokens": 1000}  # fmt: skip
+PACED_OUTPUT = 3000
 REC_BEARER_MODEL = "rec-bearer-claude"
 BRK_BEARER_MODEL = "brk-bearer-chat"
 BROKEN_MODEL = "broken-chat"  # an openai-kind provider whose streams break off
@@ -173,9 +187,38 @@ def recorder_app(seen: list[dict[str, Any]]) -> web.Application:
         await resp.write_eof()  # without [DONE]: the stream broke off
         return resp
 
+    async def paced(request: web.Request) -> web.StreamResponse:
+        """A slow Messages stream whose usage has cache writes and reads (PACED_*)."""
+        body = await request.json()
+        message = {
+            "id": "msg_paced", "type": "message", "role": "assistant", "model": body["model"],
+            "content": [], "stop_reason": None, "stop_sequence": None,
+            "usage": {**PACED_USAGE, "output_tokens": 1},
+        }  # fmt: skip
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(_sse("message_start", {"type": "message_start", "message": message}))
+        await resp.write(_sse("content_block_start",
+                              {"type": "content_block_start", "index": 0,
+                               "content_block": {"type": "text", "text": ""}}))  # fmt: skip
+        for _ in range(PACED_DELTAS):
+            await asyncio.sleep(PACED_GAP_S)
+            await resp.write(_sse("content_block_delta",
+                                  {"type": "content_block_delta", "index": 0,
+                                   "delta": {"type": "text_delta", "text": "tok "}}))  # fmt: skip
+        await resp.write(_sse("content_block_stop", {"type": "content_block_stop", "index": 0}))
+        await resp.write(_sse("message_delta",
+                              {"type": "message_delta",
+                               "delta": {"stop_reason": "max_tokens", "stop_sequence": None},
+                               "usage": {"output_tokens": PACED_OUTPUT}}))  # fmt: skip
+        await resp.write(_sse("message_stop", {"type": "message_stop"}))
+        await resp.write_eof()
+        return resp
+
     app = web.Application()
     app.router.add_post("/v1/messages", messages)
     app.router.add_post("/v1/chat/completions", broken_chat)
+    app.router.add_post("/paced/v1/messages", paced)
     return app
 
 
@@ -230,6 +273,8 @@ class PipelineHub(DialectHub):
              "api_key_env": REC_KEY_ENV, "auth_header": "authorization"},
             {"name": "brk-bearer", "base_url": self.rec_base + "/v1",
              "api_key_env": REC_KEY_ENV, "auth_header": "AUTHORIZATION"},
+            {"name": "paced", "base_url": self.rec_base + "/paced/v1", "kind": "anthropic",
+             "api_key_env": REC_KEY_ENV},
             {"name": "err-oai", "base_url": self.failing_base + "/v1"},
             {"name": "err-ant", "base_url": self.failing_base + "/v1", "kind": "anthropic"},
         ]  # fmt: skip
@@ -239,6 +284,7 @@ class PipelineHub(DialectHub):
             (REC_MODEL, "rec"),
             (BROKEN_MODEL, "brk"),
             (NOUSAGE_MODEL, "nousage"),
+            (PACED_MODEL, "paced"),
             (REC_BEARER_MODEL, "rec-bearer"),
             (BRK_BEARER_MODEL, "brk-bearer"),
             (ERR_CHAT, "err-oai"),
@@ -247,7 +293,9 @@ class PipelineHub(DialectHub):
             data["models"].append(
                 {
                     "id": model,
-                    "deployments": [{"provider": provider, "upstream_model": "gpt-4o-mini"}],
+                    "deployments": [
+                        {"provider": provider, "upstream_model": "gpt-4o-mini", "vocab": VOCAB}
+                    ],
                 }
             )
         self.config = msgspec.convert(data, type(self.config))
@@ -1040,3 +1088,65 @@ def test_upstream_error_event_mid_stream_is_the_clients_only_error(
     ev = hub.event(h["x-request-id"])
     assert (ev.status, ev.error) == (502, "upstream_stream_broken")
     assert sum(billed_lines(ev)) == 0
+
+
+def test_a_client_that_leaves_a_messages_stream_pays_at_most_what_was_held(
+    hub: PipelineHub, meter: Meter
+) -> None:
+    """Money admission, a Messages stream passed through from an anthropic upstream whose usage
+    has cache reads and writes far beyond what was held: the client leaves mid-way, the gateway
+    drains the upstream to its end (499), and the event is capped at the hold: input at the
+    held prompt, cache reads and writes within it (reads first, writes with what is left: never
+    more cached than input), output at the tranche held when the client left; the money pot is
+    charged that, no more than was reserved."""
+    q = Quota.anonymous(accounts=64, reservations=64)
+    new_epoch(q)
+    contracts = Contracts(q, db=None)  # type: ignore[arg-type]
+    usd = 1_000_000_000  # nanos
+    price = Price(PACED_MODEL, "", 1, 0, "USD", 3 * usd, 3 * usd // 10, 15 * usd, None,
+                  375 * usd // 100)  # fmt: skip
+    contracts.terms = Terms(
+        profiles={TENANT: Profile(TENANT, "USD", ("wallet",))}, lots={},
+        prices={(PACED_MODEL, ""): [price]}, fx={},
+    )  # fmt: skip
+    q.set_limits(money_pot(TENANT), money=usd)
+    q.set_limits("meta:contracts", requests=1)
+    body = {"model": PACED_MODEL, "max_tokens": 4000, "stream": True,
+            "messages": [{"role": "user", "content": "hi"}]}  # fmt: skip
+
+    async def walk_away() -> tuple[str, int]:
+        deltas = 0
+        headers = {"x-api-key": hub.secret}
+        async with (
+            aiohttp.ClientSession() as s,
+            s.post(hub.base + "/v1/messages", json=body, headers=headers) as r,
+        ):
+            assert r.status == 200, await r.text()
+            rid = r.headers["x-request-id"]
+            async for line in r.content:
+                deltas += line.startswith(b"event: content_block_delta")
+                if deltas >= 20:
+                    break  # the connection is closed mid-stream
+        return rid, deltas
+
+    hub.gateway.contracts = contracts
+    try:
+        rid, deltas = asyncio.run(walk_away())
+        ev = hub.event(rid, timeout=10.0)
+    finally:
+        hub.gateway.contracts = None
+    assert 20 <= deltas < PACED_DELTAS
+    assert (ev.status, ev.error, ev.source) == (499, "client_disconnected", "upstream")
+    prompt = meter.count_messages([{"role": "user", "content": "hi"}])
+    # The upstream said 3,005 prompt tokens (1,000 read, 2,000 written) and 3,000 output: the
+    # hold had the meter's prompt and one output tranche (the client left before using it).
+    assert 0 < prompt < PACED_USAGE["cache_read_input_tokens"] and PACED_OUTPUT > TRANCHE
+    assert (ev.input_tokens, ev.cached_input_tokens, ev.cache_write_tokens) == (prompt, prompt, 0)
+    assert ev.output_tokens == TRANCHE
+    lines = billed_lines(ev)
+    assert lines == (0, prompt, TRANCHE, 0)
+    charged = q.state(money_pot(TENANT)).money.used
+    assert charged == rate(prompt, price.cached_input_per_1m) + rate(TRANCHE, price.output_per_1m)
+    # No more than was reserved: the prompt at the dearer of input and cache write, a tranche.
+    assert charged <= rate(prompt, price.write_per_1m) + rate(TRANCHE, price.output_per_1m)
+    assert ev.holds.endswith(f"|{money_pot(TENANT)}={charged}")
