@@ -69,6 +69,8 @@ PACED_GAP_S = 0.004
 PACED_USAGE = {"input_tokens": 5, "cache_creation_input_tokens": 2000,
                "cache_read_input_tokens": 1000}  # fmt: skip
 PACED_OUTPUT = 3000
+HANG_MODEL = "hang-chat"  # the recorder's chat stream that errs, then keeps its connection open
+HANG_S = 5.0  # how long it keeps it open at most
 REC_BEARER_MODEL = "rec-bearer-claude"
 BRK_BEARER_MODEL = "brk-bearer-chat"
 BROKEN_MODEL = "broken-chat"  # an openai-kind provider whose streams break off
@@ -215,10 +217,33 @@ def recorder_app(seen: list[dict[str, Any]]) -> web.Application:
         await resp.write_eof()
         return resp
 
+    async def erring_chat(request: web.Request) -> web.StreamResponse:
+        """One chunk, OpenAI's mid-stream error chunk, then the connection held open (up to
+        HANG_S) until the client closes it."""
+        body = await request.json()
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        chunk = {
+            "id": "chatcmpl-hang", "object": "chat.completion.chunk", "created": 1,
+            "model": body["model"],
+            "choices": [{"index": 0, "delta": {"content": "Half"}, "finish_reason": None}],
+        }  # fmt: skip
+        await resp.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+        err = {"error": {"message": "Upstream fell over.", "type": "server_error"}}
+        await resp.write(b"data: " + json.dumps(err).encode() + b"\n\n")
+        deadline = time.monotonic() + HANG_S
+        while time.monotonic() < deadline:
+            transport = request.transport
+            if transport is None or transport.is_closing():
+                break
+            await asyncio.sleep(0.02)
+        return resp
+
     app = web.Application()
     app.router.add_post("/v1/messages", messages)
     app.router.add_post("/v1/chat/completions", broken_chat)
     app.router.add_post("/paced/v1/messages", paced)
+    app.router.add_post("/hang/v1/chat/completions", erring_chat)
     return app
 
 
@@ -275,6 +300,7 @@ class PipelineHub(DialectHub):
              "api_key_env": REC_KEY_ENV, "auth_header": "AUTHORIZATION"},
             {"name": "paced", "base_url": self.rec_base + "/paced/v1", "kind": "anthropic",
              "api_key_env": REC_KEY_ENV},
+            {"name": "hang", "base_url": self.rec_base + "/hang/v1"},
             {"name": "err-oai", "base_url": self.failing_base + "/v1"},
             {"name": "err-ant", "base_url": self.failing_base + "/v1", "kind": "anthropic"},
         ]  # fmt: skip
@@ -285,6 +311,7 @@ class PipelineHub(DialectHub):
             (BROKEN_MODEL, "brk"),
             (NOUSAGE_MODEL, "nousage"),
             (PACED_MODEL, "paced"),
+            (HANG_MODEL, "hang"),
             (REC_BEARER_MODEL, "rec-bearer"),
             (BRK_BEARER_MODEL, "brk-bearer"),
             (ERR_CHAT, "err-oai"),
@@ -1150,3 +1177,21 @@ def test_a_client_that_leaves_a_messages_stream_pays_at_most_what_was_held(
     # No more than was reserved: the prompt at the dearer of input and cache write, a tranche.
     assert charged <= rate(prompt, price.write_per_1m) + rate(TRANCHE, price.output_per_1m)
     assert ev.holds.endswith(f"|{money_pot(TENANT)}={charged}")
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/messages"])
+def test_the_stream_ends_at_the_upstreams_error_event(hub: PipelineHub, path: str) -> None:
+    """An upstream that sends its error chunk and keeps the connection open: the client's
+    stream ends at once with that one error (not after the upstream's silence, nor with a
+    second error of the gateway's), a 502 that bills nothing."""
+    body: dict[str, Any] = {"model": HANG_MODEL, "messages": MSG["messages"], "stream": True,
+                            "max_tokens": 20}  # fmt: skip
+    t0 = time.monotonic()
+    status, h, reply = post(hub, path, body, {"x-api-key": hub.secret})
+    elapsed = time.monotonic() - t0
+    assert status == 200, reply
+    assert elapsed < HANG_S / 2, elapsed
+    errors = _error_events(path, sse_events(reply))
+    assert [e["error"]["message"] for e in errors] == ["Upstream fell over."]
+    ev = hub.event(h["x-request-id"])
+    assert (ev.status, ev.error, sum(billed_lines(ev))) == (502, "upstream_stream_broken", 0)
