@@ -39,14 +39,15 @@
 //!
 //! Performance notes: decoding a chunk costs ~0.4 µs (serde_json, ~260 bytes of OpenAI chunk,
 //! strings borrowed unless escaped); feeding its delta to a stream counter ~0.09 µs; the
-//! separator scan and the `"usage"` search ~0.01 µs. Decoding every event as it passes would
-//! add ~15 µs to a 32-token stream, about a tenth of what the gateway spends on one, and for
-//! nothing when the upstream's usage is plausible. So payloads wait, back to back, until
-//! [`BATCH_BYTES`] of them are held or a count is asked for, and are then decoded and counted
-//! in order: a short stream whose count nobody asks for is never decoded past its first token
-//! (as before the relay counted), a long one is counted in batches as it passes. The Python
-//! version this replaced decoded each event again for money admission and kept every payload
-//! until the end, ~150 bytes per output token per concurrent stream
+//! separator scan and the `"usage"` search ~0.01 µs (the `"error"` search, for `errored`, is
+//! one more such scan; a chunk is decoded for it only when the key is there). Decoding every
+//! event as it passes would add ~15 µs to a 32-token stream, about a tenth of what the gateway
+//! spends on one, and for nothing when the upstream's usage is plausible. So payloads wait,
+//! back to back, until [`BATCH_BYTES`] of them are held or a count is asked for, and are then
+//! decoded and counted in order: a short stream whose count nobody asks for is never decoded
+//! past its first token (as before the relay counted), a long one is counted in batches as it
+//! passes. The Python version this replaced decoded each event again for money admission and
+//! kept every payload until the end, ~150 bytes per output token per concurrent stream
 //! (`benches/bench_stream_memory.py`).
 
 pub mod anthropic;
