@@ -29,7 +29,7 @@ from tokenhub.gateway.protocol import ConnectionLimits, GatewayRunner
 
 pytestmark = IGNORE_REQUEST_KEY_WARNING
 
-MESSAGES = [{"role": "user", "content": "hello"}]
+MESSAGES: Any = [{"role": "user", "content": "hello"}]  # the SDK's message params
 
 
 def check_error(body: Any, *, type: str | None = None, code: str | None = None) -> dict[str, Any]:
