@@ -79,7 +79,7 @@ def test_serve_applies_the_configs_prices(site: Site, procs: Procs) -> None:
     err = serve_once(site, procs, 2)
     first = (
         "tokenhub: price gpt-4o-mini v1 from 1970-01-01T00:00:00Z (its first: from the epoch): "
-        "input 1000, cached input 1000, output 2000 USD per 1M tokens"
+        "input 1000, cached input 1000, output 2000, cache write 1000 USD per 1M tokens"
     )
     assert first in err, err
     wait_until(lambda: len(list(site.store.iter_events())) == 2, 10.0, what="both events")
