@@ -100,6 +100,9 @@ DEFAULT_MODELS: Final[Mapping[str, str]] = {
     "qwen3.6-plus": "qwen3.6",
     "deepseek-chat": "deepseek-v4",
     "deepseek-reasoner": "deepseek-v4",
+    # Claude model ids, for the Messages API (mock/anthropic.py) and the demo's Claude model.
+    "claude-sonnet-4-5": "",
+    "claude-haiku-4-5": "",
 }
 ANY_MODEL: Final = "*"  # a model-map key that serves every model id
 # Chat models that think aloud without being asked (DeepSeek's reasoner sends

@@ -54,16 +54,21 @@ def configure_console(listen: str, password: str | None) -> None:
 
 
 def demo_config(mock_port: int, database: str) -> Config:
-    """Three models on the built-in mock upstream (gpt-4o-mini has two deployments, 3:1), and
-    `auto`, which picks one of two of them by the prompt's complexity."""
+    """Four models on the built-in mock upstream (gpt-4o-mini has two deployments, 3:1; the
+    Claude model is served over the mock's native Messages API, `kind = "anthropic"`, with a
+    cache-write price), and `auto`, which picks one of two of them by the prompt's
+    complexity."""
 
-    def price(cur: str, i: str, c: str, o: str) -> dict[str, Any]:
-        return {
+    def price(cur: str, i: str, c: str, o: str, w: str | None = None) -> dict[str, Any]:
+        p = {
             "currency": cur,
             "input_per_1m": Decimal(i),
             "cached_input_per_1m": Decimal(c),
             "output_per_1m": Decimal(o),
         }
+        if w is not None:
+            p["cache_write_per_1m"] = Decimal(w)
+        return p
 
     base = f"http://127.0.0.1:{mock_port}/v1"
     data: dict[str, Any] = {
@@ -71,6 +76,7 @@ def demo_config(mock_port: int, database: str) -> Config:
         "providers": [
             {"name": "mock-a", "base_url": base},
             {"name": "mock-b", "base_url": base},
+            {"name": "mock-claude", "base_url": base, "kind": "anthropic"},
         ],
         "models": [
             {
@@ -94,6 +100,13 @@ def demo_config(mock_port: int, database: str) -> Config:
                 "deployments": [
                     {"provider": "mock-b", "upstream_model": "deepseek-chat",
                      "vocab": "deepseek-v4", "price": price("CNY", "2", "0.5", "8")},
+                ],
+            },
+            {
+                "id": "claude-sonnet-4-5",
+                "deployments": [
+                    {"provider": "mock-claude", "upstream_model": "claude-sonnet-4-5",
+                     "vocab": "cl100k_base", "price": price("USD", "3", "0.30", "15", "3.75")},
                 ],
             },
             # Routes by the prompt's complexity: small talk to gpt-4o-mini, code, math and
@@ -184,9 +197,9 @@ def print_demo(host: str, port: int, key: str, database: str) -> None:
     exe, where = _tokenhub_command()
     lines = [
         "",
-        f"Demo ready: tenant '{DEMO_TENANT}', models gpt-4o-mini, qwen-plus and deepseek-chat",
-        "on the built-in mock upstream, and auto (picks gpt-4o-mini or deepseek-chat by the",
-        "prompt's complexity). Try:",
+        f"Demo ready: tenant '{DEMO_TENANT}', models gpt-4o-mini, qwen-plus, deepseek-chat and",
+        "claude-sonnet-4-5 (over the Messages API) on the built-in mock upstream, and auto",
+        "(picks gpt-4o-mini or deepseek-chat by the prompt's complexity). Try:",
         "",
         f"  curl -s {url}/chat/completions \\",
         f'    -H "Authorization: Bearer {key}" -H "Content-Type: application/json" \\',
@@ -200,6 +213,18 @@ def print_demo(host: str, port: int, key: str, database: str) -> None:
         "print(r.choices[0].message.content)",
         "print(r.usage)",
         "EOF",
+        "",
+        "Anthropic's Messages API (any model above; Claude Code: ANTHROPIC_BASE_URL and",
+        "ANTHROPIC_AUTH_TOKEN as below), and OpenAI's Responses API:",
+        "",
+        f'  curl -s http://{host}:{port}/v1/messages -H "x-api-key: {key}" \\',
+        '    -H "anthropic-version: 2023-06-01" -H "Content-Type: application/json" \\',
+        '    -d \'{"model": "claude-sonnet-4-5", "max_tokens": 64, '
+        '"messages": [{"role": "user", "content": "Hi"}]}\'',
+        f"  ANTHROPIC_BASE_URL=http://{host}:{port} ANTHROPIC_AUTH_TOKEN={key} claude",
+        f'  curl -s {url}/responses -H "Authorization: Bearer {key}" \\',
+        '    -H "Content-Type: application/json" \\',
+        '    -d \'{"model": "gpt-4o-mini", "input": "Hi"}\'',
         "",
         *_console_lines(),
         f"Keys, usage events and billing ({where}):",
