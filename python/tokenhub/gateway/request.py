@@ -87,27 +87,10 @@ class ParsedRequest:
 
     def parse(self, body: bytes, models: Mapping[str, Model]) -> Model:
         """Decodes and checks `body`; the model it names. Raises ApiError (400, 404)."""
-        try:
-            payload = _decode(body)
-        except RecursionError:
-            raise ApiError.bad_request(
-                "The JSON body of your request is nested too deeply."
-            ) from None
-        except msgspec.DecodeError:
-            raise ApiError.bad_request(
-                "We could not parse the JSON body of your request. The body must be valid JSON."
-            ) from None
-        if not isinstance(payload, dict):
-            raise ApiError.bad_request("The request body must be a JSON object.")
-        self.payload = payload
-        model_id = payload.get("model")
-        if isinstance(model_id, str):
-            self.model_id = model_id
-        if not isinstance(model_id, str) or not model_id:
-            raise ApiError.bad_request("You must provide a model parameter.", param="model")
-        model = models.get(model_id)
-        if model is None:
-            raise ApiError.model_not_found(model_id)
+        payload = self.take_body(body)
+        model = self.take_model(
+            models, ApiError.bad_request("You must provide a model parameter.", param="model")
+        )
         stream = payload.get("stream", False)
         if not isinstance(stream, bool):
             raise ApiError.bad_request("'stream' must be a boolean.", param="stream")
@@ -130,6 +113,38 @@ class ParsedRequest:
             self.choices = 0  # embeddings produce no output; their caps are not read
         else:
             self._parse_caps(payload)
+        return model
+
+    # -- what every dialect's parse starts with ----------------------------------------------
+
+    def take_body(self, body: bytes) -> dict[str, Any]:
+        """The body as a JSON object, kept as `payload`; else the 400 every dialect gives."""
+        try:
+            payload = _decode(body)
+        except RecursionError:
+            raise ApiError.bad_request(
+                "The JSON body of your request is nested too deeply."
+            ) from None
+        except msgspec.DecodeError:
+            raise ApiError.bad_request(
+                "We could not parse the JSON body of your request. The body must be valid JSON."
+            ) from None
+        if not isinstance(payload, dict):
+            raise ApiError.bad_request("The request body must be a JSON object.")
+        self.payload = payload
+        return payload
+
+    def take_model(self, models: Mapping[str, Model], missing: ApiError) -> Model:
+        """The configured model the payload names (`model_id` set as soon as it is a string,
+        for a refusal's event); `missing` when it names none, 404 when it is not configured."""
+        model_id = self.payload.get("model")
+        if isinstance(model_id, str):
+            self.model_id = model_id
+        if not isinstance(model_id, str) or not model_id:
+            raise missing
+        model = models.get(model_id)
+        if model is None:
+            raise ApiError.model_not_found(model_id)
         return model
 
     def _parse_prompt(self, payload: dict[str, Any]) -> None:

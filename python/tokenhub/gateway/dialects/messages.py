@@ -44,7 +44,6 @@ from tokenhub.config import Model
 from tokenhub.gateway.errors import ApiError
 from tokenhub.gateway.request import ANTHROPIC_MESSAGES, MESSAGES, Endpoint, ParsedRequest
 
-_decode = msgspec.json.Decoder().decode
 _encode = msgspec.json.Encoder().encode
 
 # Anthropic requires budget_tokens >= 1024 for manual extended thinking.
@@ -470,27 +469,8 @@ class MessagesRequest(ParsedRequest):
 
     def parse(self, body: bytes, models: Mapping[str, Model]) -> Model:
         """Decodes and checks `body`; the model it names. Raises ApiError (400, 404)."""
-        try:
-            payload = _decode(body)
-        except RecursionError:
-            raise ApiError.bad_request(
-                "The JSON body of your request is nested too deeply."
-            ) from None
-        except msgspec.DecodeError:
-            raise ApiError.bad_request(
-                "We could not parse the JSON body of your request. The body must be valid JSON."
-            ) from None
-        if not isinstance(payload, dict):
-            raise ApiError.bad_request("The request body must be a JSON object.")
-        self.payload = payload
-        model_id = payload.get("model")
-        if isinstance(model_id, str):
-            self.model_id = model_id
-        if not isinstance(model_id, str) or not model_id:
-            raise _bad("Field required: a string naming the model", "model")
-        model = models.get(model_id)
-        if model is None:
-            raise ApiError.model_not_found(model_id)
+        payload = self.take_body(body)
+        model = self.take_model(models, _bad("Field required: a string naming the model", "model"))
         max_tokens = payload.get("max_tokens")
         if self.count_only:
             max_tokens = None

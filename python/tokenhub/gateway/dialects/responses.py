@@ -39,7 +39,6 @@ from tokenhub.config import Model
 from tokenhub.gateway.errors import ApiError
 from tokenhub.gateway.request import MESSAGES, RESPONSES, Endpoint, ParsedRequest
 
-_decode = msgspec.json.Decoder().decode
 _encode = msgspec.json.Encoder().encode
 
 STATELESS = (
@@ -339,27 +338,10 @@ class ResponsesRequest(ParsedRequest):
         super().__init__(endpoint)
 
     def parse(self, body: bytes, models: Mapping[str, Model]) -> Model:
-        try:
-            payload = _decode(body)
-        except RecursionError:
-            raise ApiError.bad_request(
-                "The JSON body of your request is nested too deeply."
-            ) from None
-        except msgspec.DecodeError:
-            raise ApiError.bad_request(
-                "We could not parse the JSON body of your request. The body must be valid JSON."
-            ) from None
-        if not isinstance(payload, dict):
-            raise ApiError.bad_request("The request body must be a JSON object.")
-        self.payload = payload
-        model_id = payload.get("model")
-        if isinstance(model_id, str):
-            self.model_id = model_id
-        if not isinstance(model_id, str) or not model_id:
-            raise ApiError.bad_request("You must provide a model parameter.", param="model")
-        model = models.get(model_id)
-        if model is None:
-            raise ApiError.model_not_found(model_id)
+        payload = self.take_body(body)
+        model = self.take_model(
+            models, ApiError.bad_request("You must provide a model parameter.", param="model")
+        )
         stream = payload.get("stream", False)
         if stream is None:
             stream = False
