@@ -40,7 +40,6 @@ printed under Problems and the script exits with status 1. Nothing asserts on ti
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import json
 import os
@@ -130,32 +129,10 @@ def headers_for(case: Case, key: str) -> dict[str, str]:
 
 
 def serve_mock(port: int) -> None:
-    """`tokenhub mock-upstream` serving any model id, with bench_gateway's listen backlog."""
-    import uvloop
-    from aiohttp import web
-
+    """`tokenhub mock-upstream` serving any model id, as bench_gateway serves it."""
     from tokenhub import mock
 
-    app = mock.build_app(mock.MockOptions(models={"*": ""}))
-
-    async def main() -> None:
-        runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
-        await runner.setup()
-        site = web.TCPSite(runner, HOST, port, reuse_address=True, backlog=bg.LISTEN_BACKLOG)
-        await site.start()
-        print(f"mock: listening on http://{HOST}:{port}/v1", flush=True)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        import signal
-
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        try:
-            await stop.wait()
-        finally:
-            await runner.cleanup()
-
-    uvloop.run(main())
+    bg.serve_mock(port, mock.MockOptions(models={"*": ""}))
 
 
 def loadgen_main(args: argparse.Namespace) -> None:

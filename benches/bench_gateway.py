@@ -161,15 +161,16 @@ def serve_bare_proxy(port: int, upstream: str) -> None:
 # -- the mock upstream (runs in its own process: --serve-mock) ----------------------------------
 
 
-def serve_mock(port: int) -> None:
-    """`tokenhub mock-upstream` with its default options, served as its CLI serves it
-    (uvloop, no access log) but with LISTEN_BACKLOG instead of aiohttp's 128."""
+def serve_mock(port: int, options: Any = None) -> None:
+    """`tokenhub mock-upstream` with `options` (a MockOptions; default: the CLI's defaults),
+    served as its CLI serves it (uvloop, no access log) but with LISTEN_BACKLOG instead of
+    aiohttp's 128."""
     import uvloop
     from aiohttp import web
 
     from tokenhub import mock
 
-    app = mock.build_app(mock.MockOptions())
+    app = mock.build_app(options if options is not None else mock.MockOptions())
 
     async def main() -> None:
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
