@@ -44,7 +44,6 @@ import contextlib
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -165,35 +164,7 @@ def run_load(
     argv += ["--body-file", str(body_file)]
     for k, v in headers.items():
         argv += ["--header", f"{k}: {v}"]
-    out_path = tmp / "load.out"
-    with open(out_path, "wb") as out:
-        proc = subprocess.Popen(
-            argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            preexec_fn=bg._die_with_parent,
-        )  # fmt: skip
-    deadline = time.monotonic() + duration + 30
-    cpu_s = 0.0
-    try:
-        while True:
-            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-            if pid:
-                proc.returncode = os.waitstatus_to_exitcode(status)
-                cpu_s = usage.ru_utime + usage.ru_stime
-                break
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"load generator still running after {duration + 30} s")
-            time.sleep(0.05)
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            proc.wait()
-    text = out_path.read_text(errors="replace")
-    for line in text.splitlines():
-        if line.startswith("LOADJSON "):
-            result: dict[str, Any] = json.loads(line[len("LOADJSON ") :])
-            result["cpu_s"] = cpu_s
-            return result
-    raise RuntimeError(f"load generator gave no result (exit {proc.returncode}):\n{text}")
+    return bg.run_loadgen(argv, tmp / "load.out", duration)
 
 
 # -- the gateway's config --------------------------------------------------------------------

@@ -515,33 +515,40 @@ class LoadGen:
             argv = [sys.executable, __file__, "--loadgen-python", "--url", url]
             argv += ["--connections", str(connections), "--duration", str(duration)]
             argv += ["--body-file", str(f), "--auth", key]
-        out_path = self.tmp / "load.out"
-        with open(out_path, "wb") as out:
-            proc = subprocess.Popen(
-                argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                preexec_fn=_die_with_parent,
-            )  # fmt: skip
-        deadline = time.monotonic() + duration + 30
-        try:
-            while True:
-                pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-                if pid:
-                    proc.returncode = os.waitstatus_to_exitcode(status)
-                    break
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"load generator still running after {duration + 30} s")
-                time.sleep(0.05)
-        finally:
-            if proc.returncode is None:
-                proc.kill()
-                proc.wait()
-        text = out_path.read_text(errors="replace")
-        for line in text.splitlines():
-            if line.startswith("LOADJSON "):
-                result: dict[str, Any] = json.loads(line[len("LOADJSON ") :])
-                result["cpu_s"] = usage.ru_utime + usage.ru_stime
-                return result
-        raise RuntimeError(f"load generator gave no result (exit {proc.returncode}):\n{text}")
+        return run_loadgen(argv, self.tmp / "load.out", duration)
+
+
+def run_loadgen(argv: list[str], out_path: Path, duration: int) -> dict[str, Any]:
+    """Runs a load generator's `argv` (bounded: killed `duration` + 30 s on) with its output in
+    `out_path`; its LOADJSON result, with the generator's own CPU seconds (`cpu_s`)."""
+    with open(out_path, "wb") as out:
+        proc = subprocess.Popen(
+            argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            preexec_fn=_die_with_parent,
+        )  # fmt: skip
+    deadline = time.monotonic() + duration + 30
+    cpu_s = 0.0
+    try:
+        while True:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                proc.returncode = os.waitstatus_to_exitcode(status)
+                cpu_s = usage.ru_utime + usage.ru_stime
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"load generator still running after {duration + 30} s")
+            time.sleep(0.05)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            proc.wait()
+    text = out_path.read_text(errors="replace")
+    for line in text.splitlines():
+        if line.startswith("LOADJSON "):
+            result: dict[str, Any] = json.loads(line[len("LOADJSON ") :])
+            result["cpu_s"] = cpu_s
+            return result
+    raise RuntimeError(f"load generator gave no result (exit {proc.returncode}):\n{text}")
 
 
 # -- one measurement -----------------------------------------------------------------------------
