@@ -461,7 +461,7 @@ impl Default for AnthropicScanner {
 
 #[cfg(test)]
 mod tests {
-    use super::super::tests::{toy_meter, Rng};
+    use super::super::tests::{json, toy_meter, Rng, MIXED_WORDS};
     use super::*;
 
     fn feed_ok(sc: &mut AnthropicScanner, data: &[u8]) -> Vec<u8> {
@@ -469,10 +469,6 @@ mod tests {
             Ok(out) => out,
             Err(e) => panic!("feed refused: {e}"),
         }
-    }
-
-    fn json(s: &str) -> String {
-        serde_json::to_string(s).unwrap_or_default()
     }
 
     fn ev(kind: &str, data: &str) -> String {
@@ -597,24 +593,11 @@ mod tests {
     #[test]
     fn random_reads_count_like_the_meter_counts_each_block() {
         let meter = toy_meter();
-        let words = [
-            "hello",
-            " world",
-            "'ll",
-            "  ",
-            "12345",
-            "\n\n",
-            " wor",
-            "he",
-            "\"q\"",
-            "é",
-            "中文",
-            "{\"arg\": 1}",
-            " ",
-            "llo",
-            "\t",
-            "\"message_start\"",
-        ];
+        // The OpenAI scanner's fragments, and one that quotes an event type.
+        let words: Vec<&str> = MIXED_WORDS
+            .into_iter()
+            .chain(["\"message_start\""])
+            .collect();
         let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
         for round in 0..40 {
             let mut s = ev("message_start", START);

@@ -919,30 +919,35 @@ mod tests {
         assert!(SseScanner::new(true).finish().is_empty());
     }
 
-    fn json(s: &str) -> String {
+    /// A JSON string literal of `s` (the test streams' payload text).
+    pub(super) fn json(s: &str) -> String {
         serde_json::to_string(s).unwrap_or_default()
     }
+
+    /// Output fragments the random-stream tests mix: BPE merges split apart, escapes, JSON,
+    /// whitespace runs and multi-byte text.
+    pub(super) const MIXED_WORDS: [&str; 15] = [
+        "hello",
+        " world",
+        "'ll",
+        "  ",
+        "12345",
+        "\n\n",
+        " wor",
+        "he",
+        "\"q\"",
+        "é",
+        "中文",
+        "{\"arg\": 1}",
+        " ",
+        "llo",
+        "\t",
+    ];
 
     /// A stream of `n` interleaved choices mixing every kind of output text, with the texts
     /// each choice should be counted on.
     fn mixed_stream(rng: &mut Rng, n: usize, steps: usize) -> (String, Vec<String>) {
-        let words = [
-            "hello",
-            " world",
-            "'ll",
-            "  ",
-            "12345",
-            "\n\n",
-            " wor",
-            "he",
-            "\"q\"",
-            "é",
-            "中文",
-            "{\"arg\": 1}",
-            " ",
-            "llo",
-            "\t",
-        ];
+        let words = MIXED_WORDS;
         let mut out = String::new();
         let mut texts = vec![String::new(); n];
         let role = format!(
