@@ -447,14 +447,10 @@ def _median(xs: list[float]) -> float | None:
 def render(
     info: dict[str, Any], results: list[Result], problems: list[str], cases: list[str]
 ) -> str:
-    m, v = info["machine"], info["versions"]
     out = [
         "## Gateway CPU per request by client dialect and upstream wire",
         "",
-        f"Machine: {m['cpu']}, {m['cpus']} CPUs, Linux {m['kernel']}; load average at start "
-        + "/".join(f"{x:.2f}" for x in m["loadavg_at_start"])
-        + ".",
-        "Versions: " + ", ".join(f"{k} {val}" for k, val in v.items()) + ".",
+        *bg.machine_lines(info),
         f"Placement: {info['placement']}. {info['warmup_s']} s warm-up then a "
         f"{info['duration_s']} s window per row, {info['repeat']} round(s), medians shown.",
         "Request: a system prompt and one user message, the mock's 32-token reply; "

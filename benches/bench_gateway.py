@@ -1038,17 +1038,24 @@ def _f(x: float | None, digits: int) -> str:
     return "-" if x is None else f"{x:,.{digits}f}"
 
 
-def render(
-    info: dict[str, Any], results: list[Result], final: dict[str, Any], problems: list[str]
-) -> str:
+def machine_lines(info: dict[str, Any]) -> list[str]:
+    """A report's machine and versions lines (from `info`'s "machine" and "versions")."""
     m, v = info["machine"], info["versions"]
-    out = [
-        "## Gateway cost: tokenhub vs a bare aiohttp proxy vs the mock directly",
-        "",
+    return [
         f"Machine: {m['cpu']}, {m['cpus']} CPUs, Linux {m['kernel']}; load average at start "
         + "/".join(f"{x:.2f}" for x in m["loadavg_at_start"])
         + ".",
         "Versions: " + ", ".join(f"{k} {val}" for k, val in v.items()) + ".",
+    ]
+
+
+def render(
+    info: dict[str, Any], results: list[Result], final: dict[str, Any], problems: list[str]
+) -> str:
+    out = [
+        "## Gateway cost: tokenhub vs a bare aiohttp proxy vs the mock directly",
+        "",
+        *machine_lines(info),
         f"Placement: {info['placement']}. Load: {info['load_generator']}, keep-alive HTTP/1.1 on "
         f"loopback, {info['warmup_s']} s warm-up then a {info['duration_s']} s window per row.",
         "Request: POST /v1/chat/completions, 2 messages, 32-token reply; stream = SSE with "
