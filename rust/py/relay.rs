@@ -28,13 +28,8 @@ impl PySseRelay {
     /// Takes one upstream read; returns the whole events to forward (possibly empty). Raises
     /// ValueError when an event grows past `max_event` bytes without ending.
     fn feed<'py>(&mut self, py: Python<'py>, data: &[u8]) -> PyResult<Bound<'py, PyBytes>> {
-        let out = if data.len() < DETACH_BYTES {
-            self.inner.feed(data)
-        } else {
-            let inner = &mut self.inner;
-            py.detach(|| inner.feed(data))
-        };
-        relayed(py, out)
+        let inner = &mut self.inner;
+        relayed(py, data, |data| inner.feed(data))
     }
 
     /// The upstream closed: the held-back rest as a last event, terminated (or empty).
@@ -107,8 +102,17 @@ impl PySseRelay {
     }
 }
 
-/// One read's events for Python, or the relay's refusal as ValueError.
-fn relayed(py: Python<'_>, out: Result<Vec<u8>, RelayError>) -> PyResult<Bound<'_, PyBytes>> {
+/// One read fed to a relay (`feed`): its events for Python, or the refusal as ValueError.
+fn relayed<'py, F>(py: Python<'py>, data: &[u8], feed: F) -> PyResult<Bound<'py, PyBytes>>
+where
+    F: FnOnce(&[u8]) -> Result<Vec<u8>, RelayError> + Send,
+{
+    // A large read is scanned with the GIL released; a small one is not worth the switch.
+    let out = if data.len() < DETACH_BYTES {
+        feed(data)
+    } else {
+        py.detach(|| feed(data))
+    };
     match out {
         Ok(out) => Ok(PyBytes::new(py, &out)),
         Err(e) => Err(PyValueError::new_err(e.to_string())),
@@ -136,13 +140,8 @@ impl PyAnthropicRelay {
     /// Takes one upstream read; returns the whole events in it, unchanged (possibly empty).
     /// Raises ValueError when an event grows past `max_event` bytes without ending.
     fn feed<'py>(&mut self, py: Python<'py>, data: &[u8]) -> PyResult<Bound<'py, PyBytes>> {
-        let out = if data.len() < DETACH_BYTES {
-            self.inner.feed(data)
-        } else {
-            let inner = &mut self.inner;
-            py.detach(|| inner.feed(data))
-        };
-        relayed(py, out)
+        let inner = &mut self.inner;
+        relayed(py, data, |data| inner.feed(data))
     }
 
     /// The upstream closed: the held-back rest as a last event, terminated (or empty).
