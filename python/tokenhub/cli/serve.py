@@ -164,17 +164,18 @@ def _apply_config_prices(cfg: Config) -> None:
 def add_cli(sub: Any) -> None:
     p = sub.add_parser(
         "serve",
-        help="run the OpenAI-compatible gateway",
-        description="Run the gateway: an OpenAI-compatible API in front of the providers and "
-        "models of the config file, routing each request (the models' policies, health and "
-        "affinity), enforcing the keys' and tenants' limits, and metering every request into "
-        "the database (SQLite or PostgreSQL). With [billing] settle_interval_s it also starts "
-        "a settler process that bills the usage into the ledger, and with [billing] "
-        "admission = true it admits a request only if the tenant's contracts can pay for it. "
-        "The deployments' prices in the config go into the price book at start where they "
-        "differ from it (a model's first price in force from the epoch, a changed one from "
-        "now; each said on stderr). Tenants, keys and limits are managed with "
-        "'tokenhub tenants' and 'tokenhub keys'.",
+        help="run the gateway (OpenAI and Anthropic APIs)",
+        description="Run the gateway: OpenAI's chat completions and Responses APIs and "
+        "Anthropic's Messages API in front of the providers (OpenAI-compatible or "
+        "Anthropic-native) and models of the config file, routing each request (the models' "
+        "policies, health and affinity), enforcing the keys' and tenants' limits, and "
+        "metering every request into the database (SQLite or PostgreSQL). With [billing] "
+        "settle_interval_s it also starts a settler process that bills the usage into the "
+        "ledger, and with [billing] admission = true it admits a request only if the tenant's "
+        "contracts can pay for it. The deployments' prices in the config go into the price "
+        "book at start where they differ from it (a model's first price in force from the "
+        "epoch, a changed one from now; each said on stderr). Tenants, keys and limits are "
+        "managed with 'tokenhub tenants' and 'tokenhub keys'.",
     )
     p.add_argument("--config", metavar="FILE", help="TOML config: server, providers, models")
     p.add_argument("--host", help="address to listen on (default from config: 127.0.0.1)")
